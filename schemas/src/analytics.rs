@@ -1,0 +1,284 @@
+//! What analytics answer: date ranges and the rows every store fills the same way.
+//!
+//! Stores return integer sums; everything derived (margin, averages) is computed here, once, so
+//! two stores holding the same sums answer byte-identical JSON.
+
+use crate::event::format_ms;
+use chrono::{DateTime, NaiveDate};
+use serde::ser::SerializeStruct;
+use serde::{Serialize, Serializer};
+
+/// An inclusive range of UTC days; analytics read daily rollups, so a day is their grain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DateRange {
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+}
+
+/// Longest range one request may ask for.
+pub const MAX_RANGE_DAYS: i64 = 366 * 3;
+/// Days shown when a request names no `from`.
+pub const DEFAULT_RANGE_DAYS: i64 = 30;
+
+impl DateRange {
+    /// Reads `from` and `to` as `YYYY-MM-DD` or RFC 3339 (its UTC day); both ends inclusive.
+    /// Without `to`, the range ends `today`; without `from`, it spans 30 days.
+    pub fn parse(
+        from: Option<&str>,
+        to: Option<&str>,
+        today: NaiveDate,
+    ) -> Result<DateRange, String> {
+        let to = match to {
+            Some(t) => parse_day("to", t)?,
+            None => today,
+        };
+        let from = match from {
+            Some(f) => parse_day("from", f)?,
+            None => to - chrono::Days::new(DEFAULT_RANGE_DAYS as u64 - 1),
+        };
+        if from > to {
+            return Err(format!("from {from} is after to {to}"));
+        }
+        if (to - from).num_days() >= MAX_RANGE_DAYS {
+            return Err(format!(
+                "the range {from} to {to} is longer than {MAX_RANGE_DAYS} days; ask for less"
+            ));
+        }
+        Ok(DateRange { from, to })
+    }
+
+    pub fn from_str_day(&self) -> String {
+        self.from.format("%Y-%m-%d").to_string()
+    }
+
+    pub fn to_str_day(&self) -> String {
+        self.to.format("%Y-%m-%d").to_string()
+    }
+
+    /// The first millisecond of `from` and the first millisecond after `to`.
+    pub fn bounds_ms(&self) -> (i64, i64) {
+        let start = |d: NaiveDate| {
+            d.and_hms_opt(0, 0, 0)
+                .expect("midnight")
+                .and_utc()
+                .timestamp_millis()
+        };
+        (start(self.from), start(self.to) + 86_400_000)
+    }
+}
+
+fn parse_day(name: &str, text: &str) -> Result<NaiveDate, String> {
+    if let Ok(day) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(day);
+    }
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.naive_utc().date())
+        .map_err(|_| {
+            format!("{name} `{text}` is not a date like 2026-11-21 (or an RFC 3339 timestamp)")
+        })
+}
+
+/// The UTC day of a millisecond timestamp, as stored in rollups (`YYYY-MM-DD`).
+pub fn day_of_ms(ms: i64) -> String {
+    DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d").to_string())
+        .unwrap_or_default()
+}
+
+/// The sums every analytics row carries. Serialized with the figures derived from them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageFigures {
+    pub calls: i64,
+    pub errors: i64,
+    pub revenue_micros: i64,
+    pub cogs_micros: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub duration_ms_sum: i64,
+    pub duration_ms_max: i64,
+}
+
+impl UsageFigures {
+    /// (revenue − COGS) / revenue, to four decimals; `None` without revenue.
+    pub fn margin(&self) -> Option<f64> {
+        margin(self.revenue_micros, self.cogs_micros)
+    }
+
+    pub fn avg_duration_ms(&self) -> Option<i64> {
+        (self.calls > 0).then(|| {
+            crate::money::div_round_half_even(self.duration_ms_sum as i128, self.calls as i128)
+                as i64
+        })
+    }
+}
+
+/// (revenue − COGS) / revenue, to four decimals; `None` without revenue.
+pub fn margin(revenue_micros: i64, cogs_micros: i64) -> Option<f64> {
+    (revenue_micros != 0).then(|| {
+        let exact = (revenue_micros as f64 - cogs_micros as f64) / revenue_micros as f64;
+        (exact * 10_000.0).round() / 10_000.0
+    })
+}
+
+impl Serialize for UsageFigures {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("UsageFigures", 11)?;
+        st.serialize_field("calls", &self.calls)?;
+        st.serialize_field("errors", &self.errors)?;
+        st.serialize_field("revenueMicros", &self.revenue_micros)?;
+        st.serialize_field("cogsMicros", &self.cogs_micros)?;
+        st.serialize_field(
+            "grossProfitMicros",
+            &(self.revenue_micros - self.cogs_micros),
+        )?;
+        st.serialize_field("margin", &self.margin())?;
+        st.serialize_field("inputTokens", &self.input_tokens)?;
+        st.serialize_field("outputTokens", &self.output_tokens)?;
+        st.serialize_field("durationMsSum", &self.duration_ms_sum)?;
+        st.serialize_field("avgDurationMs", &self.avg_duration_ms())?;
+        st.serialize_field("maxDurationMs", &self.duration_ms_max)?;
+        st.end()
+    }
+}
+
+/// One tool's usage over a range (`/analytics/mcp/revenue/by-tool`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolUsage {
+    pub tool_name: String,
+    #[serde(flatten)]
+    pub figures: UsageFigures,
+    /// Distinct sessions that called the tool in the range.
+    pub sessions: i64,
+}
+
+/// One agent's usage on one day.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DayUsage {
+    pub date: String,
+    #[serde(flatten)]
+    pub figures: UsageFigures,
+    pub sessions: i64,
+}
+
+/// One agent's usage over a range, with its daily series (`/analytics/mcp/by-agent`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentUsage {
+    pub agent_id: String,
+    #[serde(flatten)]
+    pub figures: UsageFigures,
+    pub sessions: i64,
+    pub daily: Vec<DayUsage>,
+}
+
+/// A tenant's usage over a range (`/analytics/mcp/summary`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageSummary {
+    #[serde(flatten)]
+    pub figures: UsageFigures,
+    pub sessions: i64,
+    pub tools: i64,
+    pub agents: i64,
+}
+
+/// One session (`/analytics/mcp/sessions`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionUsage {
+    pub session_id: String,
+    pub agent_id: String,
+    #[serde(serialize_with = "ser_ms")]
+    pub first_seen: i64,
+    #[serde(serialize_with = "ser_ms")]
+    pub last_seen: i64,
+    /// Whether a `SESSION_END` heartbeat closed it.
+    pub ended: bool,
+    /// Distinct tools called in the session.
+    pub tools: i64,
+    #[serde(flatten)]
+    pub figures: UsageFigures,
+}
+
+/// One session with its per-tool breakdown (`/analytics/mcp/sessions/{sessionId}`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionDetail {
+    #[serde(flatten)]
+    pub session: SessionUsage,
+    pub by_tool: Vec<SessionToolUsage>,
+}
+
+/// One tool's share of a session.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionToolUsage {
+    pub tool_name: String,
+    #[serde(flatten)]
+    pub figures: UsageFigures,
+}
+
+fn ser_ms<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_ms(*ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(s: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()
+    }
+
+    #[test]
+    fn ranges_default_to_thirty_days_ending_today() {
+        let r = DateRange::parse(None, None, day("2026-11-21")).unwrap();
+        assert_eq!(
+            (r.from_str_day(), r.to_str_day()),
+            ("2026-10-23".into(), "2026-11-21".into())
+        );
+    }
+
+    #[test]
+    fn ranges_accept_days_and_timestamps_and_refuse_nonsense() {
+        let today = day("2026-11-21");
+        let r =
+            DateRange::parse(Some("2026-11-01T23:30:00-02:00"), Some("2026-11-05"), today).unwrap();
+        assert_eq!(r.from, day("2026-11-02")); // its UTC day
+        assert!(DateRange::parse(Some("11/01/2026"), None, today)
+            .unwrap_err()
+            .contains("not a date"));
+        assert!(
+            DateRange::parse(Some("2026-11-06"), Some("2026-11-05"), today)
+                .unwrap_err()
+                .contains("after")
+        );
+        assert!(DateRange::parse(Some("2000-01-01"), None, today)
+            .unwrap_err()
+            .contains("longer"));
+        assert_eq!(r.bounds_ms().1 - r.bounds_ms().0, 4 * 86_400_000);
+    }
+
+    #[test]
+    fn figures_serialize_with_derived_margin_and_average() {
+        let f = UsageFigures {
+            calls: 2,
+            errors: 1,
+            revenue_micros: 7550,
+            cogs_micros: 1529,
+            input_tokens: 1,
+            output_tokens: 2,
+            duration_ms_sum: 1085,
+            duration_ms_max: 542,
+        };
+        let json = serde_json::to_string(&f).unwrap();
+        assert_eq!(
+            json,
+            r#"{"calls":2,"errors":1,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1,"outputTokens":2,"durationMsSum":1085,"avgDurationMs":542,"maxDurationMs":542}"#
+        );
+        assert_eq!(margin(0, 5), None);
+        assert_eq!(margin(100, 150), Some(-0.5));
+    }
+}

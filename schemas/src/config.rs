@@ -1,0 +1,473 @@
+//! The config tree: one TOML file, `MCP_METER_*` environment overrides, one [`Config::validate`].
+//!
+//! Precedence, lowest first: the defaults named below, the file, the environment
+//! ([`ENV_OVERRIDES`]), then command-line flags. Reading the file and the environment is the
+//! binary's job; this module only parses text and applies values it is handed.
+
+use crate::rating::{RatePlan, DEFAULT_TOOL};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Directory for the embedded store (`mcp-meter.sqlite`).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    #[serde(default)]
+    pub sqlite: SqliteConfig,
+    /// Every tenant, with its API keys and rate plans.
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Largest request body accepted; a larger one is answered 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Most events in one request (the wire contract allows at most 1000).
+    #[serde(default = "default_max_batch_events")]
+    pub max_batch_events: usize,
+    /// Oldest `occurredAt` accepted, in days before receipt.
+    #[serde(default = "default_max_event_age_days")]
+    pub max_event_age_days: u32,
+    /// Furthest `occurredAt` accepted ahead of the server's clock, in seconds.
+    #[serde(default = "default_max_future_skew_seconds")]
+    pub max_future_skew_seconds: u32,
+    /// Largest `metadata` object of one event, in bytes of JSON.
+    #[serde(default = "default_max_metadata_bytes")]
+    pub max_metadata_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteConfig {
+    /// Most events one group commit writes in a transaction.
+    #[serde(default = "default_max_commit_events")]
+    pub max_commit_events: usize,
+    /// Batches that may wait for the writer; beyond this, ingest answers 503 with Retry-After.
+    #[serde(default = "default_queue_capacity_batches")]
+    pub queue_capacity_batches: usize,
+    /// Connections that serve analytics reads, beside the one writer.
+    #[serde(default = "default_read_connections")]
+    pub read_connections: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The tenant's id: letters, digits, `_`, `-`, `.`; at most 64 characters.
+    pub id: String,
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+    #[serde(default)]
+    pub rate_plans: Vec<RatePlan>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// A label for people (`sdk-prod`, `finance-export`); never sent by clients.
+    pub name: String,
+    /// SHA-256 of the key, lower-case hex (`mcp-meter keys new` prints both).
+    pub sha256: String,
+    /// What the key may do.
+    pub scopes: Vec<Scope>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Post usage events and heartbeats.
+    Ingest,
+    /// Read analytics.
+    Read,
+    /// Pull billing exports.
+    Export,
+    /// Everything.
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Ingest => "ingest",
+            Scope::Read => "read",
+            Scope::Export => "export",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+fn default_max_body_bytes() -> usize {
+    8 * 1024 * 1024
+}
+fn default_max_batch_events() -> usize {
+    crate::event::MAX_BATCH_EVENTS
+}
+fn default_max_event_age_days() -> u32 {
+    35
+}
+fn default_max_future_skew_seconds() -> u32 {
+    300
+}
+fn default_max_metadata_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_commit_events() -> usize {
+    20_000
+}
+fn default_queue_capacity_batches() -> usize {
+    1024
+}
+fn default_read_connections() -> usize {
+    4
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        toml::from_str("").expect("an empty config takes every default")
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> IngestConfig {
+        toml::from_str("").expect("an empty section takes every default")
+    }
+}
+
+impl Default for SqliteConfig {
+    fn default() -> SqliteConfig {
+        toml::from_str("").expect("an empty section takes every default")
+    }
+}
+
+/// Every problem found in a config, reported together.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the config has {} problem(s):", self.problems.len())?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+type Setter = fn(&mut Config, &str) -> Result<(), String>;
+
+/// Every environment variable that overrides the file, with the setting it overrides.
+/// `MCP_METER_LISTEN`, `MCP_METER_DATA_DIR`, `MCP_METER_CONFIG` and `MCP_METER_DEMO_KEY` are
+/// read by the command line (they are flags too); `MCP_METER_LOG` sets the log filter.
+pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
+    (
+        "MCP_METER_INGEST_MAX_BODY_BYTES",
+        "ingest.max_body_bytes",
+        |c, v| parse_into(&mut c.ingest.max_body_bytes, v),
+    ),
+    (
+        "MCP_METER_INGEST_MAX_BATCH_EVENTS",
+        "ingest.max_batch_events",
+        |c, v| parse_into(&mut c.ingest.max_batch_events, v),
+    ),
+    (
+        "MCP_METER_INGEST_MAX_EVENT_AGE_DAYS",
+        "ingest.max_event_age_days",
+        |c, v| parse_into(&mut c.ingest.max_event_age_days, v),
+    ),
+    (
+        "MCP_METER_INGEST_MAX_FUTURE_SKEW_SECONDS",
+        "ingest.max_future_skew_seconds",
+        |c, v| parse_into(&mut c.ingest.max_future_skew_seconds, v),
+    ),
+    (
+        "MCP_METER_INGEST_MAX_METADATA_BYTES",
+        "ingest.max_metadata_bytes",
+        |c, v| parse_into(&mut c.ingest.max_metadata_bytes, v),
+    ),
+    (
+        "MCP_METER_SQLITE_MAX_COMMIT_EVENTS",
+        "sqlite.max_commit_events",
+        |c, v| parse_into(&mut c.sqlite.max_commit_events, v),
+    ),
+    (
+        "MCP_METER_SQLITE_QUEUE_CAPACITY_BATCHES",
+        "sqlite.queue_capacity_batches",
+        |c, v| parse_into(&mut c.sqlite.queue_capacity_batches, v),
+    ),
+    (
+        "MCP_METER_SQLITE_READ_CONNECTIONS",
+        "sqlite.read_connections",
+        |c, v| parse_into(&mut c.sqlite.read_connections, v),
+    ),
+];
+
+fn parse_into<T: std::str::FromStr>(slot: &mut T, value: &str) -> Result<(), String> {
+    *slot = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{value}` is not a valid number"))?;
+    Ok(())
+}
+
+impl Config {
+    /// Parses a config file's text; the error names the offending key and line.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Applies the [`ENV_OVERRIDES`] that `lookup` finds, reporting every bad value at once.
+    pub fn apply_env(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        for (var, setting, set) in ENV_OVERRIDES {
+            if let Some(value) = lookup(var) {
+                if let Err(e) = set(self, &value) {
+                    problems.push(format!("{var} (overrides {setting}): {e}"));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Checks everything at once and reports every problem found, each saying what to fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.listen.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "listen `{}` is not an address like 127.0.0.1:8080",
+                self.listen
+            ));
+        }
+        let i = &self.ingest;
+        if i.max_batch_events == 0 || i.max_batch_events > crate::event::MAX_BATCH_EVENTS {
+            problems.push(format!(
+                "ingest.max_batch_events must be 1 to {} (got {})",
+                crate::event::MAX_BATCH_EVENTS,
+                i.max_batch_events
+            ));
+        }
+        if i.max_body_bytes < 1024 {
+            problems.push(format!(
+                "ingest.max_body_bytes must be at least 1024 (got {})",
+                i.max_body_bytes
+            ));
+        }
+        if i.max_event_age_days == 0 {
+            problems.push("ingest.max_event_age_days must be at least 1".into());
+        }
+        let s = &self.sqlite;
+        if s.max_commit_events == 0 {
+            problems.push("sqlite.max_commit_events must be at least 1".into());
+        }
+        if s.queue_capacity_batches == 0 {
+            problems.push("sqlite.queue_capacity_batches must be at least 1".into());
+        }
+        if s.read_connections == 0 {
+            problems.push("sqlite.read_connections must be at least 1".into());
+        }
+
+        let mut tenant_ids = HashSet::new();
+        let mut key_hashes = HashSet::new();
+        for (n, t) in self.tenants.iter().enumerate() {
+            let at = format!("tenants[{n}] (`{}`)", t.id);
+            if !valid_tenant_id(&t.id) {
+                problems.push(format!(
+                    "{at}: id must be 1 to 64 letters, digits, `_`, `-` or `.`"
+                ));
+            }
+            if !tenant_ids.insert(t.id.as_str()) {
+                problems.push(format!("{at}: id is used by another tenant"));
+            }
+            if t.api_keys.is_empty() {
+                problems.push(format!("{at}: has no api_keys, so nobody can use it"));
+            }
+            for (k, key) in t.api_keys.iter().enumerate() {
+                let kat = format!("{at}.api_keys[{k}] (`{}`)", key.name);
+                let hex_ok = key.sha256.len() == 64
+                    && key
+                        .sha256
+                        .bytes()
+                        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                if !hex_ok {
+                    problems.push(format!(
+                        "{kat}: sha256 must be 64 lower-case hex digits (`mcp-meter keys new` prints one)"
+                    ));
+                } else if !key_hashes.insert(key.sha256.as_str()) {
+                    problems.push(format!("{kat}: the same key is configured twice"));
+                }
+                if key.scopes.is_empty() {
+                    problems.push(format!(
+                        "{kat}: scopes is empty; give at least one of ingest, read, export, admin"
+                    ));
+                }
+            }
+            if t.rate_plans.is_empty() {
+                problems.push(format!(
+                    "{at}: has no rate_plans; events could not be priced"
+                ));
+            }
+            let mut versions = HashSet::new();
+            let mut ordered: Vec<&RatePlan> = t.rate_plans.iter().collect();
+            ordered.sort_by_key(|p| p.version);
+            for p in &t.rate_plans {
+                let pat = format!("{at}.rate_plans version {}", p.version);
+                if p.version == 0 {
+                    problems.push(format!("{pat}: versions start at 1 (0 marks heartbeats)"));
+                }
+                if !versions.insert(p.version) {
+                    problems.push(format!("{pat}: version is used twice"));
+                }
+                if !p.tools.contains_key(DEFAULT_TOOL) {
+                    problems.push(format!(
+                        "{pat}: has no `\"*\"` tool rate for tools it does not name"
+                    ));
+                }
+                for name in p.tools.keys() {
+                    if name.encode_utf16().count() > crate::event::MAX_TOOL_NAME_LEN {
+                        problems.push(format!("{pat}: tool `{name}` is longer than 64 characters"));
+                    }
+                }
+            }
+            for pair in ordered.windows(2) {
+                let (a, b) = (pair[0], pair[1]);
+                let starts = |p: &RatePlan| p.effective_from.map(|t| t.timestamp_millis());
+                if starts(b).unwrap_or(i64::MIN) <= starts(a).unwrap_or(i64::MIN) {
+                    problems.push(format!(
+                        "{at}.rate_plans: version {} must start (effective_from) after version {}",
+                        b.version, a.version
+                    ));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+fn valid_tenant_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:9000"
+
+[[tenants]]
+id = "acme"
+
+[[tenants.api_keys]]
+name = "sdk"
+sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+scopes = ["ingest", "read"]
+
+[[tenants.rate_plans]]
+version = 1
+[tenants.rate_plans.tools."*"]
+price = { per_call = 5000, per_input_token = 1 }
+cost = { per_call = 200, per_input_token = 0.5, per_second = "100" }
+"#;
+
+    #[test]
+    fn a_full_config_parses_and_validates() {
+        let c = Config::from_toml(GOOD).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.tenants[0].api_keys[0].scopes,
+            vec![Scope::Ingest, Scope::Read]
+        );
+        let star = &c.tenants[0].rate_plans[0].tools["*"];
+        assert_eq!(star.cost.per_input_token.scaled(), 500_000);
+        assert_eq!(c.ingest.max_batch_events, 1000);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = Config::from_toml("lissten = \"x\"").unwrap_err();
+        assert!(err.contains("unknown field `lissten`"), "{err}");
+        let err =
+            Config::from_toml(&GOOD.replace("per_call = 5000", "per_cal = 5000")).unwrap_err();
+        assert!(err.contains("unknown field `per_cal`"), "{err}");
+    }
+
+    #[test]
+    fn validate_reports_every_problem_at_once() {
+        let bad = GOOD
+            .replace("127.0.0.1:9000", "nowhere")
+            .replace("2c26b46b", "XYZ")
+            .replace("[\"ingest\", \"read\"]", "[]")
+            .replace("tools.\"*\"", "tools.\"web\"");
+        let err = Config::from_toml(&bad).unwrap().validate().unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err}");
+        let text = err.to_string();
+        assert!(text.contains("listen `nowhere`"));
+        assert!(text.contains("sha256 must be 64 lower-case hex"));
+        assert!(text.contains("scopes is empty"));
+        assert!(text.contains("no `\"*\"` tool rate"));
+    }
+
+    #[test]
+    fn plan_versions_must_be_unique_and_start_in_order() {
+        let two = format!(
+            "{GOOD}\n[[tenants.rate_plans]]\nversion = 1\neffective_from = \"2026-01-01T00:00:00Z\"\n[tenants.rate_plans.tools.\"*\"]\n"
+        );
+        let err = Config::from_toml(&two).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("version is used twice"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_apply_and_bad_values_are_named() {
+        let mut c = Config::default();
+        c.apply_env(|v| (v == "MCP_METER_INGEST_MAX_BATCH_EVENTS").then(|| "10".to_string()))
+            .unwrap();
+        assert_eq!(c.ingest.max_batch_events, 10);
+        let err = c
+            .apply_env(|v| {
+                v.starts_with("MCP_METER_SQLITE")
+                    .then(|| "lots".to_string())
+            })
+            .unwrap_err();
+        assert_eq!(err.problems.len(), 3);
+        assert!(err.problems[0].starts_with(
+            "MCP_METER_SQLITE_MAX_COMMIT_EVENTS (overrides sqlite.max_commit_events)"
+        ));
+    }
+}

@@ -1,0 +1,16 @@
+//! The vocabulary of mcp-meter: wire and row types, validation, rating, config. No IO.
+//!
+//! Everything here is pure so that every process (embedded `serve`, `ingestor`, `aggregator`)
+//! and every store reads and prices events the same way.
+//!
+//! - [`money`]: integer micro-USD, exact fractional rates, half-even rounding.
+//! - [`event`]: the wire event (Aforo-compatible camelCase), its validation, the rated row.
+//! - [`rating`]: versioned rate plans and the price and cost of an event.
+//! - [`analytics`]: date ranges and the rows analytics answer with.
+//! - [`config`]: the config tree and its validation.
+
+pub mod analytics;
+pub mod config;
+pub mod event;
+pub mod money;
+pub mod rating;
