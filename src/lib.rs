@@ -1,1 +1,154 @@
+//! The `mcp-meter` binary's wiring: the only place that picks adapters for the ports.
+//!
+//! - [`load_config`]: file, environment and flags into one validated `Config`.
+//! - [`demo`]: the tenant `serve` runs when no config file is given.
+//! - [`Embedded`]: `serve`, everything in one process: the HTTP API, group commit into SQLite.
 
+use anyhow::Context;
+use backends::sink::EventSink;
+use backends::store::{sqlite, AnalyticsStore};
+use schemas::config::{ApiKeyConfig, Config, Scope, TenantConfig};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Command-line values that override the file and the environment table.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Reads the config file (if any), applies `MCP_METER_*` overrides and then the flags, and
+/// validates the result, reporting every problem at once.
+pub fn load_config(
+    file: Option<&Path>,
+    env: impl Fn(&str) -> Option<String>,
+    flags: &Overrides,
+) -> anyhow::Result<Config> {
+    let mut config = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the config file {}", path.display()))?;
+            Config::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    config.apply_env(env)?;
+    if let Some(listen) = &flags.listen {
+        config.listen = listen.clone();
+    }
+    if let Some(dir) = &flags.data_dir {
+        config.data_dir = dir.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// The demo tenant of a `serve` started without a config file.
+pub mod demo {
+    use super::*;
+
+    pub const TENANT: &str = "demo";
+
+    /// Adds tenant `demo` with one admin key and the demo rate plan. The key is printed at
+    /// start, so the demo refuses to listen beyond loopback.
+    pub fn add_tenant(config: &mut Config, key: &str) -> anyhow::Result<()> {
+        let addr: SocketAddr = config.listen.parse().context("listen address")?;
+        anyhow::ensure!(
+            addr.ip().is_loopback(),
+            "without --config, serve runs a demo tenant whose key is printed on the console, so it \
+             only listens on loopback; got {addr}. Pass --config with your tenants and keys to listen there"
+        );
+        config.tenants.push(TenantConfig {
+            id: TENANT.into(),
+            api_keys: vec![ApiKeyConfig {
+                name: "demo".into(),
+                sha256: sha256_hex(key),
+                scopes: vec![Scope::Admin],
+            }],
+            rate_plans: vec![schemas::rating::demo_rate_plan()],
+        });
+        config.validate()?;
+        Ok(())
+    }
+}
+
+/// A new random API key: `mcpm_` and 64 hex digits (256 bits).
+pub fn new_api_key() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a key: {e}"))?;
+    Ok(format!("mcpm_{}", hex(&bytes)))
+}
+
+pub fn sha256_hex(key: &str) -> String {
+    hex(&Sha256::digest(key.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `serve`: the whole pipeline in one process.
+pub struct Embedded {
+    server: actix_web::dev::Server,
+    /// Where the API listens (the port is real even when the config asked for port 0).
+    pub addr: SocketAddr,
+    pub db_path: PathBuf,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl Embedded {
+    /// Opens the store, starts the group-commit writer and binds the API. Call inside an actix
+    /// runtime; [`Embedded::run`] then serves until SIGINT or SIGTERM.
+    pub fn start(config: &Config) -> anyhow::Result<Embedded> {
+        let (writer, analytics) = sqlite::open(&config.data_dir, &config.sqlite)
+            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+        let (sink, writer) = aggregator::group_commit::GroupCommit::start(
+            writer,
+            aggregator::group_commit::GroupCommitConfig {
+                max_commit_events: config.sqlite.max_commit_events,
+                queue_capacity_batches: config.sqlite.queue_capacity_batches,
+            },
+        )
+        .context("cannot start the store writer")?;
+        let sink: Arc<dyn EventSink> = Arc::new(sink);
+        let analytics: Arc<dyn AnalyticsStore> = Arc::new(analytics);
+        let state = actix_web::web::Data::new(ingestor::AppState {
+            keys: ingestor::auth::Keyring::new(&config.tenants),
+            sink,
+            analytics,
+            ingest: config.ingest.clone(),
+        });
+        let server = actix_web::HttpServer::new(move || {
+            actix_web::App::new().configure(ingestor::routes(state.clone()))
+        })
+        .bind(&config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = *server.addrs().first().context("bound to no address")?;
+        Ok(Embedded {
+            server: server.run(),
+            addr,
+            db_path: config.data_dir.join(sqlite::DB_FILE),
+            writer,
+        })
+    }
+
+    /// Serves until a signal stops the server, then lets the writer commit what is queued.
+    pub async fn run(self) -> anyhow::Result<()> {
+        self.server.await.context("the HTTP server failed")?;
+        // The server has dropped its app state, and with it the last sender into the writer's
+        // queue: the writer commits what is still queued, answers it, and ends.
+        tokio::task::spawn_blocking(move || self.writer.join())
+            .await
+            .context("waiting for the store writer")?
+            .map_err(|_| anyhow::anyhow!("the store writer panicked"))?;
+        Ok(())
+    }
+
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+}

@@ -1,1 +1,141 @@
-fn main() {}
+//! `mcp-meter`: usage metering for paid MCP servers.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mcp_meter::{demo, load_config, new_api_key, sha256_hex, Embedded, Overrides};
+use schemas::config::ENV_OVERRIDES;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "mcp-meter",
+    version,
+    about = "Usage metering for paid MCP servers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything in one process: the HTTP API, rating, and the embedded SQLite store.
+    #[command(after_long_help = env_help())]
+    Serve {
+        /// Address to listen on (the file's `listen`).
+        #[arg(long, env = "MCP_METER_LISTEN")]
+        listen: Option<String>,
+        /// Directory for the embedded store (the file's `data_dir`; default ./data).
+        #[arg(long, env = "MCP_METER_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// TOML config file with tenants, keys and rate plans. Without one, `serve` runs a
+        /// demo tenant `demo` on loopback only.
+        #[arg(long, env = "MCP_METER_CONFIG")]
+        config: Option<PathBuf>,
+        /// The demo tenant's API key (without --config). Default: a new random key, printed.
+        #[arg(long, env = "MCP_METER_DEMO_KEY", hide_env_values = true)]
+        demo_key: Option<String>,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new random API key and the SHA-256 to put in the config file.
+    New,
+}
+
+fn env_help() -> String {
+    let mut help = String::from(
+        "Environment (each overrides the config file; flags override both):\n  \
+         MCP_METER_LISTEN, MCP_METER_DATA_DIR, MCP_METER_CONFIG, MCP_METER_DEMO_KEY  (the flags above)\n  \
+         MCP_METER_LOG  log filter, e.g. info or mcp_meter=debug (default info)\n",
+    );
+    for (var, setting, _) in ENV_OVERRIDES {
+        help.push_str(&format!("  {var:<42} {setting}\n"));
+    }
+    help
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keys {
+            command: KeysCommand::New,
+        } => {
+            let key = new_api_key()?;
+            let hash = sha256_hex(&key);
+            println!("key:    {key}");
+            println!("sha256: {hash}");
+            println!();
+            println!("Give the key to its user; put only the hash in the config file:");
+            println!();
+            println!("[[tenants.api_keys]]");
+            println!("name = \"new-key\"");
+            println!("sha256 = \"{hash}\"");
+            println!("scopes = [\"ingest\"]");
+            Ok(())
+        }
+        Command::Serve {
+            listen,
+            data_dir,
+            config,
+            demo_key,
+        } => {
+            init_logging();
+            let flags = Overrides { listen, data_dir };
+            let mut cfg = load_config(config.as_deref(), |v| std::env::var(v).ok(), &flags)?;
+            let demo_key = match config {
+                Some(_) => None,
+                None => {
+                    let key = match demo_key {
+                        Some(k) => k,
+                        None => new_api_key()?,
+                    };
+                    demo::add_tenant(&mut cfg, &key)?;
+                    Some(key)
+                }
+            };
+            actix_web::rt::System::new().block_on(async move {
+                let embedded = Embedded::start(&cfg)?;
+                print_banner(&embedded, demo_key.as_deref());
+                embedded.run().await
+            })
+        }
+    }
+    .context("mcp-meter failed")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MCP_METER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn print_banner(e: &Embedded, demo_key: Option<&str>) {
+    let base = format!("http://{}", e.addr);
+    println!(
+        "mcp-meter serve: embedded mode, store {}",
+        e.db_path.display()
+    );
+    println!("  POST {base}/v1/ingest/batch");
+    println!("  POST {base}/v1/ingest/events");
+    println!("  GET  {base}/analytics/mcp/summary");
+    println!("  GET  {base}/analytics/mcp/revenue/by-tool");
+    println!("  GET  {base}/analytics/mcp/by-agent");
+    println!("  GET  {base}/analytics/mcp/sessions");
+    println!("  GET  {base}/analytics/mcp/sessions/{{sessionId}}");
+    if let Some(key) = demo_key {
+        println!("demo tenant `{}` API key: {key}", demo::TENANT);
+        println!(
+            "  (set MCP_METER_DEMO_KEY to keep the key across restarts; --config for real tenants)"
+        );
+    }
+}

@@ -1,1 +1,14 @@
+//! The ports mcp-meter's processes talk through, and the adapters behind them.
+//!
+//! A port is a small trait; an adapter implements it for one technology. Adapters never import
+//! each other or the app crates, and only the binary picks which adapter a process uses.
+//!
+//! - [`sink`]: [`sink::EventSink`], where the ingestor hands rated batches and waits until they
+//!   are durable (embedded: the group-commit writer; distributed: Kafka).
+//! - [`store`]: [`store::StoreWriter`], one transaction over many batches, and
+//!   [`store::AnalyticsStore`], the read side; adapter [`store::sqlite`].
+//! - [`error`]: the errors of both, each saying whether a retry can help.
 
+pub mod error;
+pub mod sink;
+pub mod store;

@@ -1,1 +1,64 @@
+//! mcp-meter's HTTP API (actix-web): ingest and analytics.
+//!
+//! - [`auth`]: API keys (stored hashed) to tenant and scopes.
+//! - [`ingest`]: `POST /v1/ingest/batch`, `POST /v1/ingest/events`.
+//! - [`analytics`]: `GET /analytics/mcp/...`.
+//! - [`error`]: the one mapping from errors to HTTP status codes.
+//!
+//! The API talks to the pipeline only through `backends`' ports; which adapters stand behind
+//! them is the binary's choice.
 
+pub mod analytics;
+pub mod auth;
+pub mod error;
+pub mod ingest;
+
+use actix_web::web;
+use backends::sink::EventSink;
+use backends::store::AnalyticsStore;
+use schemas::config::IngestConfig;
+use std::sync::Arc;
+
+/// What every handler shares.
+pub struct AppState {
+    pub keys: auth::Keyring,
+    pub sink: Arc<dyn EventSink>,
+    pub analytics: Arc<dyn AnalyticsStore>,
+    pub ingest: IngestConfig,
+}
+
+/// Mounts the API on an actix app: `App::new().configure(ingestor::routes(state))`.
+pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        let body_limit = state.ingest.max_body_bytes;
+        cfg.app_data(state)
+            .app_data(web::PayloadConfig::new(body_limit))
+            .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                error::ApiError::BadRequest(format!("bad query parameters: {e}")).into()
+            }))
+            .app_data(
+                web::PathConfig::default().error_handler(|e, _| {
+                    error::ApiError::BadRequest(format!("bad path: {e}")).into()
+                }),
+            )
+            .route("/v1/ingest/batch", web::post().to(ingest::batch))
+            .route("/v1/ingest/events", web::post().to(ingest::events))
+            .route(
+                "/analytics/mcp/revenue/by-tool",
+                web::get().to(analytics::by_tool),
+            )
+            .route(
+                "/analytics/mcp/by-agent",
+                web::get().to(analytics::by_agent),
+            )
+            .route("/analytics/mcp/summary", web::get().to(analytics::summary))
+            .route(
+                "/analytics/mcp/sessions",
+                web::get().to(analytics::sessions),
+            )
+            .route(
+                "/analytics/mcp/sessions/{session_id}",
+                web::get().to(analytics::session),
+            );
+    }
+}

@@ -3,7 +3,7 @@
 //! Stores return integer sums; everything derived (margin, averages) is computed here, once, so
 //! two stores holding the same sums answer byte-identical JSON.
 
-use crate::event::format_ms;
+use crate::event::{format_ms, RatedEvent};
 use chrono::{DateTime, NaiveDate};
 use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
@@ -99,6 +99,30 @@ pub struct UsageFigures {
 }
 
 impl UsageFigures {
+    /// Adds one stored call to the sums. Heartbeats are not calls: callers leave them out.
+    pub fn record(&mut self, e: &RatedEvent) {
+        self.calls += 1;
+        self.errors += i64::from(e.execution_status.is_error());
+        self.revenue_micros += e.revenue_micros;
+        self.cogs_micros += e.cogs_micros;
+        self.input_tokens += e.input_tokens;
+        self.output_tokens += e.output_tokens;
+        self.duration_ms_sum += e.execution_duration_ms;
+        self.duration_ms_max = self.duration_ms_max.max(e.execution_duration_ms);
+    }
+
+    /// Adds another row's sums, as a rollup merge does.
+    pub fn merge(&mut self, other: &UsageFigures) {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.revenue_micros += other.revenue_micros;
+        self.cogs_micros += other.cogs_micros;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.duration_ms_sum += other.duration_ms_sum;
+        self.duration_ms_max = self.duration_ms_max.max(other.duration_ms_max);
+    }
+
     /// (revenue − COGS) / revenue, to four decimals; `None` without revenue.
     pub fn margin(&self) -> Option<f64> {
         margin(self.revenue_micros, self.cogs_micros)

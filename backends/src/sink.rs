@@ -1,0 +1,29 @@
+//! The port the ingestor publishes through: a rated batch goes in, and the call returns only
+//! once the batch is durable.
+
+use crate::error::SinkError;
+use schemas::event::RatedEvent;
+use std::sync::Arc;
+
+/// Rated events of one tenant, as one ingest request produced them.
+#[derive(Clone, Debug)]
+pub struct TenantBatch {
+    pub tenant_id: Arc<str>,
+    pub events: Vec<RatedEvent>,
+}
+
+/// What became of a batch: events stored for the first time, and events whose
+/// (tenant, idempotencyKey) was already stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub accepted: usize,
+    pub duplicates: usize,
+}
+
+#[async_trait::async_trait]
+pub trait EventSink: Send + Sync {
+    /// Makes `batch` durable. On `Ok`, every event is stored or was already stored; on `Err`,
+    /// none of it may be assumed stored and the client must retry the whole batch (which
+    /// idempotency keys make safe).
+    async fn publish(&self, batch: TenantBatch) -> Result<WriteOutcome, SinkError>;
+}

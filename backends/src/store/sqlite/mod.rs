@@ -1,0 +1,49 @@
+//! The embedded store: SQLite through rusqlite (bundled), one writer and a few readers.
+//!
+//! WAL mode lets analytics read while the writer commits; `synchronous = FULL` makes a commit
+//! durable before it returns, which is what lets the ingestor answer 202 after it.
+//!
+//! - [`writer`]: [`SqliteWriter`], raw rows and rollups in one transaction.
+//! - [`reader`]: [`SqliteAnalytics`], the analytics queries over the rollups.
+
+mod reader;
+mod writer;
+
+pub use reader::SqliteAnalytics;
+pub use writer::SqliteWriter;
+
+use crate::error::{SqliteContext, StoreError};
+use rusqlite::Connection;
+use schemas::config::SqliteConfig;
+use std::path::{Path, PathBuf};
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "mcp-meter.sqlite";
+
+const SCHEMA: &str = include_str!("schema.sql");
+
+/// Opens (creating if needed) the store in `data_dir`: its one writer and its readers.
+pub fn open(
+    data_dir: &Path,
+    config: &SqliteConfig,
+) -> Result<(SqliteWriter, SqliteAnalytics), StoreError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        StoreError::WorkerGone(format!(
+            "cannot create data directory {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    let path: PathBuf = data_dir.join(DB_FILE);
+    let conn = Connection::open(&path).context("open the database")?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA busy_timeout = 5000;",
+    )
+    .context("set pragmas")?;
+    conn.execute_batch(SCHEMA).context("create the schema")?;
+    Ok((
+        SqliteWriter::new(conn),
+        SqliteAnalytics::new(path, config.read_connections),
+    ))
+}

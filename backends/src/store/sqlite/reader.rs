@@ -1,0 +1,326 @@
+//! Analytics over the SQLite rollups. Queries run on the blocking pool with connections of
+//! their own, so they never wait for the writer (WAL) and never stall the async runtime.
+
+use crate::error::{SqliteContext, StoreError};
+use crate::store::{by_revenue_then_name, AnalyticsStore, SessionQuery};
+use rusqlite::{params, Connection, OpenFlags, Row};
+use schemas::analytics::{
+    AgentUsage, DateRange, DayUsage, SessionDetail, SessionToolUsage, SessionUsage, ToolUsage,
+    UsageFigures, UsageSummary,
+};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// The sums of every figure, in [`figures_at`]'s order. COALESCE: a sum over no rows is NULL.
+const FIGURES: &str = "COALESCE(SUM(calls), 0), COALESCE(SUM(errors), 0),
+    COALESCE(SUM(revenue_micros), 0), COALESCE(SUM(cogs_micros), 0),
+    COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),
+    COALESCE(SUM(duration_ms_sum), 0), COALESCE(MAX(duration_ms_max), 0)";
+
+const IN_RANGE: &str = "tenant_id = ?1 AND day BETWEEN ?2 AND ?3";
+
+fn figures_at(row: &Row, first: usize) -> rusqlite::Result<UsageFigures> {
+    Ok(UsageFigures {
+        calls: row.get(first)?,
+        errors: row.get(first + 1)?,
+        revenue_micros: row.get(first + 2)?,
+        cogs_micros: row.get(first + 3)?,
+        input_tokens: row.get(first + 4)?,
+        output_tokens: row.get(first + 5)?,
+        duration_ms_sum: row.get(first + 6)?,
+        duration_ms_max: row.get(first + 7)?,
+    })
+}
+
+#[derive(Clone)]
+pub struct SqliteAnalytics {
+    pool: Arc<Pool>,
+}
+
+struct Pool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    max_idle: usize,
+}
+
+impl SqliteAnalytics {
+    pub(super) fn new(path: PathBuf, read_connections: usize) -> SqliteAnalytics {
+        SqliteAnalytics {
+            pool: Arc::new(Pool {
+                path,
+                idle: Mutex::new(Vec::new()),
+                max_idle: read_connections,
+            }),
+        }
+    }
+
+    /// Runs `query` on a pooled read-only connection on the blocking thread pool.
+    async fn read<T, F>(&self, query: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match pool.idle.lock().expect("pool lock").pop() {
+                Some(conn) => conn,
+                None => {
+                    let conn = Connection::open_with_flags(
+                        &pool.path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )
+                    .context("open a read connection")?;
+                    conn.busy_timeout(std::time::Duration::from_secs(5))
+                        .context("set the busy timeout")?;
+                    conn
+                }
+            };
+            let answer = query(&conn);
+            let mut idle = pool.idle.lock().expect("pool lock");
+            if idle.len() < pool.max_idle {
+                idle.push(conn);
+            }
+            answer
+        })
+        .await
+        .map_err(|e| StoreError::WorkerGone(format!("an analytics query panicked: {e}")))?
+    }
+}
+
+#[async_trait::async_trait]
+impl AnalyticsStore for SqliteAnalytics {
+    async fn revenue_by_tool(
+        &self,
+        tenant: &str,
+        range: DateRange,
+    ) -> Result<Vec<ToolUsage>, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |conn| {
+            let (from, to) = (range.from_str_day(), range.to_str_day());
+            let sessions = distinct_sessions_by(conn, "tool_name", &tenant, &from, &to)?;
+            let sql = format!(
+                "SELECT tool_name, {FIGURES} FROM mcp_daily_stats WHERE {IN_RANGE} GROUP BY tool_name"
+            );
+            let mut stmt = conn.prepare_cached(&sql).context("prepare by-tool")?;
+            let mut rows = stmt
+                .query_map(params![tenant, from, to], |row| {
+                    let tool_name: String = row.get(0)?;
+                    Ok(ToolUsage {
+                        sessions: sessions.get(&tool_name).copied().unwrap_or(0),
+                        tool_name,
+                        figures: figures_at(row, 1)?,
+                    })
+                })
+                .context("query by-tool")?
+                .collect::<Result<Vec<_>, _>>()
+                .context("read by-tool")?;
+            by_revenue_then_name(&mut rows, |r| (r.figures.revenue_micros, &r.tool_name));
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn usage_by_agent(
+        &self,
+        tenant: &str,
+        range: DateRange,
+    ) -> Result<Vec<AgentUsage>, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |conn| {
+            let (from, to) = (range.from_str_day(), range.to_str_day());
+            let agent_sessions = distinct_sessions_by(conn, "agent_id", &tenant, &from, &to)?;
+            let day_sessions =
+                distinct_sessions_by(conn, "agent_id || char(0) || day", &tenant, &from, &to)?;
+            let sql = format!(
+                "SELECT agent_id, day, {FIGURES} FROM mcp_daily_stats WHERE {IN_RANGE}
+                 GROUP BY agent_id, day ORDER BY agent_id, day"
+            );
+            let mut stmt = conn.prepare_cached(&sql).context("prepare by-agent")?;
+            let mut rows = stmt
+                .query(params![tenant, from, to])
+                .context("query by-agent")?;
+            let mut agents: Vec<AgentUsage> = Vec::new();
+            while let Some(row) = rows.next().context("read by-agent")? {
+                let agent_id: String = row.get(0).context("read by-agent")?;
+                let date: String = row.get(1).context("read by-agent")?;
+                let figures = figures_at(row, 2).context("read by-agent")?;
+                if agents
+                    .last()
+                    .map(|a| a.agent_id != agent_id)
+                    .unwrap_or(true)
+                {
+                    agents.push(AgentUsage {
+                        sessions: agent_sessions.get(&agent_id).copied().unwrap_or(0),
+                        agent_id: agent_id.clone(),
+                        figures: UsageFigures::default(),
+                        daily: Vec::new(),
+                    });
+                }
+                let agent = agents.last_mut().expect("pushed above");
+                agent.figures.merge(&figures);
+                agent.daily.push(DayUsage {
+                    sessions: day_sessions
+                        .get(&format!("{agent_id}\0{date}"))
+                        .copied()
+                        .unwrap_or(0),
+                    date,
+                    figures,
+                });
+            }
+            by_revenue_then_name(&mut agents, |a| (a.figures.revenue_micros, &a.agent_id));
+            Ok(agents)
+        })
+        .await
+    }
+
+    async fn summary(&self, tenant: &str, range: DateRange) -> Result<UsageSummary, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |conn| {
+            let (from, to) = (range.from_str_day(), range.to_str_day());
+            let sql = format!(
+                "SELECT {FIGURES}, COUNT(DISTINCT NULLIF(tool_name, '')),
+                        COUNT(DISTINCT NULLIF(agent_id, ''))
+                 FROM mcp_daily_stats WHERE {IN_RANGE}"
+            );
+            let (figures, tools, agents) = conn
+                .prepare_cached(&sql)
+                .context("prepare summary")?
+                .query_row(params![tenant, from, to], |row| {
+                    Ok((figures_at(row, 0)?, row.get(8)?, row.get(9)?))
+                })
+                .context("query summary")?;
+            let sessions = conn
+                .prepare_cached(&format!(
+                    "SELECT COUNT(DISTINCT session_id) FROM mcp_daily_sessions WHERE {IN_RANGE}"
+                ))
+                .context("prepare summary sessions")?
+                .query_row(params![tenant, from, to], |row| row.get(0))
+                .context("query summary sessions")?;
+            Ok(UsageSummary {
+                figures,
+                sessions,
+                tools,
+                agents,
+            })
+        })
+        .await
+    }
+
+    async fn sessions(
+        &self,
+        tenant: &str,
+        query: SessionQuery,
+    ) -> Result<Vec<SessionUsage>, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |conn| {
+            let (start_ms, end_ms) = query.range.bounds_ms();
+            // A session is in the range if any of its activity is: it began before the range
+            // ended and was last seen after the range began.
+            let sql = format!(
+                "SELECT session_id, MAX(agent_id), MIN(first_seen_ms), MAX(last_seen_ms), MAX(ended),
+                        SUM(calls > 0), {FIGURES}
+                 FROM mcp_session_summary
+                 WHERE tenant_id = ?1 AND session_id IN (
+                     SELECT session_id FROM mcp_session_summary
+                     WHERE tenant_id = ?1 AND last_seen_ms >= ?2)
+                 GROUP BY session_id
+                 HAVING MIN(first_seen_ms) < ?3 AND (?4 IS NULL OR MAX(agent_id) = ?4)
+                 ORDER BY MAX(last_seen_ms) DESC, session_id
+                 LIMIT ?5"
+            );
+            let mut stmt = conn.prepare_cached(&sql).context("prepare sessions")?;
+            let rows = stmt
+                .query_map(
+                    params![tenant, start_ms, end_ms, query.agent_id, query.limit as i64],
+                    session_row,
+                )
+                .context("query sessions")?
+                .collect::<Result<Vec<_>, _>>()
+                .context("read sessions")?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<SessionDetail>, StoreError> {
+        let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT session_id, MAX(agent_id), MIN(first_seen_ms), MAX(last_seen_ms), MAX(ended),
+                        SUM(calls > 0), {FIGURES}
+                 FROM mcp_session_summary WHERE tenant_id = ?1 AND session_id = ?2
+                 GROUP BY session_id"
+            );
+            let session = match conn
+                .prepare_cached(&sql)
+                .context("prepare session")?
+                .query_row(params![tenant, session_id], session_row)
+            {
+                Ok(s) => s,
+                Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
+                Err(e) => return Err(StoreError::Sqlite { context: "query session", source: e }),
+            };
+            let sql = format!(
+                "SELECT tool_name, {FIGURES} FROM mcp_session_summary
+                 WHERE tenant_id = ?1 AND session_id = ?2 AND calls > 0 GROUP BY tool_name"
+            );
+            let mut by_tool = conn
+                .prepare_cached(&sql)
+                .context("prepare session tools")?
+                .query_map(params![tenant, session_id], |row| {
+                    Ok(SessionToolUsage {
+                        tool_name: row.get(0)?,
+                        figures: figures_at(row, 1)?,
+                    })
+                })
+                .context("query session tools")?
+                .collect::<Result<Vec<_>, _>>()
+                .context("read session tools")?;
+            by_revenue_then_name(&mut by_tool, |t| (t.figures.revenue_micros, &t.tool_name));
+            Ok(Some(SessionDetail { session, by_tool }))
+        })
+        .await
+    }
+}
+
+fn session_row(row: &Row) -> rusqlite::Result<SessionUsage> {
+    Ok(SessionUsage {
+        session_id: row.get(0)?,
+        agent_id: row.get(1)?,
+        first_seen: row.get(2)?,
+        last_seen: row.get(3)?,
+        ended: row.get(4)?,
+        tools: row.get(5)?,
+        figures: figures_at(row, 6)?,
+    })
+}
+
+/// Distinct sessions per value of `group` (a column expression) over a range of days.
+fn distinct_sessions_by(
+    conn: &Connection,
+    group: &str,
+    tenant: &str,
+    from: &str,
+    to: &str,
+) -> Result<HashMap<String, i64>, StoreError> {
+    let sql = format!(
+        "SELECT {group}, COUNT(DISTINCT session_id) FROM mcp_daily_sessions
+         WHERE {IN_RANGE} GROUP BY 1"
+    );
+    let mut stmt = conn
+        .prepare_cached(&sql)
+        .context("prepare distinct sessions")?;
+    let rows = stmt
+        .query_map(params![tenant, from, to], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .context("query distinct sessions")?
+        .collect::<Result<HashMap<_, _>, _>>()
+        .context("read distinct sessions")?;
+    Ok(rows)
+}

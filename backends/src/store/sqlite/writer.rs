@@ -1,0 +1,261 @@
+//! One transaction per group commit: raw rows with `INSERT OR IGNORE`, then the rollups of the
+//! rows that were really inserted, aggregated in memory first so each rollup row is written
+//! once per commit however many events it sums.
+
+use crate::error::{SqliteContext, StoreError};
+use crate::sink::{TenantBatch, WriteOutcome};
+use crate::store::StoreWriter;
+use rusqlite::{params, Connection, Transaction};
+use schemas::analytics::{day_of_ms, UsageFigures};
+use schemas::event::RatedEvent;
+use std::collections::{HashMap, HashSet};
+
+const INSERT_EVENT: &str = "INSERT OR IGNORE INTO mcp_events (
+    tenant_id, idempotency_key, occurred_at_ms, received_at_ms, metric_name, product_type,
+    tool_name, agent_id, customer_id, session_id, execution_status, execution_duration_ms,
+    session_boundary, quantity_micros, input_tokens, output_tokens, revenue_micros, cogs_micros,
+    rate_plan_version, metadata)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)";
+
+const UPSERT_DAILY: &str = "INSERT INTO mcp_daily_stats (
+    tenant_id, day, customer_id, agent_id, tool_name, calls, errors, quantity_micros,
+    revenue_micros, cogs_micros, input_tokens, output_tokens, duration_ms_sum, duration_ms_max)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+ON CONFLICT (tenant_id, day, customer_id, agent_id, tool_name) DO UPDATE SET
+    calls = calls + excluded.calls,
+    errors = errors + excluded.errors,
+    quantity_micros = quantity_micros + excluded.quantity_micros,
+    revenue_micros = revenue_micros + excluded.revenue_micros,
+    cogs_micros = cogs_micros + excluded.cogs_micros,
+    input_tokens = input_tokens + excluded.input_tokens,
+    output_tokens = output_tokens + excluded.output_tokens,
+    duration_ms_sum = duration_ms_sum + excluded.duration_ms_sum,
+    duration_ms_max = max(duration_ms_max, excluded.duration_ms_max)";
+
+const INSERT_DAILY_SESSION: &str = "INSERT OR IGNORE INTO mcp_daily_sessions (
+    tenant_id, day, customer_id, agent_id, tool_name, session_id)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+const UPSERT_SESSION: &str = "INSERT INTO mcp_session_summary (
+    tenant_id, session_id, tool_name, agent_id, first_seen_ms, last_seen_ms, ended, calls,
+    errors, revenue_micros, cogs_micros, input_tokens, output_tokens, duration_ms_sum,
+    duration_ms_max)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+ON CONFLICT (tenant_id, session_id, tool_name) DO UPDATE SET
+    agent_id = max(agent_id, excluded.agent_id),
+    first_seen_ms = min(first_seen_ms, excluded.first_seen_ms),
+    last_seen_ms = max(last_seen_ms, excluded.last_seen_ms),
+    ended = max(ended, excluded.ended),
+    calls = calls + excluded.calls,
+    errors = errors + excluded.errors,
+    revenue_micros = revenue_micros + excluded.revenue_micros,
+    cogs_micros = cogs_micros + excluded.cogs_micros,
+    input_tokens = input_tokens + excluded.input_tokens,
+    output_tokens = output_tokens + excluded.output_tokens,
+    duration_ms_sum = duration_ms_sum + excluded.duration_ms_sum,
+    duration_ms_max = max(duration_ms_max, excluded.duration_ms_max)";
+
+/// The session boundary a heartbeat sends when the session closes.
+pub const SESSION_END: &str = "SESSION_END";
+
+pub struct SqliteWriter {
+    conn: Connection,
+}
+
+impl SqliteWriter {
+    pub(super) fn new(conn: Connection) -> SqliteWriter {
+        SqliteWriter { conn }
+    }
+}
+
+impl StoreWriter for SqliteWriter {
+    fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
+        // Dropping the transaction on any error below rolls everything back: a failed commit
+        // leaves neither raw rows nor rollups behind, and the callers are told nothing stored.
+        let tx = self.conn.transaction().context("begin a transaction")?;
+        let mut rollups = Rollups::default();
+        let mut outcomes = Vec::with_capacity(batches.len());
+        {
+            let mut insert = tx
+                .prepare_cached(INSERT_EVENT)
+                .context("prepare the event insert")?;
+            for batch in batches {
+                let mut outcome = WriteOutcome::default();
+                for e in &batch.events {
+                    let inserted = insert
+                        .execute(params![
+                            &*batch.tenant_id,
+                            e.idempotency_key,
+                            e.occurred_at_ms,
+                            e.received_at_ms,
+                            e.metric_name,
+                            e.product_type,
+                            e.tool_name,
+                            e.agent_id,
+                            e.customer_id,
+                            e.session_id,
+                            e.execution_status.as_str(),
+                            e.execution_duration_ms,
+                            e.session_boundary,
+                            e.quantity_micros,
+                            e.input_tokens,
+                            e.output_tokens,
+                            e.revenue_micros,
+                            e.cogs_micros,
+                            e.rate_plan_version,
+                            e.metadata,
+                        ])
+                        .context("insert an event")?;
+                    // 0 rows: the key is already stored (or repeated earlier in this commit).
+                    if inserted == 1 {
+                        outcome.accepted += 1;
+                        rollups.add(&batch.tenant_id, e);
+                    } else {
+                        outcome.duplicates += 1;
+                    }
+                }
+                outcomes.push(outcome);
+            }
+        }
+        rollups.write(&tx)?;
+        tx.commit().context("commit")?;
+        Ok(outcomes)
+    }
+}
+
+/// `(tenant, day number, customer, agent, tool)`
+type DailyKey<'a> = (&'a str, i64, &'a str, &'a str, &'a str);
+
+#[derive(Default)]
+struct DailySums {
+    figures: UsageFigures,
+    quantity_micros: i64,
+}
+
+struct SessionSums<'a> {
+    agent_id: &'a str,
+    first_seen_ms: i64,
+    last_seen_ms: i64,
+    ended: bool,
+    figures: UsageFigures,
+}
+
+/// The rollup rows a commit touches, summed in memory before they are written.
+#[derive(Default)]
+struct Rollups<'a> {
+    daily: HashMap<DailyKey<'a>, DailySums>,
+    daily_sessions: HashSet<(DailyKey<'a>, &'a str)>,
+    /// `(tenant, session, tool)`
+    sessions: HashMap<(&'a str, &'a str, &'a str), SessionSums<'a>>,
+}
+
+impl<'a> Rollups<'a> {
+    fn add(&mut self, tenant: &'a str, e: &'a RatedEvent) {
+        if e.is_call() {
+            let day = e.occurred_at_ms.div_euclid(86_400_000);
+            let key = (tenant, day, &*e.customer_id, &*e.agent_id, &*e.tool_name);
+            let sums = self.daily.entry(key).or_default();
+            sums.figures.record(e);
+            sums.quantity_micros += e.quantity_micros;
+            if !e.session_id.is_empty() {
+                self.daily_sessions.insert((key, &e.session_id));
+            }
+        }
+        if e.session_id.is_empty() {
+            return;
+        }
+        // Heartbeats roll up under tool '' so they refresh the session without adding calls.
+        let tool: &str = if e.is_call() { &e.tool_name } else { "" };
+        let session = self
+            .sessions
+            .entry((tenant, &e.session_id, tool))
+            .or_insert_with(|| SessionSums {
+                agent_id: &e.agent_id,
+                first_seen_ms: e.occurred_at_ms,
+                last_seen_ms: e.occurred_at_ms,
+                ended: false,
+                figures: UsageFigures::default(),
+            });
+        session.agent_id = session.agent_id.max(&e.agent_id);
+        session.first_seen_ms = session.first_seen_ms.min(e.occurred_at_ms);
+        session.last_seen_ms = session.last_seen_ms.max(e.occurred_at_ms);
+        session.ended |= e.is_heartbeat() && e.session_boundary.eq_ignore_ascii_case(SESSION_END);
+        if e.is_call() {
+            session.figures.record(e);
+        }
+    }
+
+    fn write(&self, tx: &Transaction) -> Result<(), StoreError> {
+        let mut days: HashMap<i64, String> = HashMap::new();
+        let mut day_text = |day: i64| -> String {
+            days.entry(day)
+                .or_insert_with(|| day_of_ms(day * 86_400_000))
+                .clone()
+        };
+        let mut upsert = tx
+            .prepare_cached(UPSERT_DAILY)
+            .context("prepare the daily upsert")?;
+        for ((tenant, day, customer, agent, tool), sums) in &self.daily {
+            let f = &sums.figures;
+            upsert
+                .execute(params![
+                    tenant,
+                    day_text(*day),
+                    customer,
+                    agent,
+                    tool,
+                    f.calls,
+                    f.errors,
+                    sums.quantity_micros,
+                    f.revenue_micros,
+                    f.cogs_micros,
+                    f.input_tokens,
+                    f.output_tokens,
+                    f.duration_ms_sum,
+                    f.duration_ms_max,
+                ])
+                .context("upsert daily stats")?;
+        }
+        let mut insert = tx
+            .prepare_cached(INSERT_DAILY_SESSION)
+            .context("prepare the daily session insert")?;
+        for ((tenant, day, customer, agent, tool), session) in &self.daily_sessions {
+            insert
+                .execute(params![
+                    tenant,
+                    day_text(*day),
+                    customer,
+                    agent,
+                    tool,
+                    session
+                ])
+                .context("insert a daily session")?;
+        }
+        let mut upsert = tx
+            .prepare_cached(UPSERT_SESSION)
+            .context("prepare the session upsert")?;
+        for ((tenant, session_id, tool), s) in &self.sessions {
+            let f = &s.figures;
+            upsert
+                .execute(params![
+                    tenant,
+                    session_id,
+                    tool,
+                    s.agent_id,
+                    s.first_seen_ms,
+                    s.last_seen_ms,
+                    s.ended,
+                    f.calls,
+                    f.errors,
+                    f.revenue_micros,
+                    f.cogs_micros,
+                    f.input_tokens,
+                    f.output_tokens,
+                    f.duration_ms_sum,
+                    f.duration_ms_max,
+                ])
+                .context("upsert a session summary")?;
+        }
+        Ok(())
+    }
+}

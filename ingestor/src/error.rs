@@ -1,0 +1,83 @@
+//! The one mapping from errors to HTTP answers. Every answer says what to fix.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use backends::error::{SinkError, StoreError};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the request body is larger than {limit} bytes; send fewer events per request")]
+    PayloadTooLarge { limit: usize },
+    #[error("Content-Type `{0}` is not accepted; send application/json")]
+    UnsupportedMediaType(String),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("analytics are unavailable: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Seconds a client should wait before retrying an overloaded or unavailable ingest.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'static str,
+    message: &'a str,
+}
+
+impl ApiError {
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Sink(SinkError::Overloaded { .. }) => "overloaded",
+            ApiError::Sink(SinkError::Unavailable(_)) | ApiError::Store(_) => "unavailable",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Sink(SinkError::Overloaded { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Sink(SinkError::Unavailable(_)) | ApiError::Store(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let mut answer = HttpResponse::build(status);
+        if matches!(self, ApiError::Sink(_) | ApiError::Store(_)) {
+            answer.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+        }
+        let message = self.to_string();
+        answer.json(ErrorBody {
+            error: self.code(),
+            message: &message,
+        })
+    }
+}

@@ -1,0 +1,178 @@
+//! `POST /v1/ingest/batch` and `POST /v1/ingest/events`: authenticate, validate, rate, publish,
+//! and answer 202 only once the sink says the events are durable.
+
+use crate::error::ApiError;
+use crate::AppState;
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use backends::sink::TenantBatch;
+use schemas::config::Scope;
+use schemas::event::{parse_event, validate, EventLimits, RatedEvent, TimeBounds};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The answer to an ingest request, as the Aforo SDKs read it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestAnswer {
+    /// Events stored by this request.
+    pub accepted: usize,
+    /// Events whose idempotency key was already stored; nothing changed for them.
+    pub duplicates: usize,
+    /// Events refused; each is listed in `errors`.
+    pub failed: usize,
+    pub errors: Vec<EventError>,
+    /// Sessions the client must stop.
+    pub killed_session_ids: Vec<String>,
+}
+
+/// Why one event of a request was refused.
+#[derive(Debug, Serialize)]
+pub struct EventError {
+    /// The event's position in the request, from 0.
+    pub index: usize,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    events: Option<Vec<&'a RawValue>>,
+}
+
+/// `{"events":[Event, ...]}`, 1 to 1000 events.
+pub async fn batch(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: Result<web::Bytes, actix_web::Error>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = state.keys.authorize(&req, Scope::Ingest)?;
+    let body = checked_body(&req, body, &state)?;
+    if first_byte(&body) == Some(b'[') {
+        return Err(ApiError::BadRequest(
+            "POST /v1/ingest/batch takes an object {\"events\":[...]}; send a bare array to /v1/ingest/events".into(),
+        ));
+    }
+    let parsed: BatchBody = serde_json::from_slice(&body).map_err(|e| body_error(&e))?;
+    let events = parsed.events.ok_or_else(|| {
+        ApiError::BadRequest("the body has no `events` array; send {\"events\":[...]}".into())
+    })?;
+    ingest(&state, grant, events).await
+}
+
+/// One event object, or a JSON array of events.
+pub async fn events(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: Result<web::Bytes, actix_web::Error>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = state.keys.authorize(&req, Scope::Ingest)?;
+    let body = checked_body(&req, body, &state)?;
+    let events: Vec<&RawValue> = match first_byte(&body) {
+        Some(b'[') => serde_json::from_slice(&body).map_err(|e| body_error(&e))?,
+        Some(b'{') => vec![serde_json::from_slice(&body).map_err(|e| body_error(&e))?],
+        _ => {
+            return Err(ApiError::BadRequest(
+                "the body must be one event object or a JSON array of events".into(),
+            ))
+        }
+    };
+    ingest(&state, grant, events).await
+}
+
+async fn ingest(
+    state: &AppState,
+    grant: crate::auth::Grant,
+    events: Vec<&RawValue>,
+) -> Result<HttpResponse, ApiError> {
+    let max = state.ingest.max_batch_events;
+    if events.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "the request has no events; send 1 to {max}"
+        )));
+    }
+    if events.len() > max {
+        return Err(ApiError::BadRequest(format!(
+            "the request has {} events; the limit is {max}: split it into several requests",
+            events.len()
+        )));
+    }
+    let received_at_ms = chrono::Utc::now().timestamp_millis();
+    let bounds = TimeBounds {
+        received_at_ms,
+        max_age_ms: i64::from(state.ingest.max_event_age_days) * 86_400_000,
+        max_future_skew_ms: i64::from(state.ingest.max_future_skew_seconds) * 1000,
+    };
+    let limits = EventLimits {
+        max_metadata_bytes: state.ingest.max_metadata_bytes,
+    };
+    let mut rated: Vec<RatedEvent> = Vec::with_capacity(events.len());
+    let mut errors = Vec::new();
+    for (index, raw) in events.iter().enumerate() {
+        let raw = raw.get();
+        let event = parse_event(raw)
+            .and_then(|wire| validate(wire, raw, bounds, limits))
+            .and_then(|valid| grant.tenant.rate_plans.rate(valid, received_at_ms));
+        match event {
+            Ok(event) => rated.push(event),
+            Err(message) => errors.push(EventError { index, message }),
+        }
+    }
+    let outcome = state
+        .sink
+        .publish(TenantBatch {
+            tenant_id: grant.tenant.id.clone(),
+            events: rated,
+        })
+        .await?;
+    Ok(HttpResponse::Accepted().json(IngestAnswer {
+        accepted: outcome.accepted,
+        duplicates: outcome.duplicates,
+        failed: errors.len(),
+        errors,
+        killed_session_ids: Vec::new(),
+    }))
+}
+
+/// The body, once its size and content type are acceptable.
+fn checked_body(
+    req: &HttpRequest,
+    body: Result<web::Bytes, actix_web::Error>,
+    state: &AppState,
+) -> Result<web::Bytes, ApiError> {
+    if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
+        let text = content_type.to_str().unwrap_or("");
+        let mime = text
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if mime != "application/json" && !mime.ends_with("+json") {
+            return Err(ApiError::UnsupportedMediaType(text.to_string()));
+        }
+    }
+    body.map_err(|e| {
+        if e.as_response_error().status_code() == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                limit: state.ingest.max_body_bytes,
+            }
+        } else {
+            ApiError::BadRequest(format!("the request body could not be read: {e}"))
+        }
+    })
+}
+
+fn first_byte(body: &[u8]) -> Option<u8> {
+    body.iter().copied().find(|b| !b.is_ascii_whitespace())
+}
+
+fn body_error(e: &serde_json::Error) -> ApiError {
+    let what = match e.classify() {
+        serde_json::error::Category::Eof => "the JSON body ends early (truncated?)",
+        serde_json::error::Category::Syntax => "the body is not valid JSON",
+        serde_json::error::Category::Data => "the body has the wrong shape",
+        serde_json::error::Category::Io => "the body could not be read",
+    };
+    ApiError::BadRequest(format!("{what}: {e}"))
+}
