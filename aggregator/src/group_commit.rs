@@ -35,7 +35,6 @@ struct Job {
 /// The embedded [`EventSink`]: publish returns once the batch is committed to the store.
 pub struct GroupCommit {
     queue: mpsc::Sender<Job>,
-    capacity: usize,
 }
 
 impl GroupCommit {
@@ -49,13 +48,12 @@ impl GroupCommit {
         let handle = std::thread::Builder::new()
             .name("group-commit".into())
             .spawn(move || run(writer, jobs, config.max_commit_events))?;
-        Ok((
-            GroupCommit {
-                queue,
-                capacity: config.queue_capacity_batches,
-            },
-            handle,
-        ))
+        Ok((GroupCommit { queue }, handle))
+    }
+
+    /// Batches waiting for the writer (not counting the ones it is committing).
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
     }
 }
 
@@ -70,7 +68,7 @@ impl EventSink for GroupCommit {
             .try_send(Job { batch, reply })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => SinkError::Overloaded {
-                    waiting: self.capacity,
+                    waiting: self.queue.max_capacity(),
                 },
                 mpsc::error::TrySendError::Closed(_) => {
                     SinkError::Unavailable("the store writer has stopped".into())

@@ -1,5 +1,6 @@
 //! `GET /analytics/mcp/...`: usage read back from the rollups, always the caller's tenant only.
 
+use crate::auth::Grant;
 use crate::error::ApiError;
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -7,6 +8,7 @@ use backends::store::SessionQuery;
 use schemas::analytics::DateRange;
 use schemas::config::Scope;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 /// Sessions returned when a request names no `limit`, and the most it may ask for.
 const DEFAULT_SESSIONS: usize = 100;
@@ -41,8 +43,17 @@ struct Ranged<T: Serialize> {
     rows: T,
 }
 
-fn range(from: Option<&str>, to: Option<&str>) -> Result<DateRange, ApiError> {
-    DateRange::parse(from, to, chrono::Utc::now().date_naive()).map_err(ApiError::BadRequest)
+/// The caller's tenant (with the `read` scope) and the range it asks about.
+fn tenant_and_range(
+    state: &AppState,
+    req: &HttpRequest,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<(Grant, DateRange), ApiError> {
+    let grant = state.keys.authorize(req, Scope::Read)?;
+    let range = DateRange::parse(from, to, chrono::Utc::now().date_naive())
+        .map_err(ApiError::BadRequest)?;
+    Ok((grant, range))
 }
 
 fn ranged<T: Serialize>(range: DateRange, rows: T) -> HttpResponse {
@@ -59,17 +70,12 @@ pub async fn by_tool(
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.keys.authorize(&req, Scope::Read)?;
-    let range = range(q.from.as_deref(), q.to.as_deref())?;
+    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref())?;
     let tools = state
         .analytics
         .revenue_by_tool(&grant.tenant.id, range)
         .await?;
-    #[derive(Serialize)]
-    struct Rows<T> {
-        tools: T,
-    }
-    Ok(ranged(range, Rows { tools }))
+    Ok(ranged(range, json!({ "tools": tools })))
 }
 
 /// `GET /analytics/mcp/by-agent`
@@ -78,17 +84,12 @@ pub async fn by_agent(
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.keys.authorize(&req, Scope::Read)?;
-    let range = range(q.from.as_deref(), q.to.as_deref())?;
+    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref())?;
     let agents = state
         .analytics
         .usage_by_agent(&grant.tenant.id, range)
         .await?;
-    #[derive(Serialize)]
-    struct Rows<T> {
-        agents: T,
-    }
-    Ok(ranged(range, Rows { agents }))
+    Ok(ranged(range, json!({ "agents": agents })))
 }
 
 /// `GET /analytics/mcp/summary`
@@ -97,8 +98,7 @@ pub async fn summary(
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.keys.authorize(&req, Scope::Read)?;
-    let range = range(q.from.as_deref(), q.to.as_deref())?;
+    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref())?;
     let summary = state.analytics.summary(&grant.tenant.id, range).await?;
     Ok(ranged(range, summary))
 }
@@ -109,8 +109,7 @@ pub async fn sessions(
     req: HttpRequest,
     q: web::Query<SessionParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.keys.authorize(&req, Scope::Read)?;
-    let range = range(q.from.as_deref(), q.to.as_deref())?;
+    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref())?;
     let limit = q.limit.unwrap_or(DEFAULT_SESSIONS);
     if !(1..=MAX_SESSIONS).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
@@ -123,11 +122,7 @@ pub async fn sessions(
         limit,
     };
     let sessions = state.analytics.sessions(&grant.tenant.id, query).await?;
-    #[derive(Serialize)]
-    struct Rows<T> {
-        sessions: T,
-    }
-    Ok(ranged(range, Rows { sessions }))
+    Ok(ranged(range, json!({ "sessions": sessions })))
 }
 
 /// `GET /analytics/mcp/sessions/{sessionId}`

@@ -1,6 +1,7 @@
 //! `POST /v1/ingest/batch` and `POST /v1/ingest/events`: authenticate, validate, rate, publish,
 //! and answer 202 only once the sink says the events are durable.
 
+use crate::auth::Grant;
 use crate::error::ApiError;
 use crate::AppState;
 use actix_web::http::header;
@@ -46,8 +47,7 @@ pub async fn batch(
     req: HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.keys.authorize(&req, Scope::Ingest)?;
-    let body = checked_body(&req, body, &state)?;
+    let (grant, body) = authorized_body(&state, &req, body)?;
     if first_byte(&body) == Some(b'[') {
         return Err(ApiError::BadRequest(
             "POST /v1/ingest/batch takes an object {\"events\":[...]}; send a bare array to /v1/ingest/events".into(),
@@ -66,8 +66,7 @@ pub async fn events(
     req: HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.keys.authorize(&req, Scope::Ingest)?;
-    let body = checked_body(&req, body, &state)?;
+    let (grant, body) = authorized_body(&state, &req, body)?;
     let events: Vec<&RawValue> = match first_byte(&body) {
         Some(b'[') => serde_json::from_slice(&body).map_err(|e| body_error(&e))?,
         Some(b'{') => vec![serde_json::from_slice(&body).map_err(|e| body_error(&e))?],
@@ -82,7 +81,7 @@ pub async fn events(
 
 async fn ingest(
     state: &AppState,
-    grant: crate::auth::Grant,
+    grant: Grant,
     events: Vec<&RawValue>,
 ) -> Result<HttpResponse, ApiError> {
     let max = state.ingest.max_batch_events;
@@ -134,12 +133,14 @@ async fn ingest(
     }))
 }
 
-/// The body, once its size and content type are acceptable.
-fn checked_body(
+/// The caller's grant (with the `ingest` scope), and the body once its size and content type
+/// are acceptable.
+fn authorized_body(
+    state: &AppState,
     req: &HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
-    state: &AppState,
-) -> Result<web::Bytes, ApiError> {
+) -> Result<(Grant, web::Bytes), ApiError> {
+    let grant = state.keys.authorize(req, Scope::Ingest)?;
     if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
         let text = content_type.to_str().unwrap_or("");
         let mime = text
@@ -152,7 +153,7 @@ fn checked_body(
             return Err(ApiError::UnsupportedMediaType(text.to_string()));
         }
     }
-    body.map_err(|e| {
+    let body = body.map_err(|e| {
         if e.as_response_error().status_code() == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge {
                 limit: state.ingest.max_body_bytes,
@@ -160,7 +161,8 @@ fn checked_body(
         } else {
             ApiError::BadRequest(format!("the request body could not be read: {e}"))
         }
-    })
+    })?;
+    Ok((grant, body))
 }
 
 fn first_byte(body: &[u8]) -> Option<u8> {

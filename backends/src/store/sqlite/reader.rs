@@ -18,6 +18,10 @@ const FIGURES: &str = "COALESCE(SUM(calls), 0), COALESCE(SUM(errors), 0),
     COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),
     COALESCE(SUM(duration_ms_sum), 0), COALESCE(MAX(duration_ms_max), 0)";
 
+/// A session's columns over its per-tool rows, in [`session_row`]'s order.
+const SESSION_COLUMNS: &str = "session_id, MAX(agent_id), MIN(first_seen_ms), MAX(last_seen_ms),
+    MAX(ended), SUM(calls > 0)";
+
 const IN_RANGE: &str = "tenant_id = ?1 AND day BETWEEN ?2 AND ?3";
 
 fn figures_at(row: &Row, first: usize) -> rusqlite::Result<UsageFigures> {
@@ -218,8 +222,7 @@ impl AnalyticsStore for SqliteAnalytics {
             // A session is in the range if any of its activity is: it began before the range
             // ended and was last seen after the range began.
             let sql = format!(
-                "SELECT session_id, MAX(agent_id), MIN(first_seen_ms), MAX(last_seen_ms), MAX(ended),
-                        SUM(calls > 0), {FIGURES}
+                "SELECT {SESSION_COLUMNS}, {FIGURES}
                  FROM mcp_session_summary
                  WHERE tenant_id = ?1 AND session_id IN (
                      SELECT session_id FROM mcp_session_summary
@@ -251,8 +254,7 @@ impl AnalyticsStore for SqliteAnalytics {
         let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
         self.read(move |conn| {
             let sql = format!(
-                "SELECT session_id, MAX(agent_id), MIN(first_seen_ms), MAX(last_seen_ms), MAX(ended),
-                        SUM(calls > 0), {FIGURES}
+                "SELECT {SESSION_COLUMNS}, {FIGURES}
                  FROM mcp_session_summary WHERE tenant_id = ?1 AND session_id = ?2
                  GROUP BY session_id"
             );
@@ -263,7 +265,12 @@ impl AnalyticsStore for SqliteAnalytics {
             {
                 Ok(s) => s,
                 Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
-                Err(e) => return Err(StoreError::Sqlite { context: "query session", source: e }),
+                Err(e) => {
+                    return Err(StoreError::Sqlite {
+                        context: "query session",
+                        source: e,
+                    })
+                }
             };
             let sql = format!(
                 "SELECT tool_name, {FIGURES} FROM mcp_session_summary

@@ -10,6 +10,20 @@ use schemas::analytics::{day_of_ms, UsageFigures};
 use schemas::event::RatedEvent;
 use std::collections::{HashMap, HashSet};
 
+/// How an upsert merges a rollup row's usage figures: sums add up, maxima take the larger.
+macro_rules! merge_figures {
+    () => {
+        "calls = calls + excluded.calls,
+    errors = errors + excluded.errors,
+    revenue_micros = revenue_micros + excluded.revenue_micros,
+    cogs_micros = cogs_micros + excluded.cogs_micros,
+    input_tokens = input_tokens + excluded.input_tokens,
+    output_tokens = output_tokens + excluded.output_tokens,
+    duration_ms_sum = duration_ms_sum + excluded.duration_ms_sum,
+    duration_ms_max = max(duration_ms_max, excluded.duration_ms_max)"
+    };
+}
+
 const INSERT_EVENT: &str = "INSERT OR IGNORE INTO mcp_events (
     tenant_id, idempotency_key, occurred_at_ms, received_at_ms, metric_name, product_type,
     tool_name, agent_id, customer_id, session_id, execution_status, execution_duration_ms,
@@ -17,26 +31,22 @@ const INSERT_EVENT: &str = "INSERT OR IGNORE INTO mcp_events (
     rate_plan_version, metadata)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)";
 
-const UPSERT_DAILY: &str = "INSERT INTO mcp_daily_stats (
+const UPSERT_DAILY: &str = concat!(
+    "INSERT INTO mcp_daily_stats (
     tenant_id, day, customer_id, agent_id, tool_name, calls, errors, quantity_micros,
     revenue_micros, cogs_micros, input_tokens, output_tokens, duration_ms_sum, duration_ms_max)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
 ON CONFLICT (tenant_id, day, customer_id, agent_id, tool_name) DO UPDATE SET
-    calls = calls + excluded.calls,
-    errors = errors + excluded.errors,
-    quantity_micros = quantity_micros + excluded.quantity_micros,
-    revenue_micros = revenue_micros + excluded.revenue_micros,
-    cogs_micros = cogs_micros + excluded.cogs_micros,
-    input_tokens = input_tokens + excluded.input_tokens,
-    output_tokens = output_tokens + excluded.output_tokens,
-    duration_ms_sum = duration_ms_sum + excluded.duration_ms_sum,
-    duration_ms_max = max(duration_ms_max, excluded.duration_ms_max)";
+    quantity_micros = quantity_micros + excluded.quantity_micros, ",
+    merge_figures!()
+);
 
 const INSERT_DAILY_SESSION: &str = "INSERT OR IGNORE INTO mcp_daily_sessions (
     tenant_id, day, customer_id, agent_id, tool_name, session_id)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
-const UPSERT_SESSION: &str = "INSERT INTO mcp_session_summary (
+const UPSERT_SESSION: &str = concat!(
+    "INSERT INTO mcp_session_summary (
     tenant_id, session_id, tool_name, agent_id, first_seen_ms, last_seen_ms, ended, calls,
     errors, revenue_micros, cogs_micros, input_tokens, output_tokens, duration_ms_sum,
     duration_ms_max)
@@ -45,15 +55,9 @@ ON CONFLICT (tenant_id, session_id, tool_name) DO UPDATE SET
     agent_id = max(agent_id, excluded.agent_id),
     first_seen_ms = min(first_seen_ms, excluded.first_seen_ms),
     last_seen_ms = max(last_seen_ms, excluded.last_seen_ms),
-    ended = max(ended, excluded.ended),
-    calls = calls + excluded.calls,
-    errors = errors + excluded.errors,
-    revenue_micros = revenue_micros + excluded.revenue_micros,
-    cogs_micros = cogs_micros + excluded.cogs_micros,
-    input_tokens = input_tokens + excluded.input_tokens,
-    output_tokens = output_tokens + excluded.output_tokens,
-    duration_ms_sum = duration_ms_sum + excluded.duration_ms_sum,
-    duration_ms_max = max(duration_ms_max, excluded.duration_ms_max)";
+    ended = max(ended, excluded.ended), ",
+    merge_figures!()
+);
 
 /// The session boundary a heartbeat sends when the session closes.
 pub const SESSION_END: &str = "SESSION_END";

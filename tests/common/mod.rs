@@ -1,0 +1,189 @@
+//! A real `serve` in-process for tests: its own data directory, port 0, graceful stop on drop.
+#![allow(dead_code)]
+
+use mcp_meter::{sha256_hex, Embedded};
+use schemas::config::Config;
+use serde_json::Value;
+
+/// Tenant `acme`: every scope; an ingest-only key; a read-only key. Tenant `globex`: all.
+pub const ACME: &str = "test-key-acme-admin";
+pub const ACME_INGEST: &str = "test-key-acme-ingest";
+pub const ACME_READ: &str = "test-key-acme-read";
+pub const GLOBEX: &str = "test-key-globex-admin";
+
+pub const SEED: &str = r#"{"metricName":"mcp_server.tool_invocations","productType":"MCP_SERVER","toolName":"web_search","sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","executionDurationMs":542,"metadata":{"inputTokens":1200,"outputTokens":450}}"#;
+
+pub fn config(data_dir: &std::path::Path) -> Config {
+    let plan = r#"
+[[tenants.rate_plans]]
+version = 1
+[tenants.rate_plans.tools."*"]
+price = { per_call = 5000, per_input_token = 1, per_output_token = 3 }
+cost = { per_call = 200, per_input_token = 0.5, per_output_token = 1.5, per_second = 100 }
+"#;
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+data_dir = "{dir}"
+
+[[tenants]]
+id = "acme"
+api_keys = [
+  {{ name = "admin", sha256 = "{acme}", scopes = ["admin"] }},
+  {{ name = "sdk", sha256 = "{ingest}", scopes = ["ingest"] }},
+  {{ name = "analyst", sha256 = "{read}", scopes = ["read"] }},
+]
+{plan}
+[[tenants]]
+id = "globex"
+api_keys = [{{ name = "admin", sha256 = "{globex}", scopes = ["ingest", "read", "export"] }}]
+{plan}
+"#,
+        dir = data_dir.display(),
+        acme = sha256_hex(ACME),
+        ingest = sha256_hex(ACME_INGEST),
+        read = sha256_hex(ACME_READ),
+        globex = sha256_hex(GLOBEX),
+    );
+    let config = Config::from_toml(&text).unwrap();
+    config.validate().unwrap();
+    config
+}
+
+pub struct Server {
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    handle: Option<actix_web::dev::ServerHandle>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(|_| {})
+    }
+
+    pub fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        tweak(&mut config);
+        Server::start_in(dir, config)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, config: Config) -> Server {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let embedded = Embedded::start(&config).unwrap();
+                tx.send((embedded.addr, embedded.handle())).unwrap();
+                embedded.run().await.unwrap();
+            })
+        });
+        let (addr, handle) = rx.recv().unwrap();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Server {
+            base: format!("http://{addr}"),
+            dir,
+            handle: Some(handle),
+            thread: Some(thread),
+            agent,
+        }
+    }
+
+    /// Stops the server the way SIGTERM does and waits until the writer has finished.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        self.shutdown();
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            actix_web::rt::System::new().block_on(handle.stop(true));
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+
+    /// POSTs `body` as JSON with `key` in X-API-Key (and any extra headers).
+    pub fn post(&self, path: &str, key: &str, body: &str) -> (u16, Value) {
+        self.post_with(
+            path,
+            Some(key),
+            body,
+            &[("Content-Type", "application/json")],
+        )
+    }
+
+    pub fn post_with(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut req = self.agent.post(format!("{}{path}", self.base));
+        if let Some(key) = key {
+            req = req.header("X-API-Key", key);
+        }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        read(req.send(body.as_bytes()))
+    }
+
+    /// GETs with `key` as a Bearer token.
+    pub fn get(&self, path: &str, key: &str) -> (u16, Value) {
+        self.get_with(path, key, &[])
+    }
+
+    pub fn get_with(&self, path: &str, key: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut req = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {key}"));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        read(req.call())
+    }
+}
+
+fn read(answer: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value) {
+    let mut answer = answer.expect("the server answers");
+    let status = answer.status().as_u16();
+    let text = answer.body_mut().read_to_string().unwrap();
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A tool-call event with its own idempotency key.
+pub fn call(key: &str, tool: &str, agent: &str, session: &str) -> Value {
+    serde_json::json!({
+        "idempotencyKey": key,
+        "metricName": "mcp_server.tool_invocations",
+        "toolName": tool,
+        "agentId": agent,
+        "sessionId": session,
+        "executionDurationMs": 1000,
+        "metadata": {"inputTokens": 10, "outputTokens": 10},
+    })
+}
+
+/// On the test plan `call` is priced 5000 + 10 + 30 and costs 200 + 5 + 15 + 100.
+pub const CALL_REVENUE: i64 = 5040;
+pub const CALL_COGS: i64 = 320;
+
+pub fn batch(events: &[Value]) -> String {
+    serde_json::json!({ "events": events }).to_string()
+}
