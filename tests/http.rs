@@ -27,6 +27,11 @@ fn the_seed_event_is_rated_7550_1529_and_shows_in_every_endpoint() {
         json!({"accepted":1,"duplicates":0,"failed":0,"errors":[],"killedSessionIds":[]})
     );
 
+    let (_, raw) = s.get_text("/analytics/mcp/revenue/by-tool", ACME);
+    assert!(
+        raw.contains(r#""tools":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}]}"#),
+        "fields in their documented order: {raw}"
+    );
     let tools = by_tool(&s, ACME);
     let row = &tools["tools"][0];
     assert_eq!(row["toolName"], "web_search");

@@ -1,7 +1,8 @@
 //! Errors of the ports. Each says whether retrying can help, so callers choose on purpose
 //! between backing off and giving up.
 
-/// A failure to make a batch durable.
+/// A failure to make a batch durable. Both kinds pass: the client retries the whole batch,
+/// which idempotency keys make safe.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// Too much is already waiting; the client should retry after a pause.
@@ -10,12 +11,6 @@ pub enum SinkError {
     /// The store or bus cannot take writes right now.
     #[error("the event store is unavailable: {0}")]
     Unavailable(String),
-}
-
-impl SinkError {
-    pub fn is_retriable(&self) -> bool {
-        true
-    }
 }
 
 /// A failure of the store.

@@ -5,10 +5,9 @@ use crate::error::ApiError;
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::store::SessionQuery;
-use schemas::analytics::DateRange;
+use schemas::analytics::{ByAgentReport, ByToolReport, DateRange, SessionsReport, SummaryReport};
 use schemas::config::Scope;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Deserialize;
 
 /// Sessions returned when a request names no `limit`, and the most it may ask for.
 const DEFAULT_SESSIONS: usize = 100;
@@ -34,15 +33,6 @@ pub struct SessionParams {
     limit: Option<usize>,
 }
 
-/// Every range answer names the days it covers beside its rows.
-#[derive(Serialize)]
-struct Ranged<T: Serialize> {
-    from: String,
-    to: String,
-    #[serde(flatten)]
-    rows: T,
-}
-
 /// The caller's tenant (with the `read` scope) and the range it asks about.
 fn tenant_and_range(
     state: &AppState,
@@ -56,14 +46,6 @@ fn tenant_and_range(
     Ok((grant, range))
 }
 
-fn ranged<T: Serialize>(range: DateRange, rows: T) -> HttpResponse {
-    HttpResponse::Ok().json(Ranged {
-        from: range.from_str_day(),
-        to: range.to_str_day(),
-        rows,
-    })
-}
-
 /// `GET /analytics/mcp/revenue/by-tool`
 pub async fn by_tool(
     state: web::Data<AppState>,
@@ -75,7 +57,11 @@ pub async fn by_tool(
         .analytics
         .revenue_by_tool(&grant.tenant.id, range)
         .await?;
-    Ok(ranged(range, json!({ "tools": tools })))
+    Ok(HttpResponse::Ok().json(ByToolReport {
+        from: range.from_str_day(),
+        to: range.to_str_day(),
+        tools,
+    }))
 }
 
 /// `GET /analytics/mcp/by-agent`
@@ -89,7 +75,11 @@ pub async fn by_agent(
         .analytics
         .usage_by_agent(&grant.tenant.id, range)
         .await?;
-    Ok(ranged(range, json!({ "agents": agents })))
+    Ok(HttpResponse::Ok().json(ByAgentReport {
+        from: range.from_str_day(),
+        to: range.to_str_day(),
+        agents,
+    }))
 }
 
 /// `GET /analytics/mcp/summary`
@@ -100,7 +90,11 @@ pub async fn summary(
 ) -> Result<HttpResponse, ApiError> {
     let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref())?;
     let summary = state.analytics.summary(&grant.tenant.id, range).await?;
-    Ok(ranged(range, summary))
+    Ok(HttpResponse::Ok().json(SummaryReport {
+        from: range.from_str_day(),
+        to: range.to_str_day(),
+        summary,
+    }))
 }
 
 /// `GET /analytics/mcp/sessions`
@@ -122,7 +116,11 @@ pub async fn sessions(
         limit,
     };
     let sessions = state.analytics.sessions(&grant.tenant.id, query).await?;
-    Ok(ranged(range, json!({ "sessions": sessions })))
+    Ok(HttpResponse::Ok().json(SessionsReport {
+        from: range.from_str_day(),
+        to: range.to_str_day(),
+        sessions,
+    }))
 }
 
 /// `GET /analytics/mcp/sessions/{sessionId}`

@@ -244,6 +244,39 @@ pub struct SessionToolUsage {
     pub figures: UsageFigures,
 }
 
+/// `GET /analytics/mcp/revenue/by-tool`: the days covered, then one row per tool.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ByToolReport {
+    pub from: String,
+    pub to: String,
+    pub tools: Vec<ToolUsage>,
+}
+
+/// `GET /analytics/mcp/by-agent`
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ByAgentReport {
+    pub from: String,
+    pub to: String,
+    pub agents: Vec<AgentUsage>,
+}
+
+/// `GET /analytics/mcp/summary`
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SummaryReport {
+    pub from: String,
+    pub to: String,
+    #[serde(flatten)]
+    pub summary: UsageSummary,
+}
+
+/// `GET /analytics/mcp/sessions`
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SessionsReport {
+    pub from: String,
+    pub to: String,
+    pub sessions: Vec<SessionUsage>,
+}
+
 fn ser_ms<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_ms(*ms))
 }

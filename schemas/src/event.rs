@@ -360,11 +360,13 @@ pub fn validate(
 /// The key of an event sent without one: the SHA-256 of its JSON text, so a client that
 /// retries the same bytes is deduplicated.
 pub fn derived_idempotency_key(raw: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(raw.as_bytes());
     let mut key = String::with_capacity(7 + 64);
     key.push_str("sha256:");
     for byte in digest {
-        key.push_str(&format!("{byte:02x}"));
+        key.push(HEX[usize::from(byte >> 4)] as char);
+        key.push(HEX[usize::from(byte & 15)] as char);
     }
     key
 }

@@ -141,6 +141,18 @@ impl Server {
         self.get_with(path, key, &[])
     }
 
+    /// GETs and returns the body as sent, for tests of its exact bytes.
+    pub fn get_text(&self, path: &str, key: &str) -> (u16, String) {
+        let mut answer = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {key}"))
+            .call()
+            .unwrap();
+        let text = answer.body_mut().read_to_string().unwrap();
+        (answer.status().as_u16(), text)
+    }
+
     pub fn get_with(&self, path: &str, key: &str, headers: &[(&str, &str)]) -> (u16, Value) {
         let mut req = self
             .agent

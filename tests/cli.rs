@@ -1,0 +1,110 @@
+//! The command line: keys, the demo's loopback rule, config errors reported all at once.
+
+use std::process::Command;
+
+fn mcp_meter(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+        .args(args)
+        .env_remove("MCP_METER_CONFIG")
+        .env_remove("MCP_METER_LISTEN")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn keys_new_prints_a_key_and_its_sha256() {
+    let out = mcp_meter(&["keys", "new"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let key = field("key:");
+    assert!(key.starts_with("mcpm_") && key.len() == 5 + 64, "{key}");
+    assert_eq!(field("sha256:"), mcp_meter::sha256_hex(&key));
+    assert_ne!(key, field_of_another_run(), "keys are random");
+}
+
+fn field_of_another_run() -> String {
+    let out = mcp_meter(&["keys", "new"]);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()[7..]
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn the_demo_refuses_to_listen_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = mcp_meter(&[
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only listens on loopback"), "{err}");
+}
+
+#[test]
+fn a_bad_config_file_reports_every_problem_and_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        r#"
+listen = "not-an-address"
+[ingest]
+max_batch_events = 5000
+[[tenants]]
+id = "has space"
+api_keys = [{ name = "k", sha256 = "abc", scopes = ["ingest"] }]
+"#,
+    )
+    .unwrap();
+    let out = mcp_meter(&["serve", "--config", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for wanted in [
+        "the config has 5 problem(s)",
+        "listen `not-an-address`",
+        "ingest.max_batch_events must be 1 to 1000",
+        "id must be 1 to 64 letters",
+        "sha256 must be 64 lower-case hex",
+        "has no rate_plans",
+    ] {
+        assert!(err.contains(wanted), "missing `{wanted}` in:\n{err}");
+    }
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "[ingest]\nmax_batch_event = 10\n").unwrap();
+    let out = mcp_meter(&["serve", "--config", typo.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `max_batch_event`"), "{err}");
+}
+
+#[test]
+fn serve_help_lists_every_environment_variable() {
+    let out = mcp_meter(&["serve", "--help"]);
+    let help = String::from_utf8(out.stdout).unwrap();
+    for (var, _, _) in schemas::config::ENV_OVERRIDES {
+        assert!(help.contains(var), "{var} missing from serve --help");
+    }
+    for var in [
+        "MCP_METER_LISTEN",
+        "MCP_METER_DATA_DIR",
+        "MCP_METER_CONFIG",
+        "MCP_METER_DEMO_KEY",
+        "MCP_METER_LOG",
+    ] {
+        assert!(help.contains(var), "{var} missing from serve --help");
+    }
+}
