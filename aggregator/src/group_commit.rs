@@ -84,9 +84,23 @@ impl EventSink for GroupCommit {
     }
 }
 
-fn run<W: StoreWriter>(mut writer: W, mut jobs: mpsc::Receiver<Job>, max_commit_events: usize) {
+fn run<W: StoreWriter>(writer: W, jobs: mpsc::Receiver<Job>, max_commit_events: usize) {
+    // The writer gets a runtime of its own: a SQLite commit blocks this thread, and a ClickHouse
+    // insert is async; neither may stall the runtime that serves HTTP.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds");
+    runtime.block_on(write_loop(writer, jobs, max_commit_events));
+}
+
+async fn write_loop<W: StoreWriter>(
+    mut writer: W,
+    mut jobs: mpsc::Receiver<Job>,
+    max_commit_events: usize,
+) {
     // `None`: every sender is gone and the queue is drained, so nothing can be lost by ending.
-    while let Some(first) = jobs.blocking_recv() {
+    while let Some(first) = jobs.recv().await {
         let mut events = first.batch.events.len();
         let mut group = vec![first];
         while events < max_commit_events {
@@ -101,7 +115,7 @@ fn run<W: StoreWriter>(mut writer: W, mut jobs: mpsc::Receiver<Job>, max_commit_
         let (batches, replies): (Vec<TenantBatch>, Vec<_>) =
             group.into_iter().map(|j| (j.batch, j.reply)).unzip();
         let started = Instant::now();
-        match commit(&mut writer, &batches) {
+        match commit(&mut writer, &batches).await {
             Ok(outcomes) => {
                 tracing::debug!(
                     batches = batches.len(),
@@ -125,16 +139,16 @@ fn run<W: StoreWriter>(mut writer: W, mut jobs: mpsc::Receiver<Job>, max_commit_
     }
 }
 
-fn commit<W: StoreWriter>(
+async fn commit<W: StoreWriter>(
     writer: &mut W,
     batches: &[TenantBatch],
 ) -> Result<Vec<WriteOutcome>, backends::error::StoreError> {
     let mut attempt = 1;
     loop {
-        match writer.write(batches) {
+        match writer.write(batches).await {
             Err(e) if e.is_retriable() && attempt < COMMIT_ATTEMPTS => {
                 tracing::warn!(error = %e, attempt, "commit failed, retrying");
-                std::thread::sleep(Duration::from_millis(20 << attempt));
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
                 attempt += 1;
             }
             other => return other,

@@ -44,13 +44,14 @@ struct Gated {
     commits: Arc<Mutex<Vec<usize>>>,
 }
 
+#[async_trait::async_trait]
 impl StoreWriter for Gated {
-    fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
+    async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
         self.entered.fetch_add(1, Ordering::SeqCst);
         if let Some(gate) = self.gate.take() {
             gate.recv().unwrap();
         }
-        let out = self.inner.write(batches)?;
+        let out = self.inner.write(batches).await?;
         let events: usize = batches.iter().map(|b| b.events.len()).sum();
         self.committed_events.fetch_add(events, Ordering::SeqCst);
         self.commits.lock().unwrap().push(batches.len());

@@ -86,6 +86,7 @@ async fn duplicates_in_and_across_commits_are_stored_once_and_counted() {
             ),
             batch("t1", vec![event("b", "search", "ag", "s1", DAY0)]),
         ])
+        .await
         .unwrap();
     assert_eq!(
         first,
@@ -112,6 +113,7 @@ async fn duplicates_in_and_across_commits_are_stored_once_and_counted() {
             ),
             batch("t2", vec![event("a", "search", "ag", "s1", DAY0)]),
         ])
+        .await
         .unwrap();
     assert_eq!(
         second[0],
@@ -156,12 +158,13 @@ async fn rollups_equal_the_sums_of_the_raw_rows() {
         all.push(e);
     }
     for chunk in all.chunks(37) {
-        w.write(&[batch("t", chunk.to_vec())]).unwrap();
+        w.write(&[batch("t", chunk.to_vec())]).await.unwrap();
     }
     w.write(&[batch(
         "t",
         vec![heartbeat("hb1", "s1", DAY0 + 50 * HOUR, "HEARTBEAT")],
     )])
+    .await
     .unwrap();
 
     let mut expected = UsageFigures::default();
@@ -220,6 +223,7 @@ async fn ranges_cut_on_utc_days() {
             event("c", "x", "ag", "s", DAY0 + 24 * HOUR), // 2026-11-21
         ],
     )])
+    .await
     .unwrap();
     let day = |d: &str| DateRange::parse(Some(d), Some(d), day0()).unwrap();
     assert_eq!(
@@ -256,11 +260,13 @@ async fn sessions_follow_heartbeats_and_stay_per_tenant() {
         ),
         batch("other", vec![event("z", "search", "agent-z", "s9", DAY0)]),
     ])
+    .await
     .unwrap();
     w.write(&[batch(
         "t",
         vec![heartbeat("h2", "s1", DAY0 + 4 * HOUR, "SESSION_END")],
     )])
+    .await
     .unwrap();
 
     let q = SessionQuery {
@@ -302,10 +308,11 @@ async fn sessions_follow_heartbeats_and_stay_per_tenant() {
     assert!(r.session("other", "s1").await.unwrap().is_none());
 }
 
-#[test]
-fn a_failed_commit_stores_nothing() {
+#[tokio::test]
+async fn a_failed_commit_stores_nothing() {
     let (dir, mut w, _r) = open();
     w.write(&[batch("t", vec![event("a", "x", "ag", "s", DAY0)])])
+        .await
         .unwrap();
     // Make the rollup upsert fail after the raw insert of the same transaction succeeded.
     let conn = rusqlite::Connection::open(dir.path().join(sqlite::DB_FILE)).unwrap();
@@ -316,6 +323,7 @@ fn a_failed_commit_stores_nothing() {
     .unwrap();
     let err = w
         .write(&[batch("t", vec![event("b", "x", "ag", "new-session", DAY0)])])
+        .await
         .unwrap_err();
     assert!(err.to_string().contains("refused by test"), "{err}");
     let rows: i64 = conn

@@ -11,12 +11,16 @@ use schemas::analytics::{
 
 pub mod sqlite;
 
-/// Writes rated batches. Blocking: it runs on a thread of its own, never on the async runtime.
+/// Writes rated batches. One writer per store (or per Kafka partition): deduplication relies on
+/// no other writer inserting the same keys at the same time. `write` may block the thread it
+/// runs on (SQLite does), so it is given a thread of its own, never the shared runtime.
+#[async_trait::async_trait]
 pub trait StoreWriter: Send {
-    /// Writes every batch in one atomic step: raw rows deduplicated on (tenant,
-    /// idempotencyKey), and the rollups of exactly the rows that were new. Returns one
-    /// outcome per batch, in order. On `Err` nothing of any batch was written.
-    fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError>;
+    /// Writes every batch: raw rows deduplicated on (tenant, idempotencyKey), and the rollups of
+    /// exactly the rows that were new. Returns one outcome per batch, in order. On `Err` the
+    /// caller must assume nothing was written and write the same batches again, which
+    /// deduplication makes safe.
+    async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError>;
 }
 
 /// Filters of the sessions list.

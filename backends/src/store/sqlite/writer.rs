@@ -72,8 +72,10 @@ impl SqliteWriter {
     }
 }
 
+#[async_trait::async_trait]
 impl StoreWriter for SqliteWriter {
-    fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
+    /// Blocks for the whole transaction; see [`StoreWriter`] on where it runs.
+    async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
         // Dropping the transaction on any error below rolls everything back: a failed commit
         // leaves neither raw rows nor rollups behind, and the callers are told nothing stored.
         let tx = self.conn.transaction().context("begin a transaction")?;
