@@ -6,8 +6,11 @@
 
 use anyhow::Context;
 use backends::sink::EventSink;
+use backends::store::clickhouse::{
+    self, migrations, ClickHouseAnalytics, ClickHouseWriter, HttpRunner,
+};
 use backends::store::{sqlite, AnalyticsStore};
-use schemas::config::{ApiKeyConfig, Config, Scope, TenantConfig};
+use schemas::config::{ApiKeyConfig, Config, Scope, StoreKind, TenantConfig};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -91,31 +94,85 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `mcp-meter migrate`: creates the ClickHouse database and applies every migration not yet
+/// applied. Returns one line per migration file.
+pub async fn migrate_clickhouse(config: &Config) -> anyhow::Result<Vec<String>> {
+    let ch = &config.clickhouse;
+    let outcomes = migrations::migrate(&HttpRunner::server(ch), &HttpRunner::new(ch), &ch.database)
+        .await
+        .with_context(|| {
+            format!(
+                "migrating ClickHouse database `{}` at {}",
+                ch.database, ch.url
+            )
+        })?;
+    Ok(outcomes
+        .into_iter()
+        .map(|(m, outcome)| {
+            let what = match outcome {
+                migrations::Outcome::Applied => "applied",
+                migrations::Outcome::AlreadyApplied => "already applied",
+            };
+            format!("{} {what}", m.name)
+        })
+        .collect())
+}
+
 /// `serve`: the whole pipeline in one process.
 pub struct Embedded {
     server: actix_web::dev::Server,
     /// Where the API listens (the port is real even when the config asked for port 0).
     pub addr: SocketAddr,
-    pub db_path: PathBuf,
+    /// Where events are kept, for people: a file path or a ClickHouse URL and database.
+    pub store: String,
     writer: std::thread::JoinHandle<()>,
 }
 
 impl Embedded {
     /// Opens the store, starts the group-commit writer and binds the API. Call inside an actix
     /// runtime; [`Embedded::run`] then serves until SIGINT or SIGTERM.
-    pub fn start(config: &Config) -> anyhow::Result<Embedded> {
-        let (writer, analytics) = sqlite::open(&config.data_dir, &config.sqlite)
-            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-        let (sink, writer) = aggregator::group_commit::GroupCommit::start(
-            writer,
-            aggregator::group_commit::GroupCommitConfig {
-                max_commit_events: config.sqlite.max_commit_events,
-                queue_capacity_batches: config.sqlite.queue_capacity_batches,
-            },
-        )
-        .context("cannot start the store writer")?;
+    pub async fn start(config: &Config) -> anyhow::Result<Embedded> {
+        let group = aggregator::group_commit::GroupCommitConfig {
+            max_commit_events: config.sqlite.max_commit_events,
+            queue_capacity_batches: config.sqlite.queue_capacity_batches,
+        };
+        let (sink, writer, analytics, store): (_, _, Arc<dyn AnalyticsStore>, _) = match config
+            .store
+        {
+            StoreKind::Sqlite => {
+                let (writer, analytics) = sqlite::open(&config.data_dir, &config.sqlite)
+                    .with_context(|| {
+                        format!("cannot open the store in {}", config.data_dir.display())
+                    })?;
+                let (sink, handle) = aggregator::group_commit::GroupCommit::start(writer, group)
+                    .context("cannot start the store writer")?;
+                let path = config.data_dir.join(sqlite::DB_FILE);
+                (
+                    sink,
+                    handle,
+                    Arc::new(analytics),
+                    path.display().to_string(),
+                )
+            }
+            StoreKind::Clickhouse => {
+                let ch = &config.clickhouse;
+                let runner = HttpRunner::new(ch);
+                clickhouse::check_ready(&runner, ch).await?;
+                let (sink, handle) = aggregator::group_commit::GroupCommit::start(
+                    ClickHouseWriter::new(runner.clone()),
+                    group,
+                )
+                .context("cannot start the store writer")?;
+                let name = format!("ClickHouse {} database {}", ch.url, ch.database);
+                (
+                    sink,
+                    handle,
+                    Arc::new(ClickHouseAnalytics::new(runner)),
+                    name,
+                )
+            }
+        };
         let sink: Arc<dyn EventSink> = Arc::new(sink);
-        let analytics: Arc<dyn AnalyticsStore> = Arc::new(analytics);
         let state = actix_web::web::Data::new(ingestor::AppState {
             keys: ingestor::auth::Keyring::new(&config.tenants),
             sink,
@@ -131,7 +188,7 @@ impl Embedded {
         Ok(Embedded {
             server: server.run(),
             addr,
-            db_path: config.data_dir.join(sqlite::DB_FILE),
+            store,
             writer,
         })
     }

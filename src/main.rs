@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mcp_meter::{demo, load_config, new_api_key, sha256_hex, Embedded, Overrides};
+use mcp_meter::{
+    demo, load_config, migrate_clickhouse, new_api_key, sha256_hex, Embedded, Overrides,
+};
 use schemas::config::ENV_OVERRIDES;
 use std::path::PathBuf;
 
@@ -35,6 +37,14 @@ enum Command {
         /// The demo tenant's API key (without --config). Default: a new random key, printed.
         #[arg(long, env = "MCP_METER_DEMO_KEY", hide_env_values = true)]
         demo_key: Option<String>,
+    },
+    /// Create the ClickHouse database and apply every migration not yet applied. Safe to run
+    /// again, and from several processes at once.
+    #[command(after_long_help = env_help())]
+    Migrate {
+        /// TOML config file (its `[clickhouse]` section); environment overrides apply.
+        #[arg(long, env = "MCP_METER_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Manage API keys.
     Keys {
@@ -80,6 +90,23 @@ fn main() -> anyhow::Result<()> {
             println!("scopes = [\"ingest\"]");
             Ok(())
         }
+        Command::Migrate { config } => {
+            init_logging();
+            let cfg = load_config(
+                config.as_deref(),
+                |v| std::env::var(v).ok(),
+                &Overrides::default(),
+            )?;
+            let lines = actix_web::rt::System::new().block_on(migrate_clickhouse(&cfg))?;
+            println!(
+                "ClickHouse {} database {}:",
+                cfg.clickhouse.url, cfg.clickhouse.database
+            );
+            for line in lines {
+                println!("  {line}");
+            }
+            Ok(())
+        }
         Command::Serve {
             listen,
             data_dir,
@@ -101,7 +128,7 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             actix_web::rt::System::new().block_on(async move {
-                let embedded = Embedded::start(&cfg)?;
+                let embedded = Embedded::start(&cfg).await?;
                 print_banner(&embedded, demo_key.as_deref());
                 embedded.run().await
             })
@@ -121,10 +148,7 @@ fn init_logging() {
 
 fn print_banner(e: &Embedded, demo_key: Option<&str>) {
     let base = format!("http://{}", e.addr);
-    println!(
-        "mcp-meter serve: embedded mode, store {}",
-        e.db_path.display()
-    );
+    println!("mcp-meter serve: embedded mode, store {}", e.store);
     println!("  POST {base}/v1/ingest/batch");
     println!("  POST {base}/v1/ingest/events");
     println!("  GET  {base}/analytics/mcp/summary");

@@ -20,10 +20,15 @@ pub struct Config {
     /// Directory for the embedded store (`mcp-meter.sqlite`).
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Where `serve` keeps events and answers analytics from.
+    #[serde(default)]
+    pub store: StoreKind,
     #[serde(default)]
     pub ingest: IngestConfig,
     #[serde(default)]
     pub sqlite: SqliteConfig,
+    #[serde(default)]
+    pub clickhouse: ClickHouseConfig,
     /// Every tenant, with its API keys and rate plans.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -61,6 +66,39 @@ pub struct SqliteConfig {
     /// Connections that serve analytics reads, beside the one writer.
     #[serde(default = "default_read_connections")]
     pub read_connections: usize,
+}
+
+/// The store behind the embedded pipeline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// SQLite in `data_dir`: no services needed.
+    #[default]
+    Sqlite,
+    /// A ClickHouse server (`[clickhouse]`), migrated with `mcp-meter migrate`.
+    Clickhouse,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// HTTP interface of the server.
+    #[serde(default = "default_clickhouse_url")]
+    pub url: String,
+    /// Database holding mcp-meter's tables; `mcp-meter migrate` creates it.
+    #[serde(default = "default_clickhouse_database")]
+    pub database: String,
+    #[serde(default = "default_clickhouse_user")]
+    pub user: String,
+    #[serde(default)]
+    pub password: String,
+    /// Check row types against the table schema on insert. Needs a server that speaks
+    /// RowBinaryWithNamesAndTypes (24.10 or newer); leave off for older servers such as 18.16.
+    #[serde(default)]
+    pub validation: bool,
+    /// Longest wait for one request to ClickHouse.
+    #[serde(default = "default_clickhouse_timeout_ms")]
+    pub request_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -115,6 +153,18 @@ fn default_listen() -> String {
 fn default_data_dir() -> PathBuf {
     PathBuf::from("./data")
 }
+fn default_clickhouse_url() -> String {
+    "http://127.0.0.1:8123".into()
+}
+fn default_clickhouse_database() -> String {
+    "mcp_meter".into()
+}
+fn default_clickhouse_user() -> String {
+    "default".into()
+}
+fn default_clickhouse_timeout_ms() -> u64 {
+    30_000
+}
 fn default_max_body_bytes() -> usize {
     8 * 1024 * 1024
 }
@@ -152,6 +202,12 @@ impl Default for IngestConfig {
     }
 }
 
+impl Default for ClickHouseConfig {
+    fn default() -> ClickHouseConfig {
+        toml::from_str("").expect("an empty section takes every default")
+    }
+}
+
 impl Default for SqliteConfig {
     fn default() -> SqliteConfig {
         toml::from_str("").expect("an empty section takes every default")
@@ -182,6 +238,52 @@ type Setter = fn(&mut Config, &str) -> Result<(), String>;
 /// `MCP_METER_LISTEN`, `MCP_METER_DATA_DIR`, `MCP_METER_CONFIG` and `MCP_METER_DEMO_KEY` are
 /// read by the command line (they are flags too); `MCP_METER_LOG` sets the log filter.
 pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
+    ("MCP_METER_STORE", "store", |c, v| {
+        c.store = match v.trim() {
+            "sqlite" => StoreKind::Sqlite,
+            "clickhouse" => StoreKind::Clickhouse,
+            other => {
+                return Err(format!(
+                    "`{other}` is not a store: use sqlite or clickhouse"
+                ))
+            }
+        };
+        Ok(())
+    }),
+    ("MCP_METER_CLICKHOUSE_URL", "clickhouse.url", |c, v| {
+        c.clickhouse.url = v.to_string();
+        Ok(())
+    }),
+    (
+        "MCP_METER_CLICKHOUSE_DATABASE",
+        "clickhouse.database",
+        |c, v| {
+            c.clickhouse.database = v.to_string();
+            Ok(())
+        },
+    ),
+    ("MCP_METER_CLICKHOUSE_USER", "clickhouse.user", |c, v| {
+        c.clickhouse.user = v.to_string();
+        Ok(())
+    }),
+    (
+        "MCP_METER_CLICKHOUSE_PASSWORD",
+        "clickhouse.password",
+        |c, v| {
+            c.clickhouse.password = v.to_string();
+            Ok(())
+        },
+    ),
+    (
+        "MCP_METER_CLICKHOUSE_VALIDATION",
+        "clickhouse.validation",
+        |c, v| parse_into(&mut c.clickhouse.validation, v),
+    ),
+    (
+        "MCP_METER_CLICKHOUSE_REQUEST_TIMEOUT_MS",
+        "clickhouse.request_timeout_ms",
+        |c, v| parse_into(&mut c.clickhouse.request_timeout_ms, v),
+    ),
     (
         "MCP_METER_INGEST_MAX_BODY_BYTES",
         "ingest.max_body_bytes",
@@ -228,7 +330,7 @@ fn parse_into<T: std::str::FromStr>(slot: &mut T, value: &str) -> Result<(), Str
     *slot = value
         .trim()
         .parse()
-        .map_err(|_| format!("`{value}` is not a valid number"))?;
+        .map_err(|_| format!("`{value}` is not a valid value"))?;
     Ok(())
 }
 
@@ -293,6 +395,28 @@ impl Config {
         }
         if s.read_connections == 0 {
             problems.push("sqlite.read_connections must be at least 1".into());
+        }
+
+        let ch = &self.clickhouse;
+        if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
+            problems.push(format!(
+                "clickhouse.url `{}` must be an http:// or https:// URL of the HTTP interface",
+                ch.url
+            ));
+        }
+        let identifier = |s: &str| {
+            !s.is_empty()
+                && !s.starts_with(|c: char| c.is_ascii_digit())
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        };
+        if !identifier(&ch.database) {
+            problems.push(format!(
+                "clickhouse.database `{}` must be letters, digits and `_`, not starting with a digit",
+                ch.database
+            ));
+        }
+        if ch.request_timeout_ms == 0 {
+            problems.push("clickhouse.request_timeout_ms must be at least 1".into());
         }
 
         let mut tenant_ids = HashSet::new();

@@ -74,7 +74,7 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
-                let embedded = Embedded::start(&config).unwrap();
+                let embedded = Embedded::start(&config).await.unwrap();
                 tx.send((embedded.addr, embedded.handle())).unwrap();
                 embedded.run().await.unwrap();
             })

@@ -1,14 +1,21 @@
 //! The store ports: the writer (one transaction over many batches) and the analytics reader.
 //!
-//! Analytics read the rollups, never raw rows, and return integer sums; ordering and derived
-//! figures are applied by the callers in `schemas`' row types, so every adapter answers alike.
+//! Analytics read the rollups, never raw rows, and return integer sums; ordering and assembly
+//! ([`by_revenue_then_name`], [`assemble_agents`]) and derived figures (in `schemas`' row
+//! types) are shared, so every adapter answers alike.
+//!
+//! - [`sqlite`]: the embedded store.
+//! - [`clickhouse`]: the distributed store.
 
 use crate::error::StoreError;
 use crate::sink::{TenantBatch, WriteOutcome};
 use schemas::analytics::{
-    AgentUsage, DateRange, SessionDetail, SessionUsage, ToolUsage, UsageSummary,
+    AgentUsage, DateRange, DayUsage, SessionDetail, SessionUsage, ToolUsage, UsageFigures,
+    UsageSummary,
 };
+use std::collections::HashMap;
 
+pub mod clickhouse;
 pub mod sqlite;
 
 /// Writes rated batches. One writer per store (or per Kafka partition): deduplication relies on
@@ -71,4 +78,44 @@ pub fn by_revenue_then_name<T>(rows: &mut [T], key: impl Fn(&T) -> (i64, &str)) 
         let (rb, nb) = key(b);
         rb.cmp(&ra).then_with(|| na.cmp(nb))
     });
+}
+
+/// One agent's figures on one day with that day's distinct sessions, as stores read them.
+pub struct AgentDay {
+    pub agent_id: String,
+    pub date: String,
+    pub figures: UsageFigures,
+    pub sessions: i64,
+}
+
+/// Builds the by-agent answer from rows ordered by agent then day, and each agent's distinct
+/// sessions over the whole range (which the daily counts cannot give: a session spans days).
+pub fn assemble_agents(
+    days: Vec<AgentDay>,
+    sessions_by_agent: &HashMap<String, i64>,
+) -> Vec<AgentUsage> {
+    let mut agents: Vec<AgentUsage> = Vec::new();
+    for day in days {
+        if agents
+            .last()
+            .map(|a| a.agent_id != day.agent_id)
+            .unwrap_or(true)
+        {
+            agents.push(AgentUsage {
+                sessions: sessions_by_agent.get(&day.agent_id).copied().unwrap_or(0),
+                agent_id: day.agent_id.clone(),
+                figures: UsageFigures::default(),
+                daily: Vec::new(),
+            });
+        }
+        let agent = agents.last_mut().expect("pushed above");
+        agent.figures.merge(&day.figures);
+        agent.daily.push(DayUsage {
+            date: day.date,
+            figures: day.figures,
+            sessions: day.sessions,
+        });
+    }
+    by_revenue_then_name(&mut agents, |a| (a.figures.revenue_micros, &a.agent_id));
+    agents
 }

@@ -2,11 +2,11 @@
 //! their own, so they never wait for the writer (WAL) and never stall the async runtime.
 
 use crate::error::{SqliteContext, StoreError};
-use crate::store::{by_revenue_then_name, AnalyticsStore, SessionQuery};
+use crate::store::{assemble_agents, by_revenue_then_name, AgentDay, AnalyticsStore, SessionQuery};
 use rusqlite::{params, Connection, OpenFlags, Row};
 use schemas::analytics::{
-    AgentUsage, DateRange, DayUsage, SessionDetail, SessionToolUsage, SessionUsage, ToolUsage,
-    UsageFigures, UsageSummary,
+    AgentUsage, DateRange, SessionDetail, SessionToolUsage, SessionUsage, ToolUsage, UsageFigures,
+    UsageSummary,
 };
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -141,39 +141,24 @@ impl AnalyticsStore for SqliteAnalytics {
                  GROUP BY agent_id, day ORDER BY agent_id, day"
             );
             let mut stmt = conn.prepare_cached(&sql).context("prepare by-agent")?;
-            let mut rows = stmt
-                .query(params![tenant, from, to])
-                .context("query by-agent")?;
-            let mut agents: Vec<AgentUsage> = Vec::new();
-            while let Some(row) = rows.next().context("read by-agent")? {
-                let agent_id: String = row.get(0).context("read by-agent")?;
-                let date: String = row.get(1).context("read by-agent")?;
-                let figures = figures_at(row, 2).context("read by-agent")?;
-                if agents
-                    .last()
-                    .map(|a| a.agent_id != agent_id)
-                    .unwrap_or(true)
-                {
-                    agents.push(AgentUsage {
-                        sessions: agent_sessions.get(&agent_id).copied().unwrap_or(0),
-                        agent_id: agent_id.clone(),
-                        figures: UsageFigures::default(),
-                        daily: Vec::new(),
-                    });
-                }
-                let agent = agents.last_mut().expect("pushed above");
-                agent.figures.merge(&figures);
-                agent.daily.push(DayUsage {
-                    sessions: day_sessions
-                        .get(&format!("{agent_id}\0{date}"))
-                        .copied()
-                        .unwrap_or(0),
-                    date,
-                    figures,
-                });
-            }
-            by_revenue_then_name(&mut agents, |a| (a.figures.revenue_micros, &a.agent_id));
-            Ok(agents)
+            let days = stmt
+                .query_map(params![tenant, from, to], |row| {
+                    let agent_id: String = row.get(0)?;
+                    let date: String = row.get(1)?;
+                    Ok(AgentDay {
+                        sessions: day_sessions
+                            .get(&format!("{agent_id}\0{date}"))
+                            .copied()
+                            .unwrap_or(0),
+                        agent_id,
+                        date,
+                        figures: figures_at(row, 2)?,
+                    })
+                })
+                .context("query by-agent")?
+                .collect::<Result<Vec<_>, _>>()
+                .context("read by-agent")?;
+            Ok(assemble_agents(days, &agent_sessions))
         })
         .await
     }

@@ -1,0 +1,176 @@
+//! The numbered DDL files of `clickhouse-sql/`, built into the binary, and how they are applied.
+//!
+//! Every statement is idempotent (`IF NOT EXISTS`), and the record of applied versions lives
+//! in a ReplacingMergeTree keyed by version, so running `mcp-meter migrate` twice, or from two
+//! processes at once, applies each file's effect exactly once. A file changed after it was
+//! applied is refused: add a new file instead.
+
+use super::SqlRunner;
+use crate::error::StoreError;
+
+/// Where applied migrations are recorded.
+pub const MIGRATIONS_TABLE: &str = "mcp_schema_migrations";
+
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+macro_rules! migration {
+    ($version:expr, $file:literal) => {
+        Migration {
+            version: $version,
+            name: $file,
+            sql: include_str!(concat!("../../../../clickhouse-sql/", $file)),
+        }
+    };
+}
+
+/// In order. A new file gets the next number and a line here; a test checks the two agree.
+pub const MIGRATIONS: &[Migration] = &[
+    migration!(1, "0001_events.sql"),
+    migration!(2, "0002_daily_stats.sql"),
+    migration!(3, "0003_session_summary.sql"),
+    migration!(4, "0004_event_keys.sql"),
+];
+
+/// A file's statements: comment lines dropped, split at `;`. (The DDL has no `;` in strings.)
+pub fn statements(sql: &str) -> Vec<String> {
+    let text: String = sql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// FNV-1a of a file's text: enough to notice that an applied file was edited.
+pub fn checksum(sql: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in sql.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// What `migrate` did with one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    AlreadyApplied,
+}
+
+/// Creates `database` (through `server`, which has no database selected) and applies every
+/// migration not yet recorded (through `database_runner`). Returns each file's outcome.
+pub async fn migrate(
+    server: &dyn SqlRunner,
+    database_runner: &dyn SqlRunner,
+    database: &str,
+) -> Result<Vec<(&'static Migration, Outcome)>, StoreError> {
+    server
+        .execute(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
+        .await?;
+    database_runner
+        .execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (version UInt32, name String, \
+checksum String, applied_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER BY version"
+        ))
+        .await?;
+    let recorded = database_runner
+        .tab_separated(&format!(
+            "SELECT version, any(checksum) FROM {MIGRATIONS_TABLE} GROUP BY version ORDER BY version"
+        ))
+        .await?;
+    let mut applied = std::collections::HashMap::new();
+    for mut row in super::tsv::rows(&recorded, "read applied migrations") {
+        applied.insert(row.int()? as u32, row.string()?);
+    }
+
+    let mut outcomes = Vec::new();
+    for m in MIGRATIONS {
+        let sum = checksum(m.sql);
+        if let Some(recorded) = applied.get(&m.version) {
+            if *recorded != sum {
+                return Err(StoreError::NotReady(format!(
+                    "migration {} was changed after it was applied (checksum {recorded}, now {sum}); \
+                     restore it and put the change in a new file",
+                    m.name
+                )));
+            }
+            outcomes.push((m, Outcome::AlreadyApplied));
+            continue;
+        }
+        for statement in statements(m.sql) {
+            database_runner.execute(&statement).await?;
+        }
+        database_runner
+            .execute(&format!(
+                "INSERT INTO {MIGRATIONS_TABLE} (version, name, checksum, applied_at) \
+VALUES ({}, '{}', '{sum}', now())",
+                m.version, m.name
+            ))
+            .await?;
+        outcomes.push((m, Outcome::Applied));
+    }
+    Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_in_the_folder_is_listed_in_order() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../clickhouse-sql");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let listed: Vec<&str> = MIGRATIONS.iter().map(|m| m.name).collect();
+        assert_eq!(files, listed);
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1);
+            assert!(m.name.starts_with(&format!("{:04}_", m.version)));
+        }
+    }
+
+    #[test]
+    fn statements_split_at_semicolons_without_comments() {
+        let sql = "-- a comment; with a semicolon\nCREATE TABLE a (x UInt8) ENGINE = Memory;\n\n-- two\nCREATE TABLE b (x UInt8) ENGINE = Memory;\n";
+        assert_eq!(
+            statements(sql),
+            vec![
+                "CREATE TABLE a (x UInt8) ENGINE = Memory",
+                "CREATE TABLE b (x UInt8) ENGINE = Memory"
+            ]
+        );
+        assert_eq!(statements(MIGRATIONS[1].sql).len(), 2);
+    }
+
+    #[test]
+    fn only_the_portable_subset_is_used() {
+        for m in MIGRATIONS {
+            let upper = statements(m.sql).join(";").to_uppercase();
+            for banned in [
+                "DATETIME64",
+                " TTL ",
+                "CODEC(",
+                "MAP(",
+                " BOOL",
+                "LOWCARDINALITY",
+                "SIMPLEAGGREGATEFUNCTION",
+                "WITH ",
+            ] {
+                assert!(!upper.contains(banned), "{} uses {banned}", m.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The distributed store: ClickHouse, through its HTTP interface (the `clickhouse` crate).
+//!
+//! Runs on ClickHouse 18.16 and on current servers alike: the DDL in `clickhouse-sql/` and the
+//! queries in [`queries`] keep to a portable subset (DESIGN §6).
+//!
+//! - [`SqlRunner`]: where SQL text goes; [`HttpRunner`] sends it to a server.
+//! - [`migrations`]: the numbered DDL files and `mcp-meter migrate`.
+//! - [`queries`]: the SQL text of every query, pure.
+//! - [`tsv`]: reading answers.
+//! - [`ClickHouseWriter`]: dedup against `mcp_event_keys`, then one INSERT.
+//! - [`ClickHouseAnalytics`]: the analytics queries.
+
+pub mod migrations;
+pub mod queries;
+mod reader;
+pub mod tsv;
+mod writer;
+
+pub use reader::ClickHouseAnalytics;
+pub use writer::ClickHouseWriter;
+
+use crate::error::{ClickHouseContext, StoreError};
+use schemas::config::ClickHouseConfig;
+use std::time::Duration;
+
+/// Where SQL text runs. One trait so that the same statements and queries run on a server and,
+/// in the tests, on chDB (current ClickHouse in-process).
+#[async_trait::async_trait]
+pub trait SqlRunner: Send + Sync {
+    /// Runs a statement that answers no rows (DDL, INSERT).
+    async fn execute(&self, sql: &str) -> Result<(), StoreError>;
+    /// Runs a query and answers its rows in TabSeparated.
+    async fn tab_separated(&self, sql: &str) -> Result<String, StoreError>;
+}
+
+/// A ClickHouse server over HTTP.
+#[derive(Clone)]
+pub struct HttpRunner {
+    client: clickhouse::Client,
+    timeout: Duration,
+}
+
+/// Queries carry their values inline (a dedup lookup lists thousands of keys), so they may be
+/// longer than the server's default 256 KiB limit on query text.
+const MAX_QUERY_BYTES: &str = "67108864";
+
+impl HttpRunner {
+    /// A runner for the configured database.
+    pub fn new(config: &ClickHouseConfig) -> HttpRunner {
+        HttpRunner::with_client(client(config).with_database(&config.database), config)
+    }
+
+    /// A runner with no database selected, to create the database itself.
+    pub fn server(config: &ClickHouseConfig) -> HttpRunner {
+        HttpRunner::with_client(client(config), config)
+    }
+
+    fn with_client(client: clickhouse::Client, config: &ClickHouseConfig) -> HttpRunner {
+        HttpRunner {
+            client: client.with_setting("max_query_size", MAX_QUERY_BYTES),
+            timeout: Duration::from_millis(config.request_timeout_ms),
+        }
+    }
+
+    /// Longest wait for one request.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub fn client(&self) -> &clickhouse::Client {
+        &self.client
+    }
+}
+
+fn client(config: &ClickHouseConfig) -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url(&config.url)
+        .with_user(&config.user)
+        .with_password(&config.password)
+        .with_validation(config.validation)
+}
+
+#[async_trait::async_trait]
+impl SqlRunner for HttpRunner {
+    async fn execute(&self, sql: &str) -> Result<(), StoreError> {
+        within(self.timeout, self.client.query_raw(sql).execute())
+            .await
+            .context("execute")
+    }
+
+    async fn tab_separated(&self, sql: &str) -> Result<String, StoreError> {
+        let mut cursor = self
+            .client
+            .query_raw(sql)
+            .fetch_bytes("TabSeparated")
+            .context("query")?;
+        let bytes = within(self.timeout, cursor.collect())
+            .await
+            .context("query")?;
+        String::from_utf8(bytes.to_vec()).map_err(|e| StoreError::BadAnswer {
+            context: "read an answer",
+            detail: e.to_string(),
+        })
+    }
+}
+
+/// Runs `request`, giving up after `timeout` as a timed-out request (which is retriable).
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    request: impl std::future::Future<Output = clickhouse::error::Result<T>>,
+) -> clickhouse::error::Result<T> {
+    tokio::time::timeout(timeout, request)
+        .await
+        .unwrap_or(Err(clickhouse::error::Error::TimedOut))
+}
+
+/// Checks that the server answers and that its database holds every migration this build
+/// knows, so that a process refuses to start rather than fail on its first request.
+pub async fn check_ready(
+    runner: &dyn SqlRunner,
+    config: &ClickHouseConfig,
+) -> Result<(), StoreError> {
+    let latest = migrations::MIGRATIONS
+        .last()
+        .map(|m| m.version)
+        .unwrap_or(0);
+    let answer = runner
+        .tab_separated(&format!(
+            "SELECT max(version) FROM {}",
+            migrations::MIGRATIONS_TABLE
+        ))
+        .await;
+    let applied = match answer {
+        Ok(text) => text.trim().parse::<u32>().unwrap_or(0),
+        Err(StoreError::ClickHouse { source, .. }) => {
+            let text = source.to_string();
+            return Err(StoreError::NotReady(
+                match crate::error::clickhouse_error_code(&text) {
+                    Some(60) | Some(81) => format!(
+                        "ClickHouse database `{}` at {} is not migrated: run `mcp-meter migrate`",
+                        config.database, config.url
+                    ),
+                    _ => format!("ClickHouse at {} is unreachable: {text}", config.url),
+                },
+            ));
+        }
+        Err(other) => return Err(other),
+    };
+    if applied < latest {
+        return Err(StoreError::NotReady(format!(
+            "ClickHouse database `{}` is at migration {applied} of {latest}: run `mcp-meter migrate`",
+            config.database
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! The SQL text of every ClickHouse query, built from values. Pure: the same text runs on the
+//! server (18.16 up) and on chDB in the tests, and is tested against expected text.
+//!
+//! Values are inlined as quoted literals: 18.16 has no server-side query parameters, and the
+//! client's `?` binding would misread a `?` inside an id. [`quote`] is the only way a value gets
+//! into SQL here. Every query reads rollups with -Merge functions, never `mcp_events`, and
+//! orders its rows so that answers compare byte for byte.
+
+use schemas::analytics::DateRange;
+use std::fmt::Write;
+
+/// A ClickHouse string literal: backslash and quote escaped.
+pub fn quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// The eight usage figures of `UsageFigures`, in its order, merged from rollup states.
+const FIGURES: &str = "sumMerge(calls), sumMerge(errors), sumMerge(revenue_micros), \
+sumMerge(cogs_micros), sumMerge(input_tokens), sumMerge(output_tokens), sumMerge(duration_ms_sum), \
+maxMerge(duration_ms_max)";
+
+fn daily_filter(tenant: &str, range: DateRange) -> String {
+    format!(
+        "tenant_id = {} AND day >= toDate({}) AND day <= toDate({})",
+        quote(tenant),
+        quote(&range.from_str_day()),
+        quote(&range.to_str_day())
+    )
+}
+
+/// Per tool: name, figures, distinct sessions.
+pub fn by_tool(tenant: &str, range: DateRange) -> String {
+    format!(
+        "SELECT tool_name, {FIGURES}, toInt64(uniqExactIfMerge(sessions)) \
+FROM mcp_daily_stats WHERE {} GROUP BY tool_name ORDER BY tool_name",
+        daily_filter(tenant, range)
+    )
+}
+
+/// Per agent and day: agent, date, figures, distinct sessions that day.
+pub fn by_agent_days(tenant: &str, range: DateRange) -> String {
+    format!(
+        "SELECT agent_id, toString(day), {FIGURES}, toInt64(uniqExactIfMerge(sessions)) \
+FROM mcp_daily_stats WHERE {} GROUP BY agent_id, day ORDER BY agent_id, day",
+        daily_filter(tenant, range)
+    )
+}
+
+/// Per agent: distinct sessions over the whole range.
+pub fn by_agent_sessions(tenant: &str, range: DateRange) -> String {
+    format!(
+        "SELECT agent_id, toInt64(uniqExactIfMerge(sessions)) \
+FROM mcp_daily_stats WHERE {} GROUP BY agent_id ORDER BY agent_id",
+        daily_filter(tenant, range)
+    )
+}
+
+/// One row: figures, distinct sessions, tools and agents.
+pub fn summary(tenant: &str, range: DateRange) -> String {
+    format!(
+        "SELECT {FIGURES}, toInt64(uniqExactIfMerge(sessions)), \
+toInt64(uniqExactIf(tool_name, tool_name != '')), toInt64(uniqExactIf(agent_id, agent_id != '')) \
+FROM mcp_daily_stats WHERE {}",
+        daily_filter(tenant, range)
+    )
+}
+
+/// Sessions are merged per tool first (so `tools` counts tools with calls), then per session.
+/// Columns: id, agent, first seen, last seen, ended, tools, figures.
+fn sessions_of(tenant: &str, session_id: Option<&str>) -> String {
+    let mut filter = format!("tenant_id = {}", quote(tenant));
+    if let Some(id) = session_id {
+        let _ = write!(filter, " AND session_id = {}", quote(id));
+    }
+    format!(
+        "SELECT session_id, max(t_agent), min(t_first), max(t_last), max(t_ended), \
+toInt64(countIf(t_calls > 0)), sum(t_calls), sum(t_errors), sum(t_revenue), sum(t_cogs), \
+sum(t_input), sum(t_output), sum(t_duration), max(t_duration_max) \
+FROM (SELECT session_id, tool_name, maxMerge(agent_id) AS t_agent, \
+minMerge(first_seen_ms) AS t_first, maxMerge(last_seen_ms) AS t_last, maxMerge(ended) AS t_ended, \
+sumMerge(calls) AS t_calls, sumMerge(errors) AS t_errors, sumMerge(revenue_micros) AS t_revenue, \
+sumMerge(cogs_micros) AS t_cogs, sumMerge(input_tokens) AS t_input, \
+sumMerge(output_tokens) AS t_output, sumMerge(duration_ms_sum) AS t_duration, \
+maxMerge(duration_ms_max) AS t_duration_max \
+FROM mcp_session_summary WHERE {filter} GROUP BY session_id, tool_name) \
+GROUP BY session_id"
+    )
+}
+
+/// Sessions active in the range (begun before its end, last seen after its start), most
+/// recently active first.
+pub fn sessions(tenant: &str, range: DateRange, agent_id: Option<&str>, limit: usize) -> String {
+    let (start_ms, end_ms) = range.bounds_ms();
+    let agent = agent_id
+        .map(|a| format!(" AND max(t_agent) = {}", quote(a)))
+        .unwrap_or_default();
+    format!(
+        "{} HAVING max(t_last) >= {start_ms} AND min(t_first) < {end_ms}{agent} \
+ORDER BY max(t_last) DESC, session_id LIMIT {limit}",
+        sessions_of(tenant, None)
+    )
+}
+
+/// One session, in the columns of [`sessions`].
+pub fn session(tenant: &str, session_id: &str) -> String {
+    sessions_of(tenant, Some(session_id))
+}
+
+/// One session's tools with calls: name, figures.
+pub fn session_tools(tenant: &str, session_id: &str) -> String {
+    format!(
+        "SELECT tool_name, {FIGURES} FROM mcp_session_summary \
+WHERE tenant_id = {} AND session_id = {} GROUP BY tool_name HAVING sumMerge(calls) > 0 \
+ORDER BY tool_name",
+        quote(tenant),
+        quote(session_id)
+    )
+}
+
+/// The keys among `keys` (tenant, idempotency key) that are already stored. A primary-key
+/// lookup: the key table is sorted by exactly (tenant_id, idempotency_key).
+pub fn stored_keys<'a>(keys: impl IntoIterator<Item = (&'a str, Vec<&'a str>)>) -> String {
+    let mut sql = String::from("SELECT tenant_id, idempotency_key FROM mcp_event_keys WHERE ");
+    for (n, (tenant, tenant_keys)) in keys.into_iter().enumerate() {
+        if n > 0 {
+            sql.push_str(" OR ");
+        }
+        let _ = write!(
+            sql,
+            "(tenant_id = {} AND idempotency_key IN (",
+            quote(tenant)
+        );
+        for (i, key) in tenant_keys.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&quote(key));
+        }
+        sql.push_str("))");
+    }
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::NaiveDate;
+
+    fn range() -> DateRange {
+        let d = |s| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        DateRange {
+            from: d("2026-11-01"),
+            to: d("2026-11-30"),
+        }
+    }
+
+    #[test]
+    fn quoting_escapes_backslash_and_quote_only() {
+        assert_eq!(quote("plain"), "'plain'");
+        assert_eq!(quote("it's"), r"'it\'s'");
+        assert_eq!(quote(r"a\b"), r"'a\\b'");
+        assert_eq!(quote(r"x\' OR 1=1 --"), r"'x\\\' OR 1=1 --'");
+        assert_eq!(quote("what?"), "'what?'");
+    }
+
+    #[test]
+    fn by_tool_reads_the_daily_rollup_of_one_tenant() {
+        assert_eq!(
+            by_tool("acme", range()),
+            "SELECT tool_name, sumMerge(calls), sumMerge(errors), sumMerge(revenue_micros), \
+sumMerge(cogs_micros), sumMerge(input_tokens), sumMerge(output_tokens), sumMerge(duration_ms_sum), \
+maxMerge(duration_ms_max), toInt64(uniqExactIfMerge(sessions)) FROM mcp_daily_stats \
+WHERE tenant_id = 'acme' AND day >= toDate('2026-11-01') AND day <= toDate('2026-11-30') \
+GROUP BY tool_name ORDER BY tool_name"
+        );
+    }
+
+    #[test]
+    fn agent_queries_group_by_agent_and_day() {
+        let days = by_agent_days("acme", range());
+        assert!(days.starts_with("SELECT agent_id, toString(day), sumMerge(calls),"));
+        assert!(days.ends_with("GROUP BY agent_id, day ORDER BY agent_id, day"));
+        assert_eq!(
+            by_agent_sessions("acme", range()),
+            "SELECT agent_id, toInt64(uniqExactIfMerge(sessions)) FROM mcp_daily_stats \
+WHERE tenant_id = 'acme' AND day >= toDate('2026-11-01') AND day <= toDate('2026-11-30') \
+GROUP BY agent_id ORDER BY agent_id"
+        );
+    }
+
+    #[test]
+    fn summary_counts_distinct_named_tools_and_agents() {
+        let sql = summary("acme", range());
+        assert!(sql.contains(
+            "toInt64(uniqExactIf(tool_name, tool_name != '')), toInt64(uniqExactIf(agent_id, agent_id != ''))"
+        ));
+        assert!(!sql.contains("GROUP BY"), "one row, even with no data");
+    }
+
+    #[test]
+    fn session_queries_merge_per_tool_then_per_session() {
+        let list = sessions("acme", range(), Some("agent-1"), 100);
+        assert!(list.contains(
+            "FROM mcp_session_summary WHERE tenant_id = 'acme' GROUP BY session_id, tool_name)"
+        ));
+        assert!(list.ends_with(
+            "GROUP BY session_id HAVING max(t_last) >= 1793491200000 AND min(t_first) < 1796083200000 \
+AND max(t_agent) = 'agent-1' ORDER BY max(t_last) DESC, session_id LIMIT 100"
+        ));
+        let one = session("acme", "s'1");
+        assert!(one.contains(
+            r"WHERE tenant_id = 'acme' AND session_id = 's\'1' GROUP BY session_id, tool_name)"
+        ));
+        assert!(
+            session_tools("acme", "s1").contains("HAVING sumMerge(calls) > 0 ORDER BY tool_name")
+        );
+    }
+
+    #[test]
+    fn stored_keys_looks_up_each_tenant_by_primary_key() {
+        let sql = stored_keys([("a", vec!["k1", "k'2"]), ("b", vec!["k1"])]);
+        assert_eq!(
+            sql,
+            r"SELECT tenant_id, idempotency_key FROM mcp_event_keys WHERE (tenant_id = 'a' AND idempotency_key IN ('k1', 'k\'2')) OR (tenant_id = 'b' AND idempotency_key IN ('k1'))"
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! Analytics over the ClickHouse rollups. Every query's text comes from [`queries`] and every
+//! answer is read by [`tsv`], whichever [`SqlRunner`] runs it.
+
+use super::{queries, tsv, SqlRunner};
+use crate::error::StoreError;
+use crate::store::{assemble_agents, by_revenue_then_name, AgentDay, AnalyticsStore, SessionQuery};
+use schemas::analytics::{
+    AgentUsage, DateRange, SessionDetail, SessionToolUsage, SessionUsage, ToolUsage, UsageSummary,
+};
+use std::collections::HashMap;
+
+pub struct ClickHouseAnalytics<R> {
+    runner: R,
+}
+
+impl<R: SqlRunner> ClickHouseAnalytics<R> {
+    pub fn new(runner: R) -> ClickHouseAnalytics<R> {
+        ClickHouseAnalytics { runner }
+    }
+}
+
+#[async_trait::async_trait]
+impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
+    async fn revenue_by_tool(
+        &self,
+        tenant: &str,
+        range: DateRange,
+    ) -> Result<Vec<ToolUsage>, StoreError> {
+        let answer = self
+            .runner
+            .tab_separated(&queries::by_tool(tenant, range))
+            .await?;
+        let mut tools = Vec::new();
+        for mut row in tsv::rows(&answer, "by-tool") {
+            tools.push(ToolUsage {
+                tool_name: row.string()?,
+                figures: row.figures()?,
+                sessions: row.int()?,
+            });
+        }
+        by_revenue_then_name(&mut tools, |t| (t.figures.revenue_micros, &t.tool_name));
+        Ok(tools)
+    }
+
+    async fn usage_by_agent(
+        &self,
+        tenant: &str,
+        range: DateRange,
+    ) -> Result<Vec<AgentUsage>, StoreError> {
+        let days_answer = self
+            .runner
+            .tab_separated(&queries::by_agent_days(tenant, range))
+            .await?;
+        let sessions_answer = self
+            .runner
+            .tab_separated(&queries::by_agent_sessions(tenant, range))
+            .await?;
+        let mut sessions = HashMap::new();
+        for mut row in tsv::rows(&sessions_answer, "by-agent sessions") {
+            sessions.insert(row.string()?, row.int()?);
+        }
+        let mut days = Vec::new();
+        for mut row in tsv::rows(&days_answer, "by-agent") {
+            days.push(AgentDay {
+                agent_id: row.string()?,
+                date: row.string()?,
+                figures: row.figures()?,
+                sessions: row.int()?,
+            });
+        }
+        Ok(assemble_agents(days, &sessions))
+    }
+
+    async fn summary(&self, tenant: &str, range: DateRange) -> Result<UsageSummary, StoreError> {
+        let answer = self
+            .runner
+            .tab_separated(&queries::summary(tenant, range))
+            .await?;
+        let mut row = tsv::rows(&answer, "summary")
+            .next()
+            .ok_or(StoreError::BadAnswer {
+                context: "summary",
+                detail: "no row".into(),
+            })?;
+        Ok(UsageSummary {
+            figures: row.figures()?,
+            sessions: row.int()?,
+            tools: row.int()?,
+            agents: row.int()?,
+        })
+    }
+
+    async fn sessions(
+        &self,
+        tenant: &str,
+        query: SessionQuery,
+    ) -> Result<Vec<SessionUsage>, StoreError> {
+        let sql = queries::sessions(tenant, query.range, query.agent_id.as_deref(), query.limit);
+        let answer = self.runner.tab_separated(&sql).await?;
+        tsv::rows(&answer, "sessions")
+            .map(|mut row| row.session())
+            .collect()
+    }
+
+    async fn session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<SessionDetail>, StoreError> {
+        let answer = self
+            .runner
+            .tab_separated(&queries::session(tenant, session_id))
+            .await?;
+        let Some(mut row) = tsv::rows(&answer, "session").next() else {
+            return Ok(None);
+        };
+        let session = row.session()?;
+        let tools_answer = self
+            .runner
+            .tab_separated(&queries::session_tools(tenant, session_id))
+            .await?;
+        let mut by_tool = Vec::new();
+        for mut row in tsv::rows(&tools_answer, "session tools") {
+            by_tool.push(SessionToolUsage {
+                tool_name: row.string()?,
+                figures: row.figures()?,
+            });
+        }
+        by_revenue_then_name(&mut by_tool, |t| (t.figures.revenue_micros, &t.tool_name));
+        Ok(Some(SessionDetail { session, by_tool }))
+    }
+}

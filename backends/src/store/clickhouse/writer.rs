@@ -1,0 +1,146 @@
+//! Writing rated batches into ClickHouse exactly once, on any server version.
+//!
+//! ClickHouse has no unique keys, so dedup happens before the insert: look the write's keys up
+//! in `mcp_event_keys` (a primary-key `IN` lookup), drop those found and repeats within the
+//! write, insert the rest in one INSERT. The key table is filled by a view on `mcp_events`,
+//! so the INSERT that writes the rows writes their keys too. This is race-free because each
+//! store has one writer (one per Kafka partition in the distributed mode).
+
+use super::{queries, tsv, within, HttpRunner, SqlRunner};
+use crate::error::{ClickHouseContext, StoreError};
+use crate::sink::{TenantBatch, WriteOutcome};
+use crate::store::StoreWriter;
+use clickhouse::Row;
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+
+/// One row of `mcp_events`, in its column order (RowBinary is positional).
+#[derive(Row, Serialize)]
+struct EventRow<'a> {
+    tenant_id: &'a str,
+    idempotency_key: &'a str,
+    /// DateTime: seconds since the epoch.
+    occurred_at: u32,
+    occurred_at_ms: i64,
+    received_at_ms: i64,
+    metric_name: &'a str,
+    product_type: &'a str,
+    tool_name: &'a str,
+    agent_id: &'a str,
+    customer_id: &'a str,
+    session_id: &'a str,
+    execution_status: &'a str,
+    is_call: u8,
+    is_error: u8,
+    execution_duration_ms: i64,
+    session_boundary: &'a str,
+    quantity_micros: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    revenue_micros: i64,
+    cogs_micros: i64,
+    rate_plan_version: u32,
+    metadata: &'a str,
+}
+
+pub struct ClickHouseWriter {
+    runner: HttpRunner,
+}
+
+impl ClickHouseWriter {
+    pub fn new(runner: HttpRunner) -> ClickHouseWriter {
+        ClickHouseWriter { runner }
+    }
+
+    /// The (tenant, key) pairs among `batches` that are already stored.
+    async fn stored(
+        &self,
+        batches: &[TenantBatch],
+    ) -> Result<HashSet<(String, String)>, StoreError> {
+        let mut by_tenant: HashMap<&str, Vec<&str>> = HashMap::new();
+        for batch in batches {
+            let keys = by_tenant.entry(&batch.tenant_id).or_default();
+            keys.extend(batch.events.iter().map(|e| e.idempotency_key.as_str()));
+        }
+        if by_tenant.values().all(Vec::is_empty) {
+            return Ok(HashSet::new());
+        }
+        let answer = self
+            .runner
+            .tab_separated(&queries::stored_keys(by_tenant))
+            .await?;
+        let mut stored = HashSet::new();
+        for mut row in tsv::rows(&answer, "look up stored keys") {
+            stored.insert((row.string()?, row.string()?));
+        }
+        Ok(stored)
+    }
+}
+
+#[async_trait::async_trait]
+impl StoreWriter for ClickHouseWriter {
+    async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
+        // 1. Keys already stored by an earlier write (a client retry, a redelivery).
+        let mut seen = self.stored(batches).await?;
+        // 2. Decide each event: new, or a duplicate of a stored key or of an earlier event of
+        //    this same write. `seen` grows as we go so a repeat inside the write is caught too.
+        let mut outcomes = Vec::with_capacity(batches.len());
+        let mut rows = Vec::new();
+        for batch in batches {
+            let mut outcome = WriteOutcome::default();
+            for e in &batch.events {
+                if seen.insert((batch.tenant_id.to_string(), e.idempotency_key.clone())) {
+                    outcome.accepted += 1;
+                    rows.push(EventRow {
+                        tenant_id: &batch.tenant_id,
+                        idempotency_key: &e.idempotency_key,
+                        occurred_at: e.occurred_at_ms.div_euclid(1000) as u32,
+                        occurred_at_ms: e.occurred_at_ms,
+                        received_at_ms: e.received_at_ms,
+                        metric_name: &e.metric_name,
+                        product_type: &e.product_type,
+                        tool_name: &e.tool_name,
+                        agent_id: &e.agent_id,
+                        customer_id: &e.customer_id,
+                        session_id: &e.session_id,
+                        execution_status: e.execution_status.as_str(),
+                        is_call: u8::from(e.is_call()),
+                        is_error: u8::from(e.execution_status.is_error()),
+                        execution_duration_ms: e.execution_duration_ms,
+                        session_boundary: &e.session_boundary,
+                        quantity_micros: e.quantity_micros,
+                        input_tokens: e.input_tokens,
+                        output_tokens: e.output_tokens,
+                        revenue_micros: e.revenue_micros,
+                        cogs_micros: e.cogs_micros,
+                        rate_plan_version: e.rate_plan_version,
+                        metadata: e.metadata.as_deref().unwrap_or(""),
+                    });
+                } else {
+                    outcome.duplicates += 1;
+                }
+            }
+            outcomes.push(outcome);
+        }
+        if rows.is_empty() {
+            return Ok(outcomes);
+        }
+        // 3. One INSERT: the raw rows, and through the views their rollups and keys. If it
+        //    fails, the caller writes the same batches again; step 1 then skips what landed.
+        let timeout = Some(self.runner.timeout());
+        let mut insert = self
+            .runner
+            .client()
+            .insert::<EventRow>("mcp_events")
+            .await
+            .context("start an insert")?
+            .with_timeouts(timeout, timeout);
+        for row in &rows {
+            insert.write(row).await.context("insert events")?;
+        }
+        within(self.runner.timeout(), insert.end())
+            .await
+            .context("finish an insert")?;
+        Ok(outcomes)
+    }
+}
