@@ -97,6 +97,28 @@ pub fn clickhouse_error_code(text: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// Adds what was being done to a clickhouse error.
+pub(crate) trait ClickHouseContext<T> {
+    fn context(self, context: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> ClickHouseContext<T> for Result<T, clickhouse::error::Error> {
+    fn context(self, context: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::ClickHouse { context, source })
+    }
+}
+
+impl<T> SqliteContext<T> for Result<T, rusqlite::Error> {
+    fn context(self, context: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Sqlite { context, source })
+    }
+}
+
+/// Adds what was being done to a rusqlite error.
+pub(crate) trait SqliteContext<T> {
+    fn context(self, context: &'static str) -> Result<T, StoreError>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,27 +142,5 @@ mod tests {
             "Code: 252, e.displayText() = Too many parts".into()
         )));
         assert!(clickhouse_retriable(&Error::TimedOut));
-    }
-}
-
-/// Adds what was being done to a rusqlite error.
-pub(crate) trait SqliteContext<T> {
-    fn context(self, context: &'static str) -> Result<T, StoreError>;
-}
-
-/// Adds what was being done to a clickhouse error.
-pub(crate) trait ClickHouseContext<T> {
-    fn context(self, context: &'static str) -> Result<T, StoreError>;
-}
-
-impl<T> ClickHouseContext<T> for Result<T, clickhouse::error::Error> {
-    fn context(self, context: &'static str) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::ClickHouse { context, source })
-    }
-}
-
-impl<T> SqliteContext<T> for Result<T, rusqlite::Error> {
-    fn context(self, context: &'static str) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::Sqlite { context, source })
     }
 }

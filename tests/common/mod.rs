@@ -1,6 +1,8 @@
 //! A real `serve` in-process for tests: its own data directory, port 0, graceful stop on drop.
 #![allow(dead_code)]
 
+pub mod chdb;
+
 use mcp_meter::{sha256_hex, Embedded};
 use schemas::config::Config;
 use serde_json::Value;
@@ -10,6 +12,7 @@ pub const ACME: &str = "test-key-acme-admin";
 pub const ACME_INGEST: &str = "test-key-acme-ingest";
 pub const ACME_READ: &str = "test-key-acme-read";
 pub const GLOBEX: &str = "test-key-globex-admin";
+pub const INITECH: &str = "test-key-initech-admin";
 
 pub const SEED: &str = r#"{"metricName":"mcp_server.tool_invocations","productType":"MCP_SERVER","toolName":"web_search","sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","executionDurationMs":542,"metadata":{"inputTokens":1200,"outputTokens":450}}"#;
 
@@ -38,16 +41,60 @@ api_keys = [
 id = "globex"
 api_keys = [{{ name = "admin", sha256 = "{globex}", scopes = ["ingest", "read", "export"] }}]
 {plan}
+[[tenants]]
+id = "initech"
+api_keys = [{{ name = "admin", sha256 = "{initech}", scopes = ["admin"] }}]
+{plan}
 "#,
         dir = data_dir.display(),
         acme = sha256_hex(ACME),
         ingest = sha256_hex(ACME_INGEST),
         read = sha256_hex(ACME_READ),
         globex = sha256_hex(GLOBEX),
+        initech = sha256_hex(INITECH),
     );
     let config = Config::from_toml(&text).unwrap();
     config.validate().unwrap();
     config
+}
+
+/// The interpreter of the venv `scripts/test` builds (the Aforo SDK, chDB). Tests that need it
+/// fail without it: a peer that was never run proves nothing.
+pub fn test_python() -> String {
+    std::env::var("MCP_METER_TEST_PYTHON")
+        .expect("MCP_METER_TEST_PYTHON is not set: run scripts/test, which builds the test venv")
+}
+
+/// The ClickHouse server `scripts/test` starts.
+pub fn clickhouse_url() -> String {
+    std::env::var("MCP_METER_TEST_CLICKHOUSE_URL").expect(
+        "MCP_METER_TEST_CLICKHOUSE_URL is not set: run scripts/test, which starts ClickHouse",
+    )
+}
+
+/// A database name no other test uses.
+pub fn unique_database(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
+
+/// The test config on ClickHouse: a fresh database, migrated.
+pub fn clickhouse_config(data_dir: &std::path::Path, database: &str) -> Config {
+    let mut c = config(data_dir);
+    c.store = schemas::config::StoreKind::Clickhouse;
+    c.clickhouse.url = clickhouse_url();
+    c.clickhouse.database = database.to_string();
+    let lines = actix_web::rt::System::new()
+        .block_on(mcp_meter::migrate_clickhouse(&c))
+        .unwrap();
+    assert_eq!(
+        lines.len(),
+        backends::store::clickhouse::migrations::MIGRATIONS.len()
+    );
+    c
 }
 
 pub struct Server {

@@ -11,6 +11,7 @@ use crate::error::StoreError;
 /// Where applied migrations are recorded.
 pub const MIGRATIONS_TABLE: &str = "mcp_schema_migrations";
 
+#[derive(Debug)]
 pub struct Migration {
     pub version: u32,
     pub name: &'static str,

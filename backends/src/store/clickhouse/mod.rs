@@ -33,6 +33,16 @@ pub trait SqlRunner: Send + Sync {
     async fn tab_separated(&self, sql: &str) -> Result<String, StoreError>;
 }
 
+#[async_trait::async_trait]
+impl<R: SqlRunner + ?Sized> SqlRunner for &R {
+    async fn execute(&self, sql: &str) -> Result<(), StoreError> {
+        (**self).execute(sql).await
+    }
+    async fn tab_separated(&self, sql: &str) -> Result<String, StoreError> {
+        (**self).tab_separated(sql).await
+    }
+}
+
 /// A ClickHouse server over HTTP.
 #[derive(Clone)]
 pub struct HttpRunner {

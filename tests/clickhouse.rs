@@ -1,0 +1,461 @@
+//! The ClickHouse store against the real ClickHouse 18.16 that `scripts/test` starts, and
+//! against chDB (ClickHouse 26): migrations, dedup, and conformance with the SQLite store.
+
+mod common;
+
+use backends::sink::{TenantBatch, WriteOutcome};
+use backends::store::clickhouse::{
+    migrations, ClickHouseAnalytics, ClickHouseWriter, HttpRunner, SqlRunner,
+};
+use backends::store::{AnalyticsStore, SessionQuery, StoreWriter};
+use common::*;
+use schemas::analytics::DateRange;
+use schemas::event::{ExecutionStatus, RatedEvent};
+use serde_json::{json, Value};
+
+fn runtime() -> actix_web::rt::SystemRunner {
+    actix_web::rt::System::new()
+}
+
+fn config_for(database: &str) -> schemas::config::ClickHouseConfig {
+    schemas::config::ClickHouseConfig {
+        url: clickhouse_url(),
+        database: database.to_string(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn migrations_apply_once_when_run_twice_or_concurrently() {
+    let database = unique_database("migrate");
+    let ch = config_for(&database);
+    runtime().block_on(async {
+        let (server, db) = (HttpRunner::server(&ch), HttpRunner::new(&ch));
+        // Two processes' worth of migrate at once on a fresh database.
+        let (a, b) = tokio::join!(
+            migrations::migrate(&server, &db, &database),
+            migrations::migrate(&server, &db, &database)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.len(), migrations::MIGRATIONS.len());
+        assert_eq!(b.len(), migrations::MIGRATIONS.len());
+        let again = migrations::migrate(&server, &db, &database).await.unwrap();
+        assert!(again
+            .iter()
+            .all(|(_, o)| *o == migrations::Outcome::AlreadyApplied));
+        let tables = db.tab_separated("SHOW TABLES").await.unwrap();
+        for table in [
+            "mcp_events",
+            "mcp_daily_stats",
+            "mcp_daily_stats_mv",
+            "mcp_session_summary",
+            "mcp_session_summary_mv",
+            "mcp_event_keys",
+            "mcp_event_keys_mv",
+        ] {
+            assert!(
+                tables.lines().any(|t| t == table),
+                "{table} missing: {tables}"
+            );
+        }
+        let versions = db
+            .tab_separated("SELECT count(DISTINCT version) FROM mcp_schema_migrations")
+            .await
+            .unwrap();
+        assert_eq!(versions.trim(), migrations::MIGRATIONS.len().to_string());
+    });
+}
+
+#[test]
+fn a_migration_edited_after_it_was_applied_is_refused() {
+    let database = unique_database("tamper");
+    let ch = config_for(&database);
+    runtime().block_on(async {
+        let (server, db) = (HttpRunner::server(&ch), HttpRunner::new(&ch));
+        migrations::migrate(&server, &db, &database).await.unwrap();
+        db.execute(
+            "INSERT INTO mcp_schema_migrations VALUES (2, '0002_daily_stats.sql', 'bogus', now())",
+        )
+        .await
+        .unwrap();
+        db.execute("OPTIMIZE TABLE mcp_schema_migrations FINAL")
+            .await
+            .unwrap();
+        let err = migrations::migrate(&server, &db, &database)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("0002_daily_stats.sql was changed after it was applied"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn serve_refuses_an_unmigrated_or_unreachable_clickhouse() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = common::config(dir.path());
+    c.store = schemas::config::StoreKind::Clickhouse;
+    c.clickhouse = config_for(&unique_database("never_migrated"));
+    let err = runtime()
+        .block_on(mcp_meter::Embedded::start(&c))
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("is not migrated: run `mcp-meter migrate`"),
+        "{err:#}"
+    );
+    c.clickhouse.url = "http://127.0.0.1:1".into();
+    let err = runtime()
+        .block_on(mcp_meter::Embedded::start(&c))
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("is unreachable"), "{err:#}");
+}
+
+fn rated(key: &str, session: &str) -> RatedEvent {
+    RatedEvent {
+        idempotency_key: key.into(),
+        occurred_at_ms: 1_795_132_800_000,
+        received_at_ms: 1_795_132_800_000,
+        metric_name: "mcp_server.tool_invocations".into(),
+        product_type: "MCP_SERVER".into(),
+        tool_name: "search".into(),
+        agent_id: "agent".into(),
+        customer_id: String::new(),
+        session_id: session.into(),
+        execution_status: ExecutionStatus::Success,
+        execution_duration_ms: 10,
+        session_boundary: String::new(),
+        quantity_micros: 1_000_000,
+        input_tokens: 1,
+        output_tokens: 2,
+        revenue_micros: 100,
+        cogs_micros: 40,
+        rate_plan_version: 1,
+        metadata: Some(r#"{"note":"tab\there, quote ' and backslash \\"}"#.into()),
+    }
+}
+
+#[test]
+fn the_writer_stores_each_key_once_within_and_across_writes() {
+    let database = unique_database("writer");
+    let dir = tempfile::tempdir().unwrap();
+    let config = clickhouse_config(dir.path(), &database);
+    let runner = HttpRunner::new(&config.clickhouse);
+    runtime().block_on(async {
+        let mut writer = ClickHouseWriter::new(runner.clone());
+        let batch = |tenant: &str, keys: &[&str]| TenantBatch {
+            tenant_id: tenant.into(),
+            events: keys.iter().map(|k| rated(k, "s'1")).collect(),
+        };
+        let first = writer
+            .write(&[batch("t1", &["a", "b", "a"]), batch("t1", &["b", "c"])])
+            .await
+            .unwrap();
+        assert_eq!(
+            first,
+            vec![
+                WriteOutcome { accepted: 2, duplicates: 1 },
+                WriteOutcome { accepted: 1, duplicates: 1 }
+            ]
+        );
+        let second = writer
+            .write(&[batch("t1", &["a", "c", "d"]), batch("t2", &["a"])])
+            .await
+            .unwrap();
+        assert_eq!(second[0], WriteOutcome { accepted: 1, duplicates: 2 });
+        assert_eq!(second[1], WriteOutcome { accepted: 1, duplicates: 0 });
+        let raw = runner
+            .tab_separated("SELECT tenant_id, count(), sum(revenue_micros) FROM mcp_events GROUP BY tenant_id ORDER BY tenant_id")
+            .await
+            .unwrap();
+        assert_eq!(raw, "t1\t4\t400\nt2\t1\t100\n");
+        let metadata = runner.tab_separated("SELECT metadata FROM mcp_events LIMIT 1").await.unwrap();
+        assert!(metadata.contains(r"tab\\there"), "{metadata}");
+
+        let analytics = ClickHouseAnalytics::new(runner.clone());
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 11, 20).unwrap();
+        let range = DateRange { from: day, to: day };
+        let summary = analytics.summary("t1", range).await.unwrap();
+        assert_eq!((summary.figures.calls, summary.figures.revenue_micros, summary.sessions), (4, 400, 1));
+        let session = analytics.session("t1", "s'1").await.unwrap().unwrap();
+        assert_eq!(session.session.figures.calls, 4);
+    });
+}
+
+/// splitmix64: a seeded stream, so the conformance data is the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
+const TENANT_KEYS: [&str; 3] = [ACME, GLOBEX, INITECH];
+const EVENTS: usize = 12_000;
+
+/// A seeded stream over the last 30 days: several tenants, tools, agents, customers and
+/// sessions, every status, tokens, durations, heartbeats, events without a session, and 5%
+/// repeats of earlier keys (as a retrying client sends them). Per tenant, in order.
+fn stream(now_ms: i64) -> Vec<Vec<Value>> {
+    let mut rng = Rng(20261121);
+    let tools = [
+        "web_search",
+        "fetch_url",
+        "summarize",
+        "translate",
+        "sql_query",
+        "send_email",
+        "ocr",
+        "image_gen",
+    ];
+    let agents = [
+        "agent_gpt4o_prod",
+        "agent_claude",
+        "agent_gemini",
+        "agent_llama",
+        "agent_mistral",
+        "agent_qwen",
+        "agent_batch",
+        "agent_eval",
+    ];
+    let customers = ["cust_a", "cust_b", "cust_c", "cust_d", ""];
+    let statuses = ExecutionStatus::ALL.map(|s| s.as_str());
+    let mut per_tenant: Vec<Vec<Value>> = vec![Vec::new(); TENANT_KEYS.len()];
+    for i in 0..EVENTS {
+        let t = rng.below(TENANT_KEYS.len() as u64) as usize;
+        let events = &mut per_tenant[t];
+        if !events.is_empty() && rng.below(100) < 5 {
+            let earlier = events[rng.below(events.len() as u64) as usize].clone();
+            events.push(earlier);
+            continue;
+        }
+        // Whole seconds keep occurredAt exact through every store; spread over 30 days.
+        let at_ms = now_ms - 60_000 - (rng.below(30 * 86_400) as i64) * 1000;
+        let occurred_at = chrono::DateTime::from_timestamp_millis(at_ms)
+            .unwrap()
+            .to_rfc3339();
+        let session = format!("sess_{t}_{}", rng.below(150));
+        let event = if rng.below(100) < 4 {
+            let boundary = if rng.below(4) == 0 {
+                "SESSION_END"
+            } else {
+                "HEARTBEAT"
+            };
+            json!({
+                "idempotencyKey": format!("hb-{i}"), "metricName": "system.session.heartbeat",
+                "customerId": "system", "sessionId": session, "sessionBoundary": boundary,
+                "occurredAt": occurred_at, "quantity": 1,
+            })
+        } else {
+            let mut e = json!({
+                "idempotencyKey": format!("evt-{i}"),
+                "metricName": "mcp_server.tool_invocations",
+                "toolName": rng.pick(&tools),
+                "agentId": rng.pick(&agents),
+                "customerId": rng.pick(&customers),
+                "occurredAt": occurred_at,
+                "executionStatus": rng.pick(&statuses),
+                "executionDurationMs": rng.below(20_000),
+                "metadata": {"inputTokens": rng.below(5000), "outputTokens": rng.below(3000), "note": "it's \\ fine"},
+            });
+            if rng.below(10) > 0 {
+                e["sessionId"] = json!(session);
+            }
+            if rng.below(20) == 0 {
+                e["quantity"] = json!(2.5);
+            }
+            e
+        };
+        events.push(event);
+    }
+    per_tenant
+}
+
+#[test]
+fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhouse() {
+    let database = unique_database("conformance");
+    let sqlite = Server::start();
+    let ch_dir = tempfile::tempdir().unwrap();
+    let ch_config = clickhouse_config(ch_dir.path(), &database);
+    let clickhouse = Server::start_in(ch_dir, ch_config.clone());
+
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let per_tenant = stream(now_ms);
+    let total: usize = per_tenant.iter().map(Vec::len).sum();
+    assert!(total >= 10_000);
+    let mut accepted = 0;
+    for (t, events) in per_tenant.iter().enumerate() {
+        for chunk in events.chunks(500) {
+            let body = batch(chunk);
+            let (s1, a1) = sqlite.post("/v1/ingest/batch", TENANT_KEYS[t], &body);
+            let (s2, a2) = clickhouse.post("/v1/ingest/batch", TENANT_KEYS[t], &body);
+            assert_eq!((s1, s2), (202, 202), "{a1} {a2}");
+            assert_eq!(a1, a2, "both stores count accepted and duplicates alike");
+            assert_eq!(a1["failed"], 0, "{a1}");
+            accepted += a1["accepted"].as_u64().unwrap();
+        }
+    }
+    assert!(accepted < total as u64, "the stream has duplicates");
+
+    let today = chrono::Utc::now().date_naive();
+    let day = |back: u64| {
+        (today - chrono::Days::new(back))
+            .format("%Y-%m-%d")
+            .to_string()
+    };
+    let ranges = [
+        String::new(),
+        format!("?from={}&to={}", day(31), day(0)),
+        format!("?from={}&to={}", day(7), day(3)),
+        format!("?from={}&to={}", day(12), day(12)),
+        format!("?from={}", day(400)),
+    ];
+    let mut compared = 0;
+    let mut compare = |path: &str, key: &str| {
+        let (s1, b1) = sqlite.get_text(path, key);
+        let (s2, b2) = clickhouse.get_text(path, key);
+        assert_eq!((s1, &b1), (s2, &b2), "{path} differs");
+        compared += 1;
+        b1
+    };
+    for key in TENANT_KEYS {
+        for range in &ranges {
+            compare(&format!("/analytics/mcp/revenue/by-tool{range}"), key);
+            compare(&format!("/analytics/mcp/by-agent{range}"), key);
+            compare(&format!("/analytics/mcp/summary{range}"), key);
+            let sep = if range.is_empty() { "?" } else { "&" };
+            compare(&format!("/analytics/mcp/sessions{range}"), key);
+            compare(&format!("/analytics/mcp/sessions{range}{sep}limit=7"), key);
+            compare(
+                &format!("/analytics/mcp/sessions{range}{sep}agentId=agent_claude"),
+                key,
+            );
+        }
+        let sessions: Value =
+            serde_json::from_str(&compare("/analytics/mcp/sessions?limit=1000", key)).unwrap();
+        let ids: Vec<String> = sessions["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["sessionId"].as_str().unwrap().to_string())
+            .collect();
+        assert!(ids.len() > 100, "{} sessions", ids.len());
+        for id in ids
+            .iter()
+            .step_by(5)
+            .chain(["no_such_session".to_string()].iter())
+        {
+            compare(&format!("/analytics/mcp/sessions/{id}"), key);
+        }
+    }
+    eprintln!(
+        "conformance: {total} events posted, {accepted} unique, {compared} answers compared byte for byte"
+    );
+    let acme_summary: Value =
+        serde_json::from_str(&sqlite.get_text("/analytics/mcp/summary", ACME).1).unwrap();
+    assert!(acme_summary["calls"].as_i64().unwrap() > 2000);
+    assert!(acme_summary["errors"].as_i64().unwrap() > 0);
+    assert!(acme_summary["sessions"].as_i64().unwrap() > 100);
+
+    // The same raw rows on current ClickHouse (chDB): every migration, every query, same answers.
+    let chdb = chdb::Chdb::start(&database);
+    let server = HttpRunner::new(&ch_config.clickhouse);
+    runtime().block_on(async {
+        let outcomes = migrations::migrate(&chdb, &chdb, &database).await.unwrap();
+        assert!(outcomes
+            .iter()
+            .all(|(_, o)| *o == migrations::Outcome::Applied));
+        let rows = server
+            .tab_separated("SELECT * FROM mcp_events")
+            .await
+            .unwrap();
+        chdb.execute(&format!(
+            "INSERT INTO mcp_events FORMAT TabSeparated\n{rows}"
+        ))
+        .await
+        .unwrap();
+        let count = "SELECT count(), sum(revenue_micros) FROM mcp_events";
+        let on_chdb = chdb.tab_separated(count).await.unwrap();
+        assert_eq!(on_chdb, server.tab_separated(count).await.unwrap());
+        assert!(on_chdb.starts_with(&format!("{accepted}\t")), "{on_chdb}");
+        let (old, new) = (
+            ClickHouseAnalytics::new(server.clone()),
+            ClickHouseAnalytics::new(&chdb),
+        );
+        let mut checked = 0;
+        for tenant in ["acme", "globex", "initech"] {
+            for back in [31, 7, 0] {
+                let range = DateRange {
+                    from: today - chrono::Days::new(back),
+                    to: today,
+                };
+                assert!(!old.revenue_by_tool(tenant, range).await.unwrap().is_empty());
+                assert_eq!(
+                    json(&old.revenue_by_tool(tenant, range).await.unwrap()),
+                    json(&new.revenue_by_tool(tenant, range).await.unwrap())
+                );
+                assert_eq!(
+                    json(&old.usage_by_agent(tenant, range).await.unwrap()),
+                    json(&new.usage_by_agent(tenant, range).await.unwrap())
+                );
+                assert_eq!(
+                    json(&old.summary(tenant, range).await.unwrap()),
+                    json(&new.summary(tenant, range).await.unwrap())
+                );
+                for agent in [None, Some("agent_claude".to_string())] {
+                    let q = SessionQuery {
+                        range,
+                        agent_id: agent,
+                        limit: 50,
+                    };
+                    assert_eq!(
+                        json(&old.sessions(tenant, q.clone()).await.unwrap()),
+                        json(&new.sessions(tenant, q).await.unwrap())
+                    );
+                }
+                checked += 5;
+            }
+            for id in ["sess_0_1", "sess_1_2", "sess_2_3", "nope"] {
+                let found = old.session(tenant, id).await.unwrap().is_some();
+                assert_eq!(
+                    found,
+                    id.starts_with(&format!(
+                        "sess_{}_",
+                        ["acme", "globex", "initech"]
+                            .iter()
+                            .position(|t| *t == tenant)
+                            .unwrap()
+                    ))
+                );
+                assert_eq!(
+                    json(&old.session(tenant, id).await.unwrap()),
+                    json(&new.session(tenant, id).await.unwrap())
+                );
+                checked += 1;
+            }
+        }
+        eprintln!(
+            "chDB {}: {checked} answers equal to ClickHouse 18.16's",
+            chdb.version
+        );
+    });
+}
+
+/// Any analytics answer as JSON text, for comparison.
+fn json<T: serde::Serialize>(answer: &T) -> String {
+    serde_json::to_string(answer).unwrap()
+}
