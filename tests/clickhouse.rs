@@ -116,25 +116,13 @@ fn serve_refuses_an_unmigrated_or_unreachable_clickhouse() {
 
 fn rated(key: &str, session: &str) -> RatedEvent {
     RatedEvent {
-        idempotency_key: key.into(),
-        occurred_at_ms: 1_795_132_800_000,
-        received_at_ms: 1_795_132_800_000,
-        metric_name: "mcp_server.tool_invocations".into(),
-        product_type: "MCP_SERVER".into(),
-        tool_name: "search".into(),
-        agent_id: "agent".into(),
-        customer_id: String::new(),
         session_id: session.into(),
-        execution_status: ExecutionStatus::Success,
-        execution_duration_ms: 10,
-        session_boundary: String::new(),
-        quantity_micros: 1_000_000,
         input_tokens: 1,
         output_tokens: 2,
         revenue_micros: 100,
         cogs_micros: 40,
-        rate_plan_version: 1,
         metadata: Some(r#"{"note":"tab\there, quote ' and backslash \\"}"#.into()),
+        ..RatedEvent::sample_call(key, 1_795_132_800_000)
     }
 }
 

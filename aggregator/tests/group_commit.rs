@@ -6,32 +6,12 @@ use backends::error::{SinkError, StoreError};
 use backends::sink::{EventSink, TenantBatch, WriteOutcome};
 use backends::store::{sqlite, StoreWriter};
 use schemas::config::SqliteConfig;
-use schemas::event::{ExecutionStatus, RatedEvent};
+use schemas::event::RatedEvent;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 fn event(key: String) -> RatedEvent {
-    RatedEvent {
-        idempotency_key: key,
-        occurred_at_ms: 1_795_132_800_000,
-        received_at_ms: 1_795_132_800_000,
-        metric_name: "mcp_server.tool_invocations".into(),
-        product_type: "MCP_SERVER".into(),
-        tool_name: "search".into(),
-        agent_id: "agent".into(),
-        customer_id: String::new(),
-        session_id: "s".into(),
-        execution_status: ExecutionStatus::Success,
-        execution_duration_ms: 1,
-        session_boundary: String::new(),
-        quantity_micros: 1_000_000,
-        input_tokens: 0,
-        output_tokens: 0,
-        revenue_micros: 10,
-        cogs_micros: 1,
-        rate_plan_version: 1,
-        metadata: None,
-    }
+    RatedEvent::sample_call(&key, 1_795_132_800_000)
 }
 
 /// Wraps the real writer: counts commits, and holds the first one until the test lets it go,

@@ -12,25 +12,11 @@ const HOUR: i64 = 3_600_000;
 
 fn event(key: &str, tool: &str, agent: &str, session: &str, at: i64) -> RatedEvent {
     RatedEvent {
-        idempotency_key: key.into(),
-        occurred_at_ms: at,
-        received_at_ms: at,
-        metric_name: "mcp_server.tool_invocations".into(),
-        product_type: "MCP_SERVER".into(),
         tool_name: tool.into(),
         agent_id: agent.into(),
         customer_id: "cust".into(),
         session_id: session.into(),
-        execution_status: ExecutionStatus::Success,
-        execution_duration_ms: 100,
-        session_boundary: String::new(),
-        quantity_micros: 1_000_000,
-        input_tokens: 10,
-        output_tokens: 20,
-        revenue_micros: 5000,
-        cogs_micros: 1000,
-        rate_plan_version: 1,
-        metadata: None,
+        ..RatedEvent::sample_call(key, at)
     }
 }
 

@@ -193,6 +193,33 @@ pub struct RatedEvent {
 }
 
 impl RatedEvent {
+    /// A successful call of tool `search` by agent `agent` in session `session`: 100 ms, 10
+    /// input and 20 output tokens, 5000 µUSD revenue, 1000 µUSD COGS. For tests, examples and
+    /// benchmarks, which change the fields they are about with `..RatedEvent::sample_call(..)`.
+    pub fn sample_call(idempotency_key: &str, occurred_at_ms: i64) -> RatedEvent {
+        RatedEvent {
+            idempotency_key: idempotency_key.into(),
+            occurred_at_ms,
+            received_at_ms: occurred_at_ms,
+            metric_name: "mcp_server.tool_invocations".into(),
+            product_type: DEFAULT_PRODUCT_TYPE.into(),
+            tool_name: "search".into(),
+            agent_id: "agent".into(),
+            customer_id: String::new(),
+            session_id: "session".into(),
+            execution_status: ExecutionStatus::Success,
+            execution_duration_ms: 100,
+            session_boundary: String::new(),
+            quantity_micros: crate::money::SCALE,
+            input_tokens: 10,
+            output_tokens: 20,
+            revenue_micros: 5000,
+            cogs_micros: 1000,
+            rate_plan_version: 1,
+            metadata: None,
+        }
+    }
+
     pub fn is_heartbeat(&self) -> bool {
         self.metric_name == HEARTBEAT_METRIC
     }
