@@ -146,20 +146,29 @@ fn init_logging() {
         .init();
 }
 
+/// Prints where the API listens. Write errors are ignored: a server must not stop because
+/// whoever started it closed its stdout.
 fn print_banner(e: &Embedded, demo_key: Option<&str>) {
+    use std::io::Write;
     let base = format!("http://{}", e.addr);
-    println!("mcp-meter serve: embedded mode, store {}", e.store);
-    println!("  POST {base}/v1/ingest/batch");
-    println!("  POST {base}/v1/ingest/events");
-    println!("  GET  {base}/analytics/mcp/summary");
-    println!("  GET  {base}/analytics/mcp/revenue/by-tool");
-    println!("  GET  {base}/analytics/mcp/by-agent");
-    println!("  GET  {base}/analytics/mcp/sessions");
-    println!("  GET  {base}/analytics/mcp/sessions/{{sessionId}}");
+    let mut text = format!("mcp-meter serve: embedded mode, store {}\n", e.store);
+    for (method, path) in [
+        ("POST", "/v1/ingest/batch"),
+        ("POST", "/v1/ingest/events"),
+        ("GET ", "/analytics/mcp/summary"),
+        ("GET ", "/analytics/mcp/revenue/by-tool"),
+        ("GET ", "/analytics/mcp/by-agent"),
+        ("GET ", "/analytics/mcp/sessions"),
+        ("GET ", "/analytics/mcp/sessions/{sessionId}"),
+    ] {
+        text.push_str(&format!("  {method} {base}{path}\n"));
+    }
     if let Some(key) = demo_key {
-        println!("demo tenant `{}` API key: {key}", demo::TENANT);
-        println!(
-            "  (set MCP_METER_DEMO_KEY to keep the key across restarts; --config for real tenants)"
+        text.push_str(&format!("demo tenant `{}` API key: {key}\n", demo::TENANT));
+        text.push_str(
+            "  (set MCP_METER_DEMO_KEY to keep the key across restarts; --config for real tenants)\n",
         );
     }
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
