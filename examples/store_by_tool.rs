@@ -59,10 +59,10 @@ async fn load(writer: &mut dyn StoreWriter, args: &Args, end_ms: i64) -> anyhow:
     let mut i = 0;
     while i < args.events {
         let n = args.commit_events.min(args.events - i);
-        let batch = TenantBatch {
-            tenant_id: "bench".into(),
-            events: (i..i + n).map(|j| event(j, end_ms)).collect(),
-        };
+        let batch = TenantBatch::new(
+            "bench".into(),
+            (i..i + n).map(|j| event(j, end_ms)).collect(),
+        );
         writer.write(&[batch]).await?;
         i += n;
     }

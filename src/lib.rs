@@ -2,9 +2,12 @@
 //!
 //! - [`load_config`]: file, environment and flags into one validated `Config`.
 //! - [`demo`]: the tenant `serve` runs when no config file is given.
-//! - [`Embedded`]: `serve`, everything in one process: the HTTP API, group commit into SQLite.
+//! - [`Embedded`]: `serve`, everything in one process: the HTTP API, group commit into the store.
+//! - [`Ingestor`], [`run_aggregator`]: the two processes of the distributed mode.
+//! - [`migrate_clickhouse`], [`migrate_kafka`]: `mcp-meter migrate`.
 
 use anyhow::Context;
+use backends::kafka;
 use backends::sink::EventSink;
 use backends::store::clickhouse::{
     self, migrations, ClickHouseAnalytics, ClickHouseWriter, HttpRunner,
@@ -118,6 +121,97 @@ pub async fn migrate_clickhouse(config: &Config) -> anyhow::Result<Vec<String>> 
         .collect())
 }
 
+/// `mcp-meter migrate`, Kafka side: creates the events and dead-letter topics. Returns one line
+/// per topic.
+pub async fn migrate_kafka(config: &Config) -> anyhow::Result<Vec<String>> {
+    let k = &config.kafka;
+    let outcomes = kafka::create_topics(k).await.with_context(|| {
+        format!(
+            "creating Kafka topics at {}",
+            k.brokers.as_deref().unwrap_or("?")
+        )
+    })?;
+    Ok(outcomes
+        .into_iter()
+        .map(|(topic, outcome)| {
+            let what = match outcome {
+                kafka::TopicOutcome::Created => "created",
+                kafka::TopicOutcome::AlreadyExisted => "already existed",
+            };
+            format!("{topic} {what} ({} partitions)", k.partitions)
+        })
+        .collect())
+}
+
+/// Binds the HTTP API over the given ports.
+fn http_api(
+    config: &Config,
+    sink: Arc<dyn EventSink>,
+    analytics: Arc<dyn AnalyticsStore>,
+) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
+    let state = actix_web::web::Data::new(ingestor::AppState {
+        keys: ingestor::auth::Keyring::new(&config.tenants),
+        sink,
+        analytics,
+        ingest: config.ingest.clone(),
+    });
+    let server = actix_web::HttpServer::new(move || {
+        actix_web::App::new().configure(ingestor::routes(state.clone()))
+    })
+    .bind(&config.listen)
+    .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = *server.addrs().first().context("bound to no address")?;
+    Ok((server.run(), addr))
+}
+
+/// `mcp-meter ingestor`: the HTTP API, publishing to Kafka and reading analytics from ClickHouse.
+pub struct Ingestor {
+    server: actix_web::dev::Server,
+    pub addr: SocketAddr,
+}
+
+impl Ingestor {
+    /// Checks ClickHouse, connects the producer and binds the API. Call inside an actix runtime.
+    pub async fn start(config: &Config) -> anyhow::Result<Ingestor> {
+        let ch = &config.clickhouse;
+        let runner = HttpRunner::new(ch);
+        clickhouse::check_ready(&runner, ch).await?;
+        let sink: Arc<dyn EventSink> = Arc::new(kafka::KafkaSink::new(&config.kafka)?);
+        let analytics: Arc<dyn AnalyticsStore> = Arc::new(ClickHouseAnalytics::new(runner));
+        let (server, addr) = http_api(config, sink, analytics)?;
+        Ok(Ingestor { server, addr })
+    }
+
+    /// Serves until SIGINT or SIGTERM; in-flight requests finish first.
+    pub async fn run(self) -> anyhow::Result<()> {
+        self.server.await.context("the HTTP server failed")
+    }
+
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+}
+
+/// `mcp-meter aggregator`: consumes the events topic into ClickHouse until `shutdown`.
+pub async fn run_aggregator(
+    config: &Config,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<aggregator::consumer::Progress> {
+    let ch = &config.clickhouse;
+    let runner = HttpRunner::new(ch);
+    clickhouse::check_ready(&runner, ch).await?;
+    let mut source = kafka::KafkaSource::new(&config.kafka)?;
+    let mut writer = ClickHouseWriter::new(runner);
+    let a = &config.aggregator;
+    let consumer = aggregator::consumer::ConsumerConfig {
+        max_batch_rows: a.max_batch_rows,
+        max_batch_wait: std::time::Duration::from_millis(a.max_batch_wait_ms),
+        max_retry_backoff: std::time::Duration::from_millis(a.max_retry_backoff_ms),
+        give_up_after: std::time::Duration::from_millis(config.kafka.max_poll_interval_ms * 8 / 10),
+    };
+    Ok(aggregator::consumer::run(&mut source, &mut writer, &consumer, shutdown).await?)
+}
+
 /// `serve`: the whole pipeline in one process.
 pub struct Embedded {
     server: actix_web::dev::Server,
@@ -172,21 +266,9 @@ impl Embedded {
                 )
             }
         };
-        let sink: Arc<dyn EventSink> = Arc::new(sink);
-        let state = actix_web::web::Data::new(ingestor::AppState {
-            keys: ingestor::auth::Keyring::new(&config.tenants),
-            sink,
-            analytics,
-            ingest: config.ingest.clone(),
-        });
-        let server = actix_web::HttpServer::new(move || {
-            actix_web::App::new().configure(ingestor::routes(state.clone()))
-        })
-        .bind(&config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let addr = *server.addrs().first().context("bound to no address")?;
+        let (server, addr) = http_api(config, Arc::new(sink), analytics)?;
         Ok(Embedded {
-            server: server.run(),
+            server,
             addr,
             store,
             writer,

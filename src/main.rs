@@ -3,9 +3,11 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mcp_meter::{
-    demo, load_config, migrate_clickhouse, new_api_key, sha256_hex, Embedded, Overrides,
+    demo, load_config, migrate_clickhouse, migrate_kafka, new_api_key, run_aggregator, sha256_hex,
+    Embedded, Ingestor, Overrides,
 };
 use schemas::config::ENV_OVERRIDES;
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -38,11 +40,30 @@ enum Command {
         #[arg(long, env = "MCP_METER_DEMO_KEY", hide_env_values = true)]
         demo_key: Option<String>,
     },
-    /// Create the ClickHouse database and apply every migration not yet applied. Safe to run
-    /// again, and from several processes at once.
+    /// The distributed mode's HTTP API: authenticate, rate, publish to Kafka, answer once the
+    /// events are acknowledged; analytics from ClickHouse. Run any number of them.
+    #[command(after_long_help = env_help())]
+    Ingestor {
+        #[arg(long, env = "MCP_METER_LISTEN")]
+        listen: Option<String>,
+        /// TOML config file with tenants, `[kafka]` and `[clickhouse]`.
+        #[arg(long, env = "MCP_METER_CONFIG")]
+        config: PathBuf,
+    },
+    /// The distributed mode's writer: consume the events topic into ClickHouse exactly once.
+    /// Run up to one per partition; SIGTERM finishes the batch in hand, then exits.
+    #[command(after_long_help = env_help())]
+    Aggregator {
+        /// TOML config file with `[kafka]`, `[clickhouse]` and `[aggregator]`.
+        #[arg(long, env = "MCP_METER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Create the ClickHouse database and apply every migration not yet applied; with
+    /// `kafka.brokers` set, create the Kafka topics too. Safe to run again, and from several
+    /// processes at once.
     #[command(after_long_help = env_help())]
     Migrate {
-        /// TOML config file (its `[clickhouse]` section); environment overrides apply.
+        /// TOML config file (`[clickhouse]`, `[kafka]`); environment overrides apply.
         #[arg(long, env = "MCP_METER_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -97,15 +118,62 @@ fn main() -> anyhow::Result<()> {
                 |v| std::env::var(v).ok(),
                 &Overrides::default(),
             )?;
-            let lines = actix_web::rt::System::new().block_on(migrate_clickhouse(&cfg))?;
-            println!(
-                "ClickHouse {} database {}:",
-                cfg.clickhouse.url, cfg.clickhouse.database
-            );
-            for line in lines {
-                println!("  {line}");
-            }
-            Ok(())
+            actix_web::rt::System::new().block_on(async {
+                let lines = migrate_clickhouse(&cfg).await?;
+                println!(
+                    "ClickHouse {} database {}:",
+                    cfg.clickhouse.url, cfg.clickhouse.database
+                );
+                for line in lines {
+                    println!("  {line}");
+                }
+                if let Some(brokers) = &cfg.kafka.brokers {
+                    let lines = migrate_kafka(&cfg).await?;
+                    println!("Kafka {brokers}:");
+                    for line in lines {
+                        println!("  {line}");
+                    }
+                }
+                Ok(())
+            })
+        }
+        Command::Ingestor { listen, config } => {
+            init_logging();
+            let flags = Overrides {
+                listen,
+                data_dir: None,
+            };
+            let cfg = load_config(Some(&config), |v| std::env::var(v).ok(), &flags)?;
+            actix_web::rt::System::new().block_on(async move {
+                let ingestor = Ingestor::start(&cfg).await?;
+                let mut out = std::io::stdout().lock();
+                let banner = format!(
+                    "mcp-meter ingestor: http://{} -> kafka topic {}\n",
+                    ingestor.addr, cfg.kafka.events_topic
+                );
+                let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
+                drop(out);
+                ingestor.run().await
+            })
+        }
+        Command::Aggregator { config } => {
+            init_logging();
+            let cfg = load_config(
+                Some(&config),
+                |v| std::env::var(v).ok(),
+                &Overrides::default(),
+            )?;
+            actix_web::rt::System::new().block_on(async move {
+                let (stop, shutdown) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    stop_signal().await;
+                    tracing::info!("stopping after the batch in hand");
+                    let _ = stop.send(true);
+                });
+                let progress = run_aggregator(&cfg, shutdown).await?;
+                tracing::info!(?progress, "aggregator stopped");
+                Ok(())
+            })
         }
         Command::Serve {
             listen,
@@ -137,6 +205,16 @@ fn main() -> anyhow::Result<()> {
     .context("mcp-meter failed")
 }
 
+/// SIGTERM or SIGINT.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MCP_METER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -149,7 +227,6 @@ fn init_logging() {
 /// Prints where the API listens. Write errors are ignored: a server must not stop because
 /// whoever started it closed its stdout.
 fn print_banner(e: &Embedded, demo_key: Option<&str>) {
-    use std::io::Write;
     let base = format!("http://{}", e.addr);
     let mut text = format!("mcp-meter serve: embedded mode, store {}\n", e.store);
     for (method, path) in [

@@ -134,9 +134,8 @@ fn the_writer_stores_each_key_once_within_and_across_writes() {
     let runner = HttpRunner::new(&config.clickhouse);
     runtime().block_on(async {
         let mut writer = ClickHouseWriter::new(runner.clone());
-        let batch = |tenant: &str, keys: &[&str]| TenantBatch {
-            tenant_id: tenant.into(),
-            events: keys.iter().map(|k| rated(k, "s'1")).collect(),
+        let batch = |tenant: &str, keys: &[&str]| {
+            TenantBatch::new(tenant.into(), keys.iter().map(|k| rated(k, "s'1")).collect())
         };
         let first = writer
             .write(&[batch("t1", &["a", "b", "a"]), batch("t1", &["b", "c"])])

@@ -1,9 +1,12 @@
 //! The store-writing side of mcp-meter: what turns published batches into stored rows.
 //!
+//! - [`consumer`]: the distributed mode's writer: the events topic into ClickHouse, exactly
+//!   once, with the consistency contract spelled out step by step.
 //! - [`group_commit`]: the embedded mode's bus. Ingest requests hand it batches; a single
 //!   writer thread commits every batch waiting at that moment in one transaction and answers
 //!   each request after its commit. Implements `backends::sink::EventSink`.
 //!
 //! This crate knows nothing of HTTP.
 
+pub mod consumer;
 pub mod group_commit;

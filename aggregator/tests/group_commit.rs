@@ -80,10 +80,10 @@ fn rig(queue_capacity_batches: usize) -> Rig {
 }
 
 fn batch(n: usize, prefix: &str) -> TenantBatch {
-    TenantBatch {
-        tenant_id: "t".into(),
-        events: (0..n).map(|i| event(format!("{prefix}-{i}"))).collect(),
-    }
+    TenantBatch::new(
+        "t".into(),
+        (0..n).map(|i| event(format!("{prefix}-{i}"))).collect(),
+    )
 }
 
 async fn until(condition: impl Fn() -> bool) {

@@ -5,10 +5,14 @@
 //!
 //! - [`sink`]: [`sink::EventSink`], where the ingestor hands rated batches and waits until they
 //!   are durable (embedded: the group-commit writer; distributed: Kafka).
+//! - [`source`]: [`source::EventSource`], where the aggregator consumes published batches.
+//! - [`kafka`]: the Kafka adapters of both bus ports, and topic creation.
 //! - [`store`]: [`store::StoreWriter`], one transaction over many batches, and
-//!   [`store::AnalyticsStore`], the read side; adapter [`store::sqlite`].
+//!   [`store::AnalyticsStore`], the read side; adapters [`store::sqlite`], [`store::clickhouse`].
 //! - [`error`]: the errors of both, each saying whether a retry can help.
 
 pub mod error;
+pub mod kafka;
 pub mod sink;
+pub mod source;
 pub mod store;

@@ -10,6 +10,28 @@ use std::sync::Arc;
 pub struct TenantBatch {
     pub tenant_id: Arc<str>,
     pub events: Vec<RatedEvent>,
+    /// Where each event was read from the bus, one per event, in order; empty for events that
+    /// did not come through a bus. Stored with the rows so that a restarted aggregator knows
+    /// what it has already written.
+    pub positions: Vec<BusPosition>,
+}
+
+impl TenantBatch {
+    /// A batch straight from ingest, with no bus positions.
+    pub fn new(tenant_id: Arc<str>, events: Vec<RatedEvent>) -> TenantBatch {
+        TenantBatch {
+            tenant_id,
+            events,
+            positions: Vec::new(),
+        }
+    }
+}
+
+/// A message's place on the events topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BusPosition {
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// What became of a batch: events stored for the first time, and events whose

@@ -34,10 +34,7 @@ fn heartbeat(key: &str, session: &str, at: i64, boundary: &str) -> RatedEvent {
 }
 
 fn batch(tenant: &str, events: Vec<RatedEvent>) -> TenantBatch {
-    TenantBatch {
-        tenant_id: tenant.into(),
-        events,
-    }
+    TenantBatch::new(tenant.into(), events)
 }
 
 fn range() -> DateRange {

@@ -119,10 +119,7 @@ async fn ingest(
     }
     let outcome = state
         .sink
-        .publish(TenantBatch {
-            tenant_id: grant.tenant.id.clone(),
-            events: rated,
-        })
+        .publish(TenantBatch::new(grant.tenant.id.clone(), rated))
         .await?;
     Ok(HttpResponse::Accepted().json(IngestAnswer {
         accepted: outcome.accepted,

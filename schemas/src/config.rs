@@ -29,6 +29,10 @@ pub struct Config {
     pub sqlite: SqliteConfig,
     #[serde(default)]
     pub clickhouse: ClickHouseConfig,
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub aggregator: AggregatorConfig,
     /// Every tenant, with its API keys and rate plans.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -101,6 +105,59 @@ pub struct ClickHouseConfig {
     pub request_timeout_ms: u64,
 }
 
+/// The bus of the distributed mode (`mcp-meter ingestor`, `mcp-meter aggregator`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port...]`. Required by `ingestor` and `aggregator`;
+    /// when set, `mcp-meter migrate` creates the topics too.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    /// Rated events, one message per event, keyed by a hash of (tenant, idempotency key).
+    #[serde(default = "default_events_topic")]
+    pub events_topic: String,
+    /// Messages the aggregator cannot read, with the reason in a header.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Partitions of the events topic (created by `migrate`): the most aggregators that can
+    /// share the work.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// Consumer group of the aggregators.
+    #[serde(default = "default_consumer_group")]
+    pub consumer_group: String,
+    /// Longest the ingestor waits for a batch's delivery reports before answering 503.
+    #[serde(default = "default_delivery_timeout_ms")]
+    pub delivery_timeout_ms: u64,
+    /// How long the producer lets a batch of messages fill before sending it.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+    /// How long the group waits for a silent aggregator before giving its partitions away.
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// Longest an aggregator may go between polls (a ClickHouse outage counts); past 80% of it
+    /// the aggregator exits rather than write partitions it may no longer own.
+    #[serde(default = "default_max_poll_interval_ms")]
+    pub max_poll_interval_ms: u64,
+}
+
+/// How the aggregator batches its inserts.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorConfig {
+    /// Most messages in one ClickHouse insert.
+    #[serde(default = "default_max_batch_rows")]
+    pub max_batch_rows: usize,
+    /// Longest a message waits for its batch to fill before the batch is inserted anyway.
+    #[serde(default = "default_max_batch_wait_ms")]
+    pub max_batch_wait_ms: u64,
+    /// Longest pause between retries of a failed insert.
+    #[serde(default = "default_max_retry_backoff_ms")]
+    pub max_retry_backoff_ms: u64,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
@@ -165,6 +222,42 @@ fn default_clickhouse_user() -> String {
 fn default_clickhouse_timeout_ms() -> u64 {
     30_000
 }
+fn default_events_topic() -> String {
+    "mcp-meter.events".into()
+}
+fn default_dead_letter_topic() -> String {
+    "mcp-meter.events.dead-letter".into()
+}
+fn default_partitions() -> i32 {
+    6
+}
+fn default_replication_factor() -> i32 {
+    1
+}
+fn default_consumer_group() -> String {
+    "mcp-meter-aggregator".into()
+}
+fn default_delivery_timeout_ms() -> u64 {
+    5_000
+}
+fn default_linger_ms() -> u64 {
+    2
+}
+fn default_session_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_poll_interval_ms() -> u64 {
+    300_000
+}
+fn default_max_batch_rows() -> usize {
+    50_000
+}
+fn default_max_batch_wait_ms() -> u64 {
+    200
+}
+fn default_max_retry_backoff_ms() -> u64 {
+    5_000
+}
 fn default_max_body_bytes() -> usize {
     8 * 1024 * 1024
 }
@@ -204,6 +297,18 @@ impl Default for IngestConfig {
 
 impl Default for ClickHouseConfig {
     fn default() -> ClickHouseConfig {
+        toml::from_str("").expect("an empty section takes every default")
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> KafkaConfig {
+        toml::from_str("").expect("an empty section takes every default")
+    }
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> AggregatorConfig {
         toml::from_str("").expect("an empty section takes every default")
     }
 }
@@ -417,6 +522,30 @@ impl Config {
         }
         if ch.request_timeout_ms == 0 {
             problems.push("clickhouse.request_timeout_ms must be at least 1".into());
+        }
+
+        let k = &self.kafka;
+        if k.brokers.as_deref().is_some_and(|b| b.trim().is_empty()) {
+            problems.push("kafka.brokers is empty; give host:port of at least one broker".into());
+        }
+        if k.partitions < 1 || k.replication_factor < 1 {
+            problems
+                .push("kafka.partitions and kafka.replication_factor must be at least 1".into());
+        }
+        if k.events_topic.is_empty() || k.events_topic == k.dead_letter_topic {
+            problems.push(
+                "kafka.events_topic and kafka.dead_letter_topic must be two different names".into(),
+            );
+        }
+        if k.delivery_timeout_ms == 0 {
+            problems.push("kafka.delivery_timeout_ms must be at least 1".into());
+        }
+        let a = &self.aggregator;
+        if a.max_batch_rows == 0 || a.max_batch_wait_ms == 0 {
+            problems.push(
+                "aggregator.max_batch_rows and aggregator.max_batch_wait_ms must be at least 1"
+                    .into(),
+            );
         }
 
         let mut tenant_ids = HashSet::new();

@@ -8,12 +8,12 @@
 //! - [`clickhouse`]: the distributed store.
 
 use crate::error::StoreError;
-use crate::sink::{TenantBatch, WriteOutcome};
+use crate::sink::{BusPosition, TenantBatch, WriteOutcome};
 use schemas::analytics::{
     AgentUsage, DateRange, DayUsage, SessionDetail, SessionUsage, ToolUsage, UsageFigures,
     UsageSummary,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 pub mod clickhouse;
 pub mod sqlite;
@@ -28,6 +28,22 @@ pub trait StoreWriter: Send {
     /// caller must assume nothing was written and write the same batches again, which
     /// deduplication makes safe.
     async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError>;
+}
+
+/// What a store knows of the bus, for exactly-once consumption.
+#[async_trait::async_trait]
+pub trait StoredOffsets: Send + Sync {
+    /// The greatest offset per partition below which everything is stored (the floors).
+    /// Partitions with nothing recorded are absent.
+    async fn stored_offsets(&self, partitions: &[i32]) -> Result<HashMap<i32, i64>, StoreError>;
+    /// Records new floors; call only after the insert of everything below them succeeded.
+    async fn record_offsets(&self, offsets: &[(i32, i64)]) -> Result<(), StoreError>;
+    /// Which positions of `batches` already have a row (slower than the floors: used after a
+    /// failed insert, which may have stored part of a batch, and once per new assignment).
+    async fn stored_positions(
+        &self,
+        batches: &[TenantBatch],
+    ) -> Result<HashSet<BusPosition>, StoreError>;
 }
 
 /// Filters of the sessions list.

@@ -34,7 +34,27 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(2, "0002_daily_stats.sql"),
     migration!(3, "0003_session_summary.sql"),
     migration!(4, "0004_event_keys.sql"),
+    migration!(5, "0005_kafka_offsets.sql"),
 ];
+
+/// `column already exists` on 18.16 (ILLEGAL_COLUMN) and on current servers (DUPLICATE_COLUMN).
+const COLUMN_EXISTS_CODES: [u32; 2] = [44, 15];
+
+/// Runs one statement. ClickHouse 18.16 has no `ADD COLUMN IF NOT EXISTS`, so an ADD COLUMN
+/// that finds its column already there (a re-run, or another migrate at the same time) counts
+/// as done.
+async fn apply(runner: &dyn SqlRunner, statement: &str) -> Result<(), StoreError> {
+    match runner.execute(statement).await {
+        Err(e)
+            if statement.contains(" ADD COLUMN ")
+                && crate::error::clickhouse_error_code(&e.to_string())
+                    .is_some_and(|code| COLUMN_EXISTS_CODES.contains(&code)) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
 
 /// A file's statements: comment lines dropped, split at `;`. (The DDL has no `;` in strings.)
 pub fn statements(sql: &str) -> Vec<String> {
@@ -108,7 +128,7 @@ checksum String, applied_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER
             continue;
         }
         for statement in statements(m.sql) {
-            database_runner.execute(&statement).await?;
+            apply(database_runner, &statement).await?;
         }
         database_runner
             .execute(&format!(

@@ -151,6 +151,51 @@ pub fn stored_keys<'a>(keys: impl IntoIterator<Item = (&'a str, Vec<&'a str>)>) 
     sql
 }
 
+/// The greatest Kafka offset of each of `partitions` whose batch was fully stored.
+pub fn stored_offsets(partitions: &[i32]) -> String {
+    let list: Vec<String> = partitions.iter().map(i32::to_string).collect();
+    format!(
+        "SELECT kafka_partition, max(max_offset) FROM mcp_kafka_offsets \
+WHERE kafka_partition IN ({}) GROUP BY kafka_partition ORDER BY kafka_partition",
+        list.join(", ")
+    )
+}
+
+/// Records that everything up to each offset is stored.
+pub fn record_offsets(offsets: &[(i32, i64)]) -> String {
+    let rows: Vec<String> = offsets.iter().map(|(p, o)| format!("({p}, {o})")).collect();
+    format!(
+        "INSERT INTO mcp_kafka_offsets (kafka_partition, max_offset) VALUES {}",
+        rows.join(", ")
+    )
+}
+
+/// Which of the given Kafka positions already have a row. Bounded by the primary key (tenants,
+/// and the time span of the events), so it reads only the slice those events would be in.
+/// `span_ms` is the smallest and greatest `occurred_at_ms`; `positions` are
+/// (partition, smallest offset, greatest offset).
+pub fn stored_positions(
+    tenants: &[&str],
+    span_ms: (i64, i64),
+    positions: &[(i32, i64, i64)],
+) -> String {
+    let tenants: Vec<String> = tenants.iter().map(|t| quote(t)).collect();
+    let ranges: Vec<String> = positions
+        .iter()
+        .map(|(p, lo, hi)| {
+            format!("(kafka_partition = {p} AND kafka_offset BETWEEN {lo} AND {hi})")
+        })
+        .collect();
+    format!(
+        "SELECT kafka_partition, kafka_offset FROM mcp_events WHERE tenant_id IN ({}) \
+AND occurred_at >= toDateTime({}, 'UTC') AND occurred_at <= toDateTime({}, 'UTC') AND ({})",
+        tenants.join(", "),
+        span_ms.0.div_euclid(1000),
+        span_ms.1.div_euclid(1000),
+        ranges.join(" OR ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +268,33 @@ AND max(t_agent) = 'agent-1' ORDER BY max(t_last) DESC, session_id LIMIT 100"
         ));
         assert!(
             session_tools("acme", "s1").contains("HAVING sumMerge(calls) > 0 ORDER BY tool_name")
+        );
+    }
+
+    #[test]
+    fn offsets_are_read_and_recorded_in_the_tiny_offsets_table() {
+        assert_eq!(
+            stored_offsets(&[0, 3]),
+            "SELECT kafka_partition, max(max_offset) FROM mcp_kafka_offsets \
+WHERE kafka_partition IN (0, 3) GROUP BY kafka_partition ORDER BY kafka_partition"
+        );
+        assert_eq!(
+            record_offsets(&[(0, 17), (3, 5)]),
+            "INSERT INTO mcp_kafka_offsets (kafka_partition, max_offset) VALUES (0, 17), (3, 5)"
+        );
+    }
+
+    #[test]
+    fn stored_positions_stays_inside_the_primary_key_range() {
+        assert_eq!(
+            stored_positions(
+                &["a", "b"],
+                (1_795_132_800_999, 1_795_132_801_000),
+                &[(2, 10, 20)]
+            ),
+            "SELECT kafka_partition, kafka_offset FROM mcp_events WHERE tenant_id IN ('a', 'b') \
+AND occurred_at >= toDateTime(1795132800, 'UTC') AND occurred_at <= toDateTime(1795132801, 'UTC') \
+AND ((kafka_partition = 2 AND kafka_offset BETWEEN 10 AND 20))"
         );
     }
 

@@ -8,8 +8,8 @@
 
 use super::{queries, tsv, within, HttpRunner, SqlRunner};
 use crate::error::{ClickHouseContext, StoreError};
-use crate::sink::{TenantBatch, WriteOutcome};
-use crate::store::StoreWriter;
+use crate::sink::{BusPosition, TenantBatch, WriteOutcome};
+use crate::store::{StoreWriter, StoredOffsets};
 use clickhouse::Row;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -41,6 +41,8 @@ struct EventRow<'a> {
     cogs_micros: i64,
     rate_plan_version: u32,
     metadata: &'a str,
+    kafka_partition: i32,
+    kafka_offset: i64,
 }
 
 pub struct ClickHouseWriter {
@@ -78,6 +80,66 @@ impl ClickHouseWriter {
 }
 
 #[async_trait::async_trait]
+impl StoredOffsets for ClickHouseWriter {
+    async fn stored_offsets(&self, partitions: &[i32]) -> Result<HashMap<i32, i64>, StoreError> {
+        let answer = self
+            .runner
+            .tab_separated(&queries::stored_offsets(partitions))
+            .await?;
+        let mut offsets = HashMap::new();
+        for mut row in tsv::rows(&answer, "read stored offsets") {
+            offsets.insert(row.int()? as i32, row.int()?);
+        }
+        Ok(offsets)
+    }
+
+    async fn record_offsets(&self, offsets: &[(i32, i64)]) -> Result<(), StoreError> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        self.runner.execute(&queries::record_offsets(offsets)).await
+    }
+
+    async fn stored_positions(
+        &self,
+        batches: &[TenantBatch],
+    ) -> Result<HashSet<BusPosition>, StoreError> {
+        let mut tenants: Vec<&str> = Vec::new();
+        let mut span = (i64::MAX, i64::MIN);
+        let mut ranges: HashMap<i32, (i64, i64)> = HashMap::new();
+        for batch in batches {
+            if !tenants.contains(&&*batch.tenant_id) {
+                tenants.push(&batch.tenant_id);
+            }
+            for (e, p) in batch.events.iter().zip(&batch.positions) {
+                span = (span.0.min(e.occurred_at_ms), span.1.max(e.occurred_at_ms));
+                let range = ranges.entry(p.partition).or_insert((p.offset, p.offset));
+                *range = (range.0.min(p.offset), range.1.max(p.offset));
+            }
+        }
+        if ranges.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let positions: Vec<(i32, i64, i64)> = ranges
+            .into_iter()
+            .map(|(p, (lo, hi))| (p, lo, hi))
+            .collect();
+        let answer = self
+            .runner
+            .tab_separated(&queries::stored_positions(&tenants, span, &positions))
+            .await?;
+        let mut stored = HashSet::new();
+        for mut row in tsv::rows(&answer, "read stored positions") {
+            stored.insert(BusPosition {
+                partition: row.int()? as i32,
+                offset: row.int()?,
+            });
+        }
+        Ok(stored)
+    }
+}
+
+#[async_trait::async_trait]
 impl StoreWriter for ClickHouseWriter {
     async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
         // 1. Keys already stored by an earlier write (a client retry, a redelivery).
@@ -88,7 +150,8 @@ impl StoreWriter for ClickHouseWriter {
         let mut rows = Vec::new();
         for batch in batches {
             let mut outcome = WriteOutcome::default();
-            for e in &batch.events {
+            for (i, e) in batch.events.iter().enumerate() {
+                let position = batch.positions.get(i);
                 if seen.insert((batch.tenant_id.to_string(), e.idempotency_key.clone())) {
                     outcome.accepted += 1;
                     rows.push(EventRow {
@@ -115,6 +178,8 @@ impl StoreWriter for ClickHouseWriter {
                         cogs_micros: e.cogs_micros,
                         rate_plan_version: e.rate_plan_version,
                         metadata: e.metadata.as_deref().unwrap_or(""),
+                        kafka_partition: position.map_or(-1, |p| p.partition),
+                        kafka_offset: position.map_or(-1, |p| p.offset),
                     });
                 } else {
                     outcome.duplicates += 1;

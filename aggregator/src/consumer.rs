@@ -1,0 +1,348 @@
+//! The distributed mode's store writer: consume the events topic, write ClickHouse exactly once.
+//!
+//! Consistency contract. Three facts make every step below safe to crash at:
+//! - A partition has one writer at a time: rebalances happen only inside `poll`, and a batch is
+//!   written completely (or the process exits) before the next `poll`.
+//! - The store's floor of a partition (the greatest offset of a fully stored batch) is recorded
+//!   after the insert succeeded, so everything at or below it is stored.
+//! - Every row carries its idempotency key and its (partition, offset); the writer drops keys
+//!   already stored, and after a failure the loop drops positions already stored.
+//!
+//! Offsets committed to Kafka are only a hint of where to resume reading.
+
+use backends::error::StoreError;
+use backends::sink::{BusPosition, TenantBatch};
+use backends::source::{BusError, BusMessage, EventSource};
+use backends::store::{StoreWriter, StoredOffsets};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How the loop batches and how long it keeps trying.
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    /// Most messages per insert.
+    pub max_batch_rows: usize,
+    /// Longest a message waits for its batch to fill.
+    pub max_batch_wait: Duration,
+    /// Longest pause between two tries of a failed insert.
+    pub max_retry_backoff: Duration,
+    /// Longest the loop keeps retrying one batch. Past it, it gives up (the process exits): the
+    /// group may already have given the partitions to another aggregator, and a late write
+    /// could then duplicate theirs. A restart is always safe.
+    pub give_up_after: Duration,
+}
+
+/// What the loop did, for logs and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub batches: u64,
+    pub rows_written: u64,
+    pub duplicates: u64,
+    pub already_stored: u64,
+    pub dead_letters: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("gave up on a batch after {seconds} s of failures; last: {last}")]
+    GaveUp { seconds: u64, last: StoreError },
+}
+
+/// Runs until `shutdown` turns true (then finishes the batch in hand and returns), or until a
+/// batch cannot be written for `give_up_after`.
+pub async fn run<S, W>(
+    source: &mut S,
+    writer: &mut W,
+    config: &ConsumerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Progress, ConsumerError>
+where
+    S: EventSource,
+    W: StoreWriter + StoredOffsets,
+{
+    let mut progress = Progress::default();
+    // Per owned partition: the greatest offset known stored. Absent = not read since assignment.
+    let mut floors: HashMap<i32, i64> = HashMap::new();
+    // Partitions whose first batch since assignment still needs the position check: a crash may
+    // have left a partial insert above the floor.
+    let mut unverified: HashSet<i32> = HashSet::new();
+    let idle = Duration::from_millis(500);
+    while !*shutdown.borrow() {
+        // 1. Read a batch. Partitions change hands only inside this call.
+        let polled = tokio::select! {
+            polled = source.poll(config.max_batch_rows, idle, config.max_batch_wait) => polled?,
+            _ = shutdown.changed() => break,
+        };
+        // 2. Forget partitions taken away: their new owner writes them now, and if they come
+        //    back their floor is read again.
+        for p in &polled.revoked {
+            floors.remove(p);
+            unverified.remove(p);
+        }
+        if polled.messages.is_empty() {
+            continue;
+        }
+        // 3. Floors of partitions new to us since their assignment: one small query.
+        let new: Vec<i32> = partitions(&polled.messages)
+            .into_iter()
+            .filter(|p| !floors.contains_key(p))
+            .collect();
+        if !new.is_empty() {
+            let stored = retry(config, || writer.stored_offsets(&new)).await?;
+            for p in new {
+                let floor = stored.get(&p).copied().unwrap_or(-1);
+                floors.insert(p, floor);
+                unverified.insert(p);
+                // Skip re-reading what is stored (this batch is filtered below regardless).
+                if let Some(first) = polled.messages.iter().find(|m| m.position.partition == p) {
+                    if first.position.offset <= floor {
+                        if let Err(e) = source.seek(BusPosition {
+                            partition: p,
+                            offset: floor + 1,
+                        }) {
+                            tracing::warn!(error = %e, partition = p, "seek failed; re-reading instead");
+                        }
+                    }
+                }
+            }
+        }
+        // 4. Drop what a fully stored batch already holds (re-read after a crash or a seek).
+        let before = polled.messages.len();
+        let messages: Vec<BusMessage> = polled
+            .messages
+            .into_iter()
+            .filter(|m| m.position.offset > floors[&m.position.partition])
+            .collect();
+        progress.already_stored += (before - messages.len()) as u64;
+        let next = next_positions(&messages);
+        // 5. Poison to the dead-letter topic, durably, before the batch counts as done. After a
+        //    crash it may be sent again: the dead-letter topic is at-least-once.
+        let mut batches = Vec::new();
+        for message in messages {
+            match message.content {
+                Ok(bus) => push(&mut batches, bus.tenant_id, bus.event, message.position),
+                Err(poison) => {
+                    tracing::warn!(partition = message.position.partition, offset = message.position.offset,
+                        reason = %poison.reason, "message sent to the dead-letter topic");
+                    source.dead_letter(message.position, &poison).await?;
+                    progress.dead_letters += 1;
+                }
+            }
+        }
+        // 6. Insert. The writer drops keys already stored and repeats within the batch. On the
+        //    first batch of a partition since assignment, and after any failed try, positions
+        //    already stored are dropped first: a failed INSERT may have stored part of a batch.
+        let mut check_positions = batches
+            .iter()
+            .flat_map(|b| &b.positions)
+            .any(|p| unverified.contains(&p.partition));
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            if check_positions {
+                match writer.stored_positions(&batches).await {
+                    Ok(stored) => {
+                        progress.already_stored += drop_positions(&mut batches, &stored) as u64;
+                        check_positions = false;
+                    }
+                    Err(e) => {
+                        backoff(config, &mut attempt, started, e).await?;
+                        continue;
+                    }
+                }
+            }
+            match writer.write(&batches).await {
+                Ok(outcomes) => {
+                    for o in outcomes {
+                        progress.rows_written += o.accepted as u64;
+                        progress.duplicates += o.duplicates as u64;
+                    }
+                    break;
+                }
+                Err(e) => {
+                    check_positions = true;
+                    backoff(config, &mut attempt, started, e).await?;
+                }
+            }
+        }
+        // 7. Raise the floors, now that everything up to them is stored. A crash before this
+        //    line re-reads the batch, and step 6's checks drop what is stored.
+        let new_floors: Vec<(i32, i64)> =
+            next.iter().map(|p| (p.partition, p.offset - 1)).collect();
+        retry(config, || writer.record_offsets(&new_floors)).await?;
+        for (p, floor) in &new_floors {
+            floors.insert(*p, *floor);
+            unverified.remove(p);
+        }
+        // 8. Tell Kafka where to resume (a hint; losing it costs a re-read, never a duplicate).
+        source.commit(&next);
+        progress.batches += 1;
+        tracing::debug!(
+            ?progress,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch stored"
+        );
+    }
+    Ok(progress)
+}
+
+/// Adds an event to the batch of its tenant, keeping each batch's positions aligned.
+fn push(
+    batches: &mut Vec<TenantBatch>,
+    tenant: String,
+    event: schemas::event::RatedEvent,
+    position: BusPosition,
+) {
+    let batch = match batches.iter_mut().position(|b| *b.tenant_id == *tenant) {
+        Some(i) => &mut batches[i],
+        None => {
+            batches.push(TenantBatch::new(Arc::from(tenant), Vec::new()));
+            batches.last_mut().expect("pushed")
+        }
+    };
+    batch.events.push(event);
+    batch.positions.push(position);
+}
+
+/// Removes events whose positions are in `stored`; returns how many.
+fn drop_positions(batches: &mut [TenantBatch], stored: &HashSet<BusPosition>) -> usize {
+    let mut dropped = 0;
+    for batch in batches.iter_mut() {
+        let keep: Vec<bool> = batch
+            .positions
+            .iter()
+            .map(|p| !stored.contains(p))
+            .collect();
+        dropped += keep.iter().filter(|k| !**k).count();
+        let mut k = keep.iter();
+        batch.events.retain(|_| *k.next().expect("aligned"));
+        let mut k = keep.iter();
+        batch.positions.retain(|_| *k.next().expect("aligned"));
+    }
+    dropped
+}
+
+fn partitions(messages: &[BusMessage]) -> Vec<i32> {
+    let mut ps: Vec<i32> = messages.iter().map(|m| m.position.partition).collect();
+    ps.sort_unstable();
+    ps.dedup();
+    ps
+}
+
+/// Per partition, the offset after the last message: where reading resumes.
+fn next_positions(messages: &[BusMessage]) -> Vec<BusPosition> {
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for m in messages {
+        let n = next.entry(m.position.partition).or_insert(0);
+        *n = (*n).max(m.position.offset + 1);
+    }
+    let mut out: Vec<BusPosition> = next
+        .into_iter()
+        .map(|(partition, offset)| BusPosition { partition, offset })
+        .collect();
+    out.sort_by_key(|p| p.partition);
+    out
+}
+
+/// Waits before the next try, doubling up to the configured maximum; gives up past the limit.
+/// A store error that cannot pass (bad data) is retried too: the batch cannot be skipped without
+/// losing it, so the process keeps trying until the limit and then exits loudly.
+async fn backoff(
+    config: &ConsumerConfig,
+    attempt: &mut u32,
+    started: Instant,
+    e: StoreError,
+) -> Result<(), ConsumerError> {
+    if started.elapsed() >= config.give_up_after {
+        return Err(ConsumerError::GaveUp {
+            seconds: started.elapsed().as_secs(),
+            last: e,
+        });
+    }
+    let pause = Duration::from_millis(50u64 << (*attempt).min(10)).min(config.max_retry_backoff);
+    // Rate-limited by the backoff itself: at most one line per try.
+    tracing::warn!(error = %e, retriable = e.is_retriable(), attempt = *attempt, pause_ms = pause.as_millis() as u64,
+        "store write failed; retrying");
+    *attempt += 1;
+    tokio::time::sleep(pause).await;
+    Ok(())
+}
+
+/// Runs `op` until it succeeds, with [`backoff`] between tries.
+async fn retry<T, F, Fut>(config: &ConsumerConfig, mut op: F) -> Result<T, ConsumerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => backoff(config, &mut attempt, started, e).await?,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::event::{BusEvent, RatedEvent};
+
+    fn message(partition: i32, offset: i64) -> BusMessage {
+        BusMessage {
+            position: BusPosition { partition, offset },
+            content: Ok(BusEvent {
+                tenant_id: "t".into(),
+                event: RatedEvent::sample_call(&format!("k{partition}-{offset}"), 0),
+            }),
+        }
+    }
+
+    #[test]
+    fn resume_positions_are_one_past_the_last_offset_of_each_partition() {
+        let ms = [message(1, 5), message(0, 9), message(1, 7), message(0, 3)];
+        assert_eq!(
+            next_positions(&ms),
+            vec![
+                BusPosition {
+                    partition: 0,
+                    offset: 10
+                },
+                BusPosition {
+                    partition: 1,
+                    offset: 8
+                }
+            ]
+        );
+        assert_eq!(partitions(&ms), vec![0, 1]);
+    }
+
+    #[test]
+    fn dropping_stored_positions_keeps_events_and_positions_aligned() {
+        let mut batches = Vec::new();
+        for (p, o) in [(0, 1), (0, 2), (1, 1), (0, 3)] {
+            let m = message(p, o);
+            let bus = m.content.unwrap();
+            push(&mut batches, bus.tenant_id, bus.event, m.position);
+        }
+        let stored: HashSet<BusPosition> = [BusPosition {
+            partition: 0,
+            offset: 2,
+        }]
+        .into();
+        assert_eq!(drop_positions(&mut batches, &stored), 1);
+        let b = &batches[0];
+        assert_eq!(b.events.len(), b.positions.len());
+        let keys: Vec<&str> = b
+            .events
+            .iter()
+            .map(|e| e.idempotency_key.as_str())
+            .collect();
+        assert_eq!(keys, ["k0-1", "k1-1", "k0-3"]);
+    }
+}

@@ -1,0 +1,233 @@
+//! The aggregator's Kafka consumer: a group member that never commits on its own.
+
+use super::brokers;
+use super::producer::producer_config;
+use crate::sink::BusPosition;
+use crate::source::{BusError, BusMessage, EventSource, Poison, Polled};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use schemas::config::KafkaConfig;
+use schemas::event::BusEvent;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Notes the partitions taken away in a rebalance, for the aggregator to forget.
+struct Context {
+    topic: String,
+    revoked: Arc<Mutex<Vec<i32>>>,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let mut revoked = self.revoked.lock().expect("revoked lock");
+            for element in list.elements_for_topic(&self.topic) {
+                tracing::info!(partition = element.partition(), "partition revoked");
+                revoked.push(element.partition());
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let partitions: Vec<i32> = list
+                .elements_for_topic(&self.topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect();
+            tracing::info!(?partitions, "partitions assigned");
+        }
+    }
+}
+
+pub struct KafkaSource {
+    consumer: StreamConsumer<Context>,
+    dead_letters: FutureProducer,
+    topic: String,
+    dead_letter_topic: String,
+    revoked: Arc<Mutex<Vec<i32>>>,
+    delivery_timeout: Duration,
+}
+
+impl KafkaSource {
+    /// Joins the consumer group and subscribes to the events topic.
+    pub fn new(config: &KafkaConfig) -> Result<KafkaSource, BusError> {
+        let revoked = Arc::new(Mutex::new(Vec::new()));
+        let context = Context {
+            topic: config.events_topic.clone(),
+            revoked: revoked.clone(),
+        };
+        let consumer: StreamConsumer<Context> = ClientConfig::new()
+            .set("bootstrap.servers", brokers(config)?)
+            .set("group.id", &config.consumer_group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", config.session_timeout_ms.to_string())
+            .set(
+                "max.poll.interval.ms",
+                config.max_poll_interval_ms.to_string(),
+            )
+            .create_with_context(context)
+            .map_err(|source| BusError::Kafka {
+                context: "create a consumer",
+                source,
+            })?;
+        consumer
+            .subscribe(&[&config.events_topic])
+            .map_err(|source| BusError::Kafka {
+                context: "subscribe",
+                source,
+            })?;
+        let dead_letters = producer_config(config)?
+            .create()
+            .map_err(|source| BusError::Kafka {
+                context: "create the dead-letter producer",
+                source,
+            })?;
+        Ok(KafkaSource {
+            consumer,
+            dead_letters,
+            topic: config.events_topic.clone(),
+            dead_letter_topic: config.dead_letter_topic.clone(),
+            revoked,
+            delivery_timeout: Duration::from_millis(config.delivery_timeout_ms + 1000),
+        })
+    }
+
+    fn take_revoked(&self) -> Vec<i32> {
+        std::mem::take(&mut *self.revoked.lock().expect("revoked lock"))
+    }
+}
+
+/// Reads a message as an event, or says why it cannot be one.
+fn read(message: &rdkafka::message::BorrowedMessage<'_>) -> Result<BusEvent, Poison> {
+    let poison = |reason: String| Poison {
+        reason,
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec),
+    };
+    let payload = message
+        .payload()
+        .ok_or_else(|| poison("the message has no payload".into()))?;
+    serde_json::from_slice::<BusEvent>(payload)
+        .map_err(|e| poison(format!("the payload is not a rated event: {e}")))
+}
+
+#[async_trait::async_trait]
+impl EventSource for KafkaSource {
+    async fn poll(
+        &mut self,
+        max: usize,
+        idle: Duration,
+        fill: Duration,
+    ) -> Result<Polled, BusError> {
+        let mut polled = Polled::default();
+        let mut deadline = tokio::time::Instant::now() + idle;
+        while polled.messages.len() < max {
+            let message = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_) => break,
+                Ok(Err(source)) => {
+                    return Err(BusError::Kafka {
+                        context: "consume",
+                        source,
+                    })
+                }
+                Ok(Ok(message)) => message,
+            };
+            if polled.messages.is_empty() {
+                deadline = tokio::time::Instant::now() + fill;
+            }
+            polled.messages.push(BusMessage {
+                position: BusPosition {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                },
+                content: read(&message),
+            });
+        }
+        // A rebalance during this poll took partitions away: their messages belong to the
+        // new owner now, which starts from what the store holds.
+        polled.revoked = self.take_revoked();
+        if !polled.revoked.is_empty() {
+            let revoked = &polled.revoked;
+            polled
+                .messages
+                .retain(|m| !revoked.contains(&m.position.partition));
+        }
+        Ok(polled)
+    }
+
+    async fn dead_letter(&self, position: BusPosition, poison: &Poison) -> Result<(), BusError> {
+        let partition = position.partition.to_string();
+        let offset = position.offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "mcp-meter-reason",
+                value: Some(poison.reason.as_str()),
+            })
+            .insert(Header {
+                key: "mcp-meter-source-topic",
+                value: Some(self.topic.as_str()),
+            })
+            .insert(Header {
+                key: "mcp-meter-source-partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "mcp-meter-source-offset",
+                value: Some(offset.as_str()),
+            });
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.dead_letter_topic).headers(headers);
+        if let Some(key) = &poison.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = &poison.payload {
+            record = record.payload(payload.as_slice());
+        }
+        self.dead_letters
+            .send(record, self.delivery_timeout)
+            .await
+            .map(|_| ())
+            .map_err(|(source, _)| BusError::Kafka {
+                context: "send to the dead-letter topic",
+                source,
+            })
+    }
+
+    fn seek(&self, position: BusPosition) -> Result<(), BusError> {
+        self.consumer
+            .seek(
+                &self.topic,
+                position.partition,
+                Offset::Offset(position.offset),
+                Duration::from_secs(5),
+            )
+            .map_err(|source| BusError::Kafka {
+                context: "seek",
+                source,
+            })
+    }
+
+    fn commit(&self, next: &[BusPosition]) {
+        let mut list = TopicPartitionList::new();
+        for p in next {
+            if let Err(e) =
+                list.add_partition_offset(&self.topic, p.partition, Offset::Offset(p.offset))
+            {
+                tracing::warn!(error = %e, "offset commit skipped");
+                return;
+            }
+        }
+        if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
+            tracing::warn!(error = %e, "offset commit failed (a hint only; nothing is lost)");
+        }
+    }
+}
