@@ -70,6 +70,9 @@ where
     // Partitions whose first batch since assignment still needs the position check: a crash may
     // have left a partial insert above the floor.
     let mut unverified: HashSet<i32> = HashSet::new();
+    // Per partition: the offset the next message should have. On a topic that is neither
+    // compacted nor transactional, a message beyond it means the bus skipped records.
+    let mut expected: HashMap<i32, i64> = HashMap::new();
     let idle = Duration::from_millis(500);
     while !*shutdown.borrow() {
         // 1. Read a batch. Partitions change hands only inside this call.
@@ -82,31 +85,59 @@ where
         for p in &polled.revoked {
             floors.remove(p);
             unverified.remove(p);
+            expected.remove(p);
+        }
+        for m in &polled.messages {
+            let p = m.position;
+            if !floors.contains_key(&p.partition) {
+                continue; // first sight since assignment: step 3 decides where it resumes
+            }
+            if let Some(want) = expected.get(&p.partition) {
+                if p.offset > *want {
+                    tracing::error!(
+                        partition = p.partition,
+                        expected = *want,
+                        got = p.offset,
+                        "the bus skipped offsets: records in between were never delivered"
+                    );
+                }
+            }
+            expected.insert(p.partition, p.offset + 1);
         }
         if polled.messages.is_empty() {
             continue;
         }
-        // 3. Floors of partitions new to us since their assignment: one small query.
+        // 3. Partitions new to us since their assignment: read their floors (one small query)
+        //    and resume each at floor + 1, wherever the group's committed offset (a hint)
+        //    started us. Behind it we would skip records nobody stored; at or below it we would
+        //    re-read what is stored. Messages of such a partition in this poll are dropped: the
+        //    seek delivers them again.
         let new: Vec<i32> = partitions(&polled.messages)
             .into_iter()
             .filter(|p| !floors.contains_key(p))
             .collect();
+        let mut resumed: HashSet<i32> = HashSet::new();
         if !new.is_empty() {
             let stored = retry(config, || writer.stored_offsets(&new)).await?;
             for p in new {
                 let floor = stored.get(&p).copied().unwrap_or(-1);
                 floors.insert(p, floor);
                 unverified.insert(p);
-                // Skip re-reading what is stored (this batch is filtered below regardless).
-                if let Some(first) = polled.messages.iter().find(|m| m.position.partition == p) {
-                    if first.position.offset <= floor {
-                        if let Err(e) = source.seek(BusPosition {
-                            partition: p,
-                            offset: floor + 1,
-                        }) {
-                            tracing::warn!(error = %e, partition = p, "seek failed; re-reading instead");
-                        }
-                    }
+                let first = polled.messages.iter().find(|m| m.position.partition == p);
+                if first.is_some_and(|m| m.position.offset != floor + 1) {
+                    let resume = BusPosition {
+                        partition: p,
+                        offset: floor + 1,
+                    };
+                    source.seek(resume)?;
+                    tracing::info!(
+                        partition = p,
+                        from = first.map(|m| m.position.offset),
+                        to = resume.offset,
+                        "resuming at the stored floor"
+                    );
+                    expected.insert(p, resume.offset);
+                    resumed.insert(p);
                 }
             }
         }
@@ -115,6 +146,7 @@ where
         let messages: Vec<BusMessage> = polled
             .messages
             .into_iter()
+            .filter(|m| !resumed.contains(&m.position.partition))
             .filter(|m| m.position.offset > floors[&m.position.partition])
             .collect();
         progress.already_stored += (before - messages.len()) as u64;

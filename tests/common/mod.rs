@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod chdb;
+pub mod distributed;
 
 use mcp_meter::{sha256_hex, Embedded};
 use schemas::config::Config;
@@ -17,6 +18,13 @@ pub const INITECH: &str = "test-key-initech-admin";
 pub const SEED: &str = r#"{"metricName":"mcp_server.tool_invocations","productType":"MCP_SERVER","toolName":"web_search","sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","executionDurationMs":542,"metadata":{"inputTokens":1200,"outputTokens":450}}"#;
 
 pub fn config(data_dir: &std::path::Path) -> Config {
+    let config = Config::from_toml(&config_text(data_dir)).unwrap();
+    config.validate().unwrap();
+    config
+}
+
+/// The test tenants as config text, to which a test may append sections.
+pub fn config_text(data_dir: &std::path::Path) -> String {
     let plan = r#"
 [[tenants.rate_plans]]
 version = 1
@@ -24,7 +32,7 @@ version = 1
 price = { per_call = 5000, per_input_token = 1, per_output_token = 3 }
 cost = { per_call = 200, per_input_token = 0.5, per_output_token = 1.5, per_second = 100 }
 "#;
-    let text = format!(
+    format!(
         r#"
 listen = "127.0.0.1:0"
 data_dir = "{dir}"
@@ -52,10 +60,7 @@ api_keys = [{{ name = "admin", sha256 = "{initech}", scopes = ["admin"] }}]
         read = sha256_hex(ACME_READ),
         globex = sha256_hex(GLOBEX),
         initech = sha256_hex(INITECH),
-    );
-    let config = Config::from_toml(&text).unwrap();
-    config.validate().unwrap();
-    config
+    )
 }
 
 /// The interpreter of the venv `scripts/test` builds (the Aforo SDK, chDB). Tests that need it
@@ -97,12 +102,38 @@ pub fn clickhouse_config(data_dir: &std::path::Path, database: &str) -> Config {
     c
 }
 
-pub struct Server {
+/// HTTP calls to a running mcp-meter, answering (status, JSON body).
+pub struct Client {
     pub base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .into();
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            agent,
+        }
+    }
+}
+
+pub struct Server {
+    pub client: Client,
     pub dir: tempfile::TempDir,
     handle: Option<actix_web::dev::ServerHandle>,
     thread: Option<std::thread::JoinHandle<()>>,
-    agent: ureq::Agent,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
 }
 
 impl Server {
@@ -127,16 +158,11 @@ impl Server {
             })
         });
         let (addr, handle) = rx.recv().unwrap();
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
         Server {
-            base: format!("http://{addr}"),
+            client: Client::new(&format!("http://{addr}")),
             dir,
             handle: Some(handle),
             thread: Some(thread),
-            agent,
         }
     }
 
@@ -155,7 +181,9 @@ impl Server {
             thread.join().unwrap();
         }
     }
+}
 
+impl Client {
     /// POSTs `body` as JSON with `key` in X-API-Key (and any extra headers).
     pub fn post(&self, path: &str, key: &str, body: &str) -> (u16, Value) {
         self.post_with(

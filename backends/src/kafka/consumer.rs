@@ -74,6 +74,9 @@ impl KafkaSource {
                 "max.poll.interval.ms",
                 config.max_poll_interval_ms.to_string(),
             )
+            // A fetch the broker holds open waiting for data adds its whole wait to freshness
+            // (tansu holds it the full time): keep it short; idle fetches are cheap.
+            .set("fetch.wait.max.ms", "50")
             .create_with_context(context)
             .map_err(|source| BusError::Kafka {
                 context: "create a consumer",
@@ -130,14 +133,19 @@ impl EventSource for KafkaSource {
     ) -> Result<Polled, BusError> {
         let mut polled = Polled::default();
         let mut deadline = tokio::time::Instant::now() + idle;
+        let mut reported = false;
         while polled.messages.len() < max {
             let message = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Err(_) => break,
-                Ok(Err(source)) => {
-                    return Err(BusError::Kafka {
-                        context: "consume",
-                        source,
-                    })
+                // Errors reach consumers as events: all brokers down during a restart, a
+                // transport failure. librdkafka reconnects and resumes by itself, so they are
+                // logged (once per poll) and polling goes on; exiting would stall partitions.
+                Ok(Err(e)) => {
+                    if !reported {
+                        tracing::warn!(error = %e, "kafka consumer error; still polling");
+                        reported = true;
+                    }
+                    continue;
                 }
                 Ok(Ok(message)) => message,
             };

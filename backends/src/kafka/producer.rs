@@ -11,13 +11,21 @@ use rdkafka::ClientConfig;
 use schemas::config::KafkaConfig;
 use schemas::event::{bus_key, BusEventRef};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub struct KafkaSink {
-    producer: FutureProducer,
-    topic: String,
+    /// Replaced when it can no longer deliver (see [`KafkaSink::recover`]).
+    producer: RwLock<Arc<FutureProducer>>,
+    config: KafkaConfig,
+    /// Publishes that failed in a row, across requests.
+    failures: AtomicU32,
     delivery_timeout: Duration,
 }
+
+/// Failed publishes in a row after which the producer is rebuilt even without a fatal error.
+const REBUILD_AFTER_FAILURES: u32 = 3;
 
 /// The producer settings both the ingestor and the dead-letter path use.
 pub(super) fn producer_config(config: &KafkaConfig) -> Result<ClientConfig, BusError> {
@@ -32,27 +40,46 @@ pub(super) fn producer_config(config: &KafkaConfig) -> Result<ClientConfig, BusE
 
 impl KafkaSink {
     pub fn new(config: &KafkaConfig) -> Result<KafkaSink, BusError> {
-        let producer = producer_config(config)?
-            .create()
-            .map_err(|source| BusError::Kafka {
-                context: "create a producer",
-                source,
-            })?;
         Ok(KafkaSink {
-            producer,
-            topic: config.events_topic.clone(),
+            producer: RwLock::new(Arc::new(create(config)?)),
+            config: config.clone(),
+            failures: AtomicU32::new(0),
             // librdkafka gives up on a message after message.timeout.ms; a little more here
             // only guards against a report that never comes.
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms + 1000),
         })
     }
-}
 
-#[async_trait::async_trait]
-impl EventSink for KafkaSink {
-    /// Returns once every event's delivery report is in. On any failure the whole batch is
-    /// answered as not stored: some of it may be, and the client's retry is deduplicated.
-    async fn publish(&self, batch: TenantBatch) -> Result<WriteOutcome, SinkError> {
+    /// An idempotent producer can end up unable to deliver for good: a fatal error (the broker
+    /// fenced it), or a broker restarted without its producer state, refusing every sequence
+    /// number that follows. Both would keep ingest at 503 forever, so after a fatal error, or
+    /// a few failed publishes in a row, the producer is replaced by a new one (a new producer
+    /// id). Safe: the aggregator deduplicates by key whatever the producer.
+    fn recover(&self, failed: &Arc<FutureProducer>) {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let fatal = failed.client().fatal_error();
+        if fatal.is_none() && failures < REBUILD_AFTER_FAILURES {
+            return;
+        }
+        let mut current = self.producer.write().expect("producer lock");
+        if !Arc::ptr_eq(&current, failed) {
+            return; // another request replaced it already
+        }
+        match create(&self.config) {
+            Ok(fresh) => {
+                tracing::warn!(?fatal, failures, "replacing the kafka producer");
+                *current = Arc::new(fresh);
+                self.failures.store(0, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot create a new kafka producer"),
+        }
+    }
+
+    async fn send(
+        &self,
+        producer: &FutureProducer,
+        batch: &TenantBatch,
+    ) -> Result<WriteOutcome, SinkError> {
         let mut outcome = WriteOutcome::default();
         let mut seen = HashSet::with_capacity(batch.events.len());
         let mut deliveries = Vec::with_capacity(batch.events.len());
@@ -68,14 +95,14 @@ impl EventSink for KafkaSink {
             })
             .expect("a rated event serializes");
             let key = bus_key(&batch.tenant_id, &event.idempotency_key);
-            let record = FutureRecord::to(&self.topic)
+            let record = FutureRecord::to(&self.config.events_topic)
                 .key(&key[..])
                 .payload(&payload);
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     return Err(SinkError::Overloaded {
-                        waiting: self.producer.in_flight_count().max(0) as usize,
+                        waiting: producer.in_flight_count().max(0) as usize,
                     })
                 }
                 Err((e, _)) => return Err(SinkError::Unavailable(format!("kafka: {e}"))),
@@ -99,5 +126,34 @@ impl EventSink for KafkaSink {
             }
         }
         Ok(outcome)
+    }
+}
+
+fn create(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
+    producer_config(config)?
+        .create()
+        .map_err(|source| BusError::Kafka {
+            context: "create a producer",
+            source,
+        })
+}
+
+#[async_trait::async_trait]
+impl EventSink for KafkaSink {
+    /// Returns once every event's delivery report is in. On any failure the whole batch is
+    /// answered as not stored: some of it may be, and the client's retry is deduplicated.
+    async fn publish(&self, batch: TenantBatch) -> Result<WriteOutcome, SinkError> {
+        let producer = self.producer.read().expect("producer lock").clone();
+        match self.send(&producer, &batch).await {
+            Ok(outcome) => {
+                self.failures.store(0, Ordering::Relaxed);
+                Ok(outcome)
+            }
+            Err(SinkError::Unavailable(e)) => {
+                self.recover(&producer);
+                Err(SinkError::Unavailable(e))
+            }
+            Err(other) => Err(other),
+        }
     }
 }

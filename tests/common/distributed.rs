@@ -1,0 +1,238 @@
+//! The distributed mode for tests: real `mcp-meter ingestor` and `aggregator` processes, the
+//! ClickHouse and tansu that `scripts/test` starts, or a tansu of the test's own to restart.
+
+use super::{clickhouse_url, config_text, unique_database, Client};
+use schemas::config::Config;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The broker `scripts/test` starts.
+pub fn kafka_brokers() -> String {
+    std::env::var("MCP_METER_TEST_KAFKA_BROKERS")
+        .expect("MCP_METER_TEST_KAFKA_BROKERS is not set: run scripts/test, which starts tansu")
+}
+
+/// A test's own corner of the shared services: a ClickHouse database, topics and a consumer
+/// group named after it, migrated, and the config file the processes read.
+pub struct Setup {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub file: PathBuf,
+    pub config: Config,
+}
+
+impl Setup {
+    /// `extra` is appended to the `[kafka]` section (e.g. `delivery_timeout_ms = 2000`), and
+    /// may add sections after it.
+    pub fn new(prefix: &str, brokers: &str, partitions: i32, extra: &str) -> Setup {
+        let name = unique_database(prefix);
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{name}\"\n\n[kafka]\nbrokers = \"{brokers}\"\n\
+events_topic = \"{name}.events\"\ndead_letter_topic = \"{name}.dead-letter\"\n\
+consumer_group = \"{name}\"\npartitions = {partitions}\nsession_timeout_ms = 6000\n{extra}\n",
+            config_text(dir.path()),
+            clickhouse_url()
+        );
+        let file = dir.path().join("mcp-meter.toml");
+        std::fs::write(&file, &text).unwrap();
+        let config = Config::from_toml(&text).unwrap();
+        config.validate().unwrap();
+        actix_web::rt::System::new().block_on(async {
+            mcp_meter::migrate_clickhouse(&config).await.unwrap();
+            mcp_meter::migrate_kafka(&config).await.unwrap();
+        });
+        Setup {
+            name,
+            dir,
+            file,
+            config,
+        }
+    }
+
+    /// Runs SQL in this setup's ClickHouse database and answers TabSeparated.
+    pub fn sql(&self, sql: &str) -> String {
+        use backends::store::clickhouse::{HttpRunner, SqlRunner};
+        let runner = HttpRunner::new(&self.config.clickhouse);
+        actix_web::rt::System::new()
+            .block_on(runner.tab_separated(sql))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub fn ingestor(&self) -> (Proc, Client) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+            .args(["ingestor", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&self.file)
+            .env("MCP_METER_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let base = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                let rest = l.strip_prefix("mcp-meter ingestor: ")?;
+                Some(rest.split(' ').next()?.to_string())
+            })
+            .expect("the ingestor printed its URL");
+        std::thread::spawn(move || lines.for_each(drop));
+        (
+            Proc {
+                child,
+                what: "ingestor",
+            },
+            Client::new(&base),
+        )
+    }
+
+    pub fn aggregator(&self) -> Proc {
+        let child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+            .args(["aggregator", "--config"])
+            .arg(&self.file)
+            .env("MCP_METER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            what: "aggregator",
+        }
+    }
+}
+
+/// A child process, killed when dropped.
+pub struct Proc {
+    child: Child,
+    what: &'static str,
+}
+
+impl Proc {
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {}", self.what);
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn crash(&mut self) {
+        self.signal("-KILL");
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("-TERM");
+        self.child.wait().unwrap()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tansu broker of a test's own, which it may restart; storage survives restarts.
+pub struct Tansu {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Tansu {
+    pub fn start() -> Tansu {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut tansu = Tansu {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        tansu.spawn();
+        tansu
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let binary = std::env::var("MCP_METER_TEST_TANSU")
+            .expect("MCP_METER_TEST_TANSU is not set: run scripts/test, which installs tansu");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let storage = format!("sqlite:///{}/tansu.db", self.dir.path().display());
+        let log = std::fs::File::create(self.dir.path().join("tansu.log")).unwrap();
+        self.child = Some(
+            Command::new(binary)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .args(["--storage-engine", &storage])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                self.port
+            ))
+            .is_ok()),
+            "tansu did not start"
+        );
+    }
+
+    /// Stops the broker (SIGTERM) and starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            child.wait().unwrap();
+        }
+        self.spawn();
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; answers whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
