@@ -1,10 +1,5 @@
 # Starts a ClickHouse server of the test run's own: loopback only, free ports, its own data,
-# tmp and log directories. Sourced by scripts/test; defines start_clickhouse.
-
-# free_port: a TCP port nothing listens on now.
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
+# tmp and log directories. Sourced by scripts/test after services.sh; defines start_clickhouse.
 
 # start_clickhouse DIR: writes DIR/config.xml and DIR/users.xml, starts the server, waits for
 # /ping, and sets CLICKHOUSE_PID and CLICKHOUSE_URL.
@@ -69,18 +64,6 @@ XML
   clickhouse-server --config-file="$dir/config.xml" > "$dir/log/stdout.log" 2>&1 &
   CLICKHOUSE_PID=$!
   CLICKHOUSE_URL="http://127.0.0.1:$http_port"
-  local waited=0
-  until curl -sf "$CLICKHOUSE_URL/ping" > /dev/null 2>&1; do
-    if ! kill -0 "$CLICKHOUSE_PID" 2>/dev/null; then
-      echo "clickhouse-server exited; its log:" >&2
-      tail -n 30 "$dir/log/clickhouse-server.err.log" "$dir/log/stdout.log" >&2 2>/dev/null
-      return 1
-    fi
-    if [ "$waited" -ge 300 ]; then
-      echo "clickhouse-server did not answer /ping within 30 s" >&2
-      return 1
-    fi
-    sleep 0.1
-    waited=$((waited + 1))
-  done
+  wait_ready clickhouse-server "$CLICKHOUSE_PID" "$dir/log/clickhouse-server.err.log" \
+    curl -sf "$CLICKHOUSE_URL/ping"
 }

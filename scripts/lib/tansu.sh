@@ -1,6 +1,6 @@
 # Starts a tansu broker (Apache Kafka compatible) of the test run's own: loopback, a free port,
 # sqlite storage in its own directory. Sourced by scripts/test; defines start_tansu.
-# Needs free_port from clickhouse.sh.
+# Needs free_port and wait_ready from services.sh.
 
 TANSU_VERSION=0.6.0
 
@@ -26,18 +26,6 @@ start_tansu() {
     --storage-engine "sqlite:///$dir/tansu.db" > "$dir/tansu.log" 2>&1 &
   TANSU_PID=$!
   TANSU_BROKERS="127.0.0.1:$port"
-  local waited=0
-  until python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2).close()" 2>/dev/null; do
-    if ! kill -0 "$TANSU_PID" 2>/dev/null; then
-      echo "tansu exited; its log:" >&2
-      tail -n 20 "$dir/tansu.log" >&2
-      return 1
-    fi
-    if [ "$waited" -ge 100 ]; then
-      echo "tansu did not accept connections within 10 s" >&2
-      return 1
-    fi
-    sleep 0.1
-    waited=$((waited + 1))
-  done
+  wait_ready tansu "$TANSU_PID" "$dir/tansu.log" \
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2).close()"
 }
