@@ -237,6 +237,67 @@ fn ingest_recovers_by_itself_after_the_broker_restarts_under_load() {
     assert!(statuses.iter().all(|(_, s)| *s == 202 || *s == 503));
 }
 
+/// Kafka's committed offsets are hints: an aggregator resumes each partition where the store's
+/// floor says, whether the group's offset is ahead of it (records nobody stored would be skipped)
+/// or behind it (stored records would be re-read).
+#[test]
+fn an_aggregator_resumes_at_the_stored_floor_whatever_offset_the_group_committed() {
+    let setup = Setup::new("floor", &kafka_brokers(), 1, "");
+    let kafka = &setup.config.kafka;
+    let (_ingestor, client) = setup.ingestor();
+    let post = |from: usize, to: usize| {
+        let events: Vec<Value> = (from..to)
+            .map(|i| call(&format!("f{i}"), "t", "a", "s"))
+            .collect();
+        assert_eq!(
+            client.post("/v1/ingest/batch", ACME, &batch(&events)).0,
+            202
+        );
+    };
+    let commit = |offset: i64| {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
+            .set("group.id", &kafka.consumer_group)
+            .create()
+            .unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition_offset(&kafka.events_topic, 0, rdkafka::Offset::Offset(offset))
+            .unwrap();
+        consumer
+            .commit(&list, rdkafka::consumer::CommitMode::Sync)
+            .unwrap();
+    };
+    let stored = || setup.sql("SELECT count(), uniqExact(idempotency_key) FROM mcp_events");
+
+    post(0, 100);
+    let mut aggregator = setup.aggregator();
+    assert!(wait_until(Duration::from_secs(30), || stored() == "100\t100\n"));
+    assert!(aggregator.terminate().success());
+
+    // While no aggregator runs, 50 more arrive, and the group's offset claims 40 of them read.
+    post(100, 150);
+    commit(140);
+    let mut aggregator = setup.aggregator();
+    assert!(
+        wait_until(Duration::from_secs(30), || stored() == "150\t150\n"),
+        "offsets 100..140 must not be skipped: {}",
+        stored()
+    );
+    assert!(aggregator.terminate().success());
+
+    // And behind it: the group says 10, the store holds everything to 149.
+    post(150, 160);
+    commit(10);
+    let _aggregator = setup.aggregator();
+    assert!(
+        wait_until(Duration::from_secs(30), || stored() == "160\t160\n"),
+        "{}",
+        stored()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(stored(), "160\t160\n", "nothing stored twice");
+}
+
 /// The fault test: 100,000 events with 5% repeated keys, some batches posted twice as a retrying
 /// client would, through two ingestor processes into two aggregator processes. During the run an
 /// aggregator is SIGKILLed five times (and restarted), and the broker is restarted once.
