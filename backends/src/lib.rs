@@ -9,10 +9,13 @@
 //! - [`kafka`]: the Kafka adapters of both bus ports, and topic creation.
 //! - [`store`]: [`store::StoreWriter`], one transaction over many batches, and
 //!   [`store::AnalyticsStore`], the read side; adapters [`store::sqlite`], [`store::clickhouse`].
-//! - [`error`]: the errors of both, each saying whether a retry can help.
+//! - [`state`]: [`state::GuardState`], hard-limit counters and the kill list; adapters
+//!   [`state::memory`] and [`state::redis`].
+//! - [`error`]: the errors of the sink and the store, each saying whether a retry can help.
 
 pub mod error;
 pub mod kafka;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod store;

@@ -1,0 +1,71 @@
+//! The in-process guard state of `serve`: the same semantics as Redis, under one lock.
+
+use super::{admitted_prefix, Charge, GuardState, StateError};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct MemoryState {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// key → (value, expires_at_ms)
+    counters: HashMap<String, (i64, i64)>,
+    /// tenant → session → killed until (ms)
+    killed: HashMap<String, HashMap<String, i64>>,
+}
+
+impl MemoryState {
+    pub fn new() -> MemoryState {
+        MemoryState::default()
+    }
+}
+
+#[async_trait::async_trait]
+impl GuardState for MemoryState {
+    async fn charge(&self, charges: &[Charge], now_ms: i64) -> Result<Vec<usize>, StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        // Forget windows that ended, so memory stays bounded by the live windows.
+        inner.counters.retain(|_, (_, expires)| *expires > now_ms);
+        let mut admitted = Vec::with_capacity(charges.len());
+        for c in charges {
+            let (value, expires) = inner
+                .counters
+                .entry(c.key.clone())
+                .or_insert((0, c.expires_at_ms));
+            let n = admitted_prefix(*value, c.limit, &c.amounts);
+            *value += c.amounts[..n].iter().sum::<i64>();
+            *expires = c.expires_at_ms;
+            admitted.push(n);
+        }
+        Ok(admitted)
+    }
+
+    async fn kill_sessions(
+        &self,
+        tenant: &str,
+        sessions: &[String],
+        until_ms: i64,
+    ) -> Result<(), StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        let killed = inner.killed.entry(tenant.to_string()).or_default();
+        for s in sessions {
+            let until = killed.entry(s.clone()).or_insert(until_ms);
+            *until = (*until).max(until_ms);
+        }
+        Ok(())
+    }
+
+    async fn killed_sessions(&self, tenant: &str, now_ms: i64) -> Result<Vec<String>, StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        let Some(killed) = inner.killed.get_mut(tenant) else {
+            return Ok(Vec::new());
+        };
+        killed.retain(|_, until| *until > now_ms);
+        let mut sessions: Vec<String> = killed.keys().cloned().collect();
+        sessions.sort();
+        Ok(sessions)
+    }
+}

@@ -1,0 +1,92 @@
+//! The guard state port: usage counters against hard limits, and the kill list.
+//!
+//! Both adapters have the same atomic semantics; `memory` serves the embedded mode, `redis`
+//! the distributed one (any number of ingestors sharing the counters).
+//!
+//! - [`GuardState`]: the port.
+//! - [`memory::MemoryState`]: in-process, one lock.
+//! - [`redis::RedisState`]: one Lua script per batch (COMPARE_AND_INCREMENT), so concurrent
+//!   ingestors never admit past a limit.
+
+pub mod memory;
+pub mod redis;
+
+/// Counters stay exact in Redis's Lua (doubles printed with 14 significant digits) below this;
+/// limits are refused above it, which is ten million USD in µUSD per window.
+pub const MAX_LIMIT: i64 = 10_000_000_000_000;
+
+/// One counter a batch charges: the amount each event adds, in the events' order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Charge {
+    /// The counter's key, unique per tenant, limited thing and window (the caller builds it).
+    pub key: String,
+    /// The most the counter may reach; at most [`MAX_LIMIT`].
+    pub limit: i64,
+    /// When the window ends and the counter may be forgotten (ms since the epoch).
+    pub expires_at_ms: i64,
+    /// What each event adds (1 per call for a calls limit, µUSD for a spend limit).
+    pub amounts: Vec<i64>,
+}
+
+/// A failure of the guard state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("redis {context}: {source}")]
+    Redis {
+        context: &'static str,
+        #[source]
+        source: ::redis::RedisError,
+    },
+    #[error("redis {context}: unexpected answer: {detail}")]
+    BadAnswer {
+        context: &'static str,
+        detail: String,
+    },
+}
+
+#[async_trait::async_trait]
+pub trait GuardState: Send + Sync {
+    /// COMPARE_AND_INCREMENT, atomically over all `charges`: for each, admits the longest
+    /// prefix of its amounts that keeps the counter at or below its limit, adds that prefix,
+    /// and answers how many amounts were admitted. Events past the prefix breach the limit.
+    async fn charge(&self, charges: &[Charge], now_ms: i64) -> Result<Vec<usize>, StateError>;
+
+    /// Marks `sessions` of `tenant` killed until `until_ms` (a later time wins).
+    async fn kill_sessions(
+        &self,
+        tenant: &str,
+        sessions: &[String],
+        until_ms: i64,
+    ) -> Result<(), StateError>;
+
+    /// The tenant's sessions killed and not yet released at `now_ms`, sorted.
+    async fn killed_sessions(&self, tenant: &str, now_ms: i64) -> Result<Vec<String>, StateError>;
+}
+
+/// The admitted prefix of `amounts` on a counter at `current` with `limit`: the one rule both
+/// adapters follow (the Redis script is its Lua spelling).
+pub fn admitted_prefix(current: i64, limit: i64, amounts: &[i64]) -> usize {
+    let mut total = current;
+    for (i, amount) in amounts.iter().enumerate() {
+        if total + amount > limit {
+            return i;
+        }
+        total += amount;
+    }
+    amounts.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admitted_prefix_stops_at_the_first_amount_that_does_not_fit() {
+        assert_eq!(admitted_prefix(0, 3, &[1, 1, 1, 1, 1]), 3);
+        assert_eq!(admitted_prefix(2, 3, &[1, 1]), 1);
+        assert_eq!(admitted_prefix(3, 3, &[1]), 0);
+        // A smaller amount after a refused one is refused too: the session is already breached.
+        assert_eq!(admitted_prefix(0, 10, &[4, 7, 1]), 1);
+        assert_eq!(admitted_prefix(0, 10, &[]), 0);
+    }
+}

@@ -1,0 +1,169 @@
+//! The shared guard state of the distributed mode: Redis, through one Lua script per batch so
+//! that the compare and the increment of every counter happen as one step for all ingestors.
+
+use super::{Charge, GuardState, StateError};
+use redis::aio::ConnectionManager;
+use std::time::Duration;
+
+/// COMPARE_AND_INCREMENT. KEYS: the counters. ARGV, per key: limit, expires_at_ms, n, then n
+/// amounts. Answers per key how many amounts (a prefix) were admitted; admitted amounts are
+/// added and the key expires at its window's end. The same rule as `admitted_prefix`.
+const COMPARE_AND_INCREMENT: &str = r#"
+local result = {}
+local a = 1
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[a])
+  local expires_at = ARGV[a + 1]
+  local n = tonumber(ARGV[a + 2])
+  a = a + 3
+  local total = tonumber(redis.call('GET', key) or '0')
+  local admitted = 0
+  for j = 0, n - 1 do
+    local amount = tonumber(ARGV[a + j])
+    if total + amount > limit then break end
+    total = total + amount
+    admitted = admitted + 1
+  end
+  a = a + n
+  if admitted > 0 then
+    redis.call('SET', key, string.format('%d', total))
+    redis.call('PEXPIREAT', key, expires_at)
+  end
+  result[i] = admitted
+end
+return result
+"#;
+
+/// Kills sessions: a sorted set per tenant, each session scored by when it is released.
+/// KEYS[1]: the set. ARGV: until_ms, sessions... A later release time wins.
+const KILL: &str = r#"
+for i = 2, #ARGV do
+  local current = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]) or '0')
+  if tonumber(ARGV[1]) > current then
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+  end
+end
+return 0
+"#;
+
+/// KEYS[1]: the set. ARGV[1]: now_ms. Drops released sessions, answers the rest.
+const KILLED: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"#;
+
+pub struct RedisState {
+    connection: ConnectionManager,
+    prefix: String,
+    charge: redis::Script,
+    kill: redis::Script,
+    killed: redis::Script,
+}
+
+impl RedisState {
+    /// Connects to `url` (`redis://host:port/db`); every key starts with `prefix`.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<RedisState, StateError> {
+        let client = redis::Client::open(url).map_err(|source| StateError::Redis {
+            context: "open",
+            source,
+        })?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let connection = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|source| StateError::Redis {
+                context: "connect",
+                source,
+            })?;
+        Ok(RedisState {
+            connection,
+            prefix: prefix.to_string(),
+            charge: redis::Script::new(COMPARE_AND_INCREMENT),
+            kill: redis::Script::new(KILL),
+            killed: redis::Script::new(KILLED),
+        })
+    }
+
+    fn killed_key(&self, tenant: &str) -> String {
+        format!("{}killed:{tenant}", self.prefix)
+    }
+}
+
+#[async_trait::async_trait]
+impl GuardState for RedisState {
+    async fn charge(&self, charges: &[Charge], _now_ms: i64) -> Result<Vec<usize>, StateError> {
+        if charges.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.charge.prepare_invoke();
+        for c in charges {
+            invocation.key(format!("{}{}", self.prefix, c.key));
+            invocation
+                .arg(c.limit)
+                .arg(c.expires_at_ms)
+                .arg(c.amounts.len());
+            for amount in &c.amounts {
+                invocation.arg(*amount);
+            }
+        }
+        let admitted: Vec<usize> = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| StateError::Redis {
+                context: "charge",
+                source,
+            })?;
+        if admitted.len() != charges.len() {
+            return Err(StateError::BadAnswer {
+                context: "charge",
+                detail: format!("{} answers for {} counters", admitted.len(), charges.len()),
+            });
+        }
+        Ok(admitted)
+    }
+
+    async fn kill_sessions(
+        &self,
+        tenant: &str,
+        sessions: &[String],
+        until_ms: i64,
+    ) -> Result<(), StateError> {
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.kill.key(self.killed_key(tenant));
+        invocation.arg(until_ms);
+        for s in sessions {
+            invocation.arg(s);
+        }
+        invocation
+            .invoke_async::<i64>(&mut self.connection.clone())
+            .await
+            .map_err(|source| StateError::Redis {
+                context: "kill sessions",
+                source,
+            })?;
+        Ok(())
+    }
+
+    async fn killed_sessions(&self, tenant: &str, now_ms: i64) -> Result<Vec<String>, StateError> {
+        let mut sessions: Vec<String> = self
+            .killed
+            .key(self.killed_key(tenant))
+            .arg(now_ms)
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| StateError::Redis {
+                context: "read killed sessions",
+                source,
+            })?;
+        sessions.sort();
+        Ok(sessions)
+    }
+}

@@ -1,0 +1,218 @@
+//! The guard state's COMPARE_AND_INCREMENT and kill list, the same tests on both twins: in
+//! memory, and on the real Redis that `scripts/test` starts.
+
+use backends::state::memory::MemoryState;
+use backends::state::redis::RedisState;
+use backends::state::{Charge, GuardState};
+use std::sync::Arc;
+use std::time::Duration;
+
+const HOUR: i64 = 3_600_000;
+
+/// Redis expires keys by its own clock, so every test works around the real now.
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+async fn redis() -> RedisState {
+    let url = std::env::var("MCP_METER_TEST_REDIS_URL")
+        .expect("MCP_METER_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
+    let prefix = format!("test:{}:{}:", std::process::id(), rand_suffix());
+    RedisState::connect(&url, &prefix, Duration::from_secs(5))
+        .await
+        .unwrap()
+}
+
+fn rand_suffix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as i64
+}
+
+fn calls(key: &str, limit: i64, n: usize) -> Charge {
+    Charge {
+        key: key.into(),
+        limit,
+        expires_at_ms: now() + HOUR,
+        amounts: vec![1; n],
+    }
+}
+
+/// 50 concurrent batches of 10 calls for one session against a calls limit of N: exactly N are
+/// admitted, every batch that met the limit kills the session, and the kill is listed after.
+async fn exactly_n_admitted_under_concurrency(state: Arc<dyn GuardState>) {
+    let at = now();
+    const N: i64 = 137;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let state = state.clone();
+        tasks.push(tokio::spawn(async move {
+            let admitted = state
+                .charge(&[calls("calls:session:s1", N, 10)], at)
+                .await
+                .unwrap()[0];
+            if admitted < 10 {
+                state
+                    .kill_sessions("t", &["s1".to_string()], at + HOUR)
+                    .await
+                    .unwrap();
+            }
+            admitted
+        }));
+    }
+    let mut total = 0;
+    let mut breached = 0;
+    for t in tasks {
+        let admitted = t.await.unwrap();
+        total += admitted as i64;
+        breached += usize::from(admitted < 10);
+    }
+    assert_eq!(total, N, "exactly the limit is admitted");
+    assert_eq!(
+        breached,
+        50 - (N as usize / 10),
+        "every batch past the limit saw the breach"
+    );
+    assert_eq!(
+        state.killed_sessions("t", at).await.unwrap(),
+        vec!["s1".to_string()]
+    );
+    // From then on, nothing more is admitted in this window.
+    assert_eq!(
+        state
+            .charge(&[calls("calls:session:s1", N, 1)], at)
+            .await
+            .unwrap(),
+        vec![0]
+    );
+    // Other tenants see no kills.
+    assert!(state.killed_sessions("other", at).await.unwrap().is_empty());
+}
+
+/// Spend amounts are admitted as a prefix; several counters are charged in one atomic step.
+async fn spend_prefix_and_many_counters(state: Arc<dyn GuardState>) {
+    let at = now();
+    let spend = Charge {
+        key: "spend:agent:a1".into(),
+        limit: 10_000,
+        expires_at_ms: at + HOUR,
+        amounts: vec![5000, 3000, 4000, 1000],
+    };
+    let answer = state
+        .charge(&[spend.clone(), calls("calls:agent:a1", 2, 4)], at)
+        .await
+        .unwrap();
+    assert_eq!(answer, vec![2, 2]);
+    let more = Charge {
+        amounts: vec![2000, 1],
+        ..spend
+    };
+    assert_eq!(
+        state.charge(&[more], at).await.unwrap(),
+        vec![1],
+        "8000 + 2000 fits, then full"
+    );
+}
+
+/// Kills end when their window does; a later kill extends an earlier one.
+async fn kills_expire(state: Arc<dyn GuardState>) {
+    let at = now();
+    state
+        .kill_sessions("t2", &["a".into(), "b".into()], at + HOUR)
+        .await
+        .unwrap();
+    state
+        .kill_sessions("t2", &["b".into()], at + 2 * HOUR)
+        .await
+        .unwrap();
+    state
+        .kill_sessions("t2", &["b".into()], at + HOUR / 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        state.killed_sessions("t2", at).await.unwrap(),
+        vec!["a", "b"]
+    );
+    assert_eq!(
+        state.killed_sessions("t2", at + HOUR + 1).await.unwrap(),
+        vec!["b"]
+    );
+    assert!(state
+        .killed_sessions("t2", at + 2 * HOUR)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_admits_exactly_the_limit_under_concurrency() {
+    exactly_n_admitted_under_concurrency(Arc::new(MemoryState::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_admits_exactly_the_limit_under_concurrency() {
+    exactly_n_admitted_under_concurrency(Arc::new(redis().await)).await;
+}
+
+#[tokio::test]
+async fn memory_charges_spend_as_a_prefix_across_counters() {
+    spend_prefix_and_many_counters(Arc::new(MemoryState::new())).await;
+}
+
+#[tokio::test]
+async fn redis_charges_spend_as_a_prefix_across_counters() {
+    spend_prefix_and_many_counters(Arc::new(redis().await)).await;
+}
+
+#[tokio::test]
+async fn memory_kills_expire_with_their_window() {
+    kills_expire(Arc::new(MemoryState::new())).await;
+}
+
+#[tokio::test]
+async fn redis_kills_expire_with_their_window() {
+    kills_expire(Arc::new(redis().await)).await;
+}
+
+#[tokio::test]
+async fn a_window_is_its_own_counter_on_both() {
+    let memory = MemoryState::new();
+    let redis = redis().await;
+    for state in [&memory as &dyn GuardState, &redis] {
+        let at = now();
+        // Callers name the window in the key: a full window does not spill into the next one.
+        assert_eq!(
+            state
+                .charge(&[calls("calls:s:w1", 1, 1)], at)
+                .await
+                .unwrap(),
+            vec![1]
+        );
+        assert_eq!(
+            state
+                .charge(&[calls("calls:s:w1", 1, 1)], at)
+                .await
+                .unwrap(),
+            vec![0]
+        );
+        assert_eq!(
+            state
+                .charge(&[calls("calls:s:w2", 1, 1)], at)
+                .await
+                .unwrap(),
+            vec![1]
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_an_error_not_a_hang() {
+    let started = std::time::Instant::now();
+    let result = RedisState::connect("redis://127.0.0.1:1", "x:", Duration::from_millis(500)).await;
+    assert!(result.is_err());
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
