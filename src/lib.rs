@@ -9,6 +9,9 @@
 use anyhow::Context;
 use backends::kafka;
 use backends::sink::EventSink;
+use backends::state::memory::MemoryState;
+use backends::state::redis::RedisState;
+use backends::state::GuardState;
 use backends::store::clickhouse::{
     self, migrations, ClickHouseAnalytics, ClickHouseWriter, HttpRunner,
 };
@@ -18,6 +21,7 @@ use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Command-line values that override the file and the environment table.
 #[derive(Clone, Debug, Default)]
@@ -76,6 +80,7 @@ pub mod demo {
                 scopes: vec![Scope::Admin],
             }],
             rate_plans: vec![schemas::rating::demo_rate_plan()],
+            limits: Vec::new(),
         });
         config.validate()?;
         Ok(())
@@ -148,11 +153,13 @@ fn http_api(
     config: &Config,
     sink: Arc<dyn EventSink>,
     analytics: Arc<dyn AnalyticsStore>,
+    guard: Arc<dyn GuardState>,
 ) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
     let state = actix_web::web::Data::new(ingestor::AppState {
         keys: ingestor::auth::Keyring::new(&config.tenants),
         sink,
         analytics,
+        guard,
         ingest: config.ingest.clone(),
     });
     let server = actix_web::HttpServer::new(move || {
@@ -178,7 +185,25 @@ impl Ingestor {
         clickhouse::check_ready(&runner, ch).await?;
         let sink: Arc<dyn EventSink> = Arc::new(kafka::KafkaSink::new(&config.kafka)?);
         let analytics: Arc<dyn AnalyticsStore> = Arc::new(ClickHouseAnalytics::new(runner));
-        let (server, addr) = http_api(config, sink, analytics)?;
+        let guard: Arc<dyn GuardState> = match &config.redis.url {
+            Some(url) => Arc::new(
+                RedisState::connect(
+                    url,
+                    &config.redis.key_prefix,
+                    Duration::from_millis(config.redis.request_timeout_ms),
+                )
+                .await
+                .with_context(|| format!("cannot reach Redis at {url}"))?,
+            ),
+            None => {
+                anyhow::ensure!(
+                    config.tenants.iter().all(|t| t.limits.is_empty()),
+                    "hard limits need the shared guard state: set redis.url (MCP_METER_REDIS_URL)"
+                );
+                Arc::new(MemoryState::new())
+            }
+        };
+        let (server, addr) = http_api(config, sink, analytics, guard)?;
         Ok(Ingestor { server, addr })
     }
 
@@ -266,7 +291,12 @@ impl Embedded {
                 )
             }
         };
-        let (server, addr) = http_api(config, Arc::new(sink), analytics)?;
+        let (server, addr) = http_api(
+            config,
+            Arc::new(sink),
+            analytics,
+            Arc::new(MemoryState::new()),
+        )?;
         Ok(Embedded {
             server,
             addr,

@@ -148,6 +148,50 @@ async fn kills_expire(state: Arc<dyn GuardState>) {
         .is_empty());
 }
 
+/// An agent's sessions are remembered per agent and tenant, and forgotten with their window.
+async fn agent_sessions(state: Arc<dyn GuardState>) {
+    let at = now();
+    state
+        .track_sessions("t", "a1", &["s2".into(), "s1".into()], at + HOUR)
+        .await
+        .unwrap();
+    state
+        .track_sessions("t", "a1", &["s3".into()], at + 2 * HOUR)
+        .await
+        .unwrap();
+    state
+        .track_sessions("t", "a2", &["s9".into()], at + HOUR)
+        .await
+        .unwrap();
+    state
+        .track_sessions("u", "a1", &["x".into()], at + HOUR)
+        .await
+        .unwrap();
+    assert_eq!(
+        state.sessions_of("t", "a1", at).await.unwrap(),
+        vec!["s1", "s2", "s3"]
+    );
+    assert_eq!(
+        state.sessions_of("t", "a1", at + HOUR).await.unwrap(),
+        vec!["s3"]
+    );
+    assert!(state
+        .sessions_of("t", "nobody", at)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn memory_remembers_an_agents_sessions() {
+    agent_sessions(Arc::new(MemoryState::new())).await;
+}
+
+#[tokio::test]
+async fn redis_remembers_an_agents_sessions() {
+    agent_sessions(Arc::new(redis().await)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_admits_exactly_the_limit_under_concurrency() {
     exactly_n_admitted_under_concurrency(Arc::new(MemoryState::new())).await;

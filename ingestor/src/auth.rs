@@ -15,6 +15,7 @@ use std::sync::Arc;
 pub struct Tenant {
     pub id: Arc<str>,
     pub rate_plans: RatePlans,
+    pub limits: Vec<schemas::config::LimitConfig>,
 }
 
 /// What one key may do, and for whom.
@@ -43,6 +44,7 @@ impl Keyring {
             let tenant = Arc::new(Tenant {
                 id: t.id.as_str().into(),
                 rate_plans: RatePlans::new(t.rate_plans.clone()),
+                limits: t.limits.clone(),
             });
             for key in &t.api_keys {
                 let mut hash = [0u8; 32];

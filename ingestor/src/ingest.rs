@@ -1,8 +1,9 @@
 //! `POST /v1/ingest/batch` and `POST /v1/ingest/events`: authenticate, validate, rate, publish,
 //! and answer 202 only once the sink says the events are durable.
 
-use crate::auth::Grant;
+use crate::auth::{Grant, Tenant};
 use crate::error::ApiError;
+use crate::limits;
 use crate::AppState;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -117,17 +118,42 @@ async fn ingest(
             Err(message) => errors.push(EventError { index, message }),
         }
     }
+    let tenant = &grant.tenant;
+    let plan = limits::Plan::new(&tenant.id, &tenant.limits, &rated, received_at_ms);
     let outcome = state
         .sink
-        .publish(TenantBatch::new(grant.tenant.id.clone(), rated))
+        .publish(TenantBatch::new(tenant.id.clone(), rated))
         .await?;
     Ok(HttpResponse::Accepted().json(IngestAnswer {
         accepted: outcome.accepted,
         duplicates: outcome.duplicates,
         failed: errors.len(),
         errors,
-        killed_session_ids: Vec::new(),
+        killed_session_ids: enforce(state, tenant, plan, received_at_ms).await,
     }))
+}
+
+/// Charges the durable batch against the tenant's limits and answers the sessions the client
+/// must stop. The guard state being down never fails ingest: the usage is stored already, and
+/// the answer lists no kills until the state is back.
+async fn enforce(
+    state: &AppState,
+    tenant: &Tenant,
+    plan: limits::Plan,
+    now_ms: i64,
+) -> Vec<String> {
+    let guard = state.guard.as_ref();
+    let answer = async {
+        plan.apply(guard, &tenant.id, now_ms).await?;
+        guard.killed_sessions(&tenant.id, now_ms).await
+    };
+    match answer.await {
+        Ok(killed) => killed,
+        Err(e) => {
+            tracing::warn!(error = %e, "guard state unavailable; limits not enforced for this batch");
+            Vec::new()
+        }
+    }
 }
 
 /// The caller's grant (with the `ingest` scope), and the body once its size and content type

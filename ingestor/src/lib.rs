@@ -2,6 +2,7 @@
 //!
 //! - [`auth`]: API keys (stored hashed) to tenant and scopes.
 //! - [`ingest`]: `POST /v1/ingest/batch`, `POST /v1/ingest/events`.
+//! - [`limits`]: hard limits, charged at ingest; breaches kill sessions.
 //! - [`analytics`]: `GET /analytics/mcp/...`.
 //! - [`error`]: the one mapping from errors to HTTP status codes.
 //!
@@ -12,9 +13,11 @@ pub mod analytics;
 pub mod auth;
 pub mod error;
 pub mod ingest;
+pub mod limits;
 
 use actix_web::web;
 use backends::sink::EventSink;
+use backends::state::GuardState;
 use backends::store::AnalyticsStore;
 use schemas::config::IngestConfig;
 use std::sync::Arc;
@@ -24,6 +27,8 @@ pub struct AppState {
     pub keys: auth::Keyring,
     pub sink: Arc<dyn EventSink>,
     pub analytics: Arc<dyn AnalyticsStore>,
+    /// Hard-limit counters and the kill list.
+    pub guard: Arc<dyn GuardState>,
     pub ingest: IngestConfig,
 }
 

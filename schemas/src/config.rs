@@ -33,6 +33,8 @@ pub struct Config {
     pub kafka: KafkaConfig,
     #[serde(default)]
     pub aggregator: AggregatorConfig,
+    #[serde(default)]
+    pub redis: RedisConfig,
     /// Every tenant, with its API keys and rate plans.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -143,6 +145,22 @@ pub struct KafkaConfig {
     pub max_poll_interval_ms: u64,
 }
 
+/// The shared guard state of the distributed mode (hard-limit counters, the kill list).
+/// `serve` keeps it in memory; `ingestor` needs it when any tenant has limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Prefix of every key mcp-meter writes, so that one Redis can serve several deployments.
+    #[serde(default = "default_redis_key_prefix")]
+    pub key_prefix: String,
+    /// Longest wait for one Redis request; past it ingest goes on without enforcing.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
 /// How the aggregator batches its inserts.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -167,6 +185,90 @@ pub struct TenantConfig {
     pub api_keys: Vec<ApiKeyConfig>,
     #[serde(default)]
     pub rate_plans: Vec<RatePlan>,
+    /// Hard limits: a call past one is still stored and billed, and kills its session.
+    #[serde(default)]
+    pub limits: Vec<LimitConfig>,
+}
+
+/// The most a limit may allow per window: ten million USD in µUSD (or as many calls). Keeps
+/// every counter exact in Redis's Lua, whose numbers print with 14 significant digits.
+pub const MAX_LIMIT: i64 = 10_000_000_000_000;
+
+/// One hard limit: calls or spend per session or per agent, per window.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// What each counter follows: every `session`, or every `agent` (all its sessions).
+    pub per: LimitSubject,
+    /// The window counters start over in: `hour`, `day` or `month` (UTC).
+    pub window: LimitWindow,
+    /// Most calls per subject and window.
+    #[serde(default)]
+    pub max_calls: Option<i64>,
+    /// Most revenue (what the agent is charged) per subject and window, in µUSD.
+    #[serde(default)]
+    pub max_spend_micros: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitSubject {
+    Session,
+    Agent,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitWindow {
+    Hour,
+    Day,
+    Month,
+}
+
+impl LimitWindow {
+    /// The UTC window holding `at_ms`: its first millisecond and the first after it.
+    pub fn bounds(self, at_ms: i64) -> (i64, i64) {
+        use chrono::{Datelike, TimeZone, Utc};
+        const HOUR: i64 = 3_600_000;
+        const DAY: i64 = 86_400_000;
+        match self {
+            LimitWindow::Hour => {
+                let start = at_ms.div_euclid(HOUR) * HOUR;
+                (start, start + HOUR)
+            }
+            LimitWindow::Day => {
+                let start = at_ms.div_euclid(DAY) * DAY;
+                (start, start + DAY)
+            }
+            LimitWindow::Month => {
+                let at = Utc
+                    .timestamp_millis_opt(at_ms)
+                    .single()
+                    .expect("a valid time");
+                let first = |y: i32, m: u32| {
+                    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+                        .single()
+                        .expect("a month start")
+                        .timestamp_millis()
+                };
+                let (y, m) = (at.year(), at.month());
+                let next = if m == 12 {
+                    first(y + 1, 1)
+                } else {
+                    first(y, m + 1)
+                };
+                (first(y, m), next)
+            }
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitWindow::Hour => "hour",
+            LimitWindow::Day => "day",
+            LimitWindow::Month => "month",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -258,6 +360,12 @@ fn default_max_batch_wait_ms() -> u64 {
 fn default_max_retry_backoff_ms() -> u64 {
     5_000
 }
+fn default_redis_key_prefix() -> String {
+    "mcp-meter:".into()
+}
+fn default_redis_timeout_ms() -> u64 {
+    200
+}
 fn default_max_body_bytes() -> usize {
     8 * 1024 * 1024
 }
@@ -307,6 +415,12 @@ impl Default for KafkaConfig {
     }
 }
 
+impl Default for RedisConfig {
+    fn default() -> RedisConfig {
+        toml::from_str("").expect("an empty section takes every default")
+    }
+}
+
 impl Default for AggregatorConfig {
     fn default() -> AggregatorConfig {
         toml::from_str("").expect("an empty section takes every default")
@@ -343,6 +457,19 @@ type Setter = fn(&mut Config, &str) -> Result<(), String>;
 /// `MCP_METER_LISTEN`, `MCP_METER_DATA_DIR`, `MCP_METER_CONFIG` and `MCP_METER_DEMO_KEY` are
 /// read by the command line (they are flags too); `MCP_METER_LOG` sets the log filter.
 pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
+    ("MCP_METER_REDIS_URL", "redis.url", |c, v| {
+        c.redis.url = Some(v.to_string());
+        Ok(())
+    }),
+    ("MCP_METER_REDIS_KEY_PREFIX", "redis.key_prefix", |c, v| {
+        c.redis.key_prefix = v.to_string();
+        Ok(())
+    }),
+    (
+        "MCP_METER_REDIS_REQUEST_TIMEOUT_MS",
+        "redis.request_timeout_ms",
+        |c, v| parse_into(&mut c.redis.request_timeout_ms, v),
+    ),
     ("MCP_METER_STORE", "store", |c, v| {
         c.store = match v.trim() {
             "sqlite" => StoreKind::Sqlite,
@@ -588,6 +715,20 @@ impl Config {
                     "{at}: has no rate_plans; events could not be priced"
                 ));
             }
+            for (l, limit) in t.limits.iter().enumerate() {
+                let lat = format!("{at}.limits[{l}]");
+                if limit.max_calls.is_none() && limit.max_spend_micros.is_none() {
+                    problems.push(format!("{lat}: set max_calls, max_spend_micros or both"));
+                }
+                for (name, value) in [
+                    ("max_calls", limit.max_calls),
+                    ("max_spend_micros", limit.max_spend_micros),
+                ] {
+                    if value.is_some_and(|v| !(1..=MAX_LIMIT).contains(&v)) {
+                        problems.push(format!("{lat}: {name} must be 1 to {MAX_LIMIT}"));
+                    }
+                }
+            }
             let mut versions = HashSet::new();
             let mut ordered: Vec<&RatePlan> = t.rate_plans.iter().collect();
             ordered.sort_by_key(|p| p.version);
@@ -704,6 +845,39 @@ cost = { per_call = 200, per_input_token = 0.5, per_second = "100" }
         );
         let err = Config::from_toml(&two).unwrap().validate().unwrap_err();
         assert!(err.to_string().contains("version is used twice"), "{err}");
+    }
+
+    #[test]
+    fn limit_windows_are_utc_hours_days_and_months() {
+        let at = 1_795_181_530_000; // 2026-11-20T13:32:10Z
+        let hour = LimitWindow::Hour.bounds(at);
+        assert_eq!(hour, (1_795_179_600_000, 1_795_183_200_000));
+        assert_eq!(
+            LimitWindow::Day.bounds(at),
+            (1_795_132_800_000, 1_795_219_200_000)
+        );
+        let (start, end) = LimitWindow::Month.bounds(at);
+        assert_eq!(start, 1_793_491_200_000); // 2026-11-01
+        assert_eq!(end, 1_796_083_200_000); // 2026-12-01
+                                            // December ends at the next year's first day; January 2027 ends on 1 February.
+        assert_eq!(
+            LimitWindow::Month.bounds(1_798_675_200_000).1,
+            1_798_761_600_000
+        );
+        assert_eq!(
+            LimitWindow::Month.bounds(1_798_761_600_005).1,
+            1_801_440_000_000
+        );
+    }
+
+    #[test]
+    fn limits_need_a_maximum_within_range() {
+        let text = GOOD.to_string()
+            + "\n[[tenants.limits]]\nper = \"session\"\nwindow = \"day\"\n\n[[tenants.limits]]\nper = \"agent\"\nwindow = \"hour\"\nmax_calls = 0\n";
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(err.problems[0].ends_with("set max_calls, max_spend_micros or both"));
+        assert!(err.problems[1].contains("max_calls must be 1 to"));
     }
 
     #[test]

@@ -15,12 +15,30 @@ struct Inner {
     counters: HashMap<String, (i64, i64)>,
     /// tenant → session → killed until (ms)
     killed: HashMap<String, HashMap<String, i64>>,
+    /// (tenant, agent) → session → remembered until (ms)
+    agent_sessions: HashMap<(String, String), HashMap<String, i64>>,
 }
 
 impl MemoryState {
     pub fn new() -> MemoryState {
         MemoryState::default()
     }
+}
+
+/// Adds members with a time, keeping the later time of a member already there.
+fn extend(set: &mut HashMap<String, i64>, members: &[String], until_ms: i64) {
+    for m in members {
+        let until = set.entry(m.clone()).or_insert(until_ms);
+        *until = (*until).max(until_ms);
+    }
+}
+
+/// Drops members whose time has passed; answers the rest, sorted.
+fn live(set: &mut HashMap<String, i64>, now_ms: i64) -> Vec<String> {
+    set.retain(|_, until| *until > now_ms);
+    let mut members: Vec<String> = set.keys().cloned().collect();
+    members.sort();
+    members
 }
 
 #[async_trait::async_trait]
@@ -50,22 +68,52 @@ impl GuardState for MemoryState {
         until_ms: i64,
     ) -> Result<(), StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
-        let killed = inner.killed.entry(tenant.to_string()).or_default();
-        for s in sessions {
-            let until = killed.entry(s.clone()).or_insert(until_ms);
-            *until = (*until).max(until_ms);
-        }
+        extend(
+            inner.killed.entry(tenant.to_string()).or_default(),
+            sessions,
+            until_ms,
+        );
         Ok(())
     }
 
     async fn killed_sessions(&self, tenant: &str, now_ms: i64) -> Result<Vec<String>, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
-        let Some(killed) = inner.killed.get_mut(tenant) else {
-            return Ok(Vec::new());
-        };
-        killed.retain(|_, until| *until > now_ms);
-        let mut sessions: Vec<String> = killed.keys().cloned().collect();
-        sessions.sort();
-        Ok(sessions)
+        Ok(inner
+            .killed
+            .get_mut(tenant)
+            .map(|set| live(set, now_ms))
+            .unwrap_or_default())
+    }
+
+    async fn track_sessions(
+        &self,
+        tenant: &str,
+        agent: &str,
+        sessions: &[String],
+        until_ms: i64,
+    ) -> Result<(), StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        let key = (tenant.to_string(), agent.to_string());
+        extend(
+            inner.agent_sessions.entry(key).or_default(),
+            sessions,
+            until_ms,
+        );
+        Ok(())
+    }
+
+    async fn sessions_of(
+        &self,
+        tenant: &str,
+        agent: &str,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        let key = (tenant.to_string(), agent.to_string());
+        Ok(inner
+            .agent_sessions
+            .get_mut(&key)
+            .map(|set| live(set, now_ms))
+            .unwrap_or_default())
     }
 }

@@ -11,9 +11,9 @@
 pub mod memory;
 pub mod redis;
 
-/// Counters stay exact in Redis's Lua (doubles printed with 14 significant digits) below this;
-/// limits are refused above it, which is ten million USD in µUSD per window.
-pub const MAX_LIMIT: i64 = 10_000_000_000_000;
+/// Counters stay exact in Redis's Lua (doubles printed with 14 significant digits) up to this;
+/// config validation refuses larger limits.
+pub use schemas::config::MAX_LIMIT;
 
 /// One counter a batch charges: the amount each event adds, in the events' order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +61,24 @@ pub trait GuardState: Send + Sync {
 
     /// The tenant's sessions killed and not yet released at `now_ms`, sorted.
     async fn killed_sessions(&self, tenant: &str, now_ms: i64) -> Result<Vec<String>, StateError>;
+
+    /// Remembers that `sessions` belong to `agent` until `until_ms`, so that a breach of an
+    /// agent limit can kill all of them.
+    async fn track_sessions(
+        &self,
+        tenant: &str,
+        agent: &str,
+        sessions: &[String],
+        until_ms: i64,
+    ) -> Result<(), StateError>;
+
+    /// The sessions of `agent` remembered and not yet forgotten at `now_ms`, sorted.
+    async fn sessions_of(
+        &self,
+        tenant: &str,
+        agent: &str,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StateError>;
 }
 
 /// The admitted prefix of `amounts` on a counter at `current` with `limit`: the one rule both

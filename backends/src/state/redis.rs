@@ -34,9 +34,9 @@ end
 return result
 "#;
 
-/// Kills sessions: a sorted set per tenant, each session scored by when it is released.
-/// KEYS[1]: the set. ARGV: until_ms, sessions... A later release time wins.
-const KILL: &str = r#"
+/// Adds members to a sorted set scored by when they expire (the kill list of a tenant, the
+/// sessions of an agent). KEYS[1]: the set. ARGV: until_ms, members... A later time wins.
+const EXTEND: &str = r#"
 for i = 2, #ARGV do
   local current = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]) or '0')
   if tonumber(ARGV[1]) > current then
@@ -46,8 +46,8 @@ end
 return 0
 "#;
 
-/// KEYS[1]: the set. ARGV[1]: now_ms. Drops released sessions, answers the rest.
-const KILLED: &str = r#"
+/// KEYS[1]: a set of [`EXTEND`]. ARGV[1]: now_ms. Drops expired members, answers the rest.
+const LIVE: &str = r#"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#;
@@ -56,8 +56,8 @@ pub struct RedisState {
     connection: ConnectionManager,
     prefix: String,
     charge: redis::Script,
-    kill: redis::Script,
-    killed: redis::Script,
+    extend: redis::Script,
+    live: redis::Script,
 }
 
 impl RedisState {
@@ -85,13 +85,56 @@ impl RedisState {
             connection,
             prefix: prefix.to_string(),
             charge: redis::Script::new(COMPARE_AND_INCREMENT),
-            kill: redis::Script::new(KILL),
-            killed: redis::Script::new(KILLED),
+            extend: redis::Script::new(EXTEND),
+            live: redis::Script::new(LIVE),
         })
     }
 
     fn killed_key(&self, tenant: &str) -> String {
         format!("{}killed:{tenant}", self.prefix)
+    }
+
+    fn agent_key(&self, tenant: &str, agent: &str) -> String {
+        format!("{}agent-sessions:{tenant}:{agent}", self.prefix)
+    }
+
+    async fn extend_set(
+        &self,
+        key: String,
+        members: &[String],
+        until_ms: i64,
+    ) -> Result<(), StateError> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.extend.key(key);
+        invocation.arg(until_ms);
+        for m in members {
+            invocation.arg(m);
+        }
+        invocation
+            .invoke_async::<i64>(&mut self.connection.clone())
+            .await
+            .map_err(|source| StateError::Redis {
+                context: "extend a set",
+                source,
+            })?;
+        Ok(())
+    }
+
+    async fn live_members(&self, key: String, now_ms: i64) -> Result<Vec<String>, StateError> {
+        let mut members: Vec<String> = self
+            .live
+            .key(key)
+            .arg(now_ms)
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| StateError::Redis {
+                context: "read a set",
+                source,
+            })?;
+        members.sort();
+        Ok(members)
     }
 }
 
@@ -134,36 +177,32 @@ impl GuardState for RedisState {
         sessions: &[String],
         until_ms: i64,
     ) -> Result<(), StateError> {
-        if sessions.is_empty() {
-            return Ok(());
-        }
-        let mut invocation = self.kill.key(self.killed_key(tenant));
-        invocation.arg(until_ms);
-        for s in sessions {
-            invocation.arg(s);
-        }
-        invocation
-            .invoke_async::<i64>(&mut self.connection.clone())
+        self.extend_set(self.killed_key(tenant), sessions, until_ms)
             .await
-            .map_err(|source| StateError::Redis {
-                context: "kill sessions",
-                source,
-            })?;
-        Ok(())
     }
 
     async fn killed_sessions(&self, tenant: &str, now_ms: i64) -> Result<Vec<String>, StateError> {
-        let mut sessions: Vec<String> = self
-            .killed
-            .key(self.killed_key(tenant))
-            .arg(now_ms)
-            .invoke_async(&mut self.connection.clone())
+        self.live_members(self.killed_key(tenant), now_ms).await
+    }
+
+    async fn track_sessions(
+        &self,
+        tenant: &str,
+        agent: &str,
+        sessions: &[String],
+        until_ms: i64,
+    ) -> Result<(), StateError> {
+        self.extend_set(self.agent_key(tenant, agent), sessions, until_ms)
             .await
-            .map_err(|source| StateError::Redis {
-                context: "read killed sessions",
-                source,
-            })?;
-        sessions.sort();
-        Ok(sessions)
+    }
+
+    async fn sessions_of(
+        &self,
+        tenant: &str,
+        agent: &str,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StateError> {
+        self.live_members(self.agent_key(tenant, agent), now_ms)
+            .await
     }
 }

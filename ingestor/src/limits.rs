@@ -1,0 +1,220 @@
+//! Hard limits at ingest: charge each call against its tenant's limits, kill what breaches.
+//!
+//! Usage that already happened is always accepted, stored and billed; a limit decides only
+//! whether the session may go on. Charges are applied after the events are durable, so a
+//! request answered 503 (and retried) is not counted twice.
+
+use backends::state::{Charge, GuardState, StateError};
+use schemas::config::{LimitConfig, LimitSubject};
+use schemas::event::RatedEvent;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Whose counter a charge is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Subject {
+    Session(String),
+    Agent(String),
+}
+
+/// What a batch charges, computed before it is published.
+#[derive(Debug, Default)]
+pub struct Plan {
+    charges: Vec<Charge>,
+    subjects: Vec<Subject>,
+    /// agent → its sessions in this batch, remembered until the end of its longest window.
+    agent_sessions: BTreeMap<String, (BTreeSet<String>, i64)>,
+}
+
+impl Plan {
+    /// Every counter the batch's calls charge under `limits` at `now_ms`. Heartbeats are not
+    /// calls and charge nothing; a call without the limited id (no session, no agent) is not
+    /// limited by that limit.
+    pub fn new(tenant: &str, limits: &[LimitConfig], events: &[RatedEvent], now_ms: i64) -> Plan {
+        let mut plan = Plan::default();
+        for (n, limit) in limits.iter().enumerate() {
+            let (start, end) = limit.window.bounds(now_ms);
+            // subject id → (calls, spend), each one amount per call, in order.
+            let mut by_subject: BTreeMap<&str, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
+            for e in events.iter().filter(|e| e.is_call()) {
+                let id = match limit.per {
+                    LimitSubject::Session => &e.session_id,
+                    LimitSubject::Agent => &e.agent_id,
+                };
+                if id.is_empty() {
+                    continue;
+                }
+                let (calls, spend) = by_subject.entry(id).or_default();
+                calls.push(1);
+                spend.push(e.revenue_micros);
+                if limit.per == LimitSubject::Agent && !e.session_id.is_empty() {
+                    let (sessions, until) = plan.agent_sessions.entry(id.to_string()).or_default();
+                    sessions.insert(e.session_id.clone());
+                    *until = (*until).max(end);
+                }
+            }
+            for (id, (calls, spend)) in by_subject {
+                let per = match limit.per {
+                    LimitSubject::Session => "session",
+                    LimitSubject::Agent => "agent",
+                };
+                let key = |what: &str| {
+                    format!(
+                        "limit:{tenant}:{n}:{per}:{}:{start}:{what}:{id}",
+                        limit.window.as_str()
+                    )
+                };
+                let subject = match limit.per {
+                    LimitSubject::Session => Subject::Session(id.to_string()),
+                    LimitSubject::Agent => Subject::Agent(id.to_string()),
+                };
+                if let Some(max) = limit.max_calls {
+                    plan.charges.push(Charge {
+                        key: key("calls"),
+                        limit: max,
+                        expires_at_ms: end,
+                        amounts: calls,
+                    });
+                    plan.subjects.push(subject.clone());
+                }
+                if let Some(max) = limit.max_spend_micros {
+                    plan.charges.push(Charge {
+                        key: key("spend"),
+                        limit: max,
+                        expires_at_ms: end,
+                        amounts: spend,
+                    });
+                    plan.subjects.push(subject);
+                }
+            }
+        }
+        plan
+    }
+
+    /// Charges the counters in one atomic step and kills what breached: the session, or every
+    /// session of the agent. Kills last until the breached window ends.
+    pub async fn apply(
+        self,
+        guard: &dyn GuardState,
+        tenant: &str,
+        now_ms: i64,
+    ) -> Result<(), StateError> {
+        for (agent, (sessions, until)) in &self.agent_sessions {
+            let sessions: Vec<String> = sessions.iter().cloned().collect();
+            guard
+                .track_sessions(tenant, agent, &sessions, *until)
+                .await?;
+        }
+        if self.charges.is_empty() {
+            return Ok(());
+        }
+        let admitted = guard.charge(&self.charges, now_ms).await?;
+        for ((charge, subject), n) in self.charges.iter().zip(&self.subjects).zip(admitted) {
+            if n == charge.amounts.len() {
+                continue;
+            }
+            let sessions = match subject {
+                Subject::Session(s) => vec![s.clone()],
+                Subject::Agent(a) => guard.sessions_of(tenant, a, now_ms).await?,
+            };
+            tracing::info!(?subject, admitted = n, of = charge.amounts.len(), key = %charge.key, "hard limit breached");
+            guard
+                .kill_sessions(tenant, &sessions, charge.expires_at_ms)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::config::LimitWindow;
+
+    const AT: i64 = 1_795_181_530_000; // 2026-11-20T13:32:10Z
+
+    fn event(session: &str, agent: &str, revenue: i64) -> RatedEvent {
+        RatedEvent {
+            session_id: session.into(),
+            agent_id: agent.into(),
+            revenue_micros: revenue,
+            ..RatedEvent::sample_call("k", AT)
+        }
+    }
+
+    fn limit(per: LimitSubject, calls: Option<i64>, spend: Option<i64>) -> LimitConfig {
+        LimitConfig {
+            per,
+            window: LimitWindow::Hour,
+            max_calls: calls,
+            max_spend_micros: spend,
+        }
+    }
+
+    #[test]
+    fn each_subject_gets_its_own_counter_per_limit_and_window() {
+        let events = [
+            event("s1", "a", 10),
+            event("s2", "a", 20),
+            event("s1", "b", 30),
+            event("", "a", 40),
+        ];
+        let limits = [
+            limit(LimitSubject::Session, Some(5), None),
+            limit(LimitSubject::Agent, Some(9), Some(100)),
+        ];
+        let plan = Plan::new("t", &limits, &events, AT);
+        let summary: Vec<(String, Vec<i64>)> = plan
+            .charges
+            .iter()
+            .map(|c| (c.key.clone(), c.amounts.clone()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (
+                    "limit:t:0:session:hour:1795179600000:calls:s1".to_string(),
+                    vec![1, 1]
+                ),
+                (
+                    "limit:t:0:session:hour:1795179600000:calls:s2".to_string(),
+                    vec![1]
+                ),
+                (
+                    "limit:t:1:agent:hour:1795179600000:calls:a".to_string(),
+                    vec![1, 1, 1]
+                ),
+                (
+                    "limit:t:1:agent:hour:1795179600000:spend:a".to_string(),
+                    vec![10, 20, 40]
+                ),
+                (
+                    "limit:t:1:agent:hour:1795179600000:calls:b".to_string(),
+                    vec![1]
+                ),
+                (
+                    "limit:t:1:agent:hour:1795179600000:spend:b".to_string(),
+                    vec![30]
+                ),
+            ]
+        );
+        assert!(plan
+            .charges
+            .iter()
+            .all(|c| c.expires_at_ms == 1_795_183_200_000));
+        let a_sessions: Vec<&String> = plan.agent_sessions["a"].0.iter().collect();
+        assert_eq!(a_sessions, ["s1", "s2"]);
+    }
+
+    #[test]
+    fn heartbeats_charge_nothing() {
+        let mut hb = event("s1", "a", 0);
+        hb.metric_name = schemas::event::HEARTBEAT_METRIC.into();
+        let plan = Plan::new(
+            "t",
+            &[limit(LimitSubject::Session, Some(1), None)],
+            &[hb],
+            AT,
+        );
+        assert!(plan.charges.is_empty());
+    }
+}
