@@ -18,13 +18,23 @@ impl Drop for Serve {
     }
 }
 
-/// Starts the binary on a free port and reads the ingest URL off its banner.
+/// Starts the binary on a free port and reads the ingest URL off its banner. Without a config
+/// file it runs the demo tenant with key [`KEY`].
 fn serve(data_dir: &std::path::Path) -> (Serve, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+    serve_with(data_dir, None)
+}
+
+fn serve_with(data_dir: &std::path::Path, config: Option<&std::path::Path>) -> (Serve, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-meter"));
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env("MCP_METER_DEMO_KEY", KEY)
-        .env_remove("MCP_METER_CONFIG")
+        .env_remove("MCP_METER_CONFIG");
+    if let Some(file) = config {
+        command.arg("--config").arg(file);
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -116,4 +126,58 @@ fn the_aforo_python_sdk_meters_calls_that_analytics_then_show() {
     assert!(status.success());
     let exit = server.0.wait().unwrap();
     assert!(exit.success(), "serve exited with {exit}");
+}
+
+#[test]
+fn the_aforo_sdk_hears_the_kill_signal_after_a_session_limit_is_breached() {
+    let python = std::env::var("MCP_METER_TEST_PYTHON").expect(
+        "MCP_METER_TEST_PYTHON is not set: run scripts/test, which installs aforo-mcp-metering into a venv",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // Tenant `demo` (the SDK sends it as X-Tenant-Id), three calls per session and hour.
+    let config = dir.path().join("limits.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[tenants]]
+id = "demo"
+api_keys = [{{ name = "sdk", sha256 = "{}", scopes = ["admin"] }}]
+[[tenants.rate_plans]]
+version = 1
+[tenants.rate_plans.tools."*"]
+price = {{ per_call = 5000 }}
+[[tenants.limits]]
+per = "session"
+window = "hour"
+max_calls = 3
+"#,
+            mcp_meter::sha256_hex(KEY)
+        ),
+    )
+    .unwrap();
+    let (_server, base) = serve_with(dir.path(), Some(&config));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/aforo_kill.py");
+    let out = Command::new(&python)
+        .args([script, &base, KEY, "5"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        report["killed"],
+        serde_json::json!([["sdk-limited", "SERVER_KILL"]]),
+        "{report}"
+    );
+    assert_eq!(
+        report["dropped"], 0,
+        "the calls past the limit are still accepted: {report}"
+    );
+    // All five calls are stored and billed.
+    assert_eq!(get(&base, "/analytics/mcp/summary")["calls"], 5);
 }
