@@ -7,15 +7,35 @@ fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
 }
 
+/// Every ```toml block of the README.
+fn toml_blocks(text: &str) -> Vec<&str> {
+    text.split("```toml\n")
+        .skip(1)
+        .map(|rest| &rest[..rest.find("```").unwrap()])
+        .collect()
+}
+
 #[test]
-fn the_readme_config_example_is_valid() {
+fn the_readme_config_examples_are_valid() {
     let text = readme();
-    let start = text.find("```toml\n").expect("a toml block") + "```toml\n".len();
-    let block = &text[start..start + text[start..].find("```").unwrap()];
-    let config = Config::from_toml(block).unwrap();
+    let blocks = toml_blocks(&text);
+    let full = *blocks
+        .iter()
+        .find(|b| b.contains("listen = "))
+        .expect("a full config example");
+    let config = Config::from_toml(full).unwrap();
     config.validate().unwrap();
     let web = &config.tenants[0].rate_plans[0].tools["web_search"];
     assert_eq!(web.cost.per_second.scaled(), 250_000);
+    // Each snippet is valid where it belongs: after the full example.
+    for snippet in blocks.iter().filter(|b| !b.contains("listen = ")) {
+        let combined = format!("{full}\n{snippet}");
+        let config = Config::from_toml(&combined).unwrap_or_else(|e| panic!("{snippet}: {e}"));
+        config
+            .validate()
+            .unwrap_or_else(|e| panic!("{snippet}: {e}"));
+    }
+    assert!(blocks.len() >= 2);
 }
 
 #[test]
