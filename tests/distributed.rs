@@ -191,7 +191,7 @@ fn while_clickhouse_refuses_inserts_the_aggregator_retries_then_catches_up_exact
 #[test]
 fn ingest_recovers_by_itself_after_the_broker_restarts_under_load() {
     let mut tansu = Tansu::start();
-    let setup = Setup::new("recover", &tansu.brokers(), 2, "delivery_timeout_ms = 2000");
+    let setup = Setup::new("recover", &tansu.brokers(), 2, "delivery_timeout_ms = 5000");
     let (_ingestor, client) = setup.ingestor();
     let stop = AtomicBool::new(false);
     let statuses: Mutex<Vec<(Instant, u16)>> = Mutex::new(Vec::new());

@@ -103,23 +103,28 @@ pub async fn migrate(
 checksum String, applied_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER BY version"
         ))
         .await?;
+    // Every recorded checksum of each version, whether or not the table has merged its rows:
+    // a re-run or a concurrent run may have recorded a version twice.
     let recorded = database_runner
         .tab_separated(&format!(
-            "SELECT version, any(checksum) FROM {MIGRATIONS_TABLE} GROUP BY version ORDER BY version"
+            "SELECT version, checksum FROM {MIGRATIONS_TABLE} GROUP BY version, checksum ORDER BY version"
         ))
         .await?;
-    let mut applied = std::collections::HashMap::new();
+    let mut applied: std::collections::HashMap<u32, Vec<String>> = std::collections::HashMap::new();
     for mut row in super::tsv::rows(&recorded, "read applied migrations") {
-        applied.insert(row.int()? as u32, row.string()?);
+        applied
+            .entry(row.int()? as u32)
+            .or_default()
+            .push(row.string()?);
     }
 
     let mut outcomes = Vec::new();
     for m in MIGRATIONS {
         let sum = checksum(m.sql);
         if let Some(recorded) = applied.get(&m.version) {
-            if *recorded != sum {
+            if let Some(other) = recorded.iter().find(|r| **r != sum) {
                 return Err(StoreError::NotReady(format!(
-                    "migration {} was changed after it was applied (checksum {recorded}, now {sum}); \
+                    "migration {} was changed after it was applied (checksum {other}, now {sum}); \
                      restore it and put the change in a new file",
                     m.name
                 )));
