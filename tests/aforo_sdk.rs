@@ -55,6 +55,22 @@ fn serve_with(data_dir: &std::path::Path, config: Option<&std::path::Path>) -> (
     (Serve(child), base.expect("serve printed its ingest URL"))
 }
 
+/// Runs a client script of `tests/sdk/` against `base` and answers the JSON it prints.
+fn run_client(python: &str, script: &str, base: &str, calls: i64) -> serde_json::Value {
+    let script = format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(python)
+        .args([script.as_str(), base, KEY, &calls.to_string()])
+        .output()
+        .expect("run the SDK client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
 fn get(base: &str, path: &str) -> serde_json::Value {
     let mut answer = ureq::get(format!("{base}{path}"))
         .header("Authorization", format!("Bearer {KEY}"))
@@ -71,18 +87,7 @@ fn the_aforo_python_sdk_meters_calls_that_analytics_then_show() {
     let dir = tempfile::tempdir().unwrap();
     let (mut server, base) = serve(dir.path());
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/aforo_client.py");
-    let out = Command::new(&python)
-        .args([script, &base, KEY, &CALLS.to_string()])
-        .output()
-        .expect("run the SDK client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "client failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let report = run_client(&python, "aforo_client.py", &base, CALLS);
     assert_eq!(report["dropped"], 0, "the SDK dropped events: {report}");
     assert_eq!(report["errors"], serde_json::json!([]), "{report}");
 
@@ -157,18 +162,7 @@ max_calls = 3
     )
     .unwrap();
     let (_server, base) = serve_with(dir.path(), Some(&config));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/aforo_kill.py");
-    let out = Command::new(&python)
-        .args([script, &base, KEY, "5"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "client failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let report = run_client(&python, "aforo_kill.py", &base, 5);
     assert_eq!(
         report["killed"],
         serde_json::json!([["sdk-limited", "SERVER_KILL"]]),

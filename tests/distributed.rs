@@ -255,11 +255,7 @@ fn an_aggregator_resumes_at_the_stored_floor_whatever_offset_the_group_committed
         );
     };
     let commit = |offset: i64| {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
-            .set("group.id", &kafka.consumer_group)
-            .create()
-            .unwrap();
+        let consumer = group_consumer(&setup);
         let mut list = rdkafka::TopicPartitionList::new();
         list.add_partition_offset(&kafka.events_topic, 0, rdkafka::Offset::Offset(offset))
             .unwrap();
@@ -546,11 +542,7 @@ fn freshness_from_202_to_summary_over_1000_probes() {
 /// row count, for a failure message.
 fn diagnose(setup: &Setup) -> String {
     let kafka = &setup.config.kafka;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
-        .set("group.id", &kafka.consumer_group)
-        .create()
-        .unwrap();
+    let consumer = group_consumer(setup);
     let mut list = rdkafka::TopicPartitionList::new();
     for p in 0..kafka.partitions {
         list.add_partition(&kafka.events_topic, p);
@@ -577,4 +569,14 @@ fn diagnose(setup: &Setup) -> String {
         ));
     }
     out
+}
+
+/// A consumer in the aggregators' group (not subscribed), to read or set its committed offsets.
+fn group_consumer(setup: &Setup) -> BaseConsumer {
+    let kafka = &setup.config.kafka;
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
+        .set("group.id", &kafka.consumer_group)
+        .create()
+        .unwrap()
 }
