@@ -237,6 +237,55 @@ fn ingest_recovers_by_itself_after_the_broker_restarts_under_load() {
     assert!(statuses.iter().all(|(_, s)| *s == 202 || *s == 503));
 }
 
+/// Hard limits across ingestors: two ingestor processes share the counters in Redis, so the
+/// limit holds for the session whichever ingestor each call goes through.
+#[test]
+fn two_ingestors_share_hard_limit_counters_through_redis() {
+    let redis = std::env::var("MCP_METER_TEST_REDIS_URL")
+        .expect("MCP_METER_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
+    let prefix = unique_database("limits");
+    let setup = Setup::new(
+        "limits",
+        &kafka_brokers(),
+        2,
+        &format!(
+            "[redis]\nurl = \"{redis}\"\nkey_prefix = \"{prefix}:\"\n\n\
+[[tenants.limits]]\nper = \"session\"\nwindow = \"day\"\nmax_calls = 4\n"
+        ),
+    );
+    assert_eq!(
+        setup.config.tenants[2].limits.len(),
+        1,
+        "the limit belongs to initech"
+    );
+    let (_a, client_a) = setup.ingestor();
+    let (_b, client_b) = setup.ingestor();
+    let mut answers = Vec::new();
+    for n in 0..6 {
+        let client = if n % 2 == 0 { &client_a } else { &client_b };
+        let (status, answer) = client.post(
+            "/v1/ingest/events",
+            INITECH,
+            &call(&format!("l{n}"), "t", "a", "shared").to_string(),
+        );
+        assert_eq!(status, 202, "{answer}");
+        answers.push(answer["killedSessionIds"].clone());
+    }
+    let none = serde_json::json!([]);
+    let killed = serde_json::json!(["shared"]);
+    assert_eq!(
+        answers,
+        vec![
+            none.clone(),
+            none.clone(),
+            none.clone(),
+            none,
+            killed.clone(),
+            killed
+        ]
+    );
+}
+
 /// Kafka's committed offsets are hints: an aggregator resumes each partition where the store's
 /// floor says, whether the group's offset is ahead of it (records nobody stored would be skipped)
 /// or behind it (stored records would be re-read).
