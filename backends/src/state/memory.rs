@@ -13,11 +13,17 @@ pub struct MemoryState {
 struct Inner {
     /// key → (value, expires_at_ms)
     counters: HashMap<String, (i64, i64)>,
+    /// When ended windows are next swept out of `counters`.
+    next_prune_ms: i64,
     /// tenant → session → killed until (ms)
     killed: HashMap<String, HashMap<String, i64>>,
     /// (tenant, agent) → session → remembered until (ms)
     agent_sessions: HashMap<(String, String), HashMap<String, i64>>,
 }
+
+/// How often ended windows are swept out: often enough to bound memory, rarely enough that no
+/// ingest request pays for a scan of every counter.
+const PRUNE_EVERY_MS: i64 = 60_000;
 
 impl MemoryState {
     pub fn new() -> MemoryState {
@@ -45,14 +51,20 @@ fn live(set: &mut HashMap<String, i64>, now_ms: i64) -> Vec<String> {
 impl GuardState for MemoryState {
     async fn charge(&self, charges: &[Charge], now_ms: i64) -> Result<Vec<usize>, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
-        // Forget windows that ended, so memory stays bounded by the live windows.
-        inner.counters.retain(|_, (_, expires)| *expires > now_ms);
+        if now_ms >= inner.next_prune_ms {
+            inner.counters.retain(|_, (_, expires)| *expires > now_ms);
+            inner.next_prune_ms = now_ms + PRUNE_EVERY_MS;
+        }
         let mut admitted = Vec::with_capacity(charges.len());
         for c in charges {
             let (value, expires) = inner
                 .counters
                 .entry(c.key.clone())
                 .or_insert((0, c.expires_at_ms));
+            // A counter whose window ended but was not swept yet starts over, as if forgotten.
+            if *expires <= now_ms {
+                *value = 0;
+            }
             let n = admitted_prefix(*value, c.limit, &c.amounts);
             *value += c.amounts[..n].iter().sum::<i64>();
             *expires = c.expires_at_ms;

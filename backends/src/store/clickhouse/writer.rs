@@ -143,7 +143,11 @@ impl StoredOffsets for ClickHouseWriter {
 impl StoreWriter for ClickHouseWriter {
     async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
         // 1. Keys already stored by an earlier write (a client retry, a redelivery).
-        let mut seen = self.stored(batches).await?;
+        let stored = self.stored(batches).await?;
+        let mut seen: HashSet<(&str, &str)> = stored
+            .iter()
+            .map(|(t, k)| (t.as_str(), k.as_str()))
+            .collect();
         // 2. Decide each event: new, or a duplicate of a stored key or of an earlier event of
         //    this same write. `seen` grows as we go so a repeat inside the write is caught too.
         let mut outcomes = Vec::with_capacity(batches.len());
@@ -152,7 +156,7 @@ impl StoreWriter for ClickHouseWriter {
             let mut outcome = WriteOutcome::default();
             for (i, e) in batch.events.iter().enumerate() {
                 let position = batch.positions.get(i);
-                if seen.insert((batch.tenant_id.to_string(), e.idempotency_key.clone())) {
+                if seen.insert((&batch.tenant_id, &e.idempotency_key)) {
                     outcome.accepted += 1;
                     rows.push(EventRow {
                         tenant_id: &batch.tenant_id,
