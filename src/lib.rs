@@ -81,6 +81,7 @@ pub mod demo {
             }],
             rate_plans: vec![schemas::rating::demo_rate_plan()],
             limits: Vec::new(),
+            margin_guard: Default::default(),
         });
         config.validate()?;
         Ok(())
@@ -160,6 +161,7 @@ fn http_api(
         sink,
         analytics,
         guard,
+        guard_recompute_seconds: config.margin_guard.interval_seconds,
         ingest: config.ingest.clone(),
     });
     let server = actix_web::HttpServer::new(move || {
@@ -169,6 +171,54 @@ fn http_api(
     .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = *server.addrs().first().context("bound to no address")?;
     Ok((server.run(), addr))
+}
+
+/// The Redis guard state. Redis being down does not stop a process from starting: ingest goes
+/// on without it and `/readyz` says so, as it would if Redis went down later.
+async fn shared_guard_state(config: &Config, url: &str) -> anyhow::Result<RedisState> {
+    let state = RedisState::new(
+        url,
+        &config.redis.key_prefix,
+        Duration::from_millis(config.redis.request_timeout_ms),
+    )
+    .with_context(|| format!("redis.url `{url}`"))?;
+    if let Err(e) = state.ping().await {
+        tracing::warn!(error = %e, url, "Redis is unreachable; starting anyway, limits and the guard check fail open until it is back");
+    }
+    Ok(state)
+}
+
+/// The margin guard over `analytics` into `state`, if the config enables it.
+fn margin_guard(
+    config: &Config,
+    analytics: Arc<dyn AnalyticsStore>,
+    state: Arc<dyn GuardState>,
+) -> Option<aggregator::margin_guard::MarginGuard> {
+    let g = &config.margin_guard;
+    if !g.enabled {
+        return None;
+    }
+    let tenants = config
+        .tenants
+        .iter()
+        .map(|t| {
+            let thresholds = t
+                .margin_guard
+                .thresholds()
+                .expect("thresholds checked by Config::validate");
+            (t.id.clone(), thresholds)
+        })
+        .collect();
+    let guard_config = aggregator::margin_guard::GuardConfig {
+        interval: Duration::from_secs(g.interval_seconds),
+        window_days: g.window_days,
+        tenants,
+    };
+    Some(aggregator::margin_guard::MarginGuard::new(
+        analytics,
+        state,
+        guard_config,
+    ))
 }
 
 /// `mcp-meter ingestor`: the HTTP API, publishing to Kafka and reading analytics from ClickHouse.
@@ -186,15 +236,7 @@ impl Ingestor {
         let sink: Arc<dyn EventSink> = Arc::new(kafka::KafkaSink::new(&config.kafka)?);
         let analytics: Arc<dyn AnalyticsStore> = Arc::new(ClickHouseAnalytics::new(runner));
         let guard: Arc<dyn GuardState> = match &config.redis.url {
-            Some(url) => Arc::new(
-                RedisState::connect(
-                    url,
-                    &config.redis.key_prefix,
-                    Duration::from_millis(config.redis.request_timeout_ms),
-                )
-                .await
-                .with_context(|| format!("cannot reach Redis at {url}"))?,
-            ),
+            Some(url) => Arc::new(shared_guard_state(config, url).await?),
             None => {
                 anyhow::ensure!(
                     config.tenants.iter().all(|t| t.limits.is_empty()),
@@ -226,7 +268,21 @@ pub async fn run_aggregator(
     let runner = HttpRunner::new(ch);
     clickhouse::check_ready(&runner, ch).await?;
     let mut source = kafka::KafkaSource::new(&config.kafka)?;
-    let mut writer = ClickHouseWriter::new(runner);
+    let mut writer = ClickHouseWriter::new(runner.clone());
+    // The margin guard writes where ingestors read: Redis. Without it there is no one to tell.
+    match &config.redis.url {
+        Some(url) => {
+            let state = Arc::new(shared_guard_state(config, url).await?);
+            let analytics = Arc::new(ClickHouseAnalytics::new(runner));
+            if let Some(guard) = margin_guard(config, analytics, state) {
+                tokio::spawn(guard.run(shutdown.clone()));
+            }
+        }
+        None if config.margin_guard.enabled => {
+            tracing::info!("margin guard off: it needs redis.url to share levels with ingestors");
+        }
+        None => {}
+    }
     let a = &config.aggregator;
     let consumer = aggregator::consumer::ConsumerConfig {
         max_batch_rows: a.max_batch_rows,
@@ -245,6 +301,7 @@ pub struct Embedded {
     /// Where events are kept, for people: a file path or a ClickHouse URL and database.
     pub store: String,
     writer: std::thread::JoinHandle<()>,
+    stop_guard: tokio::sync::watch::Sender<bool>,
 }
 
 impl Embedded {
@@ -291,23 +348,25 @@ impl Embedded {
                 )
             }
         };
-        let (server, addr) = http_api(
-            config,
-            Arc::new(sink),
-            analytics,
-            Arc::new(MemoryState::new()),
-        )?;
+        let guard_state: Arc<dyn GuardState> = Arc::new(MemoryState::new());
+        let (stop_guard, guard_shutdown) = tokio::sync::watch::channel(false);
+        if let Some(guard) = margin_guard(config, analytics.clone(), guard_state.clone()) {
+            actix_web::rt::spawn(guard.run(guard_shutdown));
+        }
+        let (server, addr) = http_api(config, Arc::new(sink), analytics, guard_state)?;
         Ok(Embedded {
             server,
             addr,
             store,
             writer,
+            stop_guard,
         })
     }
 
     /// Serves until a signal stops the server, then lets the writer commit what is queued.
     pub async fn run(self) -> anyhow::Result<()> {
         self.server.await.context("the HTTP server failed")?;
+        let _ = self.stop_guard.send(true);
         // The server has dropped its app state, and with it the last sender into the writer's
         // queue: the writer commits what is still queued, answers it, and ends.
         tokio::task::spawn_blocking(move || self.writer.join())

@@ -5,8 +5,11 @@
 //! - [`group_commit`]: the embedded mode's bus. Ingest requests hand it batches; a single
 //!   writer thread commits every batch waiting at that moment in one transaction and answers
 //!   each request after its commit. Implements `backends::sink::EventSink`.
+//! - [`margin_guard`]: every interval, each tenant's margin levels per agent and per tool,
+//!   from the rollups into the guard state.
 //!
 //! This crate knows nothing of HTTP.
 
 pub mod consumer;
 pub mod group_commit;
+pub mod margin_guard;

@@ -1,9 +1,10 @@
-//! The guard state's COMPARE_AND_INCREMENT and kill list, the same tests on both twins: in
-//! memory, and on the real Redis that `scripts/test` starts.
+//! The guard state's COMPARE_AND_INCREMENT, kill list and margin states, the same tests on both
+//! twins: in memory, and on the real Redis that `scripts/test` starts.
 
 use backends::state::memory::MemoryState;
 use backends::state::redis::RedisState;
 use backends::state::{Charge, GuardState};
+use schemas::guard::{MarginLevel, MarginState, SubjectKind};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +22,9 @@ async fn redis() -> RedisState {
     let url = std::env::var("MCP_METER_TEST_REDIS_URL")
         .expect("MCP_METER_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
     let prefix = format!("test:{}:{}:", std::process::id(), rand_suffix());
-    RedisState::connect(&url, &prefix, Duration::from_secs(5))
-        .await
-        .unwrap()
+    let state = RedisState::new(&url, &prefix, Duration::from_secs(5)).unwrap();
+    state.ping().await.unwrap();
+    state
 }
 
 fn rand_suffix() -> i64 {
@@ -255,8 +256,114 @@ async fn a_window_is_its_own_counter_on_both() {
 
 #[tokio::test]
 async fn an_unreachable_redis_is_an_error_not_a_hang() {
+    let state = RedisState::new("redis://127.0.0.1:1", "x:", Duration::from_millis(500)).unwrap();
     let started = std::time::Instant::now();
-    let result = RedisState::connect("redis://127.0.0.1:1", "x:", Duration::from_millis(500)).await;
-    assert!(result.is_err());
+    assert!(state.ping().await.is_err());
+    assert!(state
+        .view("t", Some("a"), Some("web"), Some("s"), now())
+        .await
+        .is_err());
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+fn margin(subject: SubjectKind, id: &str, level: MarginLevel, at: i64) -> MarginState {
+    MarginState {
+        subject,
+        id: id.into(),
+        level,
+        margin: Some(0.05),
+        revenue_micros: 1000,
+        cogs_micros: 950,
+        window_days: 7,
+        computed_at_ms: at,
+    }
+}
+
+/// A put replaces the tenant's whole set; a view reads the named agent and tool and the
+/// session's kill; other tenants and expired sets read as nothing.
+async fn margins_and_views(state: Arc<dyn GuardState>) {
+    let at = now();
+    let web = margin(SubjectKind::Tool, "web", MarginLevel::Throttle, at);
+    let agent = margin(SubjectKind::Agent, "web", MarginLevel::Warn, at);
+    state
+        .put_margins("t", &[web.clone(), agent.clone()], at + HOUR)
+        .await
+        .unwrap();
+    state
+        .kill_sessions("t", &["s1".into()], at + HOUR)
+        .await
+        .unwrap();
+    let view = state
+        .view("t", Some("web"), Some("web"), Some("s1"), at)
+        .await
+        .unwrap();
+    assert_eq!(
+        view.agent.as_ref(),
+        Some(&agent),
+        "agent and tool ids do not collide"
+    );
+    assert_eq!(view.tool.as_ref(), Some(&web));
+    assert_eq!(view.session_killed_until_ms, Some(at + HOUR));
+    let partial = state.view("t", None, Some("web"), None, at).await.unwrap();
+    assert_eq!((partial.agent, partial.tool.is_some()), (None, true));
+    let unknown = state
+        .view("t", Some("nobody"), Some("other"), Some("s2"), at)
+        .await
+        .unwrap();
+    assert_eq!(unknown, Default::default());
+    assert_eq!(
+        state
+            .view("u", Some("web"), Some("web"), Some("s1"), at)
+            .await
+            .unwrap(),
+        Default::default(),
+        "another tenant sees nothing"
+    );
+    // The next computation replaces the set: a subject it no longer lists is gone.
+    let recovered = margin(SubjectKind::Tool, "web", MarginLevel::Ok, at + 1);
+    state
+        .put_margins("t", std::slice::from_ref(&recovered), at + HOUR)
+        .await
+        .unwrap();
+    let view = state
+        .view("t", Some("web"), Some("web"), None, at)
+        .await
+        .unwrap();
+    assert_eq!((view.agent, view.tool), (None, Some(recovered)));
+}
+
+#[tokio::test]
+async fn memory_keeps_margin_states_per_tenant() {
+    margins_and_views(Arc::new(MemoryState::new())).await;
+}
+
+#[tokio::test]
+async fn redis_keeps_margin_states_per_tenant() {
+    margins_and_views(Arc::new(redis().await)).await;
+}
+
+#[tokio::test]
+async fn margin_states_are_forgotten_when_they_expire() {
+    let memory = MemoryState::new();
+    let redis = redis().await;
+    for state in [&memory as &dyn GuardState, &redis] {
+        let at = now();
+        let web = margin(SubjectKind::Tool, "web", MarginLevel::Block, at);
+        state.put_margins("t", &[web], at + 300).await.unwrap();
+        assert!(state
+            .view("t", None, Some("web"), None, now())
+            .await
+            .unwrap()
+            .tool
+            .is_some());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            state
+                .view("t", None, Some("web"), None, now())
+                .await
+                .unwrap()
+                .tool,
+            None
+        );
+    }
 }

@@ -154,7 +154,7 @@ async fn enforce(
     match answer.await {
         Ok(killed) => killed,
         Err(e) => {
-            tracing::warn!(error = %e, "guard state unavailable; limits not enforced for this batch");
+            crate::guard::warn_state_unavailable(&e);
             Vec::new()
         }
     }

@@ -1,7 +1,8 @@
-//! mcp-meter's HTTP API (actix-web): ingest and analytics.
+//! mcp-meter's HTTP API (actix-web): ingest, the guard check, analytics, health.
 //!
 //! - [`auth`]: API keys (stored hashed) to tenant and scopes.
 //! - [`ingest`]: `POST /v1/ingest/batch`, `POST /v1/ingest/events`.
+//! - [`guard`]: `GET /v1/guard/check` from the guard state only; `/healthz`, `/readyz`.
 //! - [`limits`]: hard limits, charged at ingest; breaches kill sessions.
 //! - [`analytics`]: `GET /analytics/mcp/...`.
 //! - [`error`]: the one mapping from errors to HTTP status codes.
@@ -12,6 +13,7 @@
 pub mod analytics;
 pub mod auth;
 pub mod error;
+pub mod guard;
 pub mod ingest;
 pub mod limits;
 
@@ -29,6 +31,8 @@ pub struct AppState {
     pub analytics: Arc<dyn AnalyticsStore>,
     /// Hard-limit counters and the kill list.
     pub guard: Arc<dyn GuardState>,
+    /// How often the margin guard recomputes levels: what a throttled caller is told to wait.
+    pub guard_recompute_seconds: u64,
     pub ingest: IngestConfig,
 }
 
@@ -48,6 +52,9 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             )
             .route("/v1/ingest/batch", web::post().to(ingest::batch))
             .route("/v1/ingest/events", web::post().to(ingest::events))
+            .route("/v1/guard/check", web::get().to(guard::check))
+            .route("/healthz", web::get().to(guard::healthz))
+            .route("/readyz", web::get().to(guard::readyz))
             .route(
                 "/analytics/mcp/revenue/by-tool",
                 web::get().to(analytics::by_tool),

@@ -4,6 +4,7 @@
 //! ([`ENV_OVERRIDES`]), then command-line flags. Reading the file and the environment is the
 //! binary's job; this module only parses text and applies values it is handed.
 
+use crate::guard::MarginThresholds;
 use crate::rating::{RatePlan, DEFAULT_TOOL};
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -35,6 +36,8 @@ pub struct Config {
     pub aggregator: AggregatorConfig,
     #[serde(default)]
     pub redis: RedisConfig,
+    #[serde(default)]
+    pub margin_guard: MarginGuardConfig,
     /// Every tenant, with its API keys and rate plans.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -161,6 +164,65 @@ pub struct RedisConfig {
     pub request_timeout_ms: u64,
 }
 
+/// The margin guard: how often it recomputes every tenant's margin levels, over how many days.
+/// It runs in `serve`, and in `aggregator` when `redis.url` is set (where ingestors read it).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarginGuardConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds between two computations; also what a throttled caller is told to wait.
+    #[serde(default = "default_margin_interval_seconds")]
+    pub interval_seconds: u64,
+    /// Days of usage the margins cover, today (UTC) included.
+    #[serde(default = "default_margin_window_days")]
+    pub window_days: u32,
+}
+
+/// A tenant's margin thresholds, as fractions (0.20 = 20%) in whole basis points: a margin
+/// below one puts the agent or tool at that level.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarginThresholdsConfig {
+    /// L1 WARN below this margin.
+    #[serde(default = "default_warn_below")]
+    pub warn_below: f64,
+    /// L2 THROTTLE below this margin.
+    #[serde(default = "default_throttle_below")]
+    pub throttle_below: f64,
+    /// L3 BLOCK below this margin.
+    #[serde(default)]
+    pub block_below: f64,
+}
+
+impl MarginThresholdsConfig {
+    /// The thresholds in basis points; `Err` names the setting that is not a whole basis point
+    /// from -1 to 1.
+    pub fn thresholds(&self) -> Result<MarginThresholds, String> {
+        let bp = |name: &str, v: f64| {
+            let scaled = v * 10_000.0;
+            if !(-1.0..=1.0).contains(&v) || (scaled - scaled.round()).abs() > 1e-6 {
+                return Err(format!(
+                    "margin_guard.{name} must be a fraction from -1 to 1 in whole basis points, like 0.2 or 0.125 (got {v})"
+                ));
+            }
+            Ok(scaled.round() as i64)
+        };
+        let t = MarginThresholds {
+            warn_below_bp: bp("warn_below", self.warn_below)?,
+            throttle_below_bp: bp("throttle_below", self.throttle_below)?,
+            block_below_bp: bp("block_below", self.block_below)?,
+        };
+        if !(t.block_below_bp <= t.throttle_below_bp && t.throttle_below_bp <= t.warn_below_bp) {
+            return Err(format!(
+                "margin_guard thresholds must satisfy block_below <= throttle_below <= warn_below (got {}, {}, {})",
+                self.block_below, self.throttle_below, self.warn_below
+            ));
+        }
+        Ok(t)
+    }
+}
+
 /// How the aggregator batches its inserts.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -188,6 +250,9 @@ pub struct TenantConfig {
     /// Hard limits: a call past one is still stored and billed, and kills its session.
     #[serde(default)]
     pub limits: Vec<LimitConfig>,
+    /// Margin levels of the tenant's agents and tools (defaults: 20%, 10%, 0%).
+    #[serde(default)]
+    pub margin_guard: MarginThresholdsConfig,
 }
 
 /// The most a limit may allow per window: ten million USD in µUSD (or as many calls). Keeps
@@ -366,6 +431,21 @@ fn default_redis_key_prefix() -> String {
 fn default_redis_timeout_ms() -> u64 {
     200
 }
+fn default_true() -> bool {
+    true
+}
+fn default_margin_interval_seconds() -> u64 {
+    10
+}
+fn default_margin_window_days() -> u32 {
+    7
+}
+fn default_warn_below() -> f64 {
+    0.20
+}
+fn default_throttle_below() -> f64 {
+    0.10
+}
 fn default_max_body_bytes() -> usize {
     8 * 1024 * 1024
 }
@@ -421,6 +501,18 @@ impl Default for RedisConfig {
     }
 }
 
+impl Default for MarginGuardConfig {
+    fn default() -> MarginGuardConfig {
+        toml::from_str("").expect("an empty section takes every default")
+    }
+}
+
+impl Default for MarginThresholdsConfig {
+    fn default() -> MarginThresholdsConfig {
+        toml::from_str("").expect("an empty section takes every default")
+    }
+}
+
 impl Default for AggregatorConfig {
     fn default() -> AggregatorConfig {
         toml::from_str("").expect("an empty section takes every default")
@@ -469,6 +561,21 @@ pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
         "MCP_METER_REDIS_REQUEST_TIMEOUT_MS",
         "redis.request_timeout_ms",
         |c, v| parse_into(&mut c.redis.request_timeout_ms, v),
+    ),
+    (
+        "MCP_METER_MARGIN_GUARD_ENABLED",
+        "margin_guard.enabled",
+        |c, v| parse_into(&mut c.margin_guard.enabled, v),
+    ),
+    (
+        "MCP_METER_MARGIN_GUARD_INTERVAL_SECONDS",
+        "margin_guard.interval_seconds",
+        |c, v| parse_into(&mut c.margin_guard.interval_seconds, v),
+    ),
+    (
+        "MCP_METER_MARGIN_GUARD_WINDOW_DAYS",
+        "margin_guard.window_days",
+        |c, v| parse_into(&mut c.margin_guard.window_days, v),
     ),
     ("MCP_METER_STORE", "store", |c, v| {
         c.store = match v.trim() {
@@ -675,6 +782,18 @@ impl Config {
             );
         }
 
+        let g = &self.margin_guard;
+        if g.interval_seconds == 0 {
+            problems.push("margin_guard.interval_seconds must be at least 1".into());
+        }
+        if !(1..=crate::analytics::MAX_RANGE_DAYS as u32).contains(&g.window_days) {
+            problems.push(format!(
+                "margin_guard.window_days must be 1 to {} (got {})",
+                crate::analytics::MAX_RANGE_DAYS,
+                g.window_days
+            ));
+        }
+
         let mut tenant_ids = HashSet::new();
         let mut key_hashes = HashSet::new();
         for (n, t) in self.tenants.iter().enumerate() {
@@ -728,6 +847,9 @@ impl Config {
                         problems.push(format!("{lat}: {name} must be 1 to {MAX_LIMIT}"));
                     }
                 }
+            }
+            if let Err(e) = t.margin_guard.thresholds() {
+                problems.push(format!("{at}: {e}"));
             }
             let mut versions = HashSet::new();
             let mut ordered: Vec<&RatePlan> = t.rate_plans.iter().collect();
@@ -878,6 +1000,42 @@ cost = { per_call = 200, per_input_token = 0.5, per_second = "100" }
         assert_eq!(err.problems.len(), 2, "{err}");
         assert!(err.problems[0].ends_with("set max_calls, max_spend_micros or both"));
         assert!(err.problems[1].contains("max_calls must be 1 to"));
+    }
+
+    #[test]
+    fn margin_thresholds_are_whole_basis_points_in_order() {
+        let t = Config::from_toml(GOOD).unwrap().tenants[0]
+            .margin_guard
+            .thresholds()
+            .unwrap();
+        assert_eq!(t, MarginThresholds::default());
+        let custom = GOOD.to_string()
+            + "\n[tenants.margin_guard]\nwarn_below = 0.35\nthrottle_below = 0.125\nblock_below = -0.05\n";
+        let t = Config::from_toml(&custom).unwrap().tenants[0]
+            .margin_guard
+            .thresholds()
+            .unwrap();
+        assert_eq!(
+            (t.warn_below_bp, t.throttle_below_bp, t.block_below_bp),
+            (3500, 1250, -500)
+        );
+        let bad = GOOD.to_string()
+            + "\n[tenants.margin_guard]\nwarn_below = 0.05\nthrottle_below = 0.10001\n";
+        let err = Config::from_toml(&bad).unwrap().validate().unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(
+            err.problems[0].contains("throttle_below must be a fraction"),
+            "{err}"
+        );
+        let unordered = GOOD.to_string() + "\n[tenants.margin_guard]\nwarn_below = 0.05\n";
+        let err = Config::from_toml(&unordered)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.problems[0].contains("block_below <= throttle_below <= warn_below"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! - [`rating`]: versioned rate plans and the price and cost of an event.
 //! - [`analytics`]: date ranges and the rows analytics answer with.
 //! - [`config`]: the config tree and its validation.
+//! - [`guard`]: margin levels and thresholds, the guard's state, the guard check's decision.
 
 pub mod analytics;
 pub mod config;
 pub mod event;
+pub mod guard;
 pub mod money;
 pub mod rating;

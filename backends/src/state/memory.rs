@@ -1,6 +1,7 @@
 //! The in-process guard state of `serve`: the same semantics as Redis, under one lock.
 
 use super::{admitted_prefix, Charge, GuardState, StateError};
+use schemas::guard::{subject_field, GuardView, MarginState, SubjectKind};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -19,6 +20,8 @@ struct Inner {
     killed: HashMap<String, HashMap<String, i64>>,
     /// (tenant, agent) → session → remembered until (ms)
     agent_sessions: HashMap<(String, String), HashMap<String, i64>>,
+    /// tenant → (forgotten at ms, field → margin state)
+    margins: HashMap<String, (i64, HashMap<String, MarginState>)>,
 }
 
 /// How often ended windows are swept out: often enough to bound memory, rarely enough that no
@@ -127,5 +130,55 @@ impl GuardState for MemoryState {
             .get_mut(&key)
             .map(|set| live(set, now_ms))
             .unwrap_or_default())
+    }
+
+    async fn put_margins(
+        &self,
+        tenant: &str,
+        margins: &[MarginState],
+        expires_at_ms: i64,
+    ) -> Result<(), StateError> {
+        let by_field = margins.iter().map(|m| (m.field(), m.clone())).collect();
+        let mut inner = self.inner.lock().expect("guard state lock");
+        inner
+            .margins
+            .insert(tenant.to_string(), (expires_at_ms, by_field));
+        Ok(())
+    }
+
+    async fn view(
+        &self,
+        tenant: &str,
+        agent: Option<&str>,
+        tool: Option<&str>,
+        session: Option<&str>,
+        now_ms: i64,
+    ) -> Result<GuardView, StateError> {
+        let inner = self.inner.lock().expect("guard state lock");
+        let margins = inner
+            .margins
+            .get(tenant)
+            .filter(|(expires, _)| *expires > now_ms)
+            .map(|(_, m)| m);
+        let margin = |kind: SubjectKind, id: Option<&str>| {
+            let field = subject_field(kind, id?);
+            margins?.get(&field).cloned()
+        };
+        Ok(GuardView {
+            agent: margin(SubjectKind::Agent, agent),
+            tool: margin(SubjectKind::Tool, tool),
+            session_killed_until_ms: session.and_then(|s| {
+                let until = *inner.killed.get(tenant)?.get(s)?;
+                (until > now_ms).then_some(until)
+            }),
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn ping(&self) -> Result<(), StateError> {
+        Ok(())
     }
 }

@@ -1,4 +1,5 @@
-//! The guard state port: usage counters against hard limits, and the kill list.
+//! The guard state port: usage counters against hard limits, the kill list, and the margin
+//! levels the margin guard writes for `GET /v1/guard/check` to read.
 //!
 //! Both adapters have the same atomic semantics; `memory` serves the embedded mode, `redis`
 //! the distributed one (any number of ingestors sharing the counters).
@@ -14,6 +15,7 @@ pub mod redis;
 /// Counters stay exact in Redis's Lua (doubles printed with 14 significant digits) up to this;
 /// config validation refuses larger limits.
 pub use schemas::config::MAX_LIMIT;
+use schemas::guard::{GuardView, MarginState};
 
 /// One counter a batch charges: the amount each event adds, in the events' order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +81,33 @@ pub trait GuardState: Send + Sync {
         agent: &str,
         now_ms: i64,
     ) -> Result<Vec<String>, StateError>;
+
+    /// Replaces all of `tenant`'s margin states in one step (a reader sees the old set or the
+    /// new one, never a mix). They are forgotten at `expires_at_ms` unless replaced again, so a
+    /// guard that stops computing stops blocking.
+    async fn put_margins(
+        &self,
+        tenant: &str,
+        margins: &[MarginState],
+        expires_at_ms: i64,
+    ) -> Result<(), StateError>;
+
+    /// What a guard check needs, in one round trip: the agent's and the tool's margin states
+    /// and the session's kill, for those named.
+    async fn view(
+        &self,
+        tenant: &str,
+        agent: Option<&str>,
+        tool: Option<&str>,
+        session: Option<&str>,
+        now_ms: i64,
+    ) -> Result<GuardView, StateError>;
+
+    /// Whether the state answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), StateError>;
+
+    /// What stands behind the port, for people: `memory` or `redis`.
+    fn kind(&self) -> &'static str;
 }
 
 /// The admitted prefix of `amounts` on a counter at `current` with `limit`: the one rule both

@@ -3,6 +3,7 @@
 
 use super::{Charge, GuardState, StateError};
 use redis::aio::ConnectionManager;
+use schemas::guard::{subject_field, GuardView, MarginState, SubjectKind};
 use std::time::Duration;
 
 /// COMPARE_AND_INCREMENT. KEYS: the counters. ARGV, per key: limit, expires_at_ms, n, then n
@@ -52,21 +53,33 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#;
 
+/// Replaces a tenant's margin states. KEYS[1]: the hash. ARGV: expires_at_ms, then field and
+/// JSON pairs. One script, so a guard check never reads half of an update.
+const PUT_MARGINS: &str = r#"
+redis.call('DEL', KEYS[1])
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+if #ARGV > 1 then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[1])
+end
+return 0
+"#;
+
 pub struct RedisState {
     connection: ConnectionManager,
     prefix: String,
     charge: redis::Script,
     extend: redis::Script,
     live: redis::Script,
+    put_margins: redis::Script,
 }
 
 impl RedisState {
-    /// Connects to `url` (`redis://host:port/db`); every key starts with `prefix`.
-    pub async fn connect(
-        url: &str,
-        prefix: &str,
-        timeout: Duration,
-    ) -> Result<RedisState, StateError> {
+    /// A client of `url` (`redis://host:port/db`); every key starts with `prefix`. Connects
+    /// on first use and reconnects by itself, so Redis may be down when this is called: each
+    /// request then fails within `timeout` until Redis is back.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisState, StateError> {
         let client = redis::Client::open(url).map_err(|source| StateError::Redis {
             context: "open",
             source,
@@ -75,11 +88,12 @@ impl RedisState {
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1);
-        let connection = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|source| StateError::Redis {
-                context: "connect",
-                source,
+        let connection =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
+                StateError::Redis {
+                    context: "configure",
+                    source,
+                }
             })?;
         Ok(RedisState {
             connection,
@@ -87,7 +101,12 @@ impl RedisState {
             charge: redis::Script::new(COMPARE_AND_INCREMENT),
             extend: redis::Script::new(EXTEND),
             live: redis::Script::new(LIVE),
+            put_margins: redis::Script::new(PUT_MARGINS),
         })
+    }
+
+    fn margins_key(&self, tenant: &str) -> String {
+        format!("{}margins:{tenant}", self.prefix)
     }
 
     fn killed_key(&self, tenant: &str) -> String {
@@ -205,4 +224,92 @@ impl GuardState for RedisState {
         self.live_members(self.agent_key(tenant, agent), now_ms)
             .await
     }
+
+    async fn put_margins(
+        &self,
+        tenant: &str,
+        margins: &[MarginState],
+        expires_at_ms: i64,
+    ) -> Result<(), StateError> {
+        let mut invocation = self.put_margins.key(self.margins_key(tenant));
+        invocation.arg(expires_at_ms);
+        for m in margins {
+            let json = serde_json::to_string(m).expect("a margin state serializes");
+            invocation.arg(m.field()).arg(json);
+        }
+        invocation
+            .invoke_async::<i64>(&mut self.connection.clone())
+            .await
+            .map_err(|source| StateError::Redis {
+                context: "put margins",
+                source,
+            })?;
+        Ok(())
+    }
+
+    async fn view(
+        &self,
+        tenant: &str,
+        agent: Option<&str>,
+        tool: Option<&str>,
+        session: Option<&str>,
+        now_ms: i64,
+    ) -> Result<GuardView, StateError> {
+        let margins = self.margins_key(tenant);
+        let mut pipe = redis::pipe();
+        for (kind, id) in [(SubjectKind::Agent, agent), (SubjectKind::Tool, tool)] {
+            if let Some(id) = id {
+                pipe.cmd("HGET").arg(&margins).arg(subject_field(kind, id));
+            }
+        }
+        if let Some(session) = session {
+            pipe.cmd("ZSCORE").arg(self.killed_key(tenant)).arg(session);
+        }
+        let mut answers: std::vec::IntoIter<Option<String>> = pipe
+            .query_async::<Vec<Option<String>>>(&mut self.connection.clone())
+            .await
+            .map_err(|source| StateError::Redis {
+                context: "guard view",
+                source,
+            })?
+            .into_iter();
+        // Answers come in the order asked; a name not given asked nothing.
+        let mut next = |asked: bool| asked.then(|| answers.next().flatten()).flatten();
+        let agent_state = parse_margin(next(agent.is_some()))?;
+        let tool_state = parse_margin(next(tool.is_some()))?;
+        let killed_until = next(session.is_some())
+            .and_then(|score| score.parse::<f64>().ok())
+            .map(|until| until as i64)
+            .filter(|until| *until > now_ms);
+        Ok(GuardView {
+            agent: agent_state,
+            tool: tool_state,
+            session_killed_until_ms: killed_until,
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn ping(&self) -> Result<(), StateError> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.connection.clone())
+            .await
+            .map_err(|source| StateError::Redis {
+                context: "ping",
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+fn parse_margin(json: Option<String>) -> Result<Option<MarginState>, StateError> {
+    json.map(|json| {
+        serde_json::from_str(&json).map_err(|e| StateError::BadAnswer {
+            context: "guard view",
+            detail: format!("a margin state is not readable: {e}"),
+        })
+    })
+    .transpose()
 }
