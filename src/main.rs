@@ -232,6 +232,7 @@ fn print_banner(e: &Embedded, demo_key: Option<&str>) {
     for (method, path) in [
         ("POST", "/v1/ingest/batch"),
         ("POST", "/v1/ingest/events"),
+        ("GET ", "/v1/guard/check?agentId=&toolName=&sessionId="),
         ("GET ", "/analytics/mcp/summary"),
         ("GET ", "/analytics/mcp/revenue/by-tool"),
         ("GET ", "/analytics/mcp/by-agent"),

@@ -91,6 +91,51 @@ api_keys = [{ name = "k", sha256 = "abc", scopes = ["ingest"] }]
     assert!(err.contains("unknown field `max_batch_event`"), "{err}");
 }
 
+/// The variables a user may set, beside the config table's: the flags' and the log filter.
+const FLAG_VARIABLES: [&str; 5] = [
+    "MCP_METER_LISTEN",
+    "MCP_METER_DATA_DIR",
+    "MCP_METER_CONFIG",
+    "MCP_METER_DEMO_KEY",
+    "MCP_METER_LOG",
+];
+
+/// Every `MCP_METER_*` the README names is one the binary reads, and the reverse.
+#[test]
+fn the_readme_names_exactly_the_variables_the_binary_reads() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let known: std::collections::BTreeSet<&str> = schemas::config::ENV_OVERRIDES
+        .iter()
+        .map(|(var, _, _)| *var)
+        .chain(FLAG_VARIABLES)
+        .collect();
+    let mut named = std::collections::BTreeSet::new();
+    for (at, _) in readme.match_indices("MCP_METER_") {
+        let var: String = readme[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        // `MCP_METER_*` names the family, not a variable.
+        if var != "MCP_METER_" {
+            named.insert(var);
+        }
+    }
+    let unknown: Vec<&String> = named
+        .iter()
+        .filter(|v| !known.contains(v.as_str()))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the README names variables nothing reads: {unknown:?}"
+    );
+    let undocumented: Vec<&&str> = known.iter().filter(|v| !named.contains(**v)).collect();
+    assert!(
+        undocumented.is_empty(),
+        "the README does not name: {undocumented:?}"
+    );
+}
+
 #[test]
 fn serve_help_lists_every_environment_variable() {
     let out = mcp_meter(&["serve", "--help"]);
@@ -98,13 +143,7 @@ fn serve_help_lists_every_environment_variable() {
     for (var, _, _) in schemas::config::ENV_OVERRIDES {
         assert!(help.contains(var), "{var} missing from serve --help");
     }
-    for var in [
-        "MCP_METER_LISTEN",
-        "MCP_METER_DATA_DIR",
-        "MCP_METER_CONFIG",
-        "MCP_METER_DEMO_KEY",
-        "MCP_METER_LOG",
-    ] {
+    for var in FLAG_VARIABLES {
         assert!(help.contains(var), "{var} missing from serve --help");
     }
 }

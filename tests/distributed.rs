@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::distributed::{kafka_brokers, wait_until, Proc, Setup, Tansu};
+use common::distributed::{kafka_brokers, wait_until, Proc, RedisServer, Setup, Tansu};
 use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
@@ -283,6 +283,129 @@ fn two_ingestors_share_hard_limit_counters_through_redis() {
             killed.clone(),
             killed
         ]
+    );
+}
+
+/// Redis stopped mid-run: ingest keeps answering 202 and every event is stored once; the guard
+/// check answers allow with `degraded: true` and `/readyz` names Redis; when Redis is back
+/// (empty), levels and limits come back by themselves, with no restart of any process.
+#[test]
+fn redis_down_ingest_goes_on_the_guard_fails_open_and_recovers_by_itself() {
+    let mut redis = RedisServer::start();
+    let prefix = unique_database("redis-down");
+    // initech has a (high) session limit, so every ingest goes to Redis; its warn threshold of
+    // 95% puts the test plan's 93.7% margin at L1, a level only the guard can have written.
+    let setup = Setup::new(
+        "redisdown",
+        &kafka_brokers(),
+        2,
+        &format!(
+            "[redis]\nurl = \"{}\"\nkey_prefix = \"{prefix}:\"\n\n\
+[margin_guard]\ninterval_seconds = 1\n\n\
+[[tenants.limits]]\nper = \"session\"\nwindow = \"day\"\nmax_calls = 1000000\n\n\
+[tenants.margin_guard]\nwarn_below = 0.95\n",
+            redis.url()
+        ),
+    );
+    let (_ingestor, client) = setup.ingestor();
+    let _aggregator = setup.aggregator();
+    let check = || {
+        let (status, answer) = client.get("/v1/guard/check?agentId=a&sessionId=s0", INITECH);
+        assert_eq!(status, 200, "{answer}");
+        answer
+    };
+    let ready = || client.get("/readyz", "").1;
+
+    // Posts batches of 20 from another thread, across the outage, until told to stop.
+    let stop = AtomicBool::new(false);
+    let statuses = Mutex::new(Vec::new());
+    let posted = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let events: Vec<Value> = (0..20)
+                    .map(|i| call(&format!("r{n}-{i}"), "t", "a", &format!("s{}", i % 4)))
+                    .collect();
+                let (status, answer) = client.post("/v1/ingest/batch", INITECH, &batch(&events));
+                if status == 202 {
+                    assert_eq!(answer["accepted"], 20, "{answer}");
+                    posted.fetch_add(20, Ordering::Relaxed);
+                }
+                statuses.lock().unwrap().push(status);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+
+        let before = Instant::now();
+        assert!(
+            wait_until(Duration::from_secs(30), || check()["level"] == "L1_WARN"),
+            "the guard never wrote initech's level: {}",
+            check()
+        );
+        let up = check();
+        assert_eq!(
+            (up["action"].clone(), up["degraded"].clone()),
+            ("allow".into(), false.into())
+        );
+        assert_eq!(ready()["status"], "ready");
+        println!("guard level visible after {:?}", before.elapsed());
+
+        redis.stop();
+        let down_at = statuses.lock().unwrap().len();
+        std::thread::sleep(Duration::from_secs(3));
+        let down = check();
+        assert_eq!(down["degraded"], true, "{down}");
+        assert_eq!(down["action"], "allow");
+        assert!(down["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("guard state unavailable, failing open"));
+        let r = ready();
+        assert_eq!(r["status"], "degraded", "{r}");
+        assert_eq!(r["degraded"], serde_json::json!(["redis"]));
+        assert_eq!(r["dependencies"][0]["ready"], false);
+        let during = statuses.lock().unwrap().len() - down_at;
+        assert!(
+            during >= 10,
+            "only {during} batches posted while Redis was down"
+        );
+
+        redis.start_again();
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                let c = check();
+                c["degraded"] == false && c["level"] == "L1_WARN"
+            }),
+            "the guard did not come back after Redis did: {}",
+            check()
+        );
+        assert_eq!(ready()["status"], "ready");
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+    });
+
+    let statuses = statuses.into_inner().unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == 202),
+        "every batch is accepted: {:?}",
+        statuses.iter().filter(|s| **s != 202).collect::<Vec<_>>()
+    );
+    let posted = posted.into_inner() as i64;
+    assert!(
+        wait_until(Duration::from_secs(60), || calls(&client, INITECH)
+            == posted),
+        "{} of {posted} counted",
+        calls(&client, INITECH)
+    );
+    assert_eq!(
+        setup.sql("SELECT count(), uniqExact(idempotency_key) FROM mcp_events"),
+        format!("{posted}\t{posted}\n")
+    );
+    println!(
+        "{} batches, {posted} events, all 202, all stored once",
+        statuses.len()
     );
 }
 

@@ -76,6 +76,7 @@ impl MarginGuard {
     /// and counted; the others go on.
     pub async fn round(&mut self, now_ms: i64) -> Round {
         let mut round = Round::default();
+        let mut first_error = None;
         let lifetime = (self.config.interval * STATE_LIFETIME_INTERVALS).max(MIN_STATE_LIFETIME);
         let expires_at_ms = now_ms + lifetime.as_millis() as i64;
         for (tenant, thresholds) in self.config.tenants.clone() {
@@ -100,9 +101,16 @@ impl MarginGuard {
                 }
                 Err(e) => {
                     round.failed_tenants += 1;
-                    tracing::warn!(tenant, error = %e, "margin guard round failed for a tenant");
+                    first_error.get_or_insert((tenant, e));
                 }
             }
+        }
+        // One line per round, not per tenant: when Redis or the store is down, all fail alike.
+        if let Some((tenant, error)) = first_error {
+            tracing::warn!(
+                failed = round.failed_tenants, of = self.config.tenants.len(), first = tenant, %error,
+                "margin guard round failed; levels already written stay until they expire"
+            );
         }
         round
     }

@@ -562,6 +562,75 @@ pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
         "redis.request_timeout_ms",
         |c, v| parse_into(&mut c.redis.request_timeout_ms, v),
     ),
+    ("MCP_METER_KAFKA_BROKERS", "kafka.brokers", |c, v| {
+        c.kafka.brokers = Some(v.to_string());
+        Ok(())
+    }),
+    (
+        "MCP_METER_KAFKA_EVENTS_TOPIC",
+        "kafka.events_topic",
+        |c, v| {
+            c.kafka.events_topic = v.to_string();
+            Ok(())
+        },
+    ),
+    (
+        "MCP_METER_KAFKA_DEAD_LETTER_TOPIC",
+        "kafka.dead_letter_topic",
+        |c, v| {
+            c.kafka.dead_letter_topic = v.to_string();
+            Ok(())
+        },
+    ),
+    ("MCP_METER_KAFKA_PARTITIONS", "kafka.partitions", |c, v| {
+        parse_into(&mut c.kafka.partitions, v)
+    }),
+    (
+        "MCP_METER_KAFKA_REPLICATION_FACTOR",
+        "kafka.replication_factor",
+        |c, v| parse_into(&mut c.kafka.replication_factor, v),
+    ),
+    (
+        "MCP_METER_KAFKA_CONSUMER_GROUP",
+        "kafka.consumer_group",
+        |c, v| {
+            c.kafka.consumer_group = v.to_string();
+            Ok(())
+        },
+    ),
+    (
+        "MCP_METER_KAFKA_DELIVERY_TIMEOUT_MS",
+        "kafka.delivery_timeout_ms",
+        |c, v| parse_into(&mut c.kafka.delivery_timeout_ms, v),
+    ),
+    ("MCP_METER_KAFKA_LINGER_MS", "kafka.linger_ms", |c, v| {
+        parse_into(&mut c.kafka.linger_ms, v)
+    }),
+    (
+        "MCP_METER_KAFKA_SESSION_TIMEOUT_MS",
+        "kafka.session_timeout_ms",
+        |c, v| parse_into(&mut c.kafka.session_timeout_ms, v),
+    ),
+    (
+        "MCP_METER_KAFKA_MAX_POLL_INTERVAL_MS",
+        "kafka.max_poll_interval_ms",
+        |c, v| parse_into(&mut c.kafka.max_poll_interval_ms, v),
+    ),
+    (
+        "MCP_METER_AGGREGATOR_MAX_BATCH_ROWS",
+        "aggregator.max_batch_rows",
+        |c, v| parse_into(&mut c.aggregator.max_batch_rows, v),
+    ),
+    (
+        "MCP_METER_AGGREGATOR_MAX_BATCH_WAIT_MS",
+        "aggregator.max_batch_wait_ms",
+        |c, v| parse_into(&mut c.aggregator.max_batch_wait_ms, v),
+    ),
+    (
+        "MCP_METER_AGGREGATOR_MAX_RETRY_BACKOFF_MS",
+        "aggregator.max_retry_backoff_ms",
+        |c, v| parse_into(&mut c.aggregator.max_retry_backoff_ms, v),
+    ),
     (
         "MCP_METER_MARGIN_GUARD_ENABLED",
         "margin_guard.enabled",

@@ -144,6 +144,15 @@ impl Drop for Proc {
     }
 }
 
+/// A loopback port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A tansu broker of a test's own, which it may restart; storage survives restarts.
 pub struct Tansu {
     child: Option<Child>,
@@ -153,11 +162,7 @@ pub struct Tansu {
 
 impl Tansu {
     pub fn start() -> Tansu {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut tansu = Tansu {
             child: None,
             port,
@@ -234,5 +239,82 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Redis of a test's own, which it may stop and start again on the same port (empty: no
+/// persistence, as after a Redis crash without AOF).
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = free_port();
+        let mut redis = RedisServer {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.spawn();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let binary = std::env::var("MCP_METER_TEST_REDIS_SERVER").expect(
+            "MCP_METER_TEST_REDIS_SERVER is not set: run scripts/test, which installs redis-server",
+        );
+        let port = self.port.to_string();
+        self.child = Some(
+            Command::new(binary)
+                .args(["--bind", "127.0.0.1", "--port", &port, "--save", ""])
+                .args(["--appendonly", "no", "--dir"])
+                .arg(self.dir.path())
+                .arg("--logfile")
+                .arg(self.dir.path().join("redis.log"))
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let pong = || {
+            use std::io::{Read, Write};
+            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+                return false;
+            };
+            let mut answer = [0u8; 7];
+            s.write_all(b"PING\r\n").is_ok()
+                && s.read_exact(&mut answer).is_ok()
+                && &answer == b"+PONG\r\n"
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), pong),
+            "redis-server did not start"
+        );
+    }
+
+    /// SIGKILL: Redis is gone, with everything it held.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
