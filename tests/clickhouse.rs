@@ -10,6 +10,7 @@ use backends::store::clickhouse::{
 use backends::store::{AnalyticsStore, SessionQuery, StoreWriter};
 use common::*;
 use schemas::analytics::DateRange;
+use schemas::billing::BillingQuery;
 use schemas::event::{ExecutionStatus, RatedEvent};
 use serde_json::{json, Value};
 
@@ -329,6 +330,21 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                 key,
             );
         }
+        // Billing exports of this month and the last, both formats, with and without filters.
+        let months = [
+            today.format("%Y-%m").to_string(),
+            (today - chrono::Months::new(1)).format("%Y-%m").to_string(),
+        ];
+        for period in &months {
+            for query in [
+                "",
+                "&format=json",
+                "&customerId=cust_b",
+                "&agentId=agent_claude&format=json",
+            ] {
+                compare(&format!("/v1/exports/billing?period={period}{query}"), key);
+            }
+        }
         let sessions: Value =
             serde_json::from_str(&compare("/analytics/mcp/sessions?limit=1000", key)).unwrap();
         let ids: Vec<String> = sessions["sessions"]
@@ -400,6 +416,33 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                     json(&old.summary(tenant, range).await.unwrap()),
                     json(&new.summary(tenant, range).await.unwrap())
                 );
+                // Pages of 7 lines walk the keyset; they add up to the one-page answer.
+                let query = BillingQuery {
+                    range,
+                    customer_id: None,
+                    agent_id: None,
+                };
+                let whole = old
+                    .billing_page(tenant, &query, None, 100_000)
+                    .await
+                    .unwrap();
+                assert!(whole.len() > 7, "{} lines", whole.len());
+                let mut paged = Vec::new();
+                loop {
+                    let after = paged
+                        .last()
+                        .map(|l: &schemas::billing::BillingLine| l.key.clone());
+                    let page = new
+                        .billing_page(tenant, &query, after.as_ref(), 7)
+                        .await
+                        .unwrap();
+                    let done = page.len() < 7;
+                    paged.extend(page);
+                    if done {
+                        break;
+                    }
+                }
+                assert_eq!(paged, whole, "chDB's pages equal 18.16's whole answer");
                 for agent in [None, Some("agent_claude".to_string())] {
                     let q = SessionQuery {
                         range,
@@ -411,7 +454,7 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                         json(&new.sessions(tenant, q).await.unwrap())
                     );
                 }
-                checked += 5;
+                checked += 6;
             }
             for id in ["sess_0_1", "sess_1_2", "sess_2_3", "nope"] {
                 let found = old.session(tenant, id).await.unwrap().is_some();

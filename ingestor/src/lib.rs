@@ -5,6 +5,7 @@
 //! - [`guard`]: `GET /v1/guard/check` from the guard state only; `/healthz`, `/readyz`.
 //! - [`limits`]: hard limits, charged at ingest; breaches kill sessions.
 //! - [`analytics`]: `GET /analytics/mcp/...`.
+//! - [`exports`]: `GET /v1/exports/billing`, streamed CSV or JSON.
 //! - [`error`]: the one mapping from errors to HTTP status codes.
 //!
 //! The API talks to the pipeline only through `backends`' ports; which adapters stand behind
@@ -13,6 +14,7 @@
 pub mod analytics;
 pub mod auth;
 pub mod error;
+pub mod exports;
 pub mod guard;
 pub mod ingest;
 pub mod limits;
@@ -53,6 +55,7 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             .route("/v1/ingest/batch", web::post().to(ingest::batch))
             .route("/v1/ingest/events", web::post().to(ingest::events))
             .route("/v1/guard/check", web::get().to(guard::check))
+            .route("/v1/exports/billing", web::get().to(exports::billing))
             .route("/healthz", web::get().to(guard::healthz))
             .route("/readyz", web::get().to(guard::readyz))
             .route(

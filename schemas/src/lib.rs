@@ -7,10 +7,12 @@
 //! - [`event`]: the wire event (Aforo-compatible camelCase), its validation, the rated row.
 //! - [`rating`]: versioned rate plans and the price and cost of an event.
 //! - [`analytics`]: date ranges and the rows analytics answer with.
+//! - [`billing`]: the billing export's period, lines, and their CSV and JSON spellings.
 //! - [`config`]: the config tree and its validation.
 //! - [`guard`]: margin levels and thresholds, the guard's state, the guard check's decision.
 
 pub mod analytics;
+pub mod billing;
 pub mod config;
 pub mod event;
 pub mod guard;

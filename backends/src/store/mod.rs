@@ -13,6 +13,7 @@ use schemas::analytics::{
     AgentUsage, DateRange, DayUsage, SessionDetail, SessionUsage, ToolUsage, UsageFigures,
     UsageSummary,
 };
+use schemas::billing::{BillingKey, BillingLine, BillingQuery};
 use std::collections::{HashMap, HashSet};
 
 pub mod clickhouse;
@@ -85,6 +86,16 @@ pub trait AnalyticsStore: Send + Sync {
         tenant: &str,
         session_id: &str,
     ) -> Result<Option<SessionDetail>, StoreError>;
+    /// Up to `limit` billing lines (per customer, agent and tool) ordered by their key, bytewise,
+    /// starting after `after`: an export reads page after page, so a large period never sits
+    /// whole in memory.
+    async fn billing_page(
+        &self,
+        tenant: &str,
+        query: &BillingQuery,
+        after: Option<&BillingKey>,
+        limit: usize,
+    ) -> Result<Vec<BillingLine>, StoreError>;
 }
 
 /// Orders tool or agent rows the one way every adapter answers: revenue, then name.

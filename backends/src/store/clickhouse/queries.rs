@@ -7,6 +7,7 @@
 //! orders its rows so that answers compare byte for byte.
 
 use schemas::analytics::DateRange;
+use schemas::billing::{BillingKey, BillingQuery};
 use std::fmt::Write;
 
 /// A ClickHouse string literal: backslash and quote escaped.
@@ -72,6 +73,38 @@ pub fn summary(tenant: &str, range: DateRange) -> String {
 toInt64(uniqExactIf(tool_name, tool_name != '')), toInt64(uniqExactIf(agent_id, agent_id != '')) \
 FROM mcp_daily_stats WHERE {}",
         daily_filter(tenant, range)
+    )
+}
+
+/// One page of billing lines: customer, agent, tool, figures; ordered by that key, starting
+/// after `after`. The keyset is spelled out (no tuple comparison) for 18.16.
+pub fn billing_page(
+    tenant: &str,
+    query: &BillingQuery,
+    after: Option<&BillingKey>,
+    limit: usize,
+) -> String {
+    let mut filter = daily_filter(tenant, query.range);
+    if let Some(customer) = &query.customer_id {
+        let _ = write!(filter, " AND customer_id = {}", quote(customer));
+    }
+    if let Some(agent) = &query.agent_id {
+        let _ = write!(filter, " AND agent_id = {}", quote(agent));
+    }
+    if let Some(k) = after {
+        let (c, a, t) = (
+            quote(&k.customer_id),
+            quote(&k.agent_id),
+            quote(&k.tool_name),
+        );
+        let _ = write!(
+            filter,
+            " AND (customer_id > {c} OR (customer_id = {c} AND (agent_id > {a} OR (agent_id = {a} AND tool_name > {t}))))"
+        );
+    }
+    format!(
+        "SELECT customer_id, agent_id, tool_name, {FIGURES} FROM mcp_daily_stats WHERE {filter} \
+GROUP BY customer_id, agent_id, tool_name ORDER BY customer_id, agent_id, tool_name LIMIT {limit}"
     )
 }
 
@@ -207,6 +240,32 @@ mod tests {
             from: d("2026-11-01"),
             to: d("2026-11-30"),
         }
+    }
+
+    #[test]
+    fn billing_pages_filter_then_continue_after_the_last_key() {
+        let query = BillingQuery {
+            range: range(),
+            customer_id: Some("c'1".into()),
+            agent_id: None,
+        };
+        assert_eq!(
+            billing_page("t", &query, None, 500),
+            "SELECT customer_id, agent_id, tool_name, sumMerge(calls), sumMerge(errors), sumMerge(revenue_micros), \
+sumMerge(cogs_micros), sumMerge(input_tokens), sumMerge(output_tokens), sumMerge(duration_ms_sum), \
+maxMerge(duration_ms_max) FROM mcp_daily_stats WHERE tenant_id = 't' AND day >= toDate('2026-11-01') \
+AND day <= toDate('2026-11-30') AND customer_id = 'c\\'1' GROUP BY customer_id, agent_id, tool_name \
+ORDER BY customer_id, agent_id, tool_name LIMIT 500"
+        );
+        let after = BillingKey {
+            customer_id: "c".into(),
+            agent_id: "a".into(),
+            tool_name: "t".into(),
+        };
+        let next = billing_page("t", &query, Some(&after), 500);
+        assert!(next.contains(
+            " AND (customer_id > 'c' OR (customer_id = 'c' AND (agent_id > 'a' OR (agent_id = 'a' AND tool_name > 't')))) GROUP BY"
+        ), "{next}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use crate::store::{assemble_agents, by_revenue_then_name, AgentDay, AnalyticsSto
 use schemas::analytics::{
     AgentUsage, DateRange, SessionDetail, SessionToolUsage, SessionUsage, ToolUsage, UsageSummary,
 };
+use schemas::billing::{BillingKey, BillingLine, BillingQuery};
 use std::collections::HashMap;
 
 pub struct ClickHouseAnalytics<R> {
@@ -128,5 +129,30 @@ impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
         }
         by_revenue_then_name(&mut by_tool, |t| (t.figures.revenue_micros, &t.tool_name));
         Ok(Some(SessionDetail { session, by_tool }))
+    }
+
+    async fn billing_page(
+        &self,
+        tenant: &str,
+        query: &BillingQuery,
+        after: Option<&BillingKey>,
+        limit: usize,
+    ) -> Result<Vec<BillingLine>, StoreError> {
+        let answer = self
+            .runner
+            .tab_separated(&queries::billing_page(tenant, query, after, limit))
+            .await?;
+        let mut lines = Vec::new();
+        for mut row in tsv::rows(&answer, "billing") {
+            lines.push(BillingLine {
+                key: BillingKey {
+                    customer_id: row.string()?,
+                    agent_id: row.string()?,
+                    tool_name: row.string()?,
+                },
+                figures: row.figures()?,
+            });
+        }
+        Ok(lines)
     }
 }

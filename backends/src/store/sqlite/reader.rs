@@ -8,6 +8,7 @@ use schemas::analytics::{
     AgentUsage, DateRange, SessionDetail, SessionToolUsage, SessionUsage, ToolUsage, UsageFigures,
     UsageSummary,
 };
+use schemas::billing::{BillingKey, BillingLine, BillingQuery};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -275,6 +276,60 @@ impl AnalyticsStore for SqliteAnalytics {
                 .context("read session tools")?;
             by_revenue_then_name(&mut by_tool, |t| (t.figures.revenue_micros, &t.tool_name));
             Ok(Some(SessionDetail { session, by_tool }))
+        })
+        .await
+    }
+
+    async fn billing_page(
+        &self,
+        tenant: &str,
+        query: &BillingQuery,
+        after: Option<&BillingKey>,
+        limit: usize,
+    ) -> Result<Vec<BillingLine>, StoreError> {
+        let tenant = tenant.to_string();
+        let query = query.clone();
+        let after = after.cloned();
+        self.read(move |conn| {
+            // NULL parameters switch a filter off; the row-value comparison is the keyset
+            // (bytewise, like ClickHouse's), so page n+1 starts where page n ended.
+            let sql = format!(
+                "SELECT customer_id, agent_id, tool_name, {FIGURES} FROM mcp_daily_stats \
+                 WHERE {IN_RANGE} AND (?4 IS NULL OR customer_id = ?4) AND (?5 IS NULL OR agent_id = ?5) \
+                 AND (?6 IS NULL OR (customer_id, agent_id, tool_name) > (?6, ?7, ?8)) \
+                 GROUP BY customer_id, agent_id, tool_name \
+                 ORDER BY customer_id, agent_id, tool_name LIMIT ?9"
+            );
+            let mut stmt = conn.prepare_cached(&sql).context("prepare billing")?;
+            let after = after.as_ref();
+            let rows = stmt
+                .query_map(
+                    params![
+                        tenant,
+                        query.range.from_str_day(),
+                        query.range.to_str_day(),
+                        query.customer_id,
+                        query.agent_id,
+                        after.map(|k| &k.customer_id),
+                        after.map(|k| &k.agent_id),
+                        after.map(|k| &k.tool_name),
+                        limit as i64,
+                    ],
+                    |row| {
+                        Ok(BillingLine {
+                            key: BillingKey {
+                                customer_id: row.get(0)?,
+                                agent_id: row.get(1)?,
+                                tool_name: row.get(2)?,
+                            },
+                            figures: figures_at(row, 3)?,
+                        })
+                    },
+                )
+                .context("query billing")?
+                .collect::<Result<Vec<_>, _>>()
+                .context("read billing")?;
+            Ok(rows)
         })
         .await
     }

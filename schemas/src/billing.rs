@@ -1,0 +1,234 @@
+//! The billing export's vocabulary: the period asked for, one line per customer, agent and tool,
+//! and their CSV and JSON spellings. Pure: the HTTP side streams these as pages arrive.
+
+use crate::analytics::{DateRange, UsageFigures};
+use crate::money::micros_to_usd;
+use chrono::{Datelike, NaiveDate};
+use serde::ser::SerializeStruct;
+use serde::{Serialize, Serializer};
+
+/// A calendar month (UTC), `YYYY-MM`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BillingPeriod {
+    first_day: NaiveDate,
+}
+
+impl BillingPeriod {
+    pub fn parse(text: &str) -> Result<BillingPeriod, String> {
+        let bad = || format!("period `{text}` is not a month like 2026-11 (YYYY-MM)");
+        let (year, month) = text.split_once('-').ok_or_else(bad)?;
+        if year.len() != 4 || month.len() != 2 {
+            return Err(bad());
+        }
+        let year: i32 = year.parse().map_err(|_| bad())?;
+        let month: u32 = month.parse().map_err(|_| bad())?;
+        let first_day = NaiveDate::from_ymd_opt(year, month, 1).ok_or_else(bad)?;
+        if year < 1970 {
+            return Err(bad());
+        }
+        Ok(BillingPeriod { first_day })
+    }
+
+    /// Its days, first to last, as analytics ranges are given.
+    pub fn range(&self) -> DateRange {
+        let next = self
+            .first_day
+            .checked_add_months(chrono::Months::new(1))
+            .expect("a month after a valid one");
+        DateRange {
+            from: self.first_day,
+            to: next.pred_opt().expect("the day before a month's first"),
+        }
+    }
+
+    pub fn as_string(&self) -> String {
+        format!("{:04}-{:02}", self.first_day.year(), self.first_day.month())
+    }
+}
+
+/// Which lines an export holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BillingQuery {
+    pub range: DateRange,
+    /// Only this customer's lines.
+    pub customer_id: Option<String>,
+    /// Only this agent's lines.
+    pub agent_id: Option<String>,
+}
+
+/// What orders lines, and where the next page starts (after this key).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BillingKey {
+    pub customer_id: String,
+    pub agent_id: String,
+    pub tool_name: String,
+}
+
+/// One customer's use of one tool by one agent over the period.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BillingLine {
+    pub key: BillingKey,
+    pub figures: UsageFigures,
+}
+
+/// The CSV columns, in order. `line` is `usage` for a line, `total` for the period's totals.
+pub const CSV_HEADER: &str = "period,line,customer_id,agent_id,tool_name,calls,errors,\
+input_tokens,output_tokens,duration_ms,revenue_micros,revenue_usd,cogs_micros,cogs_usd\r\n";
+
+/// One CSV record (RFC 4180: CRLF, fields quoted when they hold a comma, quote or line break).
+/// Totals have empty customer, agent and tool.
+pub fn csv_record(period: &str, key: Option<&BillingKey>, f: &UsageFigures) -> String {
+    let (kind, customer, agent, tool) = match key {
+        Some(k) => ("usage", &*k.customer_id, &*k.agent_id, &*k.tool_name),
+        None => ("total", "", "", ""),
+    };
+    let mut out = String::with_capacity(160);
+    for field in [period, kind, customer, agent, tool] {
+        push_csv_field(&mut out, field);
+        out.push(',');
+    }
+    let numbers = [
+        f.calls.to_string(),
+        f.errors.to_string(),
+        f.input_tokens.to_string(),
+        f.output_tokens.to_string(),
+        f.duration_ms_sum.to_string(),
+        f.revenue_micros.to_string(),
+        micros_to_usd(f.revenue_micros),
+        f.cogs_micros.to_string(),
+        micros_to_usd(f.cogs_micros),
+    ];
+    out.push_str(&numbers.join(","));
+    out.push_str("\r\n");
+    out
+}
+
+fn push_csv_field(out: &mut String, field: &str) {
+    if field.contains([',', '"', '\r', '\n']) {
+        out.push('"');
+        out.push_str(&field.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(field);
+    }
+}
+
+/// The figures of a line or of the totals as JSON: µUSD and decimal USD strings side by side.
+pub struct JsonFigures<'a>(pub &'a UsageFigures);
+
+impl Serialize for JsonFigures<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let f = self.0;
+        let mut st = s.serialize_struct("BillingFigures", 9)?;
+        st.serialize_field("calls", &f.calls)?;
+        st.serialize_field("errors", &f.errors)?;
+        st.serialize_field("inputTokens", &f.input_tokens)?;
+        st.serialize_field("outputTokens", &f.output_tokens)?;
+        st.serialize_field("durationMs", &f.duration_ms_sum)?;
+        st.serialize_field("revenueMicros", &f.revenue_micros)?;
+        st.serialize_field("revenueUsd", &micros_to_usd(f.revenue_micros))?;
+        st.serialize_field("cogsMicros", &f.cogs_micros)?;
+        st.serialize_field("cogsUsd", &micros_to_usd(f.cogs_micros))?;
+        st.end()
+    }
+}
+
+/// One line as JSON: its key, then its figures.
+pub fn json_line(line: &BillingLine) -> String {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Line<'a> {
+        customer_id: &'a str,
+        agent_id: &'a str,
+        tool_name: &'a str,
+        #[serde(flatten)]
+        figures: JsonFigures<'a>,
+    }
+    serde_json::to_string(&Line {
+        customer_id: &line.key.customer_id,
+        agent_id: &line.key.agent_id,
+        tool_name: &line.key.tool_name,
+        figures: JsonFigures(&line.figures),
+    })
+    .expect("a billing line serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_period_is_a_whole_calendar_month() {
+        let p = BillingPeriod::parse("2026-02").unwrap();
+        assert_eq!(
+            (p.range().from_str_day(), p.range().to_str_day()),
+            ("2026-02-01".into(), "2026-02-28".into())
+        );
+        let dec = BillingPeriod::parse("2026-12").unwrap().range();
+        assert_eq!(dec.to_str_day(), "2026-12-31");
+        assert_eq!(
+            BillingPeriod::parse("2028-02").unwrap().range().to.day(),
+            29
+        );
+        for bad in [
+            "2026-13",
+            "2026-1",
+            "26-11",
+            "2026/11",
+            "2026-11-01",
+            "",
+            "1969-12",
+        ] {
+            let err = BillingPeriod::parse(bad).unwrap_err();
+            assert!(err.contains("is not a month like 2026-11"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn csv_records_quote_what_needs_quoting_and_end_in_crlf() {
+        let f = UsageFigures {
+            calls: 3,
+            errors: 1,
+            revenue_micros: 15_120,
+            cogs_micros: 960,
+            input_tokens: 30,
+            output_tokens: 30,
+            duration_ms_sum: 3000,
+            duration_ms_max: 1000,
+        };
+        let key = BillingKey {
+            customer_id: "acme, inc".into(),
+            agent_id: "say \"hi\"".into(),
+            tool_name: "web".into(),
+        };
+        assert_eq!(
+            csv_record("2026-11", Some(&key), &f),
+            "2026-11,usage,\"acme, inc\",\"say \"\"hi\"\"\",web,3,1,30,30,3000,15120,0.015120,960,0.000960\r\n"
+        );
+        assert_eq!(
+            csv_record("2026-11", None, &f),
+            "2026-11,total,,,,3,1,30,30,3000,15120,0.015120,960,0.000960\r\n"
+        );
+        assert_eq!(CSV_HEADER.matches(',').count(), 13);
+    }
+
+    #[test]
+    fn json_lines_carry_micros_and_usd_strings() {
+        let line = BillingLine {
+            key: BillingKey {
+                customer_id: "c".into(),
+                agent_id: "a".into(),
+                tool_name: "t".into(),
+            },
+            figures: UsageFigures {
+                calls: 1,
+                revenue_micros: 1_234_567,
+                ..Default::default()
+            },
+        };
+        assert_eq!(
+            json_line(&line),
+            r#"{"customerId":"c","agentId":"a","toolName":"t","calls":1,"errors":0,"inputTokens":0,"outputTokens":0,"durationMs":0,"revenueMicros":1234567,"revenueUsd":"1.234567","cogsMicros":0,"cogsUsd":"0.000000"}"#
+        );
+    }
+}
