@@ -67,6 +67,9 @@ enum Command {
         #[arg(long, env = "MCP_METER_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Print the OpenAPI document of the HTTP API (what `GET /openapi.json` serves);
+    /// `mcp-meter openapi > openapi/openapi.json` updates the checked-in copy.
+    Openapi,
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -95,6 +98,11 @@ fn env_help() -> String {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Openapi => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(ingestor::openapi::document().as_bytes())?;
+            Ok(())
+        }
         Command::Keys {
             command: KeysCommand::New,
         } => {
@@ -238,6 +246,8 @@ fn print_banner(e: &Embedded, demo_key: Option<&str>) {
         ("GET ", "/analytics/mcp/by-agent"),
         ("GET ", "/analytics/mcp/sessions"),
         ("GET ", "/analytics/mcp/sessions/{sessionId}"),
+        ("GET ", "/v1/exports/billing?period=YYYY-MM&format=csv|json"),
+        ("GET ", "/docs/ (OpenAPI: /openapi.json)"),
     ] {
         text.push_str(&format!("  {method} {base}{path}\n"));
     }

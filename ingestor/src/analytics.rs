@@ -1,20 +1,24 @@
 //! `GET /analytics/mcp/...`: usage read back from the rollups, always the caller's tenant only.
 
 use crate::auth::Grant;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::store::SessionQuery;
-use schemas::analytics::{ByAgentReport, ByToolReport, DateRange, SessionsReport, SummaryReport};
+use schemas::analytics::{
+    ByAgentReport, ByToolReport, DateRange, SessionDetail, SessionsReport, SummaryReport,
+};
 use schemas::config::Scope;
 use serde::Deserialize;
+use utoipa::IntoParams;
 
 /// Sessions returned when a request names no `limit`, and the most it may ask for.
 const DEFAULT_SESSIONS: usize = 100;
 const MAX_SESSIONS: usize = 1000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct RangeParams {
     /// First day, `YYYY-MM-DD` (or RFC 3339), inclusive; default 30 days before `to`.
     from: Option<String>,
@@ -22,10 +26,13 @@ pub struct RangeParams {
     to: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct SessionParams {
+    /// First day, `YYYY-MM-DD` (or RFC 3339), inclusive; default 30 days before `to`.
     from: Option<String>,
+    /// Last day, inclusive; default today (UTC).
     to: Option<String>,
     /// Only this agent's sessions.
     agent_id: Option<String>,
@@ -46,7 +53,20 @@ fn tenant_and_range(
     Ok((grant, range))
 }
 
-/// `GET /analytics/mcp/revenue/by-tool`
+/// Revenue, COGS and usage per tool over a range of days, highest revenue first.
+#[utoipa::path(
+    get, path = "/analytics/mcp/revenue/by-tool", tag = "analytics", params(RangeParams),
+    responses(
+        (status = 200, description = "One row per tool", body = ByToolReport, example = json!(
+            {"from":"2026-11-21","to":"2026-11-21","tools":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}]})),
+        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
 pub async fn by_tool(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -64,7 +84,20 @@ pub async fn by_tool(
     }))
 }
 
-/// `GET /analytics/mcp/by-agent`
+/// Usage per agent over a range of days, with a daily series, highest revenue first.
+#[utoipa::path(
+    get, path = "/analytics/mcp/by-agent", tag = "analytics", params(RangeParams),
+    responses(
+        (status = 200, description = "One row per agent", body = ByAgentReport, example = json!(
+            {"from":"2026-11-21","to":"2026-11-21","agents":[{"agentId":"agent_gpt4o_prod","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1,"daily":[{"date":"2026-11-21","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}]}]})),
+        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
 pub async fn by_agent(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -82,7 +115,20 @@ pub async fn by_agent(
     }))
 }
 
-/// `GET /analytics/mcp/summary`
+/// The tenant's totals over a range of days.
+#[utoipa::path(
+    get, path = "/analytics/mcp/summary", tag = "analytics", params(RangeParams),
+    responses(
+        (status = 200, description = "Totals, distinct sessions, tools and agents", body = SummaryReport, example = json!(
+            {"from":"2026-11-21","to":"2026-11-21","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1,"tools":1,"agents":1})),
+        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
 pub async fn summary(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -97,7 +143,20 @@ pub async fn summary(
     }))
 }
 
-/// `GET /analytics/mcp/sessions`
+/// Sessions active in a range of days, most recently active first.
+#[utoipa::path(
+    get, path = "/analytics/mcp/sessions", tag = "analytics", params(SessionParams),
+    responses(
+        (status = 200, description = "Sessions", body = SessionsReport, example = json!(
+            {"from":"2026-11-21","to":"2026-11-21","sessions":[{"sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}]})),
+        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
 pub async fn sessions(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -123,7 +182,22 @@ pub async fn sessions(
     }))
 }
 
-/// `GET /analytics/mcp/sessions/{sessionId}`
+/// One session with its per-tool breakdown.
+#[utoipa::path(
+    get, path = "/analytics/mcp/sessions/{sessionId}", tag = "analytics",
+    params(("sessionId" = String, Path, description = "The session's id, as the SDK sent it")),
+    responses(
+        (status = 200, description = "The session", body = SessionDetail, example = json!(
+            {"sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"byTool":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}]})),
+        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 404, description = "The tenant has no such session", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
 pub async fn session(
     state: web::Data<AppState>,
     req: HttpRequest,

@@ -4,6 +4,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use backends::error::{SinkError, StoreError};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -28,10 +29,18 @@ pub enum ApiError {
 /// Seconds a client should wait before retrying an overloaded or unavailable ingest.
 const RETRY_AFTER_SECONDS: &str = "1";
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'static str,
-    message: &'a str,
+/// Every error answer's body.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// A stable code: bad_request, unauthorized, forbidden, not_found, payload_too_large,
+    /// unsupported_media_type, overloaded, unavailable.
+    #[schema(example = "bad_request")]
+    pub error: &'static str,
+    /// What went wrong and what to fix.
+    #[schema(
+        example = "from `yesterday` is not a date like 2026-11-21 (or an RFC 3339 timestamp)"
+    )]
+    pub message: String,
 }
 
 impl ApiError {
@@ -74,10 +83,9 @@ impl ResponseError for ApiError {
         if matches!(self, ApiError::Sink(_) | ApiError::Store(_)) {
             answer.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
         }
-        let message = self.to_string();
         answer.json(ErrorBody {
             error: self.code(),
-            message: &message,
+            message: self.to_string(),
         })
     }
 }

@@ -5,7 +5,7 @@
 //! come, so a month of millions of lines never sits whole in memory. The totals are summed from
 //! the lines themselves and come last; an export without its totals line was cut short.
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -17,19 +17,21 @@ use schemas::billing::{
 use schemas::config::Scope;
 use serde::Deserialize;
 use std::sync::Arc;
+use utoipa::{IntoParams, ToSchema};
 
 /// Lines read from the store per page.
 const PAGE_LINES: usize = 2000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Csv,
     Json,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct BillingParams {
     /// The month, `YYYY-MM` (UTC).
     period: String,
@@ -136,7 +138,26 @@ impl Export {
     }
 }
 
-/// `GET /v1/exports/billing?period=YYYY-MM&format=csv|json&customerId=&agentId=`
+/// Invoice lines of a calendar month: one per customer, agent and tool, then the period's
+/// totals (equal to `/analytics/mcp/summary` over the same days). Streamed.
+#[utoipa::path(
+    get, path = "/v1/exports/billing", tag = "exports", params(BillingParams),
+    responses(
+        (status = 200, description = "The export, as CSV (RFC 4180, header row, `line` = usage or total) or JSON",
+            content(
+                (String = "text/csv", example = "period,line,customer_id,agent_id,tool_name,calls,errors,input_tokens,output_tokens,duration_ms,revenue_micros,revenue_usd,cogs_micros,cogs_usd\r\n2026-11,usage,cust_acme,agent_gpt4o_prod,web_search,1,0,1200,450,542,7550,0.007550,1529,0.001529\r\n2026-11,total,,,,1,0,1200,450,542,7550,0.007550,1529,0.001529\r\n"),
+                (schemas::openapi::BillingExportSchema = "application/json", example = json!(
+                    {"period":"2026-11","currency":"USD","lines":[{"customerId":"cust_acme","agentId":"agent_gpt4o_prod","toolName":"web_search","calls":1,"errors":0,"inputTokens":1200,"outputTokens":450,"durationMs":542,"revenueMicros":7550,"revenueUsd":"0.007550","cogsMicros":1529,"cogsUsd":"0.001529"}],"lineCount":1,"totals":{"calls":1,"errors":0,"inputTokens":1200,"outputTokens":450,"durationMs":542,"revenueMicros":7550,"revenueUsd":"0.007550","cogsMicros":1529,"cogsUsd":"0.001529"}})),
+            ),
+            headers(("Content-Disposition" = String, description = "attachment; filename=billing-TENANT-PERIOD.csv (or .json)"))),
+        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The key lacks the `export` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
 pub async fn billing(
     state: web::Data<AppState>,
     req: HttpRequest,

@@ -5,16 +5,18 @@
 //! be read it answers `allow` with `degraded: true`: the same thing a gateway that fails open
 //! on a timeout does, but said out loud.
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use schemas::config::Scope;
 use schemas::guard::GuardCheck;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicI64, Ordering};
+use utoipa::{IntoParams, ToSchema};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct CheckParams {
     /// The agent about to call a tool.
     agent_id: Option<String>,
@@ -24,7 +26,19 @@ pub struct CheckParams {
     session_id: Option<String>,
 }
 
-/// `GET /v1/guard/check?agentId=&toolName=&sessionId=` (any of them; at least one).
+/// Before a tool runs: may it? From the guard state only (margin levels, kills), never the
+/// store. Name at least one of agentId, toolName, sessionId. Fail open on a timeout.
+#[utoipa::path(
+    get, path = "/v1/guard/check", tag = "guard", params(CheckParams),
+    responses(
+        (status = 200, description = "What to do with the call", body = GuardCheck, example = json!(
+            {"level":"L2_THROTTLE","action":"throttle","retryAfterSeconds":1,"margin":0.05,"reason":"L2_THROTTLE: tool `tool_1`: margin 5.00% over the last 7 day(s) (revenue 1000 µUSD, COGS 950 µUSD)","degraded":false,"sessionKilled":false,"agent":{"subject":"agent","id":"agent_1","level":"L2_THROTTLE","margin":0.05,"revenueMicros":1000,"cogsMicros":950,"windowDays":7,"computedAt":"2026-11-21T12:15:42.747Z"},"tool":{"subject":"tool","id":"tool_1","level":"L2_THROTTLE","margin":0.05,"revenueMicros":1000,"cogsMicros":950,"windowDays":7,"computedAt":"2026-11-21T12:15:42.747Z"}})),
+        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The key lacks the `ingest` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
 pub async fn check(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -76,13 +90,25 @@ pub(crate) fn warn_state_unavailable(e: &backends::state::StateError) {
     }
 }
 
-/// `GET /healthz`: the process answers.
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+/// The answer of `/healthz`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    status: &'static str,
 }
 
-#[derive(Serialize)]
-struct Dependency {
+/// The process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = Health, example = json!({"status": "ok"}))))]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// One dependency's state in `/readyz`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Dependency {
+    /// `memory` or `redis` (the guard state).
     name: &'static str,
     ready: bool,
     /// What the process does without it.
@@ -91,9 +117,21 @@ struct Dependency {
     error: Option<String>,
 }
 
-/// `GET /readyz`: each dependency's state. The guard state is not needed to accept usage, so
-/// its loss answers 200 with `status: degraded` (a load balancer keeps sending events) and
-/// names it.
+/// The answer of `/readyz`.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready`, or `degraded` when a dependency ingest can do without is down.
+    status: &'static str,
+    /// The names of the dependencies that are down.
+    degraded: Vec<&'static str>,
+    dependencies: Vec<Dependency>,
+}
+
+/// Each dependency's state. The guard state is not needed to accept usage, so its loss answers
+/// 200 with `status: degraded` (a load balancer keeps sending events) and names it.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "Ready, or degraded with the dependencies named", body = Readiness, example = json!(
+        {"status":"degraded","degraded":["redis"],"dependencies":[{"name":"redis","ready":false,"withoutIt":"ingest goes on; hard limits are not enforced and guard checks answer allow with degraded: true","error":"redis ping: Connection refused (os error 111)"}]}))))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let guard = state.guard.ping().await;
     let dependencies = [Dependency {
@@ -112,9 +150,9 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     } else {
         "degraded"
     };
-    HttpResponse::Ok().json(serde_json::json!({
-        "status": status,
-        "degraded": degraded,
-        "dependencies": dependencies,
-    }))
+    HttpResponse::Ok().json(Readiness {
+        status,
+        degraded,
+        dependencies: dependencies.into(),
+    })
 }

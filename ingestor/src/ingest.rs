@@ -2,7 +2,7 @@
 //! and answer 202 only once the sink says the events are durable.
 
 use crate::auth::{Grant, Tenant};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::limits;
 use crate::AppState;
 use actix_web::http::header;
@@ -12,9 +12,10 @@ use schemas::config::Scope;
 use schemas::event::{parse_event, validate, EventLimits, RatedEvent, TimeBounds};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
 
 /// The answer to an ingest request, as the Aforo SDKs read it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IngestAnswer {
     /// Events stored by this request.
@@ -29,7 +30,7 @@ pub struct IngestAnswer {
 }
 
 /// Why one event of a request was refused.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EventError {
     /// The event's position in the request, from 0.
     pub index: usize,
@@ -42,7 +43,26 @@ struct BatchBody<'a> {
     events: Option<Vec<&'a RawValue>>,
 }
 
-/// `{"events":[Event, ...]}`, 1 to 1000 events.
+/// Usage events, `{"events":[Event, ...]}` (1 to 1000). Answered 202 only once every accepted
+/// event is durable; a bad event fails alone, listed in `errors`.
+#[utoipa::path(
+    post, path = "/v1/ingest/batch", tag = "ingest",
+    request_body(content = schemas::openapi::EventBatchSchema, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Durable; with per-event errors and the sessions to stop", body = IngestAnswer, example = json!(
+            {"accepted":1,"duplicates":0,"failed":1,"errors":[{"index":1,"message":"executionDurationMs must be 0 or more (got -5)"}],"killedSessionIds":[]})),
+        (status = 400, description = "The body is not JSON of the right shape, has no events or too many; `message` says what to fix", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The key lacks the `ingest` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 413, description = "The body is larger than `ingest.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
+        (status = 429, description = "Too many batches wait for the store; nothing was stored, retry", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 503, description = "The store or the bus did not confirm durability; nothing is claimed, retry", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
 pub async fn batch(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -61,7 +81,26 @@ pub async fn batch(
     ingest(&state, grant, events).await
 }
 
-/// One event object, or a JSON array of events.
+/// One event object, or a JSON array of 1 to 1000 events: what the Aforo SDKs post. Answered
+/// like `/v1/ingest/batch`.
+#[utoipa::path(
+    post, path = "/v1/ingest/events", tag = "ingest",
+    request_body(content = schemas::openapi::EventOrEvents, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Durable; with per-event errors and the sessions to stop", body = IngestAnswer, example = json!(
+            {"accepted":1,"duplicates":0,"failed":0,"errors":[],"killedSessionIds":[]})),
+        (status = 400, description = "The body is not JSON of the right shape, has no events or too many; `message` says what to fix", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The key lacks the `ingest` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 413, description = "The body is larger than `ingest.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
+        (status = 429, description = "Too many batches wait for the store; nothing was stored, retry", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 503, description = "The store or the bus did not confirm durability; nothing is claimed, retry", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
 pub async fn events(
     state: web::Data<AppState>,
     req: HttpRequest,

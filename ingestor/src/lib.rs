@@ -6,6 +6,7 @@
 //! - [`limits`]: hard limits, charged at ingest; breaches kill sessions.
 //! - [`analytics`]: `GET /analytics/mcp/...`.
 //! - [`exports`]: `GET /v1/exports/billing`, streamed CSV or JSON.
+//! - [`openapi`]: the OpenAPI document (`/openapi.json`) and Swagger UI (`/docs`).
 //! - [`error`]: the one mapping from errors to HTTP status codes.
 //!
 //! The API talks to the pipeline only through `backends`' ports; which adapters stand behind
@@ -18,6 +19,7 @@ pub mod exports;
 pub mod guard;
 pub mod ingest;
 pub mod limits;
+pub mod openapi;
 
 use actix_web::web;
 use backends::sink::EventSink;
@@ -58,6 +60,26 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             .route("/v1/exports/billing", web::get().to(exports::billing))
             .route("/healthz", web::get().to(guard::healthz))
             .route("/readyz", web::get().to(guard::readyz))
+            .route(
+                "/openapi.json",
+                web::get().to(|| async {
+                    actix_web::HttpResponse::Ok()
+                        .content_type("application/json")
+                        .body(openapi::document())
+                }),
+            )
+            .route(
+                "/docs",
+                web::get().to(|| async {
+                    actix_web::HttpResponse::PermanentRedirect()
+                        .insert_header((actix_web::http::header::LOCATION, "/docs/"))
+                        .finish()
+                }),
+            )
+            .service(
+                utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}")
+                    .config(utoipa_swagger_ui::Config::new(["/openapi.json"])),
+            )
             .route(
                 "/analytics/mcp/revenue/by-tool",
                 web::get().to(analytics::by_tool),

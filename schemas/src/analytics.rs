@@ -7,6 +7,7 @@ use crate::event::{format_ms, RatedEvent};
 use chrono::{DateTime, NaiveDate};
 use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
+use utoipa::ToSchema;
 
 /// An inclusive range of UTC days; analytics read daily rollups, so a day is their grain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,8 +166,46 @@ impl Serialize for UsageFigures {
     }
 }
 
+/// What [`UsageFigures`] serializes to, for the OpenAPI document.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = UsageFigures)]
+#[allow(dead_code)]
+struct UsageFiguresSchema {
+    /// Tool calls (heartbeats are not calls).
+    calls: i64,
+    /// Calls whose status was TIMEOUT, ERROR, VALIDATION_FAILED, FAILED or FAILURE.
+    errors: i64,
+    /// What the calls were priced, µUSD.
+    revenue_micros: i64,
+    /// What the calls cost, µUSD.
+    cogs_micros: i64,
+    /// revenueMicros − cogsMicros.
+    gross_profit_micros: i64,
+    /// (revenue − COGS) / revenue to four decimals; null without revenue.
+    margin: Option<f64>,
+    input_tokens: i64,
+    output_tokens: i64,
+    duration_ms_sum: i64,
+    /// durationMsSum / calls, rounded half to even; null without calls.
+    avg_duration_ms: Option<i64>,
+    max_duration_ms: i64,
+}
+
+impl utoipa::PartialSchema for UsageFigures {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        UsageFiguresSchema::schema()
+    }
+}
+
+impl ToSchema for UsageFigures {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "UsageFigures".into()
+    }
+}
+
 /// One tool's usage over a range (`/analytics/mcp/revenue/by-tool`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ToolUsage {
     pub tool_name: String,
@@ -177,7 +216,7 @@ pub struct ToolUsage {
 }
 
 /// One agent's usage on one day.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DayUsage {
     pub date: String,
@@ -187,7 +226,7 @@ pub struct DayUsage {
 }
 
 /// One agent's usage over a range, with its daily series (`/analytics/mcp/by-agent`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentUsage {
     pub agent_id: String,
@@ -198,7 +237,7 @@ pub struct AgentUsage {
 }
 
 /// A tenant's usage over a range (`/analytics/mcp/summary`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UsageSummary {
     #[serde(flatten)]
@@ -209,14 +248,16 @@ pub struct UsageSummary {
 }
 
 /// One session (`/analytics/mcp/sessions`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionUsage {
     pub session_id: String,
     pub agent_id: String,
     #[serde(serialize_with = "ser_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub first_seen: i64,
     #[serde(serialize_with = "ser_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub last_seen: i64,
     /// Whether a `SESSION_END` heartbeat closed it.
     pub ended: bool,
@@ -227,7 +268,7 @@ pub struct SessionUsage {
 }
 
 /// One session with its per-tool breakdown (`/analytics/mcp/sessions/{sessionId}`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionDetail {
     #[serde(flatten)]
@@ -236,7 +277,7 @@ pub struct SessionDetail {
 }
 
 /// One tool's share of a session.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionToolUsage {
     pub tool_name: String,
@@ -245,7 +286,7 @@ pub struct SessionToolUsage {
 }
 
 /// `GET /analytics/mcp/revenue/by-tool`: the days covered, then one row per tool.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct ByToolReport {
     pub from: String,
     pub to: String,
@@ -253,7 +294,7 @@ pub struct ByToolReport {
 }
 
 /// `GET /analytics/mcp/by-agent`
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct ByAgentReport {
     pub from: String,
     pub to: String,
@@ -261,7 +302,7 @@ pub struct ByAgentReport {
 }
 
 /// `GET /analytics/mcp/summary`
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct SummaryReport {
     pub from: String,
     pub to: String,
@@ -270,7 +311,7 @@ pub struct SummaryReport {
 }
 
 /// `GET /analytics/mcp/sessions`
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct SessionsReport {
     pub from: String,
     pub to: String,

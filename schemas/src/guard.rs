@@ -6,9 +6,12 @@
 
 use crate::event::format_ms;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use utoipa::ToSchema;
 
 /// How healthy a margin is, worst last.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 pub enum MarginLevel {
     /// At or above the warn threshold, or nothing to judge yet.
     #[serde(rename = "OK")]
@@ -45,7 +48,7 @@ impl MarginLevel {
 }
 
 /// What `GET /v1/guard/check` tells the caller to do with the call it is about to make.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum GuardAction {
     /// Run the call.
@@ -102,7 +105,7 @@ impl MarginThresholds {
 }
 
 /// What the guard computes for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SubjectKind {
     Agent,
@@ -124,7 +127,7 @@ pub fn subject_field(kind: SubjectKind, id: &str) -> String {
 }
 
 /// One agent's or tool's margin over the guard's window, as the guard last computed it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MarginState {
     pub subject: SubjectKind,
@@ -143,6 +146,7 @@ pub struct MarginState {
         serialize_with = "rfc3339",
         deserialize_with = "from_rfc3339"
     )]
+    #[schema(value_type = String, format = DateTime)]
     pub computed_at_ms: i64,
 }
 
@@ -190,7 +194,7 @@ pub struct GuardView {
 }
 
 /// The answer of `GET /v1/guard/check`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GuardCheck {
     /// The worse of the agent's and the tool's margin levels.

@@ -9,6 +9,7 @@
 //! - [`analytics`]: date ranges and the rows analytics answer with.
 //! - [`billing`]: the billing export's period, lines, and their CSV and JSON spellings.
 //! - [`config`]: the config tree and its validation.
+//! - [`openapi`]: OpenAPI schemas of the bodies whose Rust types differ from the wire.
 //! - [`guard`]: margin levels and thresholds, the guard's state, the guard check's decision.
 
 pub mod analytics;
@@ -17,4 +18,5 @@ pub mod config;
 pub mod event;
 pub mod guard;
 pub mod money;
+pub mod openapi;
 pub mod rating;

@@ -1,0 +1,79 @@
+//! The OpenAPI document (`GET /openapi.json`) and its interactive docs (`/docs`, Swagger UI
+//! served from the binary: nothing is fetched at build time or at run time).
+//!
+//! Every path is declared on its handler with `#[utoipa::path]`; this module only lists them.
+//! `openapi/openapi.json` at the repository root is this document, checked in; a test fails
+//! when the two differ (`mcp-meter openapi > openapi/openapi.json` brings it up to date).
+
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "mcp-meter",
+        description = "Usage metering for paid MCP servers: ingest one event per tool call, price it \
+from the tenant's rate plan, enforce hard limits and margin levels, and read analytics and billing \
+exports back. Money is integer micro-USD (µUSD); times are UTC, RFC 3339 on the wire. The API key \
+alone decides the tenant.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        crate::ingest::batch,
+        crate::ingest::events,
+        crate::guard::check,
+        crate::analytics::by_tool,
+        crate::analytics::by_agent,
+        crate::analytics::summary,
+        crate::analytics::sessions,
+        crate::analytics::session,
+        crate::exports::billing,
+        crate::guard::healthz,
+        crate::guard::readyz,
+    ),
+    // Schemas only parameters use are not collected on their own.
+    components(schemas(crate::exports::Format)),
+    modifiers(&Security),
+    tags(
+        (name = "ingest", description = "Usage events and heartbeats (scope `ingest`)"),
+        (name = "guard", description = "The pre-execution check (scope `ingest`)"),
+        (name = "analytics", description = "Usage read back from the rollups (scope `read`)"),
+        (name = "exports", description = "Billing exports for finance (scope `export`)"),
+        (name = "operations", description = "Health and readiness (no key)"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The two ways to present a key.
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-API-Key",
+                "An API key; `mcp-meter keys new` makes one",
+            ))),
+        );
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The same key as `Authorization: Bearer <key>`"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document as served and as checked in: pretty JSON with a final newline.
+pub fn document() -> String {
+    let mut text = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    text.push('\n');
+    text
+}
