@@ -165,7 +165,11 @@ fn http_api(
         ingest: config.ingest.clone(),
     });
     let server = actix_web::HttpServer::new(move || {
-        actix_web::App::new().configure(ingestor::routes(state.clone()))
+        actix_web::App::new()
+            .wrap(actix_web::middleware::from_fn(
+                ingestor::ops::record_request,
+            ))
+            .configure(ingestor::routes(state.clone()))
     })
     .bind(&config.listen)
     .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -284,13 +288,27 @@ pub async fn run_aggregator(
         None => {}
     }
     let a = &config.aggregator;
+    let ops = actix_web::HttpServer::new(|| {
+        actix_web::App::new()
+            .route("/metrics", actix_web::web::get().to(ingestor::ops::metrics))
+            .route("/healthz", actix_web::web::get().to(ingestor::ops::healthz))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(&a.listen)
+    .with_context(|| format!("aggregator.listen: cannot listen on {}", a.listen))?
+    .run();
+    let ops_handle = ops.handle();
+    actix_web::rt::spawn(ops);
     let consumer = aggregator::consumer::ConsumerConfig {
         max_batch_rows: a.max_batch_rows,
         max_batch_wait: std::time::Duration::from_millis(a.max_batch_wait_ms),
         max_retry_backoff: std::time::Duration::from_millis(a.max_retry_backoff_ms),
         give_up_after: std::time::Duration::from_millis(config.kafka.max_poll_interval_ms * 8 / 10),
     };
-    Ok(aggregator::consumer::run(&mut source, &mut writer, &consumer, shutdown).await?)
+    let progress = aggregator::consumer::run(&mut source, &mut writer, &consumer, shutdown).await;
+    ops_handle.stop(true).await;
+    Ok(progress?)
 }
 
 /// `serve`: the whole pipeline in one process.

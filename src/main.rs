@@ -17,8 +17,23 @@ use std::path::PathBuf;
     about = "Usage metering for paid MCP servers"
 )]
 struct Cli {
+    /// Log lines as text for people, or as JSON objects for a log pipeline.
+    #[arg(
+        long,
+        global = true,
+        env = "MCP_METER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -87,7 +102,8 @@ fn env_help() -> String {
     let mut help = String::from(
         "Environment (each overrides the config file; flags override both):\n  \
          MCP_METER_LISTEN, MCP_METER_DATA_DIR, MCP_METER_CONFIG, MCP_METER_DEMO_KEY  (the flags above)\n  \
-         MCP_METER_LOG  log filter, e.g. info or mcp_meter=debug (default info)\n",
+         MCP_METER_LOG  log filter, e.g. info or mcp_meter=debug (default info)\n  \
+         MCP_METER_LOG_FORMAT  text or json (--log-format)\n",
     );
     for (var, setting, _) in ENV_OVERRIDES {
         help.push_str(&format!("  {var:<42} {setting}\n"));
@@ -120,7 +136,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate { config } => {
-            init_logging();
+            init_logging(cli.log_format);
             let cfg = load_config(
                 config.as_deref(),
                 |v| std::env::var(v).ok(),
@@ -146,7 +162,7 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Ingestor { listen, config } => {
-            init_logging();
+            init_logging(cli.log_format);
             let flags = Overrides {
                 listen,
                 data_dir: None,
@@ -165,7 +181,7 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Aggregator { config } => {
-            init_logging();
+            init_logging(cli.log_format);
             let cfg = load_config(
                 Some(&config),
                 |v| std::env::var(v).ok(),
@@ -189,7 +205,7 @@ fn main() -> anyhow::Result<()> {
             config,
             demo_key,
         } => {
-            init_logging();
+            init_logging(cli.log_format);
             let flags = Overrides { listen, data_dir };
             let mut cfg = load_config(config.as_deref(), |v| std::env::var(v).ok(), &flags)?;
             let demo_key = match config {
@@ -223,13 +239,22 @@ async fn stop_signal() {
     }
 }
 
-fn init_logging() {
+/// Logs go to stderr (stdout carries the banner and command output), filtered by
+/// `MCP_METER_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MCP_METER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 /// Prints where the API listens. Write errors are ignored: a server must not stop because

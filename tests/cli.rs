@@ -92,7 +92,8 @@ api_keys = [{ name = "k", sha256 = "abc", scopes = ["ingest"] }]
 }
 
 /// The variables a user may set, beside the config table's: the flags' and the log filter.
-const FLAG_VARIABLES: [&str; 5] = [
+const FLAG_VARIABLES: [&str; 6] = [
+    "MCP_METER_LOG_FORMAT",
     "MCP_METER_LISTEN",
     "MCP_METER_DATA_DIR",
     "MCP_METER_CONFIG",

@@ -23,7 +23,7 @@ fn calls(client: &Client, key: &str) -> i64 {
 #[test]
 fn events_flow_from_ingestor_through_kafka_to_clickhouse_once() {
     let setup = Setup::new("flow", &kafka_brokers(), 2, "");
-    let _aggregator = setup.aggregator();
+    let aggregator = setup.aggregator();
     let (_ingestor, client) = setup.ingestor();
     let (status, answer) = client.post("/v1/ingest/events", ACME, SEED);
     assert_eq!(status, 202, "{answer}");
@@ -51,6 +51,35 @@ fn events_flow_from_ingestor_through_kafka_to_clickhouse_once() {
     assert_eq!(calls(&client, ACME), 3);
     let raw = setup.sql("SELECT count(), min(kafka_offset) >= 0 FROM mcp_events");
     assert_eq!(raw, "3\t1\n", "rows carry their Kafka positions");
+
+    // The aggregator's own /metrics: the rows it inserted, its inserts' latency, its lag.
+    let metrics = Client::new(&aggregator.metrics_url())
+        .get_text("/metrics", "")
+        .1;
+    assert!(
+        metrics.contains("mcp_meter_aggregator_rows_inserted_total 3\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mcp_meter_aggregator_insert_duration_seconds_count "),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mcp_meter_aggregator_lag_seconds "),
+        "{metrics}"
+    );
+    let (status, _) = Client::new(&aggregator.metrics_url()).get_text("/healthz", "");
+    assert_eq!(status, 200);
+    // The ingestor's: 5 events in, 4 through to Kafka (it cannot see the retry), 1 in-batch repeat.
+    let metrics = client.get_text("/metrics", "").1;
+    assert!(
+        metrics.contains("mcp_meter_ingest_events_total{outcome=\"accepted\"} 4\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mcp_meter_ingest_events_total{outcome=\"duplicate\"} 1\n"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -84,6 +113,24 @@ fn an_unreachable_broker_answers_503_with_retry_after_and_claims_nothing() {
         .send(SEED)
         .unwrap();
     assert_eq!(answer.headers().get("retry-after").unwrap(), "1");
+    // /readyz says ingest cannot work, and why.
+    let (status, ready) = client.get("/readyz", "");
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["status"], "unavailable");
+    assert_eq!(ready["dependencies"][0]["name"], "kafka");
+    assert_eq!(ready["dependencies"][0]["ready"], false);
+    assert!(
+        ready["dependencies"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("kafka metadata"),
+        "{ready}"
+    );
+    let (_, metrics) = client.get_text("/metrics", "");
+    assert!(
+        metrics.contains("mcp_meter_kafka_delivery_errors_total 2\n"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -365,7 +412,10 @@ fn redis_down_ingest_goes_on_the_guard_fails_open_and_recovers_by_itself() {
         let r = ready();
         assert_eq!(r["status"], "degraded", "{r}");
         assert_eq!(r["degraded"], serde_json::json!(["redis"]));
-        assert_eq!(r["dependencies"][0]["ready"], false);
+        assert_eq!(r["dependencies"][2]["name"], "redis");
+        assert_eq!(r["dependencies"][2]["ready"], false);
+        assert_eq!(r["dependencies"][0]["name"], "kafka");
+        assert_eq!(r["dependencies"][0]["ready"], true);
         let during = statuses.lock().unwrap().len() - down_at;
         assert!(
             during >= 10,

@@ -230,6 +230,17 @@ fn health_and_readiness_name_the_guard_state() {
     let (status, ready) = s.get("/readyz", "");
     assert_eq!(status, 200);
     assert_eq!(ready["status"], "ready");
-    assert_eq!(ready["dependencies"][0]["name"], "memory");
-    assert_eq!(ready["dependencies"][0]["ready"], true);
+    let names: Vec<&str> = ready["dependencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["store-writer", "sqlite", "memory"]);
+    assert!(ready["dependencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["ready"] == true));
+    assert_eq!(ready["degraded"], json!([]));
 }

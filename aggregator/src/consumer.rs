@@ -11,6 +11,7 @@
 //! Offsets committed to Kafka are only a hint of where to resume reading.
 
 use backends::error::StoreError;
+use backends::metrics::METRICS;
 use backends::sink::{BusPosition, TenantBatch};
 use backends::source::{BusError, BusMessage, EventSource};
 use backends::store::{StoreWriter, StoredOffsets};
@@ -162,6 +163,7 @@ where
                         reason = %poison.reason, "message sent to the dead-letter topic");
                     source.dead_letter(message.position, &poison).await?;
                     progress.dead_letters += 1;
+                    METRICS.aggregator_dead_letters.add(1);
                 }
             }
         }
@@ -187,15 +189,29 @@ where
                     }
                 }
             }
+            let insert_started = Instant::now();
             match writer.write(&batches).await {
                 Ok(outcomes) => {
+                    METRICS
+                        .aggregator_insert_latency
+                        .observe(insert_started.elapsed());
                     for o in outcomes {
                         progress.rows_written += o.accepted as u64;
                         progress.duplicates += o.duplicates as u64;
+                        METRICS.aggregator_rows_inserted.add(o.accepted as u64);
+                    }
+                    let newest = batches
+                        .iter()
+                        .flat_map(|b| b.events.iter().map(|e| e.received_at_ms))
+                        .max();
+                    if let Some(newest) = newest {
+                        let now = chrono::Utc::now().timestamp_millis();
+                        METRICS.aggregator_lag_ms.set(now - newest);
                     }
                     break;
                 }
                 Err(e) => {
+                    METRICS.aggregator_insert_failures.add(1);
                     check_positions = true;
                     backoff(config, &mut attempt, started, e).await?;
                 }

@@ -8,6 +8,7 @@
 //! A full queue answers `Overloaded` at once instead of letting memory grow.
 
 use backends::error::SinkError;
+use backends::metrics::METRICS;
 use backends::sink::{EventSink, TenantBatch, WriteOutcome};
 use backends::store::StoreWriter;
 use std::thread::JoinHandle;
@@ -82,6 +83,19 @@ impl EventSink for GroupCommit {
             ))
         })
     }
+
+    async fn ready(&self) -> Result<(), SinkError> {
+        if self.queue.is_closed() {
+            return Err(SinkError::Unavailable(
+                "the store writer has stopped".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "store-writer"
+    }
 }
 
 fn run<W: StoreWriter>(writer: W, jobs: mpsc::Receiver<Job>, max_commit_events: usize) {
@@ -145,7 +159,13 @@ async fn commit<W: StoreWriter>(
 ) -> Result<Vec<WriteOutcome>, backends::error::StoreError> {
     let mut attempt = 1;
     loop {
-        match writer.write(batches).await {
+        let started = std::time::Instant::now();
+        let written = writer.write(batches).await;
+        match &written {
+            Ok(_) => METRICS.store_commit_latency.observe(started.elapsed()),
+            Err(_) => METRICS.store_commit_failures.add(1),
+        }
+        match written {
             Err(e) if e.is_retriable() && attempt < COMMIT_ATTEMPTS => {
                 tracing::warn!(error = %e, attempt, "commit failed, retrying");
                 tokio::time::sleep(Duration::from_millis(20 << attempt)).await;

@@ -9,6 +9,7 @@
 //! rollups, so whichever writes last is right.
 
 use backends::error::StoreError;
+use backends::metrics::METRICS;
 use backends::state::{GuardState, StateError};
 use backends::store::AnalyticsStore;
 use schemas::analytics::{margin, AgentUsage, DateRange, ToolUsage};
@@ -105,8 +106,12 @@ impl MarginGuard {
                 }
             }
         }
+        for (gauge, n) in METRICS.guard_subjects.iter().zip(round.subjects_by_level) {
+            gauge.set(n as i64);
+        }
         // One line per round, not per tenant: when Redis or the store is down, all fail alike.
         if let Some((tenant, error)) = first_error {
+            METRICS.guard_rounds_failed.add(1);
             tracing::warn!(
                 failed = round.failed_tenants, of = self.config.tenants.len(), first = tenant, %error,
                 "margin guard round failed; levels already written stay until they expire"

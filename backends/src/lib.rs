@@ -11,10 +11,12 @@
 //!   [`store::AnalyticsStore`], the read side; adapters [`store::sqlite`], [`store::clickhouse`].
 //! - [`state`]: [`state::GuardState`], hard-limit counters and the kill list; adapters
 //!   [`state::memory`] and [`state::redis`].
+//! - [`metrics`]: the process's counters and histograms, in Prometheus text format.
 //! - [`error`]: the errors of the sink and the store, each saying whether a retry can help.
 
 pub mod error;
 pub mod kafka;
+pub mod metrics;
 pub mod sink;
 pub mod source;
 pub mod state;

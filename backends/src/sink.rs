@@ -48,4 +48,10 @@ pub trait EventSink: Send + Sync {
     /// none of it may be assumed stored and the client must retry the whole batch (which
     /// idempotency keys make safe).
     async fn publish(&self, batch: TenantBatch) -> Result<WriteOutcome, SinkError>;
+
+    /// Whether the sink can take batches now (for `/readyz`); `Err` says why not.
+    async fn ready(&self) -> Result<(), SinkError>;
+
+    /// What stands behind the port, for people: `kafka`, `store-writer`.
+    fn kind(&self) -> &'static str;
 }

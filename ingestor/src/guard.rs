@@ -1,4 +1,4 @@
-//! `GET /v1/guard/check`, the pre-execution hook, and the health endpoints.
+//! `GET /v1/guard/check`, the pre-execution hook.
 //!
 //! The check reads the guard state only (one round trip to Redis, or a lock in memory), never
 //! the store, so SDKs and gateways can call it before every tool call. When the state cannot
@@ -10,9 +10,9 @@ use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use schemas::config::Scope;
 use schemas::guard::GuardCheck;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::sync::atomic::{AtomicI64, Ordering};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::IntoParams;
 
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -81,6 +81,7 @@ pub(crate) fn warn_state_unavailable(e: &backends::state::StateError) {
     const EVERY_MS: i64 = 5_000;
     let now = chrono::Utc::now().timestamp_millis();
     let last = LAST_MS.load(Ordering::Relaxed);
+    backends::metrics::METRICS.guard_state_errors.add(1);
     if now - last >= EVERY_MS
         && LAST_MS
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
@@ -88,71 +89,4 @@ pub(crate) fn warn_state_unavailable(e: &backends::state::StateError) {
     {
         tracing::warn!(error = %e, "guard state unavailable: limits are not enforced and guard checks fail open until it is back");
     }
-}
-
-/// The answer of `/healthz`.
-#[derive(Serialize, ToSchema)]
-pub struct Health {
-    /// Always `ok`.
-    status: &'static str,
-}
-
-/// The process answers.
-#[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "Alive", body = Health, example = json!({"status": "ok"}))))]
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(Health { status: "ok" })
-}
-
-/// One dependency's state in `/readyz`.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Dependency {
-    /// `memory` or `redis` (the guard state).
-    name: &'static str,
-    ready: bool,
-    /// What the process does without it.
-    without_it: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
-/// The answer of `/readyz`.
-#[derive(Serialize, ToSchema)]
-pub struct Readiness {
-    /// `ready`, or `degraded` when a dependency ingest can do without is down.
-    status: &'static str,
-    /// The names of the dependencies that are down.
-    degraded: Vec<&'static str>,
-    dependencies: Vec<Dependency>,
-}
-
-/// Each dependency's state. The guard state is not needed to accept usage, so its loss answers
-/// 200 with `status: degraded` (a load balancer keeps sending events) and names it.
-#[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "Ready, or degraded with the dependencies named", body = Readiness, example = json!(
-        {"status":"degraded","degraded":["redis"],"dependencies":[{"name":"redis","ready":false,"withoutIt":"ingest goes on; hard limits are not enforced and guard checks answer allow with degraded: true","error":"redis ping: Connection refused (os error 111)"}]}))))]
-pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let guard = state.guard.ping().await;
-    let dependencies = [Dependency {
-        name: state.guard.kind(),
-        ready: guard.is_ok(),
-        without_it: "ingest goes on; hard limits are not enforced and guard checks answer allow with degraded: true",
-        error: guard.err().map(|e| e.to_string()),
-    }];
-    let degraded: Vec<&str> = dependencies
-        .iter()
-        .filter(|d| !d.ready)
-        .map(|d| d.name)
-        .collect();
-    let status = if degraded.is_empty() {
-        "ready"
-    } else {
-        "degraded"
-    };
-    HttpResponse::Ok().json(Readiness {
-        status,
-        degraded,
-        dependencies: dependencies.into(),
-    })
 }

@@ -7,6 +7,7 @@ use crate::limits;
 use crate::AppState;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
+use backends::metrics::METRICS;
 use backends::sink::TenantBatch;
 use schemas::config::Scope;
 use schemas::event::{parse_event, validate, EventLimits, RatedEvent, TimeBounds};
@@ -163,6 +164,11 @@ async fn ingest(
         .sink
         .publish(TenantBatch::new(tenant.id.clone(), rated))
         .await?;
+    METRICS.ingest_events_accepted.add(outcome.accepted as u64);
+    METRICS
+        .ingest_events_duplicate
+        .add(outcome.duplicates as u64);
+    METRICS.ingest_events_failed.add(errors.len() as u64);
     Ok(HttpResponse::Accepted().json(IngestAnswer {
         accepted: outcome.accepted,
         duplicates: outcome.duplicates,

@@ -2,7 +2,8 @@
 //!
 //! - [`auth`]: API keys (stored hashed) to tenant and scopes.
 //! - [`ingest`]: `POST /v1/ingest/batch`, `POST /v1/ingest/events`.
-//! - [`guard`]: `GET /v1/guard/check` from the guard state only; `/healthz`, `/readyz`.
+//! - [`guard`]: `GET /v1/guard/check` from the guard state only.
+//! - [`ops`]: `/healthz`, `/readyz`, `/metrics`, and the request-recording middleware.
 //! - [`limits`]: hard limits, charged at ingest; breaches kill sessions.
 //! - [`analytics`]: `GET /analytics/mcp/...`.
 //! - [`exports`]: `GET /v1/exports/billing`, streamed CSV or JSON.
@@ -20,6 +21,7 @@ pub mod guard;
 pub mod ingest;
 pub mod limits;
 pub mod openapi;
+pub mod ops;
 
 use actix_web::web;
 use backends::sink::EventSink;
@@ -58,8 +60,9 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             .route("/v1/ingest/events", web::post().to(ingest::events))
             .route("/v1/guard/check", web::get().to(guard::check))
             .route("/v1/exports/billing", web::get().to(exports::billing))
-            .route("/healthz", web::get().to(guard::healthz))
-            .route("/readyz", web::get().to(guard::readyz))
+            .route("/healthz", web::get().to(ops::healthz))
+            .route("/readyz", web::get().to(ops::readyz))
+            .route("/metrics", web::get().to(ops::metrics))
             .route(
                 "/openapi.json",
                 web::get().to(|| async {

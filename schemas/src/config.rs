@@ -236,6 +236,9 @@ pub struct AggregatorConfig {
     /// Longest pause between retries of a failed insert.
     #[serde(default = "default_max_retry_backoff_ms")]
     pub max_retry_backoff_ms: u64,
+    /// Where the aggregator serves `/metrics` and `/healthz`.
+    #[serde(default = "default_aggregator_listen")]
+    pub listen: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -424,6 +427,9 @@ fn default_max_batch_wait_ms() -> u64 {
 }
 fn default_max_retry_backoff_ms() -> u64 {
     5_000
+}
+fn default_aggregator_listen() -> String {
+    "127.0.0.1:9091".into()
 }
 fn default_redis_key_prefix() -> String {
     "mcp-meter:".into()
@@ -625,6 +631,14 @@ pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
         "MCP_METER_AGGREGATOR_MAX_BATCH_WAIT_MS",
         "aggregator.max_batch_wait_ms",
         |c, v| parse_into(&mut c.aggregator.max_batch_wait_ms, v),
+    ),
+    (
+        "MCP_METER_AGGREGATOR_LISTEN",
+        "aggregator.listen",
+        |c, v| {
+            c.aggregator.listen = v.to_string();
+            Ok(())
+        },
     ),
     (
         "MCP_METER_AGGREGATOR_MAX_RETRY_BACKOFF_MS",
@@ -844,6 +858,12 @@ impl Config {
             problems.push("kafka.delivery_timeout_ms must be at least 1".into());
         }
         let a = &self.aggregator;
+        if a.listen.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "aggregator.listen `{}` is not an address like 127.0.0.1:9091",
+                a.listen
+            ));
+        }
         if a.max_batch_rows == 0 || a.max_batch_wait_ms == 0 {
             problems.push(
                 "aggregator.max_batch_rows and aggregator.max_batch_wait_ms must be at least 1"

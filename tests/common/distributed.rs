@@ -84,16 +84,20 @@ consumer_group = \"{name}\"\npartitions = {partitions}\nsession_timeout_ms = 600
             Proc {
                 child,
                 what: "ingestor",
+                port: 0,
             },
             Client::new(&base),
         )
     }
 
+    /// An aggregator process; its `/metrics` listens on a port of its own (`Proc::metrics_url`).
     pub fn aggregator(&self) -> Proc {
+        let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
             .args(["aggregator", "--config"])
             .arg(&self.file)
             .env("MCP_METER_LOG", "info")
+            .env("MCP_METER_AGGREGATOR_LISTEN", format!("127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -101,6 +105,7 @@ consumer_group = \"{name}\"\npartitions = {partitions}\nsession_timeout_ms = 600
         Proc {
             child,
             what: "aggregator",
+            port,
         }
     }
 }
@@ -109,6 +114,8 @@ consumer_group = \"{name}\"\npartitions = {partitions}\nsession_timeout_ms = 600
 pub struct Proc {
     child: Child,
     what: &'static str,
+    /// The aggregator's metrics port (0 for an ingestor).
+    port: u16,
 }
 
 impl Proc {
@@ -130,6 +137,10 @@ impl Proc {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal("-TERM");
         self.child.wait().unwrap()
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
     }
 
     pub fn is_running(&mut self) -> bool {

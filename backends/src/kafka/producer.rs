@@ -68,6 +68,7 @@ impl KafkaSink {
         match create(&self.config) {
             Ok(fresh) => {
                 tracing::warn!(?fatal, failures, "replacing the kafka producer");
+                crate::metrics::METRICS.kafka_producer_rebuilds.add(1);
                 *current = Arc::new(fresh);
                 self.failures.store(0, Ordering::Relaxed);
             }
@@ -150,10 +151,31 @@ impl EventSink for KafkaSink {
                 Ok(outcome)
             }
             Err(SinkError::Unavailable(e)) => {
+                crate::metrics::METRICS.kafka_delivery_errors.add(1);
                 self.recover(&producer);
                 Err(SinkError::Unavailable(e))
             }
             Err(other) => Err(other),
         }
+    }
+
+    /// The events topic's metadata answers within a second.
+    async fn ready(&self) -> Result<(), SinkError> {
+        use rdkafka::producer::Producer;
+        let producer = self.producer.read().expect("producer lock").clone();
+        let topic = self.config.events_topic.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(1))
+                .map(|_| ())
+                .map_err(|e| SinkError::Unavailable(format!("kafka metadata: {e}")))
+        })
+        .await
+        .map_err(|e| SinkError::Unavailable(format!("kafka metadata check panicked: {e}")))?
+    }
+
+    fn kind(&self) -> &'static str {
+        "kafka"
     }
 }

@@ -86,6 +86,10 @@ pub trait AnalyticsStore: Send + Sync {
         tenant: &str,
         session_id: &str,
     ) -> Result<Option<SessionDetail>, StoreError>;
+    /// Whether the store answers a trivial query (for `/readyz`).
+    async fn ready(&self) -> Result<(), StoreError>;
+    /// What stands behind the port, for people: `sqlite`, `clickhouse`.
+    fn kind(&self) -> &'static str;
     /// Up to `limit` billing lines (per customer, agent and tool) ordered by their key, bytewise,
     /// starting after `after`: an export reads page after page, so a large period never sits
     /// whole in memory.

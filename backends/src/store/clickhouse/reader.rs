@@ -131,6 +131,14 @@ impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
         Ok(Some(SessionDetail { session, by_tool }))
     }
 
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.runner.tab_separated("SELECT 1").await.map(|_| ())
+    }
+
+    fn kind(&self) -> &'static str {
+        "clickhouse"
+    }
+
     async fn billing_page(
         &self,
         tenant: &str,

@@ -280,6 +280,18 @@ impl AnalyticsStore for SqliteAnalytics {
         .await
     }
 
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .context("answer SELECT 1")
+        })
+        .await
+    }
+
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
     async fn billing_page(
         &self,
         tenant: &str,

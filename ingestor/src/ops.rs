@@ -1,0 +1,135 @@
+//! What operators and load balancers read: `/healthz`, `/readyz` (each dependency's state),
+//! `/metrics` (Prometheus text), and the middleware that records every request.
+
+use crate::AppState;
+use actix_web::{web, HttpResponse};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The answer of `/healthz`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    status: &'static str,
+}
+
+/// The process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = Health, example = json!({"status": "ok"}))))]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// One dependency's state in `/readyz`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Dependency {
+    /// `kafka` or `store-writer` (where ingest publishes), `sqlite` or `clickhouse` (where
+    /// analytics read), `memory` or `redis` (the guard state).
+    name: &'static str,
+    ready: bool,
+    /// Whether ingest needs it: when a required dependency is down, `/readyz` answers 503.
+    required: bool,
+    /// What the process does without it.
+    without_it: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// The answer of `/readyz`.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready`; `degraded` when only dependencies ingest can do without are down (200);
+    /// `unavailable` when ingest cannot work (503).
+    status: &'static str,
+    /// The names of the dependencies that are down.
+    degraded: Vec<&'static str>,
+    dependencies: Vec<Dependency>,
+}
+
+/// Each dependency's state, checked now and in parallel. Only the sink is required: without
+/// the store ingest still works (distributed) and without the guard state ingest goes on
+/// unenforced, so their loss answers 200 with `status: degraded` (a load balancer keeps sending
+/// events) and names them.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready, or degraded with the dependencies named", body = Readiness, example = json!(
+            {"status":"degraded","degraded":["redis"],"dependencies":[{"name":"kafka","ready":true,"required":true,"withoutIt":"ingest answers 503 with Retry-After; nothing is accepted"},{"name":"clickhouse","ready":true,"required":false,"withoutIt":"analytics and exports answer 503; ingest goes on"},{"name":"redis","ready":false,"required":false,"withoutIt":"ingest goes on; hard limits are not enforced and guard checks answer allow with degraded: true","error":"redis ping: Connection refused (os error 111)"}]})),
+        (status = 503, description = "A dependency ingest needs is down", body = Readiness),
+    ))]
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let (sink, store, guard) = futures_util::future::join3(
+        state.sink.ready(),
+        state.analytics.ready(),
+        state.guard.ping(),
+    )
+    .await;
+    let dependencies = vec![
+        Dependency {
+            name: state.sink.kind(),
+            ready: sink.is_ok(),
+            required: true,
+            without_it: "ingest answers 503 with Retry-After; nothing is accepted",
+            error: sink.err().map(|e| e.to_string()),
+        },
+        Dependency {
+            name: state.analytics.kind(),
+            ready: store.is_ok(),
+            required: false,
+            without_it: "analytics and exports answer 503; ingest goes on",
+            error: store.err().map(|e| e.to_string()),
+        },
+        Dependency {
+            name: state.guard.kind(),
+            ready: guard.is_ok(),
+            required: false,
+            without_it: "ingest goes on; hard limits are not enforced and guard checks answer allow with degraded: true",
+            error: guard.err().map(|e| e.to_string()),
+        },
+    ];
+    let degraded: Vec<&'static str> = dependencies
+        .iter()
+        .filter(|d| !d.ready)
+        .map(|d| d.name)
+        .collect();
+    let unavailable = dependencies.iter().any(|d| d.required && !d.ready);
+    let status = match (unavailable, degraded.is_empty()) {
+        (true, _) => "unavailable",
+        (false, true) => "ready",
+        (false, false) => "degraded",
+    };
+    let mut answer = if unavailable {
+        HttpResponse::ServiceUnavailable()
+    } else {
+        HttpResponse::Ok()
+    };
+    answer.json(Readiness {
+        status,
+        degraded,
+        dependencies,
+    })
+}
+
+/// The process's metrics in Prometheus text format: ingest events by outcome, requests by
+/// route and status with latency histograms, Kafka delivery errors, aggregator inserts and lag,
+/// store commits, margin levels.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain",
+        body = String, example = "# HELP mcp_meter_ingest_events_total Events received by ingest, by outcome\n# TYPE mcp_meter_ingest_events_total counter\nmcp_meter_ingest_events_total{outcome=\"accepted\"} 1\n")))]
+pub async fn metrics() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(backends::metrics::METRICS.render())
+}
+
+/// Records every answered request's route, status and latency.
+pub async fn record_request(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    let route = backends::metrics::route_of(req.path());
+    let started = std::time::Instant::now();
+    let answer = next.call(req).await?;
+    backends::metrics::METRICS.http_request(route, answer.status().as_u16(), started.elapsed());
+    Ok(answer)
+}
