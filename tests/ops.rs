@@ -108,6 +108,19 @@ fn log_format_json_writes_one_json_object_per_line() {
     let mut banner = String::new();
     stdout.read_line(&mut banner).unwrap();
     assert!(banner.starts_with("mcp-meter serve"), "{banner}");
+    // SIGTERM once the server answers (its signal handlers are installed by then).
+    let mut urls = String::new();
+    stdout.read_line(&mut urls).unwrap();
+    let base = urls
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches("/v1/ingest/batch");
+    let client = Client::new(base);
+    assert!(common::distributed::wait_until(
+        std::time::Duration::from_secs(10),
+        || { client.get_text("/healthz", "").0 == 200 }
+    ));
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
