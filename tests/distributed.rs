@@ -459,6 +459,31 @@ fn redis_down_ingest_goes_on_the_guard_fails_open_and_recovers_by_itself() {
     );
 }
 
+/// SIGTERM to an ingestor under load: it stops accepting, waits for the delivery reports of
+/// the requests in flight, answers them, and exits; every event answered 202 reaches ClickHouse.
+#[test]
+fn an_ingestor_stopped_under_load_loses_no_event_answered_202() {
+    let setup = Setup::new("ingstop", &kafka_brokers(), 2, "");
+    let _aggregator = setup.aggregator();
+    let (mut ingestor, client) = setup.ingestor();
+    let load = Load::start(&client.base, ACME, 8);
+    assert!(wait_until(Duration::from_secs(20), || load.answered() > 2000));
+    let status = ingestor.terminate();
+    assert!(
+        status.success(),
+        "the ingestor exits cleanly on SIGTERM: {status}"
+    );
+    let (answered, refused) = load.stop();
+    let stored = || setup.sql("SELECT count(), uniqExact(idempotency_key) FROM mcp_events");
+    assert!(
+        wait_until(Duration::from_secs(60), || stored()
+            == format!("{answered}\t{answered}\n")),
+        "{answered} answered 202, stored: {}",
+        stored()
+    );
+    println!("{answered} events answered 202, all stored; {refused} requests refused or cut off");
+}
+
 /// Kafka's committed offsets are hints: an aggregator resumes each partition where the store's
 /// floor says, whether the group's offset is ahead of it (records nobody stored would be skipped)
 /// or behind it (stored records would be re-read).

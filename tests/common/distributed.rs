@@ -62,24 +62,15 @@ consumer_group = \"{name}\"\npartitions = {partitions}\nsession_timeout_ms = 600
     }
 
     pub fn ingestor(&self) -> (Proc, Client) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-meter"));
+        command
             .args(["ingestor", "--listen", "127.0.0.1:0", "--config"])
             .arg(&self.file)
-            .env("MCP_METER_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let base = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|l| {
-                let rest = l.strip_prefix("mcp-meter ingestor: ")?;
-                Some(rest.split(' ').next()?.to_string())
-            })
-            .expect("the ingestor printed its URL");
-        std::thread::spawn(move || lines.for_each(drop));
+            .env("MCP_METER_LOG", "info");
+        let (child, base) = spawn_with_url(command, |l| {
+            let rest = l.strip_prefix("mcp-meter ingestor: ")?;
+            Some(rest.split(' ').next()?.to_string())
+        });
         (
             Proc {
                 child,
@@ -108,6 +99,27 @@ consumer_group = \"{name}\"\npartitions = {partitions}\nsession_timeout_ms = 600
             port,
         }
     }
+}
+
+/// Spawns `command` and reads its stdout until `find` picks its base URL out of a line; the
+/// rest of stdout is drained in the background.
+pub fn spawn_with_url(
+    mut command: Command,
+    find: impl Fn(&str) -> Option<String>,
+) -> (Child, String) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| find(&l))
+        .expect("the process printed its URL");
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, base)
 }
 
 /// A child process, killed when dropped.

@@ -211,6 +211,23 @@ impl Client {
         read(req.send(body.as_bytes()))
     }
 
+    /// POSTs JSON; `None` when no answer came (connection refused or cut off).
+    pub fn try_post(&self, path: &str, key: &str, body: &str) -> Option<(u16, Value)> {
+        let mut answer = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("X-API-Key", key)
+            .header("Content-Type", "application/json")
+            .send(body.as_bytes())
+            .ok()?;
+        let status = answer.status().as_u16();
+        let text = answer.body_mut().read_to_string().ok()?;
+        Some((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
     /// GETs with `key` as a Bearer token.
     pub fn get(&self, path: &str, key: &str) -> (u16, Value) {
         self.get_with(path, key, &[])
@@ -273,4 +290,83 @@ pub const CALL_COGS: i64 = 320;
 
 pub fn batch(events: &[Value]) -> String {
     serde_json::json!({ "events": events }).to_string()
+}
+
+/// Posters sending batches of 50 fresh events as fast as they are answered, until stopped;
+/// they count the events answered 202 and the requests refused or cut off.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    posters: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(base: &str, key: &'static str, posters: usize) -> Load {
+        use std::sync::atomic::Ordering;
+        let load = Load {
+            stop: Default::default(),
+            answered: Default::default(),
+            refused: Default::default(),
+            posters: Vec::new(),
+        };
+        let posters = (0..posters)
+            .map(|poster| {
+                let (stop, answered, refused) = (
+                    load.stop.clone(),
+                    load.answered.clone(),
+                    load.refused.clone(),
+                );
+                let client = Client::new(base);
+                std::thread::spawn(move || {
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let events: Vec<Value> = (0..50)
+                            .map(|i| {
+                                call(
+                                    &format!("p{poster}-{n}-{i}"),
+                                    "t",
+                                    "a",
+                                    &format!("s{poster}"),
+                                )
+                            })
+                            .collect();
+                        n += 1;
+                        match client.try_post("/v1/ingest/batch", key, &batch(&events)) {
+                            Some((202, body)) => {
+                                answered.fetch_add(
+                                    body["accepted"].as_u64().unwrap(),
+                                    Ordering::Relaxed,
+                                );
+                            }
+                            // Refused or cut off (the server stopping): a client would retry.
+                            _ => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                std::thread::sleep(std::time::Duration::from_millis(20));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { posters, ..load }
+    }
+
+    /// Events answered 202 so far.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the posters and answers (events answered 202, requests refused or cut off).
+    pub fn stop(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        for p in self.posters {
+            p.join().unwrap();
+        }
+        (
+            self.answered.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
 }
