@@ -78,6 +78,7 @@ pub mod demo {
                 name: "demo".into(),
                 sha256: sha256_hex(key),
                 scopes: vec![Scope::Admin],
+                rate_limit: None,
             }],
             rate_plans: vec![schemas::rating::demo_rate_plan()],
             limits: Vec::new(),

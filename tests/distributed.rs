@@ -484,6 +484,48 @@ fn an_ingestor_stopped_under_load_loses_no_event_answered_202() {
     println!("{answered} events answered 202, all stored; {refused} requests refused or cut off");
 }
 
+/// A key's rate limit holds across ingestors: its bucket lives in Redis, so a burst of 4 is 4
+/// requests whichever ingestor each goes to.
+#[test]
+fn two_ingestors_share_a_keys_rate_limit_through_redis() {
+    let redis = std::env::var("MCP_METER_TEST_REDIS_URL")
+        .expect("MCP_METER_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
+    let prefix = unique_database("rate");
+    let setup = Setup::new(
+        "rate",
+        &kafka_brokers(),
+        1,
+        &format!("[redis]\nurl = \"{redis}\"\nkey_prefix = \"{prefix}:\"\n"),
+    );
+    // initech's key: 4 at once, then one every 10 s.
+    let text = std::fs::read_to_string(&setup.file).unwrap();
+    let limited = text.replacen(
+        "scopes = [\"admin\"] }]",
+        "scopes = [\"admin\"], rate_limit = { requests_per_second = 0.1, burst = 4 } }]",
+        1,
+    );
+    assert_ne!(text, limited);
+    std::fs::write(&setup.file, limited).unwrap();
+    let (_a, client_a) = setup.ingestor();
+    let (_b, client_b) = setup.ingestor();
+    let mut statuses = Vec::new();
+    for n in 0..6 {
+        let client = if n % 2 == 0 { &client_a } else { &client_b };
+        let (status, answer) = client.post(
+            "/v1/ingest/events",
+            INITECH,
+            &call(&format!("q{n}"), "t", "a", "s").to_string(),
+        );
+        if status == 429 {
+            assert_eq!(answer["error"], "rate_limited", "{answer}");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [202, 202, 202, 202, 429, 429]);
+    // Other keys are not limited.
+    assert_eq!(client_b.post("/v1/ingest/events", ACME, SEED).0, 202);
+}
+
 /// Kafka's committed offsets are hints: an aggregator resumes each partition where the store's
 /// floor says, whether the group's offset is ahead of it (records nobody stored would be skipped)
 /// or behind it (stored records would be re-read).

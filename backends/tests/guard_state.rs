@@ -342,6 +342,83 @@ async fn redis_keeps_margin_states_per_tenant() {
     margins_and_views(Arc::new(redis().await)).await;
 }
 
+/// Token buckets: the burst, then one token per 1/rate; buckets are per key. The caller's clock
+/// drives the refill, so both twins answer the same waits.
+async fn token_buckets(state: Arc<dyn GuardState>) {
+    let at = now();
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        waits.push(state.take_token("rate:t:sdk", 4.0, 3, at).await.unwrap());
+    }
+    assert_eq!(waits, [None, None, None, Some(250)]);
+    assert_eq!(
+        state.take_token("rate:t:other", 4.0, 3, at).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        state
+            .take_token("rate:t:sdk", 4.0, 3, at + 100)
+            .await
+            .unwrap(),
+        Some(150)
+    );
+    assert_eq!(
+        state
+            .take_token("rate:t:sdk", 4.0, 3, at + 250)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        state
+            .take_token("rate:t:sdk", 4.0, 3, at + 250)
+            .await
+            .unwrap(),
+        Some(250)
+    );
+}
+
+#[tokio::test]
+async fn memory_token_buckets_give_the_burst_then_the_rate() {
+    token_buckets(Arc::new(MemoryState::new())).await;
+}
+
+#[tokio::test]
+async fn redis_token_buckets_give_the_burst_then_the_rate() {
+    token_buckets(Arc::new(redis().await)).await;
+}
+
+/// Fifty concurrent requests against a burst of 20 on one bucket: exactly 20 admitted.
+async fn buckets_are_exact_under_concurrency(state: Arc<dyn GuardState>) {
+    let at = now();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let state = state.clone();
+            tokio::spawn(async move {
+                state
+                    .take_token("rate:t:busy", 0.001, 20, at)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap().is_none());
+    }
+    assert_eq!(admitted, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_buckets_are_exact_under_concurrency() {
+    buckets_are_exact_under_concurrency(Arc::new(MemoryState::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_buckets_are_exact_under_concurrency() {
+    buckets_are_exact_under_concurrency(Arc::new(redis().await)).await;
+}
+
 #[tokio::test]
 async fn margin_states_are_forgotten_when_they_expire() {
     let memory = MemoryState::new();

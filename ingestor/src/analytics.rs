@@ -41,13 +41,13 @@ pub struct SessionParams {
 }
 
 /// The caller's tenant (with the `read` scope) and the range it asks about.
-fn tenant_and_range(
+async fn tenant_and_range(
     state: &AppState,
     req: &HttpRequest,
     from: Option<&str>,
     to: Option<&str>,
 ) -> Result<(Grant, DateRange), ApiError> {
-    let grant = state.keys.authorize(req, Scope::Read)?;
+    let grant = state.admit(req, Scope::Read).await?;
     let range = DateRange::parse(from, to, chrono::Utc::now().date_naive())
         .map_err(ApiError::BadRequest)?;
     Ok((grant, range))
@@ -62,6 +62,8 @@ fn tenant_and_range(
         (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
         (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
     ),
@@ -72,7 +74,7 @@ pub async fn by_tool(
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref())?;
+    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let tools = state
         .analytics
         .revenue_by_tool(&grant.tenant.id, range)
@@ -93,6 +95,8 @@ pub async fn by_tool(
         (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
         (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
     ),
@@ -103,7 +107,7 @@ pub async fn by_agent(
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref())?;
+    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let agents = state
         .analytics
         .usage_by_agent(&grant.tenant.id, range)
@@ -124,6 +128,8 @@ pub async fn by_agent(
         (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
         (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
     ),
@@ -134,7 +140,7 @@ pub async fn summary(
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref())?;
+    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let summary = state.analytics.summary(&grant.tenant.id, range).await?;
     Ok(HttpResponse::Ok().json(SummaryReport {
         from: range.from_str_day(),
@@ -152,6 +158,8 @@ pub async fn summary(
         (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
         (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
     ),
@@ -162,7 +170,7 @@ pub async fn sessions(
     req: HttpRequest,
     q: web::Query<SessionParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref())?;
+    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let limit = q.limit.unwrap_or(DEFAULT_SESSIONS);
     if !(1..=MAX_SESSIONS).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
@@ -192,6 +200,8 @@ pub async fn sessions(
         (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
         (status = 404, description = "The tenant has no such session", body = ErrorBody),
         (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
@@ -203,7 +213,7 @@ pub async fn session(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.keys.authorize(&req, Scope::Read)?;
+    let grant = state.admit(&req, Scope::Read).await?;
     let session_id = path.into_inner();
     match state
         .analytics

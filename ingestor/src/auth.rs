@@ -5,7 +5,7 @@
 
 use crate::error::ApiError;
 use actix_web::HttpRequest;
-use schemas::config::{Scope, TenantConfig};
+use schemas::config::{RateLimitConfig, Scope, TenantConfig};
 use schemas::rating::RatePlans;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -23,6 +23,9 @@ pub struct Tenant {
 pub struct Grant {
     pub tenant: Arc<Tenant>,
     scopes: Vec<Scope>,
+    /// The key's name in the config: names its rate-limit bucket.
+    pub key_name: Arc<str>,
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 impl Grant {
@@ -57,6 +60,8 @@ impl Keyring {
                     Grant {
                         tenant: tenant.clone(),
                         scopes: key.scopes.clone(),
+                        key_name: key.name.as_str().into(),
+                        rate_limit: key.rate_limit,
                     },
                 );
             }

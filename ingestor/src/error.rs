@@ -20,6 +20,12 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("Content-Type `{0}` is not accepted; send application/json")]
     UnsupportedMediaType(String),
+    #[error("this API key is over its rate limit of {per_second} requests per second (burst {burst}); retry after {retry_after_seconds} s")]
+    RateLimited {
+        per_second: f64,
+        burst: u32,
+        retry_after_seconds: u64,
+    },
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error("analytics are unavailable: {0}")]
@@ -33,7 +39,7 @@ const RETRY_AFTER_SECONDS: &str = "1";
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {
     /// A stable code: bad_request, unauthorized, forbidden, not_found, payload_too_large,
-    /// unsupported_media_type, overloaded, unavailable.
+    /// unsupported_media_type, rate_limited, overloaded, unavailable.
     #[schema(example = "bad_request")]
     pub error: &'static str,
     /// What went wrong and what to fix.
@@ -52,6 +58,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Sink(SinkError::Overloaded { .. }) => "overloaded",
             ApiError::Sink(SinkError::Unavailable(_)) | ApiError::Store(_) => "unavailable",
         }
@@ -67,6 +74,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Sink(SinkError::Overloaded { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Sink(SinkError::Unavailable(_)) | ApiError::Store(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -80,8 +88,17 @@ impl ResponseError for ApiError {
             tracing::error!(error = %self, "request failed");
         }
         let mut answer = HttpResponse::build(status);
-        if matches!(self, ApiError::Sink(_) | ApiError::Store(_)) {
-            answer.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+        match self {
+            ApiError::Sink(_) | ApiError::Store(_) => {
+                answer.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+            }
+            ApiError::RateLimited {
+                retry_after_seconds,
+                ..
+            } => {
+                answer.insert_header((header::RETRY_AFTER, retry_after_seconds.to_string()));
+            }
+            _ => {}
         }
         answer.json(ErrorBody {
             error: self.code(),

@@ -153,6 +153,8 @@ impl Export {
         (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 403, description = "The key lacks the `export` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
         (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
     ),
@@ -163,7 +165,7 @@ pub async fn billing(
     req: HttpRequest,
     q: web::Query<BillingParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.keys.authorize(&req, Scope::Export)?;
+    let grant = state.admit(&req, Scope::Export).await?;
     let q = q.into_inner();
     let period = BillingPeriod::parse(&q.period).map_err(ApiError::BadRequest)?;
     let format = q.format.unwrap_or(Format::Csv);

@@ -36,6 +36,8 @@ pub struct CheckParams {
         (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 403, description = "The key lacks the `ingest` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
+        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]
@@ -44,7 +46,7 @@ pub async fn check(
     req: HttpRequest,
     q: web::Query<CheckParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.keys.authorize(&req, Scope::Ingest)?;
+    let grant = state.admit(&req, Scope::Ingest).await?;
     let (agent, tool, session) = (
         named(&q.agent_id),
         named(&q.tool_name),

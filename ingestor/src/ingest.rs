@@ -57,7 +57,7 @@ struct BatchBody<'a> {
         (status = 403, description = "The key lacks the `ingest` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
         (status = 413, description = "The body is larger than `ingest.max_body_bytes`", body = ErrorBody),
         (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
-        (status = 429, description = "Too many batches wait for the store; nothing was stored, retry", body = ErrorBody,
+        (status = 429, description = "This API key is over its rate limit, or too many batches wait for the store; nothing was stored, retry", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
         (status = 503, description = "The store or the bus did not confirm durability; nothing is claimed, retry", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
@@ -69,7 +69,7 @@ pub async fn batch(
     req: HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, body) = authorized_body(&state, &req, body)?;
+    let (grant, body) = authorized_body(&state, &req, body).await?;
     if first_byte(&body) == Some(b'[') {
         return Err(ApiError::BadRequest(
             "POST /v1/ingest/batch takes an object {\"events\":[...]}; send a bare array to /v1/ingest/events".into(),
@@ -95,7 +95,7 @@ pub async fn batch(
         (status = 403, description = "The key lacks the `ingest` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
         (status = 413, description = "The body is larger than `ingest.max_body_bytes`", body = ErrorBody),
         (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
-        (status = 429, description = "Too many batches wait for the store; nothing was stored, retry", body = ErrorBody,
+        (status = 429, description = "This API key is over its rate limit, or too many batches wait for the store; nothing was stored, retry", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
         (status = 503, description = "The store or the bus did not confirm durability; nothing is claimed, retry", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
@@ -107,7 +107,7 @@ pub async fn events(
     req: HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, body) = authorized_body(&state, &req, body)?;
+    let (grant, body) = authorized_body(&state, &req, body).await?;
     let events: Vec<&RawValue> = match first_byte(&body) {
         Some(b'[') => serde_json::from_slice(&body).map_err(|e| body_error(&e))?,
         Some(b'{') => vec![serde_json::from_slice(&body).map_err(|e| body_error(&e))?],
@@ -207,12 +207,12 @@ async fn enforce(
 
 /// The caller's grant (with the `ingest` scope), and the body once its size and content type
 /// are acceptable.
-fn authorized_body(
+async fn authorized_body(
     state: &AppState,
     req: &HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
 ) -> Result<(Grant, web::Bytes), ApiError> {
-    let grant = state.keys.authorize(req, Scope::Ingest)?;
+    let grant = state.admit(req, Scope::Ingest).await?;
     if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
         let text = content_type.to_str().unwrap_or("");
         let mime = text

@@ -42,6 +42,39 @@ pub struct AppState {
     pub ingest: IngestConfig,
 }
 
+impl AppState {
+    /// The caller's grant for `scope`, once its key's rate limit admits the request. Without
+    /// the guard state the limit is not enforced (fail open), as with hard limits.
+    pub async fn admit(
+        &self,
+        req: &actix_web::HttpRequest,
+        scope: schemas::config::Scope,
+    ) -> Result<auth::Grant, error::ApiError> {
+        let grant = self.keys.authorize(req, scope)?;
+        let Some(limit) = grant.rate_limit else {
+            return Ok(grant);
+        };
+        let bucket = format!("rate:{}:{}", grant.tenant.id, grant.key_name);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        match self
+            .guard
+            .take_token(&bucket, limit.requests_per_second, limit.burst, now_ms)
+            .await
+        {
+            Ok(None) => Ok(grant),
+            Ok(Some(wait_ms)) => Err(error::ApiError::RateLimited {
+                per_second: limit.requests_per_second,
+                burst: limit.burst,
+                retry_after_seconds: wait_ms.div_ceil(1000),
+            }),
+            Err(e) => {
+                guard::warn_state_unavailable(&e);
+                Ok(grant)
+            }
+        }
+    }
+}
+
 /// Mounts the API on an actix app: `App::new().configure(ingestor::routes(state))`.
 pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {

@@ -348,6 +348,20 @@ pub struct ApiKeyConfig {
     pub sha256: String,
     /// What the key may do.
     pub scopes: Vec<Scope>,
+    /// Most requests this key may make, as a token bucket; none: unlimited.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `requests_per_second`. Past it a
+/// request is answered 429 with Retry-After. Shared through Redis by every ingestor.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second (may be fractional: 0.5 is one every two seconds).
+    pub requests_per_second: f64,
+    /// Requests that may come at once after a quiet spell; at least 1.
+    pub burst: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
@@ -916,6 +930,15 @@ impl Config {
                     problems.push(format!(
                         "{kat}: scopes is empty; give at least one of ingest, read, export, admin"
                     ));
+                }
+                if let Some(r) = key.rate_limit {
+                    if !(r.requests_per_second > 0.0 && r.requests_per_second <= 1e6)
+                        || r.burst == 0
+                    {
+                        problems.push(format!(
+                            "{kat}: rate_limit needs requests_per_second above 0 (at most 1000000) and a burst of at least 1"
+                        ));
+                    }
                 }
             }
             if t.rate_plans.is_empty() {

@@ -1,6 +1,6 @@
 //! The in-process guard state of `serve`: the same semantics as Redis, under one lock.
 
-use super::{admitted_prefix, Charge, GuardState, StateError};
+use super::{admitted_prefix, take_from_bucket, Charge, GuardState, StateError};
 use schemas::guard::{subject_field, GuardView, MarginState, SubjectKind};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -20,6 +20,8 @@ struct Inner {
     killed: HashMap<String, HashMap<String, i64>>,
     /// (tenant, agent) → session → remembered until (ms)
     agent_sessions: HashMap<(String, String), HashMap<String, i64>>,
+    /// rate-limit key → (tokens, last refill ms); one per configured key, so bounded.
+    buckets: HashMap<String, (f64, i64)>,
     /// tenant → (forgotten at ms, field → margin state)
     margins: HashMap<String, (i64, HashMap<String, MarginState>)>,
 }
@@ -176,6 +178,20 @@ impl GuardState for MemoryState {
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    async fn take_token(
+        &self,
+        key: &str,
+        per_second: f64,
+        burst: u32,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        let bucket = inner.buckets.get(key).copied();
+        let (bucket, wait) = take_from_bucket(bucket, per_second, burst, now_ms);
+        inner.buckets.insert(key.to_string(), bucket);
+        Ok(wait)
     }
 
     async fn ping(&self) -> Result<(), StateError> {

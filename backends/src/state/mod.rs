@@ -103,11 +103,43 @@ pub trait GuardState: Send + Sync {
         now_ms: i64,
     ) -> Result<GuardView, StateError>;
 
+    /// Token bucket: takes one token from `key`'s bucket, which holds at most `burst` and
+    /// refills at `per_second`. `None`: admitted; `Some(ms)`: empty, a token is back in `ms`.
+    async fn take_token(
+        &self,
+        key: &str,
+        per_second: f64,
+        burst: u32,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StateError>;
+
     /// Whether the state answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StateError>;
 
     /// What stands behind the port, for people: `memory` or `redis`.
     fn kind(&self) -> &'static str;
+}
+
+/// One token bucket step, the rule both adapters follow (the Redis script is its Lua
+/// spelling): refill since `last_ms`, then take a token or say when one will be back. Answers
+/// the new (tokens, last_ms) and the wait in ms, if any.
+pub fn take_from_bucket(
+    bucket: Option<(f64, i64)>,
+    per_second: f64,
+    burst: u32,
+    now_ms: i64,
+) -> ((f64, i64), Option<u64>) {
+    let (mut tokens, mut last) = bucket.unwrap_or((f64::from(burst), now_ms));
+    if now_ms > last {
+        tokens = (tokens + (now_ms - last) as f64 * per_second / 1000.0).min(f64::from(burst));
+        last = now_ms;
+    }
+    if tokens >= 1.0 {
+        ((tokens - 1.0, last), None)
+    } else {
+        let wait = ((1.0 - tokens) * 1000.0 / per_second).ceil() as u64;
+        ((tokens, last), Some(wait.max(1)))
+    }
 }
 
 /// The admitted prefix of `amounts` on a counter at `current` with `limit`: the one rule both
@@ -126,6 +158,26 @@ pub fn admitted_prefix(current: i64, limit: i64, amounts: &[i64]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_gives_its_burst_then_refills_at_its_rate() {
+        let mut bucket = None;
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            let (b, wait) = take_from_bucket(bucket, 2.0, 3, 1000);
+            bucket = Some(b);
+            answers.push(wait);
+        }
+        assert_eq!(answers, [None, None, None, Some(500)]);
+        // 250 ms later half a token is back: still 250 ms to wait.
+        let (b, wait) = take_from_bucket(bucket, 2.0, 3, 1250);
+        assert_eq!(wait, Some(250));
+        let (b, wait) = take_from_bucket(Some(b), 2.0, 3, 1500);
+        assert_eq!(wait, None);
+        // A long quiet spell refills to the burst, never beyond.
+        let (b, _) = take_from_bucket(Some(b), 2.0, 3, 1_000_000);
+        assert_eq!(b.0, 2.0);
+    }
 
     #[test]
     fn the_admitted_prefix_stops_at_the_first_amount_that_does_not_fit() {

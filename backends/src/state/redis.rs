@@ -66,6 +66,31 @@ end
 return 0
 "#;
 
+/// Token bucket, the Lua spelling of `take_from_bucket`. KEYS[1]: the bucket. ARGV: per
+/// second, burst, now_ms. Answers 0 when a token was taken, else the ms until one is back. The
+/// bucket is forgotten once it would be full again.
+const TAKE_TOKEN: &str = r#"
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = tonumber(b[1]) or burst
+local last = tonumber(b[2]) or now
+if now > last then
+  tokens = math.min(burst, tokens + (now - last) * rate / 1000)
+  last = now
+end
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = math.max(1, math.ceil((1 - tokens) * 1000 / rate))
+end
+redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 'ts', string.format('%d', last))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return wait
+"#;
+
 pub struct RedisState {
     connection: ConnectionManager,
     prefix: String,
@@ -73,6 +98,7 @@ pub struct RedisState {
     extend: redis::Script,
     live: redis::Script,
     put_margins: redis::Script,
+    take_token: redis::Script,
 }
 
 impl RedisState {
@@ -102,6 +128,7 @@ impl RedisState {
             extend: redis::Script::new(EXTEND),
             live: redis::Script::new(LIVE),
             put_margins: redis::Script::new(PUT_MARGINS),
+            take_token: redis::Script::new(TAKE_TOKEN),
         })
     }
 
@@ -290,6 +317,28 @@ impl GuardState for RedisState {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    async fn take_token(
+        &self,
+        key: &str,
+        per_second: f64,
+        burst: u32,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StateError> {
+        let wait: u64 = self
+            .take_token
+            .key(format!("{}{key}", self.prefix))
+            .arg(per_second)
+            .arg(burst)
+            .arg(now_ms)
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| StateError::Redis {
+                context: "rate limit",
+                source,
+            })?;
+        Ok((wait > 0).then_some(wait))
     }
 
     async fn ping(&self) -> Result<(), StateError> {
