@@ -70,10 +70,14 @@ pub async fn batch(
     body: Result<web::Bytes, actix_web::Error>,
 ) -> Result<HttpResponse, ApiError> {
     let (grant, body) = authorized_body(&state, &req, body).await?;
-    if first_byte(&body) == Some(b'[') {
-        return Err(ApiError::BadRequest(
+    match first_byte(&body) {
+        Some(b'{') => {}
+        Some(b'[') => return Err(ApiError::BadRequest(
             "POST /v1/ingest/batch takes an object {\"events\":[...]}; send a bare array to /v1/ingest/events".into(),
-        ));
+        )),
+        _ => return Err(ApiError::BadRequest(
+            "POST /v1/ingest/batch takes a JSON object {\"events\":[...]}".into(),
+        )),
     }
     let parsed: BatchBody = serde_json::from_slice(&body).map_err(|e| body_error(&e))?;
     let events = parsed.events.ok_or_else(|| {

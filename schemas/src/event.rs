@@ -372,8 +372,17 @@ pub fn validate(
             if !text.starts_with('{') {
                 return Err("metadata must be a JSON object".into());
             }
-            let tokens: MetadataTokens = serde_json::from_str(text)
-                .map_err(|e| format!("metadata: {}", strip_position(&e.to_string())))?;
+            let tokens: MetadataTokens =
+                serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+                    .map_err(|e| {
+                        let path = e.path().to_string();
+                        let at = if path == "." {
+                            String::new()
+                        } else {
+                            format!(".{path}")
+                        };
+                        format!("metadata{at}: {}", strip_position(&e.inner().to_string()))
+                    })?;
             let input = match tokens.input_tokens {
                 None => 0,
                 Some(n) => whole_number("metadata.inputTokens", &n, MAX_TOKENS)?,
@@ -625,6 +634,11 @@ mod tests {
         assert!(check(&with("executionDurationMs", "1e300")).is_err());
         let err = check(&with("metadata", r#"{"inputTokens":-3}"#)).unwrap_err();
         assert_eq!(err, "metadata.inputTokens must be 0 or more (got -3)");
+        let err = check(&with("metadata", r#"{"inputTokens":"12"}"#)).unwrap_err();
+        assert_eq!(
+            err,
+            "metadata.inputTokens: invalid type: string \"12\", expected a JSON number"
+        );
         let err = check(&with("metadata", r#"[1,2]"#)).unwrap_err();
         assert_eq!(err, "metadata must be a JSON object");
         let err = check(&with(
