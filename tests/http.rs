@@ -467,3 +467,23 @@ fn analytics_parameters_are_checked() {
         (Some("2026-11-01"), Some("2026-11-05"))
     );
 }
+
+#[test]
+fn a_wrong_method_is_405_with_allow() {
+    let s = Server::start();
+    let (status, body) = s.get("/v1/ingest/batch", ACME);
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(body["message"], "this path answers POST only");
+    let (status, body) = s.post("/analytics/mcp/summary", ACME, "{}");
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(body["error"], "method_not_allowed");
+    let answer = ureq::head(format!("{}/healthz", s.base)).call().unwrap();
+    assert_eq!(answer.status(), 200, "GET paths answer HEAD");
+    let answer = ureq::delete(format!("{}/healthz", s.base))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap();
+    assert_eq!(answer.headers()["allow"], "GET, HEAD");
+}

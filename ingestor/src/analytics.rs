@@ -21,8 +21,10 @@ const MAX_SESSIONS: usize = 1000;
 #[into_params(parameter_in = Query)]
 pub struct RangeParams {
     /// First day, `YYYY-MM-DD` (or RFC 3339), inclusive; default 30 days before `to`.
+    #[param(format = Date)]
     from: Option<String>,
-    /// Last day, inclusive; default today (UTC).
+    /// Last day, inclusive; default today (UTC). At most 1098 days after `from`.
+    #[param(format = Date)]
     to: Option<String>,
 }
 
@@ -31,12 +33,15 @@ pub struct RangeParams {
 #[into_params(parameter_in = Query)]
 pub struct SessionParams {
     /// First day, `YYYY-MM-DD` (or RFC 3339), inclusive; default 30 days before `to`.
+    #[param(format = Date)]
     from: Option<String>,
-    /// Last day, inclusive; default today (UTC).
+    /// Last day, inclusive; default today (UTC). At most 1098 days after `from`.
+    #[param(format = Date)]
     to: Option<String>,
     /// Only this agent's sessions.
     agent_id: Option<String>,
     /// Most sessions returned (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 

@@ -34,6 +34,10 @@ pub enum Format {
 #[into_params(parameter_in = Query)]
 pub struct BillingParams {
     /// The month, `YYYY-MM` (UTC).
+    #[param(
+        pattern = "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$",
+        example = "2026-11"
+    )]
     period: String,
     /// `csv` (default) or `json`.
     format: Option<Format>,

@@ -75,6 +75,59 @@ impl AppState {
     }
 }
 
+/// `path` answering `route` (a method and its handler); any other method gets 405 with `Allow`.
+fn resource(
+    path: &str,
+    method: actix_web::http::Method,
+    route: actix_web::Route,
+) -> actix_web::Resource {
+    use actix_web::guard;
+    // A GET path answers HEAD too (load balancers probe with it).
+    let (route, allow) = if method == actix_web::http::Method::GET {
+        (
+            route.guard(guard::Any(guard::Get()).or(guard::Head())),
+            "GET, HEAD".to_string(),
+        )
+    } else {
+        (route.method(method.clone()), method.to_string())
+    };
+    web::resource(path)
+        .route(route)
+        .default_service(web::to(move || {
+            let allow = allow.clone();
+            async move {
+                actix_web::HttpResponse::MethodNotAllowed()
+                    .insert_header((actix_web::http::header::ALLOW, allow.clone()))
+                    .json(error::ErrorBody {
+                        error: "method_not_allowed",
+                        message: format!("this path answers {allow} only"),
+                    })
+            }
+        }))
+}
+
+fn get<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    resource(path, actix_web::http::Method::GET, web::route().to(handler))
+}
+
+fn post<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    resource(
+        path,
+        actix_web::http::Method::POST,
+        web::route().to(handler),
+    )
+}
+
 /// Mounts the API on an actix app: `App::new().configure(ingestor::routes(state))`.
 pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
@@ -89,49 +142,34 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
                     error::ApiError::BadRequest(format!("bad path: {e}")).into()
                 }),
             )
-            .route("/v1/ingest/batch", web::post().to(ingest::batch))
-            .route("/v1/ingest/events", web::post().to(ingest::events))
-            .route("/v1/guard/check", web::get().to(guard::check))
-            .route("/v1/exports/billing", web::get().to(exports::billing))
-            .route("/healthz", web::get().to(ops::healthz))
-            .route("/readyz", web::get().to(ops::readyz))
-            .route("/metrics", web::get().to(ops::metrics))
-            .route(
-                "/openapi.json",
-                web::get().to(|| async {
-                    actix_web::HttpResponse::Ok()
-                        .content_type("application/json")
-                        .body(openapi::document())
-                }),
-            )
-            .route(
-                "/docs",
-                web::get().to(|| async {
-                    actix_web::HttpResponse::PermanentRedirect()
-                        .insert_header((actix_web::http::header::LOCATION, "/docs/"))
-                        .finish()
-                }),
-            )
+            .service(post("/v1/ingest/batch", ingest::batch))
+            .service(post("/v1/ingest/events", ingest::events))
+            .service(get("/v1/guard/check", guard::check))
+            .service(get("/v1/exports/billing", exports::billing))
+            .service(get("/healthz", ops::healthz))
+            .service(get("/readyz", ops::readyz))
+            .service(get("/metrics", ops::metrics))
+            .service(get("/openapi.json", || async {
+                actix_web::HttpResponse::Ok()
+                    .content_type("application/json")
+                    .body(openapi::document())
+            }))
+            .service(get("/docs", || async {
+                actix_web::HttpResponse::PermanentRedirect()
+                    .insert_header((actix_web::http::header::LOCATION, "/docs/"))
+                    .finish()
+            }))
             .service(
                 utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}")
                     .config(utoipa_swagger_ui::Config::new(["/openapi.json"])),
             )
-            .route(
-                "/analytics/mcp/revenue/by-tool",
-                web::get().to(analytics::by_tool),
-            )
-            .route(
-                "/analytics/mcp/by-agent",
-                web::get().to(analytics::by_agent),
-            )
-            .route("/analytics/mcp/summary", web::get().to(analytics::summary))
-            .route(
-                "/analytics/mcp/sessions",
-                web::get().to(analytics::sessions),
-            )
-            .route(
+            .service(get("/analytics/mcp/revenue/by-tool", analytics::by_tool))
+            .service(get("/analytics/mcp/by-agent", analytics::by_agent))
+            .service(get("/analytics/mcp/summary", analytics::summary))
+            .service(get("/analytics/mcp/sessions", analytics::sessions))
+            .service(get(
                 "/analytics/mcp/sessions/{session_id}",
-                web::get().to(analytics::session),
-            );
+                analytics::session,
+            ));
     }
 }

@@ -71,11 +71,41 @@ pub struct EventBatchSchema {
 }
 
 /// `POST /v1/ingest/events`: one event, or an array of 1 to 1000.
-#[derive(Serialize, ToSchema)]
-#[serde(untagged)]
-pub enum EventOrEvents {
-    One(Box<EventSchema>),
-    Many(Vec<EventSchema>),
+pub struct EventOrEvents;
+
+impl utoipa::PartialSchema for EventOrEvents {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, OneOfBuilder, Ref};
+        let event = Ref::from_schema_name("Event");
+        OneOfBuilder::new()
+            .item(event.clone())
+            .item(
+                ArrayBuilder::new()
+                    .items(event)
+                    .min_items(Some(1))
+                    .max_items(Some(crate::event::MAX_BATCH_EVENTS)),
+            )
+            .description(Some("One event, or an array of 1 to 1000."))
+            .into()
+    }
+}
+
+impl ToSchema for EventOrEvents {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "EventOrEvents".into()
+    }
+
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        schemas.push((
+            EventSchema::name().into(),
+            <EventSchema as utoipa::PartialSchema>::schema(),
+        ));
+    }
 }
 
 /// The figures of a billing line or of the period's totals.
