@@ -163,6 +163,7 @@ fn http_api(
         analytics,
         guard,
         guard_recompute_seconds: config.margin_guard.interval_seconds,
+        in_flight: tokio::sync::Semaphore::new(config.ingest.max_in_flight_requests),
         ingest: config.ingest.clone(),
     });
     let server = actix_web::HttpServer::new(move || {

@@ -26,6 +26,8 @@ pub enum ApiError {
         burst: u32,
         retry_after_seconds: u64,
     },
+    #[error("this server is handling {in_flight} ingest requests, its limit; retry after 1 s")]
+    Busy { in_flight: usize },
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error("analytics are unavailable: {0}")]
@@ -59,6 +61,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Busy { .. } => "overloaded",
             ApiError::Sink(SinkError::Overloaded { .. }) => "overloaded",
             ApiError::Sink(SinkError::Unavailable(_)) | ApiError::Store(_) => "unavailable",
         }
@@ -76,9 +79,9 @@ impl ResponseError for ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Sink(SinkError::Overloaded { .. }) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Sink(SinkError::Unavailable(_)) | ApiError::Store(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Sink(SinkError::Unavailable(_))
+            | ApiError::Store(_)
+            | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -89,7 +92,7 @@ impl ResponseError for ApiError {
         }
         let mut answer = HttpResponse::build(status);
         match self {
-            ApiError::Sink(_) | ApiError::Store(_) => {
+            ApiError::Sink(_) | ApiError::Store(_) | ApiError::Busy { .. } => {
                 answer.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
             }
             ApiError::RateLimited {

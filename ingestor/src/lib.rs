@@ -37,6 +37,8 @@ pub struct AppState {
     pub analytics: Arc<dyn AnalyticsStore>,
     /// Hard-limit counters and the kill list.
     pub guard: Arc<dyn GuardState>,
+    /// Permits for ingest requests in flight (`ingest.max_in_flight_requests`).
+    pub in_flight: tokio::sync::Semaphore,
     /// How often the margin guard recomputes levels: what a throttled caller is told to wait.
     pub guard_recompute_seconds: u64,
     pub ingest: IngestConfig,
@@ -115,7 +117,19 @@ where
     resource(path, actix_web::http::Method::GET, web::route().to(handler))
 }
 
-fn post<F, Args>(path: &str, handler: F) -> actix_web::Resource
+/// An ingest path: POST only, and at most `ingest.max_in_flight_requests` at once.
+fn ingest_post<F, Args>(
+    path: &str,
+    handler: F,
+) -> actix_web::Resource<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+>
 where
     F: actix_web::Handler<Args>,
     Args: actix_web::FromRequest + 'static,
@@ -126,6 +140,30 @@ where
         actix_web::http::Method::POST,
         web::route().to(handler),
     )
+    .wrap(actix_web::middleware::from_fn(limit_in_flight))
+}
+
+/// Takes an in-flight permit before the body is read, or answers 503 at once: under overload
+/// the server holds at most `max_in_flight_requests` bodies, however many clients push.
+async fn limit_in_flight(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
+    actix_web::Error,
+> {
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .cloned()
+        .expect("routes() registers the app state");
+    let Ok(_permit) = state.in_flight.try_acquire() else {
+        let busy = error::ApiError::Busy {
+            in_flight: state.ingest.max_in_flight_requests,
+        };
+        let answer = actix_web::ResponseError::error_response(&busy);
+        return Ok(req.into_response(answer).map_into_right_body());
+    };
+    Ok(next.call(req).await?.map_into_left_body())
 }
 
 /// Mounts the API on an actix app: `App::new().configure(ingestor::routes(state))`.
@@ -142,8 +180,8 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
                     error::ApiError::BadRequest(format!("bad path: {e}")).into()
                 }),
             )
-            .service(post("/v1/ingest/batch", ingest::batch))
-            .service(post("/v1/ingest/events", ingest::events))
+            .service(ingest_post("/v1/ingest/batch", ingest::batch))
+            .service(ingest_post("/v1/ingest/events", ingest::events))
             .service(get("/v1/guard/check", guard::check))
             .service(get("/v1/exports/billing", exports::billing))
             .service(get("/healthz", ops::healthz))

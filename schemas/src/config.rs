@@ -61,6 +61,10 @@ pub struct IngestConfig {
     /// Largest `metadata` object of one event, in bytes of JSON.
     #[serde(default = "default_max_metadata_bytes")]
     pub max_metadata_bytes: usize,
+    /// Ingest requests handled at once by this process; past it a request is answered 503 with
+    /// Retry-After before its body is read, which bounds memory at about this many bodies.
+    #[serde(default = "default_max_in_flight_requests")]
+    pub max_in_flight_requests: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -481,6 +485,9 @@ fn default_max_future_skew_seconds() -> u32 {
 fn default_max_metadata_bytes() -> usize {
     16 * 1024
 }
+fn default_max_in_flight_requests() -> usize {
+    256
+}
 fn default_max_commit_events() -> usize {
     20_000
 }
@@ -746,6 +753,11 @@ pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
         |c, v| parse_into(&mut c.ingest.max_metadata_bytes, v),
     ),
     (
+        "MCP_METER_INGEST_MAX_IN_FLIGHT_REQUESTS",
+        "ingest.max_in_flight_requests",
+        |c, v| parse_into(&mut c.ingest.max_in_flight_requests, v),
+    ),
+    (
         "MCP_METER_SQLITE_MAX_COMMIT_EVENTS",
         "sqlite.max_commit_events",
         |c, v| parse_into(&mut c.sqlite.max_commit_events, v),
@@ -818,6 +830,9 @@ impl Config {
                 "ingest.max_body_bytes must be at least 1024 (got {})",
                 i.max_body_bytes
             ));
+        }
+        if i.max_in_flight_requests == 0 {
+            problems.push("ingest.max_in_flight_requests must be at least 1".into());
         }
         if i.max_event_age_days == 0 {
             problems.push("ingest.max_event_age_days must be at least 1".into());
