@@ -5,6 +5,9 @@
 //! - [`Embedded`]: `serve`, everything in one process: the HTTP API, group commit into the store.
 //! - [`Ingestor`], [`run_aggregator`]: the two processes of the distributed mode.
 //! - [`migrate_clickhouse`], [`migrate_kafka`]: `mcp-meter migrate`.
+//! - [`loadgen`]: `mcp-meter loadgen`, the load generator the benchmarks use.
+
+pub mod loadgen;
 
 use anyhow::Context;
 use backends::kafka;

@@ -85,6 +85,9 @@ enum Command {
     /// Print the OpenAPI document of the HTTP API (what `GET /openapi.json` serves);
     /// `mcp-meter openapi > openapi/openapi.json` updates the checked-in copy.
     Openapi,
+    /// Push seeded, realistic usage events at an ingest API (or as JSONEachRow straight into a
+    /// ClickHouse table, the baseline) and report events/s, requests/s, latency and statuses.
+    Loadgen(mcp_meter::loadgen::LoadgenArgs),
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -114,6 +117,15 @@ fn env_help() -> String {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Loadgen(args) => {
+            let summary = mcp_meter::loadgen::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!("{summary}");
+            }
+            Ok(())
+        }
         Command::Openapi => {
             let mut out = std::io::stdout().lock();
             out.write_all(ingestor::openapi::document().as_bytes())?;

@@ -1,0 +1,490 @@
+//! `mcp-meter loadgen`: realistic, seeded usage events pushed at an ingest API, or the same
+//! events written as JSONEachRow straight into a ClickHouse table over HTTP (the baseline a
+//! user would otherwise have).
+//!
+//! Events are made before the clock starts, so the figures measure the target, not the
+//! generator; each worker thread keeps one connection alive and takes the next request's body
+//! from a shared counter until the count or the duration is reached.
+
+use anyhow::Context;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// `POST /v1/ingest/batch`, `--batch-size` events per request.
+    Batch,
+    /// `POST /v1/ingest/events` with one event per request, as a chatty SDK flushes.
+    Events,
+    /// `INSERT INTO <table> FORMAT JSONEachRow` on ClickHouse's HTTP interface: the same events
+    /// in batches of `--batch-size`, into a table shaped like `mcp_events` (created if missing).
+    Clickhouse,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadgenArgs {
+    /// Where the events go.
+    #[arg(long, value_enum, default_value = "batch")]
+    pub target: Target,
+    /// Base URL of the mcp-meter API (`serve` or `ingestor`).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// API key with the `ingest` scope (not needed for `--target clickhouse`).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Requests in flight at once (one thread and connection each).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Events per request (1 for `--target events`).
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Events to send in all.
+    #[arg(long, default_value_t = 100_000)]
+    pub events: u64,
+    /// Stop after this many seconds even if events are left.
+    #[arg(long)]
+    pub duration_seconds: Option<u64>,
+    /// Hold this many requests per second in all (open loop) instead of sending each request
+    /// as soon as the previous one is answered.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seed of the event stream: the same seed makes the same events.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// ClickHouse HTTP interface, for `--target clickhouse`.
+    #[arg(long, default_value = "http://127.0.0.1:8123")]
+    pub clickhouse_url: String,
+    /// `database.table` the baseline inserts into.
+    #[arg(long, default_value = "default.loadgen_events")]
+    pub clickhouse_table: String,
+    /// Print the summary as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// splitmix64: a small seeded stream, so a run can be repeated exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const TOOLS: [&str; 12] = [
+    "web_search",
+    "fetch_url",
+    "summarize",
+    "translate",
+    "sql_query",
+    "send_email",
+    "ocr",
+    "image_gen",
+    "code_exec",
+    "calendar",
+    "vector_search",
+    "weather",
+];
+const STATUSES: [&str; 4] = ["SUCCESS", "SUCCESS", "SUCCESS", "ERROR"];
+
+/// One generated tool call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub key: String,
+    pub tool: &'static str,
+    pub agent: String,
+    pub customer: String,
+    pub session: String,
+    /// Seconds since the epoch (whole, so both targets store the same instant).
+    pub occurred_at_s: i64,
+    pub status: &'static str,
+    pub duration_ms: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// The `n`th event of the stream `seed`, within the last hour before `now_s`.
+pub fn event(seed: u64, n: u64, now_s: i64) -> Event {
+    let mut rng = Rng(seed.wrapping_mul(0x1000_0000_01b3) ^ n);
+    let agent = rng.below(200);
+    Event {
+        key: format!("lg-{seed}-{n}"),
+        tool: TOOLS[rng.below(TOOLS.len() as u64) as usize],
+        agent: format!("agent-{agent}"),
+        customer: format!("cust-{}", agent % 40),
+        session: format!("sess-{agent}-{}", rng.below(50)),
+        occurred_at_s: now_s - 60 - rng.below(3540) as i64,
+        status: STATUSES[rng.below(STATUSES.len() as u64) as usize],
+        duration_ms: 20 + rng.below(3000),
+        input_tokens: rng.below(4000),
+        output_tokens: rng.below(1500),
+    }
+}
+
+impl Event {
+    /// The wire event (camelCase, as the Aforo SDKs send it).
+    fn write_wire(&self, out: &mut String) {
+        let at = chrono::DateTime::from_timestamp(self.occurred_at_s, 0)
+            .expect("a valid time")
+            .format("%Y-%m-%dT%H:%M:%SZ");
+        let _ = write!(
+            out,
+            r#"{{"idempotencyKey":"{}","metricName":"mcp_server.tool_invocations","productType":"MCP_SERVER","toolName":"{}","agentId":"{}","customerId":"{}","sessionId":"{}","occurredAt":"{at}","executionStatus":"{}","executionDurationMs":{},"metadata":{{"inputTokens":{},"outputTokens":{}}}}}"#,
+            self.key,
+            self.tool,
+            self.agent,
+            self.customer,
+            self.session,
+            self.status,
+            self.duration_ms,
+            self.input_tokens,
+            self.output_tokens
+        );
+    }
+
+    /// The same event as a JSONEachRow line of the baseline table.
+    fn write_row(&self, out: &mut String) {
+        let at = chrono::DateTime::from_timestamp(self.occurred_at_s, 0)
+            .expect("a valid time")
+            .format("%Y-%m-%d %H:%M:%S");
+        let _ = writeln!(
+            out,
+            r#"{{"tenant_id":"loadgen","idempotency_key":"{}","metric_name":"mcp_server.tool_invocations","product_type":"MCP_SERVER","tool_name":"{}","agent_id":"{}","customer_id":"{}","session_id":"{}","occurred_at":"{at}","execution_status":"{}","execution_duration_ms":{},"input_tokens":{},"output_tokens":{}}}"#,
+            self.key,
+            self.tool,
+            self.agent,
+            self.customer,
+            self.session,
+            self.status,
+            self.duration_ms,
+            self.input_tokens,
+            self.output_tokens
+        );
+    }
+}
+
+/// The baseline table: the columns a user would keep for these events, sorted like
+/// `mcp_events`. Runs on ClickHouse 18.16 and later.
+fn baseline_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (tenant_id String, idempotency_key String, \
+metric_name String, product_type String, tool_name String, agent_id String, customer_id String, \
+session_id String, occurred_at DateTime, execution_status String, execution_duration_ms Int64, \
+input_tokens Int64, output_tokens Int64) ENGINE = MergeTree() PARTITION BY toYYYYMM(occurred_at) \
+ORDER BY (tenant_id, occurred_at, idempotency_key)"
+    )
+}
+
+/// Request bodies, made before the clock starts.
+fn bodies(args: &LoadgenArgs, batch_size: usize, now_s: i64) -> Vec<String> {
+    let mut bodies = Vec::with_capacity((args.events as usize).div_ceil(batch_size));
+    let mut n = 0;
+    while n < args.events {
+        let size = batch_size.min((args.events - n) as usize);
+        let mut body = String::with_capacity(size * 360 + 16);
+        match args.target {
+            Target::Batch => body.push_str(r#"{"events":["#),
+            Target::Events | Target::Clickhouse => {}
+        }
+        for i in 0..size as u64 {
+            let e = event(args.seed, n + i, now_s);
+            match args.target {
+                Target::Clickhouse => e.write_row(&mut body),
+                _ => {
+                    if i > 0 {
+                        body.push(',');
+                    }
+                    e.write_wire(&mut body);
+                }
+            }
+        }
+        if args.target == Target::Batch {
+            body.push_str("]}");
+        }
+        bodies.push(body);
+        n += size as u64;
+    }
+    bodies
+}
+
+/// What one worker saw.
+struct Tally {
+    latency_us: hdrhistogram::Histogram<u64>,
+    statuses: BTreeMap<u16, u64>,
+    events_ok: u64,
+}
+
+/// The figures of a run.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub target: String,
+    pub concurrency: usize,
+    pub batch_size: usize,
+    pub requests: u64,
+    /// Events in requests answered 2xx.
+    pub events_ok: u64,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    pub requests_per_second: f64,
+    pub latency_ms: BTreeMap<String, f64>,
+    /// Answers by HTTP status; 0 counts requests that got no answer.
+    pub statuses: BTreeMap<u16, u64>,
+}
+
+pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    let batch_size = match args.target {
+        Target::Events => 1,
+        _ => args.batch_size.clamp(1, 1000),
+    };
+    let (url, headers): (String, Vec<(&str, String)>) = match args.target {
+        Target::Clickhouse => {
+            let base = args.clickhouse_url.trim_end_matches('/');
+            let agent = ureq::Agent::new_with_defaults();
+            agent
+                .post(format!("{base}/"))
+                .send(baseline_ddl(&args.clickhouse_table))
+                .with_context(|| format!("creating {} on {base}", args.clickhouse_table))?;
+            let query = format!("INSERT INTO {} FORMAT JSONEachRow", args.clickhouse_table);
+            (
+                format!("{base}/?query={}", query.replace(' ', "%20")),
+                Vec::new(),
+            )
+        }
+        target => {
+            let key = args
+                .key
+                .clone()
+                .context("--key is needed to post to mcp-meter")?;
+            let path = if target == Target::Batch {
+                "/v1/ingest/batch"
+            } else {
+                "/v1/ingest/events"
+            };
+            (
+                format!("{}{path}", args.url.trim_end_matches('/')),
+                vec![
+                    ("X-API-Key", key),
+                    ("Content-Type", "application/json".to_string()),
+                ],
+            )
+        }
+    };
+    let now_s = chrono::Utc::now().timestamp();
+    let made = Instant::now();
+    let bodies = bodies(args, batch_size, now_s);
+    if !args.json {
+        eprintln!(
+            "made {} events in {} requests in {:.2?}",
+            args.events,
+            bodies.len(),
+            made.elapsed()
+        );
+    }
+
+    let progress = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(args.events)
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} events ({per_sec}) {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let tallies = Mutex::new(Vec::new());
+    let deadline = args.duration_seconds.map(Duration::from_secs);
+    // Open loop: each worker sends one request per `interval`, whatever the answers take.
+    let interval = args
+        .rate
+        .map(|r| Duration::from_secs_f64(args.concurrency as f64 / r.max(1e-9)));
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..args.concurrency {
+            scope.spawn(|| {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(60)))
+                    .build()
+                    .into();
+                let mut tally = Tally {
+                    latency_us: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3)
+                        .expect("valid bounds"),
+                    statuses: BTreeMap::new(),
+                    events_ok: 0,
+                };
+                let mut due = Instant::now();
+                loop {
+                    if stop.load(Ordering::Relaxed)
+                        || deadline.is_some_and(|d| started.elapsed() >= d)
+                    {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(body) = bodies.get(i) else { break };
+                    if let Some(interval) = interval {
+                        let now = Instant::now();
+                        if due > now {
+                            std::thread::sleep(due - now);
+                        }
+                        due += interval;
+                    }
+                    let events = if args.target == Target::Clickhouse {
+                        body.lines().count() as u64
+                    } else if args.target == Target::Events {
+                        1
+                    } else {
+                        batch_size.min((args.events as usize) - i * batch_size) as u64
+                    };
+                    let sent = Instant::now();
+                    let mut req = agent.post(&url);
+                    for (name, value) in &headers {
+                        req = req.header(*name, value);
+                    }
+                    let status = match req.send(body.as_bytes()) {
+                        Ok(mut answer) => {
+                            let _ = answer.body_mut().read_to_vec();
+                            answer.status().as_u16()
+                        }
+                        Err(_) => 0,
+                    };
+                    let took = sent.elapsed();
+                    let _ = tally
+                        .latency_us
+                        .record((took.as_micros() as u64).clamp(1, 60_000_000));
+                    *tally.statuses.entry(status).or_default() += 1;
+                    if (200..300).contains(&status) {
+                        tally.events_ok += events;
+                    }
+                    progress.inc(events);
+                }
+                tallies.lock().expect("tallies").push(tally);
+            });
+        }
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    progress.finish_and_clear();
+
+    let mut latency =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut statuses = BTreeMap::new();
+    let mut events_ok = 0;
+    for t in tallies.into_inner().expect("tallies") {
+        latency.add(&t.latency_us).expect("same bounds");
+        for (s, n) in t.statuses {
+            *statuses.entry(s).or_default() += n;
+        }
+        events_ok += t.events_ok;
+    }
+    let requests: u64 = statuses.values().sum();
+    let ms = |us: u64| us as f64 / 1000.0;
+    let latency_ms = BTreeMap::from([
+        ("p50".to_string(), ms(latency.value_at_quantile(0.50))),
+        ("p90".to_string(), ms(latency.value_at_quantile(0.90))),
+        ("p99".to_string(), ms(latency.value_at_quantile(0.99))),
+        ("max".to_string(), ms(latency.max())),
+    ]);
+    Ok(Summary {
+        target: format!("{:?}", args.target).to_lowercase(),
+        concurrency: args.concurrency,
+        batch_size,
+        requests,
+        events_ok,
+        seconds,
+        events_per_second: events_ok as f64 / seconds,
+        requests_per_second: requests as f64 / seconds,
+        latency_ms,
+        statuses,
+    })
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "target {}: {} workers, {} event(s) per request",
+            self.target, self.concurrency, self.batch_size
+        )?;
+        writeln!(
+            f,
+            "{} events accepted in {} requests in {:.2} s: {:.0} events/s, {:.0} requests/s",
+            self.events_ok,
+            self.requests,
+            self.seconds,
+            self.events_per_second,
+            self.requests_per_second
+        )?;
+        writeln!(
+            f,
+            "latency: p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            self.latency_ms["p50"],
+            self.latency_ms["p90"],
+            self.latency_ms["p99"],
+            self.latency_ms["max"]
+        )?;
+        let statuses: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(s, n)| {
+                if *s == 0 {
+                    format!("no answer x{n}")
+                } else {
+                    format!("{s} x{n}")
+                }
+            })
+            .collect();
+        write!(f, "statuses: {}", statuses.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_is_seeded_and_each_event_has_its_own_key() {
+        let now = 1_795_181_530;
+        assert_eq!(event(7, 3, now), event(7, 3, now));
+        assert_ne!(event(7, 3, now), event(8, 3, now));
+        let keys: std::collections::HashSet<String> =
+            (0..1000).map(|n| event(1, n, now).key).collect();
+        assert_eq!(keys.len(), 1000);
+        let e = event(1, 0, now);
+        assert!((now - 3600..now - 59).contains(&e.occurred_at_s));
+    }
+
+    #[test]
+    fn both_targets_carry_the_same_event() {
+        let e = event(1, 42, 1_795_181_530);
+        let (mut wire, mut row) = (String::new(), String::new());
+        e.write_wire(&mut wire);
+        e.write_row(&mut row);
+        let wire: serde_json::Value = serde_json::from_str(&wire).unwrap();
+        let row: serde_json::Value = serde_json::from_str(&row).unwrap();
+        assert_eq!(wire["idempotencyKey"], row["idempotency_key"]);
+        assert_eq!(wire["toolName"], row["tool_name"]);
+        assert_eq!(wire["metadata"]["inputTokens"], row["input_tokens"]);
+        let at = wire["occurredAt"]
+            .as_str()
+            .unwrap()
+            .replace('T', " ")
+            .replace('Z', "");
+        assert_eq!(row["occurred_at"], at);
+    }
+}
