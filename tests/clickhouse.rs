@@ -170,19 +170,12 @@ fn the_writer_stores_each_key_once_within_and_across_writes() {
     });
 }
 
-/// splitmix64: a seeded stream, so the conformance data is the same on every run.
-struct Rng(u64);
+/// The seeded stream the conformance data comes from, the same on every run.
+struct Rng(mcp_meter::loadgen::Rng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.below(n)
     }
     fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
         items[self.below(items.len() as u64) as usize]
@@ -196,7 +189,7 @@ const EVENTS: usize = 12_000;
 /// sessions, every status, tokens, durations, heartbeats, events without a session, and 5%
 /// repeats of earlier keys (as a retrying client sends them). Per tenant, in order.
 fn stream(now_ms: i64) -> Vec<Vec<Value>> {
-    let mut rng = Rng(20261121);
+    let mut rng = Rng(mcp_meter::loadgen::Rng(20261121));
     let tools = [
         "web_search",
         "fetch_url",
