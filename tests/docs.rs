@@ -46,3 +46,24 @@ fn the_readme_starts_with_the_two_commands() {
     assert!(first_block.contains("cargo run --release -- serve"));
     assert!(first_block.contains("scripts/test"));
 }
+
+/// The benchmark config that docs/BENCHMARKS.md and scripts/bench-ingest use is one `serve`
+/// accepts, with the key the script passes.
+#[test]
+fn the_benchmark_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/serve.toml");
+    let config = mcp_meter::load_config(
+        Some(std::path::Path::new(path)),
+        |_| None,
+        &mcp_meter::Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        config.tenants[0].api_keys[0].sha256,
+        mcp_meter::sha256_hex("bench-key")
+    );
+    let script =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-ingest"))
+            .unwrap();
+    assert!(script.contains("--key bench-key") && script.contains("bench/serve.toml"));
+}
