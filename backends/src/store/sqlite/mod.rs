@@ -1,7 +1,11 @@
 //! The embedded store: SQLite through rusqlite (bundled), one writer and a few readers.
 //!
 //! WAL mode lets analytics read while the writer commits; `synchronous = FULL` makes a commit
-//! durable before it returns, which is what lets the ingestor answer 202 after it.
+//! durable before it returns, which is what lets the ingestor answer 202 after it. The writer
+//! checkpoints every 16,384 WAL pages (64 MiB) rather than SQLite's 1,000: with the default, a
+//! checkpoint copied pages back into the database after nearly every group commit, and the
+//! same rollup and index pages were written again and again (1.55x the events/s when raised,
+//! with a 64 MiB page cache; docs/BENCHMARKS.md).
 //!
 //! - [`writer`]: [`SqliteWriter`], raw rows and rollups in one transaction.
 //! - [`reader`]: [`SqliteAnalytics`], the analytics queries over the rollups.
@@ -38,7 +42,9 @@ pub fn open(
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
-         PRAGMA busy_timeout = 5000;",
+         PRAGMA busy_timeout = 5000;
+         PRAGMA wal_autocheckpoint = 16384;
+         PRAGMA cache_size = -65536;",
     )
     .context("set pragmas")?;
     conn.execute_batch(SCHEMA).context("create the schema")?;
