@@ -185,8 +185,8 @@ ORDER BY (tenant_id, occurred_at, idempotency_key)"
     )
 }
 
-/// Request bodies, made before the clock starts.
-fn bodies(args: &LoadgenArgs, batch_size: usize, now_s: i64) -> Vec<String> {
+/// Request bodies with the events each holds, made before the clock starts.
+fn bodies(args: &LoadgenArgs, batch_size: usize, now_s: i64) -> Vec<(String, u64)> {
     let mut bodies = Vec::with_capacity((args.events as usize).div_ceil(batch_size));
     let mut n = 0;
     while n < args.events {
@@ -211,7 +211,7 @@ fn bodies(args: &LoadgenArgs, batch_size: usize, now_s: i64) -> Vec<String> {
         if args.target == Target::Batch {
             body.push_str("]}");
         }
-        bodies.push(body);
+        bodies.push((body, size as u64));
         n += size as u64;
     }
     bodies
@@ -336,7 +336,9 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
                         break;
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(body) = bodies.get(i) else { break };
+                    let Some((body, events)) = bodies.get(i).map(|(b, n)| (b, *n)) else {
+                        break;
+                    };
                     if let Some(interval) = interval {
                         let now = Instant::now();
                         if due > now {
@@ -344,13 +346,6 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
                         }
                         due += interval;
                     }
-                    let events = if args.target == Target::Clickhouse {
-                        body.lines().count() as u64
-                    } else if args.target == Target::Events {
-                        1
-                    } else {
-                        batch_size.min((args.events as usize) - i * batch_size) as u64
-                    };
                     let sent = Instant::now();
                     let mut req = agent.post(&url);
                     for (name, value) in &headers {

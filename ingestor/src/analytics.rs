@@ -1,7 +1,7 @@
 //! `GET /analytics/mcp/...`: usage read back from the rollups, always the caller's tenant only.
 
 use crate::auth::Grant;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, ReadErrors};
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::store::SessionQuery;
@@ -10,6 +10,7 @@ use schemas::analytics::{
 };
 use schemas::config::Scope;
 use serde::Deserialize;
+use std::sync::Arc;
 use utoipa::IntoParams;
 
 /// Sessions returned when a request names no `limit`, and the most it may ask for.
@@ -51,7 +52,7 @@ async fn tenant_and_range(
     req: &HttpRequest,
     from: Option<&str>,
     to: Option<&str>,
-) -> Result<(Grant, DateRange), ApiError> {
+) -> Result<(Arc<Grant>, DateRange), ApiError> {
     let grant = state.admit(req, Scope::Read).await?;
     let range = DateRange::parse(from, to, chrono::Utc::now().date_naive())
         .map_err(ApiError::BadRequest)?;
@@ -64,13 +65,7 @@ async fn tenant_and_range(
     responses(
         (status = 200, description = "One row per tool", body = ByToolReport, example = json!(
             {"from":"2026-11-21","to":"2026-11-21","tools":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}]})),
-        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
-        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
-        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
-        (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        ReadErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]
@@ -97,13 +92,7 @@ pub async fn by_tool(
     responses(
         (status = 200, description = "One row per agent", body = ByAgentReport, example = json!(
             {"from":"2026-11-21","to":"2026-11-21","agents":[{"agentId":"agent_gpt4o_prod","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1,"daily":[{"date":"2026-11-21","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}]}]})),
-        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
-        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
-        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
-        (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        ReadErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]
@@ -130,13 +119,7 @@ pub async fn by_agent(
     responses(
         (status = 200, description = "Totals, distinct sessions, tools and agents", body = SummaryReport, example = json!(
             {"from":"2026-11-21","to":"2026-11-21","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1,"tools":1,"agents":1})),
-        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
-        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
-        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
-        (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        ReadErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]
@@ -160,13 +143,7 @@ pub async fn summary(
     responses(
         (status = 200, description = "Sessions", body = SessionsReport, example = json!(
             {"from":"2026-11-21","to":"2026-11-21","sessions":[{"sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}]})),
-        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
-        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
-        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
-        (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        ReadErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]
@@ -202,14 +179,8 @@ pub async fn sessions(
     responses(
         (status = 200, description = "The session", body = SessionDetail, example = json!(
             {"sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"byTool":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}]})),
-        (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
-        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The key lacks the `read` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
-        (status = 429, description = "This API key is over its rate limit", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds until the key may send again"))),
         (status = 404, description = "The tenant has no such session", body = ErrorBody),
-        (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        ReadErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]

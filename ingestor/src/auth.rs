@@ -18,14 +18,17 @@ pub struct Tenant {
     pub limits: Vec<schemas::config::LimitConfig>,
 }
 
-/// What one key may do, and for whom.
-#[derive(Clone)]
+/// What one key may do, and for whom. Built once per key; requests share it.
 pub struct Grant {
     pub tenant: Arc<Tenant>,
     scopes: Vec<Scope>,
-    /// The key's name in the config: names its rate-limit bucket.
-    pub key_name: Arc<str>,
-    pub rate_limit: Option<RateLimitConfig>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A key's rate limit and the name of its bucket in the guard state.
+pub struct RateLimit {
+    pub config: RateLimitConfig,
+    pub bucket: String,
 }
 
 impl Grant {
@@ -36,7 +39,7 @@ impl Grant {
 
 /// Every configured key, by its SHA-256.
 pub struct Keyring {
-    by_hash: HashMap<[u8; 32], Grant>,
+    by_hash: HashMap<[u8; 32], Arc<Grant>>,
 }
 
 impl Keyring {
@@ -57,12 +60,14 @@ impl Keyring {
                 }
                 by_hash.insert(
                     hash,
-                    Grant {
+                    Arc::new(Grant {
                         tenant: tenant.clone(),
                         scopes: key.scopes.clone(),
-                        key_name: key.name.as_str().into(),
-                        rate_limit: key.rate_limit,
-                    },
+                        rate_limit: key.rate_limit.map(|config| RateLimit {
+                            config,
+                            bucket: format!("rate:{}:{}", t.id, key.name),
+                        }),
+                    }),
                 );
             }
         }
@@ -70,7 +75,7 @@ impl Keyring {
     }
 
     /// Finds the caller's grant and checks it allows `scope`.
-    pub fn authorize(&self, req: &HttpRequest, scope: Scope) -> Result<Grant, ApiError> {
+    pub fn authorize(&self, req: &HttpRequest, scope: Scope) -> Result<Arc<Grant>, ApiError> {
         let headers = req.headers();
         let key = match headers.get("x-api-key") {
             Some(v) => v.to_str().ok(),

@@ -37,6 +37,57 @@ pub enum ApiError {
 /// Seconds a client should wait before retrying an overloaded or unavailable ingest.
 const RETRY_AFTER_SECONDS: &str = "1";
 
+/// The error answers of the analytics endpoints, as the OpenAPI document lists them.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum ReadErrors {
+    /// Bad parameters; `message` says which and how to fix them
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No API key, or an unknown one
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The key lacks the `read` scope, or X-Tenant-Id names another tenant
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// This API key is over its rate limit
+    #[response(
+        status = 429,
+        headers(("Retry-After" = u32, description = "Seconds until the key may send again"))
+    )]
+    RateLimited(ErrorBody),
+    /// The store is unavailable; retry after `Retry-After` seconds
+    #[response(status = 503, headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    Unavailable(ErrorBody),
+}
+
+/// The error answers of the two ingest endpoints, as the OpenAPI document lists them.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum IngestErrors {
+    /// The body is not JSON of the right shape, has no events or too many; `message` says what to fix
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No API key, or an unknown one
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The key lacks the `ingest` scope, or X-Tenant-Id names another tenant
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// The body is larger than `ingest.max_body_bytes`
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorBody),
+    /// Content-Type is not JSON
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
+    /// This API key is over its rate limit, or too many batches wait for the store; nothing was stored, retry
+    #[response(status = 429, headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    Overloaded(ErrorBody),
+    /// Too many ingest requests in flight, or the store or the bus did not confirm durability; nothing is claimed, retry
+    #[response(status = 503, headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    Unavailable(ErrorBody),
+}
+
 /// Every error answer's body.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {

@@ -12,7 +12,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use backends::store::AnalyticsStore;
 use schemas::analytics::UsageFigures;
 use schemas::billing::{
-    csv_record, json_line, BillingKey, BillingPeriod, BillingQuery, JsonFigures, CSV_HEADER,
+    csv_record, json_line, BillingFigures, BillingKey, BillingPeriod, BillingQuery, CSV_HEADER,
 };
 use schemas::config::Scope;
 use serde::Deserialize;
@@ -130,7 +130,7 @@ impl Export {
                         Format::Json => format!(
                             "],\"lineCount\":{},\"totals\":{}}}",
                             self.written,
-                            serde_json::to_string(&JsonFigures(&self.totals))
+                            serde_json::to_string(&BillingFigures::from(&self.totals))
                                 .expect("figures serialize")
                         ),
                     };

@@ -2,7 +2,7 @@
 //! and answer 202 only once the sink says the events are durable.
 
 use crate::auth::{Grant, Tenant};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, IngestErrors};
 use crate::limits;
 use crate::AppState;
 use actix_web::http::header;
@@ -13,6 +13,7 @@ use schemas::config::Scope;
 use schemas::event::{parse_event, validate, EventLimits, RatedEvent, TimeBounds};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::sync::Arc;
 use utoipa::ToSchema;
 
 /// The answer to an ingest request, as the Aforo SDKs read it.
@@ -52,15 +53,7 @@ struct BatchBody<'a> {
     responses(
         (status = 202, description = "Durable; with per-event errors and the sessions to stop", body = IngestAnswer, example = json!(
             {"accepted":1,"duplicates":0,"failed":1,"errors":[{"index":1,"message":"executionDurationMs must be 0 or more (got -5)"}],"killedSessionIds":[]})),
-        (status = 400, description = "The body is not JSON of the right shape, has no events or too many; `message` says what to fix", body = ErrorBody),
-        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The key lacks the `ingest` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
-        (status = 413, description = "The body is larger than `ingest.max_body_bytes`", body = ErrorBody),
-        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
-        (status = 429, description = "This API key is over its rate limit, or too many batches wait for the store; nothing was stored, retry", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
-        (status = 503, description = "Too many ingest requests in flight, or the store or the bus did not confirm durability; nothing is claimed, retry", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        IngestErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]
@@ -94,15 +87,7 @@ pub async fn batch(
     responses(
         (status = 202, description = "Durable; with per-event errors and the sessions to stop", body = IngestAnswer, example = json!(
             {"accepted":1,"duplicates":0,"failed":0,"errors":[],"killedSessionIds":[]})),
-        (status = 400, description = "The body is not JSON of the right shape, has no events or too many; `message` says what to fix", body = ErrorBody),
-        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The key lacks the `ingest` scope, or X-Tenant-Id names another tenant", body = ErrorBody),
-        (status = 413, description = "The body is larger than `ingest.max_body_bytes`", body = ErrorBody),
-        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
-        (status = 429, description = "This API key is over its rate limit, or too many batches wait for the store; nothing was stored, retry", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
-        (status = 503, description = "Too many ingest requests in flight, or the store or the bus did not confirm durability; nothing is claimed, retry", body = ErrorBody,
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        IngestErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]
@@ -126,7 +111,7 @@ pub async fn events(
 
 async fn ingest(
     state: &AppState,
-    grant: Grant,
+    grant: Arc<Grant>,
     events: Vec<&RawValue>,
 ) -> Result<HttpResponse, ApiError> {
     let max = state.ingest.max_batch_events;
@@ -215,7 +200,7 @@ async fn authorized_body(
     state: &AppState,
     req: &HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
-) -> Result<(Grant, web::Bytes), ApiError> {
+) -> Result<(Arc<Grant>, web::Bytes), ApiError> {
     let grant = state.admit(req, Scope::Ingest).await?;
     if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
         let text = content_type.to_str().unwrap_or("");

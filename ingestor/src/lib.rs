@@ -51,16 +51,16 @@ impl AppState {
         &self,
         req: &actix_web::HttpRequest,
         scope: schemas::config::Scope,
-    ) -> Result<auth::Grant, error::ApiError> {
+    ) -> Result<Arc<auth::Grant>, error::ApiError> {
         let grant = self.keys.authorize(req, scope)?;
-        let Some(limit) = grant.rate_limit else {
+        let Some(limit) = &grant.rate_limit else {
             return Ok(grant);
         };
-        let bucket = format!("rate:{}:{}", grant.tenant.id, grant.key_name);
+        let (bucket, limit) = (&limit.bucket, limit.config);
         let now_ms = chrono::Utc::now().timestamp_millis();
         match self
             .guard
-            .take_token(&bucket, limit.requests_per_second, limit.burst, now_ms)
+            .take_token(bucket, limit.requests_per_second, limit.burst, now_ms)
             .await
         {
             Ok(None) => Ok(grant),

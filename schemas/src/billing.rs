@@ -4,8 +4,8 @@
 use crate::analytics::{DateRange, UsageFigures};
 use crate::money::micros_to_usd;
 use chrono::{Datelike, NaiveDate};
-use serde::ser::SerializeStruct;
-use serde::{Serialize, Serializer};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 /// A calendar month (UTC), `YYYY-MM`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,16 +87,17 @@ pub fn csv_record(period: &str, key: Option<&BillingKey>, f: &UsageFigures) -> S
         push_csv_field(&mut out, field);
         out.push(',');
     }
+    let f = BillingFigures::from(f);
     let numbers = [
         f.calls.to_string(),
         f.errors.to_string(),
         f.input_tokens.to_string(),
         f.output_tokens.to_string(),
-        f.duration_ms_sum.to_string(),
+        f.duration_ms.to_string(),
         f.revenue_micros.to_string(),
-        micros_to_usd(f.revenue_micros),
+        f.revenue_usd,
         f.cogs_micros.to_string(),
-        micros_to_usd(f.cogs_micros),
+        f.cogs_usd,
     ];
     out.push_str(&numbers.join(","));
     out.push_str("\r\n");
@@ -113,42 +114,62 @@ fn push_csv_field(out: &mut String, field: &str) {
     }
 }
 
-/// The figures of a line or of the totals as JSON: µUSD and decimal USD strings side by side.
-pub struct JsonFigures<'a>(pub &'a UsageFigures);
+// The one spelling of an export's figures: the JSON fields, and the CSV columns in the same
+// order, µUSD and decimal USD strings side by side.
+/// The figures of a billing line or of the period's totals.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BillingFigures {
+    pub calls: i64,
+    pub errors: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    /// Sum of the calls' durations.
+    pub duration_ms: i64,
+    pub revenue_micros: i64,
+    /// revenueMicros as decimal USD with six decimals, e.g. `"0.007550"`.
+    pub revenue_usd: String,
+    pub cogs_micros: i64,
+    pub cogs_usd: String,
+}
 
-impl Serialize for JsonFigures<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let f = self.0;
-        let mut st = s.serialize_struct("BillingFigures", 9)?;
-        st.serialize_field("calls", &f.calls)?;
-        st.serialize_field("errors", &f.errors)?;
-        st.serialize_field("inputTokens", &f.input_tokens)?;
-        st.serialize_field("outputTokens", &f.output_tokens)?;
-        st.serialize_field("durationMs", &f.duration_ms_sum)?;
-        st.serialize_field("revenueMicros", &f.revenue_micros)?;
-        st.serialize_field("revenueUsd", &micros_to_usd(f.revenue_micros))?;
-        st.serialize_field("cogsMicros", &f.cogs_micros)?;
-        st.serialize_field("cogsUsd", &micros_to_usd(f.cogs_micros))?;
-        st.end()
+impl From<&UsageFigures> for BillingFigures {
+    fn from(f: &UsageFigures) -> BillingFigures {
+        BillingFigures {
+            calls: f.calls,
+            errors: f.errors,
+            input_tokens: f.input_tokens,
+            output_tokens: f.output_tokens,
+            duration_ms: f.duration_ms_sum,
+            revenue_micros: f.revenue_micros,
+            revenue_usd: micros_to_usd(f.revenue_micros),
+            cogs_micros: f.cogs_micros,
+            cogs_usd: micros_to_usd(f.cogs_micros),
+        }
     }
 }
 
-/// One line as JSON: its key, then its figures.
+// A line of a JSON export: its key, then its figures.
+/// One customer's use of one tool by one agent over the period.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = BillingLine)]
+pub struct ExportLine<'a> {
+    /// Empty for events that named no customer.
+    pub customer_id: &'a str,
+    pub agent_id: &'a str,
+    pub tool_name: &'a str,
+    #[serde(flatten)]
+    pub figures: BillingFigures,
+}
+
+/// One line as JSON.
 pub fn json_line(line: &BillingLine) -> String {
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Line<'a> {
-        customer_id: &'a str,
-        agent_id: &'a str,
-        tool_name: &'a str,
-        #[serde(flatten)]
-        figures: JsonFigures<'a>,
-    }
-    serde_json::to_string(&Line {
+    serde_json::to_string(&ExportLine {
         customer_id: &line.key.customer_id,
         agent_id: &line.key.agent_id,
         tool_name: &line.key.tool_name,
-        figures: JsonFigures(&line.figures),
+        figures: BillingFigures::from(&line.figures),
     })
     .expect("a billing line serializes")
 }

@@ -108,37 +108,6 @@ impl ToSchema for EventOrEvents {
     }
 }
 
-/// The figures of a billing line or of the period's totals.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[schema(as = BillingFigures)]
-pub struct BillingFiguresSchema {
-    calls: i64,
-    errors: i64,
-    input_tokens: i64,
-    output_tokens: i64,
-    /// Sum of the calls' durations.
-    duration_ms: i64,
-    revenue_micros: i64,
-    /// revenueMicros as decimal USD with six decimals, e.g. `"0.007550"`.
-    revenue_usd: String,
-    cogs_micros: i64,
-    cogs_usd: String,
-}
-
-/// One customer's use of one tool by one agent over the period.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[schema(as = BillingLine)]
-pub struct BillingLineSchema {
-    /// Empty for events that named no customer.
-    customer_id: String,
-    agent_id: String,
-    tool_name: String,
-    #[serde(flatten)]
-    figures: BillingFiguresSchema,
-}
-
 /// `GET /v1/exports/billing?format=json`. `totals` comes last: an answer without it was cut
 /// short.
 #[derive(Serialize, ToSchema)]
@@ -150,10 +119,10 @@ pub struct BillingExportSchema {
     /// Always `USD`.
     currency: String,
     /// Ordered by customer, agent and tool (bytewise).
-    lines: Vec<BillingLineSchema>,
+    lines: Vec<crate::billing::ExportLine<'static>>,
     line_count: i64,
     /// The sums of the lines; equal to `/analytics/mcp/summary` over the period's days.
-    totals: BillingFiguresSchema,
+    totals: crate::billing::BillingFigures,
 }
 
 #[cfg(test)]

@@ -188,9 +188,14 @@ impl GuardState for MemoryState {
         now_ms: i64,
     ) -> Result<Option<u64>, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
-        let bucket = inner.buckets.get(key).copied();
-        let (bucket, wait) = take_from_bucket(bucket, per_second, burst, now_ms);
-        inner.buckets.insert(key.to_string(), bucket);
+        // The key is copied once, when its bucket is made, not on every request.
+        let Some(bucket) = inner.buckets.get_mut(key) else {
+            let (bucket, wait) = take_from_bucket(None, per_second, burst, now_ms);
+            inner.buckets.insert(key.to_string(), bucket);
+            return Ok(wait);
+        };
+        let (next, wait) = take_from_bucket(Some(*bucket), per_second, burst, now_ms);
+        *bucket = next;
         Ok(wait)
     }
 
