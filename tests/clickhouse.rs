@@ -170,6 +170,48 @@ fn the_writer_stores_each_key_once_within_and_across_writes() {
     });
 }
 
+/// An aggregator batch can hold far more keys than one query may list (ClickHouse refuses more
+/// than 50,000 syntax-tree nodes, and the writer splits its lookups at 100,000 keys): a write of
+/// 110,000 keys of one tenant and 10,000 of another is deduplicated exactly, keys with quotes,
+/// backslashes and commas included.
+#[test]
+fn the_writer_deduplicates_writes_larger_than_one_lookup() {
+    let database = unique_database("writer_big");
+    let dir = tempfile::tempdir().unwrap();
+    let config = clickhouse_config(dir.path(), &database);
+    let runner = HttpRunner::new(&config.clickhouse);
+    let key = |i: usize| match i % 4 {
+        0 => format!("k-{i}"),
+        1 => format!("k'{i}"),
+        2 => format!("k\\{i}"),
+        _ => format!("k,{i}"),
+    };
+    let batch = |tenant: &str, keys: std::ops::Range<usize>| {
+        TenantBatch::new(tenant.into(), keys.map(|i| rated(&key(i), "s")).collect())
+    };
+    runtime().block_on(async {
+        let mut writer = ClickHouseWriter::new(runner.clone());
+        let first = writer
+            .write(&[batch("t1", 0..110_000), batch("t2", 0..10_000)])
+            .await
+            .unwrap();
+        assert_eq!(first[0], WriteOutcome { accepted: 110_000, duplicates: 0 });
+        assert_eq!(first[1], WriteOutcome { accepted: 10_000, duplicates: 0 });
+        // Again, with five new keys each: only those are stored.
+        let again = writer
+            .write(&[batch("t1", 0..110_005), batch("t2", 0..10_005)])
+            .await
+            .unwrap();
+        assert_eq!(again[0], WriteOutcome { accepted: 5, duplicates: 110_000 });
+        assert_eq!(again[1], WriteOutcome { accepted: 5, duplicates: 10_000 });
+        let stored = runner
+            .tab_separated("SELECT tenant_id, count(), uniqExact(idempotency_key) FROM mcp_events GROUP BY tenant_id ORDER BY tenant_id")
+            .await
+            .unwrap();
+        assert_eq!(stored, "t1\t110005\t110005\nt2\t10005\t10005\n");
+    });
+}
+
 /// The seeded stream the conformance data comes from, the same on every run.
 struct Rng(mcp_meter::loadgen::Rng);
 

@@ -438,7 +438,7 @@ fn default_max_poll_interval_ms() -> u64 {
     300_000
 }
 fn default_max_batch_rows() -> usize {
-    50_000
+    25_000
 }
 fn default_max_batch_wait_ms() -> u64 {
     200

@@ -77,6 +77,10 @@ impl KafkaSource {
             // A fetch the broker holds open waiting for data adds its whole wait to freshness
             // (tansu holds it the full time): keep it short; idle fetches are cheap.
             .set("fetch.wait.max.ms", "50")
+            // Prefetch at most 32 MiB, half librdkafka's default: with the default 25,000 rows
+            // per insert this holds the aggregator under 110 MiB at full speed (64 MiB and 50,000
+            // rows: 160-180 MiB for the same rows/s; 16 MiB: half the rows/s). See BENCHMARKS.
+            .set("queued.max.messages.kbytes", "32768")
             .create_with_context(context)
             .map_err(|source| BusError::Kafka {
                 context: "create a consumer",

