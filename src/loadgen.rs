@@ -22,6 +22,10 @@ pub enum Target {
     /// `INSERT INTO <table> FORMAT JSONEachRow` on ClickHouse's HTTP interface: the same events
     /// in batches of `--batch-size`, into a table shaped like `mcp_events` (created if missing).
     Clickhouse,
+    /// Freshness: post one event per request to `/v1/ingest/events`, each in a session of its
+    /// own, then poll `GET /analytics/mcp/sessions/{id}` (every `--poll-ms`) until it answers
+    /// 200. The latency reported is from the 202 to the first answer that shows the event.
+    Freshness,
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -60,6 +64,9 @@ pub struct LoadgenArgs {
     /// `database.table` the baseline inserts into.
     #[arg(long, default_value = "default.loadgen_events")]
     pub clickhouse_table: String,
+    /// Pause between two reads of a probe's session, for `--target freshness` (0: none).
+    #[arg(long, default_value_t = 2)]
+    pub poll_ms: u64,
     /// Print the summary as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -194,10 +201,13 @@ fn bodies(args: &LoadgenArgs, batch_size: usize, now_s: i64) -> Vec<(String, u64
         let mut body = String::with_capacity(size * 360 + 16);
         match args.target {
             Target::Batch => body.push_str(r#"{"events":["#),
-            Target::Events | Target::Clickhouse => {}
+            Target::Events | Target::Clickhouse | Target::Freshness => {}
         }
         for i in 0..size as u64 {
-            let e = event(args.seed, n + i, now_s);
+            let mut e = event(args.seed, n + i, now_s);
+            if args.target == Target::Freshness {
+                e.session = probe_session(args.seed, n + i);
+            }
             match args.target {
                 Target::Clickhouse => e.write_row(&mut body),
                 _ => {
@@ -215,6 +225,39 @@ fn bodies(args: &LoadgenArgs, batch_size: usize, now_s: i64) -> Vec<(String, u64
         n += size as u64;
     }
     bodies
+}
+
+/// The session of freshness probe `n`: its own, so each probe can be looked up alone.
+fn probe_session(seed: u64, n: u64) -> String {
+    format!("fresh-{seed}-{n}")
+}
+
+/// Reads `url` until it answers 200 (the probe is visible), pausing `poll` between reads.
+/// Gives up after a minute, answering the last status.
+fn poll_until_visible(
+    agent: &ureq::Agent,
+    url: &str,
+    headers: &[(&str, String)],
+    poll: Duration,
+) -> u16 {
+    let since = Instant::now();
+    loop {
+        let mut req = agent.get(url);
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        let status = match req.call() {
+            Ok(mut answer) => {
+                let _ = answer.body_mut().read_to_vec();
+                answer.status().as_u16()
+            }
+            Err(_) => 0,
+        };
+        if status != 404 || since.elapsed() > Duration::from_secs(60) {
+            return status;
+        }
+        std::thread::sleep(poll);
+    }
 }
 
 /// What one worker saw.
@@ -245,7 +288,7 @@ pub struct Summary {
 pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
     let batch_size = match args.target {
-        Target::Events => 1,
+        Target::Events | Target::Freshness => 1,
         _ => args.batch_size.clamp(1, 1000),
     };
     let (url, headers): (String, Vec<(&str, String)>) = match args.target {
@@ -281,6 +324,9 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
             )
         }
     };
+    // Freshness probes read their session back from here.
+    let sessions_url = format!("{}/analytics/mcp/sessions/", args.url.trim_end_matches('/'));
+    let poll = Duration::from_millis(args.poll_ms);
     let now_s = chrono::Utc::now().timestamp();
     let made = Instant::now();
     let bodies = bodies(args, batch_size, now_s);
@@ -351,14 +397,20 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
                     for (name, value) in &headers {
                         req = req.header(*name, value);
                     }
-                    let status = match req.send(body.as_bytes()) {
+                    let mut status = match req.send(body.as_bytes()) {
                         Ok(mut answer) => {
                             let _ = answer.body_mut().read_to_vec();
                             answer.status().as_u16()
                         }
                         Err(_) => 0,
                     };
-                    let took = sent.elapsed();
+                    let mut took = sent.elapsed();
+                    if args.target == Target::Freshness && status == 202 {
+                        let answered = Instant::now();
+                        let url = format!("{sessions_url}{}", probe_session(args.seed, i as u64));
+                        status = poll_until_visible(&agent, &url, &headers, poll);
+                        took = answered.elapsed();
+                    }
                     let _ = tally
                         .latency_us
                         .record((took.as_micros() as u64).clamp(1, 60_000_000));
@@ -425,9 +477,14 @@ impl std::fmt::Display for Summary {
             self.events_per_second,
             self.requests_per_second
         )?;
+        let what = if self.target == "freshness" {
+            "freshness (202 -> visible in analytics)"
+        } else {
+            "latency"
+        };
         writeln!(
             f,
-            "latency: p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            "{what}: p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
             self.latency_ms["p50"],
             self.latency_ms["p90"],
             self.latency_ms["p99"],

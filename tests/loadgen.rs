@@ -66,6 +66,34 @@ fn loadgen_batches_and_single_events_land_in_serve_exactly() {
     assert_eq!(s.get("/analytics/mcp/summary", ACME).1["calls"], 3200);
 }
 
+/// Freshness probes each find their own session once stored: every probe ends on a 200, and
+/// each left exactly one call behind in a session of its own.
+#[test]
+fn loadgen_freshness_probes_find_their_own_session() {
+    let s = Server::start();
+    let fresh = loadgen(&[
+        "--url",
+        &s.base,
+        "--key",
+        ACME,
+        "--target",
+        "freshness",
+        "--events",
+        "40",
+        "--concurrency",
+        "4",
+        "--seed",
+        "9",
+    ]);
+    assert_eq!(fresh["target"], "freshness", "{fresh}");
+    assert_eq!(fresh["statuses"]["200"], 40, "{fresh}");
+    assert!(fresh["latencyMs"]["max"].as_f64().unwrap() > 0.0, "{fresh}");
+    let (status, session) = s.get("/analytics/mcp/sessions/fresh-9-39", ACME);
+    assert_eq!(status, 200, "{session}");
+    assert_eq!(session["calls"], 1, "{session}");
+    assert_eq!(s.get("/analytics/mcp/summary", ACME).1["calls"], 40);
+}
+
 #[test]
 fn loadgen_writes_the_same_events_straight_into_clickhouse() {
     let url = clickhouse_url();

@@ -5,19 +5,75 @@ use super::brokers;
 use crate::error::SinkError;
 use crate::sink::{EventSink, TenantBatch, WriteOutcome};
 use crate::source::BusError;
+use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
 use schemas::config::KafkaConfig;
 use schemas::event::{bus_key, BusEventRef};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// The delivery reports of one published batch. Every message sent carries a clone of it;
+/// whoever brings `remaining` to zero (the last report, or the sender once it has sent
+/// everything) tells the waiting request, with the first failure if there was one. One
+/// allocation per batch instead of a channel per event.
+struct Pending {
+    /// Reports still due, plus one held by the sender until it has sent the whole batch.
+    remaining: AtomicUsize,
+    failure: Mutex<Option<KafkaError>>,
+    done: Mutex<Option<oneshot::Sender<Option<KafkaError>>>>,
+}
+
+impl Pending {
+    fn new() -> (Arc<Pending>, oneshot::Receiver<Option<KafkaError>>) {
+        let (done, reports) = oneshot::channel();
+        let pending = Pending {
+            remaining: AtomicUsize::new(1),
+            failure: Mutex::new(None),
+            done: Mutex::new(Some(done)),
+        };
+        (Arc::new(pending), reports)
+    }
+
+    fn release(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let failure = self.failure.lock().expect("failure lock").take();
+            if let Some(done) = self.done.lock().expect("done lock").take() {
+                let _ = done.send(failure); // the request may have given up waiting
+            }
+        }
+    }
+}
+
+/// Routes each delivery report to its batch's [`Pending`].
+struct Deliveries;
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Arc<Pending>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, pending: Arc<Pending>) {
+        if let Err((e, _)) = result {
+            pending
+                .failure
+                .lock()
+                .expect("failure lock")
+                .get_or_insert_with(|| e.clone());
+        }
+        pending.release();
+    }
+}
+
+type EventProducer = ThreadedProducer<Deliveries>;
 
 pub struct KafkaSink {
     /// Replaced when it can no longer deliver (see [`KafkaSink::recover`]).
-    producer: RwLock<Arc<FutureProducer>>,
+    producer: RwLock<Arc<EventProducer>>,
     config: KafkaConfig,
     /// Publishes that failed in a row, across requests.
     failures: AtomicU32,
@@ -55,7 +111,7 @@ impl KafkaSink {
     /// number that follows. Both would keep ingest at 503 forever, so after a fatal error, or
     /// a few failed publishes in a row, the producer is replaced by a new one (a new producer
     /// id). Safe: the aggregator deduplicates by key whatever the producer.
-    fn recover(&self, failed: &Arc<FutureProducer>) {
+    fn recover(&self, failed: &Arc<EventProducer>) {
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let fatal = failed.client().fatal_error();
         if fatal.is_none() && failures < REBUILD_AFTER_FAILURES {
@@ -78,61 +134,65 @@ impl KafkaSink {
 
     async fn send(
         &self,
-        producer: &FutureProducer,
+        producer: &EventProducer,
         batch: &TenantBatch,
     ) -> Result<WriteOutcome, SinkError> {
         let mut outcome = WriteOutcome::default();
         let mut seen = HashSet::with_capacity(batch.events.len());
-        let mut deliveries = Vec::with_capacity(batch.events.len());
+        let (pending, reports) = Pending::new();
+        // librdkafka copies each payload into its own queue, so one buffer serves every event.
+        let mut payload = Vec::with_capacity(1024);
         for event in &batch.events {
             // A key repeated inside one request is the same event: send it once.
             if !seen.insert(event.idempotency_key.as_str()) {
                 outcome.duplicates += 1;
                 continue;
             }
-            let payload = serde_json::to_vec(&BusEventRef {
-                tenant_id: &batch.tenant_id,
-                event,
-            })
+            payload.clear();
+            serde_json::to_writer(
+                &mut payload,
+                &BusEventRef {
+                    tenant_id: &batch.tenant_id,
+                    event,
+                },
+            )
             .expect("a rated event serializes");
             let key = bus_key(&batch.tenant_id, &event.idempotency_key);
-            let record = FutureRecord::to(&self.config.events_topic)
+            pending.remaining.fetch_add(1, Ordering::AcqRel);
+            let record = BaseRecord::with_opaque_to(&self.config.events_topic, pending.clone())
                 .key(&key[..])
                 .payload(&payload);
-            match producer.send_result(record) {
-                Ok(delivery) => deliveries.push(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    return Err(SinkError::Overloaded {
-                        waiting: producer.in_flight_count().max(0) as usize,
-                    })
-                }
-                Err((e, _)) => return Err(SinkError::Unavailable(format!("kafka: {e}"))),
+            if let Err((e, _)) = producer.send(record) {
+                // Not queued: no report will come for it (the record and its clone are dropped).
+                pending.remaining.fetch_sub(1, Ordering::AcqRel);
+                return Err(match e {
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                        SinkError::Overloaded {
+                            waiting: producer.in_flight_count().max(0) as usize,
+                        }
+                    }
+                    e => SinkError::Unavailable(format!("kafka: {e}")),
+                });
             }
             outcome.accepted += 1;
         }
-        for delivery in deliveries {
-            match tokio::time::timeout(self.delivery_timeout, delivery).await {
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err((e, _)))) => {
-                    return Err(SinkError::Unavailable(format!(
-                        "kafka did not take the events: {e}"
-                    )))
-                }
-                Ok(Err(_)) => return Err(SinkError::Unavailable("kafka producer stopped".into())),
-                Err(_) => {
-                    return Err(SinkError::Unavailable(
-                        "kafka did not acknowledge the events in time".into(),
-                    ))
-                }
-            }
+        pending.release(); // everything is sent: the last report may now answer
+        match tokio::time::timeout(self.delivery_timeout, reports).await {
+            Ok(Ok(None)) => Ok(outcome),
+            Ok(Ok(Some(e))) => Err(SinkError::Unavailable(format!(
+                "kafka did not take the events: {e}"
+            ))),
+            Ok(Err(_)) => Err(SinkError::Unavailable("kafka producer stopped".into())),
+            Err(_) => Err(SinkError::Unavailable(
+                "kafka did not acknowledge the events in time".into(),
+            )),
         }
-        Ok(outcome)
     }
 }
 
-fn create(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
+fn create(config: &KafkaConfig) -> Result<EventProducer, BusError> {
     producer_config(config)?
-        .create()
+        .create_with_context(Deliveries)
         .map_err(|source| BusError::Kafka {
             context: "create a producer",
             source,
