@@ -583,6 +583,88 @@ fn an_aggregator_resumes_at_the_stored_floor_whatever_offset_the_group_committed
     assert_eq!(stored(), "160\t160\n", "nothing stored twice");
 }
 
+/// A ClickHouse database belongs to one events topic: its stored offsets are per partition. An
+/// aggregator pointed at another topic with the same database would resume that topic after the
+/// old topic's offsets and skip every record below them; it refuses instead, and says why.
+#[test]
+fn an_aggregator_refuses_a_database_written_from_another_topic() {
+    let setup = Setup::new("foreign", &kafka_brokers(), 1, "");
+    let stored = || setup.sql("SELECT count() FROM mcp_events");
+    {
+        let (_ingestor, client) = setup.ingestor();
+        let events: Vec<Value> = (0..20)
+            .map(|i| call(&format!("a{i}"), "t", "a", "s"))
+            .collect();
+        assert_eq!(
+            client.post("/v1/ingest/batch", ACME, &batch(&events)).0,
+            202
+        );
+        let mut aggregator = setup.aggregator();
+        assert!(wait_until(Duration::from_secs(30), || stored() == "20\n"));
+        assert!(aggregator.terminate().success());
+    }
+    // The same database, a new topic with 5 events on it.
+    let text = std::fs::read_to_string(&setup.file).unwrap().replace(
+        &format!("events_topic = \"{}.events\"", setup.name),
+        &format!("events_topic = \"{}.other\"", setup.name),
+    );
+    let other = Setup {
+        name: setup.name.clone(),
+        dir: tempfile::tempdir().unwrap(),
+        file: setup.dir.path().join("other.toml"),
+        config: schemas::config::Config::from_toml(&text).unwrap(),
+    };
+    assert_eq!(
+        other.config.kafka.events_topic,
+        format!("{}.other", setup.name)
+    );
+    std::fs::write(&other.file, &text).unwrap();
+    actix_web::rt::System::new()
+        .block_on(mcp_meter::migrate_kafka(&other.config))
+        .unwrap();
+    let (_ingestor, client) = other.ingestor();
+    let events: Vec<Value> = (0..5)
+        .map(|i| call(&format!("b{i}"), "t", "a", "s"))
+        .collect();
+    assert_eq!(
+        client.post("/v1/ingest/batch", ACME, &batch(&events)).0,
+        202
+    );
+
+    let mut aggregator = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+        .args(["aggregator", "--config"])
+        .arg(&other.file)
+        .env("MCP_METER_AGGREGATOR_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = aggregator.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            aggregator.kill().unwrap();
+            panic!(
+                "the aggregator went on with another topic's offsets; stored {}",
+                stored()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(aggregator.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains(
+            "holds offsets up to 19 of partition 0, but the events topic ends at offset 5"
+        ) && stderr.contains("written from another topic"),
+        "{stderr}"
+    );
+    assert_eq!(stored(), "20\n", "nothing written from the other topic");
+}
+
 /// The fault test: 100,000 events with 5% repeated keys, some batches posted twice as a retrying
 /// client would, through two ingestor processes into two aggregator processes. During the run an
 /// aggregator is SIGKILLed five times (and restarted), and the broker is restarted once.

@@ -51,6 +51,17 @@ pub enum ConsumerError {
     Bus(#[from] BusError),
     #[error("gave up on a batch after {seconds} s of failures; last: {last}")]
     GaveUp { seconds: u64, last: StoreError },
+    #[error(
+        "the ClickHouse database holds offsets up to {floor} of partition {partition}, but the \
+events topic ends at offset {end}: the database was written from another topic (or the topic \
+was recreated), and resuming after {floor} would skip this topic's records below it. Give this \
+topic a ClickHouse database of its own (clickhouse.database), then run `mcp-meter migrate`"
+    )]
+    ForeignOffsets {
+        partition: i32,
+        floor: i64,
+        end: i64,
+    },
 }
 
 /// Runs until `shutdown` turns true (then finishes the batch in hand and returns), or until a
@@ -122,6 +133,18 @@ where
             let stored = retry(config, || writer.stored_offsets(&new)).await?;
             for p in new {
                 let floor = stored.get(&p).copied().unwrap_or(-1);
+                // Offsets are kept per partition, not per topic: a floor at or past the topic's
+                // end cannot come from this topic (what is stored was read below the end).
+                if floor >= 0 {
+                    let end = source.end_offset(p)?;
+                    if floor >= end {
+                        return Err(ConsumerError::ForeignOffsets {
+                            partition: p,
+                            floor,
+                            end,
+                        });
+                    }
+                }
                 floors.insert(p, floor);
                 unverified.insert(p);
                 let first = polled.messages.iter().find(|m| m.position.partition == p);

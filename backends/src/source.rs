@@ -62,6 +62,10 @@ pub trait EventSource: Send {
     /// Moves a partition's read position (past what the store already holds).
     fn seek(&self, position: BusPosition) -> Result<(), BusError>;
 
+    /// The offset the next record written to `partition` will get (its high watermark), as the
+    /// broker says now. Blocks for one round trip to the broker.
+    fn end_offset(&self, partition: i32) -> Result<i64, BusError>;
+
     /// Records what was consumed. A hint for restarts only: correctness rests on the positions
     /// stored with the rows, so a commit that is lost costs re-reading, never a duplicate.
     fn commit(&self, next: &[BusPosition]);

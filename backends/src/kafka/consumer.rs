@@ -129,6 +129,17 @@ fn read(message: &rdkafka::message::BorrowedMessage<'_>) -> Result<BusEvent, Poi
 
 #[async_trait::async_trait]
 impl EventSource for KafkaSource {
+    fn end_offset(&self, partition: i32) -> Result<i64, BusError> {
+        let (_, high) = self
+            .consumer
+            .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
+            .map_err(|source| BusError::Kafka {
+                context: "read the end offset of a partition",
+                source,
+            })?;
+        Ok(high)
+    }
+
     async fn poll(
         &mut self,
         max: usize,
