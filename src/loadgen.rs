@@ -88,7 +88,8 @@ impl Rng {
     }
 }
 
-const TOOLS: [&str; 12] = [
+/// The tools events are spread over.
+pub const TOOLS: [&str; 12] = [
     "web_search",
     "fetch_url",
     "summarize",
@@ -242,21 +243,33 @@ fn poll_until_visible(
 ) -> u16 {
     let since = Instant::now();
     loop {
-        let mut req = agent.get(url);
-        for (name, value) in headers {
-            req = req.header(*name, value);
-        }
-        let status = match req.call() {
-            Ok(mut answer) => {
-                let _ = answer.body_mut().read_to_vec();
-                answer.status().as_u16()
-            }
-            Err(_) => 0,
-        };
+        let status = status_of(with_headers(agent.get(url), headers).call());
         if status != 404 || since.elapsed() > Duration::from_secs(60) {
             return status;
         }
         std::thread::sleep(poll);
+    }
+}
+
+/// `req` with `headers` added.
+fn with_headers<B>(
+    mut req: ureq::RequestBuilder<B>,
+    headers: &[(&str, String)],
+) -> ureq::RequestBuilder<B> {
+    for (name, value) in headers {
+        req = req.header(*name, value);
+    }
+    req
+}
+
+/// The status of an answer, read through so the connection can be kept; 0 when none came.
+fn status_of(answer: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> u16 {
+    match answer {
+        Ok(mut answer) => {
+            let _ = answer.body_mut().read_to_vec();
+            answer.status().as_u16()
+        }
+        Err(_) => 0,
     }
 }
 
@@ -393,17 +406,8 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
                         due += interval;
                     }
                     let sent = Instant::now();
-                    let mut req = agent.post(&url);
-                    for (name, value) in &headers {
-                        req = req.header(*name, value);
-                    }
-                    let mut status = match req.send(body.as_bytes()) {
-                        Ok(mut answer) => {
-                            let _ = answer.body_mut().read_to_vec();
-                            answer.status().as_u16()
-                        }
-                        Err(_) => 0,
-                    };
+                    let mut status =
+                        status_of(with_headers(agent.post(&url), &headers).send(body.as_bytes()));
                     let mut took = sent.elapsed();
                     if args.target == Target::Freshness && status == 202 {
                         let answered = Instant::now();

@@ -232,16 +232,7 @@ const EVENTS: usize = 12_000;
 /// repeats of earlier keys (as a retrying client sends them). Per tenant, in order.
 fn stream(now_ms: i64) -> Vec<Vec<Value>> {
     let mut rng = Rng(mcp_meter::loadgen::Rng(20261121));
-    let tools = [
-        "web_search",
-        "fetch_url",
-        "summarize",
-        "translate",
-        "sql_query",
-        "send_email",
-        "ocr",
-        "image_gen",
-    ];
+    let tools = &mcp_meter::loadgen::TOOLS[..8];
     let agents = [
         "agent_gpt4o_prod",
         "agent_claude",
@@ -284,7 +275,7 @@ fn stream(now_ms: i64) -> Vec<Vec<Value>> {
             let mut e = json!({
                 "idempotencyKey": format!("evt-{i}"),
                 "metricName": "mcp_server.tool_invocations",
-                "toolName": rng.pick(&tools),
+                "toolName": rng.pick(tools),
                 "agentId": rng.pick(&agents),
                 "customerId": rng.pick(&customers),
                 "occurredAt": occurred_at,

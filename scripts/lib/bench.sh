@@ -1,0 +1,26 @@
+# What scripts/bench-ingest and scripts/bench-distributed share: both drive `mcp-meter loadgen`
+# at the API on 127.0.0.1:18333 (bench/serve.toml) with its key. Sourced from the repo root.
+
+bin=target/release/mcp-meter
+bench_url=http://127.0.0.1:18333
+
+# loadgen ARGS...: one loadgen run at the bench API; prints its summary as JSON.
+loadgen() { "$bin" loadgen --url "$bench_url" --key bench-key --json "$@"; }
+
+# wait_api: until the bench API answers /healthz.
+wait_api() { until curl -sf "$bench_url/healthz" > /dev/null; do sleep 0.1; done; }
+
+# figures JSON: the figures of one loadgen summary, on one line.
+figures() {
+  python3 - "$1" <<'PY'
+import json, sys
+s = json.loads(sys.argv[1]); l = s['latencyMs']
+print(f"{s['eventsPerSecond']:.0f} events/s, {s['requestsPerSecond']:.0f} requests/s, p50 {l['p50']:.2f} ms, p99 {l['p99']:.2f} ms, max {l['max']:.2f} ms, statuses {s['statuses']}")
+PY
+}
+
+# peak_mib PID: the process's peak resident memory (VmHWM), in MiB.
+peak_mib() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$1/status"; }
+
+# stop PID: SIGTERM to a background child, and wait until it has exited.
+stop() { kill "$1"; wait "$1" 2> /dev/null || true; }
