@@ -1,11 +1,8 @@
 # What scripts/bench-ingest and scripts/bench-distributed share: both drive `mcp-meter loadgen`
-# at the API on 127.0.0.1:18333 (bench/serve.toml) with its key. Sourced from the repo root.
+# at the API on 127.0.0.1:18333 (bench/serve.toml). Sourced from the repo root.
 
 bin=target/release/mcp-meter
 bench_url=http://127.0.0.1:18333
-
-# loadgen ARGS...: one loadgen run at the bench API; prints its summary as JSON.
-loadgen() { "$bin" loadgen --url "$bench_url" --key bench-key --json "$@"; }
 
 # wait_api: until the bench API answers /healthz.
 wait_api() { until curl -sf "$bench_url/healthz" > /dev/null; do sleep 0.1; done; }
