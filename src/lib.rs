@@ -293,10 +293,22 @@ pub async fn run_aggregator(
         None => {}
     }
     let a = &config.aggregator;
-    let ops = actix_web::HttpServer::new(|| {
+    let status = Arc::new(aggregator::lag::ConsumerStatus::default());
+    let (monitor, lag) = aggregator::lag::LagMonitor::new(
+        kafka::KafkaProbe::new(&config.kafka)?,
+        ClickHouseWriter::new(HttpRunner::new(ch)),
+        status.clone(),
+        aggregator::lag::LagConfig {
+            interval: Duration::from_millis(a.lag_check_interval_ms),
+            stall_timeout: Duration::from_millis(a.stall_timeout_ms),
+        },
+    );
+    tokio::spawn(monitor.run(shutdown.clone()));
+    let ops = actix_web::HttpServer::new(move || {
         actix_web::App::new()
-            .route("/metrics", actix_web::web::get().to(ingestor::ops::metrics))
-            .route("/healthz", actix_web::web::get().to(ingestor::ops::healthz))
+            .app_data(actix_web::web::Data::new(lag.clone()))
+            .route("/metrics", actix_web::web::get().to(aggregator_metrics))
+            .route("/healthz", actix_web::web::get().to(aggregator_health))
     })
     .workers(1)
     .disable_signals()
@@ -311,9 +323,34 @@ pub async fn run_aggregator(
         max_retry_backoff: std::time::Duration::from_millis(a.max_retry_backoff_ms),
         give_up_after: std::time::Duration::from_millis(config.kafka.max_poll_interval_ms * 8 / 10),
     };
-    let progress = aggregator::consumer::run(&mut source, &mut writer, &consumer, shutdown).await;
+    let progress =
+        aggregator::consumer::run(&mut source, &mut writer, &consumer, &status, shutdown).await;
     ops_handle.stop(true).await;
     Ok(progress?)
+}
+
+/// The aggregator's `/metrics`: the process's families and the lag monitor's.
+async fn aggregator_metrics(
+    lag: actix_web::web::Data<aggregator::lag::LagView>,
+) -> actix_web::HttpResponse {
+    let mut out = backends::metrics::METRICS.render();
+    lag.render_metrics(&mut out);
+    actix_web::HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(out)
+}
+
+/// The aggregator's `/healthz`: the last lag check; 503 while a partition is stalled.
+async fn aggregator_health(
+    lag: actix_web::web::Data<aggregator::lag::LagView>,
+) -> actix_web::HttpResponse {
+    let report = lag.report();
+    let mut answer = if report.is_healthy() {
+        actix_web::HttpResponse::Ok()
+    } else {
+        actix_web::HttpResponse::ServiceUnavailable()
+    };
+    answer.json(report)
 }
 
 /// `serve`: the whole pipeline in one process.

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::distributed::{kafka_brokers, wait_until, Proc, RedisServer, Setup, Tansu};
+use common::distributed::{kafka_brokers, wait_until, ClickHouseServer, RedisServer, Setup, Tansu};
 use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
@@ -681,20 +681,11 @@ fn exactly_once_through_aggregator_crashes_and_a_broker_restart() {
         "delivery_timeout_ms = 3000\n[aggregator]\nmax_batch_wait_ms = 100\nmax_retry_backoff_ms = 500\n",
     );
     let aggregators = Mutex::new(vec![setup.aggregator(), setup.aggregator()]);
-    let (ingestor_a, client_a) = setup.ingestor();
-    let (ingestor_b, client_b) = setup.ingestor();
-    let clients = [&client_a, &client_b];
-    let _ingestors: [Proc; 2] = [ingestor_a, ingestor_b];
+    let (_ingestors, clients) = setup.two_ingestors();
 
     // The stream, per tenant, and what it should add up to (first occurrence of each key).
     let tenants = [ACME, GLOBEX, INITECH];
-    let mut seed = 7u64;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = xorshift(7);
     let mut batches: Vec<(usize, String)> = Vec::new();
     let mut expected: HashMap<&str, (i64, i64, i64)> = HashMap::new();
     let mut keys: Vec<Vec<String>> = vec![Vec::new(); 3];
@@ -746,7 +737,7 @@ fn exactly_once_through_aggregator_crashes_and_a_broker_restart() {
                     for time in 0..times {
                         let mut attempt = 0;
                         loop {
-                            let client = clients[(n + attempt + time) % 2];
+                            let client = &clients[(n + attempt + time) % 2];
                             let (status, _) = client.post("/v1/ingest/batch", tenants[*t], body);
                             if status == 202 {
                                 break;
@@ -839,7 +830,7 @@ fn exactly_once_through_aggregator_crashes_and_a_broker_restart() {
             format!("{calls_expected}\n"),
             "{tenant} mcp_event_keys"
         );
-        let (_, summary) = client_a.get("/analytics/mcp/summary", tenants[t]);
+        let (_, summary) = clients[0].get("/analytics/mcp/summary", tenants[t]);
         assert_eq!(
             (
                 summary["calls"].as_i64(),
@@ -849,7 +840,7 @@ fn exactly_once_through_aggregator_crashes_and_a_broker_restart() {
             (Some(calls_expected), Some(revenue), Some(cogs)),
             "{tenant} /analytics/mcp/summary"
         );
-        let (_, tools) = client_b.get("/analytics/mcp/revenue/by-tool", tenants[t]);
+        let (_, tools) = clients[1].get("/analytics/mcp/revenue/by-tool", tenants[t]);
         let by_tool: i64 = tools["tools"]
             .as_array()
             .unwrap()
@@ -861,6 +852,263 @@ fn exactly_once_through_aggregator_crashes_and_a_broker_restart() {
     for mut a in aggregators.into_inner().unwrap() {
         assert!(a.terminate().success());
     }
+}
+
+/// The fault test with time to settle: two ingestors, two aggregators, 60,000 events in batches
+/// of 100 to 500 posted evenly over 125 s (each retried with the same keys until answered 202),
+/// while an aggregator is SIGKILLed and restarted three times 25 s or more apart (long enough
+/// for the group to settle between kills), ClickHouse is paused for 20 s (SIGSTOP, then
+/// SIGCONT) and the broker is SIGKILLed and restarted. Every event answered 202 must be stored,
+/// exactly once, within 90 s after posting ends. The test is the aggregators' supervisor: one
+/// that exits (a stall it could not end by rejoining) is started again, and the test says so.
+/// Every stall the aggregators report (503 from `/healthz`) is printed with their lag metrics.
+#[test]
+fn every_acked_event_is_stored_through_spaced_kills_a_clickhouse_pause_and_a_broker_kill() {
+    const EVENTS: usize = 60_000;
+    const POSTING: Duration = Duration::from_secs(125);
+    const BOUND: Duration = Duration::from_secs(90);
+    let clickhouse = ClickHouseServer::start();
+    let mut tansu = Tansu::start();
+    let setup = Setup::on(
+        clickhouse.url(),
+        "request_timeout_ms = 5000",
+        "spaced",
+        &tansu.brokers(),
+        4,
+        "delivery_timeout_ms = 3000\n[aggregator]\nmax_batch_wait_ms = 100\nmax_retry_backoff_ms = 500\n\
+lag_check_interval_ms = 500\nstall_timeout_ms = 10000\n",
+    );
+    let aggregators = Mutex::new(vec![setup.aggregator(), setup.aggregator()]);
+    let (_ingestors, clients) = setup.two_ingestors();
+
+    let tenants = [ACME, GLOBEX, INITECH];
+    let mut next = xorshift(13);
+    let mut batches: Vec<(usize, String)> = Vec::new();
+    let mut made = 0;
+    while made < EVENTS {
+        let size = (100 + (next() % 401) as usize).min(EVENTS - made);
+        let events: Vec<Value> = (made..made + size)
+            .map(|i| {
+                let tool = format!("tool_{}", i % 5);
+                call(
+                    &format!("spaced-{i}"),
+                    &tool,
+                    &format!("agent_{}", i % 7),
+                    &format!("s{}", i % 300),
+                )
+            })
+            .collect();
+        batches.push(((next() % 3) as usize, batch(&events)));
+        made += size;
+    }
+    let stored = || {
+        setup
+            .sql("SELECT count() FROM mcp_events")
+            .trim()
+            .parse::<usize>()
+            .unwrap()
+    };
+
+    let started = Instant::now();
+    let lines = Mutex::new(Vec::<String>::new());
+    let say = |line: String| {
+        let line = format!("[{:6.1} s] {line}", started.elapsed().as_secs_f64());
+        eprintln!("{line}");
+        lines.lock().unwrap().push(line);
+    };
+    let retried_posts = AtomicUsize::new(0);
+    let finished = AtomicBool::new(false);
+    let mut posting_ended = started;
+    let mut all_stored_after = None;
+    let mut chaos_done = 0;
+    let mut healthy_at_end = false;
+    let (mut stalls_seen, mut recoveries, mut exits, mut broker_panics) = (0, 0, 0, 0);
+    std::thread::scope(|scope| {
+        let lanes: Vec<_> = (0..4)
+            .map(|lane| {
+                let (batches, clients, tenants, retried_posts) =
+                    (&batches, &clients, &tenants, &retried_posts);
+                scope.spawn(move || {
+                    for (n, (t, body)) in batches.iter().enumerate().skip(lane).step_by(4) {
+                        let due = started + POSTING.mul_f64(n as f64 / batches.len() as f64);
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                        let mut attempt = 0;
+                        loop {
+                            let client = &clients[(n + attempt) % 2];
+                            match client.try_post("/v1/ingest/batch", tenants[*t], body) {
+                                Some((202, _)) => break,
+                                _ => {
+                                    attempt += 1;
+                                    retried_posts.fetch_add(1, Ordering::Relaxed);
+                                    assert!(attempt < 600, "batch {n} never accepted");
+                                    std::thread::sleep(Duration::from_millis(100));
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+
+        // Chaos, supervision and observation, every 250 ms until the check below is done.
+        let chaos = scope.spawn(|| {
+            let plan: [(u64, &str); 6] = [
+                (5, "kill aggregator 0"),
+                (30, "kill aggregator 1"),
+                (55, "pause clickhouse"),
+                (75, "resume clickhouse"),
+                (90, "kill the broker"),
+                (115, "kill aggregator 0"),
+            ];
+            let mut done = 0;
+            let mut unhealthy_since: [Option<Instant>; 2] = [None, None];
+            let mut panics_seen = 0;
+            let (mut stalls, mut recovered, mut exited, mut restarts_for_panic) = (0, 0, 0, 0);
+            while !finished.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = started.elapsed();
+                if done < plan.len() && now >= Duration::from_secs(plan[done].0) {
+                    let action = plan[done].1;
+                    say(action.to_string());
+                    match action {
+                        "pause clickhouse" => clickhouse.signal("-STOP"),
+                        "resume clickhouse" => clickhouse.signal("-CONT"),
+                        "kill the broker" => tansu.crash_and_restart(),
+                        _ => {
+                            let victim = if action.ends_with('0') { 0 } else { 1 };
+                            let mut aggs = aggregators.lock().unwrap();
+                            aggs[victim].crash();
+                            aggs[victim] = setup.aggregator();
+                        }
+                    }
+                    done += 1;
+                }
+                // tansu 0.6.0 after a SIGKILL can panic in its idempotent-producer check and
+                // then refuse every produce until it is restarted again: a broker fault, not
+                // ours; restart it and say so.
+                let panics = tansu.log().matches("more or less than one row").count();
+                if panics > panics_seen {
+                    panics_seen = panics;
+                    restarts_for_panic += 1;
+                    say("tansu panicked in idempotent_message_check; restarting it again".into());
+                    tansu.crash_and_restart();
+                }
+                let mut aggs = aggregators.lock().unwrap();
+                for (i, aggregator) in aggs.iter_mut().enumerate() {
+                    if let Some(status) = aggregator.exited() {
+                        exited += 1;
+                        say(format!(
+                            "aggregator {i} exited ({status}); the supervisor starts it again"
+                        ));
+                        *aggregator = setup.aggregator();
+                        unhealthy_since[i] = None;
+                        continue;
+                    }
+                    let ops = Client::new(&aggregator.metrics_url());
+                    let Some((code, body)) = ops.try_get_text("/healthz") else {
+                        continue;
+                    };
+                    match (code, unhealthy_since[i]) {
+                        (503, None) => {
+                            stalls += 1;
+                            unhealthy_since[i] = Some(Instant::now());
+                            let metrics = ops
+                                .try_get_text("/metrics")
+                                .map(|m| m.1)
+                                .unwrap_or_default();
+                            let lag: Vec<&str> = metrics
+                                .lines()
+                                .filter(|l| {
+                                    l.starts_with("mcp_meter_aggregator_partition_lag_records{")
+                                        || l.starts_with("mcp_meter_aggregator_lag_records ")
+                                        || l.starts_with("mcp_meter_aggregator_oldest_unstored")
+                                        || l.starts_with("mcp_meter_aggregator_stalled_partitions ")
+                                        || l.starts_with(
+                                            "mcp_meter_aggregator_assigned_partitions ",
+                                        )
+                                })
+                                .collect();
+                            say(format!(
+                                "aggregator {i} /healthz 503 {body}\n    {}",
+                                lag.join("\n    ")
+                            ));
+                        }
+                        (200, Some(since)) => {
+                            recovered += 1;
+                            unhealthy_since[i] = None;
+                            say(format!(
+                                "aggregator {i} /healthz 200 again after {:.1} s: {body}",
+                                since.elapsed().as_secs_f64()
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            (done, stalls, recovered, exited, restarts_for_panic)
+        });
+
+        for lane in lanes {
+            lane.join().unwrap();
+        }
+        posting_ended = Instant::now();
+        say(format!("posting ended: {EVENTS} events answered 202"));
+        if wait_until(BOUND, || stored() >= EVENTS) {
+            all_stored_after = Some(posting_ended.elapsed());
+        }
+        // The aggregators' own view agrees once they have measured again: no lag, healthy.
+        let healthy = wait_until(Duration::from_secs(20), || {
+            aggregators.lock().unwrap().iter().all(|a| {
+                Client::new(&a.metrics_url())
+                    .try_get_text("/healthz")
+                    .is_some_and(|(code, body)| code == 200 && body.contains("\"lagRecords\":0,"))
+            })
+        });
+        say(format!("both aggregators healthy with no lag: {healthy}"));
+        healthy_at_end = healthy;
+        finished.store(true, Ordering::SeqCst);
+        (chaos_done, stalls_seen, recoveries, exits, broker_panics) = chaos.join().unwrap();
+    });
+
+    let found = stored();
+    eprintln!(
+        "spaced fault test: {EVENTS} events in {} batches, {} posts retried; {chaos_done} chaos steps; \
+{stalls_seen} stalls reported by /healthz, {recoveries} recovered; {exits} aggregator exits restarted \
+by the supervisor; {broker_panics} tansu panics restarted; {found} stored, all of them {} after posting ended",
+        batches.len(),
+        retried_posts.load(Ordering::Relaxed),
+        match all_stored_after {
+            Some(d) => format!("{:.1} s", d.as_secs_f64()),
+            None => format!("not within {} s", BOUND.as_secs()),
+        }
+    );
+    if all_stored_after.is_none() {
+        eprintln!("{}", diagnose(&setup));
+    }
+    assert_eq!(chaos_done, 6, "every chaos step ran");
+    assert!(
+        all_stored_after.is_some(),
+        "only {found} of {EVENTS} acked events stored"
+    );
+    assert_eq!(found, EVENTS, "raw rows");
+    assert_eq!(
+        setup.sql("SELECT count() - uniqExact(tenant_id, idempotency_key), sum(revenue_micros) FROM mcp_events"),
+        format!("0\t{}\n", EVENTS as i64 * CALL_REVENUE)
+    );
+    assert_eq!(
+        setup.sql("SELECT sumMerge(calls), sumMerge(revenue_micros) FROM mcp_daily_stats"),
+        format!("{EVENTS}\t{}\n", EVENTS as i64 * CALL_REVENUE),
+        "mcp_daily_stats"
+    );
+    assert_eq!(
+        setup.sql("SELECT sumMerge(calls) FROM mcp_session_summary"),
+        format!("{EVENTS}\n"),
+        "mcp_session_summary"
+    );
+    assert!(
+        healthy_at_end,
+        "both aggregators answer /healthz 200 with no lag at the end"
+    );
 }
 
 /// Freshness: the time from a 202 to the event counting in `/analytics/mcp/summary`, over
@@ -950,4 +1198,41 @@ fn group_consumer(setup: &Setup) -> BaseConsumer {
         .set("group.id", &kafka.consumer_group)
         .create()
         .unwrap()
+}
+
+/// The lag monitor reads the topic from outside the group: each partition's end, and when the
+/// first unstored record was written, so the age of what waits is a real figure.
+#[test]
+fn the_lag_probe_reads_end_offsets_and_when_a_record_was_written() {
+    use backends::kafka::KafkaProbe;
+    use backends::source::TopicProbe;
+    let setup = Setup::new("probe", &kafka_brokers(), 2, "");
+    let (_ingestor, client) = setup.ingestor();
+    let before = chrono::Utc::now().timestamp_millis();
+    let events: Vec<Value> = (0..30)
+        .map(|i| call(&format!("p{i}"), "t", "a", &format!("s{i}")))
+        .collect();
+    assert_eq!(
+        client.post("/v1/ingest/batch", ACME, &batch(&events)).0,
+        202
+    );
+    let after = chrono::Utc::now().timestamp_millis();
+
+    let probe = KafkaProbe::new(&setup.config.kafka).unwrap();
+    let ends = probe.end_offsets().unwrap();
+    assert_eq!(ends.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(ends.iter().map(|(_, end)| end).sum::<i64>(), 30, "{ends:?}");
+    for (partition, end) in ends {
+        if end == 0 {
+            continue;
+        }
+        let at = probe
+            .written_at_ms(partition, 0)
+            .unwrap()
+            .unwrap_or_else(|| panic!("partition {partition}: no write time for offset 0"));
+        assert!(
+            (before - 1000..=after + 1000).contains(&at),
+            "partition {partition}: written at {at}, posted between {before} and {after}"
+        );
+    }
 }

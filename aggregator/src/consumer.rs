@@ -10,6 +10,7 @@
 //!
 //! Offsets committed to Kafka are only a hint of where to resume reading.
 
+use crate::lag::ConsumerStatus;
 use backends::error::StoreError;
 use backends::metrics::METRICS;
 use backends::sink::{BusPosition, TenantBatch};
@@ -62,14 +63,19 @@ topic a ClickHouse database of its own (clickhouse.database), then run `mcp-mete
         floor: i64,
         end: i64,
     },
+    #[error("{0}; exiting so that a supervisor restarts this aggregator as a new group member")]
+    Stalled(String),
 }
 
-/// Runs until `shutdown` turns true (then finishes the batch in hand and returns), or until a
-/// batch cannot be written for `give_up_after`.
+/// Runs until `shutdown` turns true (then finishes the batch in hand and returns), until a
+/// batch cannot be written for `give_up_after`, or until the lag monitor gives up on a stall.
+/// `status` is what the loop and the lag monitor share: the loop publishes its assignment and
+/// whether it is writing, and acts on the monitor's requests between batches.
 pub async fn run<S, W>(
     source: &mut S,
     writer: &mut W,
     config: &ConsumerConfig,
+    status: &ConsumerStatus,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Progress, ConsumerError>
 where
@@ -87,11 +93,24 @@ where
     let mut expected: HashMap<i32, i64> = HashMap::new();
     let idle = Duration::from_millis(500);
     while !*shutdown.borrow() {
+        // 0. The lag monitor's requests, between two batches: nothing is half-written here,
+        //    so leaving the group (or the process) loses nothing and keeps one writer per
+        //    partition.
+        if let Some(reason) = status.give_up() {
+            return Err(ConsumerError::Stalled(reason));
+        }
+        let mut revoked = Vec::new();
+        if status.take_rejoin() {
+            revoked = source.rejoin().await?;
+            tracing::warn!(held = ?revoked, "left and rejoined the consumer group to end a stall");
+        }
         // 1. Read a batch. Partitions change hands only inside this call.
-        let polled = tokio::select! {
+        let mut polled = tokio::select! {
             polled = source.poll(config.max_batch_rows, idle, config.max_batch_wait) => polled?,
             _ = shutdown.changed() => break,
         };
+        status.set_assigned(source.assignment());
+        polled.revoked.append(&mut revoked);
         // 2. Forget partitions taken away: their new owner writes them now, and if they come
         //    back their floor is read again.
         for p in &polled.revoked {
@@ -119,6 +138,9 @@ where
         if polled.messages.is_empty() {
             continue;
         }
+        // From here to the floors recorded in step 7 the loop is busy with this batch: a stall
+        // meanwhile is the store's, not the group's.
+        status.set_writing(true);
         // 3. Partitions new to us since their assignment: read their floors (one small query)
         //    and resume each at floor + 1, wherever the group's committed offset (a hint)
         //    started us. Behind it we would skip records nobody stored; at or below it we would
@@ -249,6 +271,7 @@ where
             floors.insert(*p, *floor);
             unverified.remove(p);
         }
+        status.set_writing(false);
         // 8. Tell Kafka where to resume (a hint; losing it costs a re-read, never a duplicate).
         source.commit(&next);
         progress.batches += 1;

@@ -5,6 +5,8 @@
 //! - [`group_commit`]: the embedded mode's bus. Ingest requests hand it batches; a single
 //!   writer thread commits every batch waiting at that moment in one transaction and answers
 //!   each request after its commit. Implements `backends::sink::EventSink`.
+//! - [`lag`]: lag measured on a timer (end offsets against stored floors), the aggregator's
+//!   health, and what to do when the group leaves partitions with unstored records unconsumed.
 //! - [`margin_guard`]: every interval, each tenant's margin levels per agent and per tool,
 //!   from the rollups into the guard state.
 //!
@@ -12,4 +14,5 @@
 
 pub mod consumer;
 pub mod group_commit;
+pub mod lag;
 pub mod margin_guard;

@@ -69,4 +69,25 @@ pub trait EventSource: Send {
     /// Records what was consumed. A hint for restarts only: correctness rests on the positions
     /// stored with the rows, so a commit that is lost costs re-reading, never a duplicate.
     fn commit(&self, next: &[BusPosition]);
+
+    /// The partitions the group assigns to this member now.
+    fn assignment(&self) -> Vec<i32>;
+
+    /// Leaves the group and joins it again as a new member, as a restart would; answers the
+    /// partitions this member held, which the caller must forget (as after `poll`'s
+    /// `revoked`). Called between batches only, so one writer per partition still holds.
+    async fn rejoin(&mut self) -> Result<Vec<i32>, BusError>;
+}
+
+/// What the lag monitor asks of the bus, outside the consumer group: where each partition ends
+/// and when a record was written. Its calls block on the broker: run them off the async
+/// runtime (`spawn_blocking`).
+pub trait TopicProbe: Send + Sync + 'static {
+    /// Every partition of the events topic with its end offset (high watermark: the offset the
+    /// next record will get), in partition order.
+    fn end_offsets(&self) -> Result<Vec<(i32, i64)>, BusError>;
+
+    /// When the record at `offset` of `partition` was written, in ms since the epoch; `None`
+    /// when the broker has no record there (any more).
+    fn written_at_ms(&self, partition: i32, offset: i64) -> Result<Option<i64>, BusError>;
 }

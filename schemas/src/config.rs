@@ -243,6 +243,17 @@ pub struct AggregatorConfig {
     /// Where the aggregator serves `/metrics` and `/healthz`.
     #[serde(default = "default_aggregator_listen")]
     pub listen: String,
+    /// How often the aggregator measures lag (end offsets against stored floors), whether or
+    /// not it inserts anything.
+    #[serde(default = "default_lag_check_interval_ms")]
+    pub lag_check_interval_ms: u64,
+    /// How long a partition may keep unstored records with its stored floor unmoved before it
+    /// counts as stalled: `/healthz` answers 503, and an aggregator that owns no partition (or
+    /// owns the stalled one and is idle) rejoins the group, then exits non-zero if that did not
+    /// help within the same time again. Longer than `kafka.session_timeout_ms`, which a
+    /// normal rebalance after a crash takes.
+    #[serde(default = "default_stall_timeout_ms")]
+    pub stall_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -445,6 +456,12 @@ fn default_max_batch_wait_ms() -> u64 {
 }
 fn default_max_retry_backoff_ms() -> u64 {
     5_000
+}
+fn default_lag_check_interval_ms() -> u64 {
+    2_000
+}
+fn default_stall_timeout_ms() -> u64 {
+    30_000
 }
 fn default_aggregator_listen() -> String {
     "127.0.0.1:9091".into()
@@ -665,6 +682,16 @@ pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
         "MCP_METER_AGGREGATOR_MAX_RETRY_BACKOFF_MS",
         "aggregator.max_retry_backoff_ms",
         |c, v| parse_into(&mut c.aggregator.max_retry_backoff_ms, v),
+    ),
+    (
+        "MCP_METER_AGGREGATOR_LAG_CHECK_INTERVAL_MS",
+        "aggregator.lag_check_interval_ms",
+        |c, v| parse_into(&mut c.aggregator.lag_check_interval_ms, v),
+    ),
+    (
+        "MCP_METER_AGGREGATOR_STALL_TIMEOUT_MS",
+        "aggregator.stall_timeout_ms",
+        |c, v| parse_into(&mut c.aggregator.stall_timeout_ms, v),
     ),
     (
         "MCP_METER_MARGIN_GUARD_ENABLED",
@@ -898,6 +925,19 @@ impl Config {
                 "aggregator.max_batch_rows and aggregator.max_batch_wait_ms must be at least 1"
                     .into(),
             );
+        }
+        if a.lag_check_interval_ms == 0 || a.lag_check_interval_ms >= a.stall_timeout_ms {
+            problems.push(format!(
+                "aggregator.lag_check_interval_ms ({}) must be at least 1 and below aggregator.stall_timeout_ms ({})",
+                a.lag_check_interval_ms, a.stall_timeout_ms
+            ));
+        }
+        if a.stall_timeout_ms <= k.session_timeout_ms {
+            problems.push(format!(
+                "aggregator.stall_timeout_ms ({}) must be longer than kafka.session_timeout_ms ({}): \
+a group needs that long to notice a crashed member, and a shorter stall timeout would rejoin during every normal rebalance",
+                a.stall_timeout_ms, k.session_timeout_ms
+            ));
         }
 
         let g = &self.margin_guard;

@@ -27,14 +27,27 @@ impl Setup {
     /// `extra` is appended to the `[kafka]` section (e.g. `delivery_timeout_ms = 2000`), and
     /// may add sections after it.
     pub fn new(prefix: &str, brokers: &str, partitions: i32, extra: &str) -> Setup {
+        Setup::on(&clickhouse_url(), "", prefix, brokers, partitions, extra)
+    }
+
+    /// The same on a ClickHouse of the caller's choice; `clickhouse_extra` is appended to the
+    /// `[clickhouse]` section.
+    pub fn on(
+        clickhouse: &str,
+        clickhouse_extra: &str,
+        prefix: &str,
+        brokers: &str,
+        partitions: i32,
+        extra: &str,
+    ) -> Setup {
         let name = unique_database(prefix);
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
-            "{}\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{name}\"\n\n[kafka]\nbrokers = \"{brokers}\"\n\
+            "{}\n[clickhouse]\nurl = \"{clickhouse}\"\ndatabase = \"{name}\"\n{clickhouse_extra}\n\n\
+[kafka]\nbrokers = \"{brokers}\"\n\
 events_topic = \"{name}.events\"\ndead_letter_topic = \"{name}.dead-letter\"\n\
 consumer_group = \"{name}\"\npartitions = {partitions}\nsession_timeout_ms = 6000\n{extra}\n",
             config_text(dir.path()),
-            clickhouse_url()
         );
         let file = dir.path().join("mcp-meter.toml");
         std::fs::write(&file, &text).unwrap();
@@ -82,6 +95,13 @@ consumer_group = \"{name}\"\npartitions = {partitions}\nsession_timeout_ms = 600
     }
 
     /// An aggregator process; its `/metrics` listens on a port of its own (`Proc::metrics_url`).
+    /// Two ingestor processes on this setup, and a client for each.
+    pub fn two_ingestors(&self) -> ([Proc; 2], [Client; 2]) {
+        let (a, client_a) = self.ingestor();
+        let (b, client_b) = self.ingestor();
+        ([a, b], [client_a, client_b])
+    }
+
     pub fn aggregator(&self) -> Proc {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
@@ -155,6 +175,11 @@ impl Proc {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
@@ -199,12 +224,30 @@ impl Tansu {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Everything the broker logged, over all its restarts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash, then a start on the same port and storage.
+    pub fn crash_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            child.wait().unwrap();
+        }
+        self.spawn();
+    }
+
     fn spawn(&mut self) {
         let binary = std::env::var("MCP_METER_TEST_TANSU")
             .expect("MCP_METER_TEST_TANSU is not set: run scripts/test, which installs tansu");
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let storage = format!("sqlite:///{}/tansu.db", self.dir.path().display());
-        let log = std::fs::File::create(self.dir.path().join("tansu.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .unwrap();
         self.child = Some(
             Command::new(binary)
                 .args([
@@ -339,5 +382,65 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A ClickHouse server of a test's own (started by `scripts/lib/clickhouse.sh`, as
+/// `scripts/test` starts the shared one), which the test may pause with SIGSTOP.
+pub struct ClickHouseServer {
+    pid: u32,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ClickHouseServer {
+    pub fn start() -> ClickHouseServer {
+        let dir = tempfile::tempdir().unwrap();
+        let root = env!("CARGO_MANIFEST_DIR");
+        let output = Command::new("bash")
+            .arg("-c")
+            .arg(
+                "source scripts/lib/services.sh && source scripts/lib/clickhouse.sh && \
+                 start_clickhouse \"$1\" >&2 && echo \"$CLICKHOUSE_PID $CLICKHOUSE_URL\"",
+            )
+            .arg("start_clickhouse")
+            .arg(dir.path())
+            .current_dir(root)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        let out = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            output.status.success(),
+            "clickhouse-server did not start: {out}"
+        );
+        let (pid, url) = out.trim().split_once(' ').expect("pid and url");
+        ClickHouseServer {
+            pid: pid.parse().unwrap(),
+            url: url.to_string(),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// SIGSTOP (`-STOP`) or SIGCONT (`-CONT`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} clickhouse-server");
+    }
+}
+
+impl Drop for ClickHouseServer {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .status();
     }
 }

@@ -245,6 +245,13 @@ impl Client {
         (answer.status().as_u16(), text)
     }
 
+    /// GETs without a key; `None` when no answer came (a process that is down or restarting).
+    pub fn try_get_text(&self, path: &str) -> Option<(u16, String)> {
+        let mut answer = self.agent.get(format!("{}{path}", self.base)).call().ok()?;
+        let text = answer.body_mut().read_to_string().ok()?;
+        Some((answer.status().as_u16(), text))
+    }
+
     pub fn get_with(&self, path: &str, key: &str, headers: &[(&str, &str)]) -> (u16, Value) {
         let mut req = self
             .agent
@@ -368,5 +375,15 @@ impl Load {
             self.answered.load(Ordering::Relaxed),
             self.refused.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// A seeded xorshift generator: the same seed gives the same stream of numbers on every run.
+pub fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
     }
 }

@@ -49,63 +49,74 @@ impl ConsumerContext for Context {
 pub struct KafkaSource {
     consumer: StreamConsumer<Context>,
     dead_letters: FutureProducer,
-    topic: String,
-    dead_letter_topic: String,
+    config: KafkaConfig,
     revoked: Arc<Mutex<Vec<i32>>>,
     delivery_timeout: Duration,
+}
+
+/// A new member of the aggregators' group, not yet subscribed.
+fn member(
+    config: &KafkaConfig,
+    revoked: &Arc<Mutex<Vec<i32>>>,
+) -> Result<StreamConsumer<Context>, BusError> {
+    let context = Context {
+        topic: config.events_topic.clone(),
+        revoked: revoked.clone(),
+    };
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers(config)?)
+        .set("group.id", &config.consumer_group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set(
+            "max.poll.interval.ms",
+            config.max_poll_interval_ms.to_string(),
+        )
+        // A fetch the broker holds open waiting for data adds its whole wait to freshness
+        // (tansu holds it the full time): keep it short; idle fetches are cheap.
+        .set("fetch.wait.max.ms", "50")
+        // Prefetch at most 32 MiB, half librdkafka's default: with the default 25,000 rows
+        // per insert this holds the aggregator under 110 MiB at full speed (64 MiB and 50,000
+        // rows: 160-180 MiB for the same rows/s; 16 MiB: half the rows/s). See BENCHMARKS.
+        .set("queued.max.messages.kbytes", "32768")
+        .create_with_context(context)
+        .map_err(|source| BusError::Kafka {
+            context: "create a consumer",
+            source,
+        })
 }
 
 impl KafkaSource {
     /// Joins the consumer group and subscribes to the events topic.
     pub fn new(config: &KafkaConfig) -> Result<KafkaSource, BusError> {
         let revoked = Arc::new(Mutex::new(Vec::new()));
-        let context = Context {
-            topic: config.events_topic.clone(),
-            revoked: revoked.clone(),
-        };
-        let consumer: StreamConsumer<Context> = ClientConfig::new()
-            .set("bootstrap.servers", brokers(config)?)
-            .set("group.id", &config.consumer_group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", config.session_timeout_ms.to_string())
-            .set(
-                "max.poll.interval.ms",
-                config.max_poll_interval_ms.to_string(),
-            )
-            // A fetch the broker holds open waiting for data adds its whole wait to freshness
-            // (tansu holds it the full time): keep it short; idle fetches are cheap.
-            .set("fetch.wait.max.ms", "50")
-            // Prefetch at most 32 MiB, half librdkafka's default: with the default 25,000 rows
-            // per insert this holds the aggregator under 110 MiB at full speed (64 MiB and 50,000
-            // rows: 160-180 MiB for the same rows/s; 16 MiB: half the rows/s). See BENCHMARKS.
-            .set("queued.max.messages.kbytes", "32768")
-            .create_with_context(context)
-            .map_err(|source| BusError::Kafka {
-                context: "create a consumer",
-                source,
-            })?;
-        consumer
-            .subscribe(&[&config.events_topic])
-            .map_err(|source| BusError::Kafka {
-                context: "subscribe",
-                source,
-            })?;
+        let consumer = member(config, &revoked)?;
         let dead_letters = producer_config(config)?
             .create()
             .map_err(|source| BusError::Kafka {
                 context: "create the dead-letter producer",
                 source,
             })?;
-        Ok(KafkaSource {
+        let source = KafkaSource {
             consumer,
             dead_letters,
-            topic: config.events_topic.clone(),
-            dead_letter_topic: config.dead_letter_topic.clone(),
+            config: config.clone(),
             revoked,
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms + 1000),
-        })
+        };
+        source.subscribe()?;
+        Ok(source)
+    }
+
+    fn subscribe(&self) -> Result<(), BusError> {
+        self.consumer
+            .subscribe(&[&self.config.events_topic])
+            .map_err(|source| BusError::Kafka {
+                context: "subscribe",
+                source,
+            })
     }
 
     fn take_revoked(&self) -> Vec<i32> {
@@ -132,7 +143,11 @@ impl EventSource for KafkaSource {
     fn end_offset(&self, partition: i32) -> Result<i64, BusError> {
         let (_, high) = self
             .consumer
-            .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
+            .fetch_watermarks(
+                &self.config.events_topic,
+                partition,
+                Duration::from_secs(10),
+            )
             .map_err(|source| BusError::Kafka {
                 context: "read the end offset of a partition",
                 source,
@@ -197,7 +212,7 @@ impl EventSource for KafkaSource {
             })
             .insert(Header {
                 key: "mcp-meter-source-topic",
-                value: Some(self.topic.as_str()),
+                value: Some(self.config.events_topic.as_str()),
             })
             .insert(Header {
                 key: "mcp-meter-source-partition",
@@ -208,7 +223,7 @@ impl EventSource for KafkaSource {
                 value: Some(offset.as_str()),
             });
         let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.dead_letter_topic).headers(headers);
+            FutureRecord::to(&self.config.dead_letter_topic).headers(headers);
         if let Some(key) = &poison.key {
             record = record.key(key.as_slice());
         }
@@ -228,7 +243,7 @@ impl EventSource for KafkaSource {
     fn seek(&self, position: BusPosition) -> Result<(), BusError> {
         self.consumer
             .seek(
-                &self.topic,
+                &self.config.events_topic,
                 position.partition,
                 Offset::Offset(position.offset),
                 Duration::from_secs(5),
@@ -242,9 +257,11 @@ impl EventSource for KafkaSource {
     fn commit(&self, next: &[BusPosition]) {
         let mut list = TopicPartitionList::new();
         for p in next {
-            if let Err(e) =
-                list.add_partition_offset(&self.topic, p.partition, Offset::Offset(p.offset))
-            {
+            if let Err(e) = list.add_partition_offset(
+                &self.config.events_topic,
+                p.partition,
+                Offset::Offset(p.offset),
+            ) {
                 tracing::warn!(error = %e, "offset commit skipped");
                 return;
             }
@@ -252,5 +269,29 @@ impl EventSource for KafkaSource {
         if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
             tracing::warn!(error = %e, "offset commit failed (a hint only; nothing is lost)");
         }
+    }
+
+    fn assignment(&self) -> Vec<i32> {
+        match self.consumer.assignment() {
+            Ok(list) => list
+                .elements_for_topic(&self.config.events_topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    async fn rejoin(&mut self) -> Result<Vec<i32>, BusError> {
+        let held = self.assignment();
+        // The old member leaves first (closing it sends LeaveGroup and waits for the broker),
+        // so the group never counts both; the close blocks, so it runs off the runtime.
+        let fresh = member(&self.config, &self.revoked)?;
+        let old = std::mem::replace(&mut self.consumer, fresh);
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        self.subscribe()?;
+        // Whatever the closed member reported revoked is covered by `held`.
+        let _ = self.take_revoked();
+        Ok(held)
     }
 }

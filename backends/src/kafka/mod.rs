@@ -4,12 +4,15 @@
 //!   `acks=all`; `publish` returns once every event's delivery report is in.
 //! - [`KafkaSource`]: the aggregator's [`crate::source::EventSource`]: a consumer group member
 //!   that commits only what it is told, plus the dead-letter producer.
+//! - [`KafkaProbe`]: the lag monitor's [`crate::source::TopicProbe`], outside the group.
 //! - [`create_topics`]: what `mcp-meter migrate` does on the Kafka side.
 
 mod consumer;
+mod probe;
 mod producer;
 
 pub use consumer::KafkaSource;
+pub use probe::KafkaProbe;
 pub use producer::KafkaSink;
 
 use crate::source::BusError;
