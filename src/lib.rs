@@ -5,6 +5,7 @@
 //! - [`Embedded`]: `serve`, everything in one process: the HTTP API, group commit into the store.
 //! - [`Ingestor`], [`run_aggregator`]: the two processes of the distributed mode.
 //! - [`migrate_clickhouse`], [`migrate_kafka`]: `mcp-meter migrate`.
+//! - [`retention_store`]: where `mcp-meter retention` and the schedules drop expired data.
 //! - [`loadgen`]: `mcp-meter loadgen`, the load generator the benchmarks use.
 
 pub mod loadgen;
@@ -15,10 +16,11 @@ use backends::sink::EventSink;
 use backends::state::memory::MemoryState;
 use backends::state::redis::RedisState;
 use backends::state::GuardState;
+use backends::store::clickhouse::ClickHouseRetention;
 use backends::store::clickhouse::{
     self, migrations, ClickHouseAnalytics, ClickHouseWriter, HttpRunner,
 };
-use backends::store::{sqlite, AnalyticsStore};
+use backends::store::{sqlite, AnalyticsStore, Retention};
 use schemas::config::{ApiKeyConfig, Config, Scope, StoreKind, TenantConfig};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
@@ -151,6 +153,30 @@ pub async fn migrate_kafka(config: &Config) -> anyhow::Result<Vec<String>> {
             format!("{topic} {what} ({} partitions)", k.partitions)
         })
         .collect())
+}
+
+/// Retention over the store of kind `store`: the SQLite file in `data_dir`, or the configured
+/// ClickHouse database (which must be migrated).
+pub async fn retention_store(
+    config: &Config,
+    store: StoreKind,
+) -> anyhow::Result<Arc<dyn Retention>> {
+    Ok(match store {
+        StoreKind::Sqlite => {
+            let path = config.data_dir.join(sqlite::DB_FILE);
+            anyhow::ensure!(
+                path.exists(),
+                "no embedded store at {}: give the data directory `serve` uses (--data-dir)",
+                path.display()
+            );
+            Arc::new(sqlite::retention(&config.data_dir))
+        }
+        StoreKind::Clickhouse => {
+            let runner = HttpRunner::new(&config.clickhouse);
+            clickhouse::check_ready(&runner, &config.clickhouse).await?;
+            Arc::new(ClickHouseRetention::new(runner))
+        }
+    })
 }
 
 /// Binds the HTTP API over the given ports.
@@ -292,6 +318,11 @@ pub async fn run_aggregator(
         }
         None => {}
     }
+    let retention = aggregator::retention::RetentionSchedule::new(
+        Arc::new(ClickHouseRetention::new(HttpRunner::new(ch))),
+        config.retention.clone(),
+    );
+    tokio::spawn(retention.run(shutdown.clone()));
     let a = &config.aggregator;
     let status = Arc::new(aggregator::lag::ConsumerStatus::default());
     let (monitor, lag) = aggregator::lag::LagMonitor::new(
@@ -372,9 +403,13 @@ impl Embedded {
             max_commit_events: config.sqlite.max_commit_events,
             queue_capacity_batches: config.sqlite.queue_capacity_batches,
         };
-        let (sink, writer, analytics, store): (_, _, Arc<dyn AnalyticsStore>, _) = match config
-            .store
-        {
+        let (sink, writer, analytics, retention, store): (
+            _,
+            _,
+            Arc<dyn AnalyticsStore>,
+            Arc<dyn Retention>,
+            _,
+        ) = match config.store {
             StoreKind::Sqlite => {
                 let (writer, analytics) = sqlite::open(&config.data_dir, &config.sqlite)
                     .with_context(|| {
@@ -387,6 +422,7 @@ impl Embedded {
                     sink,
                     handle,
                     Arc::new(analytics),
+                    Arc::new(sqlite::retention(&config.data_dir)),
                     path.display().to_string(),
                 )
             }
@@ -403,7 +439,8 @@ impl Embedded {
                 (
                     sink,
                     handle,
-                    Arc::new(ClickHouseAnalytics::new(runner)),
+                    Arc::new(ClickHouseAnalytics::new(runner.clone())),
+                    Arc::new(ClickHouseRetention::new(runner)),
                     name,
                 )
             }
@@ -411,8 +448,11 @@ impl Embedded {
         let guard_state: Arc<dyn GuardState> = Arc::new(MemoryState::new());
         let (stop_guard, guard_shutdown) = tokio::sync::watch::channel(false);
         if let Some(guard) = margin_guard(config, analytics.clone(), guard_state.clone()) {
-            actix_web::rt::spawn(guard.run(guard_shutdown));
+            actix_web::rt::spawn(guard.run(guard_shutdown.clone()));
         }
+        let retention =
+            aggregator::retention::RetentionSchedule::new(retention, config.retention.clone());
+        actix_web::rt::spawn(retention.run(guard_shutdown));
         let (server, addr) = http_api(config, Arc::new(sink), analytics, guard_state)?;
         Ok(Embedded {
             server,

@@ -3,8 +3,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mcp_meter::{
-    demo, load_config, migrate_clickhouse, migrate_kafka, new_api_key, run_aggregator, sha256_hex,
-    Embedded, Ingestor, Overrides,
+    demo, load_config, migrate_clickhouse, migrate_kafka, new_api_key, retention_store,
+    run_aggregator, sha256_hex, Embedded, Ingestor, Overrides,
 };
 use schemas::config::ENV_OVERRIDES;
 use std::io::Write;
@@ -81,6 +81,25 @@ enum Command {
         /// TOML config file (`[clickhouse]`, `[kafka]`); environment overrides apply.
         #[arg(long, env = "MCP_METER_CONFIG")]
         config: Option<PathBuf>,
+    },
+    /// Drop dedup keys and raw events past `[retention]` now (`serve` and `aggregator` also do
+    /// it every `retention.interval_seconds`); rollups are kept. `--dry-run` only lists what
+    /// would go.
+    #[command(after_long_help = env_help())]
+    Retention {
+        /// TOML config file (`[retention]`, `[clickhouse]`); environment overrides apply.
+        #[arg(long, env = "MCP_METER_CONFIG")]
+        config: Option<PathBuf>,
+        /// The embedded store's directory (the file's `data_dir`; default ./data).
+        #[arg(long, env = "MCP_METER_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Which store: `sqlite` (what `serve` uses by default) or `clickhouse` (the distributed
+        /// mode's). Default: the file's `store`.
+        #[arg(long, value_parser = ["sqlite", "clickhouse"])]
+        store: Option<String>,
+        /// List what would be dropped, and drop nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Print the OpenAPI document of the HTTP API (what `GET /openapi.json` serves);
     /// `mcp-meter openapi > openapi/openapi.json` updates the checked-in copy.
@@ -169,6 +188,46 @@ fn main() -> anyhow::Result<()> {
                     for line in lines {
                         println!("  {line}");
                     }
+                }
+                Ok(())
+            })
+        }
+        Command::Retention {
+            config,
+            data_dir,
+            store,
+            dry_run,
+        } => {
+            init_logging(cli.log_format);
+            let flags = Overrides {
+                listen: None,
+                data_dir,
+            };
+            let cfg = load_config(config.as_deref(), |v| std::env::var(v).ok(), &flags)?;
+            let kind = match store.as_deref() {
+                Some("clickhouse") => schemas::config::StoreKind::Clickhouse,
+                Some(_) => schemas::config::StoreKind::Sqlite,
+                None => cfg.store,
+            };
+            actix_web::rt::System::new().block_on(async {
+                let store = retention_store(&cfg, kind).await?;
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                let cutoffs = backends::store::RetentionCutoffs::at(now_ms, &cfg.retention);
+                let dropped = store.apply(cutoffs, dry_run).await?;
+                let verb = if dry_run { "would drop" } else { "dropped" };
+                let keep = match cfg.retention.raw_days {
+                    Some(days) => format!("raw events {days} days"),
+                    None => "raw events forever".into(),
+                };
+                println!(
+                    "retention: dedup keys {} days, {keep}; rollups are kept",
+                    cfg.retention.dedup_days
+                );
+                if dropped.is_empty() {
+                    println!("nothing to drop");
+                }
+                for d in &dropped {
+                    println!("{verb} {} {} ({} rows)", d.table, d.what, d.rows);
                 }
                 Ok(())
             })

@@ -148,3 +148,69 @@ fn serve_help_lists_every_environment_variable() {
         assert!(help.contains(var), "{var} missing from serve --help");
     }
 }
+
+/// `mcp-meter retention --dry-run` lists what would go and drops nothing; without it, it drops.
+#[test]
+fn retention_dry_run_lists_what_would_go_and_the_real_run_drops_it() {
+    use backends::sink::TenantBatch;
+    use backends::store::{sqlite, StoreWriter};
+    use schemas::event::RatedEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let day = 86_400_000;
+    actix_web::rt::System::new().block_on(async {
+        let (mut writer, _) = sqlite::open(dir.path(), &Default::default()).unwrap();
+        let events = (0..5)
+            .map(|i| {
+                RatedEvent::sample_call(&format!("k{i}"), now - if i < 3 { 90 * day } else { 0 })
+            })
+            .collect();
+        writer
+            .write(&[TenantBatch::new("demo".into(), events)])
+            .await
+            .unwrap();
+    });
+    let run = |dry_run: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-meter"));
+        command
+            .args(["retention", "--data-dir", dir.path().to_str().unwrap()])
+            .env_remove("MCP_METER_CONFIG")
+            .env("MCP_METER_RETENTION_RAW_DAYS", "60");
+        if dry_run {
+            command.arg("--dry-run");
+        }
+        let out = command.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let rows = || {
+        rusqlite::Connection::open(dir.path().join(sqlite::DB_FILE))
+            .unwrap()
+            .query_row("SELECT count(*) FROM mcp_events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap()
+    };
+    let planned = run(true);
+    assert!(
+        planned.contains("dedup keys 40 days, raw events 60 days"),
+        "{planned}"
+    );
+    assert!(
+        planned.contains("would drop mcp_events events that occurred before"),
+        "{planned}"
+    );
+    assert!(planned.contains("(3 rows)"), "{planned}");
+    assert_eq!(rows(), 5);
+    let done = run(false);
+    assert!(
+        done.contains("dropped mcp_events") && done.contains("(3 rows)"),
+        "{done}"
+    );
+    assert_eq!(rows(), 2);
+    assert!(run(false).contains("nothing to drop"));
+}

@@ -170,6 +170,109 @@ fn the_writer_stores_each_key_once_within_and_across_writes() {
     });
 }
 
+/// Retention drops whole partitions: a day of dedup keys past `dedup_days`, a month of raw
+/// rows wholly past `raw_days`. Keys inside the window still catch retries, expired keys are
+/// gone, and the rollups (what analytics read) are untouched.
+#[test]
+fn retention_drops_expired_key_and_raw_partitions_and_keeps_the_rollups() {
+    use backends::store::clickhouse::ClickHouseRetention;
+    use backends::store::{Retention, RetentionCutoffs};
+    const DAY0: i64 = 1_795_132_800_000; // 2026-11-20
+    const DAY: i64 = 86_400_000;
+    let database = unique_database("retention");
+    let dir = tempfile::tempdir().unwrap();
+    let config = clickhouse_config(dir.path(), &database);
+    let runner = HttpRunner::new(&config.clickhouse);
+    runtime().block_on(async {
+        let mut writer = ClickHouseWriter::new(runner.clone());
+        let at = |key: &str, ms: i64| RatedEvent {
+            received_at_ms: ms,
+            ..RatedEvent::sample_call(key, ms)
+        };
+        let old: Vec<RatedEvent> = (0..50)
+            .map(|i| at(&format!("old-{i}"), DAY0 - 90 * DAY + i))
+            .collect();
+        let recent: Vec<RatedEvent> = (0..5).map(|i| at(&format!("new-{i}"), DAY0 + i)).collect();
+        writer
+            .write(&[
+                TenantBatch::new("t1".into(), old),
+                TenantBatch::new("t1".into(), recent.clone()),
+            ])
+            .await
+            .unwrap();
+        let analytics = ClickHouseAnalytics::new(runner.clone());
+        let day = |d: i64| {
+            chrono::DateTime::from_timestamp_millis(d)
+                .unwrap()
+                .date_naive()
+        };
+        let everything = DateRange {
+            from: day(DAY0 - 90 * DAY),
+            to: day(DAY0),
+        };
+        let before = analytics.summary("t1", everything).await.unwrap();
+        assert_eq!(before.figures.calls, 55);
+
+        let retention = ClickHouseRetention::new(runner.clone());
+        let cutoffs = RetentionCutoffs::at(
+            DAY0 + 3_600_000,
+            &schemas::config::RetentionConfig {
+                dedup_days: 40,
+                raw_days: Some(60),
+                interval_seconds: 60,
+            },
+        );
+        let planned = retention.apply(cutoffs, true).await.unwrap();
+        let shown: Vec<(&str, String, u64)> = planned
+            .iter()
+            .map(|d| (d.table, d.what.clone(), d.rows))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                (
+                    "mcp_event_keys",
+                    "partition 20260822: dedup keys of events that arrived on 2026-08-22"
+                        .to_string(),
+                    50
+                ),
+                (
+                    "mcp_events",
+                    "partition 202608: raw events that occurred in 2026-08".to_string(),
+                    50
+                ),
+            ]
+        );
+        let count = |table: &str| {
+            let runner = runner.clone();
+            let sql = format!("SELECT count() FROM {table}");
+            async move { runner.tab_separated(&sql).await.unwrap().trim().to_string() }
+        };
+        assert_eq!(count("mcp_events").await, "55", "a dry run drops nothing");
+
+        assert_eq!(retention.apply(cutoffs, false).await.unwrap(), planned);
+        assert_eq!(count("mcp_events").await, "5");
+        assert_eq!(count("mcp_event_keys").await, "5");
+        assert!(retention.apply(cutoffs, false).await.unwrap().is_empty());
+        assert_eq!(analytics.summary("t1", everything).await.unwrap(), before);
+
+        let again = writer
+            .write(&[TenantBatch::new(
+                "t1".into(),
+                vec![recent[0].clone(), at("old-3", DAY0 - 90 * DAY)],
+            )])
+            .await
+            .unwrap();
+        assert_eq!(
+            again[0],
+            WriteOutcome {
+                accepted: 1,
+                duplicates: 1
+            }
+        );
+    });
+}
+
 /// An aggregator batch can hold far more keys than one query may list (ClickHouse refuses more
 /// than 50,000 syntax-tree nodes, and the writer splits its lookups at 100,000 keys): a write of
 /// 110,000 keys of one tenant and 10,000 of another is deduplicated exactly, keys with quotes,

@@ -321,3 +321,74 @@ async fn a_failed_commit_stores_nothing() {
         "the failed commit left nothing behind"
     );
 }
+
+/// Retention deletes raw rows past `raw_days` in chunks; their keys leave with them, keys
+/// inside the window still catch retries, and the rollups analytics read do not change.
+#[tokio::test]
+async fn retention_drops_old_raw_rows_and_their_keys_and_keeps_the_rollups() {
+    use backends::store::{Retention, RetentionCutoffs};
+    let (dir, mut w, r) = open();
+    const DAY: i64 = 24 * HOUR;
+    let old_at = DAY0 - 90 * DAY;
+    // More than one delete chunk of old rows, and a few recent ones.
+    let old: Vec<RatedEvent> = (0..12_000)
+        .map(|i| event(&format!("old-{i}"), "search", "ag", "s-old", old_at + i))
+        .collect();
+    let recent: Vec<RatedEvent> = (0..3)
+        .map(|i| event(&format!("new-{i}"), "search", "ag", "s-new", DAY0 + i))
+        .collect();
+    w.write(&[batch("t1", old), batch("t1", recent.clone())])
+        .await
+        .unwrap();
+    let old_range = DateRange::parse(Some("2026-08-21"), Some("2026-08-23"), day0()).unwrap();
+    let old_summary = r.summary("t1", old_range).await.unwrap();
+    let recent_summary = r.summary("t1", range()).await.unwrap();
+    assert_eq!(old_summary.figures.calls, 12_000);
+
+    let config = schemas::config::RetentionConfig {
+        dedup_days: 40,
+        raw_days: Some(60),
+        interval_seconds: 3600,
+    };
+    let cutoffs = RetentionCutoffs::at(DAY0 + HOUR, &config);
+    let retention = sqlite::retention(dir.path());
+    let planned = retention.apply(cutoffs, true).await.unwrap();
+    assert_eq!(planned.len(), 1);
+    assert_eq!(planned[0].rows, 12_000, "{planned:?}");
+    let raw = || {
+        rusqlite::Connection::open(dir.path().join(sqlite::DB_FILE))
+            .unwrap()
+            .query_row("SELECT count(*) FROM mcp_events", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .unwrap()
+    };
+    assert_eq!(raw(), 12_003, "a dry run drops nothing");
+
+    let dropped = retention.apply(cutoffs, false).await.unwrap();
+    assert_eq!(dropped[0].rows, 12_000);
+    assert_eq!(raw(), 3);
+    assert!(retention.apply(cutoffs, false).await.unwrap().is_empty());
+
+    // The rollups are untouched: analytics answer as before, old days included.
+    assert_eq!(r.summary("t1", old_range).await.unwrap(), old_summary);
+    assert_eq!(r.summary("t1", range()).await.unwrap(), recent_summary);
+    // Keys inside the window still catch a retry; an expired key is gone with its row.
+    let again = w
+        .write(&[batch(
+            "t1",
+            vec![
+                recent[0].clone(),
+                event("old-7", "search", "ag", "s-old", old_at),
+            ],
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        again[0],
+        WriteOutcome {
+            accepted: 1,
+            duplicates: 1
+        }
+    );
+}

@@ -38,6 +38,8 @@ pub struct Config {
     pub redis: RedisConfig,
     #[serde(default)]
     pub margin_guard: MarginGuardConfig,
+    #[serde(default)]
+    pub retention: RetentionConfig,
     /// Every tenant, with its API keys and rate plans.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -228,6 +230,23 @@ impl MarginThresholdsConfig {
 }
 
 /// How the aggregator batches its inserts.
+/// How long raw rows and dedup keys are kept. Rollups (what analytics read) are kept forever.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Days a stored idempotency key still catches a retry (by the day it arrived). At least
+    /// `ingest.max_event_age_days`: a retry older than that is refused at ingest anyway.
+    #[serde(default = "default_dedup_days")]
+    pub dedup_days: u32,
+    /// Days raw events are kept (by `occurredAt`); absent keeps them forever. At least
+    /// `dedup_days`: in SQLite a raw row is its own dedup key.
+    #[serde(default)]
+    pub raw_days: Option<u32>,
+    /// How often `serve` and `aggregator` apply it.
+    #[serde(default = "default_retention_interval_seconds")]
+    pub interval_seconds: u64,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregatorConfig {
@@ -463,6 +482,12 @@ fn default_lag_check_interval_ms() -> u64 {
 fn default_stall_timeout_ms() -> u64 {
     30_000
 }
+fn default_dedup_days() -> u32 {
+    40
+}
+fn default_retention_interval_seconds() -> u64 {
+    3600
+}
 fn default_aggregator_listen() -> String {
     "127.0.0.1:9091".into()
 }
@@ -559,6 +584,12 @@ impl Default for MarginThresholdsConfig {
 
 impl Default for AggregatorConfig {
     fn default() -> AggregatorConfig {
+        toml::from_str("").expect("an empty section takes every default")
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> RetentionConfig {
         toml::from_str("").expect("an empty section takes every default")
     }
 }
@@ -692,6 +723,30 @@ pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
         "MCP_METER_AGGREGATOR_STALL_TIMEOUT_MS",
         "aggregator.stall_timeout_ms",
         |c, v| parse_into(&mut c.aggregator.stall_timeout_ms, v),
+    ),
+    (
+        "MCP_METER_RETENTION_DEDUP_DAYS",
+        "retention.dedup_days",
+        |c, v| parse_into(&mut c.retention.dedup_days, v),
+    ),
+    (
+        "MCP_METER_RETENTION_RAW_DAYS",
+        "retention.raw_days",
+        |c, v| {
+            c.retention.raw_days = match v {
+                "" | "keep" => None,
+                days => Some(
+                    days.parse()
+                        .map_err(|_| format!("`{days}` is not a number of days or `keep`"))?,
+                ),
+            };
+            Ok(())
+        },
+    ),
+    (
+        "MCP_METER_RETENTION_INTERVAL_SECONDS",
+        "retention.interval_seconds",
+        |c, v| parse_into(&mut c.retention.interval_seconds, v),
     ),
     (
         "MCP_METER_MARGIN_GUARD_ENABLED",
@@ -938,6 +993,25 @@ impl Config {
 a group needs that long to notice a crashed member, and a shorter stall timeout would rejoin during every normal rebalance",
                 a.stall_timeout_ms, k.session_timeout_ms
             ));
+        }
+
+        let r = &self.retention;
+        if r.dedup_days < self.ingest.max_event_age_days {
+            problems.push(format!(
+                "retention.dedup_days ({}) must be at least ingest.max_event_age_days ({}): \
+a retry of an event ingest still accepts must still find its key",
+                r.dedup_days, self.ingest.max_event_age_days
+            ));
+        }
+        if let Some(raw) = r.raw_days.filter(|raw| *raw < r.dedup_days) {
+            problems.push(format!(
+                "retention.raw_days ({raw}) must be at least retention.dedup_days ({}): \
+in the embedded store a raw row is its own dedup key; leave raw_days out to keep raw rows",
+                r.dedup_days
+            ));
+        }
+        if r.interval_seconds == 0 {
+            problems.push("retention.interval_seconds must be at least 1".into());
         }
 
         let g = &self.margin_guard;
@@ -1221,5 +1295,33 @@ cost = { per_call = 200, per_input_token = 0.5, per_second = "100" }
         assert!(err.problems[0].starts_with(
             "MCP_METER_SQLITE_MAX_COMMIT_EVENTS (overrides sqlite.max_commit_events)"
         ));
+    }
+
+    #[test]
+    fn retention_keeps_keys_as_long_as_ingest_accepts_retries() {
+        let ok = Config::from_toml("[retention]\ndedup_days = 35\nraw_days = 400").unwrap();
+        assert!(ok.validate().is_ok());
+        assert_eq!(Config::default().retention.dedup_days, 40);
+        assert_eq!(Config::default().retention.raw_days, None);
+        let bad = Config::from_toml("[retention]\ndedup_days = 30\nraw_days = 20").unwrap();
+        let err = bad.validate().unwrap_err();
+        assert!(
+            err.problems[0].starts_with(
+                "retention.dedup_days (30) must be at least ingest.max_event_age_days (35)"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.problems[1]
+                .starts_with("retention.raw_days (20) must be at least retention.dedup_days (30)"),
+            "{err}"
+        );
+        let mut c = Config::default();
+        c.apply_env(|v| (v == "MCP_METER_RETENTION_RAW_DAYS").then(|| "90".to_string()))
+            .unwrap();
+        assert_eq!(c.retention.raw_days, Some(90));
+        c.apply_env(|v| (v == "MCP_METER_RETENTION_RAW_DAYS").then(|| "keep".to_string()))
+            .unwrap();
+        assert_eq!(c.retention.raw_days, None);
     }
 }

@@ -47,6 +47,54 @@ pub trait StoredOffsets: Send + Sync {
     ) -> Result<HashSet<BusPosition>, StoreError>;
 }
 
+/// Where retention cuts, computed from the config at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetentionCutoffs {
+    /// Dedup keys of events that arrived before this UTC midnight (ms) may go.
+    pub keys_before_ms: i64,
+    /// Raw rows of events that occurred before this instant may go; `None` keeps them.
+    pub raw_before_ms: Option<i64>,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+impl RetentionCutoffs {
+    /// Keys are kept for `dedup_days` whole days after the day they arrived; raw rows for
+    /// `raw_days` after they occurred.
+    pub fn at(now_ms: i64, config: &schemas::config::RetentionConfig) -> RetentionCutoffs {
+        let today = now_ms.div_euclid(DAY_MS) * DAY_MS;
+        RetentionCutoffs {
+            keys_before_ms: today - i64::from(config.dedup_days) * DAY_MS,
+            raw_before_ms: config
+                .raw_days
+                .map(|days| now_ms - i64::from(days) * DAY_MS),
+        }
+    }
+}
+
+/// One thing retention dropped, or would drop.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Dropped {
+    pub table: &'static str,
+    /// For people: `partition 2026-10-01`, `events that occurred before 2026-…`.
+    pub what: String,
+    pub rows: u64,
+}
+
+/// Forgets what has outlived its use: dedup keys and raw rows past the cutoffs. Rollups, which
+/// analytics read, are never touched.
+#[async_trait::async_trait]
+pub trait Retention: Send + Sync {
+    /// Drops what lies before the cutoffs and says what it dropped; with `dry_run`, drops
+    /// nothing and says what it would drop.
+    async fn apply(
+        &self,
+        cutoffs: RetentionCutoffs,
+        dry_run: bool,
+    ) -> Result<Vec<Dropped>, StoreError>;
+}
+
 /// Filters of the sessions list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionQuery {

@@ -9,14 +9,17 @@
 //! - [`tsv`]: reading answers.
 //! - [`ClickHouseWriter`]: dedup against `mcp_event_keys`, then one INSERT.
 //! - [`ClickHouseAnalytics`]: the analytics queries.
+//! - [`ClickHouseRetention`]: expired partitions of the key and raw tables dropped.
 
 pub mod migrations;
 pub mod queries;
 mod reader;
+mod retention;
 pub mod tsv;
 mod writer;
 
 pub use reader::ClickHouseAnalytics;
+pub use retention::ClickHouseRetention;
 pub use writer::ClickHouseWriter;
 
 use crate::error::{ClickHouseContext, StoreError};

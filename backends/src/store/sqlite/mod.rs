@@ -9,11 +9,14 @@
 //!
 //! - [`writer`]: [`SqliteWriter`], raw rows and rollups in one transaction.
 //! - [`reader`]: [`SqliteAnalytics`], the analytics queries over the rollups.
+//! - [`retention`]: [`SqliteRetention`], raw rows past `retention.raw_days` deleted in chunks.
 
 mod reader;
+mod retention;
 mod writer;
 
 pub use reader::SqliteAnalytics;
+pub use retention::SqliteRetention;
 pub use writer::SqliteWriter;
 
 use crate::error::{SqliteContext, StoreError};
@@ -38,12 +41,9 @@ pub fn open(
         ))
     })?;
     let path: PathBuf = data_dir.join(DB_FILE);
-    let conn = Connection::open(&path).context("open the database")?;
+    let conn = open_connection(&path)?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
-         PRAGMA busy_timeout = 5000;
-         PRAGMA wal_autocheckpoint = 16384;
+        "PRAGMA wal_autocheckpoint = 16384;
          PRAGMA cache_size = -65536;",
     )
     .context("set pragmas")?;
@@ -52,4 +52,21 @@ pub fn open(
         SqliteWriter::new(conn),
         SqliteAnalytics::new(path, config.read_connections),
     ))
+}
+
+/// Retention over the store in `data_dir`, on a connection of its own (see [`open`]).
+pub fn retention(data_dir: &Path) -> SqliteRetention {
+    SqliteRetention::new(data_dir.join(DB_FILE))
+}
+
+/// A read-write connection in WAL mode that waits for the writer's lock rather than failing.
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).context("open the database")?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA busy_timeout = 5000;",
+    )
+    .context("set pragmas")?;
+    Ok(conn)
 }
