@@ -273,6 +273,51 @@ fn retention_drops_expired_key_and_raw_partitions_and_keeps_the_rollups() {
     });
 }
 
+/// An event stored under the first key derivation (`sha256:` of its bytes) is a duplicate of a
+/// retry that now carries the canonical key and, as its legacy key, that same hash.
+#[test]
+fn the_writer_finds_events_stored_under_their_legacy_key() {
+    let database = unique_database("legacy");
+    let dir = tempfile::tempdir().unwrap();
+    let config = clickhouse_config(dir.path(), &database);
+    let runner = HttpRunner::new(&config.clickhouse);
+    runtime().block_on(async {
+        let mut writer = ClickHouseWriter::new(runner.clone());
+        let old = rated("sha256:0123", "s");
+        let retry = RatedEvent {
+            legacy_idempotency_key: Some("sha256:0123".into()),
+            ..rated("sha256v2:4567", "s")
+        };
+        let other = RatedEvent {
+            legacy_idempotency_key: Some("sha256:89ab".into()),
+            ..rated("sha256v2:cdef", "s")
+        };
+        writer
+            .write(&[TenantBatch::new("t1".into(), vec![old])])
+            .await
+            .unwrap();
+        let outcome = writer
+            .write(&[TenantBatch::new("t1".into(), vec![retry, other])])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome[0],
+            WriteOutcome {
+                accepted: 1,
+                duplicates: 1
+            }
+        );
+        let keys = runner
+            .tab_separated("SELECT idempotency_key FROM mcp_events ORDER BY idempotency_key")
+            .await
+            .unwrap();
+        assert_eq!(
+            keys, "sha256:0123\nsha256v2:cdef\n",
+            "legacy keys are looked up, never stored"
+        );
+    });
+}
+
 /// An aggregator batch can hold far more keys than one query may list (ClickHouse refuses more
 /// than 50,000 syntax-tree nodes, and the writer splits its lookups at 100,000 keys): a write of
 /// 110,000 keys of one tenant and 10,000 of another is deduplicated exactly, keys with quotes,

@@ -97,6 +97,55 @@ fn a_repeated_key_changes_nothing_and_is_counted_as_duplicate() {
     assert_eq!(sum["revenueMicros"], 3 * CALL_REVENUE);
 }
 
+/// Without an idempotencyKey the key comes from the event's canonical JSON: spacing and field
+/// order (Swagger's "Try it out" sends its own) do not make a second event. An event stored by
+/// an earlier version, under the hash of its bytes, still catches a retry of those bytes.
+#[test]
+fn an_event_without_a_key_is_one_event_however_it_is_spaced_or_ordered() {
+    use backends::sink::TenantBatch;
+    use backends::store::{sqlite, StoreWriter};
+    use schemas::event::{legacy_derived_idempotency_key, RatedEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let earlier = SEED.replace("542", "600");
+    actix_web::rt::System::new().block_on(async {
+        let (mut writer, _) = sqlite::open(dir.path(), &config.sqlite).unwrap();
+        let stored = RatedEvent {
+            idempotency_key: legacy_derived_idempotency_key(&earlier),
+            tool_name: "web_search".into(),
+            ..RatedEvent::sample_call("", chrono::Utc::now().timestamp_millis())
+        };
+        writer
+            .write(&[TenantBatch::new("acme".into(), vec![stored])])
+            .await
+            .unwrap();
+    });
+    let s = Server::start_in(dir, config);
+    let post = |body: &str| {
+        let (status, answer) = s.post("/v1/ingest/events", ACME, body);
+        assert_eq!(status, 202, "{answer}");
+        (
+            answer["accepted"].as_i64().unwrap(),
+            answer["duplicates"].as_i64().unwrap(),
+        )
+    };
+    assert_eq!(post(SEED), (1, 0));
+    let pretty_and_reordered = r#"{
+  "metadata": { "outputTokens": 450, "inputTokens": 1200 },
+  "executionDurationMs": 542,
+  "agentId": "agent_gpt4o_prod",
+  "sessionId": "sess_abc123",
+  "toolName": "web_search",
+  "productType": "MCP_SERVER",
+  "metricName": "mcp_server.tool_invocations"
+}"#;
+    assert_eq!(post(pretty_and_reordered), (0, 1));
+    assert_eq!(post(&SEED.replace(",\"", ", \"")), (0, 1));
+    assert_eq!(post(&earlier), (0, 1), "a retry of an event stored before");
+    assert_eq!(post(&SEED.replace("542", "543")), (1, 0), "other content");
+    assert_eq!(summary(&s, ACME)["calls"], 3);
+}
+
 #[test]
 fn a_bad_event_fails_alone_with_its_index_and_the_rest_are_stored() {
     let s = Server::start();

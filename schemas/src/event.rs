@@ -144,6 +144,9 @@ pub struct EventLimits {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidEvent {
     pub idempotency_key: String,
+    /// For a derived key, the key the previous derivation gave the same bytes: see
+    /// [`RatedEvent::legacy_idempotency_key`].
+    pub legacy_idempotency_key: Option<String>,
     pub occurred_at_ms: i64,
     pub metric_name: String,
     pub product_type: String,
@@ -172,6 +175,12 @@ impl ValidEvent {
 #[serde(rename_all = "camelCase")]
 pub struct RatedEvent {
     pub idempotency_key: String,
+    /// When the key was derived from the content, the key the previous derivation (SHA-256 of
+    /// the bytes, `sha256:`) gave: a retry of an event stored before the canonical derivation
+    /// existed is a duplicate of it. Stores look it up and never store it. Not needed once no
+    /// store holds `sha256:` keys younger than `retention.dedup_days`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legacy_idempotency_key: Option<String>,
     pub occurred_at_ms: i64,
     pub received_at_ms: i64,
     pub metric_name: String,
@@ -199,6 +208,7 @@ impl RatedEvent {
     pub fn sample_call(idempotency_key: &str, occurred_at_ms: i64) -> RatedEvent {
         RatedEvent {
             idempotency_key: idempotency_key.into(),
+            legacy_idempotency_key: None,
             occurred_at_ms,
             received_at_ms: occurred_at_ms,
             metric_name: "mcp_server.tool_invocations".into(),
@@ -395,17 +405,21 @@ pub fn validate(
         }
     };
 
-    let idempotency_key = match optional(
+    let (idempotency_key, legacy_idempotency_key) = match optional(
         "idempotencyKey",
         event.idempotency_key,
         MAX_IDEMPOTENCY_KEY_LEN,
     )? {
-        Some(key) if !key.is_empty() => key,
-        _ => derived_idempotency_key(raw),
+        Some(key) if !key.is_empty() => (key, None),
+        _ => (
+            derived_idempotency_key(raw),
+            Some(legacy_derived_idempotency_key(raw)),
+        ),
     };
 
     Ok(ValidEvent {
         idempotency_key,
+        legacy_idempotency_key,
         occurred_at_ms,
         metric_name,
         product_type,
@@ -423,18 +437,80 @@ pub fn validate(
     })
 }
 
-/// The key of an event sent without one: the SHA-256 of its JSON text, so a client that
-/// retries the same bytes is deduplicated.
+/// The key of an event sent without one: `sha256v2:` and the SHA-256 of its canonical JSON
+/// ([`canonical_json`]), so the same event is deduplicated however it is spaced or its fields
+/// ordered. SDKs should send `idempotencyKey`: two calls with equal content are one event here.
 pub fn derived_idempotency_key(raw: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(raw) {
+        Ok(value) => {
+            let mut canonical = String::with_capacity(raw.len());
+            canonical_json(&value, &mut canonical);
+            hex_key("sha256v2:", canonical.as_bytes())
+        }
+        // Validation parsed the text already; this only keeps the function total.
+        Err(_) => hex_key("sha256v2:", raw.as_bytes()),
+    }
+}
+
+/// The first derivation, from the bytes as sent: kept so that retries of events stored with it
+/// are still recognised (see [`RatedEvent::legacy_idempotency_key`]).
+pub fn legacy_derived_idempotency_key(raw: &str) -> String {
+    hex_key("sha256:", raw.as_bytes())
+}
+
+fn hex_key(prefix: &str, bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(raw.as_bytes());
-    let mut key = String::with_capacity(7 + 64);
-    key.push_str("sha256:");
+    let digest = Sha256::digest(bytes);
+    let mut key = String::with_capacity(prefix.len() + 64);
+    key.push_str(prefix);
     for byte in digest {
         key.push(HEX[usize::from(byte >> 4)] as char);
         key.push(HEX[usize::from(byte & 15)] as char);
     }
     key
+}
+
+/// One text per JSON value, after RFC 8785: no whitespace, object members sorted by name,
+/// strings escaped the one way serde_json does, numbers in their shortest form (an integral
+/// float as an integer, so `1.0` and `1` are one number).
+pub fn canonical_json(value: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match value {
+        Value::Null | Value::Bool(_) | Value::String(_) => out.push_str(&value.to_string()),
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => out.push_str(&i.to_string()),
+            (_, Some(u), _) => out.push_str(&u.to_string()),
+            (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 1e15 => {
+                out.push_str(&(f as i64).to_string())
+            }
+            (_, _, Some(f)) => out.push_str(&f.to_string()),
+            _ => out.push_str(&n.to_string()),
+        },
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(members) => {
+            let mut names: Vec<&String> = members.keys().collect();
+            names.sort_unstable();
+            out.push('{');
+            for (i, name) in names.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(name.clone()).to_string());
+                out.push(':');
+                canonical_json(&members[name], out);
+            }
+            out.push('}');
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -564,8 +640,44 @@ mod tests {
         assert_eq!(e.occurred_at_ms, NOW);
         assert_eq!((e.input_tokens, e.output_tokens), (1200, 450));
         assert_eq!(e.execution_duration_ms, 542);
-        assert!(e.idempotency_key.starts_with("sha256:"));
+        assert!(e.idempotency_key.starts_with("sha256v2:"));
         assert_eq!(e.idempotency_key, check(SEED).unwrap().idempotency_key);
+        assert_eq!(
+            e.legacy_idempotency_key,
+            Some(legacy_derived_idempotency_key(SEED))
+        );
+    }
+
+    /// Swagger's "Try it out" sends the fields in its own order and pretty-printed; a client
+    /// may add a space. Without an idempotencyKey those are still one event.
+    #[test]
+    fn the_derived_key_ignores_spacing_field_order_and_number_spelling() {
+        let key = |raw: &str| check(raw).unwrap().idempotency_key;
+        let reordered = r#"{
+  "metadata": { "outputTokens": 450, "inputTokens": 1200 },
+  "executionDurationMs": 542.0,
+  "agentId": "agent_gpt4o_prod",
+  "sessionId": "sess_abc123",
+  "toolName": "web_search",
+  "productType": "MCP_SERVER",
+  "metricName": "mcp_server.tool_invocations"
+}"#;
+        assert_eq!(key(SEED), key(reordered));
+        assert_eq!(key(SEED), key(&SEED.replace(",", ", ")));
+        // Other content is another event; so is another value inside metadata.
+        assert_ne!(key(SEED), key(&SEED.replace("542", "543")));
+        assert_ne!(key(SEED), key(&SEED.replace("450", "451")));
+        // The legacy key is still the bytes' own, so stored events keep catching their retries.
+        assert_ne!(
+            check(reordered).unwrap().legacy_idempotency_key,
+            check(SEED).unwrap().legacy_idempotency_key
+        );
+        let mut canonical = String::new();
+        canonical_json(
+            &serde_json::from_str(r#"{"b":[1.0,2.5,"x\"y"],"a":null}"#).unwrap(),
+            &mut canonical,
+        );
+        assert_eq!(canonical, r#"{"a":null,"b":[1,2.5,"x\"y"]}"#);
     }
 
     #[test]

@@ -21,7 +21,9 @@ use utoipa::ToSchema;
         "executionDurationMs": 542, "metadata": {"inputTokens": 1200, "outputTokens": 450}})
 )]
 pub struct EventSchema {
-    /// Deduplication key within the tenant; default: SHA-256 of the event's JSON.
+    /// Deduplication key within the tenant; send one (an SDK's call id). Default: SHA-256 of the
+    /// event's canonical JSON (members sorted, no whitespace), so two calls with equal content
+    /// count once.
     #[schema(max_length = 255)]
     idempotency_key: Option<String>,
     /// `mcp_server.tool_invocations` for a call; `system.session.heartbeat` for a heartbeat.

@@ -140,6 +140,7 @@ impl RatePlans {
         };
         Ok(RatedEvent {
             idempotency_key: event.idempotency_key,
+            legacy_idempotency_key: event.legacy_idempotency_key,
             occurred_at_ms: event.occurred_at_ms,
             received_at_ms,
             metric_name: event.metric_name,
@@ -217,6 +218,7 @@ mod tests {
     fn seed() -> ValidEvent {
         ValidEvent {
             idempotency_key: "k".into(),
+            legacy_idempotency_key: None,
             occurred_at_ms: 1_000,
             metric_name: "mcp_server.tool_invocations".into(),
             product_type: "MCP_SERVER".into(),

@@ -1,8 +1,8 @@
 //! Writing rated batches into ClickHouse exactly once, on any server version.
 //!
 //! ClickHouse has no unique keys, so dedup happens before the insert: look the write's keys up
-//! in `mcp_event_keys` (a primary-key `IN` lookup), drop those found and repeats within the
-//! write, insert the rest in one INSERT. The key table is filled by a view on `mcp_events`,
+//! in `mcp_event_keys` (a primary-key `IN` lookup, legacy keys of derived keys included), drop
+//! those found and repeats within the write, insert the rest in one INSERT. The key table is filled by a view on `mcp_events`,
 //! so the INSERT that writes the rows writes their keys too. This is race-free because each
 //! store has one writer (one per Kafka partition in the distributed mode).
 
@@ -66,7 +66,10 @@ impl ClickHouseWriter {
         let mut by_tenant: HashMap<&str, Vec<&str>> = HashMap::new();
         for batch in batches {
             let keys = by_tenant.entry(&batch.tenant_id).or_default();
-            keys.extend(batch.events.iter().map(|e| e.idempotency_key.as_str()));
+            for e in &batch.events {
+                keys.push(&e.idempotency_key);
+                keys.extend(e.legacy_idempotency_key.as_deref());
+            }
         }
         // Lookups of at most KEYS_PER_LOOKUP keys, tenants sharing one while there is room.
         let mut lookups: Vec<Vec<(&str, &[&str])>> = Vec::new();
@@ -172,7 +175,12 @@ impl StoreWriter for ClickHouseWriter {
             let mut outcome = WriteOutcome::default();
             for (i, e) in batch.events.iter().enumerate() {
                 let position = batch.positions.get(i);
-                if seen.insert((&batch.tenant_id, &e.idempotency_key)) {
+                // A retry of an event stored under the previous key derivation.
+                let stored_before = e
+                    .legacy_idempotency_key
+                    .as_deref()
+                    .is_some_and(|legacy| seen.contains(&(&*batch.tenant_id, legacy)));
+                if !stored_before && seen.insert((&batch.tenant_id, &e.idempotency_key)) {
                     outcome.accepted += 1;
                     rows.push(EventRow {
                         tenant_id: &batch.tenant_id,

@@ -31,6 +31,9 @@ const INSERT_EVENT: &str = "INSERT OR IGNORE INTO mcp_events (
     rate_plan_version, metadata)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)";
 
+const LEGACY_KEY_STORED: &str =
+    "SELECT 1 FROM mcp_events WHERE tenant_id = ?1 AND idempotency_key = ?2";
+
 const UPSERT_DAILY: &str = concat!(
     "INSERT INTO mcp_daily_stats (
     tenant_id, day, customer_id, agent_id, tool_name, calls, errors, quantity_micros,
@@ -85,9 +88,22 @@ impl StoreWriter for SqliteWriter {
             let mut insert = tx
                 .prepare_cached(INSERT_EVENT)
                 .context("prepare the event insert")?;
+            let mut legacy = tx
+                .prepare_cached(LEGACY_KEY_STORED)
+                .context("prepare the legacy key lookup")?;
             for batch in batches {
                 let mut outcome = WriteOutcome::default();
                 for e in &batch.events {
+                    // A retry of an event stored under the previous key derivation.
+                    if let Some(key) = &e.legacy_idempotency_key {
+                        if legacy
+                            .exists(params![&*batch.tenant_id, key])
+                            .context("look up a legacy key")?
+                        {
+                            outcome.duplicates += 1;
+                            continue;
+                        }
+                    }
                     let inserted = insert
                         .execute(params![
                             &*batch.tenant_id,
