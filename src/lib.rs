@@ -121,7 +121,7 @@ pub async fn migrate_clickhouse(config: &Config) -> anyhow::Result<Vec<String>> 
                 ch.database, ch.url
             )
         })?;
-    Ok(outcomes
+    let mut lines: Vec<String> = outcomes
         .into_iter()
         .map(|(m, outcome)| {
             let what = match outcome {
@@ -130,7 +130,17 @@ pub async fn migrate_clickhouse(config: &Config) -> anyhow::Result<Vec<String>> 
             };
             format!("{} {what}", m.name)
         })
-        .collect())
+        .collect();
+    let topic = &config.kafka.events_topic;
+    let kept = migrations::keep_untagged_offsets(&HttpRunner::new(ch), topic)
+        .await
+        .context("keeping the stored offsets of the events topic")?;
+    if kept > 0 {
+        lines.push(format!(
+            "offsets of {kept} partition(s) recorded before offsets were per topic kept as topic {topic}'s"
+        ));
+    }
+    Ok(lines)
 }
 
 /// `mcp-meter migrate`, Kafka side: creates the events and dead-letter topics. Returns one line
@@ -303,7 +313,7 @@ pub async fn run_aggregator(
     let runner = HttpRunner::new(ch);
     clickhouse::check_ready(&runner, ch).await?;
     let mut source = kafka::KafkaSource::new(&config.kafka)?;
-    let mut writer = ClickHouseWriter::new(runner.clone());
+    let mut writer = ClickHouseWriter::for_topic(runner.clone(), &config.kafka.events_topic);
     // The margin guard writes where ingestors read: Redis. Without it there is no one to tell.
     match &config.redis.url {
         Some(url) => {
@@ -327,7 +337,7 @@ pub async fn run_aggregator(
     let status = Arc::new(aggregator::lag::ConsumerStatus::default());
     let (monitor, lag) = aggregator::lag::LagMonitor::new(
         kafka::KafkaProbe::new(&config.kafka)?,
-        ClickHouseWriter::new(HttpRunner::new(ch)),
+        ClickHouseWriter::for_topic(HttpRunner::new(ch), &config.kafka.events_topic),
         status.clone(),
         aggregator::lag::LagConfig {
             interval: Duration::from_millis(a.lag_check_interval_ms),

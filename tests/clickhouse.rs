@@ -318,6 +318,52 @@ fn the_writer_finds_events_stored_under_their_legacy_key() {
     });
 }
 
+/// `migrate` keeps the floors recorded before offsets were per topic as the configured topic's,
+/// once; rows written then (topic '') count as that topic's positions, and no other topic's.
+#[test]
+fn floors_recorded_before_offsets_were_per_topic_are_kept_for_the_configured_topic() {
+    use backends::sink::BusPosition;
+    use backends::store::StoredOffsets;
+    let database = unique_database("topics");
+    let ch = config_for(&database);
+    let runner = HttpRunner::new(&ch);
+    runtime().block_on(async {
+        migrations::migrate(&HttpRunner::server(&ch), &runner, &database)
+            .await
+            .unwrap();
+        // What an aggregator of the previous version left: floors without a topic, and a row
+        // above them (stored, its floor not yet recorded).
+        runner
+            .execute("INSERT INTO mcp_kafka_offsets (kafka_partition, max_offset) VALUES (0, 41), (1, 7), (0, 40)")
+            .await
+            .unwrap();
+        let untagged = TenantBatch {
+            positions: vec![BusPosition { partition: 0, offset: 42 }],
+            ..TenantBatch::new("t1".into(), vec![rated("k42", "s")])
+        };
+        ClickHouseWriter::new(runner.clone()).write(std::slice::from_ref(&untagged)).await.unwrap();
+
+        assert_eq!(migrations::keep_untagged_offsets(&runner, "events").await.unwrap(), 2);
+        assert_eq!(migrations::keep_untagged_offsets(&runner, "events").await.unwrap(), 0);
+        assert_eq!(migrations::keep_untagged_offsets(&runner, "other").await.unwrap(), 0);
+
+        let events = ClickHouseWriter::for_topic(runner.clone(), "events");
+        let other = ClickHouseWriter::for_topic(runner.clone(), "other");
+        let floors = events.stored_offsets(&[0, 1, 2]).await.unwrap();
+        assert_eq!(floors, [(0, 41), (1, 7)].into_iter().collect());
+        assert!(other.stored_offsets(&[0, 1, 2]).await.unwrap().is_empty());
+        let position = BusPosition { partition: 0, offset: 42 };
+        assert!(events.stored_positions(std::slice::from_ref(&untagged)).await.unwrap().contains(&position));
+        assert!(other.stored_positions(&[untagged]).await.unwrap().is_empty());
+
+        // From now on each topic records and reads its own.
+        other.record_offsets(&[(0, 3)]).await.unwrap();
+        events.record_offsets(&[(0, 42)]).await.unwrap();
+        assert_eq!(other.stored_offsets(&[0]).await.unwrap()[&0], 3);
+        assert_eq!(events.stored_offsets(&[0]).await.unwrap()[&0], 42);
+    });
+}
+
 /// An aggregator batch can hold far more keys than one query may list (ClickHouse refuses more
 /// than 50,000 syntax-tree nodes, and the writer splits its lookups at 100,000 keys): a write of
 /// 110,000 keys of one tenant and 10,000 of another is deduplicated exactly, keys with quotes,

@@ -53,12 +53,14 @@ pub enum ConsumerError {
     #[error("gave up on a batch after {seconds} s of failures; last: {last}")]
     GaveUp { seconds: u64, last: StoreError },
     #[error(
-        "the ClickHouse database holds offsets up to {floor} of partition {partition}, but the \
-events topic ends at offset {end}: the database was written from another topic (or the topic \
-was recreated), and resuming after {floor} would skip this topic's records below it. Give this \
-topic a ClickHouse database of its own (clickhouse.database), then run `mcp-meter migrate`"
+        "the ClickHouse database holds offsets up to {floor} of partition {partition} of topic \
+{topic}, but that topic now ends at offset {end}: it was recreated (or its records deleted) \
+since, and resuming after {floor} would skip its records below it. Give the new topic a name \
+of its own (kafka.events_topic, then `mcp-meter migrate`): the database keeps offsets per \
+topic and follows the new one from its start"
     )]
     ForeignOffsets {
+        topic: String,
         partition: i32,
         floor: i64,
         end: i64,
@@ -155,12 +157,14 @@ where
             let stored = retry(config, || writer.stored_offsets(&new)).await?;
             for p in new {
                 let floor = stored.get(&p).copied().unwrap_or(-1);
-                // Offsets are kept per partition, not per topic: a floor at or past the topic's
-                // end cannot come from this topic (what is stored was read below the end).
+                // Offsets are kept per topic name: a floor at or past the topic's end comes
+                // from an earlier topic of the same name (what is stored was read below the
+                // end), whose rows would also pass for this one's.
                 if floor >= 0 {
                     let end = source.end_offset(p)?;
                     if floor >= end {
                         return Err(ConsumerError::ForeignOffsets {
+                            topic: source.topic().to_string(),
                             partition: p,
                             floor,
                             end,

@@ -66,6 +66,9 @@ pub trait EventSource: Send {
     /// broker says now. Blocks for one round trip to the broker.
     fn end_offset(&self, partition: i32) -> Result<i64, BusError>;
 
+    /// The name of the topic consumed.
+    fn topic(&self) -> &str;
+
     /// Records what was consumed. A hint for restarts only: correctness rests on the positions
     /// stored with the rows, so a commit that is lost costs re-reading, never a duplicate.
     fn commit(&self, next: &[BusPosition]);

@@ -140,6 +140,10 @@ fn read(message: &rdkafka::message::BorrowedMessage<'_>) -> Result<BusEvent, Poi
 
 #[async_trait::async_trait]
 impl EventSource for KafkaSource {
+    fn topic(&self) -> &str {
+        &self.config.events_topic
+    }
+
     fn end_offset(&self, partition: i32) -> Result<i64, BusError> {
         let (_, high) = self
             .consumer

@@ -35,7 +35,49 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(3, "0003_session_summary.sql"),
     migration!(4, "0004_event_keys.sql"),
     migration!(5, "0005_kafka_offsets.sql"),
+    migration!(6, "0006_topic_offsets.sql"),
 ];
+
+/// Keeps the floors recorded before offsets were per topic (`mcp_kafka_offsets`) as floors of
+/// `topic`, the configured events topic, and names it as the topic of untagged rows (rows
+/// written before then, whose `kafka_topic` is ''). Only while nothing is recorded per topic
+/// and no topic is named yet, so running it again (or with another topic later) changes
+/// nothing. Returns how many partitions' floors it kept.
+pub async fn keep_untagged_offsets(
+    runner: &dyn SqlRunner,
+    topic: &str,
+) -> Result<usize, StoreError> {
+    let recorded = runner
+        .tab_separated(
+            "SELECT (SELECT count() FROM mcp_kafka_topic_offsets), \
+(SELECT count() FROM mcp_kafka_untagged_topic), \
+(SELECT uniqExact(kafka_partition) FROM mcp_kafka_offsets)",
+        )
+        .await?;
+    let mut row = super::tsv::rows(&recorded, "read recorded offsets")
+        .next()
+        .ok_or(StoreError::BadAnswer {
+            context: "read recorded offsets",
+            detail: "no row".into(),
+        })?;
+    let (per_topic, named, untagged) = (row.int()?, row.int()?, row.int()?);
+    if per_topic > 0 || named > 0 {
+        return Ok(0);
+    }
+    let topic = super::queries::quote(topic);
+    runner
+        .execute(&format!(
+            "INSERT INTO mcp_kafka_topic_offsets (kafka_topic, kafka_partition, max_offset) \
+SELECT {topic}, kafka_partition, max(max_offset) FROM mcp_kafka_offsets GROUP BY kafka_partition"
+        ))
+        .await?;
+    runner
+        .execute(&format!(
+            "INSERT INTO mcp_kafka_untagged_topic (kafka_topic) VALUES ({topic})"
+        ))
+        .await?;
+    Ok(untagged as usize)
+}
 
 /// `column already exists` on 18.16 (ILLEGAL_COLUMN) and on current servers (DUPLICATE_COLUMN).
 const COLUMN_EXISTS_CODES: [u32; 2] = [44, 15];

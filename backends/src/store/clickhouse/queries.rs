@@ -184,29 +184,36 @@ pub fn stored_keys(keys: &[(&str, &[&str])]) -> String {
 }
 
 /// The greatest Kafka offset of each of `partitions` whose batch was fully stored.
-pub fn stored_offsets(partitions: &[i32]) -> String {
+pub fn stored_offsets(topic: &str, partitions: &[i32]) -> String {
     let list: Vec<String> = partitions.iter().map(i32::to_string).collect();
     format!(
-        "SELECT kafka_partition, max(max_offset) FROM mcp_kafka_offsets \
-WHERE kafka_partition IN ({}) GROUP BY kafka_partition ORDER BY kafka_partition",
+        "SELECT kafka_partition, max(max_offset) FROM mcp_kafka_topic_offsets \
+WHERE kafka_topic = {} AND kafka_partition IN ({}) GROUP BY kafka_partition ORDER BY kafka_partition",
+        quote(topic),
         list.join(", ")
     )
 }
 
-/// Records that everything up to each offset is stored.
-pub fn record_offsets(offsets: &[(i32, i64)]) -> String {
-    let rows: Vec<String> = offsets.iter().map(|(p, o)| format!("({p}, {o})")).collect();
+/// Records that everything up to each offset of `topic` is stored.
+pub fn record_offsets(topic: &str, offsets: &[(i32, i64)]) -> String {
+    let topic = quote(topic);
+    let rows: Vec<String> = offsets
+        .iter()
+        .map(|(p, o)| format!("({topic}, {p}, {o})"))
+        .collect();
     format!(
-        "INSERT INTO mcp_kafka_offsets (kafka_partition, max_offset) VALUES {}",
+        "INSERT INTO mcp_kafka_topic_offsets (kafka_topic, kafka_partition, max_offset) VALUES {}",
         rows.join(", ")
     )
 }
 
-/// Which of the given Kafka positions already have a row. Bounded by the primary key (tenants,
-/// and the time span of the events), so it reads only the slice those events would be in.
-/// `span_ms` is the smallest and greatest `occurred_at_ms`; `positions` are
-/// (partition, smallest offset, greatest offset).
+/// Which of the given positions of `topic` already have a row. Bounded by the primary key
+/// (tenants, and the time span of the events), so it reads only the slice those events would be
+/// in. `span_ms` is the smallest and greatest `occurred_at_ms`; `positions` are (partition,
+/// smallest offset, greatest offset). Rows written before offsets were per topic (topic '')
+/// count when `topic` is the one `migrate` named for them.
 pub fn stored_positions(
+    topic: &str,
     tenants: &[&str],
     span_ms: (i64, i64),
     positions: &[(i32, i64, i64)],
@@ -218,9 +225,12 @@ pub fn stored_positions(
             format!("(kafka_partition = {p} AND kafka_offset BETWEEN {lo} AND {hi})")
         })
         .collect();
+    let topic = quote(topic);
     format!(
         "SELECT kafka_partition, kafka_offset FROM mcp_events WHERE tenant_id IN ({}) \
-AND occurred_at >= toDateTime({}, 'UTC') AND occurred_at <= toDateTime({}, 'UTC') AND ({})",
+AND occurred_at >= toDateTime({}, 'UTC') AND occurred_at <= toDateTime({}, 'UTC') \
+AND (kafka_topic = {topic} OR (kafka_topic = '' AND {topic} IN (SELECT kafka_topic FROM mcp_kafka_untagged_topic))) \
+AND ({})",
         tenants.join(", "),
         span_ms.0.div_euclid(1000),
         span_ms.1.div_euclid(1000),
@@ -330,28 +340,31 @@ AND max(t_agent) = 'agent-1' ORDER BY max(t_last) DESC, session_id LIMIT 100"
     }
 
     #[test]
-    fn offsets_are_read_and_recorded_in_the_tiny_offsets_table() {
+    fn offsets_are_read_and_recorded_per_topic_in_the_tiny_offsets_table() {
         assert_eq!(
-            stored_offsets(&[0, 3]),
-            "SELECT kafka_partition, max(max_offset) FROM mcp_kafka_offsets \
-WHERE kafka_partition IN (0, 3) GROUP BY kafka_partition ORDER BY kafka_partition"
+            stored_offsets("ev'ents", &[0, 3]),
+            "SELECT kafka_partition, max(max_offset) FROM mcp_kafka_topic_offsets \
+WHERE kafka_topic = 'ev\\'ents' AND kafka_partition IN (0, 3) GROUP BY kafka_partition ORDER BY kafka_partition"
         );
         assert_eq!(
-            record_offsets(&[(0, 17), (3, 5)]),
-            "INSERT INTO mcp_kafka_offsets (kafka_partition, max_offset) VALUES (0, 17), (3, 5)"
+            record_offsets("events", &[(0, 17), (3, 5)]),
+            "INSERT INTO mcp_kafka_topic_offsets (kafka_topic, kafka_partition, max_offset) \
+VALUES ('events', 0, 17), ('events', 3, 5)"
         );
     }
 
     #[test]
-    fn stored_positions_stays_inside_the_primary_key_range() {
+    fn stored_positions_stays_inside_the_primary_key_range_and_the_topic() {
         assert_eq!(
             stored_positions(
+                "events",
                 &["a", "b"],
                 (1_795_132_800_999, 1_795_132_801_000),
                 &[(2, 10, 20)]
             ),
             "SELECT kafka_partition, kafka_offset FROM mcp_events WHERE tenant_id IN ('a', 'b') \
 AND occurred_at >= toDateTime(1795132800, 'UTC') AND occurred_at <= toDateTime(1795132801, 'UTC') \
+AND (kafka_topic = 'events' OR (kafka_topic = '' AND 'events' IN (SELECT kafka_topic FROM mcp_kafka_untagged_topic))) \
 AND ((kafka_partition = 2 AND kafka_offset BETWEEN 10 AND 20))"
         );
     }

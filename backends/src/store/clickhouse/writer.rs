@@ -43,6 +43,8 @@ struct EventRow<'a> {
     metadata: &'a str,
     kafka_partition: i32,
     kafka_offset: i64,
+    /// '' for rows that did not come through Kafka.
+    kafka_topic: &'a str,
 }
 
 /// Keys per lookup query: keeps each query far below `max_query_size` (64 MiB) however large
@@ -51,11 +53,23 @@ const KEYS_PER_LOOKUP: usize = 100_000;
 
 pub struct ClickHouseWriter {
     runner: HttpRunner,
+    /// The events topic whose offsets this writer reads and records ('' when events do not
+    /// come through Kafka).
+    topic: String,
 }
 
 impl ClickHouseWriter {
+    /// A writer of events that do not come through Kafka (`serve` with the ClickHouse store).
     pub fn new(runner: HttpRunner) -> ClickHouseWriter {
-        ClickHouseWriter { runner }
+        ClickHouseWriter::for_topic(runner, "")
+    }
+
+    /// A writer of the events topic `topic`: its floors and positions are that topic's.
+    pub fn for_topic(runner: HttpRunner, topic: &str) -> ClickHouseWriter {
+        ClickHouseWriter {
+            runner,
+            topic: topic.to_string(),
+        }
     }
 
     /// The (tenant, key) pairs among `batches` that are already stored.
@@ -103,7 +117,7 @@ impl StoredOffsets for ClickHouseWriter {
     async fn stored_offsets(&self, partitions: &[i32]) -> Result<HashMap<i32, i64>, StoreError> {
         let answer = self
             .runner
-            .tab_separated(&queries::stored_offsets(partitions))
+            .tab_separated(&queries::stored_offsets(&self.topic, partitions))
             .await?;
         let mut offsets = HashMap::new();
         for mut row in tsv::rows(&answer, "read stored offsets") {
@@ -116,7 +130,9 @@ impl StoredOffsets for ClickHouseWriter {
         if offsets.is_empty() {
             return Ok(());
         }
-        self.runner.execute(&queries::record_offsets(offsets)).await
+        self.runner
+            .execute(&queries::record_offsets(&self.topic, offsets))
+            .await
     }
 
     async fn stored_positions(
@@ -145,7 +161,12 @@ impl StoredOffsets for ClickHouseWriter {
             .collect();
         let answer = self
             .runner
-            .tab_separated(&queries::stored_positions(&tenants, span, &positions))
+            .tab_separated(&queries::stored_positions(
+                &self.topic,
+                &tenants,
+                span,
+                &positions,
+            ))
             .await?;
         let mut stored = HashSet::new();
         for mut row in tsv::rows(&answer, "read stored positions") {
@@ -208,6 +229,7 @@ impl StoreWriter for ClickHouseWriter {
                         metadata: e.metadata.as_deref().unwrap_or(""),
                         kafka_partition: position.map_or(-1, |p| p.partition),
                         kafka_offset: position.map_or(-1, |p| p.offset),
+                        kafka_topic: if position.is_some() { &self.topic } else { "" },
                     });
                 } else {
                     outcome.duplicates += 1;
