@@ -278,6 +278,12 @@ impl Ingestor {
         let ch = &config.clickhouse;
         let runner = HttpRunner::new(ch);
         clickhouse::check_ready(&runner, ch).await?;
+        // A broker that is down does not stop the ingestor from starting: it answers 503 with
+        // Retry-After until the broker is back, and /readyz names it. Say so now, not at the
+        // first event.
+        if let Err(e) = kafka::check_brokers(&config.kafka).await {
+            tracing::warn!(error = %e, "starting anyway: ingest answers 503 until a broker answers");
+        }
         let sink: Arc<dyn EventSink> = Arc::new(kafka::KafkaSink::new(&config.kafka)?);
         let analytics: Arc<dyn AnalyticsStore> = Arc::new(ClickHouseAnalytics::new(runner));
         let guard: Arc<dyn GuardState> = match &config.redis.url {
@@ -312,6 +318,9 @@ pub async fn run_aggregator(
     let ch = &config.clickhouse;
     let runner = HttpRunner::new(ch);
     clickhouse::check_ready(&runner, ch).await?;
+    if let Err(e) = kafka::check_brokers(&config.kafka).await {
+        tracing::warn!(error = %e, "starting anyway: events are consumed once a broker answers");
+    }
     let mut source = kafka::KafkaSource::new(&config.kafka)?;
     let mut writer = ClickHouseWriter::for_topic(runner.clone(), &config.kafka.events_topic);
     // The margin guard writes where ingestors read: Redis. Without it there is no one to tell.
@@ -342,6 +351,7 @@ pub async fn run_aggregator(
         aggregator::lag::LagConfig {
             interval: Duration::from_millis(a.lag_check_interval_ms),
             stall_timeout: Duration::from_millis(a.stall_timeout_ms),
+            store: format!("ClickHouse at {} (clickhouse.url)", ch.url),
         },
     );
     tokio::spawn(monitor.run(shutdown.clone()));
@@ -350,6 +360,7 @@ pub async fn run_aggregator(
             .app_data(actix_web::web::Data::new(lag.clone()))
             .route("/metrics", actix_web::web::get().to(aggregator_metrics))
             .route("/healthz", actix_web::web::get().to(aggregator_health))
+            .route("/readyz", actix_web::web::get().to(aggregator_readiness))
     })
     .workers(1)
     .disable_signals()
@@ -381,17 +392,40 @@ async fn aggregator_metrics(
         .body(out)
 }
 
-/// The aggregator's `/healthz`: the last lag check; 503 while a partition is stalled.
-async fn aggregator_health(
-    lag: actix_web::web::Data<aggregator::lag::LagView>,
-) -> actix_web::HttpResponse {
-    let report = lag.report();
-    let mut answer = if report.is_healthy() {
+/// 200 or 503 with `body`.
+fn probe_answer(ok: bool, body: impl serde::Serialize) -> actix_web::HttpResponse {
+    let mut answer = if ok {
         actix_web::HttpResponse::Ok()
     } else {
         actix_web::HttpResponse::ServiceUnavailable()
     };
-    answer.json(report)
+    answer.json(body)
+}
+
+/// The aggregator's `/healthz`: the last lag check; 503 while a partition is stalled or the
+/// broker or ClickHouse has been out of reach for the stall timeout.
+async fn aggregator_health(
+    lag: actix_web::web::Data<aggregator::lag::LagView>,
+) -> actix_web::HttpResponse {
+    let report = lag.report();
+    probe_answer(report.is_healthy(), report)
+}
+
+/// The aggregator's `/readyz`: whether the last lag check read both the broker and ClickHouse;
+/// 503 naming the one it could not read (or that no check has run yet).
+async fn aggregator_readiness(
+    lag: actix_web::web::Data<aggregator::lag::LagView>,
+) -> actix_web::HttpResponse {
+    let report = lag.report();
+    let ready = report.is_ready();
+    probe_answer(
+        ready,
+        serde_json::json!({
+            "status": if ready { "ready" } else { "unavailable" },
+            "measuredAt": report.measured_at,
+            "error": report.error,
+        }),
+    )
 }
 
 /// `serve`: the whole pipeline in one process.

@@ -10,6 +10,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use serde_json::Value;
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -130,6 +132,140 @@ fn an_unreachable_broker_answers_503_with_retry_after_and_claims_nothing() {
     assert!(
         metrics.contains("mcp_meter_kafka_delivery_errors_total 2\n"),
         "{metrics}"
+    );
+}
+
+/// `mcp-meter <args>` on `setup`'s config with its stderr in a file of the setup's directory.
+fn spawn_logged(
+    setup: &Setup,
+    args: &[&str],
+    envs: &[(&str, String)],
+) -> (std::process::Child, PathBuf) {
+    let log = setup.dir.path().join(format!("{}.log", args[0]));
+    let child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+        .args(args)
+        .arg("--config")
+        .arg(&setup.file)
+        .env("MCP_METER_LOG", "info")
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, log)
+}
+
+#[test]
+fn a_missing_broker_is_named_by_migrate_the_ingestor_and_the_aggregator_whose_health_fails() {
+    let setup = Setup::new("nobroker2", &kafka_brokers(), 1, "");
+    // Port 1 of loopback: nothing listens, the connection is refused at once.
+    let nowhere = "127.0.0.1:1";
+    let text = std::fs::read_to_string(&setup.file)
+        .unwrap()
+        .replace(&kafka_brokers(), nowhere);
+    std::fs::write(&setup.file, text).unwrap();
+
+    // migrate: fails within seconds (it waited 60 s for OperationTimedOut), naming the address
+    // and the setting.
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+        .args(["migrate", "--config"])
+        .arg(&setup.file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr.contains(nowhere) && stderr.contains("kafka.brokers"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("OperationTimedOut"), "{stderr}");
+
+    // ingestor: starts, and says at once that the broker is not there.
+    let (mut ingestor, ingestor_log) =
+        spawn_logged(&setup, &["ingestor", "--listen", "127.0.0.1:0"], &[]);
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read_to_string(
+            &ingestor_log
+        )
+        .unwrap()
+        .contains("starting anyway")),
+        "{}",
+        std::fs::read_to_string(&ingestor_log).unwrap()
+    );
+    let said = std::fs::read_to_string(&ingestor_log).unwrap();
+    assert!(
+        said.contains(nowhere) && said.contains("kafka.brokers"),
+        "{said}"
+    );
+    let _ = ingestor.kill();
+    let _ = ingestor.wait();
+
+    // aggregator: /readyz 503 from the first failed check, /healthz 503 once the checks have
+    // failed for the stall timeout, both naming the address; its consumer's errors are logged
+    // once per 30 s, not every poll.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (mut aggregator, aggregator_log) = spawn_logged(
+        &setup,
+        &["aggregator"],
+        &[
+            ("MCP_METER_AGGREGATOR_LISTEN", format!("127.0.0.1:{port}")),
+            ("MCP_METER_AGGREGATOR_LAG_CHECK_INTERVAL_MS", "200".into()),
+            ("MCP_METER_AGGREGATOR_STALL_TIMEOUT_MS", "7000".into()),
+        ],
+    );
+    let ops = Client::new(&format!("http://127.0.0.1:{port}"));
+    let mut ready = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            ready = ops.try_get_text("/readyz");
+            // 503 "no check has run yet" comes first.
+            matches!(&ready, Some((503, body)) if body.contains("kafka.brokers"))
+        }),
+        "{ready:?} {:?}\n{}",
+        aggregator.try_wait(),
+        std::fs::read_to_string(&aggregator_log).unwrap()
+    );
+    let (_, ready) = ready.unwrap();
+    assert!(
+        ready.contains(nowhere) && ready.contains("unavailable"),
+        "{ready}"
+    );
+    let mut health = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            health = ops.try_get_text("/healthz");
+            matches!(health, Some((503, _)))
+        }),
+        "{health:?}"
+    );
+    let (_, health) = health.unwrap();
+    assert!(
+        health.contains("\"status\":\"unreachable\"") && health.contains(nowhere),
+        "{health}"
+    );
+    // A few more seconds of a broker that is not there: ~12 s in all.
+    std::thread::sleep(Duration::from_secs(4));
+    let _ = aggregator.kill();
+    let _ = aggregator.wait();
+    let log = std::fs::read_to_string(&aggregator_log).unwrap();
+    let consumer_errors = log.matches("kafka consumer error").count();
+    assert!(
+        consumer_errors <= 1,
+        "{consumer_errors} lines in ~12 s:\n{log}"
+    );
+    assert!(
+        log.contains("starting anyway") && log.contains(nowhere),
+        "{log}"
     );
 }
 

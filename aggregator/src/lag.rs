@@ -17,7 +17,9 @@
 //! rebalance is harmless; it never exits over a partition that is not its own.
 //!
 //! A check that cannot read the broker or the store restarts the stall clocks: while ClickHouse
-//! or the broker is down, no member can store anything, and rejoining would not help.
+//! or the broker is down, no member can store anything, and rejoining would not help. Checks
+//! that keep failing for `stall_timeout_ms` make the report `unreachable`: `/healthz` answers 503
+//! then, as it does for a stall, and `/readyz` answers 503 from the first failed check.
 
 use backends::source::TopicProbe;
 use backends::store::StoredOffsets;
@@ -30,10 +32,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How often to measure and how long a stall may last.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LagConfig {
     pub interval: Duration,
     pub stall_timeout: Duration,
+    /// Where the stored floors are read, as errors name it (`ClickHouse at http://…`).
+    pub store: String,
 }
 
 /// What the consumer loop and the monitor tell each other. The loop publishes its assignment
@@ -104,7 +108,8 @@ pub struct PartitionLag {
 pub struct LagReport {
     /// `ok`; `stalled` when some partition has had unstored records past the stall timeout with
     /// nobody storing them (the health check answers 503); `unknown` when the last check could
-    /// not read the broker or the store (see `error`), or none ran yet.
+    /// not read the broker or the store (see `error`), or none ran yet; `unreachable` when checks
+    /// have failed for the whole stall timeout (503: nothing can be stored).
     pub status: &'static str,
     /// The partitions this aggregator owns.
     pub assigned: Vec<i32>,
@@ -136,8 +141,15 @@ impl LagReport {
         }
     }
 
+    /// What `/healthz` answers: false while records wait with nobody storing them, or while the
+    /// broker or the store has been out of reach for the stall timeout.
     pub fn is_healthy(&self) -> bool {
-        self.status != "stalled"
+        !matches!(self.status, "stalled" | "unreachable")
+    }
+
+    /// What `/readyz` answers: the last check read both the broker and the store.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.status, "ok" | "stalled")
     }
 
     /// The aggregator's own metric families, in Prometheus text format.
@@ -336,6 +348,7 @@ impl<P: TopicProbe, O: StoredOffsets> LagMonitor<P, O> {
         let mut rejoined_at = None;
         // Per partition: the floor whose next record's time is known, and that time.
         let mut written: HashMap<i32, (i64, i64)> = HashMap::new();
+        let mut failing_since: Option<Instant> = None;
         let mut ticks = tokio::time::interval(self.config.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -348,19 +361,34 @@ impl<P: TopicProbe, O: StoredOffsets> LagMonitor<P, O> {
             }
             match self.measure(&mut written).await {
                 Ok(measured) => {
+                    failing_since = None;
                     self.judge(measured, &mut stalls, &mut rejoined_at);
                 }
                 Err(error) => {
                     stalls.reset();
-                    self.checks_failed.fetch_add(1, Ordering::Relaxed);
-                    let mut report = self.report.write().expect("report lock");
-                    report.status = "unknown";
-                    report.error = Some(error);
-                    report.assigned = self.status.assigned();
-                    report.rejoins = self.status.rejoins();
+                    self.failed(error, *failing_since.get_or_insert_with(Instant::now));
                 }
             }
         }
+    }
+
+    /// A check that could not read the broker or the store, in a run of failures since `since`.
+    fn failed(&self, error: String, since: Instant) {
+        self.checks_failed.fetch_add(1, Ordering::Relaxed);
+        let unreachable = since.elapsed() >= self.config.stall_timeout;
+        let mut report = self.report.write().expect("report lock");
+        if unreachable && report.status != "unreachable" {
+            tracing::warn!(%error, seconds = since.elapsed().as_secs(),
+                "lag checks keep failing: nothing can be stored; /healthz answers 503");
+        }
+        report.status = if unreachable {
+            "unreachable"
+        } else {
+            "unknown"
+        };
+        report.error = Some(error);
+        report.assigned = self.status.assigned();
+        report.rejoins = self.status.rejoins();
     }
 
     /// Per partition (partition, end, floor), and the oldest unstored record's write time.
@@ -372,13 +400,13 @@ impl<P: TopicProbe, O: StoredOffsets> LagMonitor<P, O> {
         let ends = tokio::task::spawn_blocking(move || probe.end_offsets())
             .await
             .map_err(|e| format!("lag probe: {e}"))?
-            .map_err(|e| format!("broker: {e}"))?;
+            .map_err(|e| e.to_string())?;
         let partitions: Vec<i32> = ends.iter().map(|(p, _)| *p).collect();
         let floors = self
             .offsets
             .stored_offsets(&partitions)
             .await
-            .map_err(|e| format!("store: {e}"))?;
+            .map_err(|e| format!("{}: {e}", self.config.store))?;
         let mut measured = Vec::with_capacity(ends.len());
         let mut oldest: Option<i64> = None;
         for (p, end) in ends {
@@ -595,11 +623,92 @@ mod tests {
         assert_eq!(rejoined, None);
     }
 
+    /// A broker nobody can reach.
+    struct Unreachable;
+    impl TopicProbe for Unreachable {
+        fn end_offsets(&self) -> Result<Vec<(i32, i64)>, backends::source::BusError> {
+            Err(backends::kafka::unreachable(
+                "10.9.9.9:9092",
+                Duration::from_secs(3),
+                "BrokerTransportFailure",
+            ))
+        }
+        fn written_at_ms(&self, _: i32, _: i64) -> Result<Option<i64>, backends::source::BusError> {
+            unreachable!("no end offsets, no records")
+        }
+    }
+    struct NoFloors;
+    #[async_trait::async_trait]
+    impl StoredOffsets for NoFloors {
+        async fn stored_offsets(
+            &self,
+            _: &[i32],
+        ) -> Result<HashMap<i32, i64>, backends::error::StoreError> {
+            Ok(HashMap::new())
+        }
+        async fn record_offsets(
+            &self,
+            _: &[(i32, i64)],
+        ) -> Result<(), backends::error::StoreError> {
+            Ok(())
+        }
+        async fn stored_positions(
+            &self,
+            _: &[backends::sink::TenantBatch],
+        ) -> Result<
+            std::collections::HashSet<backends::sink::BusPosition>,
+            backends::error::StoreError,
+        > {
+            Ok(Default::default())
+        }
+    }
+
+    #[test]
+    fn a_broker_out_of_reach_for_the_stall_timeout_makes_health_fail_and_names_the_address() {
+        let config = LagConfig {
+            interval: Duration::from_millis(20),
+            stall_timeout: Duration::from_millis(300),
+            store: "the store".into(),
+        };
+        let (monitor, view) = LagMonitor::new(
+            Unreachable,
+            NoFloors,
+            Arc::new(ConsumerStatus::default()),
+            config,
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let (early, late) = runtime.block_on(async move {
+            let running = tokio::spawn(monitor.run(shutdown));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let early = view.report();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let late = view.report();
+            stop.send(true).unwrap();
+            running.await.unwrap();
+            (early, late)
+        });
+        // Failing, not yet for long: not ready, still alive.
+        assert_eq!(early.status, "unknown");
+        assert!(!early.is_ready());
+        assert!(early.is_healthy());
+        // Failing for the stall timeout: health says so, and the error names what to fix.
+        assert_eq!(late.status, "unreachable");
+        assert!(!late.is_healthy());
+        let error = late.error.unwrap();
+        assert!(error.contains("10.9.9.9:9092"), "{error}");
+        assert!(error.contains("kafka.brokers"), "{error}");
+    }
+
     #[test]
     fn metrics_name_every_partition_and_the_totals() {
         let config = LagConfig {
             interval: Duration::from_secs(1),
             stall_timeout: T,
+            store: "the store".into(),
         };
         let mut report = LagReport::new(&config);
         report.partitions = vec![PartitionLag {

@@ -13,7 +13,7 @@ use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use schemas::config::KafkaConfig;
 use schemas::event::BusEvent;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Notes the partitions taken away in a rebalance, for the aggregator to forget.
 struct Context {
@@ -52,6 +52,43 @@ pub struct KafkaSource {
     config: KafkaConfig,
     revoked: Arc<Mutex<Vec<i32>>>,
     delivery_timeout: Duration,
+    errors: Throttle,
+}
+
+/// How often a consumer error that keeps coming back is logged.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Lets one line through per interval and counts the ones it holds back, so a broker that stays
+/// down for an hour writes 120 lines, not 7,200.
+#[derive(Debug)]
+struct Throttle {
+    every: Duration,
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be written at `now`.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.duration_since(last) < self.every => {
+                self.held_back += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
 }
 
 /// A new member of the aggregators' group, not yet subscribed.
@@ -105,6 +142,7 @@ impl KafkaSource {
             config: config.clone(),
             revoked,
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms + 1000),
+            errors: Throttle::new(ERROR_LOG_INTERVAL),
         };
         source.subscribe()?;
         Ok(source)
@@ -167,17 +205,18 @@ impl EventSource for KafkaSource {
     ) -> Result<Polled, BusError> {
         let mut polled = Polled::default();
         let mut deadline = tokio::time::Instant::now() + idle;
-        let mut reported = false;
         while polled.messages.len() < max {
             let message = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Err(_) => break,
                 // Errors reach consumers as events: all brokers down during a restart, a
                 // transport failure. librdkafka reconnects and resumes by itself, so they are
-                // logged (once per poll) and polling goes on; exiting would stall partitions.
+                // logged (at most once per ERROR_LOG_INTERVAL) and polling goes on; exiting
+                // would stall partitions.
                 Ok(Err(e)) => {
-                    if !reported {
-                        tracing::warn!(error = %e, "kafka consumer error; still polling");
-                        reported = true;
+                    if let Some(held_back) = self.errors.admit(Instant::now()) {
+                        tracing::warn!(error = %e, brokers = self.config.brokers.as_deref().unwrap_or_default(),
+                            similar_errors_since_last_line = held_back,
+                            "kafka consumer error; still polling (check kafka.brokers and the broker)");
                     }
                     continue;
                 }
@@ -297,5 +336,29 @@ impl EventSource for KafkaSource {
         // Whatever the closed member reported revoked is covered by `held`.
         let _ = self.take_revoked();
         Ok(held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeating_error_is_logged_once_per_interval_with_the_count_held_back() {
+        let mut throttle = Throttle::new(Duration::from_secs(30));
+        let start = Instant::now();
+        assert_eq!(throttle.admit(start), Some(0), "the first line goes out");
+        // A broker down for a minute, errors every half second: 120 errors.
+        let admitted: Vec<(u64, u64)> = (1..120u64)
+            .filter_map(|i| {
+                let at = start + Duration::from_millis(500 * i);
+                throttle.admit(at).map(|held| (i, held))
+            })
+            .collect();
+        assert_eq!(
+            admitted,
+            vec![(60, 59)],
+            "one more line at 30 s, saying 59 were held back"
+        );
     }
 }

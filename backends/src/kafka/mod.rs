@@ -6,6 +6,8 @@
 //!   that commits only what it is told, plus the dead-letter producer.
 //! - [`KafkaProbe`]: the lag monitor's [`crate::source::TopicProbe`], outside the group.
 //! - [`create_topics`]: what `mcp-meter migrate` does on the Kafka side.
+//! - [`check_brokers`]: whether a broker answers at the configured address, said in words an
+//!   operator can act on.
 
 mod consumer;
 mod probe;
@@ -18,6 +20,7 @@ pub use producer::KafkaSink;
 use crate::source::BusError;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 use schemas::config::KafkaConfig;
@@ -31,6 +34,47 @@ fn brokers(config: &KafkaConfig) -> Result<&str, BusError> {
     })
 }
 
+/// How long [`check_brokers`] waits for a broker.
+pub const BROKER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks the configured brokers for cluster metadata. A broker that is down, or an address
+/// nothing listens on, fails within [`BROKER_CHECK_TIMEOUT`] with an error that names the address
+/// and what to check (librdkafka itself only retries quietly).
+pub async fn check_brokers(config: &KafkaConfig) -> Result<(), BusError> {
+    let brokers = brokers(config)?.to_string();
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .map_err(|source| BusError::Kafka {
+            context: "create a client to reach the brokers",
+            source,
+        })?;
+    let answer = tokio::task::spawn_blocking(move || {
+        client
+            .fetch_metadata(None, BROKER_CHECK_TIMEOUT)
+            .map(|_| ())
+    })
+    .await
+    .map_err(|e| BusError::Failed {
+        context: "reach the brokers",
+        detail: e.to_string(),
+    })?;
+    answer.map_err(|e| unreachable(&brokers, BROKER_CHECK_TIMEOUT, &e.to_string()))
+}
+
+/// The error for brokers that do not answer: the address, the setting, what to look at.
+pub fn unreachable(brokers: &str, within: Duration, cause: &str) -> BusError {
+    BusError::Failed {
+        context: "reach the brokers",
+        detail: format!(
+            "no Kafka broker answered at {brokers} within {} s ({cause}). Check kafka.brokers \
+(MCP_METER_KAFKA_BROKERS): that a broker runs there, listens on that host and port, and that \
+this machine can reach it",
+            within.as_secs()
+        ),
+    }
+}
+
 /// What became of one topic in [`create_topics`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TopicOutcome {
@@ -41,6 +85,9 @@ pub enum TopicOutcome {
 /// Creates the events and dead-letter topics, with the configured partitions and replication.
 /// A topic that exists already is left as it is.
 pub async fn create_topics(config: &KafkaConfig) -> Result<Vec<(String, TopicOutcome)>, BusError> {
+    // Creating topics against a missing broker waits out the whole operation timeout, then
+    // says only `OperationTimedOut`: ask first, briefly.
+    check_brokers(config).await?;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers(config)?)
         .create()

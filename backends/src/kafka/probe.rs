@@ -2,7 +2,7 @@
 //! watermarks and, on demand, one record's timestamp. It assigns partitions to itself and never
 //! subscribes, so it never joins the aggregators' group nor takes a partition from them.
 
-use super::brokers;
+use super::{brokers, unreachable};
 use crate::source::{BusError, TopicProbe};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -19,6 +19,7 @@ pub struct KafkaProbe {
     /// mix their records.
     consumer: Mutex<BaseConsumer>,
     topic: String,
+    brokers: String,
 }
 
 impl KafkaProbe {
@@ -40,6 +41,7 @@ impl KafkaProbe {
         Ok(KafkaProbe {
             consumer: Mutex::new(consumer),
             topic: config.events_topic.clone(),
+            brokers: brokers(config)?.to_string(),
         })
     }
 }
@@ -49,10 +51,7 @@ impl TopicProbe for KafkaProbe {
         let consumer = self.consumer.lock().expect("probe lock");
         let metadata = consumer
             .fetch_metadata(Some(&self.topic), BROKER_TIMEOUT)
-            .map_err(|source| BusError::Kafka {
-                context: "read the events topic's partitions",
-                source,
-            })?;
+            .map_err(|e| unreachable(&self.brokers, BROKER_TIMEOUT, &e.to_string()))?;
         let mut partitions: Vec<i32> = metadata
             .topics()
             .iter()

@@ -224,12 +224,17 @@ impl EventSink for KafkaSink {
         use rdkafka::producer::Producer;
         let producer = self.producer.read().expect("producer lock").clone();
         let topic = self.config.events_topic.clone();
+        let brokers = self.config.brokers.clone().unwrap_or_default();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
                 .fetch_metadata(Some(&topic), Duration::from_secs(1))
                 .map(|_| ())
-                .map_err(|e| SinkError::Unavailable(format!("kafka metadata: {e}")))
+                .map_err(|e| {
+                    SinkError::Unavailable(format!(
+                        "kafka metadata from {brokers} (kafka.brokers): {e}"
+                    ))
+                })
         })
         .await
         .map_err(|e| SinkError::Unavailable(format!("kafka metadata check panicked: {e}")))?
