@@ -36,7 +36,8 @@ pub struct LoadgenArgs {
     /// Base URL of the mcp-meter API (`serve` or `ingestor`).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// API key with the `ingest` scope (not needed for `--target clickhouse`).
+    /// API key with the `ingest` scope (not needed for `--target clickhouse`); `--target
+    /// freshness` also reads sessions back, which needs the `read` scope too.
     #[arg(long)]
     pub key: Option<String>,
     /// Requests in flight at once (one thread and connection each).
@@ -55,9 +56,11 @@ pub struct LoadgenArgs {
     /// as soon as the previous one is answered.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Seed of the event stream: the same seed makes the same events.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    /// Seed of the event stream: the same seed makes the same events (whose idempotency keys
+    /// the ingestor already holds: a re-run with the same seed stores nothing new). Default: a
+    /// fresh one, printed so that the run can be repeated.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// ClickHouse HTTP interface, for `--target clickhouse`.
     #[arg(long, default_value = "http://127.0.0.1:8123")]
     pub clickhouse_url: String,
@@ -67,6 +70,9 @@ pub struct LoadgenArgs {
     /// Pause between two reads of a probe's session, for `--target freshness` (0: none).
     #[arg(long, default_value_t = 2)]
     pub poll_ms: u64,
+    /// How long a freshness probe waits for its session before it counts as a miss.
+    #[arg(long, default_value_t = 30)]
+    pub probe_timeout_seconds: u64,
     /// Print the summary as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -194,7 +200,7 @@ ORDER BY (tenant_id, occurred_at, idempotency_key)"
 }
 
 /// Request bodies with the events each holds, made before the clock starts.
-fn bodies(args: &LoadgenArgs, batch_size: usize, now_s: i64) -> Vec<(String, u64)> {
+fn bodies(args: &LoadgenArgs, seed: u64, batch_size: usize, now_s: i64) -> Vec<(String, u64)> {
     let mut bodies = Vec::with_capacity((args.events as usize).div_ceil(batch_size));
     let mut n = 0;
     while n < args.events {
@@ -205,9 +211,9 @@ fn bodies(args: &LoadgenArgs, batch_size: usize, now_s: i64) -> Vec<(String, u64
             Target::Events | Target::Clickhouse | Target::Freshness => {}
         }
         for i in 0..size as u64 {
-            let mut e = event(args.seed, n + i, now_s);
+            let mut e = event(seed, n + i, now_s);
             if args.target == Target::Freshness {
-                e.session = probe_session(args.seed, n + i);
+                e.session = probe_session(seed, n + i);
             }
             match args.target {
                 Target::Clickhouse => e.write_row(&mut body),
@@ -234,18 +240,23 @@ fn probe_session(seed: u64, n: u64) -> String {
 }
 
 /// Reads `url` until it answers 200 (the probe is visible), pausing `poll` between reads.
-/// Gives up after a minute, answering the last status.
+/// Answers the first status that is not 404, or `None` when the probe was still not visible
+/// after `timeout` (a miss).
 fn poll_until_visible(
     agent: &ureq::Agent,
     url: &str,
     headers: &[(&str, String)],
     poll: Duration,
-) -> u16 {
+    timeout: Duration,
+) -> Option<u16> {
     let since = Instant::now();
     loop {
-        let status = status_of(with_headers(agent.get(url), headers).call());
-        if status != 404 || since.elapsed() > Duration::from_secs(60) {
-            return status;
+        let (status, _) = answer_of(with_headers(agent.get(url), headers).call());
+        if status != 404 {
+            return Some(status);
+        }
+        if since.elapsed() >= timeout {
+            return None;
         }
         std::thread::sleep(poll);
     }
@@ -262,15 +273,25 @@ fn with_headers<B>(
     req
 }
 
-/// The status of an answer, read through so the connection can be kept; 0 when none came.
-fn status_of(answer: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> u16 {
+/// The status and body of an answer, read through so the connection can be kept; status 0
+/// when none came.
+fn answer_of(answer: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Vec<u8>) {
     match answer {
         Ok(mut answer) => {
-            let _ = answer.body_mut().read_to_vec();
-            answer.status().as_u16()
+            let body = answer.body_mut().read_to_vec().unwrap_or_default();
+            (answer.status().as_u16(), body)
         }
-        Err(_) => 0,
+        Err(_) => (0, Vec::new()),
     }
+}
+
+/// The counts of an ingest answer.
+#[derive(Default, serde::Deserialize)]
+struct Counts {
+    #[serde(default)]
+    accepted: u64,
+    #[serde(default)]
+    duplicates: u64,
 }
 
 /// What one worker saw.
@@ -278,6 +299,9 @@ struct Tally {
     latency_us: hdrhistogram::Histogram<u64>,
     statuses: BTreeMap<u16, u64>,
     events_ok: u64,
+    accepted: u64,
+    duplicates: u64,
+    probe_misses: u64,
 }
 
 /// The figures of a run.
@@ -285,11 +309,20 @@ struct Tally {
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
     pub target: String,
+    /// The seed of the events sent: `--seed` repeats them.
+    pub seed: u64,
     pub concurrency: usize,
     pub batch_size: usize,
     pub requests: u64,
     /// Events in requests answered 2xx.
     pub events_ok: u64,
+    /// Of those, events the target stored now (for ClickHouse: all of them).
+    pub accepted: u64,
+    /// Events the ingestor already held (their idempotency key was stored before): an earlier
+    /// run with the same seed.
+    pub duplicates: u64,
+    /// Freshness probes whose session did not appear within `--probe-timeout-seconds`.
+    pub probe_misses: u64,
     pub seconds: f64,
     pub events_per_second: f64,
     pub requests_per_second: f64,
@@ -298,8 +331,21 @@ pub struct Summary {
     pub statuses: BTreeMap<u16, u64>,
 }
 
+/// A seed nobody used yet: the clock's nanoseconds and the process id, mixed.
+fn fresh_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    // Small enough to type back: 1 to 999,999,999.
+    Rng(nanos ^ (u64::from(std::process::id()) << 32)).below(999_999_999) + 1
+}
+
 pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    let seed = args.seed.unwrap_or_else(fresh_seed);
+    if !args.json {
+        eprintln!("seed {seed} (--seed {seed} sends the same events again)");
+    }
     let batch_size = match args.target {
         Target::Events | Target::Freshness => 1,
         _ => args.batch_size.clamp(1, 1000),
@@ -340,9 +386,10 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
     // Freshness probes read their session back from here.
     let sessions_url = format!("{}/analytics/mcp/sessions/", args.url.trim_end_matches('/'));
     let poll = Duration::from_millis(args.poll_ms);
+    let probe_timeout = Duration::from_secs(args.probe_timeout_seconds);
     let now_s = chrono::Utc::now().timestamp();
     let made = Instant::now();
-    let bodies = bodies(args, batch_size, now_s);
+    let bodies = bodies(args, seed, batch_size, now_s);
     if !args.json {
         eprintln!(
             "made {} events in {} requests in {:.2?}",
@@ -357,13 +404,7 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
     } else {
         indicatif::ProgressBar::new(args.events)
     };
-    progress.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} events ({per_sec}) {msg}",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
+    progress.set_style(progress_style(args.duration_seconds));
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let tallies = Mutex::new(Vec::new());
@@ -386,6 +427,9 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
                         .expect("valid bounds"),
                     statuses: BTreeMap::new(),
                     events_ok: 0,
+                    accepted: 0,
+                    duplicates: 0,
+                    probe_misses: 0,
                 };
                 let mut due = Instant::now();
                 loop {
@@ -406,13 +450,30 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
                         due += interval;
                     }
                     let sent = Instant::now();
-                    let mut status =
-                        status_of(with_headers(agent.post(&url), &headers).send(body.as_bytes()));
+                    let (mut status, answer) =
+                        answer_of(with_headers(agent.post(&url), &headers).send(body.as_bytes()));
                     let mut took = sent.elapsed();
+                    if (200..300).contains(&status) {
+                        if args.target == Target::Clickhouse {
+                            tally.accepted += events;
+                        } else {
+                            let counts: Counts =
+                                serde_json::from_slice(&answer).unwrap_or_default();
+                            tally.accepted += counts.accepted;
+                            tally.duplicates += counts.duplicates;
+                        }
+                    }
                     if args.target == Target::Freshness && status == 202 {
                         let answered = Instant::now();
-                        let url = format!("{sessions_url}{}", probe_session(args.seed, i as u64));
-                        status = poll_until_visible(&agent, &url, &headers, poll);
+                        let url = format!("{sessions_url}{}", probe_session(seed, i as u64));
+                        match poll_until_visible(&agent, &url, &headers, poll, probe_timeout) {
+                            Some(seen) => status = seen,
+                            None => {
+                                tally.probe_misses += 1;
+                                progress.inc(events);
+                                continue;
+                            }
+                        }
                         took = answered.elapsed();
                     }
                     let _ = tally
@@ -435,15 +496,18 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
     let mut latency =
         hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
     let mut statuses = BTreeMap::new();
-    let mut events_ok = 0;
+    let (mut events_ok, mut accepted, mut duplicates, mut probe_misses) = (0, 0, 0, 0);
     for t in tallies.into_inner().expect("tallies") {
         latency.add(&t.latency_us).expect("same bounds");
         for (s, n) in t.statuses {
             *statuses.entry(s).or_default() += n;
         }
         events_ok += t.events_ok;
+        accepted += t.accepted;
+        duplicates += t.duplicates;
+        probe_misses += t.probe_misses;
     }
-    let requests: u64 = statuses.values().sum();
+    let requests: u64 = statuses.values().sum::<u64>() + probe_misses;
     let ms = |us: u64| us as f64 / 1000.0;
     let latency_ms = BTreeMap::from([
         ("p50".to_string(), ms(latency.value_at_quantile(0.50))),
@@ -453,10 +517,14 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
     ]);
     Ok(Summary {
         target: format!("{:?}", args.target).to_lowercase(),
+        seed,
         concurrency: args.concurrency,
         batch_size,
         requests,
         events_ok,
+        accepted,
+        duplicates,
+        probe_misses,
         seconds,
         events_per_second: events_ok as f64 / seconds,
         requests_per_second: requests as f64 / seconds,
@@ -465,22 +533,124 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
     })
 }
 
+/// `n thing` or `n things`.
+fn count(n: u64, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
+/// The bar: elapsed time, events sent, the rate as a whole number, and with `--duration-seconds`
+/// the time left before the run stops.
+fn progress_style(duration_seconds: Option<u64>) -> indicatif::ProgressStyle {
+    let template = match duration_seconds {
+        Some(_) => "{elapsed_precise} [{bar:40}] {pos}/{len} events, {rate}, {left} {msg}",
+        None => "{elapsed_precise} [{bar:40}] {pos}/{len} events, {rate} {msg}",
+    };
+    let cap = Duration::from_secs(duration_seconds.unwrap_or(0));
+    indicatif::ProgressStyle::with_template(template)
+        .expect("a valid template")
+        .progress_chars("=> ")
+        .with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&rate_text(state.per_sec()));
+            },
+        )
+        .with_key(
+            "left",
+            move |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&time_left_text(cap, state.elapsed()));
+            },
+        )
+}
+
+/// The bar's rate: whole events per second.
+fn rate_text(per_second: f64) -> String {
+    format!("{per_second:.0} events/s")
+}
+
+/// The bar's clock under `--duration-seconds`.
+fn time_left_text(cap: Duration, elapsed: Duration) -> String {
+    format!(
+        "{} s left of {} s",
+        cap.saturating_sub(elapsed).as_secs(),
+        cap.as_secs()
+    )
+}
+
+impl Summary {
+    /// Why the run failed, when no request succeeded: what the answers were and what to check.
+    pub fn failure(&self, url: &str) -> Option<String> {
+        if self.requests == 0 || self.events_ok > 0 {
+            return None;
+        }
+        let statuses = self.statuses_text();
+        let what = if self.probe_misses == self.requests {
+            format!(
+                "no freshness probe became visible: is the ingestor's store the one {url} reads, \
+and is an aggregator running? (or raise --probe-timeout-seconds)"
+            )
+        } else if self.statuses.contains_key(&401) {
+            "the API refused the key (401): check --key".into()
+        } else if self.statuses.contains_key(&403) {
+            "the key lacks a scope (403): ingest needs `ingest`, --target freshness also `read`"
+                .into()
+        } else if self.statuses.contains_key(&0) {
+            format!("nothing answered at {url}: is mcp-meter running there (--url)?")
+        } else {
+            "check the statuses above and the server's log".into()
+        };
+        Some(format!("every request failed ({statuses}): {what}"))
+    }
+
+    fn statuses_text(&self) -> String {
+        let mut parts: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(s, n)| {
+                if *s == 0 {
+                    format!("no answer x{n}")
+                } else {
+                    format!("{s} x{n}")
+                }
+            })
+            .collect();
+        if self.probe_misses > 0 {
+            parts.push(format!("probe missed x{}", self.probe_misses));
+        }
+        parts.join(", ")
+    }
+}
+
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "target {}: {} workers, {} event(s) per request",
-            self.target, self.concurrency, self.batch_size
+            "target {}: {}, {} per request, seed {}",
+            self.target,
+            count(self.concurrency as u64, "worker"),
+            count(self.batch_size as u64, "event"),
+            self.seed
         )?;
         writeln!(
             f,
-            "{} events accepted in {} requests in {:.2} s: {:.0} events/s, {:.0} requests/s",
-            self.events_ok,
-            self.requests,
+            "{} taken in {} in {:.2} s: {:.0} events/s, {:.0} requests/s",
+            count(self.events_ok, "event"),
+            count(self.requests, "request"),
             self.seconds,
             self.events_per_second,
             self.requests_per_second
         )?;
+        if self.target != "clickhouse" {
+            writeln!(
+                f,
+                "stored now: {}; duplicates (already stored): {}",
+                self.accepted, self.duplicates
+            )?;
+        }
         let what = if self.target == "freshness" {
             "freshness (202 -> visible in analytics)"
         } else {
@@ -494,24 +664,52 @@ impl std::fmt::Display for Summary {
             self.latency_ms["p99"],
             self.latency_ms["max"]
         )?;
-        let statuses: Vec<String> = self
-            .statuses
-            .iter()
-            .map(|(s, n)| {
-                if *s == 0 {
-                    format!("no answer x{n}")
-                } else {
-                    format!("{s} x{n}")
-                }
-            })
-            .collect();
-        write!(f, "statuses: {}", statuses.join(", "))
+        write!(f, "statuses: {}", self.statuses_text())?;
+        if self.duplicates > self.accepted {
+            write!(
+                f,
+                "\nwarning: {} of {} events were duplicates: an earlier run sent seed {}'s events. \
+Leave out --seed for fresh ones; the figures above measure deduplication, not ingest.",
+                self.duplicates, self.events_ok, self.seed
+            )?;
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bar_shows_whole_rates_and_under_a_duration_the_time_left() {
+        assert_eq!(rate_text(1234.5678), "1235 events/s");
+        assert_eq!(
+            time_left_text(Duration::from_secs(60), Duration::from_millis(12_400)),
+            "47 s left of 60 s"
+        );
+        assert_eq!(
+            time_left_text(Duration::from_secs(5), Duration::from_secs(9)),
+            "0 s left of 5 s"
+        );
+        // Both templates parse (with_template panics on one it cannot read).
+        progress_style(Some(60));
+        progress_style(None);
+    }
+
+    #[test]
+    fn counts_are_singular_for_one() {
+        assert_eq!(count(1, "worker"), "1 worker");
+        assert_eq!(count(8, "worker"), "8 workers");
+        assert_eq!(count(0, "event"), "0 events");
+    }
+
+    #[test]
+    fn fresh_seeds_differ_and_can_be_typed_back() {
+        let (a, b) = (fresh_seed(), fresh_seed());
+        assert_ne!(a, b);
+        assert!((1..1_000_000_000).contains(&a), "{a}");
+    }
 
     #[test]
     fn the_stream_is_seeded_and_each_event_has_its_own_key() {

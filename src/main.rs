@@ -143,7 +143,14 @@ fn main() -> anyhow::Result<()> {
             } else {
                 println!("{summary}");
             }
-            Ok(())
+            let target = match args.target {
+                mcp_meter::loadgen::Target::Clickhouse => &args.clickhouse_url,
+                _ => &args.url,
+            };
+            match summary.failure(target) {
+                Some(why) => anyhow::bail!(why),
+                None => Ok(()),
+            }
         }
         Command::Openapi => {
             let mut out = std::io::stdout().lock();

@@ -6,19 +6,25 @@ mod common;
 use common::*;
 use std::process::Command;
 
-fn loadgen(args: &[&str]) -> serde_json::Value {
+/// `mcp-meter loadgen ARGS`: whether it exited 0, its stdout and its stderr.
+fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
         .arg("loadgen")
         .args(args)
-        .arg("--json")
         .output()
         .unwrap();
-    assert!(
+    (
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A run that must succeed, and its JSON summary.
+fn loadgen(args: &[&str]) -> serde_json::Value {
+    let (ok, stdout, stderr) = run(&[args, &["--json"]].concat());
+    assert!(ok, "{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap()
 }
 
 #[test]
@@ -37,6 +43,11 @@ fn loadgen_batches_and_single_events_land_in_serve_exactly() {
         "3",
     ]);
     assert_eq!(batch["eventsOk"], 3000, "{batch}");
+    assert_eq!(
+        (batch["accepted"].as_u64(), batch["duplicates"].as_u64()),
+        (Some(3000), Some(0)),
+        "{batch}"
+    );
     assert_eq!(batch["requests"], 12);
     assert_eq!(batch["statuses"]["202"], 12);
     for p in ["p50", "p90", "p99", "max"] {
@@ -46,14 +57,14 @@ fn loadgen_batches_and_single_events_land_in_serve_exactly() {
         "--url", &s.base, "--key", ACME, "--events", "200", "--target", "events", "--seed", "2",
     ]);
     assert_eq!(
-        (single["requests"].as_u64(), single["eventsOk"].as_u64()),
+        (single["requests"].as_u64(), single["accepted"].as_u64()),
         (Some(200), Some(200)),
         "{single}"
     );
     let (_, summary) = s.get("/analytics/mcp/summary", ACME);
     assert_eq!(summary["calls"], 3200);
-    // The same seed again: every event is a duplicate, nothing more is stored.
-    loadgen(&[
+    // Without --seed each run picks a fresh one: another 3000 events are stored.
+    let again = loadgen(&[
         "--url",
         &s.base,
         "--key",
@@ -63,7 +74,112 @@ fn loadgen_batches_and_single_events_land_in_serve_exactly() {
         "--batch-size",
         "250",
     ]);
-    assert_eq!(s.get("/analytics/mcp/summary", ACME).1["calls"], 3200);
+    assert_ne!(again["seed"], batch["seed"], "{again}");
+    assert_eq!(again["accepted"], 3000, "{again}");
+    assert_eq!(s.get("/analytics/mcp/summary", ACME).1["calls"], 6200);
+    // The first run's seed again: every event is a duplicate, nothing more is stored, and the
+    // text summary says so rather than "3000 events accepted".
+    let seed = batch["seed"].to_string();
+    let (ok, text, stderr) = run(&[
+        "--url",
+        &s.base,
+        "--key",
+        ACME,
+        "--events",
+        "3000",
+        "--batch-size",
+        "250",
+        "--seed",
+        &seed,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains(&format!("seed {seed}")), "{stderr}");
+    assert!(
+        text.contains("stored now: 0; duplicates (already stored): 3000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: 3000 of 3000 events were duplicates"),
+        "{text}"
+    );
+    assert!(
+        text.contains("3 workers") || text.contains("8 workers"),
+        "{text}"
+    );
+    assert_eq!(s.get("/analytics/mcp/summary", ACME).1["calls"], 6200);
+}
+
+#[test]
+fn loadgen_exits_non_zero_and_says_why_when_every_request_fails() {
+    let s = Server::start();
+    let (ok, text, stderr) = run(&[
+        "--url",
+        &s.base,
+        "--key",
+        "mcpm_wrong",
+        "--events",
+        "20",
+        "--concurrency",
+        "1",
+    ]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("target batch: 1 worker, 100 events per request"),
+        "{text}"
+    );
+    assert!(
+        stderr.contains("every request failed (401 x1)") && stderr.contains("--key"),
+        "{stderr}"
+    );
+    // Nothing listens on port 1.
+    let (ok, _, stderr) = run(&[
+        "--url",
+        "http://127.0.0.1:1",
+        "--key",
+        ACME,
+        "--events",
+        "5",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("nothing answered at http://127.0.0.1:1"),
+        "{stderr}"
+    );
+}
+
+/// A freshness run whose events were all stored before (another run with the same seed)
+/// cannot see its probes: each times out, is counted as a miss, and the run fails saying so.
+#[test]
+fn loadgen_freshness_probes_that_never_appear_time_out_as_misses() {
+    let s = Server::start();
+    loadgen(&[
+        "--url", &s.base, "--key", ACME, "--events", "3", "--seed", "77",
+    ]);
+    let started = std::time::Instant::now();
+    let (ok, text, stderr) = run(&[
+        "--url",
+        &s.base,
+        "--key",
+        ACME,
+        "--target",
+        "freshness",
+        "--events",
+        "3",
+        "--seed",
+        "77",
+        "--probe-timeout-seconds",
+        "1",
+        "--json",
+    ]);
+    assert!(!ok, "{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let summary: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(summary["probeMisses"], 3, "{summary}");
+    assert_eq!(summary["duplicates"], 3, "{summary}");
+    assert!(
+        stderr.contains("no freshness probe became visible"),
+        "{stderr}"
+    );
 }
 
 /// Freshness probes each find their own session once stored: every probe ends on a 200, and
