@@ -1,7 +1,9 @@
 # mcp-meter: one image for every process (serve, ingestor, aggregator, migrate).
 #   docker build -t mcp-meter .
-#   docker run --rm -p 8080:8080 mcp-meter serve --listen 0.0.0.0:8080 --demo-key KEY
-#     (the demo tenant refuses non-loopback addresses: give --config with your tenants)
+#   docker run --rm -p 8080:8080 -v "$PWD/examples/config:/etc/mcp-meter:ro" \
+#     mcp-meter serve --config /etc/mcp-meter/production.toml --listen 0.0.0.0:8080
+#     (three example tenants; try -H 'X-API-Key: acme-ingest-example'. The demo tenant of a
+#     bare `serve` listens on loopback only, which a published port cannot reach.)
 
 FROM rust:1-bookworm AS build
 WORKDIR /src

@@ -1,15 +1,17 @@
 //! The documentation's examples are real: the README's config parses and validates, and the
 //! demo plan prices the seed event as the README says.
 
-use schemas::config::Config;
+use schemas::config::{Config, Scope};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
 fn readme() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
+    repo_file("README.md")
 }
 
-/// Every ```toml block of the README.
-fn toml_blocks(text: &str) -> Vec<&str> {
-    text.split("```toml\n")
+/// Every fenced block of `language` (`toml`, `sh`) in `text`.
+fn blocks<'a>(text: &'a str, language: &str) -> Vec<&'a str> {
+    text.split(&format!("```{language}\n"))
         .skip(1)
         .map(|rest| &rest[..rest.find("```").unwrap()])
         .collect()
@@ -18,7 +20,7 @@ fn toml_blocks(text: &str) -> Vec<&str> {
 #[test]
 fn the_readme_config_examples_are_valid() {
     let text = readme();
-    let blocks = toml_blocks(&text);
+    let blocks = blocks(&text, "toml");
     let full = *blocks
         .iter()
         .find(|b| b.contains("listen = "))
@@ -66,4 +68,198 @@ fn the_benchmark_config_is_valid() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-ingest"))
             .unwrap();
     assert!(script.contains("--key bench-key") && script.contains("bench/serve.toml"));
+}
+
+fn repo_file(path: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn the_readme_links_only_files_of_the_repository() {
+    let text = readme();
+    assert!(
+        !text.contains("../"),
+        "the README points outside the repository"
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let links: Vec<&str> = text
+        .split("](")
+        .skip(1)
+        .map(|rest| &rest[..rest.find(')').unwrap()])
+        .filter(|l| !l.starts_with("http") && !l.starts_with('#'))
+        .collect();
+    assert!(!links.is_empty());
+    for link in links {
+        assert!(
+            root.join(link).exists(),
+            "README links {link}, which is not in the repository"
+        );
+    }
+}
+
+/// A reader pastes the README's commands after the walk-through: they use its key (or the
+/// compose stack's), never a variable nothing set, and the export asks for the current month.
+#[test]
+fn the_readme_commands_use_the_walk_through_key_and_the_current_month() {
+    let text = readme();
+    for block in blocks(&text, "sh") {
+        assert!(
+            !block.contains("$KEY"),
+            "a command uses $KEY, which nothing sets:\n{block}"
+        );
+        for line in block.lines().filter(|l| l.contains("period=")) {
+            assert!(
+                line.contains("period=$(date -u +%Y-%m)"),
+                "a fixed month: {line}"
+            );
+        }
+        for line in block
+            .lines()
+            .filter(|l| l.contains("X-API-Key:") || l.contains("Bearer "))
+        {
+            assert!(
+                line.contains("demo-key") || line.contains("mcpm_compose_demo_key_change_me"),
+                "a key the reader does not have: {line}"
+            );
+        }
+    }
+}
+
+/// The production-shaped example: three tenants, a key per job whose example value (in the
+/// comment beside it) matches its hash, plans with several tools, limits, margin thresholds.
+#[test]
+fn the_production_example_config_loads_with_three_tenants_keys_plans_and_limits() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/production.toml");
+    let config =
+        mcp_meter::load_config(Some(&path), |_| None, &mcp_meter::Overrides::default()).unwrap();
+    assert_eq!(config.tenants.len(), 3);
+    for tenant in &config.tenants {
+        let can = |scope: Scope| {
+            tenant
+                .api_keys
+                .iter()
+                .any(|k| k.scopes.contains(&scope) || k.scopes.contains(&Scope::Admin))
+        };
+        assert!(
+            can(Scope::Ingest) && can(Scope::Read) && can(Scope::Export),
+            "{}",
+            tenant.id
+        );
+        assert!(tenant.api_keys.len() >= 2, "{}: a key per job", tenant.id);
+        for plan in &tenant.rate_plans {
+            assert!(
+                plan.tools.contains_key("*") && plan.tools.len() >= 3,
+                "{}",
+                tenant.id
+            );
+        }
+        assert!(!tenant.limits.is_empty(), "{}", tenant.id);
+    }
+    assert!(
+        config.tenants.iter().any(|t| t.rate_plans.len() >= 2),
+        "a plan change"
+    );
+    assert!(
+        config
+            .tenants
+            .iter()
+            .any(|t| t.margin_guard.warn_below != 0.2),
+        "thresholds of a tenant's own"
+    );
+    // Each example key is the one its hash stands for.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut checked = 0;
+    for (i, line) in lines.iter().enumerate() {
+        if let Some((_, key)) = line.split_once("# key: ") {
+            let hash = lines[i + 1]
+                .trim_start_matches("sha256 = ")
+                .trim_matches('"');
+            assert_eq!(mcp_meter::sha256_hex(key.trim()), hash, "{line}");
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        checked,
+        config
+            .tenants
+            .iter()
+            .map(|t| t.api_keys.len())
+            .sum::<usize>()
+    );
+}
+
+/// The Dockerfile's `docker run` example, run as the image would run it (its ENTRYPOINT is the
+/// binary, the mounted directory is the repository's examples/config): `serve` accepts it,
+/// listens beyond loopback, and the example keys ingest and read.
+#[test]
+fn the_dockerfile_run_example_serves_the_example_config() {
+    let dockerfile = repo_file("Dockerfile");
+    let example: String = dockerfile
+        .lines()
+        .skip_while(|l| !l.contains("docker run"))
+        .take_while(|l| !l.starts_with("#     ("))
+        .map(|l| l.trim_start_matches('#').trim().trim_end_matches('\\'))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let args: Vec<String> = example
+        .split_whitespace()
+        .skip_while(|w| *w != "mcp-meter")
+        .skip(1)
+        .map(|w| {
+            w.replace(
+                "/etc/mcp-meter/",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/examples/config/"),
+            )
+            // Port 0: the test takes whatever port is free, on every address as in the example.
+            .replace("0.0.0.0:8080", "0.0.0.0:0")
+        })
+        .collect();
+    assert_eq!(args[0], "serve", "{example}");
+    assert!(args.contains(&"0.0.0.0:0".to_string()), "{example}");
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+        .args(&args)
+        .env("MCP_METER_DATA_DIR", data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base = lines.map_while(Result::ok).find_map(|l| {
+        let url = l.split_whitespace().find(|w| w.starts_with("http://"))?;
+        Some(url[..url.find("/v1/").unwrap_or(url.len())].to_string())
+    });
+    let Some(base) = base else {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "serve refused `{example}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let port = base.rsplit(':').next().unwrap();
+    let local = format!("http://127.0.0.1:{port}");
+    let event = r#"{"metricName":"mcp_server.tool_invocations","toolName":"web_search","agentId":"a","sessionId":"s"}"#;
+    let answer = ureq::post(format!("{local}/v1/ingest/events"))
+        .header("X-API-Key", "acme-ingest-example")
+        .header("Content-Type", "application/json")
+        .send(event)
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let summary = ureq::get(format!("{local}/analytics/mcp/summary"))
+        .header("X-API-Key", "acme-read-example")
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answer.contains("\"accepted\":1"), "{answer}");
+    assert!(summary.contains("\"calls\":1"), "{summary}");
 }
