@@ -71,11 +71,13 @@ pub mod demo {
     /// Adds tenant `demo` with one admin key and the demo rate plan. The key is printed at
     /// start, so the demo refuses to listen beyond loopback.
     pub fn add_tenant(config: &mut Config, key: &str) -> anyhow::Result<()> {
-        let addr: SocketAddr = config.listen.parse().context("listen address")?;
+        let addrs = schemas::config::listen_addresses(&config.listen)
+            .map_err(|e| anyhow::anyhow!("listen {e}"))?;
         anyhow::ensure!(
-            addr.ip().is_loopback(),
+            addrs.iter().all(|a| a.ip().is_loopback()),
             "without --config, serve runs a demo tenant whose key is printed on the console, so it \
-             only listens on loopback; got {addr}. Pass --config with your tenants and keys to listen there"
+             only listens on loopback; got {}. Pass --config with your tenants and keys to listen there",
+            config.listen
         );
         config.tenants.push(TenantConfig {
             id: TENANT.into(),

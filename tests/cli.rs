@@ -55,6 +55,51 @@ fn the_demo_refuses_to_listen_beyond_loopback() {
     assert!(err.contains("only listens on loopback"), "{err}");
 }
 
+/// `--listen localhost:PORT` is a loopback address like 127.0.0.1: the demo serves on it.
+#[test]
+fn serve_listens_on_a_host_name_that_resolves() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+        .args(["serve", "--listen", "localhost:0", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("MCP_METER_CONFIG")
+        .env_remove("MCP_METER_LISTEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("http://"));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let first = first.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(
+        first.contains("http://127.0.0.1:") || first.contains("http://[::1]:"),
+        "{first}"
+    );
+    // A host that does not resolve is refused, saying so.
+    let out = mcp_meter(
+        &[
+            "serve",
+            "--listen",
+            "no-such-host.invalid:8080",
+            "--data-dir",
+        ]
+        .into_iter()
+        .chain([dir.path().to_str().unwrap()])
+        .collect::<Vec<_>>(),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("host `no-such-host.invalid` does not resolve"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_bad_config_file_reports_every_problem_and_does_not_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -422,6 +422,36 @@ impl Scope {
     }
 }
 
+/// The addresses a `listen` setting stands for: `127.0.0.1:8080`, `[::1]:8080`, or a host name
+/// that resolves, as `localhost:8080`. `Err` says what is wrong with it.
+pub fn listen_addresses(listen: &str) -> Result<Vec<SocketAddr>, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = listen.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        return Err(format!(
+            "`{listen}` has no port: write host:port, like 127.0.0.1:8080 or localhost:8080"
+        ));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!(
+            "`{listen}` is not host:port, like 127.0.0.1:8080 or localhost:8080"
+        ));
+    }
+    match listen.to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            if addrs.is_empty() {
+                Err(format!("`{listen}`: host `{host}` resolves to no address"))
+            } else {
+                Ok(addrs)
+            }
+        }
+        Err(e) => Err(format!("`{listen}`: host `{host}` does not resolve ({e})")),
+    }
+}
+
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
 }
@@ -893,11 +923,8 @@ impl Config {
     /// Checks everything at once and reports every problem found, each saying what to fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if self.listen.parse::<SocketAddr>().is_err() {
-            problems.push(format!(
-                "listen `{}` is not an address like 127.0.0.1:8080",
-                self.listen
-            ));
+        if let Err(e) = listen_addresses(&self.listen) {
+            problems.push(format!("listen {e}"));
         }
         let i = &self.ingest;
         if i.max_batch_events == 0 || i.max_batch_events > crate::event::MAX_BATCH_EVENTS {
@@ -969,11 +996,8 @@ impl Config {
             problems.push("kafka.delivery_timeout_ms must be at least 1".into());
         }
         let a = &self.aggregator;
-        if a.listen.parse::<SocketAddr>().is_err() {
-            problems.push(format!(
-                "aggregator.listen `{}` is not an address like 127.0.0.1:9091",
-                a.listen
-            ));
+        if let Err(e) = listen_addresses(&a.listen) {
+            problems.push(format!("aggregator.listen {e}"));
         }
         if a.max_batch_rows == 0 || a.max_batch_wait_ms == 0 {
             problems.push(
@@ -1195,7 +1219,7 @@ cost = { per_call = 200, per_input_token = 0.5, per_second = "100" }
         let err = Config::from_toml(&bad).unwrap().validate().unwrap_err();
         assert_eq!(err.problems.len(), 4, "{err}");
         let text = err.to_string();
-        assert!(text.contains("listen `nowhere`"));
+        assert!(text.contains("listen `nowhere` has no port"), "{text}");
         assert!(text.contains("sha256 must be 64 lower-case hex"));
         assert!(text.contains("scopes is empty"));
         assert!(text.contains("no `\"*\"` tool rate"));
