@@ -39,9 +39,13 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run everything in one process: the HTTP API, rating, and the embedded SQLite store.
-    #[command(after_long_help = env_help())]
+    #[command(after_long_help = env_help(
+        &["MCP_METER_LISTEN", "MCP_METER_DATA_DIR", "MCP_METER_CONFIG", "MCP_METER_DEMO_KEY"],
+        SERVE_READS,
+    ))]
     Serve {
-        /// Address to listen on (the file's `listen`).
+        /// Address to listen on, host:port (127.0.0.1:8080, localhost:8080; the file's
+        /// `listen`).
         #[arg(long, env = "MCP_METER_LISTEN")]
         listen: Option<String>,
         /// Directory for the embedded store (the file's `data_dir`; default ./data).
@@ -57,8 +61,9 @@ enum Command {
     },
     /// The distributed mode's HTTP API: authenticate, rate, publish to Kafka, answer once the
     /// events are acknowledged; analytics from ClickHouse. Run any number of them.
-    #[command(after_long_help = env_help())]
+    #[command(after_long_help = env_help(&["MCP_METER_LISTEN", "MCP_METER_CONFIG"], INGESTOR_READS))]
     Ingestor {
+        /// Address the API listens on, host:port (the file's `listen`; default 127.0.0.1:8080).
         #[arg(long, env = "MCP_METER_LISTEN")]
         listen: Option<String>,
         /// TOML config file with tenants, `[kafka]` and `[clickhouse]`.
@@ -67,7 +72,7 @@ enum Command {
     },
     /// The distributed mode's writer: consume the events topic into ClickHouse exactly once.
     /// Run up to one per partition; SIGTERM finishes the batch in hand, then exits.
-    #[command(after_long_help = env_help())]
+    #[command(after_long_help = env_help(&["MCP_METER_CONFIG"], AGGREGATOR_READS))]
     Aggregator {
         /// TOML config file with `[kafka]`, `[clickhouse]` and `[aggregator]`.
         #[arg(long, env = "MCP_METER_CONFIG")]
@@ -76,7 +81,7 @@ enum Command {
     /// Create the ClickHouse database and apply every migration not yet applied; with
     /// `kafka.brokers` set, create the Kafka topics too. Safe to run again, and from several
     /// processes at once.
-    #[command(after_long_help = env_help())]
+    #[command(after_long_help = env_help(&["MCP_METER_CONFIG"], &["clickhouse", "kafka"]))]
     Migrate {
         /// TOML config file (`[clickhouse]`, `[kafka]`); environment overrides apply.
         #[arg(long, env = "MCP_METER_CONFIG")]
@@ -85,7 +90,10 @@ enum Command {
     /// Drop dedup keys and raw events past `[retention]` now (`serve` and `aggregator` also do
     /// it every `retention.interval_seconds`); rollups are kept. `--dry-run` only lists what
     /// would go.
-    #[command(after_long_help = env_help())]
+    #[command(after_long_help = env_help(
+        &["MCP_METER_CONFIG", "MCP_METER_DATA_DIR"],
+        &["store", "retention", "clickhouse", "ingest"],
+    ))]
     Retention {
         /// TOML config file (`[retention]`, `[clickhouse]`); environment overrides apply.
         #[arg(long, env = "MCP_METER_CONFIG")]
@@ -120,18 +128,47 @@ enum KeysCommand {
     New,
 }
 
-fn env_help() -> String {
-    let mut help = String::from(
-        "Environment (each overrides the config file; flags override both):\n  \
-         MCP_METER_LISTEN, MCP_METER_DATA_DIR, MCP_METER_CONFIG, MCP_METER_DEMO_KEY  (the flags above)\n  \
-         MCP_METER_LOG  log filter, e.g. info or mcp_meter=debug (default info)\n  \
+/// The environment a subcommand reads: the variables of its own flags (`flag_vars`), the log
+/// settings, and the overrides of the config sections it uses (`sections`: `kafka`, `store`, …).
+fn env_help(flag_vars: &[&str], sections: &[&str]) -> String {
+    let mut help =
+        String::from("Environment (each overrides the config file; flags override both):\n");
+    if !flag_vars.is_empty() {
+        help.push_str(&format!("  {}  (the flags above)\n", flag_vars.join(", ")));
+    }
+    help.push_str(
+        "  MCP_METER_LOG  log filter, e.g. info or mcp_meter=debug (default info)\n  \
          MCP_METER_LOG_FORMAT  text or json (--log-format)\n",
     );
+    let section_of = |setting: &str| setting.split('.').next().unwrap_or(setting).to_string();
     for (var, setting, _) in ENV_OVERRIDES {
-        help.push_str(&format!("  {var:<42} {setting}\n"));
+        if sections.contains(&section_of(setting).as_str()) {
+            help.push_str(&format!("  {var:<42} {setting}\n"));
+        }
     }
     help
 }
+
+/// What `serve` reads: its store, the embedded writer, retention, ingest and the guard.
+const SERVE_READS: &[&str] = &[
+    "store",
+    "clickhouse",
+    "sqlite",
+    "retention",
+    "ingest",
+    "margin_guard",
+];
+/// What an `ingestor` reads: where it publishes, reads analytics, and shares guard state.
+const INGESTOR_READS: &[&str] = &["clickhouse", "kafka", "redis", "ingest", "margin_guard"];
+/// What an `aggregator` reads: the topic, the store, the guard it runs, retention, itself.
+const AGGREGATOR_READS: &[&str] = &[
+    "clickhouse",
+    "kafka",
+    "redis",
+    "margin_guard",
+    "retention",
+    "aggregator",
+];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

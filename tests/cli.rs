@@ -259,3 +259,114 @@ fn retention_dry_run_lists_what_would_go_and_the_real_run_drops_it() {
     assert_eq!(rows(), 2);
     assert!(run(false).contains("nothing to drop"));
 }
+
+/// Each subcommand's `--help` lists its own flags, each with a description, and only the
+/// environment it reads: a flag's variable only where the flag exists, config overrides only
+/// of the sections the command uses.
+#[test]
+fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
+    // (subcommand, config sections whose MCP_METER_* overrides it reads)
+    let commands: &[(&[&str], &[&str])] = &[
+        (
+            &["serve"],
+            &[
+                "STORE",
+                "CLICKHOUSE_",
+                "SQLITE_",
+                "RETENTION_",
+                "INGEST_",
+                "MARGIN_GUARD_",
+            ],
+        ),
+        (
+            &["ingestor"],
+            &[
+                "CLICKHOUSE_",
+                "KAFKA_",
+                "REDIS_",
+                "INGEST_",
+                "MARGIN_GUARD_",
+            ],
+        ),
+        (
+            &["aggregator"],
+            &[
+                "CLICKHOUSE_",
+                "KAFKA_",
+                "REDIS_",
+                "MARGIN_GUARD_",
+                "RETENTION_",
+                "AGGREGATOR_",
+            ],
+        ),
+        (&["migrate"], &["CLICKHOUSE_", "KAFKA_"]),
+        (
+            &["retention"],
+            &["STORE", "CLICKHOUSE_", "RETENTION_", "INGEST_"],
+        ),
+        (&["loadgen"], &[]),
+        (&["openapi"], &[]),
+        (&["keys", "new"], &[]),
+    ];
+    // The variables that stand for flags.
+    let flag_vars = [
+        ("--listen", "MCP_METER_LISTEN"),
+        ("--data-dir", "MCP_METER_DATA_DIR"),
+        ("--config", "MCP_METER_CONFIG"),
+        ("--demo-key", "MCP_METER_DEMO_KEY"),
+    ];
+    for (command, sections) in commands {
+        let out = mcp_meter(&[*command, &["--help"]].concat());
+        assert!(out.status.success(), "{command:?}");
+        let help = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = help.lines().collect();
+        // Every option has a description: the line after it is text, not `[env: …]`.
+        let options: Vec<&str> = lines
+            .iter()
+            .map(|l| l.trim_start())
+            .filter(|l| l.starts_with("--") || l.starts_with("-h, --help"))
+            .collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.trim_start().starts_with("--") && line.starts_with("      --") {
+                let next = lines[i + 1].trim();
+                assert!(
+                    !next.is_empty() && !next.starts_with('['),
+                    "{command:?}: `{}` has no description",
+                    line.trim()
+                );
+            }
+        }
+        let has_flag = |flag: &str| options.iter().any(|o| o.starts_with(&format!("{flag} ")));
+        for (flag, var) in flag_vars {
+            assert_eq!(
+                has_flag(flag),
+                help.contains(var),
+                "{command:?}: {var} listed {} while --{flag} is {}",
+                help.contains(var),
+                if has_flag(flag) {
+                    "a flag"
+                } else {
+                    "not a flag"
+                }
+            );
+        }
+        // Config overrides: only of the sections the command reads.
+        for var in help
+            .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+            .filter(|w| w.starts_with("MCP_METER_"))
+        {
+            let name = &var["MCP_METER_".len()..];
+            let own = flag_vars.iter().any(|(_, v)| *v == var) || name.starts_with("LOG");
+            assert!(
+                own || sections.iter().any(|s| name.starts_with(s)),
+                "{command:?} lists {var}, which it does not read"
+            );
+        }
+        for section in *sections {
+            assert!(
+                help.contains(&format!("MCP_METER_{section}")),
+                "{command:?} does not list MCP_METER_{section}…"
+            );
+        }
+    }
+}
