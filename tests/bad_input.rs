@@ -484,3 +484,74 @@ fn every_bad_request_gets_a_4xx_that_says_what_to_fix_and_changes_nothing() {
     println!("{} request cases:\n  {}", cases.len(), report.join("\n  "));
     assert!(cases.len() + event_cases().len() + 1 >= 40);
 }
+
+/// A GET with `key`, answered whatever its status: the status, the body as JSON.
+fn get_raw(s: &Server, path: &str, method: &str) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("{}{path}", s.base);
+    let answer = match method {
+        "GET" => agent.get(&url).header("X-API-Key", ACME).call(),
+        _ => agent.delete(&url).header("X-API-Key", ACME).call(),
+    };
+    let mut answer = answer.expect("the server answers");
+    let status = answer.status().as_u16();
+    let text = answer.body_mut().read_to_string().unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!("{method} {path} answered {status} with no JSON ({e}): {text:?}")
+    });
+    (status, body)
+}
+
+/// Paths that do not exist answer JSON like every other error, `GET /` says where to go, and a
+/// bad query parameter is named, without actix's "Query deserialize error:" prefix.
+#[test]
+fn unknown_paths_answer_json_and_bad_query_parameters_are_named() {
+    let s = Server::start();
+    let (status, root) = get_raw(&s, "/", "GET");
+    assert_eq!(status, 200, "{root}");
+    assert_eq!(root["docs"], "/docs/", "{root}");
+    assert_eq!(root["openapi"], "/openapi.json", "{root}");
+    for (method, path) in [
+        ("GET", "/nope"),
+        ("GET", "/v1/ingest"),
+        ("DELETE", "/analytics"),
+    ] {
+        let (status, body) = get_raw(&s, path, method);
+        assert_eq!(status, 404, "{method} {path}: {body}");
+        assert_eq!(body["error"], "not_found", "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("{method} {path}")) && message.contains("/docs/"),
+            "{message}"
+        );
+    }
+    let cases = [
+        (
+            "/analytics/mcp/sessions?limit=abc",
+            "limit `abc` is not a whole number; give 1 to 1000",
+        ),
+        (
+            "/analytics/mcp/sessions?limit=-3",
+            "limit `-3` is not a whole number",
+        ),
+        (
+            "/v1/exports/billing?period=2026-11&format=xml",
+            "format `xml` is not one of csv, json",
+        ),
+        (
+            "/analytics/mcp/summary?form=2026-11-01",
+            "unknown field `form`",
+        ),
+        ("/v1/exports/billing?format=csv", "missing field `period`"),
+    ];
+    for (path, says) in cases {
+        let (status, body) = get_raw(&s, path, "GET");
+        assert_eq!(status, 400, "{path}: {body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(says), "{path}: {message}");
+        assert!(!message.contains("deserialize error"), "{path}: {message}");
+    }
+}

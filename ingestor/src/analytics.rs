@@ -43,7 +43,20 @@ pub struct SessionParams {
     agent_id: Option<String>,
     /// Most sessions returned (1 to 1000, default 100).
     #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "limit_param")]
     limit: Option<usize>,
+}
+
+/// `limit` as a whole number, or an error that names it.
+fn limit_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "limit `{text}` is not a whole number; give 1 to {MAX_SESSIONS}"
+        ))
+    })
 }
 
 /// The caller's tenant (with the `read` scope) and the range it asks about.

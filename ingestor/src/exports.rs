@@ -40,11 +40,24 @@ pub struct BillingParams {
     )]
     period: String,
     /// `csv` (default) or `json`.
+    #[serde(default, deserialize_with = "format_param")]
     format: Option<Format>,
     /// Only this customer's lines.
     customer_id: Option<String>,
     /// Only this agent's lines.
     agent_id: Option<String>,
+}
+
+/// `format` as `csv` or `json`, or an error that names it.
+fn format_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Format>, D::Error> {
+    match Option::<String>::deserialize(d)?.as_deref() {
+        None => Ok(None),
+        Some("csv") => Ok(Some(Format::Csv)),
+        Some("json") => Ok(Some(Format::Json)),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "format `{other}` is not one of csv, json"
+        ))),
+    }
 }
 
 /// Where a streamed export is.

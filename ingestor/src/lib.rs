@@ -173,7 +173,13 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
         cfg.app_data(state)
             .app_data(web::PayloadConfig::new(body_limit))
             .app_data(web::QueryConfig::default().error_handler(|e, _| {
-                error::ApiError::BadRequest(format!("bad query parameters: {e}")).into()
+                // The serde message alone: actix's own prefix ("Query deserialize error:")
+                // tells a caller nothing.
+                let detail = match e {
+                    actix_web::error::QueryPayloadError::Deserialize(inner) => inner.to_string(),
+                    other => other.to_string(),
+                };
+                error::ApiError::BadRequest(format!("bad query parameters: {detail}")).into()
             }))
             .app_data(
                 web::PathConfig::default().error_handler(|e, _| {
@@ -184,6 +190,7 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             .service(ingest_post("/v1/ingest/events", ingest::events))
             .service(get("/v1/guard/check", guard::check))
             .service(get("/v1/exports/billing", exports::billing))
+            .service(get("/", ops::index))
             .service(get("/healthz", ops::healthz))
             .service(get("/readyz", ops::readyz))
             .service(get("/metrics", ops::metrics))
@@ -208,6 +215,13 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             .service(get(
                 "/analytics/mcp/sessions/{session_id}",
                 analytics::session,
-            ));
+            ))
+            .default_service(web::to(|req: actix_web::HttpRequest| async move {
+                actix_web::ResponseError::error_response(&error::ApiError::NotFound(format!(
+                    "no such path: {} {}; GET / lists where to start, /docs/ the whole API",
+                    req.method(),
+                    req.path()
+                )))
+            }));
     }
 }

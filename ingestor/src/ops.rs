@@ -20,6 +20,36 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Health { status: "ok" })
 }
 
+/// The answer of `GET /`: where to go from here.
+#[derive(Serialize, ToSchema)]
+pub struct Index {
+    /// `mcp-meter`.
+    name: &'static str,
+    version: &'static str,
+    /// The interactive API documentation.
+    docs: &'static str,
+    /// The OpenAPI document.
+    openapi: &'static str,
+    health: &'static str,
+    ready: &'static str,
+    metrics: &'static str,
+}
+
+/// Where to start: the documentation, the OpenAPI document and the operations endpoints.
+#[utoipa::path(get, path = "/", tag = "operations",
+    responses((status = 200, description = "Links", body = Index)))]
+pub async fn index() -> HttpResponse {
+    HttpResponse::Ok().json(Index {
+        name: "mcp-meter",
+        version: env!("CARGO_PKG_VERSION"),
+        docs: "/docs/",
+        openapi: "/openapi.json",
+        health: "/healthz",
+        ready: "/readyz",
+        metrics: "/metrics",
+    })
+}
+
 /// One dependency's state in `/readyz`.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
