@@ -286,9 +286,14 @@ fn main() -> anyhow::Result<()> {
             actix_web::rt::System::new().block_on(async move {
                 let ingestor = Ingestor::start(&cfg).await?;
                 let mut out = std::io::stdout().lock();
+                let base = format!("http://{}", ingestor.addr);
                 let banner = format!(
-                    "mcp-meter ingestor: http://{} -> kafka topic {}\n",
-                    ingestor.addr, cfg.kafka.events_topic
+                    "mcp-meter ingestor: {base} -> kafka topic {}\n  \
+                     GET  {base}/docs/ (OpenAPI: /openapi.json)\n  \
+                     GET  {base}/healthz (alive)\n  \
+                     GET  {base}/readyz (each dependency)\n  \
+                     GET  {base}/metrics (Prometheus)\n",
+                    cfg.kafka.events_topic
                 );
                 let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
                 drop(out);
@@ -359,9 +364,12 @@ async fn stop_signal() {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MCP_METER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes are for a person at a terminal, not for a file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs
@@ -388,6 +396,9 @@ fn print_banner(e: &Embedded, demo_key: Option<&str>) {
         ("GET ", "/analytics/mcp/sessions/{sessionId}"),
         ("GET ", "/v1/exports/billing?period=YYYY-MM&format=csv|json"),
         ("GET ", "/docs/ (OpenAPI: /openapi.json)"),
+        ("GET ", "/healthz (alive)"),
+        ("GET ", "/readyz (each dependency)"),
+        ("GET ", "/metrics (Prometheus)"),
     ] {
         text.push_str(&format!("  {method} {base}{path}\n"));
     }

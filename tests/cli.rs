@@ -373,3 +373,85 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
         }
     }
 }
+
+/// `serve`'s banner lists the operations endpoints; its log, written to a file, carries no
+/// colour codes and one access line per request, failed authentication included, with no key.
+#[test]
+fn serve_banner_lists_operations_and_its_log_is_plain_with_an_access_line_per_request() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serve.log");
+    let secret = "demo-key-that-must-not-be-logged";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--demo-key",
+            secret,
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .env_remove("MCP_METER_CONFIG")
+        .env_remove("MCP_METER_LISTEN")
+        .env("MCP_METER_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let banner: Vec<String> = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|l| !l.starts_with("demo tenant"))
+        .collect();
+    let banner = banner.join("\n");
+    for path in ["/healthz", "/readyz", "/metrics", "/docs/"] {
+        assert!(banner.contains(path), "the banner lacks {path}:\n{banner}");
+    }
+    let base = banner
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(|u| u[..u.find("/v1/").unwrap()].to_string())
+        .unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let wrong = agent
+        .get(format!("{base}/analytics/mcp/summary"))
+        .header("X-API-Key", "not-a-key")
+        .call()
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    let right = agent
+        .get(format!("{base}/analytics/mcp/summary?from=2026-11-01"))
+        .header("Authorization", format!("Bearer {secret}"))
+        .call()
+        .unwrap();
+    assert_eq!(right.status().as_u16(), 200);
+    // The log is written as requests end; give it a moment, then stop.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains('\u{1b}'), "colour codes in a file:\n{text}");
+    let access: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("access") && l.contains("/analytics/mcp/summary"))
+        .collect();
+    assert_eq!(access.len(), 2, "{text}");
+    assert!(
+        access[0].contains("status=401") && access[0].contains("INFO"),
+        "{}",
+        access[0]
+    );
+    assert!(access[1].contains("status=200"), "{}", access[1]);
+    assert!(
+        !text.contains(secret) && !text.contains("not-a-key"),
+        "a key in the log:\n{text}"
+    );
+    assert!(
+        !text.contains("from=2026"),
+        "query strings stay out of the log:\n{text}"
+    );
+}

@@ -152,14 +152,32 @@ pub async fn metrics() -> HttpResponse {
         .body(backends::metrics::METRICS.render())
 }
 
-/// Records every answered request's route, status and latency.
+/// The access log's target: `MCP_METER_LOG=info,access=warn` silences it.
+pub const ACCESS_LOG: &str = "access";
+
+/// Records every answered request's route, status and latency, and writes one access-log line
+/// at `info`: method, path (no query string), status, milliseconds and the peer. Keys travel
+/// in headers, which are never logged.
 pub async fn record_request(
     req: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
 ) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
     let route = backends::metrics::route_of(req.path());
+    let logged = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(|| {
+        (
+            req.method().clone(),
+            req.path().to_string(),
+            req.peer_addr(),
+        )
+    });
     let started = std::time::Instant::now();
     let answer = next.call(req).await?;
-    backends::metrics::METRICS.http_request(route, answer.status().as_u16(), started.elapsed());
+    let status = answer.status().as_u16();
+    backends::metrics::METRICS.http_request(route, status, started.elapsed());
+    if let Some((method, path, peer)) = logged {
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        tracing::info!(target: ACCESS_LOG, %method, %path, status, ms = format_args!("{ms:.1}"), %peer);
+    }
     Ok(answer)
 }
