@@ -129,11 +129,22 @@ api_keys = [{ name = "k", sha256 = "abc", scopes = ["ingest"] }]
     ] {
         assert!(err.contains(wanted), "missing `{wanted}` in:\n{err}");
     }
+    // Two parse errors: the first is reported with its line, and the answer says the next
+    // ones come once it is fixed.
     let typo = dir.path().join("typo.toml");
-    std::fs::write(&typo, "[ingest]\nmax_batch_event = 10\n").unwrap();
+    std::fs::write(
+        &typo,
+        "[ingest]\nmax_batch_event = 10\n[kafka]\npartitions = \"six\"\n",
+    )
+    .unwrap();
     let out = mcp_meter(&["serve", "--config", typo.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown field `max_batch_event`"), "{err}");
+    assert!(err.contains("line 2"), "{err}");
+    assert!(
+        err.contains("parsing stops at the first error like this one: fix it and run again"),
+        "{err}"
+    );
 }
 
 /// The variables a user may set, beside the config table's: the flags' and the log filter.

@@ -27,6 +27,27 @@ fn the_readme_config_examples_are_valid() {
         .expect("a full config example");
     let config = Config::from_toml(full).unwrap();
     config.validate().unwrap();
+    // The reference block shows the defaults: what it sets is what an empty file gets, and
+    // what is unset by default (kafka.brokers, redis.url) is commented out.
+    let default = Config::default();
+    let sections = |c: &Config| {
+        format!(
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            c.listen,
+            c.data_dir,
+            c.store,
+            c.clickhouse,
+            c.kafka,
+            c.redis,
+            c.margin_guard,
+            c.retention,
+            c.aggregator,
+            c.ingest,
+            c.sqlite
+        )
+    };
+    assert_eq!(sections(&config), sections(&default));
+    assert!(config.kafka.brokers.is_none() && config.redis.url.is_none());
     let web = &config.tenants[0].rate_plans[0].tools["web_search"];
     assert_eq!(web.cost.per_second.scaled(), 250_000);
     // Each snippet is valid where it belongs: after the full example.

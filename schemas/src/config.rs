@@ -896,8 +896,17 @@ fn parse_into<T: std::str::FromStr>(slot: &mut T, value: &str) -> Result<(), Str
 
 impl Config {
     /// Parses a config file's text; the error names the offending key and line.
+    /// Parses a config file. TOML parsing stops at the first syntax error, misspelt setting or
+    /// wrong type, so that one comes alone, saying so; [`Config::validate`] then reports every
+    /// remaining problem at once.
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| {
+            format!(
+                "{}\n(parsing stops at the first error like this one: fix it and run again; once \
+the file parses, every other problem is reported together)",
+                e.to_string().trim_end()
+            )
+        })
     }
 
     /// Applies the [`ENV_OVERRIDES`] that `lookup` finds, reporting every bad value at once.
