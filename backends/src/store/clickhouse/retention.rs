@@ -110,7 +110,7 @@ mod tests {
             .timestamp_millis();
         assert_eq!(id_of(ms, true), "20261005");
         assert_eq!(id_of(ms, false), "202610");
-        assert!("20260930".to_string() < id_of(ms, true));
-        assert!("202609".to_string() < id_of(ms, false));
+        assert!(id_of(ms, true).as_str() > "20260930");
+        assert!(id_of(ms, false).as_str() > "202609");
     }
 }
