@@ -263,7 +263,7 @@ fn bad_export_requests_say_what_to_fix() {
         ),
         (
             "/v1/exports/billing?period=2026-11&format=xml",
-            "unknown variant `xml`",
+            "format `xml` is not one of csv, json",
         ),
         (
             "/v1/exports/billing?period=2026-11&tenant=x",
