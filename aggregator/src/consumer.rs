@@ -161,7 +161,7 @@ where
                 // from an earlier topic of the same name (what is stored was read below the
                 // end), whose rows would also pass for this one's.
                 if floor >= 0 {
-                    let end = source.end_offset(p)?;
+                    let end = source.end_offset(p).await?;
                     if floor >= end {
                         return Err(ConsumerError::ForeignOffsets {
                             topic: source.topic().to_string(),
@@ -179,7 +179,7 @@ where
                         partition: p,
                         offset: floor + 1,
                     };
-                    source.seek(resume)?;
+                    source.seek(resume).await?;
                     tracing::info!(
                         partition = p,
                         from = first.map(|m| m.position.offset),

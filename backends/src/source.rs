@@ -60,11 +60,11 @@ pub trait EventSource: Send {
     async fn dead_letter(&self, position: BusPosition, poison: &Poison) -> Result<(), BusError>;
 
     /// Moves a partition's read position (past what the store already holds).
-    fn seek(&self, position: BusPosition) -> Result<(), BusError>;
+    async fn seek(&self, position: BusPosition) -> Result<(), BusError>;
 
     /// The offset the next record written to `partition` will get (its high watermark), as the
-    /// broker says now. Blocks for one round trip to the broker.
-    fn end_offset(&self, partition: i32) -> Result<i64, BusError>;
+    /// broker says now: one round trip to the broker, waited for off the runtime.
+    async fn end_offset(&self, partition: i32) -> Result<i64, BusError>;
 
     /// The name of the topic consumed.
     fn topic(&self) -> &str;

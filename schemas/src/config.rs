@@ -75,7 +75,7 @@ pub struct SqliteConfig {
     /// Most events one group commit writes in a transaction.
     #[serde(default = "default_max_commit_events")]
     pub max_commit_events: usize,
-    /// Batches that may wait for the writer; beyond this, ingest answers 503 with Retry-After.
+    /// Batches that may wait for the writer; beyond this, ingest answers 429 with Retry-After.
     #[serde(default = "default_queue_capacity_batches")]
     pub queue_capacity_batches: usize,
     /// Connections that serve analytics reads, beside the one writer.

@@ -47,7 +47,9 @@ impl ConsumerContext for Context {
 }
 
 pub struct KafkaSource {
-    consumer: StreamConsumer<Context>,
+    /// Shared with the blocking pool: `seek` and `end_offset` wait on the broker for seconds
+    /// and must not hold the runtime that the margin guard and the lag monitor share.
+    consumer: Arc<StreamConsumer<Context>>,
     dead_letters: FutureProducer,
     config: KafkaConfig,
     revoked: Arc<Mutex<Vec<i32>>>,
@@ -129,7 +131,7 @@ impl KafkaSource {
     /// Joins the consumer group and subscribes to the events topic.
     pub fn new(config: &KafkaConfig) -> Result<KafkaSource, BusError> {
         let revoked = Arc::new(Mutex::new(Vec::new()));
-        let consumer = member(config, &revoked)?;
+        let consumer = Arc::new(member(config, &revoked)?);
         let dead_letters = producer_config(config)?
             .create()
             .map_err(|source| BusError::Kafka {
@@ -182,18 +184,16 @@ impl EventSource for KafkaSource {
         &self.config.events_topic
     }
 
-    fn end_offset(&self, partition: i32) -> Result<i64, BusError> {
-        let (_, high) = self
-            .consumer
-            .fetch_watermarks(
-                &self.config.events_topic,
-                partition,
-                Duration::from_secs(10),
-            )
-            .map_err(|source| BusError::Kafka {
-                context: "read the end offset of a partition",
-                source,
-            })?;
+    async fn end_offset(&self, partition: i32) -> Result<i64, BusError> {
+        let (consumer, topic) = (self.consumer.clone(), self.config.events_topic.clone());
+        let (_, high) = off_runtime(move || {
+            consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))
+        })
+        .await?
+        .map_err(|source| BusError::Kafka {
+            context: "read the end offset of a partition",
+            source,
+        })?;
         Ok(high)
     }
 
@@ -283,18 +283,21 @@ impl EventSource for KafkaSource {
             })
     }
 
-    fn seek(&self, position: BusPosition) -> Result<(), BusError> {
-        self.consumer
-            .seek(
-                &self.config.events_topic,
+    async fn seek(&self, position: BusPosition) -> Result<(), BusError> {
+        let (consumer, topic) = (self.consumer.clone(), self.config.events_topic.clone());
+        off_runtime(move || {
+            consumer.seek(
+                &topic,
                 position.partition,
                 Offset::Offset(position.offset),
                 Duration::from_secs(5),
             )
-            .map_err(|source| BusError::Kafka {
-                context: "seek",
-                source,
-            })
+        })
+        .await?
+        .map_err(|source| BusError::Kafka {
+            context: "seek",
+            source,
+        })
     }
 
     fn commit(&self, next: &[BusPosition]) {
@@ -329,14 +332,26 @@ impl EventSource for KafkaSource {
         let held = self.assignment();
         // The old member leaves first (closing it sends LeaveGroup and waits for the broker),
         // so the group never counts both; the close blocks, so it runs off the runtime.
-        let fresh = member(&self.config, &self.revoked)?;
+        let fresh = Arc::new(member(&self.config, &self.revoked)?);
         let old = std::mem::replace(&mut self.consumer, fresh);
-        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        let _ = off_runtime(move || drop(old)).await;
         self.subscribe()?;
         // Whatever the closed member reported revoked is covered by `held`.
         let _ = self.take_revoked();
         Ok(held)
     }
+}
+
+/// Runs a call that blocks on the broker on the blocking pool.
+async fn off_runtime<T: Send + 'static>(
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BusError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| BusError::Failed {
+            context: "a blocking broker call",
+            detail: e.to_string(),
+        })
 }
 
 #[cfg(test)]
