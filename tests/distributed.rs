@@ -269,6 +269,123 @@ fn a_missing_broker_is_named_by_migrate_the_ingestor_and_the_aggregator_whose_he
     );
 }
 
+/// The first `n` messages of the setup's dead-letter topic (waiting up to 20 s for them), read
+/// from its start by a reader of its own: each payload and its headers.
+fn dead_letters(setup: &Setup, n: usize) -> Vec<(Option<String>, HashMap<String, String>)> {
+    static READERS: AtomicUsize = AtomicUsize::new(0);
+    let kafka = &setup.config.kafka;
+    let reader = READERS.fetch_add(1, Ordering::Relaxed);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
+        .set("group.id", format!("{}-reader-{reader}", setup.name))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&kafka.dead_letter_topic]).unwrap();
+    let mut found = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while found.len() < n && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers: HashMap<String, String> = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            found.push((
+                m.payload().map(|p| String::from_utf8_lossy(p).to_string()),
+                headers,
+            ));
+        }
+    }
+    found
+}
+
+/// A row ClickHouse refuses for good (here: a check of the test's own, a MATERIALIZED column
+/// that throws for one tool) is found by halving the insert: the other rows are stored once,
+/// the refused row goes to the dead-letter topic with the server's reason and its source
+/// offset, and the aggregator goes on with later batches.
+#[test]
+fn a_row_clickhouse_refuses_is_dead_lettered_and_the_rest_of_its_batch_is_stored_once() {
+    let setup = Setup::new("refused", &kafka_brokers(), 1, "");
+    setup.sql(
+        "ALTER TABLE mcp_events ADD COLUMN refusal UInt8 MATERIALIZED throwIf(tool_name = 'refused_tool')",
+    );
+    let (_ingestor, client) = setup.ingestor();
+    let events: Vec<Value> = (0..9)
+        .map(|i| {
+            let tool = if i == 6 { "refused_tool" } else { "web_search" };
+            call(&format!("refused-{i}"), tool, "a", "s")
+        })
+        .collect();
+    // Posted before the aggregator starts, so that its first poll reads them as one batch.
+    let (status, answer) = client.post("/v1/ingest/batch", ACME, &batch(&events));
+    assert_eq!(
+        (status, answer["accepted"].as_u64()),
+        (202, Some(9)),
+        "{answer}"
+    );
+    let mut aggregator = setup.aggregator();
+    let stored = || setup.sql("SELECT count(), uniqExact(idempotency_key) FROM mcp_events");
+    assert!(
+        wait_until(Duration::from_secs(30), || stored() == "8\t8\n"),
+        "{}",
+        stored()
+    );
+    let refused = dead_letters(&setup, 1);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let (payload, headers) = &refused[0];
+    println!("dead letter: {headers:?}\n  payload {payload:?}");
+    assert!(
+        headers["mcp-meter-reason"].contains("the store refused the row"),
+        "{headers:?}"
+    );
+    assert!(
+        headers["mcp-meter-reason"].contains("Code: 395"),
+        "{headers:?}"
+    );
+    assert_eq!(headers["mcp-meter-source-offset"], "6", "{headers:?}");
+    let payload: Value = serde_json::from_str(payload.as_deref().unwrap()).unwrap();
+    assert_eq!(payload["tenantId"], "acme");
+    assert_eq!(payload["event"]["idempotencyKey"], "refused-6");
+    // The aggregator goes on: a later batch is stored, nothing is doubled, and the floor has
+    // passed the refused row.
+    let later: Vec<Value> = (9..12)
+        .map(|i| call(&format!("refused-{i}"), "web_search", "a", "s"))
+        .collect();
+    assert_eq!(client.post("/v1/ingest/batch", ACME, &batch(&later)).0, 202);
+    assert!(
+        wait_until(Duration::from_secs(30), || stored() == "11\t11\n"),
+        "{}",
+        stored()
+    );
+    assert!(aggregator.is_running(), "the aggregator still runs");
+    // The floor is recorded just after the insert.
+    let floor = || setup.sql("SELECT max(max_offset) FROM mcp_kafka_topic_offsets");
+    assert!(
+        wait_until(Duration::from_secs(10), || floor() == "11\n"),
+        "{}",
+        floor()
+    );
+    // One dead letter, not more: the topic's end offset, now that everything is stored.
+    let kafka = &setup.config.kafka;
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
+        .create()
+        .unwrap();
+    let (_, end) = probe
+        .fetch_watermarks(&kafka.dead_letter_topic, 0, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(end, 1, "one dead letter, not more");
+}
+
 #[test]
 fn a_poison_message_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing() {
     let setup = Setup::new("poison", &kafka_brokers(), 1, "");
@@ -297,36 +414,7 @@ fn a_poison_message_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowin
         "the event behind the poison message is stored"
     );
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
-        .set("group.id", format!("{}-reader", setup.name))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&kafka.dead_letter_topic]).unwrap();
-    let mut found = None;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while found.is_none() && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let headers: HashMap<String, String> = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_string(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            found = Some((
-                m.payload().map(|p| String::from_utf8_lossy(p).to_string()),
-                headers,
-            ));
-        }
-    }
+    let found = dead_letters(&setup, 1).pop();
     let (payload, headers) = found.expect("a message on the dead-letter topic");
     assert_eq!(payload.as_deref(), Some("{not an event"));
     assert!(

@@ -11,10 +11,10 @@
 //! Offsets committed to Kafka are only a hint of where to resume reading.
 
 use crate::lag::ConsumerStatus;
-use backends::error::StoreError;
+use backends::error::{ErrorKind, StoreError};
 use backends::metrics::METRICS;
 use backends::sink::{BusPosition, TenantBatch};
-use backends::source::{BusError, BusMessage, EventSource};
+use backends::source::{BusError, BusMessage, EventSource, Poison};
 use backends::store::{StoreWriter, StoredOffsets};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -219,52 +219,22 @@ where
         // 6. Insert. The writer drops keys already stored and repeats within the batch. On the
         //    first batch of a partition since assignment, and after any failed try, positions
         //    already stored are dropped first: a failed INSERT may have stored part of a batch.
-        let mut check_positions = batches
+        //    Rows the store refuses for good (bad data) are found by halving and come back here.
+        let check_positions = batches
             .iter()
             .flat_map(|b| &b.positions)
             .any(|p| unverified.contains(&p.partition));
         let started = Instant::now();
-        let mut attempt = 0u32;
-        loop {
-            if check_positions {
-                match writer.stored_positions(&batches).await {
-                    Ok(stored) => {
-                        progress.already_stored += drop_positions(&mut batches, &stored) as u64;
-                        check_positions = false;
-                    }
-                    Err(e) => {
-                        backoff(config, &mut attempt, started, e).await?;
-                        continue;
-                    }
-                }
-            }
-            let insert_started = Instant::now();
-            match writer.write(&batches).await {
-                Ok(outcomes) => {
-                    METRICS
-                        .aggregator_insert_latency
-                        .observe(insert_started.elapsed());
-                    for o in outcomes {
-                        progress.rows_written += o.accepted as u64;
-                        progress.duplicates += o.duplicates as u64;
-                        METRICS.aggregator_rows_inserted.add(o.accepted as u64);
-                    }
-                    let newest = batches
-                        .iter()
-                        .flat_map(|b| b.events.iter().map(|e| e.received_at_ms))
-                        .max();
-                    if let Some(newest) = newest {
-                        let now = chrono::Utc::now().timestamp_millis();
-                        METRICS.aggregator_lag_ms.set(now - newest);
-                    }
-                    break;
-                }
-                Err(e) => {
-                    METRICS.aggregator_insert_failures.add(1);
-                    check_positions = true;
-                    backoff(config, &mut attempt, started, e).await?;
-                }
-            }
+        let refused = store(writer, batches, check_positions, config, &mut progress).await?;
+        // 6b. Refused rows go to the dead-letter topic with the store's reason and their source
+        //     offsets, durably, before the floors pass them: the batch's other rows are stored,
+        //     and these are kept where an operator can read, fix and replay them.
+        for row in refused {
+            tracing::warn!(partition = row.position.partition, offset = row.position.offset,
+                reason = %row.reason, "row refused by the store; sent to the dead-letter topic");
+            source.dead_letter(row.position, &row.poison()).await?;
+            progress.dead_letters += 1;
+            METRICS.aggregator_dead_letters.add(1);
         }
         // 7. Raise the floors, now that everything up to them is stored. A crash before this
         //    line re-reads the batch, and step 6's checks drop what is stored.
@@ -286,6 +256,140 @@ where
         );
     }
     Ok(progress)
+}
+
+/// A row the store refused for good, with the store's reason.
+struct Refused {
+    tenant_id: Arc<str>,
+    event: schemas::event::RatedEvent,
+    position: BusPosition,
+    reason: String,
+}
+
+impl Refused {
+    /// The row as the events topic carried it, for the dead-letter topic.
+    fn poison(&self) -> Poison {
+        let payload = serde_json::to_vec(&schemas::event::BusEventRef {
+            tenant_id: &self.tenant_id,
+            event: &self.event,
+        })
+        .expect("a rated event serializes");
+        Poison {
+            reason: format!("the store refused the row: {}", self.reason),
+            key: Some(
+                schemas::event::bus_key(&self.tenant_id, &self.event.idempotency_key).to_vec(),
+            ),
+            payload: Some(payload),
+        }
+    }
+}
+
+/// Stores `batches`, retrying what may pass later (with [`backoff`], up to `give_up_after`).
+/// A write the store refuses for good is halved until the refused rows stand alone: every other
+/// row is stored, and the refused ones are returned. Each try first drops positions already
+/// stored when a partial write may have happened (`check_positions`, and after any failure).
+async fn store<W>(
+    writer: &mut W,
+    batches: Vec<TenantBatch>,
+    check_positions: bool,
+    config: &ConsumerConfig,
+    progress: &mut Progress,
+) -> Result<Vec<Refused>, ConsumerError>
+where
+    W: StoreWriter + StoredOffsets,
+{
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    let mut refused = Vec::new();
+    // Chunks still to write, the next one last; each with whether to check positions first.
+    let mut chunks = vec![(batches, check_positions)];
+    while let Some((mut chunk, mut check)) = chunks.pop() {
+        loop {
+            if check {
+                match writer.stored_positions(&chunk).await {
+                    Ok(stored) => {
+                        progress.already_stored += drop_positions(&mut chunk, &stored) as u64;
+                    }
+                    Err(e) => {
+                        backoff(config, &mut attempt, started, e).await?;
+                        continue;
+                    }
+                }
+            }
+            let insert_started = Instant::now();
+            match writer.write(&chunk).await {
+                Ok(outcomes) => {
+                    METRICS
+                        .aggregator_insert_latency
+                        .observe(insert_started.elapsed());
+                    for o in outcomes {
+                        progress.rows_written += o.accepted as u64;
+                        progress.duplicates += o.duplicates as u64;
+                        METRICS.aggregator_rows_inserted.add(o.accepted as u64);
+                    }
+                    let newest = chunk
+                        .iter()
+                        .flat_map(|b| b.events.iter().map(|e| e.received_at_ms))
+                        .max();
+                    if let Some(newest) = newest {
+                        let now = chrono::Utc::now().timestamp_millis();
+                        METRICS.aggregator_lag_ms.set(now - newest);
+                    }
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::Permanent => {
+                    METRICS.aggregator_insert_failures.add(1);
+                    let mut rows = rows_of(chunk);
+                    if rows.len() == 1 {
+                        let (tenant_id, event, position) = rows.pop().expect("one row");
+                        refused.push(Refused {
+                            tenant_id,
+                            event,
+                            position,
+                            reason: e.to_string(),
+                        });
+                    } else {
+                        tracing::warn!(error = %e, rows = rows.len(),
+                            "the store refused a write for good; halving it to find the rows it refuses");
+                        let second = rows.split_off(rows.len() / 2);
+                        // The first half is written first: it is pushed last.
+                        chunks.push((batches_of(second), true));
+                        chunks.push((batches_of(rows), true));
+                    }
+                    break;
+                }
+                Err(e) => {
+                    METRICS.aggregator_insert_failures.add(1);
+                    check = true;
+                    backoff(config, &mut attempt, started, e).await?;
+                }
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// The rows of `batches`, each with its tenant and position, in order.
+fn rows_of(batches: Vec<TenantBatch>) -> Vec<(Arc<str>, schemas::event::RatedEvent, BusPosition)> {
+    batches
+        .into_iter()
+        .flat_map(|b| {
+            let tenant = b.tenant_id;
+            b.events
+                .into_iter()
+                .zip(b.positions)
+                .map(move |(e, p)| (tenant.clone(), e, p))
+        })
+        .collect()
+}
+
+/// `rows` grouped back into one batch per tenant.
+fn batches_of(rows: Vec<(Arc<str>, schemas::event::RatedEvent, BusPosition)>) -> Vec<TenantBatch> {
+    let mut batches = Vec::new();
+    for (tenant, event, position) in rows {
+        push(&mut batches, tenant.to_string(), event, position);
+    }
+    batches
 }
 
 /// Adds an event to the batch of its tenant, keeping each batch's positions aligned.
@@ -347,8 +451,8 @@ fn next_positions(messages: &[BusMessage]) -> Vec<BusPosition> {
 }
 
 /// Waits before the next try, doubling up to the configured maximum; gives up past the limit.
-/// A store error that cannot pass (bad data) is retried too: the batch cannot be skipped without
-/// losing it, so the process keeps trying until the limit and then exits loudly.
+/// Refused rows do not come here ([`store`] sets them apart); an error here is one that may
+/// pass (a store away, a timeout) or one of reading offsets, which no row can be blamed for.
 async fn backoff(
     config: &ConsumerConfig,
     attempt: &mut u32,

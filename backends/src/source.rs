@@ -1,24 +1,43 @@
 //! The port the aggregator consumes through: batches of published events with their places on
 //! the bus, and what to do with them afterwards.
 
+use crate::error::ErrorKind;
 use crate::sink::BusPosition;
 use schemas::event::BusEvent;
 use std::time::Duration;
 
-/// A failure of the bus.
+/// A failure of the bus. The Kafka adapter turns rdkafka's errors into this; `kind` says what
+/// a caller can do about it.
 #[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("kafka {context}: {source}")]
-    Kafka {
-        context: &'static str,
-        #[source]
-        source: rdkafka::error::KafkaError,
-    },
-    #[error("kafka {context}: {detail}")]
-    Failed {
-        context: &'static str,
-        detail: String,
-    },
+#[error("kafka {context}: {detail}")]
+pub struct BusError {
+    pub context: &'static str,
+    pub kind: ErrorKind,
+    pub detail: String,
+}
+
+impl BusError {
+    /// A failure that may pass if tried again (a broker away, a timeout).
+    pub fn retriable(context: &'static str, detail: impl ToString) -> BusError {
+        BusError {
+            context,
+            kind: ErrorKind::Retriable,
+            detail: detail.to_string(),
+        }
+    }
+
+    /// A failure no retry can fix (a setting missing, a topic that cannot be created).
+    pub fn permanent(context: &'static str, detail: impl ToString) -> BusError {
+        BusError {
+            context,
+            kind: ErrorKind::Permanent,
+            detail: detail.to_string(),
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
 }
 
 /// A message that cannot be read as an event, kept whole for the dead-letter topic.

@@ -2,7 +2,7 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
-use backends::error::{SinkError, StoreError};
+use backends::error::{ErrorKind, SinkError, StoreError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -91,8 +91,12 @@ pub enum IngestErrors {
 /// Every error answer's body.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {
-    /// A stable code: bad_request, unauthorized, forbidden, not_found, payload_too_large,
-    /// unsupported_media_type, rate_limited, overloaded, unavailable.
+    /// A stable code, one per meaning: `bad_request` (400), `unauthorized` (401), `forbidden`
+    /// (403), `not_found` (404), `method_not_allowed` (405), `payload_too_large` (413),
+    /// `unsupported_media_type` (415), `rate_limited` (429: this key is over its rate limit),
+    /// `overloaded` (429: the write queue is full; slow down), `busy` (503: too many requests
+    /// in flight here), `unavailable` (503: the store, the bus or the guard state is down or
+    /// not ready), `internal` (500: a fault no retry fixes; see the server's log).
     #[schema(example = "bad_request")]
     pub error: &'static str,
     /// What went wrong and what to fix.
@@ -103,37 +107,44 @@ pub struct ErrorBody {
 }
 
 impl ApiError {
-    fn code(&self) -> &'static str {
+    /// The one mapping from errors to HTTP: each answer's status and its stable `error` code.
+    /// Port errors are mapped by their kind, never by the driver behind them.
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::Forbidden(_) => "forbidden",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::PayloadTooLarge { .. } => "payload_too_large",
-            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
-            ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::Busy { .. } => "overloaded",
-            ApiError::Sink(SinkError::Overloaded { .. }) => "overloaded",
-            ApiError::Sink(SinkError::Unavailable(_)) | ApiError::Store(_) => "unavailable",
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            ApiError::Sink(e) => by_kind(e.kind()),
+            ApiError::Store(e) => by_kind(e.kind()),
         }
+    }
+}
+
+/// A port error's answer: overloaded is the client's cue to slow down (429); retriable and not
+/// ready are this server's dependencies (503, retry after a pause); permanent is a fault no
+/// retry fixes (500).
+fn by_kind(kind: ErrorKind) -> (StatusCode, &'static str) {
+    match kind {
+        ErrorKind::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+        ErrorKind::Retriable | ErrorKind::NotReady => {
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
+        ErrorKind::Permanent => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Sink(SinkError::Overloaded { .. }) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Sink(SinkError::Unavailable(_))
-            | ApiError::Store(_)
-            | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        }
+        self.status_and_code().0
     }
 
     fn error_response(&self) -> HttpResponse {
@@ -143,7 +154,9 @@ impl ResponseError for ApiError {
         }
         let mut answer = HttpResponse::build(status);
         match self {
-            ApiError::Sink(_) | ApiError::Store(_) | ApiError::Busy { .. } => {
+            ApiError::Sink(_) | ApiError::Store(_) | ApiError::Busy { .. }
+                if status != StatusCode::INTERNAL_SERVER_ERROR =>
+            {
                 answer.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
             }
             ApiError::RateLimited {
@@ -155,8 +168,65 @@ impl ResponseError for ApiError {
             _ => {}
         }
         answer.json(ErrorBody {
-            error: self.code(),
+            error: self.status_and_code().1,
             message: self.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One code per meaning: a client can tell "slow down" (429) from "this server's dependency
+    /// is down" (503) and from a fault (500) by `error` alone.
+    #[test]
+    fn each_code_has_one_status_and_port_errors_map_by_kind() {
+        let store = |kind| {
+            ApiError::Store(StoreError::Failed {
+                store: "clickhouse",
+                context: "query",
+                kind,
+                detail: "x".into(),
+            })
+        };
+        let cases = [
+            (
+                ApiError::Sink(SinkError::Overloaded { waiting: 3 }),
+                429,
+                "overloaded",
+            ),
+            (
+                ApiError::Sink(SinkError::Unavailable("down".into())),
+                503,
+                "unavailable",
+            ),
+            (ApiError::Busy { in_flight: 256 }, 503, "busy"),
+            (
+                ApiError::RateLimited {
+                    per_second: 1.0,
+                    burst: 1,
+                    retry_after_seconds: 1,
+                },
+                429,
+                "rate_limited",
+            ),
+            (store(ErrorKind::Retriable), 503, "unavailable"),
+            (store(ErrorKind::NotReady), 503, "unavailable"),
+            (store(ErrorKind::Permanent), 500, "internal"),
+            (store(ErrorKind::Overloaded), 429, "overloaded"),
+        ];
+        let mut status_of_code = std::collections::HashMap::new();
+        for (error, status, code) in cases {
+            let (s, c) = error.status_and_code();
+            assert_eq!((s.as_u16(), c), (status, code), "{error}");
+            assert_eq!(*status_of_code.entry(c).or_insert(status), status, "{c}");
+            let answer = error.error_response();
+            assert_eq!(
+                answer.headers().contains_key(header::RETRY_AFTER),
+                status != 500,
+                "{error}: Retry-After on 429 and 503 only"
+            );
+        }
     }
 }

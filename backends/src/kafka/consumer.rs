@@ -121,10 +121,7 @@ fn member(
         // rows: 160-180 MiB for the same rows/s; 16 MiB: half the rows/s). See BENCHMARKS.
         .set("queued.max.messages.kbytes", "32768")
         .create_with_context(context)
-        .map_err(|source| BusError::Kafka {
-            context: "create a consumer",
-            source,
-        })
+        .map_err(|source| BusError::retriable("create a consumer", source))
 }
 
 impl KafkaSource {
@@ -134,10 +131,7 @@ impl KafkaSource {
         let consumer = Arc::new(member(config, &revoked)?);
         let dead_letters = producer_config(config)?
             .create()
-            .map_err(|source| BusError::Kafka {
-                context: "create the dead-letter producer",
-                source,
-            })?;
+            .map_err(|source| BusError::retriable("create the dead-letter producer", source))?;
         let source = KafkaSource {
             consumer,
             dead_letters,
@@ -153,10 +147,7 @@ impl KafkaSource {
     fn subscribe(&self) -> Result<(), BusError> {
         self.consumer
             .subscribe(&[&self.config.events_topic])
-            .map_err(|source| BusError::Kafka {
-                context: "subscribe",
-                source,
-            })
+            .map_err(|source| BusError::retriable("subscribe", source))
     }
 
     fn take_revoked(&self) -> Vec<i32> {
@@ -190,10 +181,7 @@ impl EventSource for KafkaSource {
             consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))
         })
         .await?
-        .map_err(|source| BusError::Kafka {
-            context: "read the end offset of a partition",
-            source,
-        })?;
+        .map_err(|source| BusError::retriable("read the end offset of a partition", source))?;
         Ok(high)
     }
 
@@ -277,10 +265,7 @@ impl EventSource for KafkaSource {
             .send(record, self.delivery_timeout)
             .await
             .map(|_| ())
-            .map_err(|(source, _)| BusError::Kafka {
-                context: "send to the dead-letter topic",
-                source,
-            })
+            .map_err(|(source, _)| BusError::retriable("send to the dead-letter topic", source))
     }
 
     async fn seek(&self, position: BusPosition) -> Result<(), BusError> {
@@ -294,10 +279,7 @@ impl EventSource for KafkaSource {
             )
         })
         .await?
-        .map_err(|source| BusError::Kafka {
-            context: "seek",
-            source,
-        })
+        .map_err(|source| BusError::retriable("seek", source))
     }
 
     fn commit(&self, next: &[BusPosition]) {
@@ -348,10 +330,7 @@ async fn off_runtime<T: Send + 'static>(
 ) -> Result<T, BusError> {
     tokio::task::spawn_blocking(call)
         .await
-        .map_err(|e| BusError::Failed {
-            context: "a blocking broker call",
-            detail: e.to_string(),
-        })
+        .map_err(|e| BusError::permanent("a blocking broker call", e))
 }
 
 #[cfg(test)]

@@ -28,9 +28,11 @@ use std::time::Duration;
 
 /// The brokers of a config that must have them.
 fn brokers(config: &KafkaConfig) -> Result<&str, BusError> {
-    config.brokers.as_deref().ok_or(BusError::Failed {
-        context: "config",
-        detail: "kafka.brokers is not set (MCP_METER_KAFKA_BROKERS)".into(),
+    config.brokers.as_deref().ok_or_else(|| {
+        BusError::permanent(
+            "config",
+            "kafka.brokers is not set (MCP_METER_KAFKA_BROKERS)",
+        )
     })
 }
 
@@ -45,34 +47,29 @@ pub async fn check_brokers(config: &KafkaConfig) -> Result<(), BusError> {
     let client: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()
-        .map_err(|source| BusError::Kafka {
-            context: "create a client to reach the brokers",
-            source,
-        })?;
+        .map_err(|source| BusError::retriable("create a client to reach the brokers", source))?;
     let answer = tokio::task::spawn_blocking(move || {
         client
             .fetch_metadata(None, BROKER_CHECK_TIMEOUT)
             .map(|_| ())
     })
     .await
-    .map_err(|e| BusError::Failed {
-        context: "reach the brokers",
-        detail: e.to_string(),
-    })?;
+    .map_err(|e| BusError::permanent("reach the brokers", e))?;
     answer.map_err(|e| unreachable(&brokers, BROKER_CHECK_TIMEOUT, &e.to_string()))
 }
 
 /// The error for brokers that do not answer: the address, the setting, what to look at.
 pub fn unreachable(brokers: &str, within: Duration, cause: &str) -> BusError {
-    BusError::Failed {
-        context: "reach the brokers",
-        detail: format!(
+    // Retriable: the broker may come back; the message says what to check meanwhile.
+    BusError::retriable(
+        "reach the brokers",
+        format!(
             "no Kafka broker answered at {brokers} within {} s ({cause}). Check kafka.brokers \
 (MCP_METER_KAFKA_BROKERS): that a broker runs there, listens on that host and port, and that \
 this machine can reach it",
             within.as_secs()
         ),
-    }
+    )
 }
 
 /// What became of one topic in [`create_topics`].
@@ -91,10 +88,7 @@ pub async fn create_topics(config: &KafkaConfig) -> Result<Vec<(String, TopicOut
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers(config)?)
         .create()
-        .map_err(|source| BusError::Kafka {
-            context: "create an admin client",
-            source,
-        })?;
+        .map_err(|source| BusError::retriable("create an admin client", source))?;
     let replication = || TopicReplication::Fixed(config.replication_factor);
     let topics = [
         NewTopic::new(&config.events_topic, config.partitions, replication()),
@@ -104,10 +98,7 @@ pub async fn create_topics(config: &KafkaConfig) -> Result<Vec<(String, TopicOut
     let results = admin
         .create_topics(&topics, &options)
         .await
-        .map_err(|source| BusError::Kafka {
-            context: "create topics",
-            source,
-        })?;
+        .map_err(|source| BusError::retriable("create topics", source))?;
     results
         .into_iter()
         .map(|result| match result {
@@ -115,10 +106,10 @@ pub async fn create_topics(config: &KafkaConfig) -> Result<Vec<(String, TopicOut
             Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
                 Ok((topic, TopicOutcome::AlreadyExisted))
             }
-            Err((topic, code)) => Err(BusError::Failed {
-                context: "create topics",
-                detail: format!("{topic}: {code}"),
-            }),
+            Err((topic, code)) => Err(BusError::permanent(
+                "create topics",
+                format!("{topic}: {code}"),
+            )),
         })
         .collect()
 }

@@ -34,10 +34,7 @@ impl KafkaProbe {
             .set("max.partition.fetch.bytes", "65536")
             .set("fetch.wait.max.ms", "50")
             .create()
-            .map_err(|source| BusError::Kafka {
-                context: "create the lag probe",
-                source,
-            })?;
+            .map_err(|source| BusError::retriable("create the lag probe", source))?;
         Ok(KafkaProbe {
             consumer: Mutex::new(consumer),
             topic: config.events_topic.clone(),
@@ -64,9 +61,8 @@ impl TopicProbe for KafkaProbe {
             .map(|p| {
                 let (_, high) = consumer
                     .fetch_watermarks(&self.topic, p, BROKER_TIMEOUT)
-                    .map_err(|source| BusError::Kafka {
-                        context: "read the end offset of a partition",
-                        source,
+                    .map_err(|source| {
+                        BusError::retriable("read the end offset of a partition", source)
                     })?;
                 Ok((p, high))
             })
@@ -77,14 +73,10 @@ impl TopicProbe for KafkaProbe {
         let consumer = self.consumer.lock().expect("probe lock");
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(&self.topic, partition, Offset::Offset(offset))
-            .map_err(|source| BusError::Kafka {
-                context: "read a record's time",
-                source,
-            })?;
-        consumer.assign(&list).map_err(|source| BusError::Kafka {
-            context: "read a record's time",
-            source,
-        })?;
+            .map_err(|source| BusError::retriable("read a record's time", source))?;
+        consumer
+            .assign(&list)
+            .map_err(|source| BusError::retriable("read a record's time", source))?;
         let deadline = Instant::now() + BROKER_TIMEOUT;
         let mut found = None;
         while Instant::now() < deadline {
@@ -102,10 +94,7 @@ impl TopicProbe for KafkaProbe {
                 Some(Ok(_)) | None => continue,
                 Some(Err(source)) => {
                     let _ = consumer.unassign();
-                    return Err(BusError::Kafka {
-                        context: "read a record's time",
-                        source,
-                    });
+                    return Err(BusError::retriable("read a record's time", source));
                 }
             }
         }

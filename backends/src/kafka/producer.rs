@@ -193,10 +193,7 @@ impl KafkaSink {
 fn create(config: &KafkaConfig) -> Result<EventProducer, BusError> {
     producer_config(config)?
         .create_with_context(Deliveries)
-        .map_err(|source| BusError::Kafka {
-            context: "create a producer",
-            source,
-        })
+        .map_err(|source| BusError::retriable("create a producer", source))
 }
 
 #[async_trait::async_trait]

@@ -12,6 +12,7 @@
 pub mod memory;
 pub mod redis;
 
+use crate::error::ErrorKind;
 /// Counters stay exact in Redis's Lua (doubles printed with 14 significant digits) up to this;
 /// config validation refuses larger limits.
 pub use schemas::config::MAX_LIMIT;
@@ -30,20 +31,30 @@ pub struct Charge {
     pub amounts: Vec<i64>,
 }
 
-/// A failure of the guard state.
+/// A failure of the guard state. The Redis adapter turns its driver's errors into this.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("redis {context}: {source}")]
-    Redis {
+    /// Redis did not answer or refused; `kind` says whether trying again can help.
+    #[error("redis {context}: {detail}")]
+    Failed {
         context: &'static str,
-        #[source]
-        source: ::redis::RedisError,
+        kind: ErrorKind,
+        detail: String,
     },
     #[error("redis {context}: unexpected answer: {detail}")]
     BadAnswer {
         context: &'static str,
         detail: String,
     },
+}
+
+impl StateError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StateError::Failed { kind, .. } => *kind,
+            StateError::BadAnswer { .. } => ErrorKind::Permanent,
+        }
+    }
 }
 
 #[async_trait::async_trait]

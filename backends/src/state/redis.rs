@@ -2,6 +2,7 @@
 //! that the compare and the increment of every counter happen as one step for all ingestors.
 
 use super::{Charge, GuardState, StateError};
+use crate::error::ErrorKind;
 use redis::aio::ConnectionManager;
 use schemas::guard::{subject_field, GuardView, MarginState, SubjectKind};
 use std::time::Duration;
@@ -106,21 +107,13 @@ impl RedisState {
     /// on first use and reconnects by itself, so Redis may be down when this is called: each
     /// request then fails within `timeout` until Redis is back.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisState, StateError> {
-        let client = redis::Client::open(url).map_err(|source| StateError::Redis {
-            context: "open",
-            source,
-        })?;
+        let client = redis::Client::open(url).map_err(|source| redis_error("open", source))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1);
-        let connection =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
-                StateError::Redis {
-                    context: "configure",
-                    source,
-                }
-            })?;
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|source| redis_error("configure", source))?;
         Ok(RedisState {
             connection,
             prefix: prefix.to_string(),
@@ -161,10 +154,7 @@ impl RedisState {
         invocation
             .invoke_async::<i64>(&mut self.connection.clone())
             .await
-            .map_err(|source| StateError::Redis {
-                context: "extend a set",
-                source,
-            })?;
+            .map_err(|source| redis_error("extend a set", source))?;
         Ok(())
     }
 
@@ -175,10 +165,7 @@ impl RedisState {
             .arg(now_ms)
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(|source| StateError::Redis {
-                context: "read a set",
-                source,
-            })?;
+            .map_err(|source| redis_error("read a set", source))?;
         members.sort();
         Ok(members)
     }
@@ -204,10 +191,7 @@ impl GuardState for RedisState {
         let admitted: Vec<usize> = invocation
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(|source| StateError::Redis {
-                context: "charge",
-                source,
-            })?;
+            .map_err(|source| redis_error("charge", source))?;
         if admitted.len() != charges.len() {
             return Err(StateError::BadAnswer {
                 context: "charge",
@@ -267,10 +251,7 @@ impl GuardState for RedisState {
         invocation
             .invoke_async::<i64>(&mut self.connection.clone())
             .await
-            .map_err(|source| StateError::Redis {
-                context: "put margins",
-                source,
-            })?;
+            .map_err(|source| redis_error("put margins", source))?;
         Ok(())
     }
 
@@ -295,10 +276,7 @@ impl GuardState for RedisState {
         let mut answers: std::vec::IntoIter<Option<String>> = pipe
             .query_async::<Vec<Option<String>>>(&mut self.connection.clone())
             .await
-            .map_err(|source| StateError::Redis {
-                context: "guard view",
-                source,
-            })?
+            .map_err(|source| redis_error("guard view", source))?
             .into_iter();
         // Answers come in the order asked; a name not given asked nothing.
         let mut next = |asked: bool| asked.then(|| answers.next().flatten()).flatten();
@@ -334,10 +312,7 @@ impl GuardState for RedisState {
             .arg(now_ms)
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(|source| StateError::Redis {
-                context: "rate limit",
-                source,
-            })?;
+            .map_err(|source| redis_error("rate limit", source))?;
         Ok((wait > 0).then_some(wait))
     }
 
@@ -345,10 +320,7 @@ impl GuardState for RedisState {
         redis::cmd("PING")
             .query_async::<String>(&mut self.connection.clone())
             .await
-            .map_err(|source| StateError::Redis {
-                context: "ping",
-                source,
-            })?;
+            .map_err(|source| redis_error("ping", source))?;
         Ok(())
     }
 }
@@ -361,4 +333,23 @@ fn parse_margin(json: Option<String>) -> Result<Option<MarginState>, StateError>
         })
     })
     .transpose()
+}
+
+/// A redis driver error as the state port's error: a connection or a timeout may pass later; a
+/// refused command or a bad URL will not.
+fn redis_error(context: &'static str, e: redis::RedisError) -> StateError {
+    let kind = if e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+    {
+        ErrorKind::Retriable
+    } else {
+        ErrorKind::Permanent
+    };
+    StateError::Failed {
+        context,
+        kind,
+        detail: e.to_string(),
+    }
 }

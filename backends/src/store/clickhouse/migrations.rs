@@ -89,7 +89,7 @@ async fn apply(runner: &dyn SqlRunner, statement: &str) -> Result<(), StoreError
     match runner.execute(statement).await {
         Err(e)
             if statement.contains(" ADD COLUMN ")
-                && crate::error::clickhouse_error_code(&e.to_string())
+                && super::error_code(&e.to_string())
                     .is_some_and(|code| COLUMN_EXISTS_CODES.contains(&code)) =>
         {
             Ok(())

@@ -22,7 +22,7 @@ pub use reader::ClickHouseAnalytics;
 pub use retention::ClickHouseRetention;
 pub use writer::ClickHouseWriter;
 
-use crate::error::{ClickHouseContext, StoreError};
+use crate::error::{ErrorKind, StoreError};
 use schemas::config::ClickHouseConfig;
 use std::time::Duration;
 
@@ -145,17 +145,14 @@ pub async fn check_ready(
         .await;
     let applied = match answer {
         Ok(text) => text.trim().parse::<u32>().unwrap_or(0),
-        Err(StoreError::ClickHouse { source, .. }) => {
-            let text = source.to_string();
-            return Err(StoreError::NotReady(
-                match crate::error::clickhouse_error_code(&text) {
-                    Some(60) | Some(81) => format!(
-                        "ClickHouse database `{}` at {} is not migrated: run `mcp-meter migrate`",
-                        config.database, config.url
-                    ),
-                    _ => format!("ClickHouse at {} is unreachable: {text}", config.url),
-                },
-            ));
+        Err(StoreError::Failed { detail: text, .. }) => {
+            return Err(StoreError::NotReady(match error_code(&text) {
+                Some(60) | Some(81) => format!(
+                    "ClickHouse database `{}` at {} is not migrated: run `mcp-meter migrate`",
+                    config.database, config.url
+                ),
+                _ => format!("ClickHouse at {} is unreachable: {text}", config.url),
+            }));
         }
         Err(other) => return Err(other),
     };
@@ -166,4 +163,103 @@ pub async fn check_ready(
         )));
     }
     Ok(())
+}
+
+/// ClickHouse error codes that mean the request itself is wrong (bad data, a schema out of
+/// step with the code): sending it again cannot succeed, so it must not be retried forever.
+/// ClickHouse answers 500 for a type mismatch or a violated constraint too; the code, not the
+/// status, says which errors are the data's.
+const PERMANENT_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    33,  // CANNOT_READ_ALL_DATA
+    47,  // UNKNOWN_IDENTIFIER
+    53,  // TYPE_MISMATCH
+    60,  // UNKNOWN_TABLE
+    62,  // SYNTAX_ERROR
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    81,  // UNKNOWN_DATABASE
+    117, // INCORRECT_DATA
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO: a check of the table's own refused the row
+    469, // VIOLATED_CONSTRAINT
+    516, // AUTHENTICATION_FAILED
+];
+
+/// A connection failure or timeout passes; so does a server error other than the permanent
+/// ones (too many parts, memory limit, a restarting replica).
+fn kind_of(e: &clickhouse::error::Error) -> ErrorKind {
+    use clickhouse::error::Error;
+    match e {
+        Error::Network(_) | Error::TimedOut => ErrorKind::Retriable,
+        Error::BadResponse(text) => match error_code(text) {
+            Some(code) if PERMANENT_CODES.contains(&code) => ErrorKind::Permanent,
+            _ => ErrorKind::Retriable,
+        },
+        _ => ErrorKind::Permanent,
+    }
+}
+
+/// The code of a ClickHouse error text (`Code: 60, e.displayText() = ...` on old servers,
+/// `Code: 60. DB::Exception: ...` on new ones).
+pub fn error_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + 6..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// A clickhouse driver error as the store port's error, classified here.
+pub(crate) fn store_error(context: &'static str, e: &clickhouse::error::Error) -> StoreError {
+    StoreError::Failed {
+        store: "clickhouse",
+        context,
+        kind: kind_of(e),
+        detail: e.to_string(),
+    }
+}
+
+/// Adds what was being done to a clickhouse error.
+pub(crate) trait ClickHouseContext<T> {
+    fn context(self, context: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> ClickHouseContext<T> for Result<T, clickhouse::error::Error> {
+    fn context(self, context: &'static str) -> Result<T, StoreError> {
+        self.map_err(|e| store_error(context, &e))
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn clickhouse_codes_are_read_from_old_and_new_error_texts() {
+        let old = "Code: 60, e.displayText() = DB::Exception: Table t1.x doesn't exist., e.what() = DB::Exception";
+        let new = "Code: 62. DB::Exception: Syntax error: failed at position 1. (SYNTAX_ERROR)";
+        assert_eq!(error_code(old), Some(60));
+        assert_eq!(error_code(new), Some(62));
+        assert_eq!(error_code("connection reset"), None);
+    }
+
+    #[test]
+    fn bad_data_is_permanent_and_load_is_not() {
+        use clickhouse::error::Error;
+        let kind = |text: &str| kind_of(&Error::BadResponse(text.into()));
+        assert_eq!(
+            kind("Code: 53, e.displayText() = type mismatch"),
+            ErrorKind::Permanent
+        );
+        assert_eq!(
+            kind("Code: 469. DB::Exception: Constraint `c` is violated"),
+            ErrorKind::Permanent
+        );
+        assert_eq!(
+            kind("Code: 252, e.displayText() = Too many parts"),
+            ErrorKind::Retriable
+        );
+        assert_eq!(kind_of(&Error::TimedOut), ErrorKind::Retriable);
+    }
 }

@@ -6,8 +6,9 @@
 //! so the INSERT that writes the rows writes their keys too. This is race-free because each
 //! store has one writer (one per Kafka partition in the distributed mode).
 
+use super::ClickHouseContext;
 use super::{queries, tsv, within, HttpRunner, SqlRunner};
-use crate::error::{ClickHouseContext, StoreError};
+use crate::error::StoreError;
 use crate::sink::{BusPosition, TenantBatch, WriteOutcome};
 use crate::store::{StoreWriter, StoredOffsets};
 use clickhouse::Row;

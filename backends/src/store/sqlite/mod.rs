@@ -19,7 +19,7 @@ pub use reader::SqliteAnalytics;
 pub use retention::SqliteRetention;
 pub use writer::SqliteWriter;
 
-use crate::error::{SqliteContext, StoreError};
+use crate::error::{ErrorKind, StoreError};
 use rusqlite::Connection;
 use schemas::config::SqliteConfig;
 use std::path::{Path, PathBuf};
@@ -69,4 +69,32 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     )
     .context("set pragmas")?;
     Ok(conn)
+}
+
+/// A rusqlite error as the store port's error. SQLite's busy and locked answers pass; anything
+/// else (a full disk, a corrupt file, a constraint) needs another request or an operator.
+pub(crate) fn store_error(context: &'static str, e: rusqlite::Error) -> StoreError {
+    let kind = match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            ErrorKind::Retriable
+        }
+        _ => ErrorKind::Permanent,
+    };
+    StoreError::Failed {
+        store: "sqlite",
+        context,
+        kind,
+        detail: e.to_string(),
+    }
+}
+
+/// Adds what was being done to a rusqlite error.
+pub(crate) trait SqliteContext<T> {
+    fn context(self, context: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> SqliteContext<T> for Result<T, rusqlite::Error> {
+    fn context(self, context: &'static str) -> Result<T, StoreError> {
+        self.map_err(|e| store_error(context, e))
+    }
 }

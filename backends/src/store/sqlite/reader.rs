@@ -1,7 +1,8 @@
 //! Analytics over the SQLite rollups. Queries run on the blocking pool with connections of
 //! their own, so they never wait for the writer (WAL) and never stall the async runtime.
 
-use crate::error::{SqliteContext, StoreError};
+use super::SqliteContext;
+use crate::error::StoreError;
 use crate::store::{assemble_agents, by_revenue_then_name, AgentDay, AnalyticsStore, SessionQuery};
 use rusqlite::{params, Connection, OpenFlags, Row};
 use schemas::analytics::{
@@ -251,12 +252,7 @@ impl AnalyticsStore for SqliteAnalytics {
             {
                 Ok(s) => s,
                 Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
-                Err(e) => {
-                    return Err(StoreError::Sqlite {
-                        context: "query session",
-                        source: e,
-                    })
-                }
+                Err(e) => return Err(super::store_error("query session", e)),
             };
             let sql = format!(
                 "SELECT tool_name, {FIGURES} FROM mcp_session_summary

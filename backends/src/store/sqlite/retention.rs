@@ -3,7 +3,8 @@
 //! key), so keys leave with their rows; the config keeps `raw_days` at least `dedup_days`.
 
 use super::open_connection;
-use crate::error::{SqliteContext, StoreError};
+use super::SqliteContext;
+use crate::error::StoreError;
 use crate::store::{Dropped, Retention, RetentionCutoffs};
 use rusqlite::params;
 use std::path::PathBuf;

@@ -2,7 +2,8 @@
 //! rows that were really inserted, aggregated in memory first so each rollup row is written
 //! once per commit however many events it sums.
 
-use crate::error::{SqliteContext, StoreError};
+use super::SqliteContext;
+use crate::error::StoreError;
 use crate::sink::{TenantBatch, WriteOutcome};
 use crate::store::StoreWriter;
 use rusqlite::{params, Connection, Transaction};
