@@ -1,10 +1,14 @@
 //! Kafka (rdkafka) adapters of the bus ports.
 //!
-//! - [`KafkaSink`]: the ingestor's [`crate::sink::EventSink`]: an idempotent producer with
-//!   `acks=all`; `publish` returns once every event's delivery report is in.
-//! - [`KafkaSource`]: the aggregator's [`crate::source::EventSource`]: a consumer group member
-//!   that commits only what it is told, plus the dead-letter producer.
-//! - [`KafkaProbe`]: the lag monitor's [`crate::source::TopicProbe`], outside the group.
+//! - `producer.rs`: [`KafkaSink`], the ingestor's [`crate::sink::EventSink`]: an idempotent
+//!   producer with `acks=all`; `publish` returns once every event's delivery report is in. A
+//!   full local queue (`QueueFull`) answers [`crate::error::SinkError::Overloaded`], which the
+//!   ingestor answers 429 with Retry-After; a broker that does not acknowledge in time answers
+//!   `Unavailable` (503).
+//! - `consumer.rs`: [`KafkaSource`], the aggregator's [`crate::source::EventSource`]: a consumer
+//!   group member that commits only what it is told, plus the dead-letter producer.
+//! - `probe.rs`: [`KafkaProbe`], the lag monitor's [`crate::source::TopicProbe`], outside the
+//!   group.
 //! - [`create_topics`]: what `mcp-meter migrate` does on the Kafka side.
 //! - [`check_brokers`]: whether a broker answers at the configured address, said in words an
 //!   operator can act on.
