@@ -15,7 +15,7 @@ use backends::kafka;
 use backends::sink::EventSink;
 use backends::state::memory::MemoryState;
 use backends::state::redis::RedisState;
-use backends::state::GuardState;
+use backends::state::{MarginBoard, StateBackend, StatePorts};
 use backends::store::clickhouse::ClickHouseRetention;
 use backends::store::clickhouse::{
     self, migrations, ClickHouseAnalytics, ClickHouseWriter, HttpRunner,
@@ -196,13 +196,15 @@ fn http_api(
     config: &Config,
     sink: Arc<dyn EventSink>,
     analytics: Arc<dyn AnalyticsStore>,
-    guard: Arc<dyn GuardState>,
+    state: StatePorts,
 ) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
     let state = actix_web::web::Data::new(ingestor::AppState {
         keys: ingestor::auth::Keyring::new(&config.tenants),
         sink,
         analytics,
-        guard,
+        limits: state.limits,
+        margins: state.margins,
+        rate_limiter: state.rate_limiter,
         guard_recompute_seconds: config.margin_guard.interval_seconds,
         in_flight: tokio::sync::Semaphore::new(config.ingest.max_in_flight_requests),
         ingest: config.ingest.clone(),
@@ -222,7 +224,7 @@ fn http_api(
 
 /// The Redis guard state. Redis being down does not stop a process from starting: ingest goes
 /// on without it and `/readyz` says so, as it would if Redis went down later.
-async fn shared_guard_state(config: &Config, url: &str) -> anyhow::Result<RedisState> {
+async fn redis_state(config: &Config, url: &str) -> anyhow::Result<RedisState> {
     let state = RedisState::new(
         url,
         &config.redis.key_prefix,
@@ -239,7 +241,7 @@ async fn shared_guard_state(config: &Config, url: &str) -> anyhow::Result<RedisS
 fn margin_guard(
     config: &Config,
     analytics: Arc<dyn AnalyticsStore>,
-    state: Arc<dyn GuardState>,
+    state: Arc<dyn MarginBoard>,
 ) -> Option<aggregator::margin_guard::MarginGuard> {
     let g = &config.margin_guard;
     if !g.enabled {
@@ -288,17 +290,17 @@ impl Ingestor {
         }
         let sink: Arc<dyn EventSink> = Arc::new(kafka::KafkaSink::new(&config.kafka)?);
         let analytics: Arc<dyn AnalyticsStore> = Arc::new(ClickHouseAnalytics::new(runner));
-        let guard: Arc<dyn GuardState> = match &config.redis.url {
-            Some(url) => Arc::new(shared_guard_state(config, url).await?),
+        let state = match &config.redis.url {
+            Some(url) => StatePorts::of(Arc::new(redis_state(config, url).await?)),
             None => {
                 anyhow::ensure!(
                     config.tenants.iter().all(|t| t.limits.is_empty()),
                     "hard limits need the shared guard state: set redis.url (MCP_METER_REDIS_URL)"
                 );
-                Arc::new(MemoryState::new())
+                StatePorts::of(Arc::new(MemoryState::new()))
             }
         };
-        let (server, addr) = http_api(config, sink, analytics, guard)?;
+        let (server, addr) = http_api(config, sink, analytics, state)?;
         Ok(Ingestor { server, addr })
     }
 
@@ -328,7 +330,7 @@ pub async fn run_aggregator(
     // The margin guard writes where ingestors read: Redis. Without it there is no one to tell.
     match &config.redis.url {
         Some(url) => {
-            let state = Arc::new(shared_guard_state(config, url).await?);
+            let state = Arc::new(redis_state(config, url).await?);
             let analytics = Arc::new(ClickHouseAnalytics::new(runner));
             if let Some(guard) = margin_guard(config, analytics, state) {
                 tokio::spawn(guard.run(shutdown.clone()));
@@ -491,15 +493,15 @@ impl Embedded {
                 )
             }
         };
-        let guard_state: Arc<dyn GuardState> = Arc::new(MemoryState::new());
+        let state = StatePorts::of(Arc::new(MemoryState::new()));
         let (stop_guard, guard_shutdown) = tokio::sync::watch::channel(false);
-        if let Some(guard) = margin_guard(config, analytics.clone(), guard_state.clone()) {
+        if let Some(guard) = margin_guard(config, analytics.clone(), state.margins.clone()) {
             actix_web::rt::spawn(guard.run(guard_shutdown.clone()));
         }
         let retention =
             aggregator::retention::RetentionSchedule::new(retention, config.retention.clone());
         actix_web::rt::spawn(retention.run(guard_shutdown));
-        let (server, addr) = http_api(config, Arc::new(sink), analytics, guard_state)?;
+        let (server, addr) = http_api(config, Arc::new(sink), analytics, state)?;
         Ok(Embedded {
             server,
             addr,

@@ -10,7 +10,7 @@
 
 use backends::error::StoreError;
 use backends::metrics::METRICS;
-use backends::state::{GuardState, StateError};
+use backends::state::{MarginBoard, StateError};
 use backends::store::AnalyticsStore;
 use schemas::analytics::{margin, AgentUsage, DateRange, ToolUsage};
 use schemas::guard::{MarginLevel, MarginState, MarginThresholds, SubjectKind};
@@ -53,7 +53,7 @@ pub struct Round {
 
 pub struct MarginGuard {
     analytics: Arc<dyn AnalyticsStore>,
-    state: Arc<dyn GuardState>,
+    state: Arc<dyn MarginBoard>,
     config: GuardConfig,
     /// The level each subject had last round, to log changes: (tenant, field) → level.
     last_levels: HashMap<(String, String), MarginLevel>,
@@ -62,7 +62,7 @@ pub struct MarginGuard {
 impl MarginGuard {
     pub fn new(
         analytics: Arc<dyn AnalyticsStore>,
-        state: Arc<dyn GuardState>,
+        state: Arc<dyn MarginBoard>,
         config: GuardConfig,
     ) -> MarginGuard {
         MarginGuard {

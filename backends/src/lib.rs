@@ -9,10 +9,12 @@
 //! - [`kafka`]: the Kafka adapters of both bus ports, and topic creation.
 //! - [`store`]: [`store::StoreWriter`], one transaction over many batches, and
 //!   [`store::AnalyticsStore`], the read side; adapters [`store::sqlite`], [`store::clickhouse`].
-//! - [`state`]: [`state::GuardState`], hard-limit counters and the kill list; adapters
-//!   [`state::memory`] and [`state::redis`].
+//! - [`state`]: [`state::LimitCounters`], [`state::MarginBoard`], [`state::RateLimiter`]: the
+//!   shared state, one small port per thing held; adapters [`state::memory`] and
+//!   [`state::redis`].
 //! - [`metrics`]: the process's counters and histograms, in Prometheus text format.
-//! - [`error`]: the errors of the sink and the store, each saying whether a retry can help.
+//! - [`error`]: [`error::ErrorKind`] and the errors of the sink and the store; every port error
+//!   says its kind.
 
 pub mod error;
 pub mod kafka;

@@ -3,7 +3,7 @@
 
 use backends::state::memory::MemoryState;
 use backends::state::redis::RedisState;
-use backends::state::{Charge, GuardState};
+use backends::state::{Charge, LimitCounters, MarginBoard, RateLimiter, StateBackend};
 use schemas::guard::{MarginLevel, MarginState, SubjectKind};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +45,7 @@ fn calls(key: &str, limit: i64, n: usize) -> Charge {
 
 /// 50 concurrent batches of 10 calls for one session against a calls limit of N: exactly N are
 /// admitted, every batch that met the limit kills the session, and the kill is listed after.
-async fn exactly_n_admitted_under_concurrency(state: Arc<dyn GuardState>) {
+async fn exactly_n_admitted_under_concurrency(state: Arc<dyn LimitCounters>) {
     let at = now();
     const N: i64 = 137;
     let mut tasks = Vec::new();
@@ -95,7 +95,7 @@ async fn exactly_n_admitted_under_concurrency(state: Arc<dyn GuardState>) {
 }
 
 /// Spend amounts are admitted as a prefix; several counters are charged in one atomic step.
-async fn spend_prefix_and_many_counters(state: Arc<dyn GuardState>) {
+async fn spend_prefix_and_many_counters(state: Arc<dyn LimitCounters>) {
     let at = now();
     let spend = Charge {
         key: "spend:agent:a1".into(),
@@ -120,7 +120,7 @@ async fn spend_prefix_and_many_counters(state: Arc<dyn GuardState>) {
 }
 
 /// Kills end when their window does; a later kill extends an earlier one.
-async fn kills_expire(state: Arc<dyn GuardState>) {
+async fn kills_expire(state: Arc<dyn LimitCounters>) {
     let at = now();
     state
         .kill_sessions("t2", &["a".into(), "b".into()], at + HOUR)
@@ -150,7 +150,7 @@ async fn kills_expire(state: Arc<dyn GuardState>) {
 }
 
 /// An agent's sessions are remembered per agent and tenant, and forgotten with their window.
-async fn agent_sessions(state: Arc<dyn GuardState>) {
+async fn agent_sessions(state: Arc<dyn LimitCounters>) {
     let at = now();
     state
         .track_sessions("t", "a1", &["s2".into(), "s1".into()], at + HOUR)
@@ -227,7 +227,7 @@ async fn redis_kills_expire_with_their_window() {
 async fn a_window_is_its_own_counter_on_both() {
     let memory = MemoryState::new();
     let redis = redis().await;
-    for state in [&memory as &dyn GuardState, &redis] {
+    for state in [&memory as &dyn LimitCounters, &redis] {
         let at = now();
         // Callers name the window in the key: a full window does not spill into the next one.
         assert_eq!(
@@ -281,7 +281,7 @@ fn margin(subject: SubjectKind, id: &str, level: MarginLevel, at: i64) -> Margin
 
 /// A put replaces the tenant's whole set; a view reads the named agent and tool and the
 /// session's kill; other tenants and expired sets read as nothing.
-async fn margins_and_views(state: Arc<dyn GuardState>) {
+async fn margins_and_views<S: LimitCounters + MarginBoard>(state: Arc<S>) {
     let at = now();
     let web = margin(SubjectKind::Tool, "web", MarginLevel::Throttle, at);
     let agent = margin(SubjectKind::Agent, "web", MarginLevel::Warn, at);
@@ -344,7 +344,7 @@ async fn redis_keeps_margin_states_per_tenant() {
 
 /// Token buckets: the burst, then one token per 1/rate; buckets are per key. The caller's clock
 /// drives the refill, so both twins answer the same waits.
-async fn token_buckets(state: Arc<dyn GuardState>) {
+async fn token_buckets(state: Arc<dyn RateLimiter>) {
     let at = now();
     let mut waits = Vec::new();
     for _ in 0..4 {
@@ -389,7 +389,7 @@ async fn redis_token_buckets_give_the_burst_then_the_rate() {
 }
 
 /// Fifty concurrent requests against a burst of 20 on one bucket: exactly 20 admitted.
-async fn buckets_are_exact_under_concurrency(state: Arc<dyn GuardState>) {
+async fn buckets_are_exact_under_concurrency(state: Arc<dyn RateLimiter>) {
     let at = now();
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -423,7 +423,7 @@ async fn redis_buckets_are_exact_under_concurrency() {
 async fn margin_states_are_forgotten_when_they_expire() {
     let memory = MemoryState::new();
     let redis = redis().await;
-    for state in [&memory as &dyn GuardState, &redis] {
+    for state in [&memory as &dyn MarginBoard, &redis] {
         let at = now();
         let web = margin(SubjectKind::Tool, "web", MarginLevel::Block, at);
         state.put_margins("t", &[web], at + 300).await.unwrap();

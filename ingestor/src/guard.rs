@@ -59,7 +59,7 @@ pub async fn check(
     }
     let now_ms = chrono::Utc::now().timestamp_millis();
     let answer = match state
-        .guard
+        .margins
         .view(&grant.tenant.id, agent, tool, session, now_ms)
         .await
     {

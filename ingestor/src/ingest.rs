@@ -180,7 +180,7 @@ async fn enforce(
     if tenant.limits.is_empty() {
         return Vec::new();
     }
-    let guard = state.guard.as_ref();
+    let guard = state.limits.as_ref();
     let answer = async {
         plan.apply(guard, &tenant.id, now_ms).await?;
         guard.killed_sessions(&tenant.id, now_ms).await

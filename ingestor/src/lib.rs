@@ -25,7 +25,7 @@ pub mod ops;
 
 use actix_web::web;
 use backends::sink::EventSink;
-use backends::state::GuardState;
+use backends::state::{LimitCounters, MarginBoard, RateLimiter};
 use backends::store::AnalyticsStore;
 use schemas::config::IngestConfig;
 use std::sync::Arc;
@@ -35,8 +35,12 @@ pub struct AppState {
     pub keys: auth::Keyring,
     pub sink: Arc<dyn EventSink>,
     pub analytics: Arc<dyn AnalyticsStore>,
-    /// Hard-limit counters and the kill list.
-    pub guard: Arc<dyn GuardState>,
+    /// Hard-limit counters, the kill list, each agent's sessions.
+    pub limits: Arc<dyn LimitCounters>,
+    /// The margin levels guard checks read.
+    pub margins: Arc<dyn MarginBoard>,
+    /// Each API key's token bucket.
+    pub rate_limiter: Arc<dyn RateLimiter>,
     /// Permits for ingest requests in flight (`ingest.max_in_flight_requests`).
     pub in_flight: tokio::sync::Semaphore,
     /// How often the margin guard recomputes levels: what a throttled caller is told to wait.
@@ -59,7 +63,7 @@ impl AppState {
         let (bucket, limit) = (&limit.bucket, limit.config);
         let now_ms = chrono::Utc::now().timestamp_millis();
         match self
-            .guard
+            .rate_limiter
             .take_token(bucket, limit.requests_per_second, limit.burst, now_ms)
             .await
         {

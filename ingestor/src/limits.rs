@@ -4,7 +4,7 @@
 //! whether the session may go on. Charges are applied after the events are durable, so a
 //! request answered 503 (and retried) is not counted twice.
 
-use backends::state::{Charge, GuardState, StateError};
+use backends::state::{Charge, LimitCounters, StateError};
 use schemas::config::{LimitConfig, LimitSubject};
 use schemas::event::RatedEvent;
 use std::collections::{BTreeMap, BTreeSet};
@@ -94,7 +94,7 @@ impl Plan {
     /// session of the agent. Kills last until the breached window ends.
     pub async fn apply(
         self,
-        guard: &dyn GuardState,
+        guard: &dyn LimitCounters,
         tenant: &str,
         now_ms: i64,
     ) -> Result<(), StateError> {

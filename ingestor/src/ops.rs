@@ -91,7 +91,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let (sink, store, guard) = futures_util::future::join3(
         state.sink.ready(),
         state.analytics.ready(),
-        state.guard.ping(),
+        state.limits.ping(),
     )
     .await;
     let dependencies = vec![
@@ -110,7 +110,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             error: store.err().map(|e| e.to_string()),
         },
         Dependency {
-            name: state.guard.kind(),
+            name: state.limits.kind(),
             ready: guard.is_ok(),
             required: false,
             without_it: "ingest goes on; hard limits are not enforced and guard checks answer allow with degraded: true",

@@ -1,6 +1,9 @@
 //! The in-process guard state of `serve`: the same semantics as Redis, under one lock.
 
-use super::{admitted_prefix, take_from_bucket, Charge, GuardState, StateError};
+use super::{
+    admitted_prefix, take_from_bucket, Charge, LimitCounters, MarginBoard, RateLimiter,
+    StateBackend, StateError,
+};
 use schemas::guard::{subject_field, GuardView, MarginState, SubjectKind};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -53,7 +56,7 @@ fn live(set: &mut HashMap<String, i64>, now_ms: i64) -> Vec<String> {
 }
 
 #[async_trait::async_trait]
-impl GuardState for MemoryState {
+impl LimitCounters for MemoryState {
     async fn charge(&self, charges: &[Charge], now_ms: i64) -> Result<Vec<usize>, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
         if now_ms >= inner.next_prune_ms {
@@ -133,7 +136,10 @@ impl GuardState for MemoryState {
             .map(|set| live(set, now_ms))
             .unwrap_or_default())
     }
+}
 
+#[async_trait::async_trait]
+impl MarginBoard for MemoryState {
     async fn put_margins(
         &self,
         tenant: &str,
@@ -175,11 +181,10 @@ impl GuardState for MemoryState {
             }),
         })
     }
+}
 
-    fn kind(&self) -> &'static str {
-        "memory"
-    }
-
+#[async_trait::async_trait]
+impl RateLimiter for MemoryState {
     async fn take_token(
         &self,
         key: &str,
@@ -197,6 +202,13 @@ impl GuardState for MemoryState {
         let (next, wait) = take_from_bucket(Some(*bucket), per_second, burst, now_ms);
         *bucket = next;
         Ok(wait)
+    }
+}
+
+#[async_trait::async_trait]
+impl StateBackend for MemoryState {
+    fn kind(&self) -> &'static str {
+        "memory"
     }
 
     async fn ping(&self) -> Result<(), StateError> {

@@ -1,10 +1,12 @@
-//! The guard state port: usage counters against hard limits, the kill list, and the margin
-//! levels the margin guard writes for `GET /v1/guard/check` to read.
+//! The shared state ports, each named for what it holds, each implemented by both adapters with
+//! the same atomic semantics: `memory` serves the embedded mode, `redis` the distributed one
+//! (any number of ingestors sharing it).
 //!
-//! Both adapters have the same atomic semantics; `memory` serves the embedded mode, `redis`
-//! the distributed one (any number of ingestors sharing the counters).
-//!
-//! - [`GuardState`]: the port.
+//! - [`LimitCounters`]: hard-limit counters, the kill list, each agent's sessions.
+//! - [`MarginBoard`]: the margin levels the margin guard puts and `GET /v1/guard/check` views.
+//! - [`RateLimiter`]: each API key's token bucket.
+//! - [`StateBackend`]: what they share: `ping` for `/readyz`, `kind` for people.
+//! - [`StatePorts`]: the three ports of one store, as a process hands them out.
 //! - [`memory::MemoryState`]: in-process, one lock.
 //! - [`redis::RedisState`]: one Lua script per batch (COMPARE_AND_INCREMENT), so concurrent
 //!   ingestors never admit past a limit.
@@ -17,6 +19,7 @@ use crate::error::ErrorKind;
 /// config validation refuses larger limits.
 pub use schemas::config::MAX_LIMIT;
 use schemas::guard::{GuardView, MarginState};
+use std::sync::Arc;
 
 /// One counter a batch charges: the amount each event adds, in the events' order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,8 +60,40 @@ impl StateError {
     }
 }
 
+/// The three state ports of one store, as a process hands them out.
+#[derive(Clone)]
+pub struct StatePorts {
+    pub limits: Arc<dyn LimitCounters>,
+    pub margins: Arc<dyn MarginBoard>,
+    pub rate_limiter: Arc<dyn RateLimiter>,
+}
+
+impl StatePorts {
+    /// Every port served by `store`.
+    pub fn of<S: LimitCounters + MarginBoard + RateLimiter + 'static>(store: Arc<S>) -> StatePorts {
+        StatePorts {
+            limits: store.clone(),
+            margins: store.clone(),
+            rate_limiter: store,
+        }
+    }
+}
+
+/// What every state port says of the store behind it (all of a process's state ports are one
+/// store: `memory` or `redis`).
 #[async_trait::async_trait]
-pub trait GuardState: Send + Sync {
+pub trait StateBackend: Send + Sync {
+    /// Whether the state answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), StateError>;
+
+    /// What stands behind the port, for people: `memory` or `redis`.
+    fn kind(&self) -> &'static str;
+}
+
+/// Hard limits: usage counters charged atomically, the sessions killed by a breach, and the
+/// sessions of each agent (so that an agent's breach can stop them all).
+#[async_trait::async_trait]
+pub trait LimitCounters: StateBackend {
     /// COMPARE_AND_INCREMENT, atomically over all `charges`: for each, admits the longest
     /// prefix of its amounts that keeps the counter at or below its limit, adds that prefix,
     /// and answers how many amounts were admitted. Events past the prefix breach the limit.
@@ -92,7 +127,12 @@ pub trait GuardState: Send + Sync {
         agent: &str,
         now_ms: i64,
     ) -> Result<Vec<String>, StateError>;
+}
 
+/// The margin board: the margin guard puts each tenant's levels, a guard check views the ones
+/// it needs.
+#[async_trait::async_trait]
+pub trait MarginBoard: StateBackend {
     /// Replaces all of `tenant`'s margin states in one step (a reader sees the old set or the
     /// new one, never a mix). They are forgotten at `expires_at_ms` unless replaced again, so a
     /// guard that stops computing stops blocking.
@@ -113,7 +153,11 @@ pub trait GuardState: Send + Sync {
         session: Option<&str>,
         now_ms: i64,
     ) -> Result<GuardView, StateError>;
+}
 
+/// Each API key's request rate: one token bucket per key.
+#[async_trait::async_trait]
+pub trait RateLimiter: StateBackend {
     /// Token bucket: takes one token from `key`'s bucket, which holds at most `burst` and
     /// refills at `per_second`. `None`: admitted; `Some(ms)`: empty, a token is back in `ms`.
     async fn take_token(
@@ -123,12 +167,6 @@ pub trait GuardState: Send + Sync {
         burst: u32,
         now_ms: i64,
     ) -> Result<Option<u64>, StateError>;
-
-    /// Whether the state answers (for `/readyz`).
-    async fn ping(&self) -> Result<(), StateError>;
-
-    /// What stands behind the port, for people: `memory` or `redis`.
-    fn kind(&self) -> &'static str;
 }
 
 /// One token bucket step, the rule both adapters follow (the Redis script is its Lua

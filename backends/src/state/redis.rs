@@ -1,7 +1,7 @@
 //! The shared guard state of the distributed mode: Redis, through one Lua script per batch so
 //! that the compare and the increment of every counter happen as one step for all ingestors.
 
-use super::{Charge, GuardState, StateError};
+use super::{Charge, LimitCounters, MarginBoard, RateLimiter, StateBackend, StateError};
 use crate::error::ErrorKind;
 use redis::aio::ConnectionManager;
 use schemas::guard::{subject_field, GuardView, MarginState, SubjectKind};
@@ -172,7 +172,7 @@ impl RedisState {
 }
 
 #[async_trait::async_trait]
-impl GuardState for RedisState {
+impl LimitCounters for RedisState {
     async fn charge(&self, charges: &[Charge], _now_ms: i64) -> Result<Vec<usize>, StateError> {
         if charges.is_empty() {
             return Ok(Vec::new());
@@ -235,7 +235,10 @@ impl GuardState for RedisState {
         self.live_members(self.agent_key(tenant, agent), now_ms)
             .await
     }
+}
 
+#[async_trait::async_trait]
+impl MarginBoard for RedisState {
     async fn put_margins(
         &self,
         tenant: &str,
@@ -292,11 +295,10 @@ impl GuardState for RedisState {
             session_killed_until_ms: killed_until,
         })
     }
+}
 
-    fn kind(&self) -> &'static str {
-        "redis"
-    }
-
+#[async_trait::async_trait]
+impl RateLimiter for RedisState {
     async fn take_token(
         &self,
         key: &str,
@@ -314,6 +316,13 @@ impl GuardState for RedisState {
             .await
             .map_err(|source| redis_error("rate limit", source))?;
         Ok((wait > 0).then_some(wait))
+    }
+}
+
+#[async_trait::async_trait]
+impl StateBackend for RedisState {
+    fn kind(&self) -> &'static str {
+        "redis"
     }
 
     async fn ping(&self) -> Result<(), StateError> {
