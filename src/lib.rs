@@ -197,6 +197,7 @@ fn http_api(
     sink: Arc<dyn EventSink>,
     analytics: Arc<dyn AnalyticsStore>,
     state: StatePorts,
+    metric_families: Vec<fn(&mut String)>,
 ) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
     let state = actix_web::web::Data::new(ingestor::AppState {
         keys: ingestor::auth::Keyring::new(&config.tenants),
@@ -208,6 +209,7 @@ fn http_api(
         guard_recompute_seconds: config.margin_guard.interval_seconds,
         in_flight: tokio::sync::Semaphore::new(config.ingest.max_in_flight_requests),
         ingest: config.ingest.clone(),
+        metric_families,
     });
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
@@ -300,7 +302,8 @@ impl Ingestor {
                 StatePorts::of(Arc::new(MemoryState::new()))
             }
         };
-        let (server, addr) = http_api(config, sink, analytics, state)?;
+        let families: Vec<fn(&mut String)> = vec![|out| backends::metrics::KAFKA.render(out)];
+        let (server, addr) = http_api(config, sink, analytics, state, families)?;
         Ok(Ingestor { server, addr })
     }
 
@@ -389,7 +392,9 @@ pub async fn run_aggregator(
 async fn aggregator_metrics(
     lag: actix_web::web::Data<aggregator::lag::LagView>,
 ) -> actix_web::HttpResponse {
-    let mut out = backends::metrics::METRICS.render();
+    let mut out = String::with_capacity(8 * 1024);
+    aggregator::metrics::METRICS.render_consumer(&mut out);
+    aggregator::metrics::METRICS.render_margin_guard(&mut out);
     lag.render_metrics(&mut out);
     actix_web::HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
@@ -501,7 +506,11 @@ impl Embedded {
         let retention =
             aggregator::retention::RetentionSchedule::new(retention, config.retention.clone());
         actix_web::rt::spawn(retention.run(guard_shutdown));
-        let (server, addr) = http_api(config, Arc::new(sink), analytics, state)?;
+        let families: Vec<fn(&mut String)> = vec![
+            |out| aggregator::metrics::METRICS.render_group_commit(out),
+            |out| aggregator::metrics::METRICS.render_margin_guard(out),
+        ];
+        let (server, addr) = http_api(config, Arc::new(sink), analytics, state, families)?;
         Ok(Embedded {
             server,
             addr,

@@ -70,6 +70,14 @@ fn events_flow_from_ingestor_through_kafka_to_clickhouse_once() {
         metrics.contains("mcp_meter_aggregator_lag_seconds "),
         "{metrics}"
     );
+    // Its own families only: no HTTP API, no ingest outcomes, no embedded commits.
+    for absent in [
+        "mcp_meter_http_",
+        "mcp_meter_ingest_",
+        "mcp_meter_store_commit_",
+    ] {
+        assert!(!metrics.contains(absent), "{absent}: {metrics}");
+    }
     let (status, _) = Client::new(&aggregator.metrics_url()).get_text("/healthz", "");
     assert_eq!(status, 200);
     // The ingestor's: 5 events in, 4 through to Kafka (it cannot see the retry), 1 in-batch repeat.

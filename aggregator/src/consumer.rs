@@ -11,8 +11,8 @@
 //! Offsets committed to Kafka are only a hint of where to resume reading.
 
 use crate::lag::ConsumerStatus;
+use crate::metrics::METRICS;
 use backends::error::{ErrorKind, StoreError};
-use backends::metrics::METRICS;
 use backends::sink::{BusPosition, TenantBatch};
 use backends::source::{BusError, BusMessage, EventSource, Poison};
 use backends::store::{StoreWriter, StoredOffsets};
@@ -212,7 +212,7 @@ where
                         reason = %poison.reason, "message sent to the dead-letter topic");
                     source.dead_letter(message.position, &poison).await?;
                     progress.dead_letters += 1;
-                    METRICS.aggregator_dead_letters.add(1);
+                    METRICS.dead_letters.add(1);
                 }
             }
         }
@@ -234,7 +234,7 @@ where
                 reason = %row.reason, "row refused by the store; sent to the dead-letter topic");
             source.dead_letter(row.position, &row.poison()).await?;
             progress.dead_letters += 1;
-            METRICS.aggregator_dead_letters.add(1);
+            METRICS.dead_letters.add(1);
         }
         // 7. Raise the floors, now that everything up to them is stored. A crash before this
         //    line re-reads the batch, and step 6's checks drop what is stored.
@@ -319,13 +319,11 @@ where
             let insert_started = Instant::now();
             match writer.write(&chunk).await {
                 Ok(outcomes) => {
-                    METRICS
-                        .aggregator_insert_latency
-                        .observe(insert_started.elapsed());
+                    METRICS.insert_latency.observe(insert_started.elapsed());
                     for o in outcomes {
                         progress.rows_written += o.accepted as u64;
                         progress.duplicates += o.duplicates as u64;
-                        METRICS.aggregator_rows_inserted.add(o.accepted as u64);
+                        METRICS.rows_inserted.add(o.accepted as u64);
                     }
                     let newest = chunk
                         .iter()
@@ -333,12 +331,12 @@ where
                         .max();
                     if let Some(newest) = newest {
                         let now = chrono::Utc::now().timestamp_millis();
-                        METRICS.aggregator_lag_ms.set(now - newest);
+                        METRICS.lag_ms.set(now - newest);
                     }
                     break;
                 }
                 Err(e) if e.kind() == ErrorKind::Permanent => {
-                    METRICS.aggregator_insert_failures.add(1);
+                    METRICS.insert_failures.add(1);
                     let mut rows = rows_of(chunk);
                     if rows.len() == 1 {
                         let (tenant_id, event, position) = rows.pop().expect("one row");
@@ -359,7 +357,7 @@ where
                     break;
                 }
                 Err(e) => {
-                    METRICS.aggregator_insert_failures.add(1);
+                    METRICS.insert_failures.add(1);
                     check = true;
                     backoff(config, &mut attempt, started, e).await?;
                 }

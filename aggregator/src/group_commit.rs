@@ -7,8 +7,8 @@
 //! events are durable, while the cost of a commit (its fsync) is shared by everyone waiting.
 //! A full queue answers `Overloaded` at once instead of letting memory grow.
 
+use crate::metrics::METRICS;
 use backends::error::SinkError;
-use backends::metrics::METRICS;
 use backends::sink::{EventSink, TenantBatch, WriteOutcome};
 use backends::store::StoreWriter;
 use std::thread::JoinHandle;

@@ -9,6 +9,7 @@
 //!   health, and what to do when the group leaves partitions with unstored records unconsumed.
 //! - [`margin_guard`]: every interval, each tenant's margin levels per agent and per tool,
 //!   from the rollups into the guard state.
+//! - [`metrics`]: this crate's metric families, rendered by the processes that run each part.
 //! - [`retention`]: every interval, dedup keys and raw rows past their retention dropped.
 //!
 //! This crate knows nothing of HTTP.
@@ -17,4 +18,5 @@ pub mod consumer;
 pub mod group_commit;
 pub mod lag;
 pub mod margin_guard;
+pub mod metrics;
 pub mod retention;

@@ -8,8 +8,8 @@
 //! Several aggregators may run the guard at once; they compute the same levels from the same
 //! rollups, so whichever writes last is right.
 
+use crate::metrics::METRICS;
 use backends::error::StoreError;
-use backends::metrics::METRICS;
 use backends::state::{MarginBoard, StateError};
 use backends::store::AnalyticsStore;
 use schemas::analytics::{margin, AgentUsage, DateRange, ToolUsage};

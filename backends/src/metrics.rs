@@ -1,8 +1,11 @@
-//! The process's metrics, kept in atomics and written in Prometheus text format (`/metrics`).
+//! Metric primitives kept in atomics and written in Prometheus text format (`/metrics`), and the
+//! families of the adapters in this crate ([`KAFKA`]).
 //!
-//! One static registry, [`METRICS`], that every component records into: recording is a relaxed
-//! atomic add, so the hot path pays nothing it would notice. Labels are small fixed sets
-//! (outcomes, routes, status codes, levels); never a tenant, agent or session id.
+//! Each component owns its families in a static of its own (the ingestor's HTTP and ingest
+//! counts, the aggregator's inserts and lag, the Kafka producer's errors here), and each process
+//! renders the families of the components it runs, no others. Recording is a relaxed atomic
+//! add, so the hot path pays nothing it would notice. Labels are small fixed sets (outcomes,
+//! routes, status codes, levels); never a tenant, agent or session id.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -82,7 +85,8 @@ impl Histogram {
         self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
-    fn write(&self, out: &mut String, name: &str, labels: &str) {
+    /// Writes the histogram's lines (buckets, sum, count) with `labels` on each.
+    pub fn write(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
         for (i, bound) in LATENCY_BUCKETS_SECONDS.iter().enumerate() {
@@ -110,248 +114,44 @@ impl Histogram {
     }
 }
 
-/// HTTP status codes 100 to 599.
-const STATUS_CODES: usize = 500;
-
-/// The routes HTTP metrics are kept for; anything else counts as `other`.
-pub const ROUTES: [&str; 11] = [
-    "/v1/ingest/batch",
-    "/v1/ingest/events",
-    "/v1/guard/check",
-    "/analytics/mcp",
-    "/v1/exports/billing",
-    "/healthz",
-    "/readyz",
-    "/metrics",
-    "/openapi.json",
-    "/docs",
-    "other",
-];
-
-/// The route label of a request path.
-pub fn route_of(path: &str) -> usize {
-    ROUTES[..ROUTES.len() - 1]
-        .iter()
-        .position(|r| path == *r || (path.starts_with(r) && path[r.len()..].starts_with('/')))
-        .unwrap_or(ROUTES.len() - 1)
+/// Writes a family's `# HELP` and `# TYPE` lines.
+pub fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-/// Everything the process records.
-pub struct Metrics {
-    pub ingest_events_accepted: Counter,
-    pub ingest_events_duplicate: Counter,
-    pub ingest_events_failed: Counter,
-    /// Per route: request latency.
-    pub http_latency: [Histogram; ROUTES.len()],
-    /// Per route, per status code (100 to 599, at `status - 100`): requests. A counter for
-    /// every code instead of a locked map, so that recording takes no lock on the hot path.
-    http_requests: [[Counter; STATUS_CODES]; ROUTES.len()],
-    pub kafka_delivery_errors: Counter,
-    pub kafka_producer_rebuilds: Counter,
-    pub aggregator_rows_inserted: Counter,
-    pub aggregator_insert_failures: Counter,
-    pub aggregator_insert_latency: Histogram,
-    /// Seconds between the newest event of the last insert being received and now.
-    pub aggregator_lag_ms: Gauge,
-    pub aggregator_dead_letters: Counter,
-    pub store_commit_latency: Histogram,
-    pub store_commit_failures: Counter,
-    /// Subjects at each margin level after the last round (OK, L1, L2, L3).
-    pub guard_subjects: [Gauge; 4],
-    pub guard_rounds_failed: Counter,
-    pub guard_state_errors: Counter,
+/// Writes a family of one unlabelled value.
+pub fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    head(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
-pub static METRICS: Metrics = Metrics {
-    ingest_events_accepted: Counter::new(),
-    ingest_events_duplicate: Counter::new(),
-    ingest_events_failed: Counter::new(),
-    http_latency: [const { Histogram::new() }; ROUTES.len()],
-    http_requests: [const { [const { Counter::new() }; STATUS_CODES] }; ROUTES.len()],
-    kafka_delivery_errors: Counter::new(),
-    kafka_producer_rebuilds: Counter::new(),
-    aggregator_rows_inserted: Counter::new(),
-    aggregator_insert_failures: Counter::new(),
-    aggregator_insert_latency: Histogram::new(),
-    aggregator_lag_ms: Gauge::new(),
-    aggregator_dead_letters: Counter::new(),
-    store_commit_latency: Histogram::new(),
-    store_commit_failures: Counter::new(),
-    guard_subjects: [const { Gauge::new() }; 4],
-    guard_rounds_failed: Counter::new(),
-    guard_state_errors: Counter::new(),
+/// The Kafka producer's families (the ingestor's sink).
+pub struct KafkaMetrics {
+    pub delivery_errors: Counter,
+    pub producer_rebuilds: Counter,
+}
+
+pub static KAFKA: KafkaMetrics = KafkaMetrics {
+    delivery_errors: Counter::new(),
+    producer_rebuilds: Counter::new(),
 };
 
-impl Metrics {
-    /// Records one answered HTTP request.
-    pub fn http_request(&self, route: usize, status: u16, took: Duration) {
-        self.http_latency[route].observe(took);
-        if let Some(counter) = (status as usize)
-            .checked_sub(100)
-            .and_then(|i| self.http_requests[route].get(i))
-        {
-            counter.add(1);
-        }
-    }
-
-    /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(16 * 1024);
-        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
-            head(out, name, "gauge", help);
-            let _ = writeln!(out, "{name} {v}");
-        };
-
-        head(
-            &mut out,
-            "mcp_meter_ingest_events_total",
+impl KafkaMetrics {
+    pub fn render(&self, out: &mut String) {
+        single(
+            out,
+            "mcp_meter_kafka_delivery_errors_total",
             "counter",
-            "Events received by ingest, by outcome: accepted (stored), duplicate (key already stored), failed (refused)",
+            "Batches whose Kafka delivery failed or timed out (answered 503)",
+            self.delivery_errors.get(),
         );
-        for (outcome, c) in [
-            ("accepted", &self.ingest_events_accepted),
-            ("duplicate", &self.ingest_events_duplicate),
-            ("failed", &self.ingest_events_failed),
-        ] {
-            let _ = writeln!(
-                out,
-                "mcp_meter_ingest_events_total{{outcome=\"{outcome}\"}} {}",
-                c.get()
-            );
-        }
-
-        head(
-            &mut out,
-            "mcp_meter_http_requests_total",
+        single(
+            out,
+            "mcp_meter_kafka_producer_rebuilds_total",
             "counter",
-            "HTTP requests answered, by route and status (ingest batches: 202 accepted, 429 overloaded, 503 unavailable)",
+            "Times the ingestor replaced a Kafka producer that could no longer deliver",
+            self.producer_rebuilds.get(),
         );
-        let answered = self
-            .http_requests
-            .iter()
-            .enumerate()
-            .flat_map(|(route, codes)| {
-                codes
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, c)| ((route, i + 100), c.get()))
-                    .filter(|(_, n)| *n > 0)
-            });
-        for ((route, status), n) in answered {
-            let _ = writeln!(
-                out,
-                "mcp_meter_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
-                ROUTES[route]
-            );
-        }
-        head(
-            &mut out,
-            "mcp_meter_http_request_duration_seconds",
-            "histogram",
-            "Time from request to answer (the body of a streamed export excluded), by route",
-        );
-        for (route, h) in ROUTES.iter().zip(&self.http_latency) {
-            if h.count() > 0 {
-                h.write(
-                    &mut out,
-                    "mcp_meter_http_request_duration_seconds",
-                    &format!("route=\"{route}\""),
-                );
-            }
-        }
-
-        head(
-            &mut out,
-            "mcp_meter_aggregator_insert_duration_seconds",
-            "histogram",
-            "Time of one successful ClickHouse insert",
-        );
-        self.aggregator_insert_latency.write(
-            &mut out,
-            "mcp_meter_aggregator_insert_duration_seconds",
-            "",
-        );
-        gauge(
-            &mut out,
-            "mcp_meter_aggregator_lag_seconds",
-            "Age, when it was stored, of the newest event of the last insert (receipt to stored)",
-            self.aggregator_lag_ms.get() as f64 / 1000.0,
-        );
-        head(
-            &mut out,
-            "mcp_meter_store_commit_duration_seconds",
-            "histogram",
-            "Time of one group commit of the embedded store (SQLite, or ClickHouse with store = clickhouse)",
-        );
-        self.store_commit_latency
-            .write(&mut out, "mcp_meter_store_commit_duration_seconds", "");
-        head(
-            &mut out,
-            "mcp_meter_guard_subjects",
-            "gauge",
-            "Agents and tools at each margin level after the margin guard's last round",
-        );
-        for (level, g) in ["OK", "L1_WARN", "L2_THROTTLE", "L3_BLOCK"]
-            .iter()
-            .zip(&self.guard_subjects)
-        {
-            let _ = writeln!(
-                out,
-                "mcp_meter_guard_subjects{{level=\"{level}\"}} {}",
-                g.get()
-            );
-        }
-        // Plain counters, one line each.
-        let counters = [
-            (
-                "mcp_meter_kafka_delivery_errors_total",
-                "Batches whose Kafka delivery failed or timed out (answered 503)",
-                self.kafka_delivery_errors.get(),
-            ),
-            (
-                "mcp_meter_kafka_producer_rebuilds_total",
-                "Times the ingestor replaced a Kafka producer that could no longer deliver",
-                self.kafka_producer_rebuilds.get(),
-            ),
-            (
-                "mcp_meter_aggregator_rows_inserted_total",
-                "Rows the aggregator inserted into ClickHouse",
-                self.aggregator_rows_inserted.get(),
-            ),
-            (
-                "mcp_meter_aggregator_insert_failures_total",
-                "ClickHouse inserts that failed and were retried",
-                self.aggregator_insert_failures.get(),
-            ),
-            (
-                "mcp_meter_aggregator_dead_letters_total",
-                "Messages the aggregator could not read, sent to the dead-letter topic",
-                self.aggregator_dead_letters.get(),
-            ),
-            (
-                "mcp_meter_store_commit_failures_total",
-                "Group commits that failed (their requests were answered 503)",
-                self.store_commit_failures.get(),
-            ),
-            (
-                "mcp_meter_guard_rounds_failed_total",
-                "Margin guard rounds in which some tenant's levels could not be computed or written",
-                self.guard_rounds_failed.get(),
-            ),
-            (
-                "mcp_meter_guard_state_errors_total",
-                "Requests that could not reach the guard state (limits not enforced, checks failed open)",
-                self.guard_state_errors.get(),
-            ),
-        ];
-        for (name, help, value) in counters {
-            head(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {value}");
-        }
-        out
     }
 }
 
@@ -382,17 +182,5 @@ mod tests {
         );
         assert!(out.contains("x_count{route=\"r\"} 3\n"), "{out}");
         assert!(out.contains("x_sum{route=\"r\"} 20.0031\n"), "{out}");
-    }
-
-    #[test]
-    fn paths_map_to_a_bounded_set_of_routes() {
-        assert_eq!(ROUTES[route_of("/v1/ingest/batch")], "/v1/ingest/batch");
-        assert_eq!(
-            ROUTES[route_of("/analytics/mcp/sessions/s-1")],
-            "/analytics/mcp"
-        );
-        assert_eq!(ROUTES[route_of("/docs/swagger-ui.css")], "/docs");
-        assert_eq!(ROUTES[route_of("/v1/ingest/batchx")], "other");
-        assert_eq!(ROUTES[route_of("/secret/tenant-id")], "other");
     }
 }

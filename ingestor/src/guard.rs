@@ -83,7 +83,7 @@ pub(crate) fn warn_state_unavailable(e: &backends::state::StateError) {
     const EVERY_MS: i64 = 5_000;
     let now = chrono::Utc::now().timestamp_millis();
     let last = LAST_MS.load(Ordering::Relaxed);
-    backends::metrics::METRICS.guard_state_errors.add(1);
+    crate::metrics::METRICS.guard_state_errors.add(1);
     if now - last >= EVERY_MS
         && LAST_MS
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)

@@ -4,10 +4,10 @@
 use crate::auth::{Grant, Tenant};
 use crate::error::{ApiError, IngestErrors};
 use crate::limits;
+use crate::metrics::METRICS;
 use crate::AppState;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use backends::metrics::METRICS;
 use backends::sink::TenantBatch;
 use schemas::config::Scope;
 use schemas::event::{parse_event, validate, EventLimits, RatedEvent, TimeBounds};

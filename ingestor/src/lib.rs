@@ -8,6 +8,7 @@
 //! - [`analytics`]: `GET /analytics/mcp/...`.
 //! - [`exports`]: `GET /v1/exports/billing`, streamed CSV or JSON.
 //! - [`openapi`]: the OpenAPI document (`/openapi.json`) and Swagger UI (`/docs`).
+//! - [`metrics`]: the API's metric families (ingest outcomes, requests by route and status).
 //! - [`error`]: the one mapping from errors to HTTP status codes.
 //!
 //! The API talks to the pipeline only through `backends`' ports; which adapters stand behind
@@ -20,6 +21,7 @@ pub mod exports;
 pub mod guard;
 pub mod ingest;
 pub mod limits;
+pub mod metrics;
 pub mod openapi;
 pub mod ops;
 
@@ -46,6 +48,9 @@ pub struct AppState {
     /// How often the margin guard recomputes levels: what a throttled caller is told to wait.
     pub guard_recompute_seconds: u64,
     pub ingest: IngestConfig,
+    /// The metric families of the other components this process runs, rendered after the
+    /// API's own by `/metrics`.
+    pub metric_families: Vec<fn(&mut String)>,
 }
 
 impl AppState {

@@ -140,16 +140,21 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     })
 }
 
-/// The process's metrics in Prometheus text format: ingest events by outcome, requests by
-/// route and status with latency histograms, Kafka delivery errors, aggregator inserts and lag,
-/// store commits, margin levels.
+/// The process's metrics in Prometheus text format: the API's (ingest events by outcome,
+/// requests by route and status with latency histograms), then those of the other components
+/// this process runs (`serve`: store commits and margin levels; `ingestor`: Kafka delivery).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain",
         body = String, example = "# HELP mcp_meter_ingest_events_total Events received by ingest, by outcome\n# TYPE mcp_meter_ingest_events_total counter\nmcp_meter_ingest_events_total{outcome=\"accepted\"} 1\n")))]
-pub async fn metrics() -> HttpResponse {
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let mut out = String::with_capacity(16 * 1024);
+    crate::metrics::METRICS.render(&mut out);
+    for render in &state.metric_families {
+        render(&mut out);
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(backends::metrics::METRICS.render())
+        .body(out)
 }
 
 /// The access log's target: `MCP_METER_LOG=info,access=warn` silences it.
@@ -162,7 +167,7 @@ pub async fn record_request(
     req: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
 ) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
-    let route = backends::metrics::route_of(req.path());
+    let route = crate::metrics::route_of(req.path());
     let logged = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(|| {
         (
             req.method().clone(),
@@ -173,7 +178,7 @@ pub async fn record_request(
     let started = std::time::Instant::now();
     let answer = next.call(req).await?;
     let status = answer.status().as_u16();
-    backends::metrics::METRICS.http_request(route, status, started.elapsed());
+    crate::metrics::METRICS.http_request(route, status, started.elapsed());
     if let Some((method, path, peer)) = logged {
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let peer = peer.map(|p| p.to_string()).unwrap_or_default();

@@ -124,7 +124,7 @@ impl KafkaSink {
         match create(&self.config) {
             Ok(fresh) => {
                 tracing::warn!(?fatal, failures, "replacing the kafka producer");
-                crate::metrics::METRICS.kafka_producer_rebuilds.add(1);
+                crate::metrics::KAFKA.producer_rebuilds.add(1);
                 *current = Arc::new(fresh);
                 self.failures.store(0, Ordering::Relaxed);
             }
@@ -208,7 +208,7 @@ impl EventSink for KafkaSink {
                 Ok(outcome)
             }
             Err(SinkError::Unavailable(e)) => {
-                crate::metrics::METRICS.kafka_delivery_errors.add(1);
+                crate::metrics::KAFKA.delivery_errors.add(1);
                 self.recover(&producer);
                 Err(SinkError::Unavailable(e))
             }
