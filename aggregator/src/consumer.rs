@@ -450,7 +450,8 @@ fn next_positions(messages: &[BusMessage]) -> Vec<BusPosition> {
 
 /// Waits before the next try, doubling up to the configured maximum; gives up past the limit.
 /// Refused rows do not come here ([`store`] sets them apart); an error here is one that may
-/// pass (a store away, a timeout) or one of reading offsets, which no row can be blamed for.
+/// pass (a store away, a timeout, a table detached or not migrated yet) or one of reading
+/// offsets, which no row can be blamed for.
 async fn backoff(
     config: &ConsumerConfig,
     attempt: &mut u32,

@@ -165,26 +165,32 @@ pub async fn check_ready(
     Ok(())
 }
 
-/// ClickHouse error codes that mean the request itself is wrong (bad data, a schema out of
-/// step with the code): sending it again cannot succeed, so it must not be retried forever.
-/// ClickHouse answers 500 for a type mismatch or a violated constraint too; the code, not the
+/// ClickHouse error codes that mean the data is refused: sending the same rows again cannot
+/// succeed, and the rows are to blame (the aggregator sets them apart and stores the rest).
+/// ClickHouse answers 500 for a type mismatch or a violated check too; the code, not the
 /// status, says which errors are the data's.
 const PERMANENT_CODES: &[u32] = &[
     6,   // CANNOT_PARSE_TEXT
-    16,  // NO_SUCH_COLUMN_IN_TABLE
     26,  // CANNOT_PARSE_QUOTED_STRING
     27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
     33,  // CANNOT_READ_ALL_DATA
-    47,  // UNKNOWN_IDENTIFIER
     53,  // TYPE_MISMATCH
-    60,  // UNKNOWN_TABLE
     62,  // SYNTAX_ERROR
     69,  // ARGUMENT_OUT_OF_BOUND
     70,  // CANNOT_CONVERT_TYPE
-    81,  // UNKNOWN_DATABASE
     117, // INCORRECT_DATA
     395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO: a check of the table's own refused the row
     469, // VIOLATED_CONSTRAINT
+];
+
+/// ClickHouse error codes that mean the database is not what the code expects (not migrated,
+/// a table detached, a user without rights): no row is to blame, and the same request passes
+/// once an operator fixes the database.
+const NOT_READY_CODES: &[u32] = &[
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    47,  // UNKNOWN_IDENTIFIER
+    60,  // UNKNOWN_TABLE
+    81,  // UNKNOWN_DATABASE
     516, // AUTHENTICATION_FAILED
 ];
 
@@ -196,6 +202,7 @@ fn kind_of(e: &clickhouse::error::Error) -> ErrorKind {
         Error::Network(_) | Error::TimedOut => ErrorKind::Retriable,
         Error::BadResponse(text) => match error_code(text) {
             Some(code) if PERMANENT_CODES.contains(&code) => ErrorKind::Permanent,
+            Some(code) if NOT_READY_CODES.contains(&code) => ErrorKind::NotReady,
             _ => ErrorKind::Retriable,
         },
         _ => ErrorKind::Permanent,

@@ -1,9 +1,7 @@
 //! `mcp-meter loadgen` against a real `serve` and a real ClickHouse: it sends what it says it
 //! sends, the target stores exactly that, and the summary's counts add up.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::process::Command;
 
 /// `mcp-meter loadgen ARGS`: whether it exited 0, its stdout and its stderr.

@@ -8,9 +8,7 @@
 //! `from` before `to` or "name at least one of agentId, toolName, sessionId", are not
 //! expressible in OpenAPI, so schema-valid requests can rightly be refused with a 400).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::process::Command;
 
 #[test]

@@ -1,9 +1,7 @@
 //! Per-key rate limits through the real `serve`: a key's burst, then 429 with Retry-After and a
 //! message saying when to come back; other keys and tenants are not affected.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use mcp_meter::sha256_hex;
 use schemas::config::Config;
 

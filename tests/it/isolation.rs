@@ -2,10 +2,8 @@
 //! sessions, agents, tools and customers, by id or by filter, sees none of them; each key can do
 //! only what its scopes allow.
 
-mod common;
-
-use common::distributed::wait_until;
-use common::*;
+use crate::common::distributed::wait_until;
+use crate::common::*;
 use serde_json::json;
 use std::time::Duration;
 

@@ -2,10 +2,8 @@
 //! the requests in flight and the batches queued for the store, then exits; every event that
 //! was answered 202 is stored.
 
-mod common;
-
-use common::distributed::{spawn_with_url, wait_until};
-use common::*;
+use crate::common::distributed::{spawn_with_url, wait_until};
+use crate::common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 

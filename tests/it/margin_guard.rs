@@ -2,10 +2,8 @@
 //! levels follow the margin as COGS rises and as revenue recovers, and a killed session is
 //! blocked whatever its margins.
 
-mod common;
-
-use common::distributed::wait_until;
-use common::*;
+use crate::common::distributed::wait_until;
+use crate::common::*;
 use mcp_meter::sha256_hex;
 use schemas::config::Config;
 use serde_json::{json, Value};

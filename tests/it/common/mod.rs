@@ -1,5 +1,4 @@
 //! A real `serve` in-process for tests: its own data directory, port 0, graceful stop on drop.
-#![allow(dead_code)]
 
 pub mod chdb;
 pub mod distributed;

@@ -2,9 +2,7 @@
 //! resolves, every example fits its schema, real answers of a running `serve` fit theirs, and the
 //! interactive docs are served from the binary alone.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 fn document() -> Value {

@@ -1,9 +1,7 @@
 //! The billing export through the real `serve`: lines per customer, agent and tool, totals equal
 //! to the summary's for the same month, CSV and JSON, filters, scopes, paging past one page.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// This month's first day and a time in it at least a minute old (occurredAt may not be ahead).

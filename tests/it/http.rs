@@ -1,8 +1,6 @@
 //! The whole embedded path through the real HTTP server: ingest, rate, store, analyze.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 fn by_tool(s: &Server, key: &str) -> Value {
@@ -479,7 +477,7 @@ fn accepted_events_survive_a_restart() {
     let (status, _) = s.post("/v1/ingest/events", ACME, SEED);
     assert_eq!(status, 202);
     let dir = s.stop();
-    let config = common::config(dir.path());
+    let config = crate::common::config(dir.path());
     let s = Server::start_in(dir, config);
     assert_eq!(summary(&s, ACME)["revenueMicros"], 7550);
     let (_, again) = s.post("/v1/ingest/events", ACME, SEED);

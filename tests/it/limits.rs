@@ -1,9 +1,7 @@
 //! Hard limits through the real `serve` (the in-memory guard state): calls past a limit are
 //! stored and billed, and their session is listed in `killedSessionIds` from then on.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use schemas::config::Config;
 use serde_json::{json, Value};
 

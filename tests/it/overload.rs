@@ -2,10 +2,8 @@
 //! with Retry-After for what it cannot take, stores exactly what it answered 202, and its peak
 //! memory stays bounded (read from the kernel: VmHWM of the real process).
 
-mod common;
-
-use common::distributed::{spawn_with_url, wait_until};
-use common::*;
+use crate::common::distributed::{spawn_with_url, wait_until};
+use crate::common::*;
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -2,9 +2,7 @@
 //! real HTTP server. Each case gets a 4xx, or a per-event error inside a 202, whose message
 //! says what to fix; none gets a 5xx; the good event sent beside a bad one is stored.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// The good event every per-event case sends first, with its own key.

@@ -1,14 +1,12 @@
 //! The ClickHouse store against the real ClickHouse 18.16 that `scripts/test` starts, and
 //! against chDB (ClickHouse 26): migrations, dedup, and conformance with the SQLite store.
 
-mod common;
-
+use crate::common::*;
 use backends::sink::{TenantBatch, WriteOutcome};
 use backends::store::clickhouse::{
     migrations, ClickHouseAnalytics, ClickHouseWriter, HttpRunner, SqlRunner,
 };
 use backends::store::{AnalyticsStore, SessionQuery, StoreWriter};
-use common::*;
 use schemas::analytics::DateRange;
 use schemas::billing::BillingQuery;
 use schemas::event::{ExecutionStatus, RatedEvent};
@@ -93,7 +91,7 @@ fn a_migration_edited_after_it_was_applied_is_refused() {
 #[test]
 fn serve_refuses_an_unmigrated_or_unreachable_clickhouse() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = common::config(dir.path());
+    let mut c = crate::common::config(dir.path());
     c.store = schemas::config::StoreKind::Clickhouse;
     c.clickhouse = config_for(&unique_database("never_migrated"));
     let err = runtime()

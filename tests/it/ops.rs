@@ -1,9 +1,7 @@
 //! What operators read: `/metrics` in Prometheus text format counting what happened, and JSON
 //! logs with `--log-format json`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
@@ -123,7 +121,7 @@ fn log_format_json_writes_one_json_object_per_line() {
         .unwrap()
         .trim_end_matches("/v1/ingest/batch");
     let client = Client::new(base);
-    assert!(common::distributed::wait_until(
+    assert!(crate::common::distributed::wait_until(
         std::time::Duration::from_secs(10),
         || { client.get_text("/healthz", "").0 == 200 }
     ));

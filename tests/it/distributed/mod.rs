@@ -1,0 +1,180 @@
+//! The distributed mode with real processes: ingestor → Kafka (tansu) → aggregator →
+//! ClickHouse, by subject; the helpers they share are here.
+
+mod crashes;
+mod lag;
+mod outages;
+mod pipeline;
+mod shared_state;
+
+use crate::common::distributed::{
+    kafka_brokers, wait_until, ClickHouseServer, RedisServer, Setup, Tansu,
+};
+use crate::common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+fn calls(client: &Client, key: &str) -> i64 {
+    let (status, body) = client.get("/analytics/mcp/summary", key);
+    assert_eq!(status, 200, "{body}");
+    body["calls"].as_i64().unwrap()
+}
+
+/// `mcp-meter <args>` on `setup`'s config with its stderr in a file of the setup's directory.
+fn spawn_logged(
+    setup: &Setup,
+    args: &[&str],
+    envs: &[(&str, String)],
+) -> (std::process::Child, PathBuf) {
+    let log = setup.dir.path().join(format!("{}.log", args[0]));
+    let child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+        .args(args)
+        .arg("--config")
+        .arg(&setup.file)
+        .env("MCP_METER_LOG", "info")
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, log)
+}
+
+/// The first `n` messages of the setup's dead-letter topic (waiting up to 20 s for them), read
+/// from its start by a reader of its own: each payload and its headers.
+fn dead_letters(setup: &Setup, n: usize) -> Vec<(Option<String>, HashMap<String, String>)> {
+    static READERS: AtomicUsize = AtomicUsize::new(0);
+    let kafka = &setup.config.kafka;
+    let reader = READERS.fetch_add(1, Ordering::Relaxed);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
+        .set("group.id", format!("{}-reader-{reader}", setup.name))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&kafka.dead_letter_topic]).unwrap();
+    let mut found = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while found.len() < n && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers: HashMap<String, String> = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            found.push((
+                m.payload().map(|p| String::from_utf8_lossy(p).to_string()),
+                headers,
+            ));
+        }
+    }
+    found
+}
+
+/// Per partition: the broker's watermarks, the group's committed offset, the store's floor and
+/// row count, for a failure message.
+fn diagnose(setup: &Setup) -> String {
+    let kafka = &setup.config.kafka;
+    let consumer = group_consumer(setup);
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..kafka.partitions {
+        list.add_partition(&kafka.events_topic, p);
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(5));
+    let mut out = String::from("partition: low..high watermark | committed | floor | rows\n");
+    for p in 0..kafka.partitions {
+        let marks = consumer.fetch_watermarks(&kafka.events_topic, p, Duration::from_secs(5));
+        let c = committed
+            .as_ref()
+            .ok()
+            .and_then(|l| l.find_partition(&kafka.events_topic, p))
+            .map(|e| format!("{:?}", e.offset()));
+        let floor = setup.sql(&format!(
+            "SELECT max(max_offset) FROM mcp_kafka_offsets WHERE kafka_partition = {p}"
+        ));
+        let rows = setup.sql(&format!(
+            "SELECT count(), max(kafka_offset) FROM mcp_events WHERE kafka_partition = {p}"
+        ));
+        out.push_str(&format!(
+            "{p}: {marks:?} | {c:?} | {} | {}\n",
+            floor.trim(),
+            rows.trim()
+        ));
+    }
+    out
+}
+
+/// A consumer in the aggregators' group (not subscribed), to read or set its committed offsets.
+fn group_consumer(setup: &Setup) -> BaseConsumer {
+    let kafka = &setup.config.kafka;
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
+        .set("group.id", &kafka.consumer_group)
+        .create()
+        .unwrap()
+}
+
+/// Whether the aggregators have dealt with everything the events topic holds: each partition's
+/// stored floor is one below its end offset (what was not stored was dead-lettered). Counts
+/// read after this are final, so a test checks them once instead of waiting to see that
+/// nothing more arrives.
+fn all_consumed(setup: &Setup) -> bool {
+    let kafka = &setup.config.kafka;
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
+        .create()
+        .unwrap();
+    let floors = setup.sql(&format!(
+        "SELECT kafka_partition, max(max_offset) FROM mcp_kafka_topic_offsets \
+         WHERE kafka_topic = '{}' GROUP BY kafka_partition",
+        kafka.events_topic
+    ));
+    let floor_of = |p: i32| -> i64 {
+        floors
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(q, _)| q.parse::<i32>() == Ok(p))
+            .map_or(-1, |(_, f)| f.parse().unwrap())
+    };
+    (0..kafka.partitions).all(|p| {
+        match probe.fetch_watermarks(&kafka.events_topic, p, Duration::from_secs(5)) {
+            Ok((_, end)) => floor_of(p) == end - 1,
+            Err(_) => false,
+        }
+    })
+}
+
+/// How many messages the setup's dead-letter topic holds now (its end offsets, summed): an
+/// exact count, with no waiting for messages that might still come.
+fn dead_letter_count(setup: &Setup) -> i64 {
+    let kafka = &setup.config.kafka;
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
+        .create()
+        .unwrap();
+    (0..kafka.partitions)
+        .map(|p| {
+            probe
+                .fetch_watermarks(&kafka.dead_letter_topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .sum()
+}

@@ -1,0 +1,26 @@
+//! The integration tests: one crate, one link step, a module per subject. They talk to the
+//! services `scripts/test` starts (addresses from `MCP_METER_TEST_*`), each in a database,
+//! topic or key prefix of its own, and fail under `CI=true` when a service is missing.
+
+mod common;
+
+mod aforo_sdk;
+mod bad_input;
+mod cli;
+mod clickhouse;
+mod deploy;
+mod distributed;
+mod docs;
+mod exports;
+mod http;
+mod isolation;
+mod limits;
+mod loadgen;
+mod margin_guard;
+mod openapi;
+mod ops;
+mod overload;
+mod rate_limits;
+mod schemathesis;
+mod shutdown;
+mod tidy;
