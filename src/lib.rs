@@ -401,23 +401,13 @@ async fn aggregator_metrics(
         .body(out)
 }
 
-/// 200 or 503 with `body`.
-fn probe_answer(ok: bool, body: impl serde::Serialize) -> actix_web::HttpResponse {
-    let mut answer = if ok {
-        actix_web::HttpResponse::Ok()
-    } else {
-        actix_web::HttpResponse::ServiceUnavailable()
-    };
-    answer.json(body)
-}
-
 /// The aggregator's `/healthz`: the last lag check; 503 while a partition is stalled or the
 /// broker or ClickHouse has been out of reach for the stall timeout.
 async fn aggregator_health(
     lag: actix_web::web::Data<aggregator::lag::LagView>,
 ) -> actix_web::HttpResponse {
     let report = lag.report();
-    probe_answer(report.is_healthy(), report)
+    ingestor::ops::probe_answer(report.is_healthy(), report)
 }
 
 /// The aggregator's `/readyz`: whether the last lag check read both the broker and ClickHouse;
@@ -427,7 +417,7 @@ async fn aggregator_readiness(
 ) -> actix_web::HttpResponse {
     let report = lag.report();
     let ready = report.is_ready();
-    probe_answer(
+    ingestor::ops::probe_answer(
         ready,
         serde_json::json!({
             "status": if ready { "ready" } else { "unavailable" },

@@ -288,12 +288,9 @@ fn main() -> anyhow::Result<()> {
                 let mut out = std::io::stdout().lock();
                 let base = format!("http://{}", ingestor.addr);
                 let banner = format!(
-                    "mcp-meter ingestor: {base} -> kafka topic {}\n  \
-                     GET  {base}/docs/ (OpenAPI: /openapi.json)\n  \
-                     GET  {base}/healthz (alive)\n  \
-                     GET  {base}/readyz (each dependency)\n  \
-                     GET  {base}/metrics (Prometheus)\n",
-                    cfg.kafka.events_topic
+                    "mcp-meter ingestor: {base} -> kafka topic {}\n{}",
+                    cfg.kafka.events_topic,
+                    endpoint_lines(&base, &OPERATIONS)
                 );
                 let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
                 drop(out);
@@ -380,12 +377,28 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// What every API process serves beside the API: its documentation and operations endpoints.
+const OPERATIONS: [(&str, &str); 4] = [
+    ("GET ", "/docs/ (OpenAPI: /openapi.json)"),
+    ("GET ", "/healthz (alive)"),
+    ("GET ", "/readyz (each dependency)"),
+    ("GET ", "/metrics (Prometheus)"),
+];
+
+/// One banner line per endpoint: `  METHOD base/path`.
+fn endpoint_lines(base: &str, endpoints: &[(&str, &str)]) -> String {
+    endpoints
+        .iter()
+        .map(|(method, path)| format!("  {method} {base}{path}\n"))
+        .collect()
+}
+
 /// Prints where the API listens. Write errors are ignored: a server must not stop because
 /// whoever started it closed its stdout.
 fn print_banner(e: &Embedded, demo_key: Option<&str>) {
     let base = format!("http://{}", e.addr);
     let mut text = format!("mcp-meter serve: embedded mode, store {}\n", e.store);
-    for (method, path) in [
+    let api = [
         ("POST", "/v1/ingest/batch"),
         ("POST", "/v1/ingest/events"),
         ("GET ", "/v1/guard/check?agentId=&toolName=&sessionId="),
@@ -395,13 +408,9 @@ fn print_banner(e: &Embedded, demo_key: Option<&str>) {
         ("GET ", "/analytics/mcp/sessions"),
         ("GET ", "/analytics/mcp/sessions/{sessionId}"),
         ("GET ", "/v1/exports/billing?period=YYYY-MM&format=csv|json"),
-        ("GET ", "/docs/ (OpenAPI: /openapi.json)"),
-        ("GET ", "/healthz (alive)"),
-        ("GET ", "/readyz (each dependency)"),
-        ("GET ", "/metrics (Prometheus)"),
-    ] {
-        text.push_str(&format!("  {method} {base}{path}\n"));
-    }
+    ];
+    text.push_str(&endpoint_lines(&base, &api));
+    text.push_str(&endpoint_lines(&base, &OPERATIONS));
     if let Some(key) = demo_key {
         text.push_str(&format!("demo tenant `{}` API key: {key}\n", demo::TENANT));
         text.push_str(

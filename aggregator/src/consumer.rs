@@ -208,11 +208,7 @@ where
             match message.content {
                 Ok(bus) => push(&mut batches, bus.tenant_id, bus.event, message.position),
                 Err(poison) => {
-                    tracing::warn!(partition = message.position.partition, offset = message.position.offset,
-                        reason = %poison.reason, "message sent to the dead-letter topic");
-                    source.dead_letter(message.position, &poison).await?;
-                    progress.dead_letters += 1;
-                    METRICS.dead_letters.add(1);
+                    dead_letter(source, message.position, &poison, &mut progress).await?;
                 }
             }
         }
@@ -229,12 +225,8 @@ where
         // 6b. Refused rows go to the dead-letter topic with the store's reason and their source
         //     offsets, durably, before the floors pass them: the batch's other rows are stored,
         //     and these are kept where an operator can read, fix and replay them.
-        for row in refused {
-            tracing::warn!(partition = row.position.partition, offset = row.position.offset,
-                reason = %row.reason, "row refused by the store; sent to the dead-letter topic");
-            source.dead_letter(row.position, &row.poison()).await?;
-            progress.dead_letters += 1;
-            METRICS.dead_letters.add(1);
+        for (position, poison) in refused {
+            dead_letter(source, position, &poison, &mut progress).await?;
         }
         // 7. Raise the floors, now that everything up to them is stored. A crash before this
         //    line re-reads the batch, and step 6's checks drop what is stored.
@@ -258,29 +250,33 @@ where
     Ok(progress)
 }
 
-/// A row the store refused for good, with the store's reason.
-struct Refused {
-    tenant_id: Arc<str>,
-    event: schemas::event::RatedEvent,
+/// Sends one message to the dead-letter topic, durably, and counts it.
+async fn dead_letter<S: EventSource>(
+    source: &S,
     position: BusPosition,
-    reason: String,
+    poison: &Poison,
+    progress: &mut Progress,
+) -> Result<(), BusError> {
+    tracing::warn!(partition = position.partition, offset = position.offset,
+        reason = %poison.reason, "message sent to the dead-letter topic");
+    source.dead_letter(position, poison).await?;
+    progress.dead_letters += 1;
+    METRICS.dead_letters.add(1);
+    Ok(())
 }
 
-impl Refused {
-    /// The row as the events topic carried it, for the dead-letter topic.
-    fn poison(&self) -> Poison {
-        let payload = serde_json::to_vec(&schemas::event::BusEventRef {
-            tenant_id: &self.tenant_id,
-            event: &self.event,
-        })
+/// A row the store refused for good, as the events topic carried it, with the store's reason.
+fn refused(
+    tenant_id: &str,
+    event: &schemas::event::RatedEvent,
+    reason: &backends::error::StoreError,
+) -> Poison {
+    let payload = serde_json::to_vec(&schemas::event::BusEventRef { tenant_id, event })
         .expect("a rated event serializes");
-        Poison {
-            reason: format!("the store refused the row: {}", self.reason),
-            key: Some(
-                schemas::event::bus_key(&self.tenant_id, &self.event.idempotency_key).to_vec(),
-            ),
-            payload: Some(payload),
-        }
+    Poison {
+        reason: format!("the store refused the row: {reason}"),
+        key: Some(schemas::event::bus_key(tenant_id, &event.idempotency_key).to_vec()),
+        payload: Some(payload),
     }
 }
 
@@ -294,7 +290,7 @@ async fn store<W>(
     check_positions: bool,
     config: &ConsumerConfig,
     progress: &mut Progress,
-) -> Result<Vec<Refused>, ConsumerError>
+) -> Result<Vec<(BusPosition, Poison)>, ConsumerError>
 where
     W: StoreWriter + StoredOffsets,
 {
@@ -338,14 +334,8 @@ where
                 Err(e) if e.kind() == ErrorKind::Permanent => {
                     METRICS.insert_failures.add(1);
                     let mut rows = rows_of(chunk);
-                    if rows.len() == 1 {
-                        let (tenant_id, event, position) = rows.pop().expect("one row");
-                        refused.push(Refused {
-                            tenant_id,
-                            event,
-                            position,
-                            reason: e.to_string(),
-                        });
+                    if let [(tenant_id, event, position)] = rows.as_slice() {
+                        refused.push((*position, self::refused(tenant_id, event, &e)));
                     } else {
                         tracing::warn!(error = %e, rows = rows.len(),
                             "the store refused a write for good; halving it to find the rows it refuses");
@@ -385,22 +375,26 @@ fn rows_of(batches: Vec<TenantBatch>) -> Vec<(Arc<str>, schemas::event::RatedEve
 fn batches_of(rows: Vec<(Arc<str>, schemas::event::RatedEvent, BusPosition)>) -> Vec<TenantBatch> {
     let mut batches = Vec::new();
     for (tenant, event, position) in rows {
-        push(&mut batches, tenant.to_string(), event, position);
+        push(&mut batches, tenant, event, position);
     }
     batches
 }
 
 /// Adds an event to the batch of its tenant, keeping each batch's positions aligned.
+/// The tenant becomes an `Arc<str>` only when it opens a new batch.
 fn push(
     batches: &mut Vec<TenantBatch>,
-    tenant: String,
+    tenant: impl AsRef<str> + Into<Arc<str>>,
     event: schemas::event::RatedEvent,
     position: BusPosition,
 ) {
-    let batch = match batches.iter_mut().position(|b| *b.tenant_id == *tenant) {
+    let batch = match batches
+        .iter_mut()
+        .position(|b| *b.tenant_id == *tenant.as_ref())
+    {
         Some(i) => &mut batches[i],
         None => {
-            batches.push(TenantBatch::new(Arc::from(tenant), Vec::new()));
+            batches.push(TenantBatch::new(tenant.into(), Vec::new()));
             batches.last_mut().expect("pushed")
         }
     };

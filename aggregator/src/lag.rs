@@ -21,6 +21,7 @@
 //! that keep failing for `stall_timeout_ms` make the report `unreachable`: `/healthz` answers 503
 //! then, as it does for a stall, and `/readyz` answers 503 from the first failed check.
 
+use backends::metrics::{head, single};
 use backends::source::TopicProbe;
 use backends::store::StoredOffsets;
 use serde::Serialize;
@@ -154,9 +155,6 @@ impl LagReport {
 
     /// The aggregator's own metric families, in Prometheus text format.
     pub fn render_metrics(&self, checks_failed: u64, out: &mut String) {
-        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
         head(
             out,
             "mcp_meter_aggregator_partition_lag_records",
@@ -193,8 +191,7 @@ impl LagReport {
             ),
         ];
         for (name, help, value) in gauges {
-            head(out, name, "gauge", help);
-            let _ = writeln!(out, "{name} {value}");
+            single(out, name, "gauge", help, value);
         }
         let counters = [
             (
@@ -209,8 +206,7 @@ impl LagReport {
             ),
         ];
         for (name, help, value) in counters {
-            head(out, name, "counter", help);
-            let _ = writeln!(out, "{name} {value}");
+            single(out, name, "counter", help, value);
         }
     }
 }

@@ -12,7 +12,8 @@
 //! - [`state`]: [`state::LimitCounters`], [`state::MarginBoard`], [`state::RateLimiter`]: the
 //!   shared state, one small port per thing held; adapters [`state::memory`] and
 //!   [`state::redis`].
-//! - [`metrics`]: the process's counters and histograms, in Prometheus text format.
+//! - [`metrics`]: counters, gauges, histograms in Prometheus text format, the Kafka adapters'
+//!   families, and [`metrics::LogThrottle`] for errors that repeat.
 //! - [`error`]: [`error::ErrorKind`] and the errors of the sink and the store; every port error
 //!   says its kind.
 

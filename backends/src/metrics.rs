@@ -114,6 +114,42 @@ impl Histogram {
     }
 }
 
+/// Lets one log line through per interval, from any thread, and counts the lines it holds
+/// back: an error that repeats in a hot loop or on every request (a broker down, Redis away)
+/// writes one line per interval, not one per occurrence.
+pub struct LogThrottle {
+    every_ms: i64,
+    /// When the last line went out, in ms; `i64::MIN` before the first.
+    last_ms: AtomicI64,
+    held_back: AtomicU64,
+}
+
+impl LogThrottle {
+    pub const fn new(every: Duration) -> LogThrottle {
+        LogThrottle {
+            every_ms: every.as_millis() as i64,
+            last_ms: AtomicI64::new(i64::MIN),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be written at `now_ms`.
+    pub fn admit(&self, now_ms: i64) -> Option<u64> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = last == i64::MIN || now_ms - last >= self.every_ms;
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.held_back.swap(0, Ordering::Relaxed));
+        }
+        self.held_back.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
 /// Writes a family's `# HELP` and `# TYPE` lines.
 pub fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

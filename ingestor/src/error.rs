@@ -148,27 +148,29 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let status = self.status_code();
+        let (status, code) = self.status_and_code();
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
         let mut answer = HttpResponse::build(status);
+        // Every 429 and 503 says when to come back: a rate-limited key when its bucket has a
+        // token again, anything else after a pause.
         match self {
-            ApiError::Sink(_) | ApiError::Store(_) | ApiError::Busy { .. }
-                if status != StatusCode::INTERNAL_SERVER_ERROR =>
-            {
-                answer.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
-            }
             ApiError::RateLimited {
                 retry_after_seconds,
                 ..
             } => {
                 answer.insert_header((header::RETRY_AFTER, retry_after_seconds.to_string()));
             }
+            _ if status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                answer.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+            }
             _ => {}
         }
         answer.json(ErrorBody {
-            error: self.status_and_code().1,
+            error: code,
             message: self.to_string(),
         })
     }

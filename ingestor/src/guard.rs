@@ -8,10 +8,10 @@
 use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
+use backends::metrics::LogThrottle;
 use schemas::config::Scope;
 use schemas::guard::GuardCheck;
 use serde::Deserialize;
-use std::sync::atomic::{AtomicI64, Ordering};
 use utoipa::IntoParams;
 
 #[derive(Deserialize, IntoParams)]
@@ -79,16 +79,9 @@ fn named(v: &Option<String>) -> Option<&str> {
 /// Logs that the guard state is unavailable at most every few seconds: during an outage every
 /// request would say so.
 pub(crate) fn warn_state_unavailable(e: &backends::state::StateError) {
-    static LAST_MS: AtomicI64 = AtomicI64::new(0);
-    const EVERY_MS: i64 = 5_000;
-    let now = chrono::Utc::now().timestamp_millis();
-    let last = LAST_MS.load(Ordering::Relaxed);
+    static LINES: LogThrottle = LogThrottle::new(std::time::Duration::from_secs(5));
     crate::metrics::METRICS.guard_state_errors.add(1);
-    if now - last >= EVERY_MS
-        && LAST_MS
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    if LINES.admit(chrono::Utc::now().timestamp_millis()).is_some() {
         tracing::warn!(error = %e, "guard state unavailable: limits are not enforced and guard checks fail open until it is back");
     }
 }

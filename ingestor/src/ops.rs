@@ -50,6 +50,16 @@ pub async fn index() -> HttpResponse {
     })
 }
 
+/// A health or readiness answer: 200, or 503 when `ok` is false, with `body` either way.
+pub fn probe_answer(ok: bool, body: impl Serialize) -> HttpResponse {
+    let mut answer = if ok {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::ServiceUnavailable()
+    };
+    answer.json(body)
+}
+
 /// One dependency's state in `/readyz`.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -128,16 +138,14 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         (false, true) => "ready",
         (false, false) => "degraded",
     };
-    let mut answer = if unavailable {
-        HttpResponse::ServiceUnavailable()
-    } else {
-        HttpResponse::Ok()
-    };
-    answer.json(Readiness {
-        status,
-        degraded,
-        dependencies,
-    })
+    probe_answer(
+        !unavailable,
+        Readiness {
+            status,
+            degraded,
+            dependencies,
+        },
+    )
 }
 
 /// The process's metrics in Prometheus text format: the API's (ingest events by outcome,
@@ -168,21 +176,14 @@ pub async fn record_request(
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
 ) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
     let route = crate::metrics::route_of(req.path());
-    let logged = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(|| {
-        (
-            req.method().clone(),
-            req.path().to_string(),
-            req.peer_addr(),
-        )
-    });
     let started = std::time::Instant::now();
     let answer = next.call(req).await?;
-    let status = answer.status().as_u16();
-    crate::metrics::METRICS.http_request(route, status, started.elapsed());
-    if let Some((method, path, peer)) = logged {
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
-        tracing::info!(target: ACCESS_LOG, %method, %path, status, ms = format_args!("{ms:.1}"), %peer);
-    }
+    let (status, took) = (answer.status().as_u16(), started.elapsed());
+    crate::metrics::METRICS.http_request(route, status, took);
+    // The request rides along with its answer: nothing is copied for the log beforehand.
+    let req = answer.request();
+    tracing::info!(target: ACCESS_LOG, method = %req.method(), path = %req.path(), status,
+        ms = format_args!("{:.1}", took.as_secs_f64() * 1000.0),
+        peer = %req.peer_addr().map(|p| p.to_string()).unwrap_or_default());
     Ok(answer)
 }

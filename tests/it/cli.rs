@@ -58,24 +58,17 @@ fn the_demo_refuses_to_listen_beyond_loopback() {
 /// `--listen localhost:PORT` is a loopback address like 127.0.0.1: the demo serves on it.
 #[test]
 fn serve_listens_on_a_host_name_that_resolves() {
-    use std::io::{BufRead, BufReader};
+    use crate::common::distributed::{serve_base, spawn_with_url};
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-meter"));
+    command
         .args(["serve", "--listen", "localhost:0", "--data-dir"])
         .arg(dir.path())
         .env_remove("MCP_METER_CONFIG")
-        .env_remove("MCP_METER_LISTEN")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let first = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.contains("http://"));
+        .env_remove("MCP_METER_LISTEN");
+    let (mut child, first) = spawn_with_url(command, serve_base);
     let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let first = first.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let _ = child.wait();
     assert!(
         first.contains("http://127.0.0.1:") || first.contains("http://[::1]:"),
         "{first}"

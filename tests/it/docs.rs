@@ -1,9 +1,9 @@
 //! The documentation's examples are real: the README's config parses and validates, and the
 //! demo plan prices the seed event as the README says.
 
+use crate::common::distributed::{serve_base, spawn_with_url};
 use schemas::config::{Config, Scope};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 fn readme() -> String {
     repo_file("README.md")
@@ -241,26 +241,10 @@ fn the_dockerfile_run_example_serves_the_example_config() {
     assert_eq!(args[0], "serve", "{example}");
     assert!(args.contains(&"0.0.0.0:0".to_string()), "{example}");
     let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
-        .args(&args)
-        .env("MCP_METER_DATA_DIR", data.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = lines.map_while(Result::ok).find_map(|l| {
-        let url = l.split_whitespace().find(|w| w.starts_with("http://"))?;
-        Some(url[..url.find("/v1/").unwrap_or(url.len())].to_string())
-    });
-    let Some(base) = base else {
-        let _ = child.kill();
-        let out = child.wait_with_output().unwrap();
-        panic!(
-            "serve refused `{example}`: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-meter"));
+    command.args(&args).env("MCP_METER_DATA_DIR", data.path());
+    // A refused example prints no URL: the test fails here, with serve's error on stderr.
+    let (mut child, base) = spawn_with_url(command, serve_base);
     let port = base.rsplit(':').next().unwrap();
     let local = format!("http://127.0.0.1:{port}");
     let event = r#"{"metricName":"mcp_server.tool_invocations","toolName":"web_search","agentId":"a","sessionId":"s"}"#;

@@ -2,7 +2,7 @@
 //! with Retry-After for what it cannot take, stores exactly what it answered 202, and its peak
 //! memory stays bounded (read from the kernel: VmHWM of the real process).
 
-use crate::common::distributed::{spawn_with_url, wait_until};
+use crate::common::distributed::{serve_base, spawn_with_url, wait_until};
 use crate::common::*;
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -35,10 +35,7 @@ fn under_overload_serve_sheds_with_retry_after_loses_nothing_and_stays_bounded()
         .args(["serve", "--config"])
         .arg(&file)
         .env("MCP_METER_LOG", "error");
-    let (mut child, base) = spawn_with_url(command, |l| {
-        let url = l.trim().strip_prefix("POST ")?.trim();
-        Some(url.strip_suffix("/v1/ingest/batch")?.to_string())
-    });
+    let (mut child, base) = spawn_with_url(command, serve_base);
     let pid = child.id();
     let client = Client::new(&base);
     assert!(wait_until(Duration::from_secs(10), || client

@@ -2,7 +2,7 @@
 //! the requests in flight and the batches queued for the store, then exits; every event that
 //! was answered 202 is stored.
 
-use crate::common::distributed::{spawn_with_url, wait_until};
+use crate::common::distributed::{serve_base, spawn_with_url, wait_until};
 use crate::common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,10 +14,7 @@ fn spawn_serve(config: &std::path::Path) -> (std::process::Child, String) {
         .args(["serve", "--config"])
         .arg(config)
         .env("MCP_METER_LOG", "warn");
-    spawn_with_url(command, |l| {
-        let url = l.trim().strip_prefix("POST ")?.trim();
-        Some(url.strip_suffix("/v1/ingest/batch")?.to_string())
-    })
+    spawn_with_url(command, serve_base)
 }
 
 #[test]

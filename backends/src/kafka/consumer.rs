@@ -1,7 +1,9 @@
 //! The aggregator's Kafka consumer: a group member that never commits on its own.
 
 use super::brokers;
+use super::off_runtime;
 use super::producer::producer_config;
+use crate::metrics::LogThrottle;
 use crate::sink::BusPosition;
 use crate::source::{BusError, BusMessage, EventSource, Poison, Polled};
 use rdkafka::consumer::{
@@ -13,7 +15,7 @@ use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use schemas::config::KafkaConfig;
 use schemas::event::BusEvent;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Notes the partitions taken away in a rebalance, for the aggregator to forget.
 struct Context {
@@ -54,44 +56,12 @@ pub struct KafkaSource {
     config: KafkaConfig,
     revoked: Arc<Mutex<Vec<i32>>>,
     delivery_timeout: Duration,
-    errors: Throttle,
+    /// One warning per ERROR_LOG_INTERVAL while the broker keeps failing.
+    errors: LogThrottle,
 }
 
 /// How often a consumer error that keeps coming back is logged.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Lets one line through per interval and counts the ones it holds back, so a broker that stays
-/// down for an hour writes 120 lines, not 7,200.
-#[derive(Debug)]
-struct Throttle {
-    every: Duration,
-    last: Option<Instant>,
-    held_back: u64,
-}
-
-impl Throttle {
-    fn new(every: Duration) -> Throttle {
-        Throttle {
-            every,
-            last: None,
-            held_back: 0,
-        }
-    }
-
-    /// `Some(lines held back since the last one)` when a line may be written at `now`.
-    fn admit(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(last) if now.duration_since(last) < self.every => {
-                self.held_back += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.held_back))
-            }
-        }
-    }
-}
 
 /// A new member of the aggregators' group, not yet subscribed.
 fn member(
@@ -138,7 +108,7 @@ impl KafkaSource {
             config: config.clone(),
             revoked,
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms + 1000),
-            errors: Throttle::new(ERROR_LOG_INTERVAL),
+            errors: LogThrottle::new(ERROR_LOG_INTERVAL),
         };
         source.subscribe()?;
         Ok(source)
@@ -201,7 +171,9 @@ impl EventSource for KafkaSource {
                 // logged (at most once per ERROR_LOG_INTERVAL) and polling goes on; exiting
                 // would stall partitions.
                 Ok(Err(e)) => {
-                    if let Some(held_back) = self.errors.admit(Instant::now()) {
+                    if let Some(held_back) =
+                        self.errors.admit(chrono::Utc::now().timestamp_millis())
+                    {
                         tracing::warn!(error = %e, brokers = self.config.brokers.as_deref().unwrap_or_default(),
                             similar_errors_since_last_line = held_back,
                             "kafka consumer error; still polling (check kafka.brokers and the broker)");
@@ -324,28 +296,19 @@ impl EventSource for KafkaSource {
     }
 }
 
-/// Runs a call that blocks on the broker on the blocking pool.
-async fn off_runtime<T: Send + 'static>(
-    call: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, BusError> {
-    tokio::task::spawn_blocking(call)
-        .await
-        .map_err(|e| BusError::permanent("a blocking broker call", e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_repeating_error_is_logged_once_per_interval_with_the_count_held_back() {
-        let mut throttle = Throttle::new(Duration::from_secs(30));
-        let start = Instant::now();
+        let throttle = LogThrottle::new(Duration::from_secs(30));
+        let start = 1_796_000_000_000;
         assert_eq!(throttle.admit(start), Some(0), "the first line goes out");
         // A broker down for a minute, errors every half second: 120 errors.
         let admitted: Vec<(u64, u64)> = (1..120u64)
             .filter_map(|i| {
-                let at = start + Duration::from_millis(500 * i);
+                let at = start + 500 * i as i64;
                 throttle.admit(at).map(|held| (i, held))
             })
             .collect();

@@ -52,14 +52,19 @@ pub async fn check_brokers(config: &KafkaConfig) -> Result<(), BusError> {
         .set("bootstrap.servers", &brokers)
         .create()
         .map_err(|source| BusError::retriable("create a client to reach the brokers", source))?;
-    let answer = tokio::task::spawn_blocking(move || {
-        client
-            .fetch_metadata(None, BROKER_CHECK_TIMEOUT)
-            .map(|_| ())
-    })
-    .await
-    .map_err(|e| BusError::permanent("reach the brokers", e))?;
-    answer.map_err(|e| unreachable(&brokers, BROKER_CHECK_TIMEOUT, &e.to_string()))
+    off_runtime(move || client.fetch_metadata(None, BROKER_CHECK_TIMEOUT))
+        .await?
+        .map(|_| ())
+        .map_err(|e| unreachable(&brokers, BROKER_CHECK_TIMEOUT, &e.to_string()))
+}
+
+/// Runs a call that blocks on the broker on the blocking pool.
+pub(super) async fn off_runtime<T: Send + 'static>(
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BusError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| BusError::permanent("a blocking broker call", e))
 }
 
 /// The error for brokers that do not answer: the address, the setting, what to look at.

@@ -142,6 +142,12 @@ pub fn spawn_with_url(
     (child, base)
 }
 
+/// The base URL in `serve`'s banner line `  POST <base>/v1/ingest/batch`.
+pub fn serve_base(line: &str) -> Option<String> {
+    let url = line.trim().strip_prefix("POST ")?.trim();
+    Some(url.strip_suffix("/v1/ingest/batch")?.to_string())
+}
+
 /// A child process, killed when dropped.
 pub struct Proc {
     child: Child,

@@ -131,50 +131,45 @@ fn group_consumer(setup: &Setup) -> BaseConsumer {
         .unwrap()
 }
 
+/// Each partition of `topic` with its end offset, read as the lag monitor reads them
+/// (`KafkaProbe`); `None` while the broker does not answer.
+fn end_offsets(setup: &Setup, topic: &str) -> Option<Vec<(i32, i64)>> {
+    use backends::source::TopicProbe;
+    let mut kafka = setup.config.kafka.clone();
+    kafka.events_topic = topic.to_string();
+    backends::kafka::KafkaProbe::new(&kafka)
+        .unwrap()
+        .end_offsets()
+        .ok()
+}
+
 /// Whether the aggregators have dealt with everything the events topic holds: each partition's
-/// stored floor is one below its end offset (what was not stored was dead-lettered). Counts
-/// read after this are final, so a test checks them once instead of waiting to see that
-/// nothing more arrives.
+/// stored floor (read as the aggregator reads it) is one below its end offset (what was not
+/// stored was dead-lettered). Counts read after this are final, so a test checks them once
+/// instead of waiting to see that nothing more arrives.
 fn all_consumed(setup: &Setup) -> bool {
-    let kafka = &setup.config.kafka;
-    let probe: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
-        .create()
-        .unwrap();
-    let floors = setup.sql(&format!(
-        "SELECT kafka_partition, max(max_offset) FROM mcp_kafka_topic_offsets \
-         WHERE kafka_topic = '{}' GROUP BY kafka_partition",
-        kafka.events_topic
-    ));
-    let floor_of = |p: i32| -> i64 {
-        floors
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .find(|(q, _)| q.parse::<i32>() == Ok(p))
-            .map_or(-1, |(_, f)| f.parse().unwrap())
+    use backends::store::clickhouse::{ClickHouseWriter, HttpRunner};
+    use backends::store::StoredOffsets;
+    let topic = &setup.config.kafka.events_topic;
+    let Some(ends) = end_offsets(setup, topic) else {
+        return false;
     };
-    (0..kafka.partitions).all(|p| {
-        match probe.fetch_watermarks(&kafka.events_topic, p, Duration::from_secs(5)) {
-            Ok((_, end)) => floor_of(p) == end - 1,
-            Err(_) => false,
-        }
-    })
+    let partitions: Vec<i32> = ends.iter().map(|(p, _)| *p).collect();
+    let writer = ClickHouseWriter::for_topic(HttpRunner::new(&setup.config.clickhouse), topic);
+    let Ok(floors) = actix_web::rt::System::new().block_on(writer.stored_offsets(&partitions))
+    else {
+        return false;
+    };
+    ends.iter()
+        .all(|(p, end)| floors.get(p).copied().unwrap_or(-1) == end - 1)
 }
 
 /// How many messages the setup's dead-letter topic holds now (its end offsets, summed): an
 /// exact count, with no waiting for messages that might still come.
 fn dead_letter_count(setup: &Setup) -> i64 {
-    let kafka = &setup.config.kafka;
-    let probe: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.brokers.as_deref().unwrap())
-        .create()
-        .unwrap();
-    (0..kafka.partitions)
-        .map(|p| {
-            probe
-                .fetch_watermarks(&kafka.dead_letter_topic, p, Duration::from_secs(10))
-                .unwrap()
-                .1
-        })
+    end_offsets(setup, &setup.config.kafka.dead_letter_topic)
+        .expect("the broker answers")
+        .iter()
+        .map(|(_, end)| end)
         .sum()
 }
