@@ -42,16 +42,17 @@ pub fn load_config(
     env: impl Fn(&str) -> Option<String>,
     flags: &Overrides,
 ) -> anyhow::Result<Config> {
-    let mut config = match file {
+    let text = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the config file {}", path.display()))?;
             Config::from_toml(&text)
-                .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?
+                .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+            text
         }
-        None => Config::default(),
+        None => String::new(),
     };
-    config.apply_env(env)?;
+    let mut config = Config::from_toml_and_env(&text, env)?;
     if let Some(listen) = &flags.listen {
         config.listen = listen.clone();
     }

@@ -6,7 +6,7 @@ use mcp_meter::{
     demo, load_config, migrate_clickhouse, migrate_kafka, new_api_key, retention_store,
     run_aggregator, sha256_hex, Embedded, Ingestor, Overrides,
 };
-use schemas::config::ENV_OVERRIDES;
+use schemas::config::env_overrides;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -140,10 +140,9 @@ fn env_help(flag_vars: &[&str], sections: &[&str]) -> String {
         "  MCP_METER_LOG  log filter, e.g. info or mcp_meter=debug (default info)\n  \
          MCP_METER_LOG_FORMAT  text or json (--log-format)\n",
     );
-    let section_of = |setting: &str| setting.split('.').next().unwrap_or(setting).to_string();
-    for (var, setting, _) in ENV_OVERRIDES {
-        if sections.contains(&section_of(setting).as_str()) {
-            help.push_str(&format!("  {var:<42} {setting}\n"));
+    for o in env_overrides() {
+        if sections.contains(&o.section) {
+            help.push_str(&format!("  {:<42} {}\n", o.var, o.setting));
         }
     }
     help

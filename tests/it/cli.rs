@@ -155,9 +155,9 @@ const FLAG_VARIABLES: [&str; 6] = [
 fn the_readme_names_exactly_the_variables_the_binary_reads() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let known: std::collections::BTreeSet<&str> = schemas::config::ENV_OVERRIDES
+    let known: std::collections::BTreeSet<&str> = schemas::config::env_overrides()
         .iter()
-        .map(|(var, _, _)| *var)
+        .map(|o| o.var.as_str())
         .chain(FLAG_VARIABLES)
         .collect();
     let mut named = std::collections::BTreeSet::new();
@@ -193,8 +193,8 @@ fn every_environment_variable_is_in_some_commands_help() {
         .iter()
         .map(|c| String::from_utf8(mcp_meter(&[c, "--help"]).stdout).unwrap())
         .collect();
-    for (var, _, _) in schemas::config::ENV_OVERRIDES {
-        assert!(help.contains(var), "{var} is in no command's --help");
+    for o in schemas::config::env_overrides() {
+        assert!(help.contains(&o.var), "{} is in no command's --help", o.var);
     }
     for var in FLAG_VARIABLES {
         assert!(help.contains(var), "{var} is in no command's --help");

@@ -122,50 +122,111 @@ fn rated(key: &str, session: &str) -> RatedEvent {
     }
 }
 
+/// The writer on ClickHouse 18.16 (HTTP) and on chDB (ClickHouse 26, in-process), through the
+/// same `SqlRunner`: each key stored once within and across writes, every character of a
+/// string read back as written, and both engines holding the same rows byte for byte.
 #[test]
 fn the_writer_stores_each_key_once_within_and_across_writes() {
     let database = unique_database("writer");
     let dir = tempfile::tempdir().unwrap();
     let config = clickhouse_config(dir.path(), &database);
-    let runner = HttpRunner::new(&config.clickhouse);
+    let server = HttpRunner::new(&config.clickhouse);
+    let chdb = chdb::Chdb::start(&database);
     runtime().block_on(async {
-        let mut writer = ClickHouseWriter::new(runner.clone());
-        let batch = |tenant: &str, keys: &[&str]| {
-            TenantBatch::new(tenant.into(), keys.iter().map(|k| rated(k, "s'1")).collect())
-        };
-        let first = writer
-            .write(&[batch("t1", &["a", "b", "a"]), batch("t1", &["b", "c"])])
-            .await
-            .unwrap();
+        migrations::migrate(&chdb, &chdb, &database).await.unwrap();
+        let on_server = write_and_check(&server).await;
+        let on_chdb = write_and_check(&chdb).await;
         assert_eq!(
-            first,
-            vec![
-                WriteOutcome { accepted: 2, duplicates: 1 },
-                WriteOutcome { accepted: 1, duplicates: 1 }
-            ]
+            on_server, on_chdb,
+            "chDB {} holds what 18.16 holds",
+            chdb.version
         );
-        let second = writer
-            .write(&[batch("t1", &["a", "c", "d"]), batch("t2", &["a"])])
-            .await
-            .unwrap();
-        assert_eq!(second[0], WriteOutcome { accepted: 1, duplicates: 2 });
-        assert_eq!(second[1], WriteOutcome { accepted: 1, duplicates: 0 });
-        let raw = runner
-            .tab_separated("SELECT tenant_id, count(), sum(revenue_micros) FROM mcp_events GROUP BY tenant_id ORDER BY tenant_id")
-            .await
-            .unwrap();
-        assert_eq!(raw, "t1\t4\t400\nt2\t1\t100\n");
-        let metadata = runner.tab_separated("SELECT metadata FROM mcp_events LIMIT 1").await.unwrap();
-        assert!(metadata.contains(r"tab\\there"), "{metadata}");
-
-        let analytics = ClickHouseAnalytics::new(runner.clone());
-        let day = chrono::NaiveDate::from_ymd_opt(2026, 11, 20).unwrap();
-        let range = DateRange { from: day, to: day };
-        let summary = analytics.summary("t1", range).await.unwrap();
-        assert_eq!((summary.figures.calls, summary.figures.revenue_micros, summary.sessions), (4, 400, 1));
-        let session = analytics.session("t1", "s'1").await.unwrap().unwrap();
-        assert_eq!(session.session.figures.calls, 4);
     });
+}
+
+/// Writes the same batches through `runner`, checks what was stored, and answers every stored
+/// row as TabSeparated text.
+async fn write_and_check(runner: &dyn SqlRunner) -> String {
+    let mut writer = ClickHouseWriter::for_topic(runner, "events");
+    let batch = |tenant: &str, keys: &[&str]| {
+        TenantBatch::new(
+            tenant.into(),
+            keys.iter().map(|k| rated(k, "s'1")).collect(),
+        )
+    };
+    let first = writer
+        .write(&[batch("t1", &["a", "b", "a"]), batch("t1", &["b", "c"])])
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        vec![
+            WriteOutcome {
+                accepted: 2,
+                duplicates: 1
+            },
+            WriteOutcome {
+                accepted: 1,
+                duplicates: 1
+            }
+        ]
+    );
+    let mut from_the_bus = batch("t2", &["a"]);
+    from_the_bus.events[0].metadata = Some("line\nbreak, tab\t, back\\slash, \u{8}, ünï 🙂".into());
+    from_the_bus.positions = vec![backends::sink::BusPosition {
+        partition: 3,
+        offset: 41,
+    }];
+    let second = writer
+        .write(&[batch("t1", &["a", "c", "d"]), from_the_bus.clone()])
+        .await
+        .unwrap();
+    let (stored_before, new) = (
+        WriteOutcome {
+            accepted: 1,
+            duplicates: 2,
+        },
+        WriteOutcome {
+            accepted: 1,
+            duplicates: 0,
+        },
+    );
+    assert_eq!(second, vec![stored_before, new]);
+    let raw = runner
+        .tab_separated("SELECT tenant_id, count(), sum(revenue_micros) FROM mcp_events GROUP BY tenant_id ORDER BY tenant_id")
+        .await
+        .unwrap();
+    assert_eq!(raw, "t1\t4\t400\nt2\t1\t100\n");
+    let stored = runner
+        .tab_separated("SELECT metadata, occurred_at, kafka_partition, kafka_offset, kafka_topic FROM mcp_events WHERE tenant_id = 't2'")
+        .await
+        .unwrap();
+    let mut row = backends::store::clickhouse::tsv::rows(&stored, "test")
+        .next()
+        .unwrap();
+    assert_eq!(Some(row.string().unwrap()), from_the_bus.events[0].metadata);
+    assert_eq!(row.string().unwrap(), "2026-11-20 00:00:00");
+    assert_eq!((row.int().unwrap(), row.int().unwrap()), (3, 41));
+    assert_eq!(row.string().unwrap(), "events");
+
+    let analytics = ClickHouseAnalytics::new(runner);
+    let day = chrono::NaiveDate::from_ymd_opt(2026, 11, 20).unwrap();
+    let range = DateRange { from: day, to: day };
+    let summary = analytics.summary("t1", range).await.unwrap();
+    assert_eq!(
+        (
+            summary.figures.calls,
+            summary.figures.revenue_micros,
+            summary.sessions
+        ),
+        (4, 400, 1)
+    );
+    let session = analytics.session("t1", "s'1").await.unwrap().unwrap();
+    assert_eq!(session.session.figures.calls, 4);
+    runner
+        .tab_separated("SELECT * FROM mcp_events ORDER BY tenant_id, idempotency_key")
+        .await
+        .unwrap()
 }
 
 /// Retention drops whole partitions: a day of dedup keys past `dedup_days`, a month of raw
@@ -616,7 +677,9 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
         );
         let mut checked = 0;
         for tenant in ["acme", "globex", "initech"] {
-            for back in [31, 7, 0] {
+            // Ranges ending today; the shortest holds yesterday too, so that it has events
+            // however soon after midnight (UTC) the test runs.
+            for back in [31, 7, 1] {
                 let range = DateRange {
                     from: today - chrono::Days::new(back),
                     to: today,

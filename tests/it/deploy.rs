@@ -111,9 +111,9 @@ fn the_stack_has_every_service_with_healthchecks_and_a_start_order() {
 #[test]
 fn every_process_gets_a_config_mcp_meter_accepts_pointing_at_the_compose_services() {
     let c = compose();
-    let known: BTreeSet<&str> = schemas::config::ENV_OVERRIDES
+    let known: BTreeSet<&str> = schemas::config::env_overrides()
         .iter()
-        .map(|(v, _, _)| *v)
+        .map(|o| o.var.as_str())
         .chain([
             "MCP_METER_CONFIG",
             "MCP_METER_LISTEN",

@@ -74,15 +74,6 @@ impl HttpRunner {
             timeout: Duration::from_millis(config.request_timeout_ms),
         }
     }
-
-    /// Longest wait for one request.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
-    pub fn client(&self) -> &clickhouse::Client {
-        &self.client
-    }
 }
 
 fn client(config: &ClickHouseConfig) -> clickhouse::Client {
@@ -90,7 +81,6 @@ fn client(config: &ClickHouseConfig) -> clickhouse::Client {
         .with_url(&config.url)
         .with_user(&config.user)
         .with_password(&config.password)
-        .with_validation(config.validation)
 }
 
 #[async_trait::async_trait]

@@ -160,6 +160,14 @@ ORDER BY tool_name",
     )
 }
 
+/// The INSERT of raw events; the writer appends their rows, one TabSeparated line each, in
+/// this column order. The views on `mcp_events` fill the rollups and the key table from it.
+pub const INSERT_EVENTS: &str = "INSERT INTO mcp_events (tenant_id, idempotency_key, \
+occurred_at, occurred_at_ms, received_at_ms, metric_name, product_type, tool_name, agent_id, \
+customer_id, session_id, execution_status, is_call, is_error, execution_duration_ms, \
+session_boundary, quantity_micros, input_tokens, output_tokens, revenue_micros, cogs_micros, \
+rate_plan_version, metadata, kafka_partition, kafka_offset, kafka_topic) FORMAT TabSeparated\n";
+
 /// The keys among `keys` (tenant, idempotency key) that are already stored. A primary-key
 /// lookup: the key table is sorted by exactly (tenant_id, idempotency_key).
 ///

@@ -1,7 +1,8 @@
-//! Reading ClickHouse's TabSeparated answers into analytics rows.
+//! ClickHouse's TabSeparated: reading answers into analytics rows, and writing the rows of an
+//! INSERT.
 //!
-//! Text rather than RowBinary: it reads the same from every server version (no exact-type
-//! matching), and the tests read chDB's answers with this same code.
+//! Text rather than RowBinary: it reads and writes the same on every server version (no
+//! exact-type matching), and on chDB, which the tests run through the same code.
 
 use crate::error::StoreError;
 use schemas::analytics::{SessionUsage, UsageFigures};
@@ -71,6 +72,53 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// Appends `text` escaped as one TabSeparated field, then the tab that ends it.
+pub fn push_field(out: &mut String, text: &str) {
+    push_escaped(out, text);
+    out.push('\t');
+}
+
+/// Appends `text` with the characters TabSeparated gives a meaning escaped: the separators
+/// (tab, newline), the escape character itself, and the ones `unescape` reads back.
+pub fn push_escaped(out: &mut String, text: &str) {
+    let special = |c: char| matches!(c, '\t' | '\n' | '\r' | '\\' | '\0' | '\u{8}' | '\u{c}');
+    if !text.contains(special) {
+        out.push_str(text);
+        return;
+    }
+    for c in text.chars() {
+        match c {
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\\' => out.push_str("\\\\"),
+            '\0' => out.push_str("\\0"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Appends a `DateTime('UTC')` field, `YYYY-MM-DD hh:mm:ss`, then a tab: the one text form
+/// every server version reads (a column in UTC reads it in UTC, whatever the server's zone).
+pub fn push_date_time(out: &mut String, epoch_seconds: i64) {
+    use chrono::{Datelike, Timelike};
+    let at = chrono::DateTime::from_timestamp(epoch_seconds, 0).unwrap_or_default();
+    let _ = std::fmt::Write::write_fmt(
+        out,
+        format_args!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}\t",
+            at.year(),
+            at.month(),
+            at.day(),
+            at.hour(),
+            at.minute(),
+            at.second()
+        ),
+    );
+}
+
 /// Undoes TabSeparated escaping (`\t`, `\n`, `\\` and the rest).
 fn unescape(raw: &str) -> String {
     if !raw.contains('\\') {
@@ -112,6 +160,21 @@ mod tests {
         assert_eq!(second.string().unwrap(), "it's \\ here");
         assert_eq!(second.int().unwrap(), -3);
         assert!(rows.next().is_none());
+    }
+
+    #[test]
+    fn written_fields_read_back_as_they_were() {
+        let odd = "tab\there\nnew line \\ back\r\0\u{8}\u{c} ünïcode";
+        let mut out = String::new();
+        push_field(&mut out, odd);
+        push_date_time(&mut out, 1_795_181_530);
+        push_escaped(&mut out, "plain");
+        assert_eq!(out.matches('\t').count(), 2, "{out}");
+        assert!(!out.contains('\n'));
+        let mut row = rows(&out, "test").next().unwrap();
+        assert_eq!(row.string().unwrap(), odd);
+        assert_eq!(row.string().unwrap(), "2026-11-20 13:32:10");
+        assert_eq!(row.string().unwrap(), "plain");
     }
 
     #[test]

@@ -6,67 +6,34 @@
 //! so the INSERT that writes the rows writes their keys too. This is race-free because each
 //! store has one writer (one per Kafka partition in the distributed mode).
 
-use super::ClickHouseContext;
-use super::{queries, tsv, within, HttpRunner, SqlRunner};
+use super::{queries, tsv, HttpRunner, SqlRunner};
 use crate::error::StoreError;
 use crate::sink::{BusPosition, TenantBatch, WriteOutcome};
 use crate::store::{StoreWriter, StoredOffsets};
-use clickhouse::Row;
-use serde::Serialize;
+use schemas::event::RatedEvent;
 use std::collections::{HashMap, HashSet};
-
-/// One row of `mcp_events`, in its column order (RowBinary is positional).
-#[derive(Row, Serialize)]
-struct EventRow<'a> {
-    tenant_id: &'a str,
-    idempotency_key: &'a str,
-    /// DateTime: seconds since the epoch.
-    occurred_at: u32,
-    occurred_at_ms: i64,
-    received_at_ms: i64,
-    metric_name: &'a str,
-    product_type: &'a str,
-    tool_name: &'a str,
-    agent_id: &'a str,
-    customer_id: &'a str,
-    session_id: &'a str,
-    execution_status: &'a str,
-    is_call: u8,
-    is_error: u8,
-    execution_duration_ms: i64,
-    session_boundary: &'a str,
-    quantity_micros: i64,
-    input_tokens: i64,
-    output_tokens: i64,
-    revenue_micros: i64,
-    cogs_micros: i64,
-    rate_plan_version: u32,
-    metadata: &'a str,
-    kafka_partition: i32,
-    kafka_offset: i64,
-    /// '' for rows that did not come through Kafka.
-    kafka_topic: &'a str,
-}
+use std::fmt::Write;
 
 /// Keys per lookup query: keeps each query far below `max_query_size` (64 MiB) however large
 /// `aggregator.max_batch_rows` is set.
 const KEYS_PER_LOOKUP: usize = 100_000;
 
-pub struct ClickHouseWriter {
-    runner: HttpRunner,
+/// Writes through any [`SqlRunner`]: a server over HTTP, or chDB in the tests.
+pub struct ClickHouseWriter<R = HttpRunner> {
+    runner: R,
     /// The events topic whose offsets this writer reads and records ('' when events do not
     /// come through Kafka).
     topic: String,
 }
 
-impl ClickHouseWriter {
+impl<R: SqlRunner> ClickHouseWriter<R> {
     /// A writer of events that do not come through Kafka (`serve` with the ClickHouse store).
-    pub fn new(runner: HttpRunner) -> ClickHouseWriter {
+    pub fn new(runner: R) -> ClickHouseWriter<R> {
         ClickHouseWriter::for_topic(runner, "")
     }
 
     /// A writer of the events topic `topic`: its floors and positions are that topic's.
-    pub fn for_topic(runner: HttpRunner, topic: &str) -> ClickHouseWriter {
+    pub fn for_topic(runner: R, topic: &str) -> ClickHouseWriter<R> {
         ClickHouseWriter {
             runner,
             topic: topic.to_string(),
@@ -114,7 +81,7 @@ impl ClickHouseWriter {
 }
 
 #[async_trait::async_trait]
-impl StoredOffsets for ClickHouseWriter {
+impl<R: SqlRunner> StoredOffsets for ClickHouseWriter<R> {
     async fn stored_offsets(&self, partitions: &[i32]) -> Result<HashMap<i32, i64>, StoreError> {
         let answer = self
             .runner
@@ -181,7 +148,7 @@ impl StoredOffsets for ClickHouseWriter {
 }
 
 #[async_trait::async_trait]
-impl StoreWriter for ClickHouseWriter {
+impl<R: SqlRunner> StoreWriter for ClickHouseWriter<R> {
     async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
         // 1. Keys already stored by an earlier write (a client retry, a redelivery).
         let stored = self.stored(batches).await?;
@@ -192,11 +159,11 @@ impl StoreWriter for ClickHouseWriter {
         // 2. Decide each event: new, or a duplicate of a stored key or of an earlier event of
         //    this same write. `seen` grows as we go so a repeat inside the write is caught too.
         let mut outcomes = Vec::with_capacity(batches.len());
-        let mut rows = Vec::new();
+        let mut insert = String::from(queries::INSERT_EVENTS);
+        let header = insert.len();
         for batch in batches {
             let mut outcome = WriteOutcome::default();
             for (i, e) in batch.events.iter().enumerate() {
-                let position = batch.positions.get(i);
                 // A retry of an event stored under the previous key derivation.
                 let stored_before = e
                     .legacy_idempotency_key
@@ -204,59 +171,79 @@ impl StoreWriter for ClickHouseWriter {
                     .is_some_and(|legacy| seen.contains(&(&*batch.tenant_id, legacy)));
                 if !stored_before && seen.insert((&batch.tenant_id, &e.idempotency_key)) {
                     outcome.accepted += 1;
-                    rows.push(EventRow {
-                        tenant_id: &batch.tenant_id,
-                        idempotency_key: &e.idempotency_key,
-                        occurred_at: e.occurred_at_ms.div_euclid(1000) as u32,
-                        occurred_at_ms: e.occurred_at_ms,
-                        received_at_ms: e.received_at_ms,
-                        metric_name: &e.metric_name,
-                        product_type: &e.product_type,
-                        tool_name: &e.tool_name,
-                        agent_id: &e.agent_id,
-                        customer_id: &e.customer_id,
-                        session_id: &e.session_id,
-                        execution_status: e.execution_status.as_str(),
-                        is_call: u8::from(e.is_call()),
-                        is_error: u8::from(e.execution_status.is_error()),
-                        execution_duration_ms: e.execution_duration_ms,
-                        session_boundary: &e.session_boundary,
-                        quantity_micros: e.quantity_micros,
-                        input_tokens: e.input_tokens,
-                        output_tokens: e.output_tokens,
-                        revenue_micros: e.revenue_micros,
-                        cogs_micros: e.cogs_micros,
-                        rate_plan_version: e.rate_plan_version,
-                        metadata: e.metadata.as_deref().unwrap_or(""),
-                        kafka_partition: position.map_or(-1, |p| p.partition),
-                        kafka_offset: position.map_or(-1, |p| p.offset),
-                        kafka_topic: if position.is_some() { &self.topic } else { "" },
-                    });
+                    let topic = &self.topic;
+                    push_row(
+                        &mut insert,
+                        &batch.tenant_id,
+                        e,
+                        batch.positions.get(i),
+                        topic,
+                    );
                 } else {
                     outcome.duplicates += 1;
                 }
             }
             outcomes.push(outcome);
         }
-        if rows.is_empty() {
+        if insert.len() == header {
             return Ok(outcomes);
         }
         // 3. One INSERT: the raw rows, and through the views their rollups and keys. If it
         //    fails, the caller writes the same batches again; step 1 then skips what landed.
-        let timeout = Some(self.runner.timeout());
-        let mut insert = self
-            .runner
-            .client()
-            .insert::<EventRow>("mcp_events")
-            .await
-            .context("start an insert")?
-            .with_timeouts(timeout, timeout);
-        for row in &rows {
-            insert.write(row).await.context("insert events")?;
-        }
-        within(self.runner.timeout(), insert.end())
-            .await
-            .context("finish an insert")?;
+        self.runner.execute(&insert).await?;
         Ok(outcomes)
     }
+}
+
+/// One row of [`queries::INSERT_EVENTS`], in its column order, as a TabSeparated line.
+fn push_row(
+    out: &mut String,
+    tenant_id: &str,
+    e: &RatedEvent,
+    position: Option<&BusPosition>,
+    topic: &str,
+) {
+    for text in [tenant_id, &e.idempotency_key] {
+        tsv::push_field(out, text);
+    }
+    tsv::push_date_time(out, e.occurred_at_ms.div_euclid(1000));
+    let _ = write!(out, "{}\t{}\t", e.occurred_at_ms, e.received_at_ms);
+    for text in [
+        &*e.metric_name,
+        &e.product_type,
+        &e.tool_name,
+        &e.agent_id,
+        &e.customer_id,
+        &e.session_id,
+        e.execution_status.as_str(),
+    ] {
+        tsv::push_field(out, text);
+    }
+    let _ = write!(
+        out,
+        "{}\t{}\t{}\t",
+        u8::from(e.is_call()),
+        u8::from(e.execution_status.is_error()),
+        e.execution_duration_ms
+    );
+    tsv::push_field(out, &e.session_boundary);
+    let _ = write!(
+        out,
+        "{}\t{}\t{}\t{}\t{}\t{}\t",
+        e.quantity_micros,
+        e.input_tokens,
+        e.output_tokens,
+        e.revenue_micros,
+        e.cogs_micros,
+        e.rate_plan_version
+    );
+    tsv::push_field(out, e.metadata.as_deref().unwrap_or(""));
+    let (partition, offset, topic) = match position {
+        Some(p) => (p.partition, p.offset, topic),
+        // '' for rows that did not come through Kafka.
+        None => (-1, -1, ""),
+    };
+    let _ = write!(out, "{partition}\t{offset}\t");
+    tsv::push_escaped(out, topic);
+    out.push('\n');
 }
