@@ -731,6 +731,31 @@ mod tests {
             check(&with("quantity", "1.0")).unwrap().quantity,
             Quantity::ONE
         );
+        // Python's json.dumps(0.000001) is `1e-06`: the smallest quantity, in any spelling.
+        for tiny in ["1e-06", "0.000001", "1E-6", "0.1e-5"] {
+            assert_eq!(
+                check(&with("quantity", tiny)).unwrap().quantity.scaled(),
+                1,
+                "{tiny}"
+            );
+        }
+        assert_eq!(
+            check(&with("quantity", "1e9")).unwrap().quantity,
+            Quantity::MAX
+        );
+        let err = check(&with("quantity", "1e-07")).unwrap_err();
+        assert!(err.contains("more than 6 decimal places"), "{err}");
+        assert_eq!(
+            check(&with("quantity", "1.23456789e2"))
+                .unwrap()
+                .quantity
+                .scaled(),
+            123_456_789
+        );
+        let err = check(&with("quantity", "1.234567891e2")).unwrap_err();
+        assert!(err.contains("more than 6 decimal places"), "{err}");
+        let err = check(&with("quantity", "2e9")).unwrap_err();
+        assert!(err.contains("at most 1000000000"), "{err}");
         assert!(check(&with("executionDurationMs", "-5"))
             .unwrap_err()
             .contains("0 or more"));

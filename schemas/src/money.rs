@@ -135,41 +135,54 @@ fn format_decimal6(scaled: i128) -> String {
     }
 }
 
-/// Parses a non-negative decimal (`"12"`, `"0.5"`, `"1e-3"` is refused) into millionths.
+/// Parses a non-negative decimal into millionths: every spelling of a JSON number (`12`, `0.5`,
+/// `1e-6`, `1.5E+3`; Python sends 0.000001 as `1e-06`) whose value is an exact multiple of
+/// 0.000001. The exponent only moves the decimal point: nothing is rounded.
 fn parse_decimal6(text: &str) -> Result<i64, String> {
     let text = text.trim();
-    let (whole, frac) = match text.split_once('.') {
-        Some((w, f)) => (w, f),
-        None => (text, ""),
+    let not_a_number =
+        || format!("`{text}` is not a non-negative decimal number like 5000, 0.5 or 1e-6");
+    let too_large = || format!("`{text}` is too large");
+    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i32>().map_err(|_| not_a_number())?),
+        None => (text, 0),
     };
+    let (whole, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let digits_only = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
     if whole.is_empty() && frac.is_empty() || !digits_only(whole) || !digits_only(frac) {
-        return Err(format!(
-            "`{text}` is not a non-negative decimal number like 5000 or 0.5"
-        ));
+        return Err(not_a_number());
     }
-    let frac = frac.trim_end_matches('0');
-    if frac.len() > 6 {
+    // value = digits × 10^(exponent − fractional digits); in millionths, 6 more.
+    let digits = format!("{whole}{frac}");
+    let digits = digits.trim_start_matches('0');
+    let shift = i64::from(exponent) - frac.len() as i64 + 6;
+    if digits.is_empty() {
+        return Ok(0);
+    }
+    if shift >= 0 {
+        if digits.len() as i64 + shift > 19 {
+            return Err(too_large());
+        }
+        let scaled: i64 = digits.parse().map_err(|_| too_large())?;
+        return scaled
+            .checked_mul(10_i64.pow(shift as u32))
+            .ok_or_else(too_large);
+    }
+    let cut = shift.unsigned_abs();
+    let kept = digits.len() as u64 - cut.min(digits.len() as u64);
+    let (kept, dropped) = digits.split_at(kept as usize);
+    if cut > digits.len() as u64 || dropped.bytes().any(|b| b != b'0') {
         return Err(format!(
             "`{text}` has more than 6 decimal places; the finest unit is 0.000001"
         ));
     }
-    let whole: i64 = if whole.is_empty() {
-        0
-    } else {
-        whole
-            .parse()
-            .map_err(|_| format!("`{text}` is too large"))?
-    };
-    let frac_scaled: i64 = if frac.is_empty() {
-        0
-    } else {
-        format!("{frac:0<6}").parse().expect("six ascii digits")
-    };
-    whole
-        .checked_mul(SCALE)
-        .and_then(|w| w.checked_add(frac_scaled))
-        .ok_or_else(|| format!("`{text}` is too large"))
+    if kept.is_empty() {
+        return Ok(0);
+    }
+    if kept.len() > 19 {
+        return Err(too_large());
+    }
+    kept.parse().map_err(|_| too_large())
 }
 
 /// Reads a decimal from a TOML or JSON integer, float or string.
@@ -222,11 +235,49 @@ mod tests {
         assert_eq!("1.5000000".parse::<Rate>().unwrap().scaled(), 1_500_000);
     }
 
+    /// JSON allows exponents, and Python's `json.dumps(0.000001)` sends `1e-06`: every
+    /// spelling of an exact multiple of 0.000001 reads as that multiple, the rest are refused.
+    #[test]
+    fn exponents_move_the_decimal_point_exactly() {
+        let scaled = |t: &str| t.parse::<Rate>().map(|r| r.scaled());
+        for (text, millionths) in [
+            ("1e-6", 1),
+            ("1e-06", 1),
+            ("1E-6", 1),
+            ("10e-7", 1),
+            ("1000000e-12", 1),
+            ("0.1e-5", 1),
+            ("1.5e-5", 15),
+            ("2.5e0", 2_500_000),
+            ("1e3", 1_000_000_000),
+            ("1.5E+3", 1_500_000_000),
+            ("0e9", 0),
+            ("0.0e-400", 0),
+            ("9.223372036854775807e12", i64::MAX),
+        ] {
+            assert_eq!(scaled(text), Ok(millionths), "{text}");
+        }
+        let err = scaled("9.223372036854775808e12").unwrap_err();
+        assert!(err.ends_with("is too large"), "{err}");
+        let err = scaled("1e-7").unwrap_err();
+        assert_eq!(
+            err,
+            "`1e-7` has more than 6 decimal places; the finest unit is 0.000001"
+        );
+    }
+
     #[test]
     fn decimals_refuse_what_is_not_exact() {
         assert!("0.0000001".parse::<Rate>().is_err());
         assert!("-1".parse::<Rate>().is_err());
-        assert!("1e3".parse::<Rate>().is_err());
+        assert!("1e-7".parse::<Rate>().is_err());
+        assert!("1.5e-6".parse::<Rate>().is_err());
+        assert!("1e".parse::<Rate>().is_err());
+        assert!("e5".parse::<Rate>().is_err());
+        assert!("1e5.5".parse::<Rate>().is_err());
+        assert!("-1e-6".parse::<Rate>().is_err());
+        assert!("1e400".parse::<Rate>().is_err());
+        assert!("1e-400".parse::<Rate>().is_err());
         assert!("".parse::<Rate>().is_err());
         assert!(".".parse::<Rate>().is_err());
         assert!("99999999999999999999".parse::<Rate>().is_err());
@@ -254,6 +305,10 @@ mod tests {
         assert_eq!(Quantity::parse("2.5").unwrap().scaled(), 2_500_000);
         assert!(Quantity::parse("0").is_err());
         assert!(Quantity::parse("1000000001").is_err());
+        assert_eq!(Quantity::parse("1e-6").unwrap().scaled(), 1);
+        assert_eq!(Quantity::parse("1e9").unwrap(), Quantity::MAX);
+        assert!(Quantity::parse("1.000001e9").is_err());
+        assert!(Quantity::parse("0e0").is_err());
     }
 
     #[test]
