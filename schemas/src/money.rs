@@ -152,37 +152,35 @@ fn parse_decimal6(text: &str) -> Result<i64, String> {
     if whole.is_empty() && frac.is_empty() || !digits_only(whole) || !digits_only(frac) {
         return Err(not_a_number());
     }
-    // value = digits × 10^(exponent − fractional digits); in millionths, 6 more.
-    let digits = format!("{whole}{frac}");
-    let digits = digits.trim_start_matches('0');
+    // value = digits × 10^(exponent − fractional digits); in millionths, 6 more. A negative
+    // shift drops that many trailing digits, which must be zeros.
     let shift = i64::from(exponent) - frac.len() as i64 + 6;
-    if digits.is_empty() {
-        return Ok(0);
-    }
-    if shift >= 0 {
-        if digits.len() as i64 + shift > 19 {
-            return Err(too_large());
+    let digits = whole
+        .bytes()
+        .chain(frac.bytes())
+        .map(|b| i64::from(b - b'0'));
+    let kept = (whole.len() + frac.len()) as i64 + shift.min(0);
+    let mut scaled: i64 = 0;
+    for (n, digit) in digits.enumerate() {
+        if (n as i64) < kept {
+            scaled = scaled
+                .checked_mul(10)
+                .and_then(|s| s.checked_add(digit))
+                .ok_or_else(too_large)?;
+        } else if digit != 0 {
+            return Err(format!(
+                "`{text}` has more than 6 decimal places; the finest unit is 0.000001"
+            ));
         }
-        let scaled: i64 = digits.parse().map_err(|_| too_large())?;
-        return scaled
-            .checked_mul(10_i64.pow(shift as u32))
-            .ok_or_else(too_large);
     }
-    let cut = shift.unsigned_abs();
-    let kept = digits.len() as u64 - cut.min(digits.len() as u64);
-    let (kept, dropped) = digits.split_at(kept as usize);
-    if cut > digits.len() as u64 || dropped.bytes().any(|b| b != b'0') {
-        return Err(format!(
-            "`{text}` has more than 6 decimal places; the finest unit is 0.000001"
-        ));
-    }
-    if kept.is_empty() {
+    if scaled == 0 {
         return Ok(0);
     }
-    if kept.len() > 19 {
-        return Err(too_large());
-    }
-    kept.parse().map_err(|_| too_large())
+    u32::try_from(shift.max(0))
+        .ok()
+        .and_then(|shift| 10_i64.checked_pow(shift))
+        .and_then(|power| scaled.checked_mul(power))
+        .ok_or_else(too_large)
 }
 
 /// Reads a decimal from a TOML or JSON integer, float or string.

@@ -26,7 +26,8 @@ pub struct EnvOverride {
     pub setting: String,
     /// `kafka`, or `store` for a top-level setting.
     pub section: &'static str,
-    field: &'static str,
+    /// `partitions`; none for a top-level setting.
+    field: Option<&'static str>,
     kind: Kind,
     optional: bool,
 }
@@ -89,10 +90,15 @@ impl EnvOverride {
             ),
             setting,
             section: first,
-            field: field.unwrap_or(first),
+            field,
             kind,
             optional,
         }
+    }
+
+    /// `MCP_METER_KAFKA_PARTITIONS (overrides kafka.partitions)`, how a problem names it.
+    pub fn describe(&self) -> String {
+        format!("{} (overrides {})", self.var, self.setting)
     }
 
     /// The variable's text as the TOML value the setting takes; `None` unsets an optional
@@ -139,24 +145,23 @@ pub(super) fn apply(
         let value = match o.value(&text) {
             Ok(value) => value,
             Err(e) => {
-                problems.push(format!("{} (overrides {}): {e}", o.var, o.setting));
+                problems.push(format!("{}: {e}", o.describe()));
                 continue;
             }
         };
-        let parent = if o.section == o.field {
-            &mut *table
-        } else {
-            match table
+        let (parent, key) = match o.field {
+            None => (&mut *table, o.section),
+            Some(field) => match table
                 .entry(o.section)
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             {
-                toml::Value::Table(section) => section,
+                toml::Value::Table(section) => (section, field),
                 _ => unreachable!("the file parsed as a Config, so a section is a table"),
-            }
+            },
         };
         match value {
-            Some(value) => parent.insert(o.field.to_string(), value),
-            None => parent.remove(o.field),
+            Some(value) => parent.insert(key.to_string(), value),
+            None => parent.remove(key),
         };
     }
     ConfigError::of(problems)
@@ -353,7 +358,7 @@ mod tests {
         assert_eq!(c.kafka.linger_ms, 5, "the file's other settings stay");
         assert_eq!(c.clickhouse.password, "1234");
         assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:6379"));
-        assert_eq!(c.store, super::super::StoreKind::Clickhouse);
+        assert_eq!(c.store, crate::config::StoreKind::Clickhouse);
         assert!(!c.margin_guard.enabled);
 
         let err = Config::from_toml_and_env(

@@ -94,7 +94,7 @@ the file parses, every other problem is reported together)",
             let from = env_overrides()
                 .iter()
                 .find(|o| o.setting == setting && lookup(&o.var).is_some())
-                .map_or(setting, |o| format!("{} (overrides {})", o.var, o.setting));
+                .map_or(setting, EnvOverride::describe);
             ConfigError {
                 problems: vec![format!("{from}: {}", e.inner())],
             }

@@ -171,14 +171,8 @@ impl<R: SqlRunner> StoreWriter for ClickHouseWriter<R> {
                     .is_some_and(|legacy| seen.contains(&(&*batch.tenant_id, legacy)));
                 if !stored_before && seen.insert((&batch.tenant_id, &e.idempotency_key)) {
                     outcome.accepted += 1;
-                    let topic = &self.topic;
-                    push_row(
-                        &mut insert,
-                        &batch.tenant_id,
-                        e,
-                        batch.positions.get(i),
-                        topic,
-                    );
+                    let position = batch.positions.get(i);
+                    push_row(&mut insert, &batch.tenant_id, e, position, &self.topic);
                 } else {
                     outcome.duplicates += 1;
                 }
