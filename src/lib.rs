@@ -18,9 +18,9 @@ use backends::state::redis::RedisState;
 use backends::state::{MarginBoard, StateBackend, StatePorts};
 use backends::store::clickhouse::ClickHouseRetention;
 use backends::store::clickhouse::{
-    self, migrations, ClickHouseAnalytics, ClickHouseWriter, HttpRunner,
+    self, migrations, ClickHouseAnalytics, ClickHouseLedger, ClickHouseWriter, HttpRunner,
 };
-use backends::store::{sqlite, AnalyticsStore, Retention};
+use backends::store::{sqlite, AnalyticsStore, CreditLedger, Retention};
 use schemas::config::{ApiKeyConfig, Config, Scope, StoreKind, TenantConfig};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
@@ -90,6 +90,8 @@ pub mod demo {
             }],
             rate_plans: vec![schemas::rating::demo_rate_plan()],
             limits: Vec::new(),
+            customer_caps: Vec::new(),
+            max_in_flight_per_customer: None,
             margin_guard: Default::default(),
         });
         config.validate()?;
@@ -197,6 +199,7 @@ fn http_api(
     config: &Config,
     sink: Arc<dyn EventSink>,
     analytics: Arc<dyn AnalyticsStore>,
+    ledger: Arc<dyn CreditLedger>,
     state: StatePorts,
     metric_families: Vec<fn(&mut String)>,
 ) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
@@ -207,6 +210,9 @@ fn http_api(
         limits: state.limits,
         margins: state.margins,
         rate_limiter: state.rate_limiter,
+        balances: state.balances,
+        ledger,
+        credits: config.credits.clone(),
         guard_recompute_seconds: config.margin_guard.interval_seconds,
         in_flight: tokio::sync::Semaphore::new(config.ingest.max_in_flight_requests),
         ingest: config.ingest.clone(),
@@ -292,19 +298,22 @@ impl Ingestor {
             tracing::warn!(error = %e, "starting anyway: ingest answers 503 until a broker answers");
         }
         let sink: Arc<dyn EventSink> = Arc::new(kafka::KafkaSink::new(&config.kafka)?);
-        let analytics: Arc<dyn AnalyticsStore> = Arc::new(ClickHouseAnalytics::new(runner));
+        let analytics: Arc<dyn AnalyticsStore> = Arc::new(ClickHouseAnalytics::new(runner.clone()));
+        let ledger: Arc<dyn CreditLedger> = Arc::new(ClickHouseLedger::new(runner));
         let state = match &config.redis.url {
             Some(url) => StatePorts::of(Arc::new(redis_state(config, url).await?)),
             None => {
                 anyhow::ensure!(
-                    config.tenants.iter().all(|t| t.limits.is_empty()),
-                    "hard limits need the shared guard state: set redis.url (MCP_METER_REDIS_URL)"
+                    config.tenants.iter().all(|t| t.limits.is_empty()
+                        && t.customer_caps.is_empty()
+                        && t.max_in_flight_per_customer.is_none()),
+                    "hard limits, customer caps and in-flight limits need the shared guard state: set redis.url (MCP_METER_REDIS_URL)"
                 );
                 StatePorts::of(Arc::new(MemoryState::new()))
             }
         };
         let families: Vec<fn(&mut String)> = vec![|out| backends::metrics::KAFKA.render(out)];
-        let (server, addr) = http_api(config, sink, analytics, state, families)?;
+        let (server, addr) = http_api(config, sink, analytics, ledger, state, families)?;
         Ok(Ingestor { server, addr })
     }
 
@@ -439,6 +448,13 @@ pub struct Embedded {
     stop_guard: tokio::sync::watch::Sender<bool>,
 }
 
+/// What `serve` reads and maintains its store through, besides the writer.
+struct StoreReaders {
+    analytics: Arc<dyn AnalyticsStore>,
+    ledger: Arc<dyn CreditLedger>,
+    retention: Arc<dyn Retention>,
+}
+
 impl Embedded {
     /// Opens the store, starts the group-commit writer and binds the API. Call inside an actix
     /// runtime; [`Embedded::run`] then serves until SIGINT or SIGTERM.
@@ -447,13 +463,7 @@ impl Embedded {
             max_commit_events: config.sqlite.max_commit_events,
             queue_capacity_batches: config.sqlite.queue_capacity_batches,
         };
-        let (sink, writer, analytics, retention, store): (
-            _,
-            _,
-            Arc<dyn AnalyticsStore>,
-            Arc<dyn Retention>,
-            _,
-        ) = match config.store {
+        let (sink, writer, readers, store) = match config.store {
             StoreKind::Sqlite => {
                 let (writer, analytics) = sqlite::open(&config.data_dir, &config.sqlite)
                     .with_context(|| {
@@ -462,13 +472,12 @@ impl Embedded {
                 let (sink, handle) = aggregator::group_commit::GroupCommit::start(writer, group)
                     .context("cannot start the store writer")?;
                 let path = config.data_dir.join(sqlite::DB_FILE);
-                (
-                    sink,
-                    handle,
-                    Arc::new(analytics),
-                    Arc::new(sqlite::retention(&config.data_dir)),
-                    path.display().to_string(),
-                )
+                let readers = StoreReaders {
+                    analytics: Arc::new(analytics),
+                    ledger: Arc::new(sqlite::ledger(&config.data_dir)),
+                    retention: Arc::new(sqlite::retention(&config.data_dir)),
+                };
+                (sink, handle, readers, path.display().to_string())
             }
             StoreKind::Clickhouse => {
                 let ch = &config.clickhouse;
@@ -480,15 +489,19 @@ impl Embedded {
                 )
                 .context("cannot start the store writer")?;
                 let name = format!("ClickHouse {} database {}", ch.url, ch.database);
-                (
-                    sink,
-                    handle,
-                    Arc::new(ClickHouseAnalytics::new(runner.clone())),
-                    Arc::new(ClickHouseRetention::new(runner)),
-                    name,
-                )
+                let readers = StoreReaders {
+                    analytics: Arc::new(ClickHouseAnalytics::new(runner.clone())),
+                    ledger: Arc::new(ClickHouseLedger::new(runner.clone())),
+                    retention: Arc::new(ClickHouseRetention::new(runner)),
+                };
+                (sink, handle, readers, name)
             }
         };
+        let StoreReaders {
+            analytics,
+            ledger,
+            retention,
+        } = readers;
         let state = StatePorts::of(Arc::new(MemoryState::new()));
         let (stop_guard, guard_shutdown) = tokio::sync::watch::channel(false);
         if let Some(guard) = margin_guard(config, analytics.clone(), state.margins.clone()) {
@@ -501,7 +514,7 @@ impl Embedded {
             |out| aggregator::metrics::METRICS.render_group_commit(out),
             |out| aggregator::metrics::METRICS.render_margin_guard(out),
         ];
-        let (server, addr) = http_api(config, Arc::new(sink), analytics, state, families)?;
+        let (server, addr) = http_api(config, Arc::new(sink), analytics, ledger, state, families)?;
         Ok(Embedded {
             server,
             addr,

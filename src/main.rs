@@ -148,7 +148,7 @@ fn env_help(flag_vars: &[&str], sections: &[&str]) -> String {
     help
 }
 
-/// What `serve` reads: its store, the embedded writer, retention, ingest and the guard.
+/// What `serve` reads: its store, the embedded writer, retention, ingest, the guard, credits.
 const SERVE_READS: &[&str] = &[
     "store",
     "clickhouse",
@@ -156,9 +156,17 @@ const SERVE_READS: &[&str] = &[
     "retention",
     "ingest",
     "margin_guard",
+    "credits",
 ];
 /// What an `ingestor` reads: where it publishes, reads analytics, and shares guard state.
-const INGESTOR_READS: &[&str] = &["clickhouse", "kafka", "redis", "ingest", "margin_guard"];
+const INGESTOR_READS: &[&str] = &[
+    "clickhouse",
+    "kafka",
+    "redis",
+    "ingest",
+    "margin_guard",
+    "credits",
+];
 /// What an `aggregator` reads: the topic, the store, the guard it runs, retention, itself.
 const AGGREGATOR_READS: &[&str] = &[
     "clickhouse",

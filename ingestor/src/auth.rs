@@ -16,6 +16,9 @@ pub struct Tenant {
     pub id: Arc<str>,
     pub rate_plans: RatePlans,
     pub limits: Vec<schemas::config::LimitConfig>,
+    /// Spend caps per customer, checked by authorizations, counted by settlements.
+    pub customer_caps: Vec<schemas::config::CustomerCapConfig>,
+    pub max_in_flight_per_customer: Option<u32>,
 }
 
 /// What one key may do, and for whom. Built once per key; requests share it.
@@ -51,6 +54,8 @@ impl Keyring {
                 id: t.id.as_str().into(),
                 rate_plans: RatePlans::new(t.rate_plans.clone()),
                 limits: t.limits.clone(),
+                customer_caps: t.customer_caps.clone(),
+                max_in_flight_per_customer: t.max_in_flight_per_customer,
             });
             for key in &t.api_keys {
                 let mut hash = [0u8; 32];

@@ -3,6 +3,7 @@
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use backends::error::{ErrorKind, SinkError, StoreError};
+use backends::state::StateError;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -16,6 +17,8 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("the request body is larger than {limit} bytes; send fewer events per request")]
     PayloadTooLarge { limit: usize },
     #[error("Content-Type `{0}` is not accepted; send application/json")]
@@ -32,6 +35,8 @@ pub enum ApiError {
     Sink(#[from] SinkError),
     #[error("analytics are unavailable: {0}")]
     Store(#[from] StoreError),
+    #[error("the guard state is unavailable: {0}")]
+    State(#[from] StateError),
 }
 
 /// Seconds a client should wait before retrying an overloaded or unavailable ingest.
@@ -92,7 +97,7 @@ pub enum IngestErrors {
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {
     /// A stable code, one per meaning: `bad_request` (400), `unauthorized` (401), `forbidden`
-    /// (403), `not_found` (404), `method_not_allowed` (405), `payload_too_large` (413),
+    /// (403), `not_found` (404), `method_not_allowed` (405), `conflict` (409), `payload_too_large` (413),
     /// `unsupported_media_type` (415), `rate_limited` (429: this key is over its rate limit),
     /// `overloaded` (429: the write queue is full; slow down), `busy` (503: too many requests
     /// in flight here), `unavailable` (503: the store, the bus or the guard state is down or
@@ -115,6 +120,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
@@ -125,6 +131,7 @@ impl ApiError {
             ApiError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             ApiError::Sink(e) => by_kind(e.kind()),
             ApiError::Store(e) => by_kind(e.kind()),
+            ApiError::State(e) => by_kind(e.kind()),
         }
     }
 }

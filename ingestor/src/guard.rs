@@ -78,7 +78,7 @@ fn named(v: &Option<String>) -> Option<&str> {
 
 /// Logs that the guard state is unavailable at most every few seconds: during an outage every
 /// request would say so.
-pub(crate) fn warn_state_unavailable(e: &backends::state::StateError) {
+pub(crate) fn warn_state_unavailable(e: &dyn std::fmt::Display) {
     static LINES: LogThrottle = LogThrottle::new(std::time::Duration::from_secs(5));
     crate::metrics::METRICS.guard_state_errors.add(1);
     if LINES.admit(chrono::Utc::now().timestamp_millis()).is_some() {

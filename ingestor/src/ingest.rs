@@ -2,6 +2,7 @@
 //! and answer 202 only once the sink says the events are durable.
 
 use crate::auth::{Grant, Tenant};
+use crate::credits;
 use crate::error::{ApiError, IngestErrors};
 use crate::limits;
 use crate::metrics::METRICS;
@@ -149,6 +150,7 @@ async fn ingest(
     }
     let tenant = &grant.tenant;
     let plan = limits::Plan::new(&tenant.id, &tenant.limits, &rated, received_at_ms);
+    let charges = credits::settlements(tenant, &rated, received_at_ms);
     let outcome = state
         .sink
         .publish(TenantBatch::new(tenant.id.clone(), rated))
@@ -163,23 +165,38 @@ async fn ingest(
         duplicates: outcome.duplicates,
         failed: errors.len(),
         errors,
-        killed_session_ids: enforce(state, tenant, plan, received_at_ms).await,
+        killed_session_ids: enforce(state, tenant, plan, &charges, received_at_ms).await,
     }))
 }
 
-/// Charges the durable batch against the tenant's limits and answers the sessions the client
-/// must stop. The guard state being down never fails ingest: the usage is stored already, and
-/// the answer lists no kills until the state is back.
+/// Charges the durable batch once per event key: settles its calls (their reservations end,
+/// their revenue is charged to their customers), counts those charged for the first time
+/// against the tenant's limits, and answers the sessions the client must stop. A batch re-sent
+/// after a lost 202 is charged nothing more. The guard state being down never fails ingest:
+/// the usage is stored already, and the answer lists no kills until the state is back.
 async fn enforce(
     state: &AppState,
     tenant: &Tenant,
-    plan: limits::Plan,
+    mut plan: limits::Plan,
+    charges: &credits::BatchCharges,
     now_ms: i64,
 ) -> Vec<String> {
+    let Some(charged_now) = credits::settle(state, tenant, &charges.settlements, now_ms).await
+    else {
+        return Vec::new();
+    };
     // Only limits kill sessions: a tenant without any needs no round trip to the state.
     if tenant.limits.is_empty() {
         return Vec::new();
     }
+    let first_time: std::collections::HashSet<usize> = charges
+        .events
+        .iter()
+        .zip(&charged_now)
+        .filter(|(_, now)| **now)
+        .map(|(event, _)| *event)
+        .collect();
+    plan.keep_only(|event| first_time.contains(&event));
     let guard = state.limits.as_ref();
     let answer = async {
         plan.apply(guard, &tenant.id, now_ms).await?;
@@ -230,7 +247,7 @@ fn first_byte(body: &[u8]) -> Option<u8> {
     body.iter().copied().find(|b| !b.is_ascii_whitespace())
 }
 
-fn body_error(e: &serde_json::Error) -> ApiError {
+pub(crate) fn body_error(e: &serde_json::Error) -> ApiError {
     let what = match e.classify() {
         serde_json::error::Category::Eof => "the JSON body ends early (truncated?)",
         serde_json::error::Category::Syntax => "the body is not valid JSON",

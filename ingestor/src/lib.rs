@@ -5,6 +5,8 @@
 //! - [`guard`]: `GET /v1/guard/check` from the guard state only.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics`, and the request-recording middleware.
 //! - [`limits`]: hard limits, charged at ingest; breaches kill sessions.
+//! - [`credits`]: charge before the tool runs: grants, balances, `POST /v1/authorize`, and
+//!   the settlement of ingested calls, once per event key.
 //! - [`analytics`]: `GET /analytics/mcp/...`.
 //! - [`exports`]: `GET /v1/exports/billing`, streamed CSV or JSON.
 //! - [`openapi`]: the OpenAPI document (`/openapi.json`) and Swagger UI (`/docs`).
@@ -16,6 +18,7 @@
 
 pub mod analytics;
 pub mod auth;
+pub mod credits;
 pub mod error;
 pub mod exports;
 pub mod guard;
@@ -27,9 +30,9 @@ pub mod ops;
 
 use actix_web::web;
 use backends::sink::EventSink;
-use backends::state::{LimitCounters, MarginBoard, RateLimiter};
-use backends::store::AnalyticsStore;
-use schemas::config::IngestConfig;
+use backends::state::{CustomerBalances, LimitCounters, MarginBoard, RateLimiter};
+use backends::store::{AnalyticsStore, CreditLedger};
+use schemas::config::{CreditsConfig, IngestConfig};
 use std::sync::Arc;
 
 /// What every handler shares.
@@ -43,6 +46,11 @@ pub struct AppState {
     pub margins: Arc<dyn MarginBoard>,
     /// Each API key's token bucket.
     pub rate_limiter: Arc<dyn RateLimiter>,
+    /// Prepaid wallets, authorizations, settlements.
+    pub balances: Arc<dyn CustomerBalances>,
+    /// Grants, durable in the store: what wallets are rebuilt from.
+    pub ledger: Arc<dyn CreditLedger>,
+    pub credits: CreditsConfig,
     /// Permits for ingest requests in flight (`ingest.max_in_flight_requests`).
     pub in_flight: tokio::sync::Semaphore,
     /// How often the margin guard recomputes levels: what a throttled caller is told to wait.
@@ -126,6 +134,19 @@ where
     resource(path, actix_web::http::Method::GET, web::route().to(handler))
 }
 
+fn post<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    resource(
+        path,
+        actix_web::http::Method::POST,
+        web::route().to(handler),
+    )
+}
+
 /// An ingest path: POST only, and at most `ingest.max_in_flight_requests` at once.
 fn ingest_post<F, Args>(
     path: &str,
@@ -144,12 +165,7 @@ where
     Args: actix_web::FromRequest + 'static,
     F::Output: actix_web::Responder + 'static,
 {
-    resource(
-        path,
-        actix_web::http::Method::POST,
-        web::route().to(handler),
-    )
-    .wrap(actix_web::middleware::from_fn(limit_in_flight))
+    post(path, handler).wrap(actix_web::middleware::from_fn(limit_in_flight))
 }
 
 /// Takes an in-flight permit before the body is read, or answers 503 at once: under overload
@@ -198,6 +214,10 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             .service(ingest_post("/v1/ingest/batch", ingest::batch))
             .service(ingest_post("/v1/ingest/events", ingest::events))
             .service(get("/v1/guard/check", guard::check))
+            .service(post("/v1/authorize", credits::authorize))
+            .service(post("/v1/authorize/{nonce}/release", credits::release))
+            .service(post("/v1/customers/{customer_id}/credits", credits::grant))
+            .service(get("/v1/customers/{customer_id}/balance", credits::balance))
             .service(get("/v1/exports/billing", exports::billing))
             .service(get("/", ops::index))
             .service(get("/healthz", ops::healthz))

@@ -16,10 +16,16 @@ enum Subject {
     Agent(String),
 }
 
+/// One subject's calls in a batch, in order: what each adds to a calls counter (1), to a spend
+/// counter (its revenue), and its position in the batch.
+type SubjectCalls = (Vec<i64>, Vec<i64>, Vec<usize>);
+
 /// What a batch charges, computed before it is published.
 #[derive(Debug, Default)]
 pub struct Plan {
     charges: Vec<Charge>,
+    /// Per charge, the batch position of the event behind each amount.
+    events: Vec<Vec<usize>>,
     subjects: Vec<Subject>,
     /// agent → its sessions in this batch, remembered until the end of its longest window.
     agent_sessions: BTreeMap<String, (BTreeSet<String>, i64)>,
@@ -33,9 +39,8 @@ impl Plan {
         let mut plan = Plan::default();
         for (n, limit) in limits.iter().enumerate() {
             let (start, end) = limit.window.bounds(now_ms);
-            // subject id → (calls, spend), each one amount per call, in order.
-            let mut by_subject: BTreeMap<&str, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
-            for e in events.iter().filter(|e| e.is_call()) {
+            let mut by_subject: BTreeMap<&str, SubjectCalls> = BTreeMap::new();
+            for (i, e) in events.iter().enumerate().filter(|(_, e)| e.is_call()) {
                 let id = match limit.per {
                     LimitSubject::Session => &e.session_id,
                     LimitSubject::Agent => &e.agent_id,
@@ -43,16 +48,17 @@ impl Plan {
                 if id.is_empty() {
                     continue;
                 }
-                let (calls, spend) = by_subject.entry(id).or_default();
+                let (calls, spend, positions) = by_subject.entry(id).or_default();
                 calls.push(1);
                 spend.push(e.revenue_micros);
+                positions.push(i);
                 if limit.per == LimitSubject::Agent && !e.session_id.is_empty() {
                     let (sessions, until) = plan.agent_sessions.entry(id.to_string()).or_default();
                     sessions.insert(e.session_id.clone());
                     *until = (*until).max(end);
                 }
             }
-            for (id, (calls, spend)) in by_subject {
+            for (id, (calls, spend, positions)) in by_subject {
                 let per = match limit.per {
                     LimitSubject::Session => "session",
                     LimitSubject::Agent => "agent",
@@ -74,6 +80,7 @@ impl Plan {
                         expires_at_ms: end,
                         amounts: calls,
                     });
+                    plan.events.push(positions.clone());
                     plan.subjects.push(subject.clone());
                 }
                 if let Some(max) = limit.max_spend_micros {
@@ -83,11 +90,38 @@ impl Plan {
                         expires_at_ms: end,
                         amounts: spend,
                     });
+                    plan.events.push(positions);
                     plan.subjects.push(subject);
                 }
             }
         }
         plan
+    }
+
+    /// Keeps only the amounts of events `charge` accepts (those charged for the first time: a
+    /// re-sent event was counted when it first came). Counters left with nothing are dropped.
+    pub fn keep_only(&mut self, charge: impl Fn(usize) -> bool) {
+        let mut kept = 0;
+        for i in 0..self.charges.len() {
+            let (amounts, events) = (&self.charges[i].amounts, &self.events[i]);
+            let (amounts, events): (Vec<i64>, Vec<usize>) = amounts
+                .iter()
+                .zip(events)
+                .filter(|(_, e)| charge(**e))
+                .map(|(a, e)| (*a, *e))
+                .unzip();
+            if amounts.is_empty() {
+                continue;
+            }
+            self.charges.swap(kept, i);
+            self.subjects.swap(kept, i);
+            self.charges[kept].amounts = amounts;
+            self.events[kept] = events;
+            kept += 1;
+        }
+        self.charges.truncate(kept);
+        self.subjects.truncate(kept);
+        self.events.truncate(kept);
     }
 
     /// Charges the counters in one atomic step and kills what breached: the session, or every

@@ -11,10 +11,13 @@
 //! - [`config`]: the config tree and its validation.
 //! - [`openapi`]: OpenAPI schemas of the bodies whose Rust types differ from the wire.
 //! - [`guard`]: margin levels and thresholds, the guard's state, the guard check's decision.
+//! - [`credits`]: prepaid grants, balances, and the authorize decision (charge before the tool
+//!   runs).
 
 pub mod analytics;
 pub mod billing;
 pub mod config;
+pub mod credits;
 pub mod event;
 pub mod guard;
 pub mod money;

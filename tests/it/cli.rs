@@ -283,6 +283,7 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
                 "RETENTION_",
                 "INGEST_",
                 "MARGIN_GUARD_",
+                "CREDITS_",
             ],
         ),
         (
@@ -293,6 +294,7 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
                 "REDIS_",
                 "INGEST_",
                 "MARGIN_GUARD_",
+                "CREDITS_",
             ],
         ),
         (

@@ -122,18 +122,25 @@ fn rated(key: &str, session: &str) -> RatedEvent {
     }
 }
 
+/// A fresh database of the same name, migrated, on the ClickHouse 18.16 server and on chDB.
+fn both_engines(prefix: &str) -> (tempfile::TempDir, HttpRunner, chdb::Chdb) {
+    let database = unique_database(prefix);
+    let dir = tempfile::tempdir().unwrap();
+    let config = clickhouse_config(dir.path(), &database);
+    let chdb = chdb::Chdb::start(&database);
+    runtime()
+        .block_on(migrations::migrate(&chdb, &chdb, &database))
+        .unwrap();
+    (dir, HttpRunner::new(&config.clickhouse), chdb)
+}
+
 /// The writer on ClickHouse 18.16 (HTTP) and on chDB (ClickHouse 26, in-process), through the
 /// same `SqlRunner`: each key stored once within and across writes, every character of a
 /// string read back as written, and both engines holding the same rows byte for byte.
 #[test]
 fn the_writer_stores_each_key_once_within_and_across_writes() {
-    let database = unique_database("writer");
-    let dir = tempfile::tempdir().unwrap();
-    let config = clickhouse_config(dir.path(), &database);
-    let server = HttpRunner::new(&config.clickhouse);
-    let chdb = chdb::Chdb::start(&database);
+    let (_dir, server, chdb) = both_engines("writer");
     runtime().block_on(async {
-        migrations::migrate(&chdb, &chdb, &database).await.unwrap();
         let on_server = write_and_check(&server).await;
         let on_chdb = write_and_check(&chdb).await;
         assert_eq!(
@@ -766,4 +773,65 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
 /// Any analytics answer as JSON text, for comparison.
 fn json<T: serde::Serialize>(answer: &T) -> String {
     serde_json::to_string(answer).unwrap()
+}
+
+/// The grants ledger on ClickHouse 18.16 and on chDB: a key is recorded once (a repeat answers
+/// the first grant), and the usage a rebuilt wallet counts is summed by received time, in all
+/// and before each lapse. Both engines answer the same seeds.
+#[test]
+fn the_grants_ledger_records_each_key_once_and_sums_usage_by_received_time() {
+    let (_dir, server, chdb) = both_engines("ledger");
+    runtime().block_on(async {
+        let on_server = ledger_seeds(&server).await;
+        let on_chdb = ledger_seeds(&chdb).await;
+        assert_eq!(on_server, on_chdb, "chDB {} answers as 18.16", chdb.version);
+    });
+}
+
+async fn ledger_seeds(runner: &dyn SqlRunner) -> Vec<backends::state::WalletSeed> {
+    use backends::store::clickhouse::ClickHouseLedger;
+    use backends::store::{wallet_seeds, CreditLedger};
+    use schemas::credits::CreditGrant;
+    const T0: i64 = 1_795_132_800_000;
+    let ledger = ClickHouseLedger::new(runner);
+    let grant = |key: &str, amount: i64, at: i64, expires: Option<i64>| CreditGrant {
+        customer_id: "c'1".into(),
+        idempotency_key: key.into(),
+        amount_micros: amount,
+        granted_at_ms: at,
+        expires_at_ms: expires,
+        note: "tab\there".into(),
+    };
+    let first = grant("g1", 1000, T0, Some(T0 + 10_000));
+    assert_eq!(ledger.record_grant("t", &first).await.unwrap(), first);
+    let repeat = grant("g1", 9999, T0 + 5, None);
+    assert_eq!(ledger.record_grant("t", &repeat).await.unwrap(), first);
+    ledger
+        .record_grant("t", &grant("g2", 500, T0 + 1, None))
+        .await
+        .unwrap();
+    // Usage received before the first grant, before its lapse, and after it.
+    let mut writer = ClickHouseWriter::for_topic(runner, "events");
+    let events: Vec<RatedEvent> = [(T0 - 1, "u0"), (T0 + 100, "u1"), (T0 + 20_000, "u2")]
+        .iter()
+        .map(|(at, key)| RatedEvent {
+            customer_id: "c'1".into(),
+            received_at_ms: *at,
+            ..rated(key, "s")
+        })
+        .collect();
+    writer
+        .write(&[TenantBatch::new("t".into(), events)])
+        .await
+        .unwrap();
+    assert_eq!(ledger.grants("t", None).await.unwrap().len(), 2);
+    assert_eq!(ledger.grants("other", None).await.unwrap().len(), 0);
+    assert_eq!(
+        ledger
+            .usage_since("t", "c'1", T0, &[T0 + 10_000])
+            .await
+            .unwrap(),
+        (200, vec![100])
+    );
+    wallet_seeds(&ledger, "t", T0 + 30_000).await.unwrap()
 }

@@ -32,7 +32,7 @@ fn the_readme_config_examples_are_valid() {
     let default = Config::default();
     let sections = |c: &Config| {
         format!(
-            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             c.listen,
             c.data_dir,
             c.store,
@@ -43,7 +43,8 @@ fn the_readme_config_examples_are_valid() {
             c.retention,
             c.aggregator,
             c.ingest,
-            c.sqlite
+            c.sqlite,
+            c.credits
         )
     };
     assert_eq!(sections(&config), sections(&default));

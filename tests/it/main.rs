@@ -8,6 +8,7 @@ mod aforo_sdk;
 mod bad_input;
 mod cli;
 mod clickhouse;
+mod credits;
 mod deploy;
 mod distributed;
 mod docs;

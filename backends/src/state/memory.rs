@@ -1,11 +1,15 @@
 //! The in-process guard state of `serve`: the same semantics as Redis, under one lock.
 
 use super::{
-    admitted_prefix, take_from_bucket, Charge, LimitCounters, MarginBoard, RateLimiter,
-    StateBackend, StateError,
+    admitted_prefix, take_from_bucket, AuthorizeAsk, CapCounter, Charge, CustomerBalances,
+    LimitCounters, MarginBoard, RateLimiter, Settlement, StateBackend, StateError, WalletFigures,
+    WalletSeed,
+};
+use schemas::credits::{
+    decide, freeze_expired, granted_micros, CapState, Decision, WalletGrant, WalletView,
 };
 use schemas::guard::{subject_field, GuardView, MarginState, SubjectKind};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 #[derive(Default)]
@@ -27,6 +31,58 @@ struct Inner {
     buckets: HashMap<String, (f64, i64)>,
     /// tenant → (forgotten at ms, field → margin state)
     margins: HashMap<String, (i64, HashMap<String, MarginState>)>,
+    /// Tenants whose wallets were loaded from the store.
+    loaded: HashSet<String>,
+    /// (tenant, customer) → wallet
+    wallets: HashMap<(String, String), Wallet>,
+    /// (tenant, nonce) → (customer, first decision, remembered until ms)
+    nonces: HashMap<(String, String), (String, Decision, i64)>,
+    /// (tenant, event key) → charged, remembered until ms
+    charged: HashMap<(String, String), i64>,
+}
+
+/// One customer's wallet: the same fields as the Redis hash.
+#[derive(Default)]
+struct Wallet {
+    /// (grant key, grant); non-empty for a prepaid customer.
+    grants: Vec<(String, WalletGrant)>,
+    /// Usage settled since the first grant.
+    settled: i64,
+    /// nonce → (quote, expires_at_ms)
+    reservations: HashMap<String, (i64, i64)>,
+}
+
+impl Wallet {
+    fn from_seed(seed: &WalletSeed) -> Wallet {
+        Wallet {
+            grants: seed.grants.clone(),
+            settled: seed.settled_micros,
+            reservations: HashMap::new(),
+        }
+    }
+
+    /// Ends lapsed reservations and freezes lapsed grants: what every step does first.
+    fn tidy(&mut self, now_ms: i64) {
+        self.reservations
+            .retain(|_, (_, expires)| *expires > now_ms);
+        let mut grants: Vec<WalletGrant> = self.grants.iter().map(|(_, g)| *g).collect();
+        freeze_expired(&mut grants, self.settled, now_ms);
+        for ((_, g), frozen) in self.grants.iter_mut().zip(grants) {
+            *g = frozen;
+        }
+    }
+
+    fn figures(&mut self, now_ms: i64) -> WalletFigures {
+        self.tidy(now_ms);
+        let grants: Vec<WalletGrant> = self.grants.iter().map(|(_, g)| *g).collect();
+        WalletFigures {
+            prepaid: !grants.is_empty(),
+            granted_micros: granted_micros(&grants, now_ms),
+            settled_micros: self.settled,
+            reserved_micros: self.reservations.values().map(|(q, _)| q).sum(),
+            in_flight: self.reservations.len(),
+        }
+    }
 }
 
 /// How often ended windows are swept out: often enough to bound memory, rarely enough that no
@@ -36,6 +92,47 @@ const PRUNE_EVERY_MS: i64 = 60_000;
 impl MemoryState {
     pub fn new() -> MemoryState {
         MemoryState::default()
+    }
+}
+
+impl Inner {
+    /// Sweeps out ended windows, forgotten nonces and charged keys, at most once a minute.
+    fn prune(&mut self, now_ms: i64) {
+        if now_ms < self.next_prune_ms {
+            return;
+        }
+        self.counters.retain(|_, (_, expires)| *expires > now_ms);
+        self.nonces.retain(|_, (_, _, until)| *until > now_ms);
+        self.charged.retain(|_, until| *until > now_ms);
+        self.next_prune_ms = now_ms + PRUNE_EVERY_MS;
+    }
+
+    fn check_loaded(&self, tenant: &str) -> Result<(), StateError> {
+        if self.loaded.contains(tenant) {
+            Ok(())
+        } else {
+            Err(StateError::WalletsNotLoaded(tenant.to_string()))
+        }
+    }
+
+    /// A counter's value at `now_ms` (0 once its window ended).
+    fn counter(&self, key: &str, now_ms: i64) -> i64 {
+        match self.counters.get(key) {
+            Some((value, expires)) if *expires > now_ms => *value,
+            _ => 0,
+        }
+    }
+
+    fn add_to_counter(&mut self, cap: &CapCounter, amount: i64, now_ms: i64) {
+        let (value, expires) = self
+            .counters
+            .entry(cap.key.clone())
+            .or_insert((0, cap.window_end_ms));
+        if *expires <= now_ms {
+            *value = 0;
+        }
+        *value += amount;
+        *expires = cap.window_end_ms;
     }
 }
 
@@ -59,10 +156,7 @@ fn live(set: &mut HashMap<String, i64>, now_ms: i64) -> Vec<String> {
 impl LimitCounters for MemoryState {
     async fn charge(&self, charges: &[Charge], now_ms: i64) -> Result<Vec<usize>, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
-        if now_ms >= inner.next_prune_ms {
-            inner.counters.retain(|_, (_, expires)| *expires > now_ms);
-            inner.next_prune_ms = now_ms + PRUNE_EVERY_MS;
-        }
+        inner.prune(now_ms);
         let mut admitted = Vec::with_capacity(charges.len());
         for c in charges {
             let (value, expires) = inner
@@ -202,6 +296,178 @@ impl RateLimiter for MemoryState {
         let (next, wait) = take_from_bucket(Some(*bucket), per_second, burst, now_ms);
         *bucket = next;
         Ok(wait)
+    }
+}
+
+#[async_trait::async_trait]
+impl CustomerBalances for MemoryState {
+    async fn load_wallets(&self, tenant: &str, wallets: &[WalletSeed]) -> Result<(), StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        for seed in wallets {
+            inner
+                .wallets
+                .entry((tenant.to_string(), seed.customer.clone()))
+                .or_insert_with(|| Wallet::from_seed(seed));
+        }
+        inner.loaded.insert(tenant.to_string());
+        Ok(())
+    }
+
+    async fn add_grant(
+        &self,
+        tenant: &str,
+        customer: &str,
+        key: &str,
+        grant: WalletGrant,
+        now_ms: i64,
+    ) -> Result<(), StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        inner.check_loaded(tenant)?;
+        let wallet = inner
+            .wallets
+            .entry((tenant.to_string(), customer.to_string()))
+            .or_default();
+        wallet.tidy(now_ms);
+        if !wallet.grants.iter().any(|(k, _)| k == key) {
+            wallet.grants.push((key.to_string(), grant));
+        }
+        Ok(())
+    }
+
+    async fn authorize(&self, ask: &AuthorizeAsk<'_>) -> Result<(Decision, bool), StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        inner.check_loaded(ask.tenant)?;
+        inner.prune(ask.now_ms);
+        let nonce_key = (ask.tenant.to_string(), ask.nonce.to_string());
+        if let Some((_, decision, until)) = inner.nonces.get(&nonce_key) {
+            if *until > ask.now_ms {
+                return Ok((decision.clone(), true));
+            }
+        }
+        let now = ask.now_ms;
+        let spent: Vec<i64> = ask
+            .caps
+            .iter()
+            .map(|c| inner.counter(&c.key, now))
+            .collect();
+        let wallet = inner
+            .wallets
+            .entry((ask.tenant.to_string(), ask.customer.to_string()))
+            .or_default();
+        let figures = wallet.figures(now);
+        let view = WalletView {
+            prepaid: figures.prepaid,
+            available_micros: figures.available_micros(),
+            in_flight_expiries_ms: wallet.reservations.values().map(|(_, e)| *e).collect(),
+            caps: ask
+                .caps
+                .iter()
+                .zip(spent)
+                .map(|(c, spent)| CapState {
+                    spent_micros: spent + figures.reserved_micros,
+                    max_spend_micros: c.max_spend_micros,
+                    window_end_ms: c.window_end_ms,
+                })
+                .collect(),
+        };
+        let decision = decide(
+            &view,
+            ask.quote_micros,
+            ask.max_in_flight,
+            now,
+            ask.expires_at_ms,
+        );
+        if let Decision::Authorized {
+            quote_micros,
+            expires_at_ms,
+        } = decision
+        {
+            wallet
+                .reservations
+                .insert(ask.nonce.to_string(), (quote_micros, expires_at_ms));
+        }
+        inner.nonces.insert(
+            nonce_key,
+            (
+                ask.customer.to_string(),
+                decision.clone(),
+                ask.remember_until_ms,
+            ),
+        );
+        Ok((decision, false))
+    }
+
+    async fn release(
+        &self,
+        tenant: &str,
+        nonce: &str,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        inner.check_loaded(tenant)?;
+        let customer = match inner.nonces.get(&(tenant.to_string(), nonce.to_string())) {
+            Some((customer, _, until)) if *until > now_ms => customer.clone(),
+            _ => return Ok(None),
+        };
+        let Some(wallet) = inner.wallets.get_mut(&(tenant.to_string(), customer)) else {
+            return Ok(Some(false));
+        };
+        wallet.tidy(now_ms);
+        Ok(Some(wallet.reservations.remove(nonce).is_some()))
+    }
+
+    async fn settle(
+        &self,
+        tenant: &str,
+        settlements: &[Settlement],
+        now_ms: i64,
+        remember_until_ms: i64,
+    ) -> Result<Vec<bool>, StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        inner.check_loaded(tenant)?;
+        inner.prune(now_ms);
+        let mut claimed = Vec::with_capacity(settlements.len());
+        for s in settlements {
+            let key = (tenant.to_string(), s.key.clone());
+            if inner.charged.get(&key).is_some_and(|until| *until > now_ms) {
+                claimed.push(false);
+                continue;
+            }
+            inner.charged.insert(key, remember_until_ms);
+            claimed.push(true);
+            if s.customer.is_empty() {
+                continue;
+            }
+            for cap in &s.caps {
+                inner.add_to_counter(cap, s.amount_micros, now_ms);
+            }
+            if let Some(wallet) = inner
+                .wallets
+                .get_mut(&(tenant.to_string(), s.customer.clone()))
+            {
+                wallet.tidy(now_ms);
+                wallet.reservations.remove(&s.key);
+                if !wallet.grants.is_empty() {
+                    wallet.settled += s.amount_micros;
+                }
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn wallet(
+        &self,
+        tenant: &str,
+        customer: &str,
+        now_ms: i64,
+    ) -> Result<WalletFigures, StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        inner.check_loaded(tenant)?;
+        Ok(inner
+            .wallets
+            .get_mut(&(tenant.to_string(), customer.to_string()))
+            .map(|w| w.figures(now_ms))
+            .unwrap_or_default())
     }
 }
 

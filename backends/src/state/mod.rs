@@ -5,6 +5,8 @@
 //! - [`LimitCounters`]: hard-limit counters, the kill list, each agent's sessions.
 //! - [`MarginBoard`]: the margin levels the margin guard puts and `GET /v1/guard/check` views.
 //! - [`RateLimiter`]: each API key's token bucket.
+//! - [`CustomerBalances`]: prepaid wallets, authorizations (nonce, reservation) and the
+//!   settlement of each event key, once.
 //! - [`StateBackend`]: what they share: `ping` for `/readyz`, `kind` for people.
 //! - [`StatePorts`]: the three ports of one store, as a process hands them out.
 //! - [`memory::MemoryState`]: in-process, one lock.
@@ -18,6 +20,7 @@ use crate::error::ErrorKind;
 /// Counters stay exact in Redis's Lua (doubles printed with 14 significant digits) up to this;
 /// config validation refuses larger limits.
 pub use schemas::config::MAX_LIMIT;
+use schemas::credits::{Decision, WalletGrant};
 use schemas::guard::{GuardView, MarginState};
 use std::sync::Arc;
 
@@ -49,6 +52,10 @@ pub enum StateError {
         context: &'static str,
         detail: String,
     },
+    /// The tenant's wallets are not in the state (a new process, or Redis lost its data):
+    /// load them from the store ([`CustomerBalances::load_wallets`]) and ask again.
+    #[error("the wallets of tenant `{0}` are not loaded")]
+    WalletsNotLoaded(String),
 }
 
 impl StateError {
@@ -56,6 +63,7 @@ impl StateError {
         match self {
             StateError::Failed { kind, .. } => *kind,
             StateError::BadAnswer { .. } => ErrorKind::Permanent,
+            StateError::WalletsNotLoaded(_) => ErrorKind::NotReady,
         }
     }
 }
@@ -66,15 +74,19 @@ pub struct StatePorts {
     pub limits: Arc<dyn LimitCounters>,
     pub margins: Arc<dyn MarginBoard>,
     pub rate_limiter: Arc<dyn RateLimiter>,
+    pub balances: Arc<dyn CustomerBalances>,
 }
 
 impl StatePorts {
     /// Every port served by `store`.
-    pub fn of<S: LimitCounters + MarginBoard + RateLimiter + 'static>(store: Arc<S>) -> StatePorts {
+    pub fn of<S: LimitCounters + MarginBoard + RateLimiter + CustomerBalances + 'static>(
+        store: Arc<S>,
+    ) -> StatePorts {
         StatePorts {
             limits: store.clone(),
             margins: store.clone(),
-            rate_limiter: store,
+            rate_limiter: store.clone(),
+            balances: store,
         }
     }
 }
@@ -167,6 +179,123 @@ pub trait RateLimiter: StateBackend {
         burst: u32,
         now_ms: i64,
     ) -> Result<Option<u64>, StateError>;
+}
+
+/// A spend cap's counter for one customer and window: settled spend in the window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapCounter {
+    /// Unique per tenant, customer, cap and window (the caller builds it).
+    pub key: String,
+    pub max_spend_micros: i64,
+    /// When the window ends and the counter may be forgotten (ms since the epoch).
+    pub window_end_ms: i64,
+}
+
+/// One `POST /v1/authorize`, quoted and ready to decide.
+#[derive(Clone, Debug)]
+pub struct AuthorizeAsk<'a> {
+    pub tenant: &'a str,
+    pub customer: &'a str,
+    pub nonce: &'a str,
+    pub quote_micros: i64,
+    pub max_in_flight: Option<u32>,
+    pub caps: &'a [CapCounter],
+    pub now_ms: i64,
+    /// When a reservation made now ends by itself.
+    pub expires_at_ms: i64,
+    /// How long the nonce's decision is remembered (replays answer it until then).
+    pub remember_until_ms: i64,
+}
+
+/// One event's charge: its key is claimed once; on the first claim, its customer's
+/// reservation under that key ends, its rated amount is settled (prepaid customers) and added
+/// to the customer's cap counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settlement {
+    /// The event's idempotency key (an authorization's nonce, when it had one).
+    pub key: String,
+    /// Empty: nothing to settle, the key is only claimed (for hard limits).
+    pub customer: String,
+    pub amount_micros: i64,
+    pub caps: Vec<CapCounter>,
+}
+
+/// A customer's wallet figures at one moment. available = granted − settled − reserved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalletFigures {
+    pub prepaid: bool,
+    pub granted_micros: i64,
+    pub settled_micros: i64,
+    pub reserved_micros: i64,
+    pub in_flight: usize,
+}
+
+impl WalletFigures {
+    pub fn available_micros(&self) -> i64 {
+        self.granted_micros - self.settled_micros - self.reserved_micros
+    }
+}
+
+/// What the store knows of one prepaid customer, to rebuild its wallet: its grants (lapsed
+/// ones with the usage settled before they lapsed) and its usage settled since the first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalletSeed {
+    pub customer: String,
+    /// (grant key, grant)
+    pub grants: Vec<(String, WalletGrant)>,
+    pub settled_micros: i64,
+}
+
+/// Prepaid wallets, authorizations and settlements. Every method of a tenant whose wallets are
+/// not loaded answers [`StateError::WalletsNotLoaded`]: the caller loads them from the store
+/// and asks again, so a state that lost its data never answers from an empty wallet.
+#[async_trait::async_trait]
+pub trait CustomerBalances: StateBackend {
+    /// Loads `tenant`'s wallets from what the store knows; a wallet already present is kept
+    /// (it is newer than the store's view). Marks the tenant loaded.
+    async fn load_wallets(&self, tenant: &str, wallets: &[WalletSeed]) -> Result<(), StateError>;
+
+    /// Adds a grant to `customer`'s wallet under its key (once; a known key changes nothing).
+    async fn add_grant(
+        &self,
+        tenant: &str,
+        customer: &str,
+        key: &str,
+        grant: WalletGrant,
+        now_ms: i64,
+    ) -> Result<(), StateError>;
+
+    /// In one atomic step: claims the nonce (a claimed one answers its first decision and
+    /// `true`), decides ([`schemas::credits::decide`]) and, when authorized, reserves the
+    /// quote until `expires_at_ms`.
+    async fn authorize(&self, ask: &AuthorizeAsk<'_>) -> Result<(Decision, bool), StateError>;
+
+    /// Ends the reservation of `nonce`: `None` if the nonce was never authorized here (or
+    /// is forgotten), else whether a reservation was still open.
+    async fn release(
+        &self,
+        tenant: &str,
+        nonce: &str,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StateError>;
+
+    /// Claims each settlement's key until `remember_until_ms` and applies those claimed now.
+    /// Answers, per settlement, whether it was claimed now (false: charged before).
+    async fn settle(
+        &self,
+        tenant: &str,
+        settlements: &[Settlement],
+        now_ms: i64,
+        remember_until_ms: i64,
+    ) -> Result<Vec<bool>, StateError>;
+
+    /// `customer`'s figures at `now_ms`.
+    async fn wallet(
+        &self,
+        tenant: &str,
+        customer: &str,
+        now_ms: i64,
+    ) -> Result<WalletFigures, StateError>;
 }
 
 /// One token bucket step, the rule both adapters follow (the Redis script is its Lua

@@ -1,9 +1,13 @@
 //! The shared guard state of the distributed mode: Redis, through one Lua script per batch so
 //! that the compare and the increment of every counter happen as one step for all ingestors.
 
-use super::{Charge, LimitCounters, MarginBoard, RateLimiter, StateBackend, StateError};
+use super::{
+    AuthorizeAsk, Charge, CustomerBalances, LimitCounters, MarginBoard, RateLimiter, Settlement,
+    StateBackend, StateError, WalletFigures, WalletSeed,
+};
 use crate::error::ErrorKind;
 use redis::aio::ConnectionManager;
+use schemas::credits::{Decision, RefusalReason, WalletGrant};
 use schemas::guard::{subject_field, GuardView, MarginState, SubjectKind};
 use std::time::Duration;
 
@@ -100,6 +104,12 @@ pub struct RedisState {
     live: redis::Script,
     put_margins: redis::Script,
     take_token: redis::Script,
+    load_wallets: redis::Script,
+    add_grant: redis::Script,
+    authorize: redis::Script,
+    release: redis::Script,
+    settle: redis::Script,
+    wallet: redis::Script,
 }
 
 impl RedisState {
@@ -122,7 +132,25 @@ impl RedisState {
             live: redis::Script::new(LIVE),
             put_margins: redis::Script::new(PUT_MARGINS),
             take_token: redis::Script::new(TAKE_TOKEN),
+            load_wallets: redis::Script::new(LOAD_WALLETS),
+            add_grant: redis::Script::new(ADD_GRANT),
+            authorize: wallet_script(AUTHORIZE),
+            release: wallet_script(RELEASE),
+            settle: wallet_script(SETTLE),
+            wallet: wallet_script(WALLET),
         })
+    }
+
+    fn loaded_key(&self, tenant: &str) -> String {
+        format!("{}credits-loaded:{tenant}", self.prefix)
+    }
+
+    fn wallet_prefix(&self, tenant: &str) -> String {
+        format!("{}wallet:{tenant}:", self.prefix)
+    }
+
+    fn wallet_key(&self, tenant: &str, customer: &str) -> String {
+        format!("{}{customer}", self.wallet_prefix(tenant))
     }
 
     fn margins_key(&self, tenant: &str) -> String {
@@ -319,6 +347,228 @@ impl RateLimiter for RedisState {
     }
 }
 
+/// A wallet script: the shared functions, then its body.
+fn wallet_script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{WALLET_LUA}\n{body}"))
+}
+
+/// A grant as a wallet hash field's value (see `WALLET_LUA`).
+fn grant_value(g: &WalletGrant) -> String {
+    format!(
+        "{} {} {}",
+        g.amount_micros,
+        g.expires_at_ms.unwrap_or(0),
+        g.settled_at_expiry.unwrap_or(-1)
+    )
+}
+
+/// A decision as `AUTHORIZE` stores it, after its customer's line.
+fn parse_decision(stored: &str) -> Result<Decision, StateError> {
+    let bad = || StateError::BadAnswer {
+        context: "authorize",
+        detail: format!("a stored decision is not readable: {stored:?}"),
+    };
+    let decision = stored.rsplit('\n').next().ok_or_else(bad)?;
+    let parts: Vec<&str> = decision.split(' ').collect();
+    let int = |i: usize| {
+        parts
+            .get(i)
+            .and_then(|p| p.parse::<i64>().ok())
+            .ok_or_else(bad)
+    };
+    match parts.first() {
+        Some(&"A") => Ok(Decision::Authorized {
+            quote_micros: int(1)?,
+            expires_at_ms: int(2)?,
+        }),
+        Some(&"R") => Ok(Decision::Refused {
+            reason: parts
+                .get(1)
+                .and_then(|r| RefusalReason::parse(r))
+                .ok_or_else(bad)?,
+            quote_micros: int(2)?,
+            available_micros: int(3)?,
+            retry_after_seconds: u64::try_from(int(4)?).ok(),
+        }),
+        _ => Err(bad()),
+    }
+}
+
+#[async_trait::async_trait]
+impl CustomerBalances for RedisState {
+    async fn load_wallets(&self, tenant: &str, wallets: &[WalletSeed]) -> Result<(), StateError> {
+        let mut invocation = self.load_wallets.key(self.loaded_key(tenant));
+        for seed in wallets {
+            invocation.key(self.wallet_key(tenant, &seed.customer));
+            invocation.arg(seed.settled_micros).arg(seed.grants.len());
+            for (key, grant) in &seed.grants {
+                invocation.arg(format!("g:{key}")).arg(grant_value(grant));
+            }
+        }
+        invocation
+            .invoke_async::<i64>(&mut self.connection.clone())
+            .await
+            .map_err(|source| redis_error("load wallets", source))?;
+        Ok(())
+    }
+
+    async fn add_grant(
+        &self,
+        tenant: &str,
+        customer: &str,
+        key: &str,
+        grant: WalletGrant,
+        _now_ms: i64,
+    ) -> Result<(), StateError> {
+        let answer: i64 = self
+            .add_grant
+            .key(self.loaded_key(tenant))
+            .key(self.wallet_key(tenant, customer))
+            .arg(format!("g:{key}"))
+            .arg(grant_value(&grant))
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| redis_error("add a grant", source))?;
+        if answer < 0 {
+            return Err(StateError::WalletsNotLoaded(tenant.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn authorize(&self, ask: &AuthorizeAsk<'_>) -> Result<(Decision, bool), StateError> {
+        let mut invocation = self.authorize.prepare_invoke();
+        invocation
+            .key(self.loaded_key(ask.tenant))
+            .key(format!("{}nonce:{}:{}", self.prefix, ask.tenant, ask.nonce))
+            .key(self.wallet_key(ask.tenant, ask.customer));
+        invocation
+            .arg(ask.now_ms)
+            .arg(ask.quote_micros)
+            .arg(ask.expires_at_ms)
+            .arg(ask.max_in_flight.map_or(-1, i64::from))
+            .arg(ask.remember_until_ms)
+            .arg(ask.nonce)
+            .arg(ask.customer);
+        for cap in ask.caps {
+            invocation.key(format!("{}{}", self.prefix, cap.key));
+            invocation.arg(cap.max_spend_micros).arg(cap.window_end_ms);
+        }
+        let answer: Vec<String> = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| redis_error("authorize", source))?;
+        match answer.as_slice() {
+            [status] if status == "unloaded" => {
+                Err(StateError::WalletsNotLoaded(ask.tenant.to_string()))
+            }
+            [status, stored] => Ok((parse_decision(stored)?, status == "replay")),
+            other => Err(StateError::BadAnswer {
+                context: "authorize",
+                detail: format!("{other:?}"),
+            }),
+        }
+    }
+
+    async fn release(
+        &self,
+        tenant: &str,
+        nonce: &str,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StateError> {
+        let answer: i64 = self
+            .release
+            .key(self.loaded_key(tenant))
+            .key(format!("{}nonce:{tenant}:{nonce}", self.prefix))
+            .arg(now_ms)
+            .arg(self.wallet_prefix(tenant))
+            .arg(nonce)
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| redis_error("release", source))?;
+        match answer {
+            -2 => Err(StateError::WalletsNotLoaded(tenant.to_string())),
+            -1 => Ok(None),
+            n => Ok(Some(n > 0)),
+        }
+    }
+
+    async fn settle(
+        &self,
+        tenant: &str,
+        settlements: &[Settlement],
+        now_ms: i64,
+        remember_until_ms: i64,
+    ) -> Result<Vec<bool>, StateError> {
+        if settlements.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.settle.key(self.loaded_key(tenant));
+        invocation.arg(now_ms).arg(remember_until_ms);
+        for s in settlements {
+            invocation
+                .key(format!("{}charged:{tenant}:{}", self.prefix, s.key))
+                .key(self.wallet_key(tenant, &s.customer));
+            invocation
+                .arg(&s.key)
+                .arg(s.amount_micros)
+                .arg(u8::from(!s.customer.is_empty()))
+                .arg(s.caps.len());
+            for cap in &s.caps {
+                invocation.key(format!("{}{}", self.prefix, cap.key));
+                invocation.arg(cap.window_end_ms);
+            }
+        }
+        let answer: Vec<i64> = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| redis_error("settle", source))?;
+        if answer.first() == Some(&-1) {
+            return Err(StateError::WalletsNotLoaded(tenant.to_string()));
+        }
+        if answer.len() != settlements.len() {
+            return Err(StateError::BadAnswer {
+                context: "settle",
+                detail: format!(
+                    "{} answers for {} settlements",
+                    answer.len(),
+                    settlements.len()
+                ),
+            });
+        }
+        Ok(answer.into_iter().map(|claimed| claimed == 1).collect())
+    }
+
+    async fn wallet(
+        &self,
+        tenant: &str,
+        customer: &str,
+        now_ms: i64,
+    ) -> Result<WalletFigures, StateError> {
+        let answer: Vec<i64> = self
+            .wallet
+            .key(self.loaded_key(tenant))
+            .key(self.wallet_key(tenant, customer))
+            .arg(now_ms)
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| redis_error("read a wallet", source))?;
+        match answer.as_slice() {
+            [-1] => Err(StateError::WalletsNotLoaded(tenant.to_string())),
+            [prepaid, granted, settled, reserved, in_flight] => Ok(WalletFigures {
+                prepaid: *prepaid == 1,
+                granted_micros: *granted,
+                settled_micros: *settled,
+                reserved_micros: *reserved,
+                in_flight: *in_flight as usize,
+            }),
+            other => Err(StateError::BadAnswer {
+                context: "read a wallet",
+                detail: format!("{other:?}"),
+            }),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl StateBackend for RedisState {
     fn kind(&self) -> &'static str {
@@ -362,3 +612,198 @@ fn redis_error(context: &'static str, e: redis::RedisError) -> StateError {
         detail: e.to_string(),
     }
 }
+
+/// What every wallet script shares. A wallet is one hash: `s` the usage settled since the
+/// first grant (present only for a prepaid customer), `g:<key>` a grant as "amount
+/// expires_at_ms settled_at_expiry" (0: never expires; -1: not lapsed yet), `r:<nonce>` a
+/// reservation as "quote expires_at_ms". `open_wallet` ends lapsed reservations and freezes
+/// lapsed grants, as `Wallet::tidy` does in memory; `granted` is `schemas::credits::granted_micros`.
+const WALLET_LUA: &str = r#"
+local function fmt(n) return string.format('%d', n) end
+local function open_wallet(key, now)
+  local h = redis.call('HGETALL', key)
+  local w = {prepaid = false, settled = 0, grants = {}, reserved = 0, expiries = {}}
+  for i = 1, #h, 2 do
+    local f, v = h[i], h[i + 1]
+    local kind = string.sub(f, 1, 2)
+    if f == 's' then
+      w.prepaid = true
+      w.settled = tonumber(v)
+    elseif kind == 'g:' then
+      local a, e, z = string.match(v, '^(%S+) (%S+) (%S+)$')
+      table.insert(w.grants, {field = f, amount = tonumber(a), expires = tonumber(e), frozen = tonumber(z)})
+    elseif kind == 'r:' then
+      local q, e = string.match(v, '^(%S+) (%S+)$')
+      if tonumber(e) <= now then
+        redis.call('HDEL', key, f)
+      else
+        w.reserved = w.reserved + tonumber(q)
+        table.insert(w.expiries, tonumber(e))
+      end
+    end
+  end
+  for _, g in ipairs(w.grants) do
+    if g.expires > 0 and g.expires <= now and g.frozen < 0 then
+      g.frozen = w.settled
+      redis.call('HSET', key, g.field, fmt(g.amount) .. ' ' .. fmt(g.expires) .. ' ' .. fmt(g.frozen))
+    end
+  end
+  return w
+end
+local function granted(w, now)
+  local lapsed = {}
+  local live = 0
+  for _, g in ipairs(w.grants) do
+    if g.expires > 0 and g.expires <= now then
+      table.insert(lapsed, g)
+    else
+      live = live + g.amount
+    end
+  end
+  table.sort(lapsed, function(a, b) return a.expires < b.expires end)
+  local consumed = 0
+  for _, g in ipairs(lapsed) do
+    local c = math.min(math.max(g.frozen - consumed, 0), g.amount)
+    consumed = consumed + c
+  end
+  return live + consumed
+end
+"#;
+
+/// Loads wallets from the store's view. KEYS[1]: the tenant's loaded mark; then one wallet
+/// per seed. ARGV per seed: settled, n, then n grant fields and values. A wallet already
+/// present is kept: it is newer than the store's view.
+const LOAD_WALLETS: &str = r#"
+local a = 1
+for i = 2, #KEYS do
+  local settled = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('HSET', KEYS[i], 's', settled)
+    for j = 0, n - 1 do
+      redis.call('HSET', KEYS[i], ARGV[a + 2 + 2 * j], ARGV[a + 3 + 2 * j])
+    end
+  end
+  a = a + 2 + 2 * n
+end
+redis.call('SET', KEYS[1], '1')
+return 0
+"#;
+
+/// KEYS: the loaded mark, the wallet. ARGV: the grant's field and value. -1: not loaded.
+const ADD_GRANT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('HSETNX', KEYS[2], 's', '0')
+return redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+"#;
+
+/// The decision of `schemas::credits::decide`, in one step with the nonce's claim and the
+/// reservation. KEYS: the loaded mark, the nonce, the wallet, then the cap counters. ARGV:
+/// now, quote, expires_at, max_in_flight (-1: none), remember_until, nonce, customer, then per
+/// cap: max, window_end. Answers {'unloaded'}, or {'replay' | 'new', stored decision}, where a
+/// stored decision is "customer\n" then "A quote expires_at" or "R reason quote available
+/// retry_after (-1: none)".
+const AUTHORIZE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unloaded'} end
+local prior = redis.call('GET', KEYS[2])
+if prior then return {'replay', prior} end
+local now = tonumber(ARGV[1])
+local quote = tonumber(ARGV[2])
+local max_in_flight = tonumber(ARGV[4])
+local w = open_wallet(KEYS[3], now)
+local available = granted(w, now) - w.settled - w.reserved
+local function refuse(reason, until_ms)
+  local retry = -1
+  if until_ms then retry = math.ceil(math.max(until_ms - now, 1) / 1000) end
+  return 'R ' .. reason .. ' ' .. fmt(quote) .. ' ' .. fmt(available) .. ' ' .. fmt(retry)
+end
+local decision = nil
+for i = 4, #KEYS do
+  local j = 8 + (i - 4) * 2
+  local spent = tonumber(redis.call('GET', KEYS[i]) or '0') + w.reserved
+  if spent + quote > tonumber(ARGV[j]) then
+    decision = refuse('spend_cap', tonumber(ARGV[j + 1]))
+    break
+  end
+end
+if not decision and max_in_flight >= 0 and #w.expiries >= max_in_flight then
+  local earliest = nil
+  for _, e in ipairs(w.expiries) do
+    if not earliest or e < earliest then earliest = e end
+  end
+  decision = refuse('too_many_in_flight', earliest)
+end
+if not decision and w.prepaid and available < quote then
+  decision = refuse('insufficient_balance', nil)
+end
+if not decision then
+  decision = 'A ' .. fmt(quote) .. ' ' .. ARGV[3]
+  redis.call('HSET', KEYS[3], 'r:' .. ARGV[6], fmt(quote) .. ' ' .. ARGV[3])
+end
+local stored = ARGV[7] .. '\n' .. decision
+redis.call('SET', KEYS[2], stored)
+redis.call('PEXPIREAT', KEYS[2], ARGV[5])
+return {'new', stored}
+"#;
+
+/// KEYS: the loaded mark, the nonce. ARGV: now, the tenant's wallet key prefix, the nonce.
+/// Answers -2 (not loaded), -1 (unknown nonce), 0 (no open reservation) or 1 (released).
+const RELEASE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
+local stored = redis.call('GET', KEYS[2])
+if not stored then return -1 end
+local customer = string.match(stored, '^(.*)\n')
+local wallet = ARGV[2] .. customer
+open_wallet(wallet, tonumber(ARGV[1]))
+return redis.call('HDEL', wallet, 'r:' .. ARGV[3])
+"#;
+
+/// Claims and settles. KEYS: the loaded mark, then per settlement its claim, its wallet and
+/// its cap counters. ARGV: now, remember_until, then per settlement: key, amount,
+/// has_customer (0/1), n caps, then n window ends. Answers {-1} when not loaded, else per
+/// settlement 1 (claimed now) or 0 (charged before).
+const SETTLE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local now = tonumber(ARGV[1])
+local result = {}
+local k = 2
+local a = 3
+local i = 1
+while a <= #ARGV do
+  local key, amount, has_customer, n = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3])
+  local claim, wallet = KEYS[k], KEYS[k + 1]
+  if redis.call('SET', claim, '1', 'NX', 'PXAT', ARGV[2]) then
+    result[i] = 1
+    if has_customer == '1' then
+      for c = 0, n - 1 do
+        redis.call('INCRBY', KEYS[k + 2 + c], amount)
+        redis.call('PEXPIREAT', KEYS[k + 2 + c], ARGV[a + 4 + c])
+      end
+      if redis.call('EXISTS', wallet) == 1 then
+        local w = open_wallet(wallet, now)
+        redis.call('HDEL', wallet, 'r:' .. key)
+        if w.prepaid then
+          redis.call('HSET', wallet, 's', fmt(w.settled + amount))
+        end
+      end
+    end
+  else
+    result[i] = 0
+  end
+  k = k + 2 + n
+  a = a + 4 + n
+  i = i + 1
+end
+return result
+"#;
+
+/// KEYS: the loaded mark, the wallet. ARGV: now. Answers {-1} when not loaded, else
+/// {prepaid, granted, settled, reserved, in_flight}.
+const WALLET: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local now = tonumber(ARGV[1])
+local w = open_wallet(KEYS[2], now)
+local p = 0
+if w.prepaid then p = 1 end
+return {p, granted(w, now), w.settled, w.reserved, #w.expiries}
+"#;

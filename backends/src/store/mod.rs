@@ -4,17 +4,21 @@
 //! ([`by_revenue_then_name`], [`assemble_agents`]) and derived figures (in `schemas`' row
 //! types) are shared, so every adapter answers alike.
 //!
+//! - [`CreditLedger`]: prepaid grants and the usage they pay for, the one read of raw rows
+//!   (by the time usage was received), done only to rebuild a wallet.
 //! - [`sqlite`]: the embedded store.
 //! - [`clickhouse`]: the distributed store.
 
 use crate::error::StoreError;
 use crate::sink::{BusPosition, TenantBatch, WriteOutcome};
+use crate::state::WalletSeed;
 use schemas::analytics::{
     AgentUsage, DateRange, DayUsage, SessionDetail, SessionUsage, ToolUsage, UsageFigures,
     UsageSummary,
 };
 use schemas::billing::{BillingKey, BillingLine, BillingQuery};
-use std::collections::{HashMap, HashSet};
+use schemas::credits::{CreditGrant, WalletGrant};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub mod clickhouse;
 pub mod sqlite;
@@ -29,6 +33,105 @@ pub trait StoreWriter: Send {
     /// caller must assume nothing was written and write the same batches again, which
     /// deduplication makes safe.
     async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError>;
+}
+
+/// Prepaid credit grants, durable, and the usage they pay for: what a customer's wallet is
+/// rebuilt from when the state lost it ([`wallet_seeds`]).
+#[async_trait::async_trait]
+pub trait CreditLedger: Send + Sync {
+    /// Records `grant` unless its key is recorded for the tenant already; answers the grant
+    /// recorded under the key (the first one, whatever this one says).
+    async fn record_grant(
+        &self,
+        tenant: &str,
+        grant: &CreditGrant,
+    ) -> Result<CreditGrant, StoreError>;
+
+    /// The tenant's grants (of one customer, when named), oldest first, one per key.
+    async fn grants(
+        &self,
+        tenant: &str,
+        customer: Option<&str>,
+    ) -> Result<Vec<CreditGrant>, StoreError>;
+
+    /// The customer's usage (rated revenue) received at or after `since_ms`: in all, and
+    /// before each of `before_ms`.
+    async fn usage_since(
+        &self,
+        tenant: &str,
+        customer: &str,
+        since_ms: i64,
+        before_ms: &[i64],
+    ) -> Result<(i64, Vec<i64>), StoreError>;
+}
+
+/// Keeps the first grant of each key (by grant time): concurrent grants with one key may both
+/// be stored where the store has no unique index (ClickHouse); every reader picks the same one.
+pub fn first_grant_per_key(mut grants: Vec<CreditGrant>) -> Vec<CreditGrant> {
+    grants.sort_by(|a, b| {
+        (
+            a.granted_at_ms,
+            &a.idempotency_key,
+            &a.customer_id,
+            a.amount_micros,
+        )
+            .cmp(&(
+                b.granted_at_ms,
+                &b.idempotency_key,
+                &b.customer_id,
+                b.amount_micros,
+            ))
+    });
+    let mut seen = HashSet::new();
+    grants.retain(|g| seen.insert(g.idempotency_key.clone()));
+    grants
+}
+
+/// Every prepaid customer's wallet of `tenant` as the store knows it at `now_ms`: its grants,
+/// for each lapsed one the usage received before it lapsed, and the usage received since its
+/// first grant (a wallet counts usage from then on).
+pub async fn wallet_seeds(
+    ledger: &dyn CreditLedger,
+    tenant: &str,
+    now_ms: i64,
+) -> Result<Vec<WalletSeed>, StoreError> {
+    let mut by_customer: BTreeMap<String, Vec<CreditGrant>> = BTreeMap::new();
+    for g in ledger.grants(tenant, None).await? {
+        by_customer
+            .entry(g.customer_id.clone())
+            .or_default()
+            .push(g);
+    }
+    let mut seeds = Vec::with_capacity(by_customer.len());
+    for (customer, grants) in by_customer {
+        let since = grants.iter().map(|g| g.granted_at_ms).min().unwrap_or(0);
+        let lapsed: Vec<i64> = grants
+            .iter()
+            .filter_map(|g| g.expires_at_ms.filter(|e| *e <= now_ms))
+            .collect();
+        let (settled, before) = ledger
+            .usage_since(tenant, &customer, since, &lapsed)
+            .await?;
+        let mut before = before.into_iter();
+        let grants = grants
+            .into_iter()
+            .map(|g| {
+                let lapsed = g.expires_at_ms.is_some_and(|e| e <= now_ms);
+                let grant = WalletGrant {
+                    amount_micros: g.amount_micros,
+                    expires_at_ms: g.expires_at_ms,
+                    settled_at_expiry: if lapsed { before.next() } else { None },
+                };
+                (g.idempotency_key, grant)
+            })
+            .collect();
+        seeds.push(WalletSeed {
+            customer,
+            grants,
+            settled_micros: settled,
+        });
+    }
+    Ok(seeds)
 }
 
 /// What a store knows of the bus, for exactly-once consumption.

@@ -6,7 +6,7 @@
 //!
 //! - `mod.rs`: the root [`Config`], parsing and [`ConfigError`].
 //! - [`sections`]: `[ingest]`, `[sqlite]`, `[clickhouse]`, `[kafka]`, `[aggregator]`, `[redis]`,
-//!   `[margin_guard]`, `[retention]`.
+//!   `[margin_guard]`, `[retention]`, `[credits]`.
 //! - [`tenants`]: `[[tenants]]` with their keys, scopes, rate plans, limits and thresholds.
 //! - [`env`]: the environment overrides, named after the sections and fields themselves.
 //! - [`validate`]: one check per section, every problem reported at once.
@@ -18,12 +18,12 @@ pub mod validate;
 
 pub use env::{env_overrides, EnvOverride};
 pub use sections::{
-    AggregatorConfig, ClickHouseConfig, IngestConfig, KafkaConfig, MarginGuardConfig, RedisConfig,
-    RetentionConfig, SqliteConfig, StoreKind,
+    AggregatorConfig, ClickHouseConfig, CreditsConfig, IngestConfig, KafkaConfig,
+    MarginGuardConfig, RedisConfig, RetentionConfig, SqliteConfig, StoreKind,
 };
 pub use tenants::{
-    ApiKeyConfig, LimitConfig, LimitSubject, LimitWindow, MarginThresholdsConfig, RateLimitConfig,
-    Scope, TenantConfig, MAX_LIMIT,
+    ApiKeyConfig, CustomerCapConfig, LimitConfig, LimitSubject, LimitWindow,
+    MarginThresholdsConfig, RateLimitConfig, Scope, TenantConfig, MAX_LIMIT,
 };
 pub use validate::listen_addresses;
 
@@ -59,6 +59,8 @@ pub struct Config {
     pub margin_guard: MarginGuardConfig,
     #[serde(default)]
     pub retention: RetentionConfig,
+    #[serde(default)]
+    pub credits: CreditsConfig,
     /// Every tenant, with its API keys and rate plans.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -160,5 +162,6 @@ default_of_an_empty_table!(
     RedisConfig,
     MarginGuardConfig,
     RetentionConfig,
+    CreditsConfig,
     MarginThresholdsConfig
 );

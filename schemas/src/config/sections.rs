@@ -158,6 +158,23 @@ pub struct RetentionConfig {
     pub interval_seconds: u64,
 }
 
+/// Charge before the tool runs: how long an authorization holds its quote, and how long an
+/// event's charges (its settlement, its hard-limit counts) are remembered so that a re-sent
+/// batch is not charged again.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsConfig {
+    /// Seconds a reservation made by `POST /v1/authorize` holds its quote unless the call's
+    /// event settles it or it is released first.
+    #[serde(default = "default_reservation_seconds")]
+    pub reservation_seconds: u64,
+    /// Hours an event key stays charged: a batch re-sent within them (after a lost 202) is
+    /// not settled or counted against limits again. The store deduplicates for
+    /// `retention.dedup_days` whatever this says.
+    #[serde(default = "default_charged_keys_hours")]
+    pub charged_keys_hours: u64,
+}
+
 /// How the aggregator batches its inserts and watches its partitions.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -240,6 +257,12 @@ fn default_lag_check_interval_ms() -> u64 {
 }
 fn default_stall_timeout_ms() -> u64 {
     30_000
+}
+fn default_reservation_seconds() -> u64 {
+    300
+}
+fn default_charged_keys_hours() -> u64 {
+    24
 }
 fn default_dedup_days() -> u32 {
     40

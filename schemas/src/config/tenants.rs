@@ -17,6 +17,14 @@ pub struct TenantConfig {
     /// Hard limits: a call past one is still stored and billed, and kills its session.
     #[serde(default)]
     pub limits: Vec<LimitConfig>,
+    /// Spend caps per customer (the event's `customerId`), checked by `POST /v1/authorize`:
+    /// settled and reserved spend in the window plus the call's quote must stay within.
+    #[serde(default)]
+    pub customer_caps: Vec<CustomerCapConfig>,
+    /// Most authorized calls in flight per customer (reserved and not yet settled or
+    /// released); absent: no limit.
+    #[serde(default)]
+    pub max_in_flight_per_customer: Option<u32>,
     /// Margin levels of the tenant's agents and tools (defaults: 20%, 10%, 0%).
     #[serde(default)]
     pub margin_guard: MarginThresholdsConfig,
@@ -40,6 +48,16 @@ pub struct LimitConfig {
     /// Most revenue (what the agent is charged) per subject and window, in µUSD.
     #[serde(default)]
     pub max_spend_micros: Option<i64>,
+}
+
+/// A customer's spend cap: at most `max_spend_micros` of revenue per window (UTC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerCapConfig {
+    /// `hour`, `day` or `month`.
+    pub window: LimitWindow,
+    /// Most revenue (settled plus reserved) per customer and window, in µUSD.
+    pub max_spend_micros: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -26,6 +26,14 @@ impl Config {
         aggregator(&self.aggregator, &self.kafka, p);
         retention(&self.retention, &self.ingest, p);
         margin_guard(&self.margin_guard, p);
+        at_least_one(
+            "credits",
+            &[
+                ("reservation_seconds", self.credits.reservation_seconds),
+                ("charged_keys_hours", self.credits.charged_keys_hours),
+            ],
+            p,
+        );
         tenants(&self.tenants, p);
         ConfigError::of(problems)
     }
@@ -233,6 +241,18 @@ fn tenants(tenants: &[TenantConfig], p: &mut Problems) {
                     p.push(format!("{lat}: {name} must be 1 to {MAX_LIMIT}"));
                 }
             }
+        }
+        for (c, cap) in t.customer_caps.iter().enumerate() {
+            if !(1..=MAX_LIMIT).contains(&cap.max_spend_micros) {
+                p.push(format!(
+                    "{at}.customer_caps[{c}]: max_spend_micros must be 1 to {MAX_LIMIT}"
+                ));
+            }
+        }
+        if t.max_in_flight_per_customer == Some(0) {
+            p.push(format!(
+                "{at}: max_in_flight_per_customer must be at least 1 (leave it out for no limit)"
+            ));
         }
         if let Err(e) = t.margin_guard.thresholds() {
             p.push(format!("{at}: {e}"));

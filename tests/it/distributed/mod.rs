@@ -2,6 +2,7 @@
 //! ClickHouse, by subject; the helpers they share are here.
 
 mod crashes;
+mod credits;
 mod lag;
 mod outages;
 mod pipeline;

@@ -10,7 +10,9 @@
 //! - [`ClickHouseWriter`]: dedup against `mcp_event_keys`, then one INSERT.
 //! - [`ClickHouseAnalytics`]: the analytics queries.
 //! - [`ClickHouseRetention`]: expired partitions of the key and raw tables dropped.
+//! - [`ClickHouseLedger`]: prepaid grants, and the usage a rebuilt wallet counts.
 
+mod ledger;
 pub mod migrations;
 pub mod queries;
 mod reader;
@@ -18,6 +20,7 @@ mod retention;
 pub mod tsv;
 mod writer;
 
+pub use ledger::ClickHouseLedger;
 pub use reader::ClickHouseAnalytics;
 pub use retention::ClickHouseRetention;
 pub use writer::ClickHouseWriter;

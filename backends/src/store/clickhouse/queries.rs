@@ -246,6 +246,54 @@ AND ({})",
     )
 }
 
+/// The columns of a grant, in `ClickHouseLedger`'s reading order.
+pub const GRANT_COLUMNS: &str =
+    "customer_id, idempotency_key, amount_micros, granted_at_ms, expires_at_ms, note";
+
+/// The tenant's grants (of one customer, when named); every stored row, duplicates included
+/// (the reader keeps the first per key).
+pub fn grants(tenant: &str, customer: Option<&str>, key: Option<&str>) -> String {
+    let mut sql = format!(
+        "SELECT {GRANT_COLUMNS} FROM mcp_customer_grants WHERE tenant_id = {}",
+        quote(tenant)
+    );
+    if let Some(customer) = customer {
+        sql += &format!(" AND customer_id = {}", quote(customer));
+    }
+    if let Some(key) = key {
+        sql += &format!(" AND idempotency_key = {}", quote(key));
+    }
+    sql + " ORDER BY granted_at_ms, idempotency_key"
+}
+
+/// One grant row (`expires_at_ms` 0: never).
+pub fn insert_grant(tenant: &str, g: &schemas::credits::CreditGrant) -> String {
+    format!(
+        "INSERT INTO mcp_customer_grants (tenant_id, {GRANT_COLUMNS}) VALUES ({}, {}, {}, {}, {}, {}, {})",
+        quote(tenant),
+        quote(&g.customer_id),
+        quote(&g.idempotency_key),
+        g.amount_micros,
+        g.granted_at_ms,
+        g.expires_at_ms.unwrap_or(0),
+        quote(&g.note)
+    )
+}
+
+/// A customer's revenue received at or after `since_ms`: in all, then before each of
+/// `before_ms`. The one query over raw rows, run only to rebuild a wallet.
+pub fn usage_since(tenant: &str, customer: &str, since_ms: i64, before_ms: &[i64]) -> String {
+    let mut sql = "SELECT sum(revenue_micros)".to_string();
+    for until in before_ms {
+        sql += &format!(", sumIf(revenue_micros, received_at_ms < {until})");
+    }
+    sql + &format!(
+        " FROM mcp_events WHERE tenant_id = {} AND customer_id = {} AND received_at_ms >= {since_ms}",
+        quote(tenant),
+        quote(customer)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,11 +10,14 @@
 //! - [`writer`]: [`SqliteWriter`], raw rows and rollups in one transaction.
 //! - [`reader`]: [`SqliteAnalytics`], the analytics queries over the rollups.
 //! - [`retention`]: [`SqliteRetention`], raw rows past `retention.raw_days` deleted in chunks.
+//! - [`ledger`]: [`SqliteLedger`], prepaid grants and the usage a rebuilt wallet counts.
 
+mod ledger;
 mod reader;
 mod retention;
 mod writer;
 
+pub use ledger::SqliteLedger;
 pub use reader::SqliteAnalytics;
 pub use retention::SqliteRetention;
 pub use writer::SqliteWriter;
@@ -55,6 +58,11 @@ pub fn open(
 }
 
 /// Retention over the store in `data_dir`, on a connection of its own (see [`open`]).
+/// The grants ledger of the store in `data_dir` (opened by [`open`] first, which creates it).
+pub fn ledger(data_dir: &Path) -> SqliteLedger {
+    SqliteLedger::new(data_dir.join(DB_FILE))
+}
+
 pub fn retention(data_dir: &Path) -> SqliteRetention {
     SqliteRetention::new(data_dir.join(DB_FILE))
 }

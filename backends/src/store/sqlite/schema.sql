@@ -84,3 +84,16 @@ CREATE TABLE IF NOT EXISTS mcp_session_summary (
 -- The sessions list filters by activity; this keeps it off a full scan of the tenant.
 CREATE INDEX IF NOT EXISTS mcp_session_summary_by_last_seen
     ON mcp_session_summary (tenant_id, last_seen_ms);
+
+-- Prepaid credit grants, one per (tenant, idempotency key): a repeated key keeps the first.
+-- The wallets in the guard state are rebuilt from these and the raw rows.
+CREATE TABLE IF NOT EXISTS mcp_customer_grants (
+    tenant_id       TEXT    NOT NULL,
+    idempotency_key TEXT    NOT NULL,
+    customer_id     TEXT    NOT NULL,
+    amount_micros   INTEGER NOT NULL,
+    granted_at_ms   INTEGER NOT NULL,
+    expires_at_ms   INTEGER,
+    note            TEXT    NOT NULL,
+    PRIMARY KEY (tenant_id, idempotency_key)
+) WITHOUT ROWID;

@@ -1,0 +1,411 @@
+//! Charge before the tool runs: prepaid grants, balances, authorizations, and the settlement
+//! of ingested events.
+//!
+//! `POST /v1/customers/{customerId}/credits` records a grant in the store (durable), then adds
+//! it to the wallet in the guard state. `POST /v1/authorize` quotes the call from the tenant's
+//! rate plan and decides in one atomic step of the state (claim the nonce, caps, in-flight,
+//! balance, reserve). Every ingested call is settled once per event key ([`settlements`],
+//! then `CustomerBalances::settle` after the batch is durable): its reservation ends and its
+//! rated revenue is charged, whatever the quote was.
+//!
+//! The state may not hold a tenant's wallets (a new `serve`, a Redis that lost its data): it
+//! then says so, and [`on_wallets`] rebuilds them from the store's grants and raw usage before
+//! asking again.
+
+use crate::auth::Tenant;
+use crate::error::{ApiError, ReadErrors};
+use crate::AppState;
+use actix_web::{web, HttpRequest, HttpResponse};
+use backends::state::{AuthorizeAsk, CapCounter, Settlement, StateError, WalletFigures};
+use backends::store::wallet_seeds;
+use schemas::config::Scope;
+use schemas::credits::{
+    valid_customer_id, AuthorizeAnswer, AuthorizeRequest, Balance, Decision, GrantAnswer,
+    GrantRequest, GrantView, WalletGrant,
+};
+use schemas::event::{parse_event, validate, EventLimits, RatedEvent, TimeBounds};
+use serde::Serialize;
+use std::future::Future;
+use utoipa::ToSchema;
+
+/// The longest nonce accepted: an event's idempotency key, which settles it, is as long.
+const MAX_NONCE_CHARS: usize = 255;
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Runs `op` against the tenant's wallets; when the state does not hold them, loads them from
+/// the store first and runs it again.
+pub async fn on_wallets<T, F, Fut>(state: &AppState, tenant: &str, op: F) -> Result<T, ApiError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, StateError>>,
+{
+    match op().await {
+        Err(StateError::WalletsNotLoaded(_)) => {
+            let seeds = wallet_seeds(state.ledger.as_ref(), tenant, now_ms()).await?;
+            state.balances.load_wallets(tenant, &seeds).await?;
+            tracing::info!(
+                tenant,
+                wallets = seeds.len(),
+                "wallets loaded from the store"
+            );
+            Ok(op().await?)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// The cap counters of `customer` at `now_ms`, one per configured cap.
+fn cap_counters(tenant: &Tenant, customer: &str, now_ms: i64) -> Vec<CapCounter> {
+    tenant
+        .customer_caps
+        .iter()
+        .enumerate()
+        .map(|(n, cap)| {
+            let (start, end) = cap.window.bounds(now_ms);
+            CapCounter {
+                key: format!(
+                    "cap:{}:{n}:{}:{start}:{customer}",
+                    tenant.id,
+                    cap.window.as_str()
+                ),
+                max_spend_micros: cap.max_spend_micros,
+                window_end_ms: end,
+            }
+        })
+        .collect()
+}
+
+/// What a durable batch charges once per event key: the settlements, and the position in the
+/// batch of the event each one is for.
+#[derive(Debug, Default)]
+pub struct BatchCharges {
+    pub events: Vec<usize>,
+    pub settlements: Vec<Settlement>,
+}
+
+/// Each call's settlement (when it names a customer) and its key's claim (when hard limits
+/// count it). Empty when nothing would be charged.
+pub fn settlements(tenant: &Tenant, events: &[RatedEvent], now_ms: i64) -> BatchCharges {
+    let limited = !tenant.limits.is_empty();
+    let (events, settlements) = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.is_call() && (limited || !e.customer_id.is_empty()))
+        .map(|(i, e)| {
+            (
+                i,
+                Settlement {
+                    key: e.idempotency_key.clone(),
+                    customer: e.customer_id.clone(),
+                    amount_micros: e.revenue_micros,
+                    caps: if e.customer_id.is_empty() {
+                        Vec::new()
+                    } else {
+                        cap_counters(tenant, &e.customer_id, now_ms)
+                    },
+                },
+            )
+        })
+        .unzip();
+    BatchCharges {
+        events,
+        settlements,
+    }
+}
+
+/// Until when a nonce's decision and an event key's charge are remembered.
+fn remember_until_ms(state: &AppState, now_ms: i64) -> i64 {
+    now_ms + state.credits.charged_keys_hours as i64 * 3_600_000
+}
+
+/// Settles a durable batch's calls, once per event key. Answers, per settlement, whether it was
+/// charged now; `None` when the guard state is down (usage is stored already: nothing is
+/// refused, and nothing is charged).
+pub async fn settle(
+    state: &AppState,
+    tenant: &Tenant,
+    settlements: &[Settlement],
+    now_ms: i64,
+) -> Option<Vec<bool>> {
+    if settlements.is_empty() {
+        return Some(Vec::new());
+    }
+    let until = remember_until_ms(state, now_ms);
+    let answer = on_wallets(state, &tenant.id, || {
+        state
+            .balances
+            .settle(&tenant.id, settlements, now_ms, until)
+    })
+    .await;
+    match answer {
+        Ok(claimed) => Some(claimed),
+        Err(e) => {
+            crate::guard::warn_state_unavailable(&e);
+            None
+        }
+    }
+}
+
+/// The body as `T`; a field of the wrong type is named in the message (`amountMicros: invalid
+/// type: string "5", expected i64`).
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut json = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || inner.classify() != serde_json::error::Category::Data {
+            crate::ingest::body_error(&inner)
+        } else {
+            ApiError::BadRequest(format!("the body has the wrong shape: {path}: {inner}"))
+        }
+    })
+}
+
+fn customer_of(path: &str) -> Result<&str, ApiError> {
+    valid_customer_id(path).map_err(ApiError::BadRequest)?;
+    Ok(path)
+}
+
+async fn balance_of(
+    state: &AppState,
+    tenant: &str,
+    customer: &str,
+    now_ms: i64,
+) -> Result<Balance, ApiError> {
+    let figures: WalletFigures = on_wallets(state, tenant, || {
+        state.balances.wallet(tenant, customer, now_ms)
+    })
+    .await?;
+    let grants = state.ledger.grants(tenant, Some(customer)).await?;
+    Ok(Balance {
+        customer_id: customer.to_string(),
+        granted_micros: figures.granted_micros,
+        settled_micros: figures.settled_micros,
+        reserved_micros: figures.reserved_micros,
+        available_micros: figures.available_micros(),
+        in_flight: figures.in_flight,
+        grants: grants.iter().map(|g| GrantView::of(g, now_ms)).collect(),
+    })
+}
+
+/// Adds prepaid credit to a customer's balance. A repeated `idempotencyKey` answers the
+/// first grant and adds nothing.
+#[utoipa::path(
+    post, path = "/v1/customers/{customerId}/credits", tag = "credits",
+    params(("customerId" = String, Path, description = "The payer: the events' `customerId`")),
+    request_body(content = GrantRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The grant recorded under the key (the first one) and the balance after it", body = GrantAnswer),
+        (status = 409, description = "The key was used for a grant to another customer", body = crate::error::ErrorBody),
+        ReadErrors,
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
+pub async fn grant(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let grant = state.admit(&req, Scope::Admin).await?;
+    let tenant = &grant.tenant.id;
+    let customer = customer_of(&path)?;
+    let now = now_ms();
+    let request: GrantRequest = json_body(&body)?;
+    let wanted = request
+        .validate(customer, now)
+        .map_err(ApiError::BadRequest)?;
+    let recorded = state.ledger.record_grant(tenant, &wanted).await?;
+    if recorded.customer_id != customer {
+        return Err(ApiError::Conflict(format!(
+            "idempotencyKey `{}` was used for a grant to another customer; use a new key",
+            recorded.idempotency_key
+        )));
+    }
+    let wallet_grant = WalletGrant {
+        amount_micros: recorded.amount_micros,
+        expires_at_ms: recorded.expires_at_ms,
+        settled_at_expiry: None,
+    };
+    on_wallets(&state, tenant, || {
+        state.balances.add_grant(
+            tenant,
+            customer,
+            &recorded.idempotency_key,
+            wallet_grant,
+            now,
+        )
+    })
+    .await?;
+    let balance = balance_of(&state, tenant, customer, now).await?;
+    Ok(HttpResponse::Created().json(GrantAnswer {
+        grant: GrantView::of(&recorded, now),
+        balance,
+    }))
+}
+
+/// A customer's prepaid balance: available = granted − settled − reserved, exactly.
+#[utoipa::path(
+    get, path = "/v1/customers/{customerId}/balance", tag = "credits",
+    params(("customerId" = String, Path, description = "The payer: the events' `customerId`")),
+    responses(
+        (status = 200, description = "The balance and its grants", body = Balance),
+        ReadErrors,
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
+pub async fn balance(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = state.admit(&req, Scope::Read).await?;
+    let customer = customer_of(&path)?;
+    let balance = balance_of(&state, &grant.tenant.id, customer, now_ms()).await?;
+    Ok(HttpResponse::Ok().json(balance))
+}
+
+/// The call `request` describes, priced from the tenant's rate plan as its usage event would
+/// be: the same validation, the same rating.
+fn quote(tenant: &Tenant, request: &AuthorizeRequest, now_ms: i64) -> Result<i64, ApiError> {
+    let mut event = serde_json::json!({
+        "idempotencyKey": request.nonce,
+        "metricName": "mcp_server.tool_invocations",
+        "customerId": request.customer_id,
+        "toolName": request.tool_name,
+        "metadata": {
+            "inputTokens": request.estimated_input_tokens.unwrap_or(0),
+            "outputTokens": request.estimated_output_tokens.unwrap_or(0),
+        },
+        "executionDurationMs": request.estimated_duration_ms.unwrap_or(0),
+    });
+    for (field, value) in [
+        ("agentId", &request.agent_id),
+        ("sessionId", &request.session_id),
+    ] {
+        if let Some(value) = value {
+            event[field] = value.as_str().into();
+        }
+    }
+    if let Some(quantity) = &request.quantity {
+        event["quantity"] = serde_json::Value::Number(quantity.clone());
+    }
+    let raw = event.to_string();
+    let bounds = TimeBounds {
+        received_at_ms: now_ms,
+        max_age_ms: 0,
+        max_future_skew_ms: 0,
+    };
+    let limits = EventLimits {
+        max_metadata_bytes: usize::MAX,
+    };
+    let rated = parse_event(&raw)
+        .and_then(|wire| validate(wire, &raw, bounds, limits))
+        .and_then(|valid| tenant.rate_plans.rate(valid, now_ms))
+        .map_err(|e| {
+            ApiError::BadRequest(e.replace("executionDurationMs", "estimatedDurationMs"))
+        })?;
+    Ok(rated.revenue_micros)
+}
+
+/// Asks to run one call before it runs. The server quotes it from the rate plan, then in one
+/// atomic step claims the nonce, checks the customer's spend caps, calls in flight and (for a
+/// prepaid customer) balance, and reserves the quote. The same nonce again answers the first
+/// decision and reserves nothing more.
+#[utoipa::path(
+    post, path = "/v1/authorize", tag = "credits",
+    request_body(content = AuthorizeRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Authorized: run the call, then report its event with the nonce as idempotencyKey (or release it)", body = AuthorizeAnswer, example = json!(
+            {"authorized":true,"nonce":"5f0c6d1e","quoteMicros":2000,"expiresAt":"2026-12-02T10:05:00.000Z"})),
+        (status = 402, description = "Refused, with machine-readable terms; the call must not run", body = AuthorizeAnswer, example = json!(
+            {"authorized":false,"nonce":"5f0c6d1e","quoteMicros":2000,"reason":"insufficient_balance","availableMicros":500,"message":"the call is quoted at 2000 µUSD and the customer's balance has 500 µUSD available; a credit grant lifts it"})),
+        ReadErrors,
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
+pub async fn authorize(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let grant = state.admit(&req, Scope::Ingest).await?;
+    let tenant = &grant.tenant;
+    let request: AuthorizeRequest = json_body(&body)?;
+    let nonce_chars = request.nonce.chars().count();
+    if nonce_chars == 0 || nonce_chars > MAX_NONCE_CHARS {
+        return Err(ApiError::BadRequest(format!(
+            "nonce must be 1 to {MAX_NONCE_CHARS} characters (got {nonce_chars}); use the call's event idempotencyKey"
+        )));
+    }
+    valid_customer_id(&request.customer_id).map_err(ApiError::BadRequest)?;
+    let now = now_ms();
+    let quote_micros = quote(tenant, &request, now)?;
+    let caps = cap_counters(tenant, &request.customer_id, now);
+    let ask = AuthorizeAsk {
+        tenant: &tenant.id,
+        customer: &request.customer_id,
+        nonce: &request.nonce,
+        quote_micros,
+        max_in_flight: tenant.max_in_flight_per_customer,
+        caps: &caps,
+        now_ms: now,
+        expires_at_ms: now + state.credits.reservation_seconds as i64 * 1000,
+        remember_until_ms: remember_until_ms(&state, now),
+    };
+    let (decision, _replayed) =
+        on_wallets(&state, &tenant.id, || state.balances.authorize(&ask)).await?;
+    let answer = AuthorizeAnswer::of(&request.nonce, &decision);
+    Ok(match decision {
+        Decision::Authorized { .. } => HttpResponse::Ok().json(answer),
+        Decision::Refused { .. } => HttpResponse::PaymentRequired().json(answer),
+    })
+}
+
+/// The answer to a release.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseAnswer {
+    pub nonce: String,
+    /// Whether a reservation was open and ended now (false: it was settled, released or had
+    /// expired before, or the authorization was refused).
+    pub released: bool,
+}
+
+/// The tool did not run: the authorization's reservation ends.
+#[utoipa::path(
+    post, path = "/v1/authorize/{nonce}/release", tag = "credits",
+    params(("nonce" = String, Path, description = "The authorization's nonce")),
+    responses(
+        (status = 200, description = "The reservation is over", body = ReleaseAnswer),
+        (status = 404, description = "No authorization with this nonce (or it is forgotten)", body = crate::error::ErrorBody),
+        ReadErrors,
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
+pub async fn release(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = state.admit(&req, Scope::Ingest).await?;
+    let tenant = &grant.tenant.id;
+    let nonce = path.as_str();
+    let now = now_ms();
+    match on_wallets(&state, tenant, || {
+        state.balances.release(tenant, nonce, now)
+    })
+    .await?
+    {
+        None => Err(ApiError::NotFound(format!(
+            "no authorization with nonce `{nonce}`; POST /v1/authorize makes one"
+        ))),
+        Some(released) => Ok(HttpResponse::Ok().json(ReleaseAnswer {
+            nonce: nonce.to_string(),
+            released,
+        })),
+    }
+}
