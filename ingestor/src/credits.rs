@@ -90,6 +90,7 @@ pub struct BatchCharges {
 /// count it). Empty when nothing would be charged.
 pub fn settlements(tenant: &Tenant, events: &[RatedEvent], now_ms: i64) -> BatchCharges {
     let limited = !tenant.limits.is_empty();
+    let capped = !tenant.customer_caps.is_empty();
     let (events, settlements) = events
         .iter()
         .enumerate()
@@ -106,6 +107,7 @@ pub fn settlements(tenant: &Tenant, events: &[RatedEvent], now_ms: i64) -> Batch
                     } else {
                         cap_counters(tenant, &e.customer_id, now_ms)
                     },
+                    always_claim: limited || (capped && !e.customer_id.is_empty()),
                 },
             )
         })

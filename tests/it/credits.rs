@@ -516,6 +516,7 @@ async fn balance_scenario(state: &dyn backends::state::CustomerBalances) -> Vec<
         customer: "c".into(),
         amount_micros: amount,
         caps: vec![cap.clone()],
+        always_claim: true,
     };
     let caps = [cap.clone()];
     let ask = |nonce: &'static str, quote: i64, now_ms: i64| AuthorizeAsk {
@@ -590,6 +591,25 @@ async fn balance_scenario(state: &dyn backends::state::CustomerBalances) -> Vec<
     record(format!(
         "{:?}",
         state.wallet("t", "c", T + 303).await.unwrap()
+    ));
+    // A customer without a wallet, on a tenant whose counters do not count it: nothing to
+    // charge, nothing claimed, so the same key again is not "charged before".
+    let walletless = Settlement {
+        customer: "nobody".into(),
+        caps: Vec::new(),
+        always_claim: false,
+        ..settle("w1", 10)
+    };
+    for _ in 0..2 {
+        let claimed = state
+            .settle("t", std::slice::from_ref(&walletless), T + 304, T + 10_000)
+            .await
+            .unwrap();
+        record(format!("{claimed:?}"));
+    }
+    record(format!(
+        "{:?}",
+        state.wallet("t", "nobody", T + 304).await.unwrap()
     ));
     // What the lapse kept: 300 of g1's 1000 was used before it lapsed.
     let last = state.wallet("t", "c", T + 303).await.unwrap();

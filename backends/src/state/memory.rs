@@ -9,7 +9,7 @@ use schemas::credits::{
     decide, freeze_expired, granted_micros, CapState, Decision, WalletGrant, WalletView,
 };
 use schemas::guard::{subject_field, GuardView, MarginState, SubjectKind};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 #[derive(Default)]
@@ -31,14 +31,19 @@ struct Inner {
     buckets: HashMap<String, (f64, i64)>,
     /// tenant → (forgotten at ms, field → margin state)
     margins: HashMap<String, (i64, HashMap<String, MarginState>)>,
-    /// Tenants whose wallets were loaded from the store.
-    loaded: HashSet<String>,
-    /// (tenant, customer) → wallet
-    wallets: HashMap<(String, String), Wallet>,
-    /// (tenant, nonce) → (customer, first decision, remembered until ms)
-    nonces: HashMap<(String, String), (String, Decision, i64)>,
-    /// (tenant, event key) → charged, remembered until ms
-    charged: HashMap<(String, String), i64>,
+    /// tenant → its wallets, nonces and charged keys; present once loaded from the store.
+    credits: HashMap<String, TenantCredits>,
+}
+
+/// One tenant's part of `CustomerBalances`: the same keys as in Redis.
+#[derive(Default)]
+struct TenantCredits {
+    /// customer → wallet
+    wallets: HashMap<String, Wallet>,
+    /// nonce → (customer, first decision, remembered until ms)
+    nonces: HashMap<String, (String, Decision, i64)>,
+    /// event key → charged, remembered until ms
+    charged: HashMap<String, i64>,
 }
 
 /// One customer's wallet: the same fields as the Redis hash.
@@ -102,17 +107,18 @@ impl Inner {
             return;
         }
         self.counters.retain(|_, (_, expires)| *expires > now_ms);
-        self.nonces.retain(|_, (_, _, until)| *until > now_ms);
-        self.charged.retain(|_, until| *until > now_ms);
+        for credits in self.credits.values_mut() {
+            credits.nonces.retain(|_, (_, _, until)| *until > now_ms);
+            credits.charged.retain(|_, until| *until > now_ms);
+        }
         self.next_prune_ms = now_ms + PRUNE_EVERY_MS;
     }
 
-    fn check_loaded(&self, tenant: &str) -> Result<(), StateError> {
-        if self.loaded.contains(tenant) {
-            Ok(())
-        } else {
-            Err(StateError::WalletsNotLoaded(tenant.to_string()))
-        }
+    /// The tenant's credits, or `WalletsNotLoaded`.
+    fn credits(&mut self, tenant: &str) -> Result<&mut TenantCredits, StateError> {
+        self.credits
+            .get_mut(tenant)
+            .ok_or_else(|| StateError::WalletsNotLoaded(tenant.to_string()))
     }
 
     /// A counter's value at `now_ms` (0 once its window ended).
@@ -303,13 +309,13 @@ impl RateLimiter for MemoryState {
 impl CustomerBalances for MemoryState {
     async fn load_wallets(&self, tenant: &str, wallets: &[WalletSeed]) -> Result<(), StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
+        let credits = inner.credits.entry(tenant.to_string()).or_default();
         for seed in wallets {
-            inner
+            credits
                 .wallets
-                .entry((tenant.to_string(), seed.customer.clone()))
+                .entry(seed.customer.clone())
                 .or_insert_with(|| Wallet::from_seed(seed));
         }
-        inner.loaded.insert(tenant.to_string());
         Ok(())
     }
 
@@ -322,10 +328,10 @@ impl CustomerBalances for MemoryState {
         now_ms: i64,
     ) -> Result<(), StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
-        inner.check_loaded(tenant)?;
         let wallet = inner
+            .credits(tenant)?
             .wallets
-            .entry((tenant.to_string(), customer.to_string()))
+            .entry(customer.to_string())
             .or_default();
         wallet.tidy(now_ms);
         if !wallet.grants.iter().any(|(k, _)| k == key) {
@@ -336,24 +342,21 @@ impl CustomerBalances for MemoryState {
 
     async fn authorize(&self, ask: &AuthorizeAsk<'_>) -> Result<(Decision, bool), StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
-        inner.check_loaded(ask.tenant)?;
-        inner.prune(ask.now_ms);
-        let nonce_key = (ask.tenant.to_string(), ask.nonce.to_string());
-        if let Some((_, decision, until)) = inner.nonces.get(&nonce_key) {
-            if *until > ask.now_ms {
-                return Ok((decision.clone(), true));
-            }
-        }
         let now = ask.now_ms;
+        inner.credits(ask.tenant)?;
+        inner.prune(now);
         let spent: Vec<i64> = ask
             .caps
             .iter()
             .map(|c| inner.counter(&c.key, now))
             .collect();
-        let wallet = inner
-            .wallets
-            .entry((ask.tenant.to_string(), ask.customer.to_string()))
-            .or_default();
+        let credits = inner.credits(ask.tenant)?;
+        if let Some((_, decision, until)) = credits.nonces.get(ask.nonce) {
+            if *until > now {
+                return Ok((decision.clone(), true));
+            }
+        }
+        let wallet = credits.wallets.entry(ask.customer.to_string()).or_default();
         let figures = wallet.figures(now);
         let view = WalletView {
             prepaid: figures.prepaid,
@@ -386,8 +389,8 @@ impl CustomerBalances for MemoryState {
                 .reservations
                 .insert(ask.nonce.to_string(), (quote_micros, expires_at_ms));
         }
-        inner.nonces.insert(
-            nonce_key,
+        credits.nonces.insert(
+            ask.nonce.to_string(),
             (
                 ask.customer.to_string(),
                 decision.clone(),
@@ -404,12 +407,12 @@ impl CustomerBalances for MemoryState {
         now_ms: i64,
     ) -> Result<Option<bool>, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
-        inner.check_loaded(tenant)?;
-        let customer = match inner.nonces.get(&(tenant.to_string(), nonce.to_string())) {
-            Some((customer, _, until)) if *until > now_ms => customer.clone(),
+        let credits = inner.credits(tenant)?;
+        let customer = match credits.nonces.get(nonce) {
+            Some((customer, _, until)) if *until > now_ms => customer,
             _ => return Ok(None),
         };
-        let Some(wallet) = inner.wallets.get_mut(&(tenant.to_string(), customer)) else {
+        let Some(wallet) = credits.wallets.get_mut(customer) else {
             return Ok(Some(false));
         };
         wallet.tidy(now_ms);
@@ -424,32 +427,39 @@ impl CustomerBalances for MemoryState {
         remember_until_ms: i64,
     ) -> Result<Vec<bool>, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
-        inner.check_loaded(tenant)?;
+        inner.credits(tenant)?;
         inner.prune(now_ms);
         let mut claimed = Vec::with_capacity(settlements.len());
         for s in settlements {
-            let key = (tenant.to_string(), s.key.clone());
-            if inner.charged.get(&key).is_some_and(|until| *until > now_ms) {
+            let credits = inner.credits(tenant)?;
+            let has_wallet = credits.wallets.contains_key(&s.customer);
+            if !s.always_claim && !has_wallet {
+                // Nothing to charge: no wallet, no counter. Remember nothing.
+                claimed.push(true);
+                continue;
+            }
+            if credits
+                .charged
+                .get(&s.key)
+                .is_some_and(|until| *until > now_ms)
+            {
                 claimed.push(false);
                 continue;
             }
-            inner.charged.insert(key, remember_until_ms);
+            credits.charged.insert(s.key.clone(), remember_until_ms);
             claimed.push(true);
             if s.customer.is_empty() {
                 continue;
             }
-            for cap in &s.caps {
-                inner.add_to_counter(cap, s.amount_micros, now_ms);
-            }
-            if let Some(wallet) = inner
-                .wallets
-                .get_mut(&(tenant.to_string(), s.customer.clone()))
-            {
+            if let Some(wallet) = credits.wallets.get_mut(&s.customer) {
                 wallet.tidy(now_ms);
                 wallet.reservations.remove(&s.key);
                 if !wallet.grants.is_empty() {
                     wallet.settled += s.amount_micros;
                 }
+            }
+            for cap in &s.caps {
+                inner.add_to_counter(cap, s.amount_micros, now_ms);
             }
         }
         Ok(claimed)
@@ -462,10 +472,10 @@ impl CustomerBalances for MemoryState {
         now_ms: i64,
     ) -> Result<WalletFigures, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
-        inner.check_loaded(tenant)?;
         Ok(inner
+            .credits(tenant)?
             .wallets
-            .get_mut(&(tenant.to_string(), customer.to_string()))
+            .get_mut(customer)
             .map(|w| w.figures(now_ms))
             .unwrap_or_default())
     }

@@ -218,6 +218,10 @@ pub struct Settlement {
     pub customer: String,
     pub amount_micros: i64,
     pub caps: Vec<CapCounter>,
+    /// Claim the key even when the customer has no wallet, because counters count the call
+    /// (the tenant has hard limits or spend caps). Otherwise a call of a customer without a
+    /// wallet charges nothing and nothing is remembered of it.
+    pub always_claim: bool,
 }
 
 /// A customer's wallet figures at one moment. available = granted − settled − reserved.
@@ -280,7 +284,8 @@ pub trait CustomerBalances: StateBackend {
     ) -> Result<Option<bool>, StateError>;
 
     /// Claims each settlement's key until `remember_until_ms` and applies those claimed now.
-    /// Answers, per settlement, whether it was claimed now (false: charged before).
+    /// Answers, per settlement, whether it was charged now (false: charged before; true also
+    /// when there was nothing to charge or claim).
     async fn settle(
         &self,
         tenant: &str,

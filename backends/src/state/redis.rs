@@ -512,6 +512,7 @@ impl CustomerBalances for RedisState {
                 .arg(&s.key)
                 .arg(s.amount_micros)
                 .arg(u8::from(!s.customer.is_empty()))
+                .arg(u8::from(s.always_claim))
                 .arg(s.caps.len());
             for cap in &s.caps {
                 invocation.key(format!("{}{}", self.prefix, cap.key));
@@ -760,8 +761,8 @@ return redis.call('HDEL', wallet, 'r:' .. ARGV[3])
 
 /// Claims and settles. KEYS: the loaded mark, then per settlement its claim, its wallet and
 /// its cap counters. ARGV: now, remember_until, then per settlement: key, amount,
-/// has_customer (0/1), n caps, then n window ends. Answers {-1} when not loaded, else per
-/// settlement 1 (claimed now) or 0 (charged before).
+/// has_customer (0/1), always_claim (0/1), n caps, then n window ends. Answers {-1} when not
+/// loaded, else per settlement 1 (charged now, or nothing to charge) or 0 (charged before).
 const SETTLE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
 local now = tonumber(ARGV[1])
@@ -770,14 +771,17 @@ local k = 2
 local a = 3
 local i = 1
 while a <= #ARGV do
-  local key, amount, has_customer, n = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3])
+  local key, amount, has_customer, always = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
+  local n = tonumber(ARGV[a + 4])
   local claim, wallet = KEYS[k], KEYS[k + 1]
-  if redis.call('SET', claim, '1', 'NX', 'PXAT', ARGV[2]) then
+  if always == '0' and redis.call('EXISTS', wallet) == 0 then
+    result[i] = 1
+  elseif redis.call('SET', claim, '1', 'NX', 'PXAT', ARGV[2]) then
     result[i] = 1
     if has_customer == '1' then
       for c = 0, n - 1 do
         redis.call('INCRBY', KEYS[k + 2 + c], amount)
-        redis.call('PEXPIREAT', KEYS[k + 2 + c], ARGV[a + 4 + c])
+        redis.call('PEXPIREAT', KEYS[k + 2 + c], ARGV[a + 5 + c])
       end
       if redis.call('EXISTS', wallet) == 1 then
         local w = open_wallet(wallet, now)
@@ -791,7 +795,7 @@ while a <= #ARGV do
     result[i] = 0
   end
   k = k + 2 + n
-  a = a + 4 + n
+  a = a + 5 + n
   i = i + 1
 end
 return result
