@@ -25,3 +25,4 @@ mod rate_limits;
 mod schemathesis;
 mod shutdown;
 mod tidy;
+mod typescript_sdk;

@@ -1,0 +1,118 @@
+// The end-to-end driver: a real MCP client (the official SDK) calls a metered server over stdio
+// or Streamable HTTP; mcp-meter is the real `serve` named by MCP_METER_URL. Prints one JSON line
+// with what happened, which the Rust test compares with mcp-meter's analytics.
+//
+//   node dist/test/e2e/drive.js usage stdio|http    100 calls of 3 tools
+//   node dist/test/e2e/drive.js kill http          calls until the session is refused
+//   node dist/test/e2e/drive.js paid http          the paid tool 4 times
+
+import { createServer } from "node:http";
+import type { AddressInfo } from "node:net";
+import { randomUUID } from "node:crypto";
+import { fileURLToPath } from "node:url";
+import { Client } from "@modelcontextprotocol/sdk/client/index.js";
+import { StdioClientTransport } from "@modelcontextprotocol/sdk/client/stdio.js";
+import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
+import { StreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/streamableHttp.js";
+import { meteredServer, runs } from "./tools.js";
+
+const [scenario, mode] = process.argv.slice(2);
+
+interface Harness {
+  client: Client;
+  /** Ends the server side: its meter flushed; answers its handler runs. */
+  finish(): Promise<Record<string, number>>;
+}
+
+async function overStdio(): Promise<Harness> {
+  const transport = new StdioClientTransport({
+    command: process.execPath,
+    args: [fileURLToPath(new URL("./stdio-server.js", import.meta.url))],
+    env: process.env as Record<string, string>,
+    stderr: "pipe",
+  });
+  let stderr = "";
+  transport.stderr?.on("data", (chunk) => (stderr += chunk));
+  const client = new Client({ name: "e2e-agent", version: "1.0.0" });
+  await client.connect(transport);
+  return {
+    client,
+    finish: async () => {
+      await client.close();
+      const deadline = Date.now() + 15_000;
+      while (!stderr.includes("RUNS ") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      const line = stderr.split("\n").find((l) => l.startsWith("RUNS "));
+      if (!line) throw new Error(`the stdio server did not report its runs: ${stderr}`);
+      return JSON.parse(line.slice(5, line.indexOf(" STATS ")));
+    },
+  };
+}
+
+async function overHttp(): Promise<Harness> {
+  const { server, meter } = meteredServer();
+  const transport = new StreamableHTTPServerTransport({ sessionIdGenerator: () => randomUUID() });
+  await server.connect(transport);
+  const http = createServer((req, res) => void transport.handleRequest(req, res));
+  await new Promise<void>((resolve) => http.listen(0, "127.0.0.1", resolve));
+  const url = new URL(`http://127.0.0.1:${(http.address() as AddressInfo).port}/mcp`);
+  const client = new Client({ name: "e2e-agent", version: "1.0.0" });
+  await client.connect(new StreamableHTTPClientTransport(url));
+  return {
+    client,
+    finish: async () => {
+      await client.close();
+      await meter.close(10_000);
+      http.closeAllConnections();
+      http.close();
+      return { ...runs };
+    },
+  };
+}
+
+const harness = mode === "stdio" ? await overStdio() : await overHttp();
+const { client } = harness;
+const errorText = (r: unknown) => JSON.stringify((r as { content?: unknown }).content ?? "");
+const out: Record<string, unknown> = { scenario, mode };
+
+if (scenario === "usage") {
+  // search succeeds; flaky throws on every other call; lookup answers isError on every fifth.
+  const expected: Record<string, { calls: number; errors: number }> = {
+    search: { calls: 0, errors: 0 },
+    flaky: { calls: 0, errors: 0 },
+    lookup: { calls: 0, errors: 0 },
+  };
+  for (let i = 0; i < 100; i++) {
+    const tool = ["search", "flaky", "lookup"][i % 3];
+    const fail = tool === "flaky" ? i % 2 === 0 : tool === "lookup" ? i % 5 === 0 : false;
+    const args = tool === "search" ? { q: `q${i}` } : tool === "flaky" ? { fail } : { error: fail };
+    const result = await client.callTool({ name: tool, arguments: args });
+    if (Boolean(result.isError) !== fail) throw new Error(`${tool} #${i}: isError ${result.isError}`);
+    expected[tool].calls += 1;
+    if (fail) expected[tool].errors += 1;
+  }
+  out.expected = expected;
+} else if (scenario === "kill") {
+  // The session limit lets some calls through; the first refusal must not reach the handler.
+  let answered = 0;
+  let refusedAt = -1;
+  for (let i = 0; i < 50 && refusedAt < 0; i++) {
+    const result = await client.callTool({ name: "search", arguments: { q: `k${i}` } });
+    if (result.isError) {
+      if (!/stopped session/.test(errorText(result))) throw new Error(errorText(result));
+      refusedAt = i;
+    } else answered += 1;
+    // Let the batch go out so that its answer (and the kill) comes back before the next call.
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  out.answered = answered;
+  out.refusedAt = refusedAt;
+} else if (scenario === "paid") {
+  const results = [];
+  for (let i = 0; i < 4; i++) {
+    const result = await client.callTool({ name: "premium", arguments: {} });
+    results.push({ isError: Boolean(result.isError), terms: result._meta?.["mcp-meter/payment"] ?? null });
+  }
+  out.results = results;
+}
+out.runs = await harness.finish();
+console.log(JSON.stringify(out));

@@ -1,0 +1,106 @@
+// The delivery rules, against a fake mcp-meter: batching by size and by time, retries with the
+// same keys, Retry-After, a bounded queue.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { EventQueue, UsageEvent } from "../../src/queue.js";
+import { Transport } from "../../src/transport.js";
+import { FakeMeter, accepted } from "./fake.js";
+
+function event(n: number): UsageEvent {
+  return { idempotencyKey: `k${n}`, metricName: "mcp_server.tool_invocations", toolName: "t", occurredAt: new Date().toISOString() };
+}
+
+function queue(fake: FakeMeter, overrides: Partial<ConstructorParameters<typeof EventQueue>[1]> = {}, errors: Error[] = []) {
+  return new EventQueue(new Transport({ url: fake.url, apiKey: "k", timeoutMs: 2000 }), {
+    maxBatchSize: 3,
+    flushIntervalMs: 60_000,
+    maxQueue: 100,
+    minBackoffMs: 20,
+    maxBackoffMs: 200,
+    onError: (e) => errors.push(e),
+    onAnswer: () => {},
+    ...overrides,
+  });
+}
+
+const until = async (what: () => boolean, ms = 5000) => {
+  const deadline = Date.now() + ms;
+  while (!what()) {
+    if (Date.now() > deadline) throw new Error("timed out");
+    await new Promise((r) => setTimeout(r, 5));
+  }
+};
+
+test("a full batch goes at once; the rest waits for the interval or a flush", async () => {
+  const fake = await FakeMeter.start();
+  const q = queue(fake);
+  for (let n = 0; n < 7; n++) q.push(event(n));
+  await until(() => fake.events().length === 6);
+  assert.deepEqual(fake.received.map((r) => r.body.events.length), [3, 3]);
+  assert.equal(q.stats().queued, 1);
+  await q.flush();
+  assert.deepEqual(fake.events().map((e) => e.idempotencyKey), ["k0", "k1", "k2", "k3", "k4", "k5", "k6"]);
+  assert.deepEqual(q.stats(), { sent: 7, failed: 0, dropped: 0, queued: 0 });
+  await q.close(Date.now());
+  await fake.stop();
+});
+
+test("the interval sends a batch that is not full", async () => {
+  const fake = await FakeMeter.start();
+  const q = queue(fake, { flushIntervalMs: 50 });
+  q.push(event(1));
+  await until(() => fake.events().length === 1, 2000);
+  await q.close(Date.now());
+  await fake.stop();
+});
+
+test("after a 503 and after a dropped connection the same events are sent again, same keys", async () => {
+  const fake = await FakeMeter.start((req, n) => (n === 1 ? { status: 503, headers: { "Retry-After": "0" } } : n === 2 ? "drop" : accepted(req)));
+  const errors: Error[] = [];
+  const q = queue(fake, {}, errors);
+  for (let n = 0; n < 2; n++) q.push(event(n));
+  await q.flush();
+  const keys = fake.received.map((r) => r.body.events.map((e: UsageEvent) => e.idempotencyKey).join(","));
+  assert.deepEqual(keys, ["k0,k1", "k0,k1", "k0,k1"]);
+  assert.equal(q.stats().sent, 2);
+  assert.equal(errors.length, 2);
+  assert.match(errors[0].message, /503/);
+  assert.match(errors[1].message, /unreachable/);
+  await q.close(Date.now());
+  await fake.stop();
+});
+
+test("Retry-After is honoured before the next attempt", async () => {
+  const fake = await FakeMeter.start((req, n) => (n === 1 ? { status: 429, headers: { "Retry-After": "1" } } : accepted(req)));
+  const q = queue(fake);
+  q.push(event(1));
+  await q.flush();
+  const [first, second] = fake.received;
+  assert.ok(second.at - first.at >= 950, `waited ${second.at - first.at} ms`);
+  await q.close(Date.now());
+  await fake.stop();
+});
+
+test("a full queue drops its oldest events and counts them", async () => {
+  const fake = await FakeMeter.start(() => ({ status: 503 }));
+  const errors: Error[] = [];
+  const q = queue(fake, { maxQueue: 5, maxBatchSize: 1000 }, errors);
+  for (let n = 0; n < 8; n++) q.push(event(n));
+  assert.deepEqual(q.stats(), { sent: 0, failed: 0, dropped: 3, queued: 5 });
+  assert.equal(errors.filter((e) => /queue is full/.test(e.message)).length, 3);
+  await q.close(Date.now() + 50);
+  await fake.stop();
+});
+
+test("a batch answered 400 leaves the queue and counts as failed", async () => {
+  const fake = await FakeMeter.start(() => ({ status: 400, body: { error: "bad_request", message: "nope" } }));
+  const errors: Error[] = [];
+  const q = queue(fake, {}, errors);
+  q.push(event(1));
+  await q.flush();
+  assert.deepEqual(q.stats(), { sent: 0, failed: 1, dropped: 0, queued: 0 });
+  assert.match(errors[0].message, /400.*nope/);
+  await q.close(Date.now());
+  await fake.stop();
+});

@@ -1,0 +1,127 @@
+//! The TypeScript SDK (`sdks/typescript`, `withMetering`) end to end: a real MCP server on the
+//! official SDK, metered by it, driven by the official MCP client over stdio and over
+//! Streamable HTTP, against the real `serve`. The driver (`test/e2e/drive.ts`) prints what the
+//! client saw and how often each handler ran; this side compares it with mcp-meter's figures.
+//!
+//! `scripts/test` builds the SDK (`npm ci`, `npm run build`) first; without the build these
+//! tests fail rather than skip.
+
+use crate::common::*;
+use serde_json::Value;
+use std::process::Command;
+
+/// On the test plan a call with 10 input and 20 output tokens (what the driver's server
+/// reports) is priced 5000 + 10 + 60.
+const RATED_CALL: i64 = 5070;
+
+fn drive(s: &Server, key: &str, customer: &str, scenario: &str, mode: &str) -> Value {
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sdks/typescript");
+    let driver = sdk.join("dist/test/e2e/drive.js");
+    assert!(
+        driver.exists(),
+        "{} is missing: run scripts/test, which builds the TypeScript SDK",
+        driver.display()
+    );
+    let out = Command::new("node")
+        .arg(&driver)
+        .args([scenario, mode])
+        .env("MCP_METER_URL", &s.base)
+        .env("MCP_METER_KEY", key)
+        .env("MCP_METER_CUSTOMER", customer)
+        .output()
+        .expect("node runs (Node.js 18 or later)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the driver failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// 100 calls of 3 tools (some throwing, some answering isError) over each transport: the
+/// analytics show every call, the right error counts, and the rated revenue.
+#[test]
+fn every_call_over_stdio_and_streamable_http_is_metered_with_its_status() {
+    for mode in ["stdio", "http"] {
+        let s = Server::start();
+        let result = drive(&s, ACME, "cust-ts", "usage", mode);
+        let (_, report) = s.get("/analytics/mcp/revenue/by-tool", ACME);
+        let tools = report["tools"].as_array().unwrap();
+        let mut total = 0;
+        for tool in ["search", "flaky", "lookup"] {
+            let expected = &result["expected"][tool];
+            let row = tools
+                .iter()
+                .find(|t| t["toolName"] == tool)
+                .unwrap_or_else(|| panic!("{mode}: no row for {tool}: {report}"));
+            assert_eq!(row["calls"], expected["calls"], "{mode} {tool}");
+            assert_eq!(row["errors"], expected["errors"], "{mode} {tool}");
+            assert_eq!(
+                row["calls"], result["runs"][tool],
+                "{mode} {tool}: one event per handler run"
+            );
+            assert_eq!(
+                row["revenueMicros"].as_i64().unwrap(),
+                row["calls"].as_i64().unwrap() * RATED_CALL,
+                "{mode} {tool}"
+            );
+            total += row["calls"].as_i64().unwrap();
+        }
+        assert_eq!(total, 100, "{mode}");
+        let (_, sessions) = s.get("/analytics/mcp/sessions", ACME);
+        assert_eq!(
+            sessions["sessions"].as_array().unwrap().len(),
+            1,
+            "{mode}: {sessions}"
+        );
+        println!("{mode}: {result}");
+    }
+}
+
+/// A session limit kills the session; the next call is refused by the SDK without its handler
+/// running.
+#[test]
+fn a_killed_session_is_refused_without_running_the_handler() {
+    let s = crate::credits::serve_with(
+        "[[tenants.limits]]\nper = \"session\"\nwindow = \"hour\"\nmax_calls = 3\n",
+    );
+    let result = drive(&s, INITECH, "cust-ts", "kill", "http");
+    println!("{result}");
+    // Three calls within the limit and the one that breached it ran; the next was refused.
+    assert_eq!(result["answered"], 4, "{result}");
+    assert_eq!(result["refusedAt"], 4, "{result}");
+    assert_eq!(
+        result["runs"]["search"], 4,
+        "the refused call never reached its handler"
+    );
+    let (_, summary) = s.get("/analytics/mcp/summary", INITECH);
+    assert_eq!(
+        summary["calls"], 4,
+        "usage past the limit is stored and billed"
+    );
+}
+
+/// A paid tool with a balance for 3 calls runs 3 times; the 4th is refused with the terms; the
+/// balance afterwards is the grant minus 3 rated calls.
+#[test]
+fn a_paid_tool_runs_while_the_balance_lasts_and_then_answers_the_terms() {
+    let s = Server::start();
+    let grant = 3 * RATED_CALL;
+    let (status, answer) = crate::credits::grant(&s, ACME, "cust-paid", grant, "g-ts");
+    assert_eq!(status, 201, "{answer}");
+    let result = drive(&s, ACME, "cust-paid", "paid", "http");
+    println!("{result}");
+    let results = result["results"].as_array().unwrap();
+    let refused: Vec<bool> = results.iter().map(|r| r["isError"] == true).collect();
+    assert_eq!(refused, [false, false, false, true], "{result}");
+    let terms = &results[3]["terms"];
+    assert_eq!(terms["reason"], "insufficient_balance", "{result}");
+    assert_eq!(terms["quoteMicros"], 5000);
+    assert_eq!(result["runs"]["premium"], 3);
+    let balance = crate::credits::balance(&s, ACME, "cust-paid");
+    assert_eq!(balance["settledMicros"], 3 * RATED_CALL);
+    assert_eq!(balance["availableMicros"], grant - 3 * RATED_CALL);
+    assert_eq!(balance["reservedMicros"], 0);
+}
