@@ -21,6 +21,11 @@ async function setup(script: Script, options: Partial<MeteringOptions> = {}) {
   const errors: Error[] = [];
   const meter = withMetering(server, { url: fake.url, apiKey: "k", onError: (e) => errors.push(e), ...options });
   // Registered after withMetering: metered too.
+  server.registerTool("slow", {}, async () => {
+    runs += 1;
+    await new Promise((r) => setTimeout(r, 200));
+    return { content: [{ type: "text", text: "late" }] };
+  });
   server.tool("boom", async () => {
     runs += 1;
     throw new Error("boom");
@@ -120,6 +125,50 @@ test("a paid tool refused with 402 does not run and answers the terms", async ()
   assert.equal(ask.body.customerId, "cust-1");
   await t.meter.close(1000);
   assert.equal(t.fake.events().filter((e) => e.toolName).length, 0, "nothing ran, nothing is reported");
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("a call the client cancels is reported CANCELLED", async () => {
+  const t = await setup((req) => accepted(req));
+  const cancel = new AbortController();
+  const call = t.client.callTool({ name: "slow", arguments: {} }, undefined, { signal: cancel.signal });
+  setTimeout(() => cancel.abort("the user gave up"), 50);
+  await assert.rejects(call);
+  await new Promise((r) => setTimeout(r, 300));
+  await t.meter.flush();
+  assert.deepEqual(t.fake.events().filter((e) => e.toolName).map((e) => [e.toolName, e.executionStatus]), [["slow", "CANCELLED"]]);
+  await t.meter.close(1000);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("open sessions send heartbeats, whose answers carry kills too", async () => {
+  let killAll = false;
+  const t = await setup(
+    (req) => {
+      const sessions = req.body?.events?.map((e: { sessionId: string }) => e.sessionId) ?? [];
+      return accepted(req, killAll ? sessions : []);
+    },
+    { heartbeatIntervalMs: 50, flushIntervalMs: 20 },
+  );
+  await t.call("echo", { text: "hi" });
+  const beats = () => t.fake.events().filter((e) => e.metricName === "system.session.heartbeat");
+  const waitFor = async (what: () => boolean) => {
+    const deadline = Date.now() + 3000;
+    while (!what() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    assert.ok(what());
+  };
+  await waitFor(() => beats().length >= 1);
+  assert.deepEqual(t.meter.killedSessions(), []);
+  // From now on only heartbeats go out: the kill can only come in a heartbeat's answer.
+  killAll = true;
+  await waitFor(() => t.meter.killedSessions().length === 1);
+  assert.equal(beats()[0].sessionBoundary, "HEARTBEAT");
+  assert.equal(beats()[0].agentId, "test-agent");
+  const refused = await t.call("echo", { text: "again" });
+  assert.equal(refused.isError, true);
+  await t.meter.close(1000);
   await t.client.close();
   await t.fake.stop();
 });
