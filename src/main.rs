@@ -115,11 +115,67 @@ enum Command {
     /// Push seeded, realistic usage events at an ingest API (or as JSONEachRow straight into a
     /// ClickHouse table, the baseline) and report events/s, requests/s, latency and statuses.
     Loadgen(mcp_meter::loadgen::LoadgenArgs),
+    /// Meter an MCP server whose code you cannot change: stand in front of it, report every
+    /// `tools/call` to mcp-meter, and refuse killed sessions, blocked tools and unpaid calls
+    /// before they reach it. `--stdio -- COMMAND ARGS…` runs a stdio server as a child (what an
+    /// MCP client's config launches).
+    #[command(after_long_help = env_help(
+        &["MCP_METER_PROXY_METER_URL", "MCP_METER_PROXY_API_KEY", "MCP_METER_PROXY_CUSTOMER"],
+        &[],
+    ))]
+    Proxy(ProxyArgs),
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Relay a stdio MCP server: start COMMAND as a child and pass the client's stdin and stdout
+    /// through it, line by line.
+    #[arg(long, required = true)]
+    stdio: bool,
+    /// The mcp-meter (`serve` or an `ingestor`) events go to, e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "MCP_METER_PROXY_METER_URL")]
+    meter_url: String,
+    /// An API key with the `ingest` scope.
+    #[arg(long, env = "MCP_METER_PROXY_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// The customer (payer) every call is reported for and authorized against.
+    #[arg(long, env = "MCP_METER_PROXY_CUSTOMER")]
+    customer: Option<String>,
+    /// A tool authorized (`POST /v1/authorize`) before it is forwarded; repeat for each.
+    #[arg(long = "paid-tool", value_name = "TOOL")]
+    paid_tools: Vec<String>,
+    /// Ask `GET /v1/guard/check` before each call: block refuses, throttle delays.
+    #[arg(long)]
+    guard: bool,
+    /// Longest wait for a guard check; then the call goes on (fail open, counted).
+    #[arg(long, default_value_t = 50)]
+    guard_timeout_ms: u64,
+    /// Longest delay a `throttle` answer causes.
+    #[arg(long, default_value_t = 5000)]
+    max_throttle_ms: u64,
+    /// Events per batch sent to mcp-meter (at most 1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    max_batch_events: u64,
+    /// A batch goes out at least this often.
+    #[arg(long, default_value_t = 1000)]
+    flush_interval_ms: u64,
+    /// Events held while mcp-meter is unreachable; beyond, the oldest is dropped (counted).
+    #[arg(long, default_value_t = 10_000)]
+    max_queue_events: usize,
+    /// After the server exits, the longest wait for queued events to be delivered.
+    #[arg(long, default_value_t = 10_000)]
+    close_wait_ms: u64,
+    /// Serve the proxy's /healthz and /metrics here (host:port); stdout belongs to the protocol.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// The server's command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -196,6 +252,7 @@ fn main() -> anyhow::Result<()> {
                 None => Ok(()),
             }
         }
+        Command::Proxy(args) => run_proxy(args),
         Command::Openapi => {
             let mut out = std::io::stdout().lock();
             out.write_all(ingestor::openapi::document().as_bytes())?;
@@ -426,4 +483,40 @@ fn print_banner(e: &Embedded, demo_key: Option<&str>) {
     }
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// `mcp-meter proxy --stdio`: relays until the server exits, then exits with its status.
+fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    use std::time::Duration;
+    let meter = proxy::meter::Meter::start(proxy::meter::MeterConfig {
+        url: args.meter_url.trim_end_matches('/').to_string(),
+        api_key: args.api_key,
+        max_batch_events: args.max_batch_events as usize,
+        flush_interval: Duration::from_millis(args.flush_interval_ms),
+        max_queue_events: args.max_queue_events.max(1),
+        request_timeout: Duration::from_secs(10),
+        guard_timeout: Duration::from_millis(args.guard_timeout_ms),
+    });
+    let meter = std::sync::Arc::new(meter);
+    if let Some(addr) = &args.metrics_listen {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
+        eprintln!(
+            "mcp-meter proxy: /healthz and /metrics on http://{}",
+            listener.local_addr()?
+        );
+        proxy::ops::serve(listener, meter.clone());
+    }
+    let relay = proxy::stdio::StdioProxy {
+        command: args.command,
+        rules: proxy::enforce::Enforcement {
+            paid_tools: args.paid_tools,
+            guard: args.guard,
+            max_throttle: Duration::from_millis(args.max_throttle_ms),
+        },
+        customer: args.customer,
+        close_wait: Duration::from_millis(args.close_wait_ms),
+    };
+    let code = relay.run(&meter)?;
+    std::process::exit(code);
 }

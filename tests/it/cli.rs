@@ -141,13 +141,16 @@ api_keys = [{ name = "k", sha256 = "abc", scopes = ["ingest"] }]
 }
 
 /// The variables a user may set, beside the config table's: the flags' and the log filter.
-const FLAG_VARIABLES: [&str; 6] = [
+const FLAG_VARIABLES: [&str; 9] = [
     "MCP_METER_LOG_FORMAT",
     "MCP_METER_LISTEN",
     "MCP_METER_DATA_DIR",
     "MCP_METER_CONFIG",
     "MCP_METER_DEMO_KEY",
     "MCP_METER_LOG",
+    "MCP_METER_PROXY_METER_URL",
+    "MCP_METER_PROXY_API_KEY",
+    "MCP_METER_PROXY_CUSTOMER",
 ];
 
 /// Every `MCP_METER_*` the README names is one the binary reads, and the reverse.
@@ -189,10 +192,17 @@ fn the_readme_names_exactly_the_variables_the_binary_reads() {
 /// Every variable is documented in the help of some command that reads it.
 #[test]
 fn every_environment_variable_is_in_some_commands_help() {
-    let help: String = ["serve", "ingestor", "aggregator", "migrate", "retention"]
-        .iter()
-        .map(|c| String::from_utf8(mcp_meter(&[c, "--help"]).stdout).unwrap())
-        .collect();
+    let help: String = [
+        "serve",
+        "ingestor",
+        "aggregator",
+        "migrate",
+        "retention",
+        "proxy",
+    ]
+    .iter()
+    .map(|c| String::from_utf8(mcp_meter(&[c, "--help"]).stdout).unwrap())
+    .collect();
     for o in schemas::config::env_overrides() {
         assert!(help.contains(&o.var), "{} is in no command's --help", o.var);
     }
@@ -316,6 +326,7 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
         (&["loadgen"], &[]),
         (&["openapi"], &[]),
         (&["keys", "new"], &[]),
+        (&["proxy"], &[]),
     ];
     // The variables that stand for flags.
     let flag_vars = [
@@ -323,6 +334,9 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
         ("--data-dir", "MCP_METER_DATA_DIR"),
         ("--config", "MCP_METER_CONFIG"),
         ("--demo-key", "MCP_METER_DEMO_KEY"),
+        ("--meter-url", "MCP_METER_PROXY_METER_URL"),
+        ("--api-key", "MCP_METER_PROXY_API_KEY"),
+        ("--customer", "MCP_METER_PROXY_CUSTOMER"),
     ];
     for (command, sections) in commands {
         let out = mcp_meter(&[*command, &["--help"]].concat());

@@ -21,6 +21,7 @@ mod margin_guard;
 mod openapi;
 mod ops;
 mod overload;
+mod proxy;
 mod rate_limits;
 mod schemathesis;
 mod shutdown;

@@ -15,6 +15,19 @@ use std::process::Command;
 const RATED_CALL: i64 = 5070;
 
 fn drive(s: &Server, key: &str, customer: &str, scenario: &str, mode: &str) -> Value {
+    drive_at(&s.base, key, customer, scenario, mode, &[])
+}
+
+/// Runs the driver `scenario` in `mode` against the mcp-meter at `base`, with `env` added;
+/// answers the JSON line it prints.
+pub fn drive_at(
+    base: &str,
+    key: &str,
+    customer: &str,
+    scenario: &str,
+    mode: &str,
+    env: &[(&str, &str)],
+) -> Value {
     let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sdks/typescript");
     let driver = sdk.join("dist/test/e2e/drive.js");
     assert!(
@@ -25,9 +38,11 @@ fn drive(s: &Server, key: &str, customer: &str, scenario: &str, mode: &str) -> V
     let out = Command::new("node")
         .arg(&driver)
         .args([scenario, mode])
-        .env("MCP_METER_URL", &s.base)
+        .env("MCP_METER_URL", base)
         .env("MCP_METER_KEY", key)
         .env("MCP_METER_CUSTOMER", customer)
+        .env("MCP_METER_BIN", env!("CARGO_BIN_EXE_mcp-meter"))
+        .envs(env.iter().copied())
         .output()
         .expect("node runs (Node.js 18 or later)");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -47,29 +62,7 @@ fn every_call_over_stdio_and_streamable_http_is_metered_with_its_status() {
     for mode in ["stdio", "http"] {
         let s = Server::start();
         let result = drive(&s, ACME, "cust-ts", "usage", mode);
-        let (_, report) = s.get("/analytics/mcp/revenue/by-tool", ACME);
-        let tools = report["tools"].as_array().unwrap();
-        let mut total = 0;
-        for tool in ["search", "flaky", "lookup"] {
-            let expected = &result["expected"][tool];
-            let row = tools
-                .iter()
-                .find(|t| t["toolName"] == tool)
-                .unwrap_or_else(|| panic!("{mode}: no row for {tool}: {report}"));
-            assert_eq!(row["calls"], expected["calls"], "{mode} {tool}");
-            assert_eq!(row["errors"], expected["errors"], "{mode} {tool}");
-            assert_eq!(
-                row["calls"], result["runs"][tool],
-                "{mode} {tool}: one event per handler run"
-            );
-            assert_eq!(
-                row["revenueMicros"].as_i64().unwrap(),
-                row["calls"].as_i64().unwrap() * RATED_CALL,
-                "{mode} {tool}"
-            );
-            total += row["calls"].as_i64().unwrap();
-        }
-        assert_eq!(total, 100, "{mode}");
+        metered_as_driven(&s, ACME, &result, RATED_CALL, mode);
         let (_, sessions) = s.get("/analytics/mcp/sessions", ACME);
         assert_eq!(
             sessions["sessions"].as_array().unwrap().len(),
@@ -78,6 +71,34 @@ fn every_call_over_stdio_and_streamable_http_is_metered_with_its_status() {
         );
         println!("{mode}: {result}");
     }
+}
+
+/// The usage scenario's calls as mcp-meter reports them: per tool the calls and errors the
+/// driver expected, one event per handler run, each call rated at `rated_call`; 100 in all.
+pub fn metered_as_driven(s: &Server, key: &str, result: &Value, rated_call: i64, label: &str) {
+    let (_, report) = s.get("/analytics/mcp/revenue/by-tool", key);
+    let tools = report["tools"].as_array().unwrap();
+    let mut total = 0;
+    for tool in ["search", "flaky", "lookup"] {
+        let expected = &result["expected"][tool];
+        let row = tools
+            .iter()
+            .find(|t| t["toolName"] == tool)
+            .unwrap_or_else(|| panic!("{label}: no row for {tool}: {report}"));
+        assert_eq!(row["calls"], expected["calls"], "{label} {tool}");
+        assert_eq!(row["errors"], expected["errors"], "{label} {tool}");
+        assert_eq!(
+            row["calls"], result["runs"][tool],
+            "{label} {tool}: one event per handler run"
+        );
+        assert_eq!(
+            row["revenueMicros"].as_i64().unwrap(),
+            row["calls"].as_i64().unwrap() * rated_call,
+            "{label} {tool}"
+        );
+        total += row["calls"].as_i64().unwrap();
+    }
+    assert_eq!(total, 100, "{label}");
 }
 
 /// A session limit kills the session; the next call is refused by the SDK without its handler

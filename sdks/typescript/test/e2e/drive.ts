@@ -5,6 +5,10 @@
 //   node dist/test/e2e/drive.js usage stdio|http    100 calls of 3 tools
 //   node dist/test/e2e/drive.js kill http          calls until the session is refused
 //   node dist/test/e2e/drive.js paid http          the paid tool 4 times
+//
+// Modes: `stdio` and `http` (the server metered by withMetering), `plain` (stdio, unmetered, no
+// proxy: the reference answers) and `proxy` (stdio, unmetered, behind `mcp-meter proxy --stdio`,
+// the binary MCP_METER_BIN, with MCP_METER_PROXY_FLAGS added to its flags).
 
 import { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
@@ -20,15 +24,25 @@ const [scenario, mode] = process.argv.slice(2);
 
 interface Harness {
   client: Client;
+  /** What the proxy said on stderr (its lines only), in proxy mode. */
+  proxyLog?: () => string[];
   /** Ends the server side: its meter flushed; answers its handler runs. */
   finish(): Promise<Record<string, number>>;
 }
 
-async function overStdio(): Promise<Harness> {
+async function overStdio(how: "metered" | "plain" | "proxy"): Promise<Harness> {
+  const server = [process.execPath, fileURLToPath(new URL("./stdio-server.js", import.meta.url))];
+  const env: Record<string, string> = { ...(process.env as Record<string, string>), ...(how === "metered" ? {} : { UNMETERED: "1" }) };
+  const proxy = [
+    "proxy", "--stdio", "--meter-url", env.MCP_METER_URL, "--api-key", env.MCP_METER_KEY,
+    ...(env.MCP_METER_CUSTOMER ? ["--customer", env.MCP_METER_CUSTOMER] : []),
+    ...(env.MCP_METER_PROXY_FLAGS ? env.MCP_METER_PROXY_FLAGS.split(" ") : []),
+    "--", ...server,
+  ];
   const transport = new StdioClientTransport({
-    command: process.execPath,
-    args: [fileURLToPath(new URL("./stdio-server.js", import.meta.url))],
-    env: process.env as Record<string, string>,
+    command: how === "proxy" ? env.MCP_METER_BIN : server[0],
+    args: how === "proxy" ? proxy : server.slice(1),
+    env,
     stderr: "pipe",
   });
   let stderr = "";
@@ -37,6 +51,7 @@ async function overStdio(): Promise<Harness> {
   await client.connect(transport);
   return {
     client,
+    proxyLog: () => stderr.split("\n").filter((l) => l.startsWith("mcp-meter proxy:")),
     finish: async () => {
       await client.close();
       const deadline = Date.now() + 15_000;
@@ -61,7 +76,7 @@ async function overHttp(): Promise<Harness> {
     client,
     finish: async () => {
       await client.close();
-      await meter.close(10_000);
+      await meter?.close(10_000);
       http.closeAllConnections();
       http.close();
       return { ...runs };
@@ -69,7 +84,10 @@ async function overHttp(): Promise<Harness> {
   };
 }
 
-const harness = mode === "stdio" ? await overStdio() : await overHttp();
+const harness =
+  mode === "http"
+    ? await overHttp()
+    : await overStdio(mode === "plain" ? "plain" : mode === "proxy" ? "proxy" : "metered");
 const { client } = harness;
 const errorText = (r: unknown) => JSON.stringify((r as { content?: unknown }).content ?? "");
 const out: Record<string, unknown> = { scenario, mode };
@@ -81,16 +99,19 @@ if (scenario === "usage") {
     flaky: { calls: 0, errors: 0 },
     lookup: { calls: 0, errors: 0 },
   };
+  const answers: string[] = [];
   for (let i = 0; i < 100; i++) {
     const tool = ["search", "flaky", "lookup"][i % 3];
     const fail = tool === "flaky" ? i % 2 === 0 : tool === "lookup" ? i % 5 === 0 : false;
     const args = tool === "search" ? { q: `q${i}` } : tool === "flaky" ? { fail } : { error: fail };
     const result = await client.callTool({ name: tool, arguments: args });
+    answers.push(JSON.stringify(result));
     if (Boolean(result.isError) !== fail) throw new Error(`${tool} #${i}: isError ${result.isError}`);
     expected[tool].calls += 1;
     if (fail) expected[tool].errors += 1;
   }
   out.expected = expected;
+  out.answers = answers;
 } else if (scenario === "kill") {
   // The session limit lets some calls through; the first refusal must not reach the handler.
   let answered = 0;
@@ -115,4 +136,5 @@ if (scenario === "usage") {
   out.results = results;
 }
 out.runs = await harness.finish();
+if (harness.proxyLog) out.proxyLog = harness.proxyLog();
 console.log(JSON.stringify(out));

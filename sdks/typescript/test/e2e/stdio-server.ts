@@ -10,8 +10,8 @@ let closing = false;
 const close = async () => {
   if (closing) return;
   closing = true;
-  await meter.close(10_000);
-  process.stderr.write(`RUNS ${JSON.stringify(runs)} STATS ${JSON.stringify(meter.stats())}\n`);
+  await meter?.close(10_000);
+  process.stderr.write(`RUNS ${JSON.stringify(runs)} STATS ${JSON.stringify(meter?.stats() ?? {})}\n`);
   process.exit(0);
 };
 transport.onclose = () => void close();

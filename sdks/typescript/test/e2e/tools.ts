@@ -10,9 +10,10 @@ export const runs: Record<string, number> = { search: 0, flaky: 0, lookup: 0, pr
 /** Every call reports 10 input and 20 output tokens. */
 export const TOKENS = { inputTokens: 10, outputTokens: 20 };
 
-export function meteredServer(): { server: McpServer; meter: MeteringHandle } {
+/** The server, metered by withMetering unless UNMETERED is set (behind `mcp-meter proxy`). */
+export function meteredServer(): { server: McpServer; meter?: MeteringHandle } {
   const server = new McpServer({ name: "e2e-server", version: "1.0.0" });
-  const meter = withMetering(server, {
+  const meter = process.env.UNMETERED ? undefined : withMetering(server, {
     url: process.env.MCP_METER_URL!,
     apiKey: process.env.MCP_METER_KEY!,
     customerId: () => process.env.MCP_METER_CUSTOMER,

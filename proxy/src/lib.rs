@@ -1,0 +1,16 @@
+//! `mcp-meter proxy`: meters the `tools/call` traffic of an MCP server it stands in front of,
+//! for servers whose code cannot change, in any language. It speaks MCP on both sides and
+//! enforces before forwarding.
+//!
+//! - [`calls`]: JSON-RPC messages to usage events (a call matched with its answer by id), pure.
+//! - [`meter`]: delivery to mcp-meter (batches, retries with the same keys, bounded queue), the
+//!   kill list, the guard check and authorizations.
+//! - [`enforce`]: what a call must pass before it is forwarded, and the refusal it gets instead.
+//! - [`stdio`]: the stdio transport: a child server, relayed line by line.
+//! - [`ops`]: the proxy's own `/healthz` and `/metrics`.
+
+pub mod calls;
+pub mod enforce;
+pub mod meter;
+pub mod ops;
+pub mod stdio;
