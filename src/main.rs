@@ -120,7 +120,12 @@ enum Command {
     /// before they reach it. `--stdio -- COMMAND ARGS…` runs a stdio server as a child (what an
     /// MCP client's config launches).
     #[command(after_long_help = env_help(
-        &["MCP_METER_PROXY_METER_URL", "MCP_METER_PROXY_API_KEY", "MCP_METER_PROXY_CUSTOMER"],
+        &[
+            "MCP_METER_LISTEN",
+            "MCP_METER_PROXY_METER_URL",
+            "MCP_METER_PROXY_API_KEY",
+            "MCP_METER_PROXY_CUSTOMER",
+        ],
         &[],
     ))]
     Proxy(ProxyArgs),
@@ -135,8 +140,25 @@ enum Command {
 struct ProxyArgs {
     /// Relay a stdio MCP server: start COMMAND as a child and pass the client's stdin and stdout
     /// through it, line by line.
-    #[arg(long, required = true)]
+    #[arg(
+        long,
+        conflicts_with = "upstream",
+        required_unless_present = "upstream"
+    )]
     stdio: bool,
+    /// Reverse-proxy this Streamable HTTP MCP endpoint (http://HOST:PORT/mcp); the proxy
+    /// serves MCP on the same path at --listen.
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// Where the HTTP proxy listens (host:port), with its /healthz and /metrics beside MCP.
+    #[arg(long, env = "MCP_METER_LISTEN", default_value = "127.0.0.1:8090")]
+    listen: String,
+    /// The request header naming each call's customer (HTTP mode); else --customer.
+    #[arg(long, value_name = "HEADER")]
+    customer_header: Option<String>,
+    /// The request header naming the agent (HTTP mode); else the client's clientInfo name.
+    #[arg(long, value_name = "HEADER")]
+    agent_header: Option<String>,
     /// The mcp-meter (`serve` or an `ingestor`) events go to, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "MCP_METER_PROXY_METER_URL")]
     meter_url: String,
@@ -173,8 +195,8 @@ struct ProxyArgs {
     /// Serve the proxy's /healthz and /metrics here (host:port); stdout belongs to the protocol.
     #[arg(long)]
     metrics_listen: Option<String>,
-    /// The server's command and its arguments, after `--`.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    /// The stdio server's command and its arguments, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
@@ -507,16 +529,75 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         );
         proxy::ops::serve(listener, meter.clone());
     }
-    let relay = proxy::stdio::StdioProxy {
-        command: args.command,
-        rules: proxy::enforce::Enforcement {
-            paid_tools: args.paid_tools,
-            guard: args.guard,
-            max_throttle: Duration::from_millis(args.max_throttle_ms),
-        },
-        customer: args.customer,
-        close_wait: Duration::from_millis(args.close_wait_ms),
+    let rules = proxy::enforce::Enforcement {
+        paid_tools: args.paid_tools,
+        guard: args.guard,
+        max_throttle: Duration::from_millis(args.max_throttle_ms),
     };
-    let code = relay.run(&meter)?;
-    std::process::exit(code);
+    let close_wait = Duration::from_millis(args.close_wait_ms);
+    let Some(upstream) = args.upstream else {
+        anyhow::ensure!(
+            !args.command.is_empty(),
+            "give the stdio server's command after --, e.g. mcp-meter proxy --stdio ... -- npx my-server"
+        );
+        let relay = proxy::stdio::StdioProxy {
+            command: args.command,
+            rules,
+            customer: args.customer,
+            close_wait,
+        };
+        let code = relay.run(&meter)?;
+        std::process::exit(code);
+    };
+    let upstream: proxy::http::Uri = upstream.parse().with_context(|| {
+        format!("--upstream {upstream} is not a URL like http://127.0.0.1:3000/mcp")
+    })?;
+    anyhow::ensure!(
+        upstream.scheme_str() == Some("http") && upstream.host().is_some(),
+        "--upstream must be an http:// URL with a host (https upstreams are not supported)"
+    );
+    let header = |name: Option<String>| -> anyhow::Result<Option<proxy::http::HeaderName>> {
+        name.map(|n| {
+            proxy::http::HeaderName::try_from(n.as_str())
+                .with_context(|| format!("`{n}` is not a header name"))
+        })
+        .transpose()
+    };
+    let http = proxy::http::HttpProxy {
+        upstream: upstream.clone(),
+        rules,
+        customer_header: header(args.customer_header)?,
+        customer: args.customer,
+        agent_header: header(args.agent_header)?,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        println!(
+            "mcp-meter proxy: MCP on http://{}{} -> {upstream}",
+            listener.local_addr()?,
+            upstream.path()
+        );
+        let served = tokio::spawn(proxy::http::serve(listener, http, meter.clone()));
+        shutdown_signal().await;
+        served.abort();
+        anyhow::Ok(())
+    })?;
+    let left = meter.close(std::time::Instant::now() + close_wait);
+    if left > 0 {
+        eprintln!("mcp-meter proxy: {left} events were not delivered before exiting");
+    }
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -7,10 +7,14 @@
 //!   kill list, the guard check and authorizations.
 //! - [`enforce`]: what a call must pass before it is forwarded, and the refusal it gets instead.
 //! - [`stdio`]: the stdio transport: a child server, relayed line by line.
+//! - [`http`]: the Streamable HTTP transport: a reverse proxy, streaming answers as they come.
+//! - [`sse`]: the messages of an answer read as it streams past.
 //! - [`ops`]: the proxy's own `/healthz` and `/metrics`.
 
 pub mod calls;
 pub mod enforce;
+pub mod http;
 pub mod meter;
 pub mod ops;
+pub mod sse;
 pub mod stdio;

@@ -12,14 +12,23 @@ const RATED_CALL: i64 = 5000;
 
 #[test]
 fn every_call_through_the_stdio_proxy_is_metered_and_its_answer_unchanged() {
+    every_call_is_metered_and_its_answer_unchanged("plain", "proxy");
+}
+
+#[test]
+fn every_call_through_the_http_proxy_is_metered_and_its_answer_unchanged() {
+    every_call_is_metered_and_its_answer_unchanged("plain-http", "proxy-http");
+}
+
+fn every_call_is_metered_and_its_answer_unchanged(direct_mode: &str, proxy_mode: &str) {
     let s = Server::start();
-    let direct = drive_at(&s.base, ACME, "cust-px", "usage", "plain", &[]);
-    let proxied = drive_at(&s.base, ACME, "cust-px", "usage", "proxy", &[]);
+    let direct = drive_at(&s.base, ACME, "cust-px", "usage", direct_mode, &[]);
+    let proxied = drive_at(&s.base, ACME, "cust-px", "usage", proxy_mode, &[]);
     assert_eq!(
         proxied["answers"], direct["answers"],
         "the client gets the same answers with and without the proxy"
     );
-    metered_as_driven(&s, ACME, &proxied, RATED_CALL, "proxy");
+    metered_as_driven(&s, ACME, &proxied, RATED_CALL, proxy_mode);
     // One session (the child), the agent from the client's initialize, the customer given.
     let (_, sessions) = s.get("/analytics/mcp/sessions", ACME);
     let sessions = sessions["sessions"].as_array().unwrap().clone();
@@ -33,16 +42,25 @@ fn every_call_through_the_stdio_proxy_is_metered_and_its_answer_unchanged() {
         ACME,
     );
     assert!(export.contains("cust-px"), "{export}");
-    println!("proxied: {}", proxied["expected"]);
+    println!("{proxy_mode}: {}", proxied["expected"]);
 }
 
 #[test]
-fn a_killed_session_and_an_unpaid_call_never_reach_the_server() {
+fn a_killed_session_and_an_unpaid_call_never_reach_the_stdio_server() {
+    killed_and_unpaid_calls_never_reach_the_server("proxy");
+}
+
+#[test]
+fn a_killed_session_and_an_unpaid_call_never_reach_the_http_server() {
+    killed_and_unpaid_calls_never_reach_the_server("proxy-http");
+}
+
+fn killed_and_unpaid_calls_never_reach_the_server(mode: &str) {
     let s = crate::credits::serve_with(
         "[[tenants.limits]]\nper = \"session\"\nwindow = \"hour\"\nmax_calls = 3\n",
     );
     let flags = [("MCP_METER_PROXY_FLAGS", "--flush-interval-ms 50")];
-    let killed = drive_at(&s.base, INITECH, "cust-px", "kill", "proxy", &flags);
+    let killed = drive_at(&s.base, INITECH, "cust-px", "kill", mode, &flags);
     println!("{killed}");
     assert_eq!(killed["answered"], 4, "{killed}");
     assert_eq!(killed["refusedAt"], 4, "{killed}");
@@ -54,7 +72,7 @@ fn a_killed_session_and_an_unpaid_call_never_reach_the_server() {
     let (status, _) = crate::credits::grant(&s, INITECH, "cust-paid", 3 * RATED_CALL, "g-px");
     assert_eq!(status, 201);
     let flags = [("MCP_METER_PROXY_FLAGS", "--paid-tool premium")];
-    let paid = drive_at(&s.base, INITECH, "cust-paid", "paid", "proxy", &flags);
+    let paid = drive_at(&s.base, INITECH, "cust-paid", "paid", mode, &flags);
     println!("{paid}");
     let refused: Vec<bool> = paid["results"]
         .as_array()

@@ -6,11 +6,14 @@
 //   node dist/test/e2e/drive.js kill http          calls until the session is refused
 //   node dist/test/e2e/drive.js paid http          the paid tool 4 times
 //
-// Modes: `stdio` and `http` (the server metered by withMetering), `plain` (stdio, unmetered, no
-// proxy: the reference answers) and `proxy` (stdio, unmetered, behind `mcp-meter proxy --stdio`,
-// the binary MCP_METER_BIN, with MCP_METER_PROXY_FLAGS added to its flags).
+// Modes: `stdio` and `http` (the server metered by withMetering), `plain` and `plain-http`
+// (unmetered, no proxy: the reference answers), `proxy` and `proxy-http` (unmetered, behind
+// `mcp-meter proxy --stdio` or `--upstream`: the binary MCP_METER_BIN, with
+// MCP_METER_PROXY_FLAGS added to its flags).
 
 import { createServer } from "node:http";
+import { spawn } from "node:child_process";
+import { createInterface } from "node:readline";
 import type { AddressInfo } from "node:net";
 import { randomUUID } from "node:crypto";
 import { fileURLToPath } from "node:url";
@@ -33,12 +36,7 @@ interface Harness {
 async function overStdio(how: "metered" | "plain" | "proxy"): Promise<Harness> {
   const server = [process.execPath, fileURLToPath(new URL("./stdio-server.js", import.meta.url))];
   const env: Record<string, string> = { ...(process.env as Record<string, string>), ...(how === "metered" ? {} : { UNMETERED: "1" }) };
-  const proxy = [
-    "proxy", "--stdio", "--meter-url", env.MCP_METER_URL, "--api-key", env.MCP_METER_KEY,
-    ...(env.MCP_METER_CUSTOMER ? ["--customer", env.MCP_METER_CUSTOMER] : []),
-    ...(env.MCP_METER_PROXY_FLAGS ? env.MCP_METER_PROXY_FLAGS.split(" ") : []),
-    "--", ...server,
-  ];
+  const proxy = ["proxy", "--stdio", ...proxyFlags(env), "--", ...server];
   const transport = new StdioClientTransport({
     command: how === "proxy" ? env.MCP_METER_BIN : server[0],
     args: how === "proxy" ? proxy : server.slice(1),
@@ -63,19 +61,50 @@ async function overStdio(how: "metered" | "plain" | "proxy"): Promise<Harness> {
   };
 }
 
-async function overHttp(): Promise<Harness> {
+/** The flags every proxy gets: where mcp-meter is, the key, the customer, the test's own. */
+function proxyFlags(env: Record<string, string>): string[] {
+  return [
+    "--meter-url", env.MCP_METER_URL, "--api-key", env.MCP_METER_KEY,
+    ...(env.MCP_METER_CUSTOMER ? ["--customer", env.MCP_METER_CUSTOMER] : []),
+    ...(env.MCP_METER_PROXY_FLAGS ? env.MCP_METER_PROXY_FLAGS.split(" ") : []),
+  ];
+}
+
+async function overHttp(how: "metered" | "plain" | "proxy"): Promise<Harness> {
+  if (how !== "metered") process.env.UNMETERED = "1";
   const { server, meter } = meteredServer();
   const transport = new StreamableHTTPServerTransport({ sessionIdGenerator: () => randomUUID() });
   await server.connect(transport);
   const http = createServer((req, res) => void transport.handleRequest(req, res));
   await new Promise<void>((resolve) => http.listen(0, "127.0.0.1", resolve));
-  const url = new URL(`http://127.0.0.1:${(http.address() as AddressInfo).port}/mcp`);
+  let url = new URL(`http://127.0.0.1:${(http.address() as AddressInfo).port}/mcp`);
+  let stop = async () => {};
+  let log = "";
+  if (how === "proxy") {
+    const env = process.env as Record<string, string>;
+    const proxy = spawn(env.MCP_METER_BIN, ["proxy", "--upstream", url.href, "--listen", "127.0.0.1:0", ...proxyFlags(env)], {
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    proxy.stderr.on("data", (chunk) => (log += chunk));
+    const banner = await new Promise<string>((resolve, reject) => {
+      createInterface({ input: proxy.stdout }).once("line", resolve);
+      proxy.once("exit", (code) => reject(new Error(`the proxy exited (${code}): ${log}`)));
+    });
+    url = new URL(banner.split(" ")[4]);
+    const exited = new Promise((resolve) => proxy.once("exit", resolve));
+    stop = async () => {
+      proxy.kill("SIGTERM");
+      await exited;
+    };
+  }
   const client = new Client({ name: "e2e-agent", version: "1.0.0" });
   await client.connect(new StreamableHTTPClientTransport(url));
   return {
     client,
+    proxyLog: how === "proxy" ? () => log.split("\n").filter((l) => l.startsWith("mcp-meter proxy:")) : undefined,
     finish: async () => {
       await client.close();
+      await stop();
       await meter?.close(10_000);
       http.closeAllConnections();
       http.close();
@@ -84,10 +113,49 @@ async function overHttp(): Promise<Harness> {
   };
 }
 
+if (scenario === "overhead") {
+  // The proxy's added latency per call: the same fast tool through two equal servers, one
+  // direct and one behind `mcp-meter proxy --upstream`, calls alternating so both see the same
+  // noise. No enforcement: what metering alone costs.
+  const n = Number(process.env.OVERHEAD_CALLS ?? 3000);
+  const direct = await overHttp("plain");
+  const proxied = await overHttp("proxy");
+  const time = async (h: Harness) => {
+    const started = performance.now();
+    await h.client.callTool({ name: "search", arguments: { q: "x" } });
+    return performance.now() - started;
+  };
+  for (let i = 0; i < 300; i++) {
+    await time(direct);
+    await time(proxied);
+  }
+  const d: number[] = [];
+  const p: number[] = [];
+  for (let i = 0; i < n; i++) {
+    d.push(await time(direct));
+    p.push(await time(proxied));
+  }
+  const pct = (xs: number[], q: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.ceil(q * xs.length) - 1)];
+  const ms = (x: number) => Math.round(x * 1000) / 1000;
+  await direct.finish();
+  await proxied.finish();
+  console.log(JSON.stringify({
+    scenario, calls: n,
+    directMs: { p50: ms(pct(d, 0.5)), p99: ms(pct(d, 0.99)) },
+    proxiedMs: { p50: ms(pct(p, 0.5)), p99: ms(pct(p, 0.99)) },
+    addedMs: { p50: ms(pct(p, 0.5) - pct(d, 0.5)), p99: ms(pct(p, 0.99) - pct(d, 0.99)) },
+  }));
+  process.exit(0);
+}
+
 const harness =
   mode === "http"
-    ? await overHttp()
-    : await overStdio(mode === "plain" ? "plain" : mode === "proxy" ? "proxy" : "metered");
+    ? await overHttp("metered")
+    : mode === "plain-http"
+      ? await overHttp("plain")
+      : mode === "proxy-http"
+        ? await overHttp("proxy")
+        : await overStdio(mode === "plain" ? "plain" : mode === "proxy" ? "proxy" : "metered");
 const { client } = harness;
 const errorText = (r: unknown) => JSON.stringify((r as { content?: unknown }).content ?? "");
 const out: Record<string, unknown> = { scenario, mode };
