@@ -120,3 +120,88 @@ fn calls_pass_while_the_meter_is_down_and_their_events_arrive_after_it_is_back()
     let (_, summary) = s.get("/analytics/mcp/summary", ACME);
     assert_eq!(summary["calls"], 100, "{summary}");
 }
+
+/// A tool the margin guard blocks (its cost is above its price) is answered by the proxy with
+/// `--guard`, over both transports, without reaching the server.
+#[test]
+fn a_tool_the_guard_blocks_never_reaches_the_server() {
+    let s = crate::credits::serve_with("[margin_guard]\ninterval_seconds = 1\n");
+    // 1000 s of a tool whose cost is 100 µUSD a second and whose price is 5000 a call: a
+    // negative margin, L3 BLOCK once the guard has run.
+    let costly = serde_json::json!({
+        "idempotencyKey": "costly", "metricName": "mcp_server.tool_invocations",
+        "toolName": "search", "agentId": "someone", "sessionId": "s0",
+        "executionDurationMs": 1_000_000,
+    });
+    assert_eq!(
+        s.post("/v1/ingest/events", INITECH, &costly.to_string()).0,
+        202
+    );
+    let blocked = || s.get("/v1/guard/check?toolName=search", INITECH).1["action"] == "block";
+    assert!(
+        crate::common::distributed::wait_until(std::time::Duration::from_secs(15), blocked),
+        "the guard blocks search"
+    );
+    for mode in ["proxy", "proxy-http"] {
+        let flags = [("MCP_METER_PROXY_FLAGS", "--guard --guard-timeout-ms 2000")];
+        let result = drive_at(&s.base, INITECH, "cust-px", "blocked", mode, &flags);
+        assert_eq!(result["refused"], true, "{mode}: {result}");
+        assert!(
+            result["text"].to_string().contains("blocked search"),
+            "{result}"
+        );
+        assert_eq!(
+            result["runs"]["search"], 0,
+            "{mode}: the server never ran it"
+        );
+    }
+}
+
+/// 200 calls from 4 concurrent clients through the HTTP proxy, one tool slow and one streaming
+/// progress over SSE: 200 events with the right tools and statuses, durations within what the
+/// clients measured, one session per client, and every progress notification delivered.
+#[test]
+fn concurrent_clients_through_the_http_proxy_are_metered_per_session() {
+    let s = Server::start();
+    let result = drive_at(&s.base, ACME, "cust-px", "concurrent", "proxy-http", &[]);
+    println!("{result}");
+    let (_, report) = s.get("/analytics/mcp/revenue/by-tool", ACME);
+    let tools = report["tools"].as_array().unwrap();
+    let mut total = 0;
+    for tool in ["search", "flaky", "slow", "progress"] {
+        let expected = &result["expected"][tool];
+        let row = tools
+            .iter()
+            .find(|t| t["toolName"] == tool)
+            .unwrap_or_else(|| panic!("no row for {tool}: {report}"));
+        assert_eq!(row["calls"], expected["calls"], "{tool}");
+        assert_eq!(row["errors"], expected["errors"], "{tool}");
+        assert_eq!(row["calls"], result["runs"][tool], "{tool}");
+        let measured = expected["maxMs"].as_f64().unwrap().ceil() as i64;
+        assert!(
+            row["maxDurationMs"].as_i64().unwrap() <= measured,
+            "{tool}: reported {} ms, the client measured at most {measured} ms",
+            row["maxDurationMs"]
+        );
+        total += row["calls"].as_i64().unwrap();
+    }
+    assert_eq!(total, 200);
+    assert!(
+        tools.iter().find(|t| t["toolName"] == "slow").unwrap()["maxDurationMs"]
+            .as_i64()
+            .unwrap()
+            >= 40,
+        "the slow tool's duration is measured"
+    );
+    let (_, sessions) = s.get("/analytics/mcp/sessions", ACME);
+    assert_eq!(
+        sessions["sessions"].as_array().unwrap().len(),
+        4,
+        "{sessions}"
+    );
+    assert_eq!(
+        result["progressSeen"].as_i64().unwrap(),
+        3 * result["expected"]["progress"]["calls"].as_i64().unwrap(),
+        "every progress notification reached its client through the proxy"
+    );
+}

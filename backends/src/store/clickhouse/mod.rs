@@ -54,6 +54,9 @@ impl<R: SqlRunner + ?Sized> SqlRunner for &R {
 pub struct HttpRunner {
     client: clickhouse::Client,
     timeout: Duration,
+    /// Statements whose outcome is unknown (the request failed or timed out, but the server
+    /// may have received it and still be running it), by query id.
+    unsettled: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// Queries carry their values inline (a dedup lookup lists thousands of keys), so they may be
@@ -75,6 +78,7 @@ impl HttpRunner {
         HttpRunner {
             client: client.with_setting("max_query_size", MAX_QUERY_BYTES),
             timeout: Duration::from_millis(config.request_timeout_ms),
+            unsettled: Default::default(),
         }
     }
 }
@@ -86,15 +90,40 @@ fn client(config: &ClickHouseConfig) -> clickhouse::Client {
         .with_password(&config.password)
 }
 
-#[async_trait::async_trait]
-impl SqlRunner for HttpRunner {
-    async fn execute(&self, sql: &str) -> Result<(), StoreError> {
-        within(self.timeout, self.client.query_raw(sql).execute())
-            .await
-            .context("execute")
+impl HttpRunner {
+    /// Waits until no statement of unknown outcome still runs on the server. An INSERT whose
+    /// request timed out (a paused or slow server) may still be running there; a dedup lookup
+    /// made before it ends would miss its rows and the retry would store them twice. Once it is
+    /// gone from `system.processes` its rows are visible or were never written, so every
+    /// statement and query waits for that first.
+    async fn settle(&self) -> Result<(), StoreError> {
+        let ids = self.unsettled.lock().expect("unsettled lock").clone();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = ids.iter().map(|id| queries::quote(id)).collect();
+        let sql = format!(
+            "SELECT count() FROM system.processes WHERE query_id IN ({})",
+            list.join(", ")
+        );
+        loop {
+            let running = self.fetch(&sql).await?;
+            if running.trim() == "0" {
+                self.unsettled
+                    .lock()
+                    .expect("unsettled lock")
+                    .retain(|id| !ids.contains(id));
+                return Ok(());
+            }
+            tracing::info!(
+                running = running.trim(),
+                "waiting for a statement of unknown outcome to end"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
-    async fn tab_separated(&self, sql: &str) -> Result<String, StoreError> {
+    async fn fetch(&self, sql: &str) -> Result<String, StoreError> {
         let mut cursor = self
             .client
             .query_raw(sql)
@@ -107,6 +136,49 @@ impl SqlRunner for HttpRunner {
             context: "read an answer",
             detail: e.to_string(),
         })
+    }
+}
+
+/// A query id no other statement of this process has.
+fn new_query_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "mcp-meter-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+#[async_trait::async_trait]
+impl SqlRunner for HttpRunner {
+    async fn execute(&self, sql: &str) -> Result<(), StoreError> {
+        self.settle().await?;
+        let id = new_query_id();
+        let result = within(
+            self.timeout,
+            self.client
+                .query_raw(sql)
+                .with_setting("query_id", &id)
+                .execute(),
+        )
+        .await
+        .context("execute");
+        if let Err(e) = &result {
+            // Refused by the server: it ran and failed. Anything else may still be running.
+            if e.kind() != ErrorKind::Permanent {
+                self.unsettled.lock().expect("unsettled lock").push(id);
+            }
+        }
+        result
+    }
+
+    async fn tab_separated(&self, sql: &str) -> Result<String, StoreError> {
+        self.settle().await?;
+        self.fetch(sql).await
     }
 }
 

@@ -27,6 +27,8 @@ const [scenario, mode] = process.argv.slice(2);
 
 interface Harness {
   client: Client;
+  /** Where the client connects (HTTP modes): more clients may connect there too. */
+  url?: URL;
   /** What the proxy said on stderr (its lines only), in proxy mode. */
   proxyLog?: () => string[];
   /** Ends the server side: its meter flushed; answers its handler runs. */
@@ -72,10 +74,22 @@ function proxyFlags(env: Record<string, string>): string[] {
 
 async function overHttp(how: "metered" | "plain" | "proxy"): Promise<Harness> {
   if (how !== "metered") process.env.UNMETERED = "1";
-  const { server, meter } = meteredServer();
-  const transport = new StreamableHTTPServerTransport({ sessionIdGenerator: () => randomUUID() });
-  await server.connect(transport);
-  const http = createServer((req, res) => void transport.handleRequest(req, res));
+  // A server and a transport per MCP session, as the SDK's Streamable HTTP servers do.
+  const sessions = new Map<string, StreamableHTTPServerTransport>();
+  const meters: { close(waitMs?: number): Promise<void> }[] = [];
+  const http = createServer((req, res) => {
+    const id = req.headers["mcp-session-id"];
+    const known = typeof id === "string" ? sessions.get(id) : undefined;
+    if (known) return void known.handleRequest(req, res);
+    const { server, meter } = meteredServer();
+    if (meter) meters.push(meter);
+    const transport: StreamableHTTPServerTransport = new StreamableHTTPServerTransport({
+      sessionIdGenerator: () => randomUUID(),
+      onsessioninitialized: (sid) => void sessions.set(sid, transport),
+    });
+    void server.connect(transport).then(() => transport.handleRequest(req, res));
+  });
+  const meter = { close: async (waitMs?: number) => void (await Promise.all(meters.map((m) => m.close(waitMs)))) };
   await new Promise<void>((resolve) => http.listen(0, "127.0.0.1", resolve));
   let url = new URL(`http://127.0.0.1:${(http.address() as AddressInfo).port}/mcp`);
   let stop = async () => {};
@@ -101,11 +115,12 @@ async function overHttp(how: "metered" | "plain" | "proxy"): Promise<Harness> {
   await client.connect(new StreamableHTTPClientTransport(url));
   return {
     client,
+    url,
     proxyLog: how === "proxy" ? () => log.split("\n").filter((l) => l.startsWith("mcp-meter proxy:")) : undefined,
     finish: async () => {
       await client.close();
       await stop();
-      await meter?.close(10_000);
+      await meter.close(10_000);
       http.closeAllConnections();
       http.close();
       return { ...runs };
@@ -195,6 +210,41 @@ if (scenario === "usage") {
   }
   out.answered = answered;
   out.refusedAt = refusedAt;
+} else if (scenario === "concurrent") {
+  // 4 clients at once (the first is the harness's), 50 calls each over 4 tools, one slow and
+  // one streaming progress; each call's time as the client measured it.
+  const clients = [client];
+  for (let i = 1; i < 4; i++) {
+    const c = new Client({ name: `e2e-agent-${i}`, version: "1.0.0" });
+    await c.connect(new StreamableHTTPClientTransport(harness.url!));
+    clients.push(c);
+  }
+  const tools = ["search", "flaky", "slow", "progress"];
+  const expected: Record<string, { calls: number; errors: number; maxMs: number }> = {};
+  for (const t of tools) expected[t] = { calls: 0, errors: 0, maxMs: 0 };
+  let progressSeen = 0;
+  await Promise.all(clients.map(async (c, ci) => {
+    for (let i = 0; i < 50; i++) {
+      const tool = tools[(i + ci) % 4];
+      const fail = tool === "flaky" && i % 2 === 0;
+      const args = tool === "search" ? { q: `c${ci}-${i}` } : tool === "flaky" ? { fail } : {};
+      const started = performance.now();
+      const result = await c.callTool({ name: tool, arguments: args }, undefined,
+        tool === "progress" ? { onprogress: () => void (progressSeen += 1) } : undefined);
+      const took = performance.now() - started;
+      if (Boolean(result.isError) !== fail) throw new Error(`${tool}: isError ${result.isError}`);
+      expected[tool].calls += 1;
+      if (fail) expected[tool].errors += 1;
+      expected[tool].maxMs = Math.max(expected[tool].maxMs, took);
+    }
+  }));
+  for (const c of clients.slice(1)) await c.close();
+  out.expected = expected;
+  out.progressSeen = progressSeen;
+} else if (scenario === "blocked") {
+  const result = await client.callTool({ name: "search", arguments: { q: "b" } });
+  out.refused = Boolean(result.isError);
+  out.text = errorText(result);
 } else if (scenario === "paid") {
   const results = [];
   for (let i = 0; i < 4; i++) {
