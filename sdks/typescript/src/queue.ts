@@ -59,7 +59,7 @@ export class EventQueue {
     private readonly transport: Transport,
     private readonly options: QueueOptions,
   ) {
-    this.timer = setInterval(() => this.nudge(), options.flushIntervalMs);
+    this.timer = setInterval(() => this.nudge(false), options.flushIntervalMs);
     this.timer.unref();
   }
 
@@ -70,12 +70,17 @@ export class EventQueue {
       this.options.onError(new Error(`mcp-meter: the queue is full (${this.options.maxQueue} events); the oldest was dropped`));
     }
     this.events.push(event);
-    if (this.events.length >= this.options.maxBatchSize) this.nudge();
+    if (this.events.length >= this.options.maxBatchSize) this.nudge(true);
   }
 
-  /** A background pass, unless one is under way (it goes on until the queue is empty). */
-  private nudge(): void {
-    if (!this.draining) void this.flush(false);
+  /**
+   * A background pass, unless one is under way: by size (`onlyFull`: full batches only, the
+   * rest waits for the interval) or by the interval (everything queued).
+   */
+  private nudge(onlyFull: boolean): void {
+    if (this.draining) return;
+    const run = this.chain.then(() => this.drain(false, Infinity, onlyFull));
+    this.chain = run.catch(() => {});
   }
 
   stats(): QueueStats {
@@ -98,17 +103,18 @@ export class EventQueue {
     await this.flush(true, deadline);
   }
 
-  private async drain(untilEmpty: boolean, deadline: number): Promise<void> {
+  private async drain(untilEmpty: boolean, deadline: number, onlyFull = false): Promise<void> {
     this.draining = true;
     try {
-      await this.send(untilEmpty, Math.min(deadline, this.closeDeadline));
+      await this.send(untilEmpty, Math.min(deadline, this.closeDeadline), onlyFull);
     } finally {
       this.draining = false;
     }
   }
 
-  private async send(untilEmpty: boolean, deadline: number): Promise<void> {
+  private async send(untilEmpty: boolean, deadline: number, onlyFull: boolean): Promise<void> {
     while (this.events.length > 0) {
+      if (onlyFull && this.events.length < this.options.maxBatchSize) return;
       const limit = Math.min(deadline, this.closeDeadline);
       const wait = this.notBefore - Date.now();
       if (wait > 0) {
