@@ -25,6 +25,7 @@ use schemas::credits::{
 };
 use schemas::event::{parse_event, validate, EventLimits, RatedEvent, TimeBounds};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::future::Future;
 use utoipa::ToSchema;
 
@@ -91,31 +92,32 @@ pub struct BatchCharges {
 pub fn settlements(tenant: &Tenant, events: &[RatedEvent], now_ms: i64) -> BatchCharges {
     let limited = !tenant.limits.is_empty();
     let capped = !tenant.customer_caps.is_empty();
-    let (events, settlements) = events
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e.is_call() && (limited || !e.customer_id.is_empty()))
-        .map(|(i, e)| {
-            (
-                i,
-                Settlement {
-                    key: e.idempotency_key.clone(),
-                    customer: e.customer_id.clone(),
-                    amount_micros: e.revenue_micros,
-                    caps: if e.customer_id.is_empty() {
-                        Vec::new()
-                    } else {
-                        cap_counters(tenant, &e.customer_id, now_ms)
-                    },
-                    always_claim: limited || (capped && !e.customer_id.is_empty()),
-                },
-            )
-        })
-        .unzip();
-    BatchCharges {
-        events,
-        settlements,
+    // A batch names few customers: their counters are made once, not once per call.
+    let mut caps_of: HashMap<&str, Vec<CapCounter>> = HashMap::new();
+    let mut charges = BatchCharges::default();
+    for (i, e) in events.iter().enumerate() {
+        let customer = e.customer_id.as_str();
+        if !e.is_call() || (!limited && customer.is_empty()) {
+            continue;
+        }
+        let caps = if capped && !customer.is_empty() {
+            caps_of
+                .entry(customer)
+                .or_insert_with(|| cap_counters(tenant, customer, now_ms))
+                .clone()
+        } else {
+            Vec::new()
+        };
+        charges.events.push(i);
+        charges.settlements.push(Settlement {
+            key: e.idempotency_key.clone(),
+            customer: e.customer_id.clone(),
+            amount_micros: e.revenue_micros,
+            caps,
+            always_claim: limited || (capped && !customer.is_empty()),
+        });
     }
+    charges
 }
 
 /// Until when a nonce's decision and an event key's charge are remembered.

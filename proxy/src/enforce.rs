@@ -4,7 +4,7 @@
 //! hands tool results to the model, which can tell the user why (and see the payment terms); a
 //! JSON-RPC error means the protocol failed, and clients show it as a fault of the server.
 
-use crate::calls::{rfc3339, uuid, PendingCall};
+use crate::calls::{uuid, PendingCall};
 use crate::meter::{GuardAnswer, Meter};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant, SystemTime};
@@ -85,9 +85,4 @@ pub fn refusal(request: &Value, text: &str, terms: Option<Value>) -> Value {
         result["_meta"] = json!({"mcp-meter/payment": terms});
     }
     json!({"jsonrpc": "2.0", "id": request["id"], "result": result})
-}
-
-/// For the proxy's own log lines (stderr).
-pub fn now() -> String {
-    rfc3339(SystemTime::now())
 }

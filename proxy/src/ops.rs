@@ -77,8 +77,7 @@ pub fn metrics(meter: &Meter) -> String {
             s.calls_refused.load(Ordering::Relaxed),
         ),
     ] {
-        let kind = "counter";
-        out += &format!("# HELP mcp_meter_proxy_{name} {help}\n# TYPE mcp_meter_proxy_{name} {kind}\nmcp_meter_proxy_{name} {value}\n");
+        out += &format!("# HELP mcp_meter_proxy_{name} {help}\n# TYPE mcp_meter_proxy_{name} counter\nmcp_meter_proxy_{name} {value}\n");
     }
     out += &format!(
         "# HELP mcp_meter_proxy_events_queued Events waiting for delivery\n# TYPE mcp_meter_proxy_events_queued gauge\nmcp_meter_proxy_events_queued {}\n",

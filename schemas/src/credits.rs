@@ -112,8 +112,12 @@ impl WalletGrant {
 /// Records, for every grant that lapsed by `now_ms` and was not yet seen lapsed, the settled
 /// usage at that moment. Called before every change of `settled`, so a settlement after the
 /// expiry is never paid by the lapsed grant.
-pub fn freeze_expired(grants: &mut [WalletGrant], settled: i64, now_ms: i64) {
-    for g in grants.iter_mut() {
+pub fn freeze_expired<'a>(
+    grants: impl IntoIterator<Item = &'a mut WalletGrant>,
+    settled: i64,
+    now_ms: i64,
+) {
+    for g in grants {
         if g.expired(now_ms) && g.settled_at_expiry.is_none() {
             g.settled_at_expiry = Some(settled);
         }
@@ -124,28 +128,25 @@ pub fn freeze_expired(grants: &mut [WalletGrant], settled: i64, now_ms: i64) {
 /// grant the part usage consumed before it lapsed. Usage consumes grants in the order they
 /// lapse (a lapsed grant lapsed before every live one), so a grant's lapse takes away only what
 /// it had not paid for. `grants` must have been frozen at `now_ms` ([`freeze_expired`]).
-pub fn granted_micros(grants: &[WalletGrant], now_ms: i64) -> i64 {
-    let mut lapsed: Vec<(i64, i64, i64)> = grants
-        .iter()
-        .filter(|g| g.expired(now_ms))
-        .map(|g| {
-            (
+pub fn granted_micros<'a>(grants: impl IntoIterator<Item = &'a WalletGrant>, now_ms: i64) -> i64 {
+    let mut live = 0;
+    let mut lapsed: Vec<(i64, i64, i64)> = Vec::new();
+    for g in grants {
+        if g.expired(now_ms) {
+            lapsed.push((
                 g.expires_at_ms.unwrap_or(i64::MAX),
                 g.amount_micros,
                 g.settled_at_expiry.unwrap_or(0),
-            )
-        })
-        .collect();
+            ));
+        } else {
+            live += g.amount_micros;
+        }
+    }
     lapsed.sort();
     let mut consumed = 0i64;
     for (_, amount, settled_then) in lapsed {
         consumed += (settled_then - consumed).clamp(0, amount);
     }
-    let live: i64 = grants
-        .iter()
-        .filter(|g| !g.expired(now_ms))
-        .map(|g| g.amount_micros)
-        .sum();
     live + consumed
 }
 

@@ -1,9 +1,8 @@
 //! The in-process guard state of `serve`: the same semantics as Redis, under one lock.
 
 use super::{
-    admitted_prefix, take_from_bucket, AuthorizeAsk, CapCounter, Charge, CustomerBalances,
-    LimitCounters, MarginBoard, RateLimiter, Settlement, StateBackend, StateError, WalletFigures,
-    WalletSeed,
+    admitted_prefix, take_from_bucket, AuthorizeAsk, Charge, CustomerBalances, LimitCounters,
+    MarginBoard, RateLimiter, Settlement, StateBackend, StateError, WalletFigures, WalletSeed,
 };
 use schemas::credits::{
     decide, freeze_expired, granted_micros, CapState, Decision, WalletGrant, WalletView,
@@ -70,19 +69,14 @@ impl Wallet {
     fn tidy(&mut self, now_ms: i64) {
         self.reservations
             .retain(|_, (_, expires)| *expires > now_ms);
-        let mut grants: Vec<WalletGrant> = self.grants.iter().map(|(_, g)| *g).collect();
-        freeze_expired(&mut grants, self.settled, now_ms);
-        for ((_, g), frozen) in self.grants.iter_mut().zip(grants) {
-            *g = frozen;
-        }
+        freeze_expired(self.grants.iter_mut().map(|(_, g)| g), self.settled, now_ms);
     }
 
     fn figures(&mut self, now_ms: i64) -> WalletFigures {
         self.tidy(now_ms);
-        let grants: Vec<WalletGrant> = self.grants.iter().map(|(_, g)| *g).collect();
         WalletFigures {
-            prepaid: !grants.is_empty(),
-            granted_micros: granted_micros(&grants, now_ms),
+            prepaid: !self.grants.is_empty(),
+            granted_micros: granted_micros(self.grants.iter().map(|(_, g)| g), now_ms),
             settled_micros: self.settled,
             reserved_micros: self.reservations.values().map(|(q, _)| q).sum(),
             in_flight: self.reservations.len(),
@@ -120,26 +114,33 @@ impl Inner {
             .get_mut(tenant)
             .ok_or_else(|| StateError::WalletsNotLoaded(tenant.to_string()))
     }
+}
 
-    /// A counter's value at `now_ms` (0 once its window ended).
-    fn counter(&self, key: &str, now_ms: i64) -> i64 {
-        match self.counters.get(key) {
-            Some((value, expires)) if *expires > now_ms => *value,
-            _ => 0,
-        }
+/// A counter's value at `now_ms` (0 once its window ended).
+fn counter_value(counters: &HashMap<String, (i64, i64)>, key: &str, now_ms: i64) -> i64 {
+    match counters.get(key) {
+        Some((value, expires)) if *expires > now_ms => *value,
+        _ => 0,
     }
+}
 
-    fn add_to_counter(&mut self, cap: &CapCounter, amount: i64, now_ms: i64) {
-        let (value, expires) = self
-            .counters
-            .entry(cap.key.clone())
-            .or_insert((0, cap.window_end_ms));
-        if *expires <= now_ms {
-            *value = 0;
-        }
-        *value += amount;
-        *expires = cap.window_end_ms;
+/// The counter `key` of the window ending at `expires_at_ms`, ready to add to: a counter whose
+/// window ended but was not swept yet starts over, as if forgotten. Hard limits and spend caps
+/// count alike.
+fn window_counter<'a>(
+    counters: &'a mut HashMap<String, (i64, i64)>,
+    key: &str,
+    expires_at_ms: i64,
+    now_ms: i64,
+) -> &'a mut i64 {
+    let (value, expires) = counters
+        .entry(key.to_string())
+        .or_insert((0, expires_at_ms));
+    if *expires <= now_ms {
+        *value = 0;
     }
+    *expires = expires_at_ms;
+    value
 }
 
 /// Adds members with a time, keeping the later time of a member already there.
@@ -165,17 +166,9 @@ impl LimitCounters for MemoryState {
         inner.prune(now_ms);
         let mut admitted = Vec::with_capacity(charges.len());
         for c in charges {
-            let (value, expires) = inner
-                .counters
-                .entry(c.key.clone())
-                .or_insert((0, c.expires_at_ms));
-            // A counter whose window ended but was not swept yet starts over, as if forgotten.
-            if *expires <= now_ms {
-                *value = 0;
-            }
+            let value = window_counter(&mut inner.counters, &c.key, c.expires_at_ms, now_ms);
             let n = admitted_prefix(*value, c.limit, &c.amounts);
             *value += c.amounts[..n].iter().sum::<i64>();
-            *expires = c.expires_at_ms;
             admitted.push(n);
         }
         Ok(admitted)
@@ -345,17 +338,20 @@ impl CustomerBalances for MemoryState {
         let now = ask.now_ms;
         inner.credits(ask.tenant)?;
         inner.prune(now);
-        let spent: Vec<i64> = ask
-            .caps
-            .iter()
-            .map(|c| inner.counter(&c.key, now))
-            .collect();
-        let credits = inner.credits(ask.tenant)?;
+        let Inner {
+            counters, credits, ..
+        } = &mut *inner;
+        let credits = credits.get_mut(ask.tenant).expect("checked above");
         if let Some((_, decision, until)) = credits.nonces.get(ask.nonce) {
             if *until > now {
                 return Ok((decision.clone(), true));
             }
         }
+        let spent: Vec<i64> = ask
+            .caps
+            .iter()
+            .map(|c| counter_value(counters, &c.key, now))
+            .collect();
         let wallet = credits.wallets.entry(ask.customer.to_string()).or_default();
         let figures = wallet.figures(now);
         let view = WalletView {
@@ -429,11 +425,13 @@ impl CustomerBalances for MemoryState {
         let mut inner = self.inner.lock().expect("guard state lock");
         inner.credits(tenant)?;
         inner.prune(now_ms);
+        let Inner {
+            counters, credits, ..
+        } = &mut *inner;
+        let credits = credits.get_mut(tenant).expect("checked above");
         let mut claimed = Vec::with_capacity(settlements.len());
         for s in settlements {
-            let credits = inner.credits(tenant)?;
-            let has_wallet = credits.wallets.contains_key(&s.customer);
-            if !s.always_claim && !has_wallet {
+            if !s.always_claim && !credits.wallets.contains_key(&s.customer) {
                 // Nothing to charge: no wallet, no counter. Remember nothing.
                 claimed.push(true);
                 continue;
@@ -459,7 +457,7 @@ impl CustomerBalances for MemoryState {
                 }
             }
             for cap in &s.caps {
-                inner.add_to_counter(cap, s.amount_micros, now_ms);
+                *window_counter(counters, &cap.key, cap.window_end_ms, now_ms) += s.amount_micros;
             }
         }
         Ok(claimed)
