@@ -12,7 +12,7 @@ use backends::sink::TenantBatch;
 use backends::store::clickhouse::{
     migrations, ClickHouseAnalytics, ClickHouseWriter, HttpRunner, SqlRunner,
 };
-use backends::store::{sqlite, AnalyticsStore, StoreWriter};
+use backends::store::{sqlite, AnalyticsStore, StoreWriter, Viewer};
 use clap::Parser;
 use schemas::analytics::DateRange;
 use schemas::event::{ExecutionStatus, RatedEvent};
@@ -78,7 +78,9 @@ async fn time_query(
     let mut calls = 0;
     for _ in 0..runs {
         let started = Instant::now();
-        let tools = store.revenue_by_tool("bench", range).await?;
+        let tools = store
+            .revenue_by_tool(&Viewer::tenant("bench"), range)
+            .await?;
         times.push(started.elapsed());
         calls = tools.iter().map(|t| t.figures.calls).sum();
     }

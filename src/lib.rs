@@ -204,7 +204,10 @@ fn http_api(
     metric_families: Vec<fn(&mut String)>,
 ) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
     let state = actix_web::web::Data::new(ingestor::AppState {
-        keys: ingestor::auth::Keyring::new(&config.tenants),
+        keys: ingestor::auth::Keyring::new(
+            &config.tenants,
+            ingestor::portal::PortalSigner::new(config.portal.secret.as_deref()),
+        ),
         sink,
         analytics,
         limits: state.limits,

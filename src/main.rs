@@ -226,7 +226,8 @@ fn env_help(flag_vars: &[&str], sections: &[&str]) -> String {
     help
 }
 
-/// What `serve` reads: its store, the embedded writer, retention, ingest, the guard, credits.
+/// What `serve` reads: its store, the embedded writer, retention, ingest, the guard, credits,
+/// the portal.
 const SERVE_READS: &[&str] = &[
     "store",
     "clickhouse",
@@ -235,6 +236,7 @@ const SERVE_READS: &[&str] = &[
     "ingest",
     "margin_guard",
     "credits",
+    "portal",
 ];
 /// What an `ingestor` reads: where it publishes, reads analytics, and shares guard state.
 const INGESTOR_READS: &[&str] = &[
@@ -244,6 +246,7 @@ const INGESTOR_READS: &[&str] = &[
     "ingest",
     "margin_guard",
     "credits",
+    "portal",
 ];
 /// What an `aggregator` reads: the topic, the store, the guard it runs, retention, itself.
 const AGGREGATOR_READS: &[&str] = &[

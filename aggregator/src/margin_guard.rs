@@ -11,7 +11,7 @@
 use crate::metrics::METRICS;
 use backends::error::StoreError;
 use backends::state::{MarginBoard, StateError};
-use backends::store::AnalyticsStore;
+use backends::store::{AnalyticsStore, Viewer};
 use schemas::analytics::{margin, AgentUsage, DateRange, ToolUsage};
 use schemas::guard::{MarginLevel, MarginState, MarginThresholds, SubjectKind};
 use std::collections::HashMap;
@@ -128,8 +128,9 @@ impl MarginGuard {
         expires_at_ms: i64,
     ) -> Result<Vec<MarginState>, GuardError> {
         let range = window(now_ms, self.config.window_days);
-        let tools = self.analytics.revenue_by_tool(tenant, range).await?;
-        let agents = self.analytics.usage_by_agent(tenant, range).await?;
+        let viewer = Viewer::tenant(tenant);
+        let tools = self.analytics.revenue_by_tool(&viewer, range).await?;
+        let agents = self.analytics.usage_by_agent(&viewer, range).await?;
         let states = margin_states(&tools, &agents, thresholds, self.config.window_days, now_ms);
         self.state
             .put_margins(tenant, &states, expires_at_ms)

@@ -1,7 +1,7 @@
 //! The SQLite store against a real database file: dedup, rollups, atomicity, analytics.
 
 use backends::sink::{TenantBatch, WriteOutcome};
-use backends::store::{sqlite, AnalyticsStore, SessionQuery, StoreWriter};
+use backends::store::{sqlite, AnalyticsStore, SessionQuery, StoreWriter, Viewer};
 use schemas::analytics::{DateRange, UsageFigures};
 use schemas::config::SqliteConfig;
 use schemas::event::{ExecutionStatus, RatedEvent, HEARTBEAT_METRIC};
@@ -113,10 +113,17 @@ async fn duplicates_in_and_across_commits_are_stored_once_and_counted() {
         }
     );
 
-    let summary = r.summary("t1", range()).await.unwrap();
+    let summary = r.summary(&Viewer::tenant("t1"), range()).await.unwrap();
     assert_eq!(summary.figures.calls, 2);
     assert_eq!(summary.figures.revenue_micros, 10_000);
-    assert_eq!(r.summary("t2", range()).await.unwrap().figures.calls, 1);
+    assert_eq!(
+        r.summary(&Viewer::tenant("t2"), range())
+            .await
+            .unwrap()
+            .figures
+            .calls,
+        1
+    );
 }
 
 #[tokio::test]
@@ -152,11 +159,14 @@ async fn rollups_equal_the_sums_of_the_raw_rows() {
 
     let mut expected = UsageFigures::default();
     all.iter().for_each(|e| expected.record(e));
-    let summary = r.summary("t", range()).await.unwrap();
+    let summary = r.summary(&Viewer::tenant("t"), range()).await.unwrap();
     assert_eq!(summary.figures, expected, "heartbeats must not count");
     assert_eq!((summary.sessions, summary.tools, summary.agents), (7, 3, 2));
 
-    let tools = r.revenue_by_tool("t", range()).await.unwrap();
+    let tools = r
+        .revenue_by_tool(&Viewer::tenant("t"), range())
+        .await
+        .unwrap();
     assert_eq!(tools.len(), 3);
     for t in &tools {
         let mut want = UsageFigures::default();
@@ -170,7 +180,10 @@ async fn rollups_equal_the_sums_of_the_raw_rows() {
         .windows(2)
         .all(|p| p[0].figures.revenue_micros >= p[1].figures.revenue_micros));
 
-    let agents = r.usage_by_agent("t", range()).await.unwrap();
+    let agents = r
+        .usage_by_agent(&Viewer::tenant("t"), range())
+        .await
+        .unwrap();
     for a in &agents {
         let mut want = UsageFigures::default();
         all.iter()
@@ -210,7 +223,7 @@ async fn ranges_cut_on_utc_days() {
     .unwrap();
     let day = |d: &str| DateRange::parse(Some(d), Some(d), day0()).unwrap();
     assert_eq!(
-        r.summary("t", day("2026-11-19"))
+        r.summary(&Viewer::tenant("t"), day("2026-11-19"))
             .await
             .unwrap()
             .figures
@@ -218,14 +231,21 @@ async fn ranges_cut_on_utc_days() {
         1
     );
     assert_eq!(
-        r.summary("t", day("2026-11-20"))
+        r.summary(&Viewer::tenant("t"), day("2026-11-20"))
             .await
             .unwrap()
             .figures
             .calls,
         1
     );
-    assert_eq!(r.summary("t", range()).await.unwrap().figures.calls, 3);
+    assert_eq!(
+        r.summary(&Viewer::tenant("t"), range())
+            .await
+            .unwrap()
+            .figures
+            .calls,
+        3
+    );
 }
 
 #[tokio::test]
@@ -257,7 +277,7 @@ async fn sessions_follow_heartbeats_and_stay_per_tenant() {
         agent_id: None,
         limit: 10,
     };
-    let sessions = r.sessions("t", q.clone()).await.unwrap();
+    let sessions = r.sessions(&Viewer::tenant("t"), q.clone()).await.unwrap();
     assert_eq!(
         sessions
             .iter()
@@ -280,15 +300,32 @@ async fn sessions_follow_heartbeats_and_stay_per_tenant() {
         agent_id: Some("agent-b".into()),
         ..q
     };
-    assert_eq!(r.sessions("t", only_b).await.unwrap().len(), 1);
+    assert_eq!(
+        r.sessions(&Viewer::tenant("t"), only_b)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 
-    let detail = r.session("t", "s1").await.unwrap().unwrap();
+    let detail = r
+        .session(&Viewer::tenant("t"), "s1")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(detail.by_tool.len(), 2);
     assert!(
-        r.session("t", "s9").await.unwrap().is_none(),
+        r.session(&Viewer::tenant("t"), "s9")
+            .await
+            .unwrap()
+            .is_none(),
         "another tenant's session"
     );
-    assert!(r.session("other", "s1").await.unwrap().is_none());
+    assert!(r
+        .session(&Viewer::tenant("other"), "s1")
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]
@@ -341,8 +378,8 @@ async fn retention_drops_old_raw_rows_and_their_keys_and_keeps_the_rollups() {
         .await
         .unwrap();
     let old_range = DateRange::parse(Some("2026-08-21"), Some("2026-08-23"), day0()).unwrap();
-    let old_summary = r.summary("t1", old_range).await.unwrap();
-    let recent_summary = r.summary("t1", range()).await.unwrap();
+    let old_summary = r.summary(&Viewer::tenant("t1"), old_range).await.unwrap();
+    let recent_summary = r.summary(&Viewer::tenant("t1"), range()).await.unwrap();
     assert_eq!(old_summary.figures.calls, 12_000);
 
     let config = schemas::config::RetentionConfig {
@@ -371,8 +408,14 @@ async fn retention_drops_old_raw_rows_and_their_keys_and_keeps_the_rollups() {
     assert!(retention.apply(cutoffs, false).await.unwrap().is_empty());
 
     // The rollups are untouched: analytics answer as before, old days included.
-    assert_eq!(r.summary("t1", old_range).await.unwrap(), old_summary);
-    assert_eq!(r.summary("t1", range()).await.unwrap(), recent_summary);
+    assert_eq!(
+        r.summary(&Viewer::tenant("t1"), old_range).await.unwrap(),
+        old_summary
+    );
+    assert_eq!(
+        r.summary(&Viewer::tenant("t1"), range()).await.unwrap(),
+        recent_summary
+    );
     // Keys inside the window still catch a retry; an expired key is gone with its row.
     let again = w
         .write(&[batch(

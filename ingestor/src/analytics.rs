@@ -1,4 +1,5 @@
-//! `GET /analytics/mcp/...`: usage read back from the rollups, always the caller's tenant only.
+//! `GET /analytics/mcp/...`: usage read back from the rollups, always the caller's tenant only
+//! (and its customer only, for a portal token).
 
 use crate::auth::Grant;
 use crate::error::{ApiError, ErrorBody, ReadErrors};
@@ -6,7 +7,8 @@ use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::store::SessionQuery;
 use schemas::analytics::{
-    ByAgentReport, ByToolReport, DateRange, SessionDetail, SessionsReport, SummaryReport,
+    ByAgentReport, ByToolReport, DateRange, GroupBy, Interval, SeriesQuery, SessionDetail,
+    SessionsReport, SummaryReport, TimeSeriesReport,
 };
 use schemas::config::Scope;
 use serde::Deserialize;
@@ -72,6 +74,24 @@ async fn tenant_and_range(
     Ok((grant, range))
 }
 
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub struct SeriesParams {
+    /// First day, `YYYY-MM-DD` (or RFC 3339), inclusive; default 30 days before `to`.
+    #[param(format = Date)]
+    from: Option<String>,
+    /// Last day, inclusive; default today (UTC). At most 31 days after `from` for hours.
+    #[param(format = Date)]
+    to: Option<String>,
+    /// `hour` or `day` (default).
+    #[param(inline)]
+    interval: Option<Interval>,
+    /// `tool`, `agent` or `customer`; without it, one series of the totals.
+    #[param(inline)]
+    group_by: Option<GroupBy>,
+}
+
 /// Revenue, COGS and usage per tool over a range of days, highest revenue first.
 #[utoipa::path(
     get, path = "/analytics/mcp/revenue/by-tool", tag = "analytics", params(RangeParams),
@@ -90,7 +110,7 @@ pub async fn by_tool(
     let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let tools = state
         .analytics
-        .revenue_by_tool(&grant.tenant.id, range)
+        .revenue_by_tool(&grant.viewer(), range)
         .await?;
     Ok(HttpResponse::Ok().json(ByToolReport {
         from: range.from_str_day(),
@@ -117,7 +137,7 @@ pub async fn by_agent(
     let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let agents = state
         .analytics
-        .usage_by_agent(&grant.tenant.id, range)
+        .usage_by_agent(&grant.viewer(), range)
         .await?;
     Ok(HttpResponse::Ok().json(ByAgentReport {
         from: range.from_str_day(),
@@ -142,11 +162,40 @@ pub async fn summary(
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
-    let summary = state.analytics.summary(&grant.tenant.id, range).await?;
+    let summary = state.analytics.summary(&grant.viewer(), range).await?;
     Ok(HttpResponse::Ok().json(SummaryReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         summary,
+    }))
+}
+
+/// Usage per hour or per day, one series per tool, agent or customer (or one of the totals),
+/// highest revenue first. Buckets without usage are left out.
+#[utoipa::path(
+    get, path = "/analytics/mcp/timeseries", tag = "analytics", params(SeriesParams),
+    responses(
+        (status = 200, description = "One series per group", body = TimeSeriesReport, example = json!(
+            {"from":"2026-11-21","to":"2026-11-21","interval":"hour","groupBy":"tool","series":[{"key":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"points":[{"start":"2026-11-21T09:00:00.000Z","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}]}]})),
+        ReadErrors,
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
+pub async fn timeseries(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    q: web::Query<SeriesParams>,
+) -> Result<HttpResponse, ApiError> {
+    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let interval = q.interval.unwrap_or(Interval::Day);
+    let query = SeriesQuery::new(range, interval, q.group_by).map_err(ApiError::BadRequest)?;
+    let rows = state.analytics.series_rows(&grant.viewer(), query).await?;
+    Ok(HttpResponse::Ok().json(TimeSeriesReport {
+        from: range.from_str_day(),
+        to: range.to_str_day(),
+        interval,
+        group_by: q.group_by,
+        series: backends::store::assemble_series(rows, q.group_by.is_some()),
     }))
 }
 
@@ -177,7 +226,7 @@ pub async fn sessions(
         agent_id: q.agent_id.clone(),
         limit,
     };
-    let sessions = state.analytics.sessions(&grant.tenant.id, query).await?;
+    let sessions = state.analytics.sessions(&grant.viewer(), query).await?;
     Ok(HttpResponse::Ok().json(SessionsReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
@@ -191,8 +240,8 @@ pub async fn sessions(
     params(("sessionId" = String, Path, description = "The session's id, as the SDK sent it")),
     responses(
         (status = 200, description = "The session", body = SessionDetail, example = json!(
-            {"sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"byTool":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}]})),
-        (status = 404, description = "The tenant has no such session", body = ErrorBody),
+            {"sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"byTool":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}],"killedUntil":null})),
+        (status = 404, description = "The tenant (or the portal token's customer) has no such session", body = ErrorBody),
         ReadErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
@@ -206,12 +255,32 @@ pub async fn session(
     let session_id = path.into_inner();
     match state
         .analytics
-        .session(&grant.tenant.id, &session_id)
+        .session(&grant.viewer(), &session_id)
         .await?
     {
-        Some(detail) => Ok(HttpResponse::Ok().json(detail)),
+        Some(mut detail) => {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            // Without the guard state the answer still stands, without the kill.
+            detail.killed_until_ms = match state
+                .margins
+                .view(&grant.tenant.id, None, None, Some(&session_id), now_ms)
+                .await
+            {
+                Ok(view) => view.session_killed_until_ms,
+                Err(e) => {
+                    crate::guard::warn_state_unavailable(&e);
+                    None
+                }
+            };
+            Ok(HttpResponse::Ok().json(detail))
+        }
         None => Err(ApiError::NotFound(format!(
-            "no session `{session_id}` for this tenant"
+            "no session `{session_id}` for this {}",
+            if grant.customer.is_some() {
+                "customer"
+            } else {
+                "tenant"
+            }
         ))),
     }
 }

@@ -1,10 +1,13 @@
 //! Who is calling: the API key decides the tenant, never a header or a field.
 //!
 //! Keys are configured as SHA-256 hex; a presented key is hashed and looked up, so the
-//! process never holds a usable key.
+//! process never holds a usable key. A portal token (`mcpp_…`, [`crate::portal`]) is sent the
+//! same way and verified by its signature: it reads for one customer of its tenant.
 
 use crate::error::ApiError;
+use crate::portal::{PortalSigner, TOKEN_PREFIX};
 use actix_web::HttpRequest;
+use backends::store::Viewer;
 use schemas::config::{RateLimitConfig, Scope, TenantConfig};
 use schemas::rating::RatePlans;
 use sha2::{Digest, Sha256};
@@ -26,6 +29,8 @@ pub struct Grant {
     pub tenant: Arc<Tenant>,
     scopes: Vec<Scope>,
     pub rate_limit: Option<RateLimit>,
+    /// Set for a portal token: every read answers for this customer only.
+    pub customer: Option<String>,
 }
 
 /// A key's rate limit and the name of its bucket in the guard state.
@@ -34,21 +39,58 @@ pub struct RateLimit {
     pub bucket: String,
 }
 
+/// What a portal token may do: read and export, its customer's rows only.
+const PORTAL_SCOPES: [Scope; 2] = [Scope::Read, Scope::Export];
+
 impl Grant {
     fn allows(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin)
     }
+
+    /// Whose rows this caller reads.
+    pub fn viewer(&self) -> Viewer {
+        Viewer {
+            tenant: self.tenant.id.to_string(),
+            customer: self.customer.clone(),
+        }
+    }
+
+    /// Refuses a portal token where only the tenant's own keys may go, saying why.
+    pub fn not_portal(&self, what: &str) -> Result<(), ApiError> {
+        match self.customer {
+            Some(_) => Err(ApiError::Forbidden(format!(
+                "a portal token reads its customer's usage, spend and balance only; {what} needs \
+one of the tenant's API keys"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The customer a request may read: its portal token's, whatever it asked; or what it
+    /// asked. A portal token asking for another customer is refused.
+    pub fn customer_filter(&self, asked: Option<String>) -> Result<Option<String>, ApiError> {
+        match (&self.customer, asked) {
+            (Some(own), Some(asked)) if *own != asked => Err(ApiError::Forbidden(format!(
+                "this portal token reads customer `{own}` only, not `{asked}`"
+            ))),
+            (Some(own), _) => Ok(Some(own.clone())),
+            (None, asked) => Ok(asked),
+        }
+    }
 }
 
-/// Every configured key, by its SHA-256.
+/// Every configured key, by its SHA-256, and what verifies portal tokens.
 pub struct Keyring {
     by_hash: HashMap<[u8; 32], Arc<Grant>>,
+    tenants: HashMap<String, Arc<Tenant>>,
+    pub portal: PortalSigner,
 }
 
 impl Keyring {
     /// `tenants` must have passed `Config::validate`.
-    pub fn new(tenants: &[TenantConfig]) -> Keyring {
+    pub fn new(tenants: &[TenantConfig], portal: PortalSigner) -> Keyring {
         let mut by_hash = HashMap::new();
+        let mut by_id = HashMap::new();
         for t in tenants {
             let tenant = Arc::new(Tenant {
                 id: t.id.as_str().into(),
@@ -57,6 +99,7 @@ impl Keyring {
                 customer_caps: t.customer_caps.clone(),
                 max_in_flight_per_customer: t.max_in_flight_per_customer,
             });
+            by_id.insert(t.id.clone(), tenant.clone());
             for key in &t.api_keys {
                 let mut hash = [0u8; 32];
                 for (i, byte) in hash.iter_mut().enumerate() {
@@ -72,11 +115,33 @@ impl Keyring {
                             config,
                             bucket: format!("rate:{}:{}", t.id, key.name),
                         }),
+                        customer: None,
                     }),
                 );
             }
         }
-        Keyring { by_hash }
+        Keyring {
+            by_hash,
+            tenants: by_id,
+            portal,
+        }
+    }
+
+    /// The grant of a portal token: its tenant, read and export scopes, its customer.
+    fn portal_grant(&self, token: &str) -> Result<Arc<Grant>, ApiError> {
+        let claims = self
+            .portal
+            .verify(token, chrono::Utc::now().timestamp())
+            .map_err(ApiError::Unauthorized)?;
+        let tenant = self.tenants.get(&claims.tenant).ok_or_else(|| {
+            ApiError::Unauthorized("the portal token's tenant is no longer configured".into())
+        })?;
+        Ok(Arc::new(Grant {
+            tenant: tenant.clone(),
+            scopes: PORTAL_SCOPES.to_vec(),
+            rate_limit: None,
+            customer: Some(claims.customer),
+        }))
     }
 
     /// Finds the caller's grant and checks it allows `scope`.
@@ -94,14 +159,21 @@ impl Keyring {
         }
         .map(str::trim)
         .filter(|k| !k.is_empty())
-        .ok_or(ApiError::Unauthorized(
-            "no API key: send it in the X-API-Key header or as Authorization: Bearer <key>",
-        ))?;
-        let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        let grant = self
-            .by_hash
-            .get(&hash)
-            .ok_or(ApiError::Unauthorized("the API key is not recognized"))?;
+        .ok_or_else(|| {
+            ApiError::Unauthorized(
+                "no API key: send it in the X-API-Key header or as Authorization: Bearer <key>"
+                    .into(),
+            )
+        })?;
+        let grant = if key.starts_with(TOKEN_PREFIX) {
+            self.portal_grant(key)?
+        } else {
+            let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+            self.by_hash
+                .get(&hash)
+                .ok_or_else(|| ApiError::Unauthorized("the API key is not recognized".into()))?
+                .clone()
+        };
         if let Some(claimed) = headers.get("x-tenant-id") {
             if claimed.as_bytes() != grant.tenant.id.as_bytes() {
                 return Err(ApiError::Forbidden(format!(
@@ -111,11 +183,15 @@ impl Keyring {
             }
         }
         if !grant.allows(scope) {
+            let holder = match grant.customer {
+                Some(_) => "a portal token reads and exports only; it",
+                None => "this API key",
+            };
             return Err(ApiError::Forbidden(format!(
-                "this API key lacks the `{}` scope",
+                "{holder} lacks the `{}` scope",
                 scope.as_str()
             )));
         }
-        Ok(grant.clone())
+        Ok(grant)
     }
 }

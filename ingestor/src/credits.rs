@@ -155,7 +155,7 @@ pub async fn settle(
 
 /// The body as `T`; a field of the wrong type is named in the message (`amountMicros: invalid
 /// type: string "5", expected i64`).
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut json = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut json).map_err(|e| {
         let path = e.path().to_string();
@@ -268,6 +268,7 @@ pub async fn balance(
 ) -> Result<HttpResponse, ApiError> {
     let grant = state.admit(&req, Scope::Read).await?;
     let customer = customer_of(&path)?;
+    grant.customer_filter(Some(customer.to_string()))?;
     let balance = balance_of(&state, &grant.tenant.id, customer, now_ms()).await?;
     Ok(HttpResponse::Ok().json(balance))
 }

@@ -192,7 +192,7 @@ pub async fn billing(
         tenant: grant.tenant.id.clone(),
         query: BillingQuery {
             range: period.range(),
-            customer_id: non_empty(q.customer_id),
+            customer_id: grant.customer_filter(non_empty(q.customer_id))?,
             agent_id: non_empty(q.agent_id),
         },
         period: period.as_string(),

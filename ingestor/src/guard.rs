@@ -1,4 +1,5 @@
-//! `GET /v1/guard/check`, the pre-execution hook.
+//! `GET /v1/guard/check`, the pre-execution hook, and `GET /v1/guard/states`, what the margin
+//! guard last computed for a tenant.
 //!
 //! The check reads the guard state only (one round trip to Redis, or a lock in memory), never
 //! the store, so SDKs and gateways can call it before every tool call. When the state cannot
@@ -10,7 +11,7 @@ use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::metrics::LogThrottle;
 use schemas::config::Scope;
-use schemas::guard::GuardCheck;
+use schemas::guard::{GuardCheck, GuardStates};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -70,6 +71,31 @@ pub async fn check(
         }
     };
     Ok(HttpResponse::Ok().json(answer))
+}
+
+/// The current margin levels (OK, L1_WARN, L2_THROTTLE, L3_BLOCK) of the tenant's agents and
+/// tools, as the margin guard last wrote them to the guard state. Not for portal tokens:
+/// margins are the operator's.
+#[utoipa::path(
+    get, path = "/v1/guard/states", tag = "guard",
+    responses(
+        (status = 200, description = "Agents' and tools' margin states", body = GuardStates, example = json!(
+            {"agents":[{"subject":"agent","id":"agent_1","level":"OK","margin":0.7975,"revenueMicros":7550,"cogsMicros":1529,"windowDays":7,"computedAt":"2026-11-21T12:15:42.747Z"}],"tools":[{"subject":"tool","id":"web_search","level":"OK","margin":0.7975,"revenueMicros":7550,"cogsMicros":1529,"windowDays":7,"computedAt":"2026-11-21T12:15:42.747Z"}]})),
+        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The key lacks the `read` scope, or is a portal token", body = ErrorBody),
+        (status = 503, description = "The guard state cannot be read; retry", body = ErrorBody),
+    ),
+    security(("api_key" = []), ("bearer" = [])),
+)]
+pub async fn states(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let grant = state.admit(&req, Scope::Read).await?;
+    grant.not_portal("reading margin levels")?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let states = state.margins.margins(&grant.tenant.id, now_ms).await?;
+    Ok(HttpResponse::Ok().json(GuardStates::of(states)))
 }
 
 fn named(v: &Option<String>) -> Option<&str> {

@@ -9,6 +9,8 @@
 //!   the settlement of ingested calls, once per event key.
 //! - [`analytics`]: `GET /analytics/mcp/...`.
 //! - [`exports`]: `GET /v1/exports/billing`, streamed CSV or JSON.
+//! - [`portal`]: `POST /v1/portal/tokens`, signed read-only tokens for one customer.
+//! - [`dashboard`]: `/dashboard/`, the pages and chart library embedded in the binary.
 //! - [`openapi`]: the OpenAPI document (`/openapi.json`) and Swagger UI (`/docs`).
 //! - [`metrics`]: the API's metric families (ingest outcomes, requests by route and status).
 //! - [`error`]: the one mapping from errors to HTTP status codes.
@@ -19,6 +21,7 @@
 pub mod analytics;
 pub mod auth;
 pub mod credits;
+pub mod dashboard;
 pub mod error;
 pub mod exports;
 pub mod guard;
@@ -27,6 +30,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod ops;
+pub mod portal;
 
 use actix_web::web;
 use backends::sink::EventSink;
@@ -214,6 +218,8 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             .service(ingest_post("/v1/ingest/batch", ingest::batch))
             .service(ingest_post("/v1/ingest/events", ingest::events))
             .service(get("/v1/guard/check", guard::check))
+            .service(get("/v1/guard/states", guard::states))
+            .service(post("/v1/portal/tokens", portal::issue))
             .service(post("/v1/authorize", credits::authorize))
             .service(post("/v1/authorize/{nonce}/release", credits::release))
             .service(post("/v1/customers/{customer_id}/credits", credits::grant))
@@ -223,6 +229,8 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             .service(get("/healthz", ops::healthz))
             .service(get("/readyz", ops::readyz))
             .service(get("/metrics", ops::metrics))
+            .service(get("/dashboard", dashboard::redirect))
+            .service(get("/dashboard/{file:.*}", dashboard::asset))
             .service(get("/openapi.json", || async {
                 actix_web::HttpResponse::Ok()
                     .content_type("application/json")
@@ -241,6 +249,7 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             .service(get("/analytics/mcp/by-agent", analytics::by_agent))
             .service(get("/analytics/mcp/summary", analytics::summary))
             .service(get("/analytics/mcp/sessions", analytics::sessions))
+            .service(get("/analytics/mcp/timeseries", analytics::timeseries))
             .service(get(
                 "/analytics/mcp/sessions/{session_id}",
                 analytics::session,

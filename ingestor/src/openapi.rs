@@ -15,13 +15,14 @@ use utoipa::{Modify, OpenApi};
         description = "Usage metering for paid MCP servers: ingest one event per tool call, price it \
 from the tenant's rate plan, enforce hard limits and margin levels, and read analytics and billing \
 exports back. Money is integer micro-USD (µUSD); times are UTC, RFC 3339 on the wire. The API key \
-alone decides the tenant.",
+alone decides the tenant; a portal token (`POST /v1/portal/tokens`) reads for one customer of it.",
         license(name = "Apache-2.0")
     ),
     paths(
         crate::ingest::batch,
         crate::ingest::events,
         crate::guard::check,
+        crate::guard::states,
         crate::credits::authorize,
         crate::credits::release,
         crate::credits::grant,
@@ -30,22 +31,29 @@ alone decides the tenant.",
         crate::analytics::by_agent,
         crate::analytics::summary,
         crate::analytics::sessions,
+        crate::analytics::timeseries,
         crate::analytics::session,
         crate::exports::billing,
+        crate::portal::issue,
         crate::ops::index,
         crate::ops::healthz,
         crate::ops::readyz,
         crate::ops::metrics,
     ),
     // Schemas only parameters use are not collected on their own.
-    components(schemas(crate::exports::Format)),
+    components(schemas(
+        crate::exports::Format,
+        schemas::analytics::Interval,
+        schemas::analytics::GroupBy
+    )),
     modifiers(&Security),
     tags(
         (name = "ingest", description = "Usage events and heartbeats (scope `ingest`)"),
-        (name = "guard", description = "The pre-execution check (scope `ingest`)"),
+        (name = "guard", description = "The pre-execution check (scope `ingest`) and the margin levels behind it (scope `read`)"),
         (name = "credits", description = "Charge before the tool runs: prepaid grants (scope `admin`), balances (scope `read`), authorize and release (scope `ingest`)"),
-        (name = "analytics", description = "Usage read back from the rollups (scope `read`)"),
-        (name = "exports", description = "Billing exports for finance (scope `export`)"),
+        (name = "analytics", description = "Usage read back from the rollups (scope `read`; a portal token reads its customer's only)"),
+        (name = "exports", description = "Billing exports for finance (scope `export`; a portal token exports its customer's lines only)"),
+        (name = "portal", description = "Read-only tokens for one customer's portal (scope `admin`)"),
         (name = "operations", description = "Health and readiness (no key)"),
     )
 )]

@@ -28,6 +28,8 @@ pub struct Index {
     version: &'static str,
     /// The interactive API documentation.
     docs: &'static str,
+    /// The dashboard (sign in with a `read` key) and the customer portal (with a portal token).
+    dashboard: &'static str,
     /// The OpenAPI document.
     openapi: &'static str,
     health: &'static str,
@@ -35,7 +37,7 @@ pub struct Index {
     metrics: &'static str,
 }
 
-/// Where to start: the documentation, the OpenAPI document and the operations endpoints.
+/// Where to start: the documentation, the dashboard, the OpenAPI document and the operations endpoints.
 #[utoipa::path(get, path = "/", tag = "operations",
     responses((status = 200, description = "Links", body = Index)))]
 pub async fn index() -> HttpResponse {
@@ -43,6 +45,7 @@ pub async fn index() -> HttpResponse {
         name: "mcp-meter",
         version: env!("CARGO_PKG_VERSION"),
         docs: "/docs/",
+        dashboard: "/dashboard/",
         openapi: "/openapi.json",
         health: "/healthz",
         ready: "/readyz",

@@ -274,6 +274,12 @@ pub struct SessionDetail {
     #[serde(flatten)]
     pub session: SessionUsage,
     pub by_tool: Vec<SessionToolUsage>,
+    /// Until when the session is on its tenant's kill list (a hard limit or the margin guard
+    /// stopped it); `null` when it is not. From the guard state, not the store: stores leave
+    /// it unset and the API fills it.
+    #[serde(rename = "killedUntil", serialize_with = "ser_opt_ms")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub killed_until_ms: Option<i64>,
 }
 
 /// One tool's share of a session.
@@ -318,8 +324,133 @@ pub struct SessionsReport {
     pub sessions: Vec<SessionUsage>,
 }
 
+/// How long one point of a time series is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Interval {
+    /// UTC hours, read from the hourly rollup; a range of at most [`MAX_HOURLY_DAYS`].
+    Hour,
+    /// UTC days, read from the daily rollup.
+    Day,
+}
+
+/// Longest range an hourly series may cover: 31 days is 744 points per series.
+pub const MAX_HOURLY_DAYS: i64 = 31;
+
+impl Interval {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interval::Hour => "hour",
+            Interval::Day => "day",
+        }
+    }
+}
+
+/// What a time series is split by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    Tool,
+    Agent,
+    Customer,
+}
+
+impl GroupBy {
+    /// The rollup column that holds the group's name.
+    pub fn column(self) -> &'static str {
+        match self {
+            GroupBy::Tool => "tool_name",
+            GroupBy::Agent => "agent_id",
+            GroupBy::Customer => "customer_id",
+        }
+    }
+}
+
+/// What `GET /analytics/mcp/timeseries` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeriesQuery {
+    pub range: DateRange,
+    pub interval: Interval,
+    /// `None`: one series of the totals.
+    pub group_by: Option<GroupBy>,
+}
+
+impl SeriesQuery {
+    /// Checks that an hourly series stays within [`MAX_HOURLY_DAYS`].
+    pub fn new(
+        range: DateRange,
+        interval: Interval,
+        group_by: Option<GroupBy>,
+    ) -> Result<SeriesQuery, String> {
+        let days = (range.to - range.from).num_days() + 1;
+        if interval == Interval::Hour && days > MAX_HOURLY_DAYS {
+            return Err(format!(
+                "interval=hour covers at most {MAX_HOURLY_DAYS} days (asked {days}: {} to {}); \
+narrow from/to or use interval=day",
+                range.from_str_day(),
+                range.to_str_day()
+            ));
+        }
+        Ok(SeriesQuery {
+            range,
+            interval,
+            group_by,
+        })
+    }
+}
+
+/// One bucket of a series, as stores read it: the group's name, the bucket's first
+/// millisecond, the sums. Stores answer these ordered by group, then bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeriesRow {
+    pub key: String,
+    pub start_ms: i64,
+    pub figures: UsageFigures,
+}
+
+/// One point: a bucket with usage (buckets without are left out).
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SeriesPoint {
+    /// The bucket's first instant (RFC 3339, UTC).
+    #[serde(serialize_with = "ser_ms")]
+    #[schema(value_type = String, format = DateTime)]
+    pub start: i64,
+    #[serde(flatten)]
+    pub figures: UsageFigures,
+}
+
+/// One group's series with its totals over the range.
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Series {
+    /// The tool, agent or customer; `null` for the totals when nothing is grouped.
+    pub key: Option<String>,
+    #[serde(flatten)]
+    pub figures: UsageFigures,
+    pub points: Vec<SeriesPoint>,
+}
+
+/// `GET /analytics/mcp/timeseries`
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TimeSeriesReport {
+    pub from: String,
+    pub to: String,
+    pub interval: Interval,
+    pub group_by: Option<GroupBy>,
+    pub series: Vec<Series>,
+}
+
 fn ser_ms<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_ms(*ms))
+}
+
+fn ser_opt_ms<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match ms {
+        Some(ms) => s.serialize_str(&format_ms(*ms)),
+        None => s.serialize_none(),
+    }
 }
 
 #[cfg(test)]

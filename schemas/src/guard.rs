@@ -183,6 +183,26 @@ fn from_rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
         .map_err(serde::de::Error::custom)
 }
 
+/// `GET /v1/guard/states`: every margin state the guard last wrote for a tenant, agents and
+/// tools apart, each ordered by id. A subject without usage in the guard's window has none.
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GuardStates {
+    pub agents: Vec<MarginState>,
+    pub tools: Vec<MarginState>,
+}
+
+impl GuardStates {
+    /// Splits states by subject and orders each by id.
+    pub fn of(mut states: Vec<MarginState>) -> GuardStates {
+        states.sort_by(|a, b| a.id.cmp(&b.id));
+        let (agents, tools) = states
+            .into_iter()
+            .partition(|s| s.subject == SubjectKind::Agent);
+        GuardStates { agents, tools }
+    }
+}
+
 /// What the guard state holds for one check: the agent's and the tool's margin states, and
 /// until when the session is killed.
 #[derive(Clone, Debug, Default, PartialEq)]

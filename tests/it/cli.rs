@@ -294,6 +294,7 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
                 "INGEST_",
                 "MARGIN_GUARD_",
                 "CREDITS_",
+                "PORTAL_",
             ],
         ),
         (
@@ -305,6 +306,7 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
                 "INGEST_",
                 "MARGIN_GUARD_",
                 "CREDITS_",
+                "PORTAL_",
             ],
         ),
         (

@@ -6,8 +6,8 @@ use backends::sink::{TenantBatch, WriteOutcome};
 use backends::store::clickhouse::{
     migrations, ClickHouseAnalytics, ClickHouseWriter, HttpRunner, SqlRunner,
 };
-use backends::store::{AnalyticsStore, SessionQuery, StoreWriter};
-use schemas::analytics::DateRange;
+use backends::store::{AnalyticsStore, SessionQuery, StoreWriter, Viewer};
+use schemas::analytics::{DateRange, GroupBy, Interval, SeriesQuery};
 use schemas::billing::BillingQuery;
 use schemas::event::{ExecutionStatus, RatedEvent};
 use serde_json::{json, Value};
@@ -219,7 +219,10 @@ async fn write_and_check(runner: &dyn SqlRunner) -> String {
     let analytics = ClickHouseAnalytics::new(runner);
     let day = chrono::NaiveDate::from_ymd_opt(2026, 11, 20).unwrap();
     let range = DateRange { from: day, to: day };
-    let summary = analytics.summary("t1", range).await.unwrap();
+    let summary = analytics
+        .summary(&Viewer::tenant("t1"), range)
+        .await
+        .unwrap();
     assert_eq!(
         (
             summary.figures.calls,
@@ -228,7 +231,11 @@ async fn write_and_check(runner: &dyn SqlRunner) -> String {
         ),
         (4, 400, 1)
     );
-    let session = analytics.session("t1", "s'1").await.unwrap().unwrap();
+    let session = analytics
+        .session(&Viewer::tenant("t1"), "s'1")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(session.session.figures.calls, 4);
     runner
         .tab_separated("SELECT * FROM mcp_events ORDER BY tenant_id, idempotency_key")
@@ -276,7 +283,10 @@ fn retention_drops_expired_key_and_raw_partitions_and_keeps_the_rollups() {
             from: day(DAY0 - 90 * DAY),
             to: day(DAY0),
         };
-        let before = analytics.summary("t1", everything).await.unwrap();
+        let before = analytics
+            .summary(&Viewer::tenant("t1"), everything)
+            .await
+            .unwrap();
         assert_eq!(before.figures.calls, 55);
 
         let retention = ClickHouseRetention::new(runner.clone());
@@ -320,7 +330,13 @@ fn retention_drops_expired_key_and_raw_partitions_and_keeps_the_rollups() {
         assert_eq!(count("mcp_events").await, "5");
         assert_eq!(count("mcp_event_keys").await, "5");
         assert!(retention.apply(cutoffs, false).await.unwrap().is_empty());
-        assert_eq!(analytics.summary("t1", everything).await.unwrap(), before);
+        assert_eq!(
+            analytics
+                .summary(&Viewer::tenant("t1"), everything)
+                .await
+                .unwrap(),
+            before
+        );
 
         let again = writer
             .write(&[TenantBatch::new(
@@ -559,9 +575,12 @@ fn stream(now_ms: i64) -> Vec<Vec<Value>> {
 #[test]
 fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhouse() {
     let database = unique_database("conformance");
-    let sqlite = Server::start();
+    // One portal secret: a token issued by one server reads on the other.
+    let secret = Some("the conformance test's portal secret, 32+ chars".to_string());
+    let sqlite = Server::start_with(|c| c.portal.secret = secret.clone());
     let ch_dir = tempfile::tempdir().unwrap();
-    let ch_config = clickhouse_config(ch_dir.path(), &database);
+    let mut ch_config = clickhouse_config(ch_dir.path(), &database);
+    ch_config.portal.secret = secret;
     let clickhouse = Server::start_in(ch_dir, ch_config.clone());
 
     let now_ms = chrono::Utc::now().timestamp_millis();
@@ -615,6 +634,15 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                 &format!("/analytics/mcp/sessions{range}{sep}agentId=agent_claude"),
                 key,
             );
+            // Series by day and by hour (the hourly rollup; over 31 days both answer 400).
+            for interval in ["day", "hour"] {
+                for group in ["", "&groupBy=tool", "&groupBy=agent", "&groupBy=customer"] {
+                    compare(
+                        &format!("/analytics/mcp/timeseries{range}{sep}interval={interval}{group}"),
+                        key,
+                    );
+                }
+            }
         }
         // Billing exports of this month and the last, both formats, with and without filters.
         let months = [
@@ -646,6 +674,43 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
             .chain(["no_such_session".to_string()].iter())
         {
             compare(&format!("/analytics/mcp/sessions/{id}"), key);
+        }
+    }
+    // A portal token (one customer) reads the same on both stores, wherever it was issued.
+    let month = today.format("%Y-%m").to_string();
+    for (key, customer) in [(ACME, "cust_b"), (INITECH, "cust_a"), (ACME, "")] {
+        let (status, answer) = sqlite.post(
+            "/v1/portal/tokens",
+            key,
+            &json!({"customerId": customer, "expiresInSeconds": 600}).to_string(),
+        );
+        if customer.is_empty() {
+            assert_eq!(status, 400, "a token names a customer: {answer}");
+            continue;
+        }
+        let token = answer["token"].as_str().unwrap().to_string();
+        for path in [
+            "/analytics/mcp/summary".to_string(),
+            "/analytics/mcp/revenue/by-tool".to_string(),
+            "/analytics/mcp/by-agent".to_string(),
+            "/analytics/mcp/sessions?limit=1000".to_string(),
+            "/analytics/mcp/timeseries?groupBy=customer".to_string(),
+            "/analytics/mcp/timeseries?interval=hour&groupBy=tool".to_string(),
+            format!("/v1/exports/billing?period={month}"),
+        ] {
+            let answer = compare(&path, &token);
+            assert!(!answer.contains("cust_c"), "{path}: {answer}");
+        }
+        let sessions: Value =
+            serde_json::from_str(&compare("/analytics/mcp/sessions?limit=1000", &token)).unwrap();
+        for s in sessions["sessions"].as_array().unwrap().iter().take(5) {
+            compare(
+                &format!(
+                    "/analytics/mcp/sessions/{}",
+                    s["sessionId"].as_str().unwrap()
+                ),
+                &token,
+            );
         }
     }
     eprintln!(
@@ -691,18 +756,38 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                     from: today - chrono::Days::new(back),
                     to: today,
                 };
-                assert!(!old.revenue_by_tool(tenant, range).await.unwrap().is_empty());
+                assert!(!old
+                    .revenue_by_tool(&Viewer::tenant(tenant), range)
+                    .await
+                    .unwrap()
+                    .is_empty());
                 assert_eq!(
-                    json(&old.revenue_by_tool(tenant, range).await.unwrap()),
-                    json(&new.revenue_by_tool(tenant, range).await.unwrap())
+                    json(
+                        &old.revenue_by_tool(&Viewer::tenant(tenant), range)
+                            .await
+                            .unwrap()
+                    ),
+                    json(
+                        &new.revenue_by_tool(&Viewer::tenant(tenant), range)
+                            .await
+                            .unwrap()
+                    )
                 );
                 assert_eq!(
-                    json(&old.usage_by_agent(tenant, range).await.unwrap()),
-                    json(&new.usage_by_agent(tenant, range).await.unwrap())
+                    json(
+                        &old.usage_by_agent(&Viewer::tenant(tenant), range)
+                            .await
+                            .unwrap()
+                    ),
+                    json(
+                        &new.usage_by_agent(&Viewer::tenant(tenant), range)
+                            .await
+                            .unwrap()
+                    )
                 );
                 assert_eq!(
-                    json(&old.summary(tenant, range).await.unwrap()),
-                    json(&new.summary(tenant, range).await.unwrap())
+                    json(&old.summary(&Viewer::tenant(tenant), range).await.unwrap()),
+                    json(&new.summary(&Viewer::tenant(tenant), range).await.unwrap())
                 );
                 // Pages of 7 lines walk the keyset; they add up to the one-page answer.
                 let query = BillingQuery {
@@ -738,14 +823,58 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                         limit: 50,
                     };
                     assert_eq!(
-                        json(&old.sessions(tenant, q.clone()).await.unwrap()),
-                        json(&new.sessions(tenant, q).await.unwrap())
+                        json(
+                            &old.sessions(&Viewer::tenant(tenant), q.clone())
+                                .await
+                                .unwrap()
+                        ),
+                        json(&new.sessions(&Viewer::tenant(tenant), q).await.unwrap())
                     );
                 }
                 checked += 6;
             }
+            // Series from both rollups, and a customer's view of the rest.
+            let range = DateRange {
+                from: today - chrono::Days::new(20),
+                to: today,
+            };
+            for interval in [Interval::Day, Interval::Hour] {
+                for group in [None, Some(GroupBy::Tool), Some(GroupBy::Customer)] {
+                    let q = SeriesQuery::new(range, interval, group).unwrap();
+                    let rows = old.series_rows(&Viewer::tenant(tenant), q).await.unwrap();
+                    assert!(!rows.is_empty(), "{interval:?} {group:?}");
+                    assert_eq!(
+                        rows,
+                        new.series_rows(&Viewer::tenant(tenant), q).await.unwrap(),
+                        "{interval:?} {group:?}"
+                    );
+                    checked += 1;
+                }
+            }
+            let customer = Viewer {
+                tenant: tenant.to_string(),
+                customer: Some("cust_b".into()),
+            };
+            assert_eq!(
+                json(&old.summary(&customer, range).await.unwrap()),
+                json(&new.summary(&customer, range).await.unwrap())
+            );
+            let q = SessionQuery {
+                range,
+                agent_id: None,
+                limit: 1000,
+            };
+            assert_eq!(
+                json(&old.sessions(&customer, q.clone()).await.unwrap()),
+                json(&new.sessions(&customer, q).await.unwrap())
+            );
+            checked += 2;
             for id in ["sess_0_1", "sess_1_2", "sess_2_3", "nope"] {
-                let found = old.session(tenant, id).await.unwrap().is_some();
+                let found = old
+                    .session(&Viewer::tenant(tenant), id)
+                    .await
+                    .unwrap()
+                    .is_some();
                 assert_eq!(
                     found,
                     id.starts_with(&format!(
@@ -757,8 +886,8 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                     ))
                 );
                 assert_eq!(
-                    json(&old.session(tenant, id).await.unwrap()),
-                    json(&new.session(tenant, id).await.unwrap())
+                    json(&old.session(&Viewer::tenant(tenant), id).await.unwrap()),
+                    json(&new.session(&Viewer::tenant(tenant), id).await.unwrap())
                 );
                 checked += 1;
             }

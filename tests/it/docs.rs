@@ -32,7 +32,7 @@ fn the_readme_config_examples_are_valid() {
     let default = Config::default();
     let sections = |c: &Config| {
         format!(
-            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             c.listen,
             c.data_dir,
             c.store,
@@ -44,11 +44,13 @@ fn the_readme_config_examples_are_valid() {
             c.aggregator,
             c.ingest,
             c.sqlite,
-            c.credits
+            c.credits,
+            c.portal
         )
     };
     assert_eq!(sections(&config), sections(&default));
     assert!(config.kafka.brokers.is_none() && config.redis.url.is_none());
+    assert!(config.portal.secret.is_none());
     let web = &config.tenants[0].rate_plans[0].tools["web_search"];
     assert_eq!(web.cost.per_second.scaled(), 250_000);
     // Each snippet is valid where it belongs: after the full example.

@@ -1,6 +1,7 @@
 //! Tenant isolation on every endpoint, and scopes: a key of tenant `acme` that names `globex`'s
 //! sessions, agents, tools and customers, by id or by filter, sees none of them; each key can do
-//! only what its scopes allow.
+//! only what its scopes allow. A portal token sees one customer of one tenant, and writes
+//! nothing.
 
 use crate::common::distributed::wait_until;
 use crate::common::*;
@@ -54,6 +55,10 @@ fn a_key_never_reaches_another_tenants_data_on_any_endpoint() {
         "/analytics/mcp/sessions".to_string(),
         "/analytics/mcp/sessions?agentId=globex-agent".to_string(),
         "/analytics/mcp/sessions/globex-session".to_string(),
+        "/analytics/mcp/timeseries?groupBy=customer".to_string(),
+        "/analytics/mcp/timeseries?interval=hour&groupBy=tool".to_string(),
+        "/analytics/mcp/timeseries?groupBy=agent".to_string(),
+        "/v1/guard/states".to_string(),
         format!("/v1/exports/billing?period={month}"),
         format!("/v1/exports/billing?period={month}&format=json&customerId=globex-cust"),
         format!("/v1/exports/billing?period={month}&format=json&agentId=globex-agent"),
@@ -125,6 +130,196 @@ fn scopes_decide_what_each_key_may_do() {
         assert_eq!(
             got, expected,
             "{what}: ingest, guard check, analytics, export"
+        );
+    }
+}
+
+/// A call of `customer` in `session` (tool and agent named after the customer).
+fn customer_call(key: &str, customer: &str, session: &str) -> serde_json::Value {
+    json!({
+        "idempotencyKey": key,
+        "metricName": "mcp_server.tool_invocations",
+        "toolName": format!("{customer}-tool"),
+        "agentId": format!("{customer}-agent"),
+        "customerId": customer,
+        "sessionId": session,
+        "metadata": {"inputTokens": 10},
+    })
+}
+
+fn portal_token(s: &Server, key: &str, customer: &str, seconds: u64) -> String {
+    let (status, answer) = s.post(
+        "/v1/portal/tokens",
+        key,
+        &json!({"customerId": customer, "expiresInSeconds": seconds}).to_string(),
+    );
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["customerId"], customer);
+    answer["token"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_portal_token_reads_one_customer_of_one_tenant_and_writes_nothing() {
+    let s = Server::start_with(|c| c.margin_guard.interval_seconds = 1);
+    // acme: cust-a's session sa (2 calls), cust-b's sb (3 calls), and sm, which mixes them
+    // (one call each). globex has a cust-a too, with a session of its own.
+    let acme = [
+        customer_call("a1", "cust-a", "sa"),
+        customer_call("a2", "cust-a", "sa"),
+        customer_call("b1", "cust-b", "sb"),
+        customer_call("b2", "cust-b", "sb"),
+        customer_call("b3", "cust-b", "sb"),
+        customer_call("m1", "cust-a", "sm"),
+        customer_call("m2", "cust-b", "sm"),
+    ];
+    assert_eq!(s.post("/v1/ingest/batch", ACME, &batch(&acme)).0, 202);
+    let globex = [customer_call("g1", "cust-a", "ga")];
+    assert_eq!(s.post("/v1/ingest/batch", GLOBEX, &batch(&globex)).0, 202);
+    let token = portal_token(&s, ACME, "cust-a", 600);
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+
+    // Totals are cust-a's three calls (sa's two, its one in sm).
+    let (status, summary) = s.get("/analytics/mcp/summary", &token);
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(summary["calls"], 3, "{summary}");
+    assert_eq!(summary["revenueMicros"], 3 * 5010, "{summary}");
+    let reads = [
+        "/analytics/mcp/revenue/by-tool".to_string(),
+        "/analytics/mcp/by-agent".to_string(),
+        "/analytics/mcp/sessions".to_string(),
+        "/analytics/mcp/sessions?agentId=cust-b-agent".to_string(),
+        "/analytics/mcp/timeseries?groupBy=customer".to_string(),
+        "/analytics/mcp/timeseries?interval=hour&groupBy=tool".to_string(),
+        "/v1/customers/cust-a/balance".to_string(),
+        format!("/v1/exports/billing?period={month}"),
+        format!("/v1/exports/billing?period={month}&format=json&customerId=cust-a"),
+    ];
+    for path in &reads {
+        let (status, text) = s.get_text(path, &token);
+        assert_eq!(status, 200, "{path}: {text}");
+        for word in ["cust-b", "\"sb\"", "\"sm\"", "\"ga\""] {
+            assert!(!text.contains(word), "{path} shows {word}: {text}");
+        }
+    }
+    // Its sessions: sa only (sm mixes customers, ga is globex's).
+    let (_, sessions) = s.get("/analytics/mcp/sessions", &token);
+    let ids: Vec<&str> = sessions["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sessionId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["sa"], "{sessions}");
+    assert_eq!(s.get("/analytics/mcp/sessions/sa", &token).0, 200);
+    for other in ["sb", "sm", "ga"] {
+        let (status, answer) = s.get(&format!("/analytics/mcp/sessions/{other}"), &token);
+        assert_eq!(status, 404, "{other}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains("customer"),
+            "{answer}"
+        );
+    }
+    let (_, series) = s.get("/analytics/mcp/timeseries?groupBy=customer", &token);
+    assert_eq!(series["series"].as_array().unwrap().len(), 1, "{series}");
+    assert_eq!(series["series"][0]["key"], "cust-a", "{series}");
+
+    // Another customer's rows, by name: refused, and said so.
+    for path in [
+        "/v1/customers/cust-b/balance".to_string(),
+        format!("/v1/exports/billing?period={month}&customerId=cust-b"),
+    ] {
+        let (status, answer) = s.get(&path, &token);
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains("cust-a"),
+            "{answer}"
+        );
+    }
+    // The operator's margins and every write: refused.
+    assert_eq!(s.get("/v1/guard/states", &token).0, 403);
+    assert_eq!(s.get("/v1/guard/check?agentId=cust-a-agent", &token).0, 403);
+    let writes = [
+        (
+            "/v1/ingest/events",
+            customer_call("p1", "cust-a", "sa").to_string(),
+        ),
+        (
+            "/v1/ingest/batch",
+            batch(&[customer_call("p2", "cust-a", "sa")]),
+        ),
+        (
+            "/v1/customers/cust-a/credits",
+            json!({"amountMicros": 1000, "idempotencyKey": "g"}).to_string(),
+        ),
+        (
+            "/v1/authorize",
+            json!({"nonce": "n", "customerId": "cust-a", "toolName": "t"}).to_string(),
+        ),
+        (
+            "/v1/portal/tokens",
+            json!({"customerId": "cust-b", "expiresInSeconds": 60}).to_string(),
+        ),
+    ];
+    for (path, body) in &writes {
+        let (status, answer) = s.post(path, &token, body);
+        assert_eq!(status, 403, "{path}: {answer}");
+    }
+    assert_eq!(s.get("/analytics/mcp/summary", &token).1["calls"], 3);
+
+    // Tampered, foreign and expired tokens: 401, each saying why.
+    let mut tampered = token.clone().into_bytes();
+    let last = tampered.len() - 2;
+    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    let foreign = ingestor::portal::PortalSigner::new(Some("a secret this server does not have!"))
+        .issue("acme", "cust-a", chrono::Utc::now().timestamp() + 600);
+    let short = portal_token(&s, ACME, "cust-a", 1);
+    std::thread::sleep(Duration::from_millis(2100));
+    for (what, bad, says) in [
+        ("tampered", tampered.as_str(), "signature"),
+        ("foreign", foreign.as_str(), "signature"),
+        ("expired", short.as_str(), "expired"),
+        ("malformed", "mcpp_garbage", "malformed"),
+    ] {
+        let (status, answer) = s.get("/analytics/mcp/summary", bad);
+        assert_eq!(status, 401, "{what}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains(says),
+            "{what}: {answer}"
+        );
+    }
+
+    // Issuing: admin keys only, a customer, 1 s to 30 days.
+    let ask =
+        |key: &str, body: serde_json::Value| s.post("/v1/portal/tokens", key, &body.to_string());
+    assert_eq!(
+        ask(
+            ACME_READ,
+            json!({"customerId": "c", "expiresInSeconds": 60})
+        )
+        .0,
+        403
+    );
+    for (body, says) in [
+        (
+            json!({"customerId": "c", "expiresInSeconds": 0}),
+            "expiresInSeconds",
+        ),
+        (
+            json!({"customerId": "c", "expiresInSeconds": 2_592_001}),
+            "expiresInSeconds",
+        ),
+        (
+            json!({"customerId": "", "expiresInSeconds": 60}),
+            "customerId",
+        ),
+        (json!({"expiresInSeconds": 60}), "customerId"),
+    ] {
+        let (status, answer) = ask(ACME, body.clone());
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains(says),
+            "{body}: {answer}"
         );
     }
 }

@@ -9,6 +9,7 @@ mod bad_input;
 mod cli;
 mod clickhouse;
 mod credits;
+mod dashboard;
 mod deploy;
 mod distributed;
 mod docs;

@@ -247,6 +247,16 @@ impl MarginBoard for MemoryState {
         Ok(())
     }
 
+    async fn margins(&self, tenant: &str, now_ms: i64) -> Result<Vec<MarginState>, StateError> {
+        let inner = self.inner.lock().expect("guard state lock");
+        Ok(inner
+            .margins
+            .get(tenant)
+            .filter(|(expires, _)| *expires > now_ms)
+            .map(|(_, m)| m.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
     async fn view(
         &self,
         tenant: &str,

@@ -155,6 +155,9 @@ pub trait MarginBoard: StateBackend {
         expires_at_ms: i64,
     ) -> Result<(), StateError>;
 
+    /// Every margin state of `tenant` the guard wrote and that has not expired at `now_ms`.
+    async fn margins(&self, tenant: &str, now_ms: i64) -> Result<Vec<MarginState>, StateError>;
+
     /// What a guard check needs, in one round trip: the agent's and the tool's margin states
     /// and the session's kill, for those named.
     async fn view(

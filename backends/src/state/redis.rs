@@ -286,6 +286,19 @@ impl MarginBoard for RedisState {
         Ok(())
     }
 
+    async fn margins(&self, tenant: &str, _now_ms: i64) -> Result<Vec<MarginState>, StateError> {
+        // The hash expires as a whole (PEXPIREAT), so what is there is current.
+        let states: Vec<String> = redis::cmd("HVALS")
+            .arg(self.margins_key(tenant))
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| redis_error("read margins", source))?;
+        states
+            .into_iter()
+            .filter_map(|json| parse_margin(Some(json)).transpose())
+            .collect()
+    }
+
     async fn view(
         &self,
         tenant: &str,

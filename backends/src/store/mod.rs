@@ -13,8 +13,8 @@ use crate::error::StoreError;
 use crate::sink::{BusPosition, TenantBatch, WriteOutcome};
 use crate::state::WalletSeed;
 use schemas::analytics::{
-    AgentUsage, DateRange, DayUsage, SessionDetail, SessionUsage, ToolUsage, UsageFigures,
-    UsageSummary,
+    AgentUsage, DateRange, DayUsage, Series, SeriesPoint, SeriesQuery, SeriesRow, SessionDetail,
+    SessionUsage, ToolUsage, UsageFigures, UsageSummary,
 };
 use schemas::billing::{BillingKey, BillingLine, BillingQuery};
 use schemas::credits::{CreditGrant, WalletGrant};
@@ -208,33 +208,62 @@ pub struct SessionQuery {
     pub limit: usize,
 }
 
-/// The read side. Every query is scoped to one tenant; no query can reach another's rows.
+/// Whose rows a read sees: one tenant's, and within it one customer's when the caller holds a
+/// portal token. Every analytics query filters on both.
+///
+/// A session belongs to a customer when every call in it names that customer: a portal sees
+/// its customer's sessions whole, and a session that mixes customers in no portal at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Viewer {
+    pub tenant: String,
+    pub customer: Option<String>,
+}
+
+impl Viewer {
+    /// All of `tenant`'s rows.
+    pub fn tenant(tenant: &str) -> Viewer {
+        Viewer {
+            tenant: tenant.to_string(),
+            customer: None,
+        }
+    }
+}
+
+/// The read side. Every query is scoped to one tenant (and one customer, when the viewer is
+/// one); no query can reach another's rows.
 #[async_trait::async_trait]
 pub trait AnalyticsStore: Send + Sync {
     /// Per tool over the range, highest revenue first.
     async fn revenue_by_tool(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         range: DateRange,
     ) -> Result<Vec<ToolUsage>, StoreError>;
     /// Per agent over the range with its daily series, highest revenue first.
     async fn usage_by_agent(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         range: DateRange,
     ) -> Result<Vec<AgentUsage>, StoreError>;
-    /// The tenant's totals over the range.
-    async fn summary(&self, tenant: &str, range: DateRange) -> Result<UsageSummary, StoreError>;
+    /// The viewer's totals over the range.
+    async fn summary(&self, viewer: &Viewer, range: DateRange) -> Result<UsageSummary, StoreError>;
+    /// Buckets of an hour or a day, per group, ordered by group then bucket (for
+    /// [`assemble_series`]); hours read the hourly rollup, days the daily one.
+    async fn series_rows(
+        &self,
+        viewer: &Viewer,
+        query: SeriesQuery,
+    ) -> Result<Vec<SeriesRow>, StoreError>;
     /// Sessions active in the range, most recently active first.
     async fn sessions(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         query: SessionQuery,
     ) -> Result<Vec<SessionUsage>, StoreError>;
-    /// One session, with its per-tool breakdown; `None` if the tenant has no such session.
+    /// One session, with its per-tool breakdown; `None` if the viewer has no such session.
     async fn session(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         session_id: &str,
     ) -> Result<Option<SessionDetail>, StoreError>;
     /// Whether the store answers a trivial query (for `/readyz`).
@@ -260,6 +289,34 @@ pub fn by_revenue_then_name<T>(rows: &mut [T], key: impl Fn(&T) -> (i64, &str)) 
         let (rb, nb) = key(b);
         rb.cmp(&ra).then_with(|| na.cmp(nb))
     });
+}
+
+/// Series from rows ordered by group then bucket, highest revenue first.
+pub fn assemble_series(rows: Vec<SeriesRow>, grouped: bool) -> Vec<Series> {
+    let mut series: Vec<Series> = Vec::new();
+    for row in rows {
+        let key = grouped.then_some(row.key);
+        if series.last().is_none_or(|s| s.key != key) {
+            series.push(Series {
+                key,
+                figures: UsageFigures::default(),
+                points: Vec::new(),
+            });
+        }
+        let s = series.last_mut().expect("pushed above");
+        s.figures.merge(&row.figures);
+        s.points.push(SeriesPoint {
+            start: row.start_ms,
+            figures: row.figures,
+        });
+    }
+    series.sort_by(|a, b| {
+        b.figures
+            .revenue_micros
+            .cmp(&a.figures.revenue_micros)
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    series
 }
 
 /// One agent's figures on one day with that day's distinct sessions, as stores read them.

@@ -6,7 +6,7 @@
 //!
 //! - `mod.rs`: the root [`Config`], parsing and [`ConfigError`].
 //! - [`sections`]: `[ingest]`, `[sqlite]`, `[clickhouse]`, `[kafka]`, `[aggregator]`, `[redis]`,
-//!   `[margin_guard]`, `[retention]`, `[credits]`.
+//!   `[margin_guard]`, `[retention]`, `[credits]`, `[portal]`.
 //! - [`tenants`]: `[[tenants]]` with their keys, scopes, rate plans, limits and thresholds.
 //! - [`env`]: the environment overrides, named after the sections and fields themselves.
 //! - [`validate`]: one check per section, every problem reported at once.
@@ -19,7 +19,8 @@ pub mod validate;
 pub use env::{env_overrides, EnvOverride};
 pub use sections::{
     AggregatorConfig, ClickHouseConfig, CreditsConfig, IngestConfig, KafkaConfig,
-    MarginGuardConfig, RedisConfig, RetentionConfig, SqliteConfig, StoreKind,
+    MarginGuardConfig, PortalConfig, RedisConfig, RetentionConfig, SqliteConfig, StoreKind,
+    MIN_PORTAL_SECRET_CHARS,
 };
 pub use tenants::{
     ApiKeyConfig, CustomerCapConfig, LimitConfig, LimitSubject, LimitWindow,
@@ -61,6 +62,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     #[serde(default)]
     pub credits: CreditsConfig,
+    #[serde(default)]
+    pub portal: PortalConfig,
     /// Every tenant, with its API keys and rate plans.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -163,5 +166,6 @@ default_of_an_empty_table!(
     MarginGuardConfig,
     RetentionConfig,
     CreditsConfig,
+    PortalConfig,
     MarginThresholdsConfig
 );

@@ -175,6 +175,31 @@ pub struct CreditsConfig {
     pub charged_keys_hours: u64,
 }
 
+/// The customer portal: what signs portal tokens (`POST /v1/portal/tokens`), read-only tokens
+/// bound to one tenant and one customer, verified with no state.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalConfig {
+    /// The HMAC-SHA256 key portal tokens are signed with, at least 32 characters; every
+    /// ingestor that should accept a token needs the same one. Unset: a random key made at
+    /// start, so tokens last until a restart and only the process that issued them accepts
+    /// them. Changing it revokes every token issued.
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+/// Never prints the secret (configs are logged and shown in errors).
+impl std::fmt::Debug for PortalConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortalConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "(set)"))
+            .finish()
+    }
+}
+
+/// Shortest portal secret accepted.
+pub const MIN_PORTAL_SECRET_CHARS: usize = 32;
+
 /// How the aggregator batches its inserts and watches its partitions.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -34,6 +34,16 @@ impl Config {
             ],
             p,
         );
+        if let Some(secret) = &self.portal.secret {
+            if secret.chars().count() < super::MIN_PORTAL_SECRET_CHARS {
+                p.push(format!(
+                    "portal.secret must be at least {} characters (got {}); make one with \
+`openssl rand -hex 32`",
+                    super::MIN_PORTAL_SECRET_CHARS,
+                    secret.chars().count()
+                ));
+            }
+        }
         tenants(&self.tenants, p);
         ConfigError::of(problems)
     }

@@ -37,6 +37,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(5, "0005_kafka_offsets.sql"),
     migration!(6, "0006_topic_offsets.sql"),
     migration!(7, "0007_customer_grants.sql"),
+    migration!(8, "0008_dashboard_rollups.sql"),
 ];
 
 /// Keeps the floors recorded before offsets were per topic (`mcp_kafka_offsets`) as floors of

@@ -6,7 +6,8 @@
 //! into SQL here. Every query reads rollups with -Merge functions, never `mcp_events`, and
 //! orders its rows so that answers compare byte for byte.
 
-use schemas::analytics::DateRange;
+use crate::store::Viewer;
+use schemas::analytics::{DateRange, Interval, SeriesQuery};
 use schemas::billing::{BillingKey, BillingQuery};
 use std::fmt::Write;
 
@@ -30,49 +31,89 @@ const FIGURES: &str = "sumMerge(calls), sumMerge(errors), sumMerge(revenue_micro
 sumMerge(cogs_micros), sumMerge(input_tokens), sumMerge(output_tokens), sumMerge(duration_ms_sum), \
 maxMerge(duration_ms_max)";
 
-fn daily_filter(tenant: &str, range: DateRange) -> String {
+/// The tenant, and the customer when the viewer is one.
+fn viewer_filter(viewer: &Viewer) -> String {
+    let mut filter = format!("tenant_id = {}", quote(&viewer.tenant));
+    if let Some(customer) = &viewer.customer {
+        let _ = write!(filter, " AND customer_id = {}", quote(customer));
+    }
+    filter
+}
+
+fn daily_filter(viewer: &Viewer, range: DateRange) -> String {
     format!(
-        "tenant_id = {} AND day >= toDate({}) AND day <= toDate({})",
-        quote(tenant),
+        "{} AND day >= toDate({}) AND day <= toDate({})",
+        viewer_filter(viewer),
         quote(&range.from_str_day()),
         quote(&range.to_str_day())
     )
 }
 
 /// Per tool: name, figures, distinct sessions.
-pub fn by_tool(tenant: &str, range: DateRange) -> String {
+pub fn by_tool(viewer: &Viewer, range: DateRange) -> String {
     format!(
         "SELECT tool_name, {FIGURES}, toInt64(uniqExactIfMerge(sessions)) \
 FROM mcp_daily_stats WHERE {} GROUP BY tool_name ORDER BY tool_name",
-        daily_filter(tenant, range)
+        daily_filter(viewer, range)
     )
 }
 
 /// Per agent and day: agent, date, figures, distinct sessions that day.
-pub fn by_agent_days(tenant: &str, range: DateRange) -> String {
+pub fn by_agent_days(viewer: &Viewer, range: DateRange) -> String {
     format!(
         "SELECT agent_id, toString(day), {FIGURES}, toInt64(uniqExactIfMerge(sessions)) \
 FROM mcp_daily_stats WHERE {} GROUP BY agent_id, day ORDER BY agent_id, day",
-        daily_filter(tenant, range)
+        daily_filter(viewer, range)
     )
 }
 
 /// Per agent: distinct sessions over the whole range.
-pub fn by_agent_sessions(tenant: &str, range: DateRange) -> String {
+pub fn by_agent_sessions(viewer: &Viewer, range: DateRange) -> String {
     format!(
         "SELECT agent_id, toInt64(uniqExactIfMerge(sessions)) \
 FROM mcp_daily_stats WHERE {} GROUP BY agent_id ORDER BY agent_id",
-        daily_filter(tenant, range)
+        daily_filter(viewer, range)
     )
 }
 
 /// One row: figures, distinct sessions, tools and agents.
-pub fn summary(tenant: &str, range: DateRange) -> String {
+pub fn summary(viewer: &Viewer, range: DateRange) -> String {
     format!(
         "SELECT {FIGURES}, toInt64(uniqExactIfMerge(sessions)), \
 toInt64(uniqExactIf(tool_name, tool_name != '')), toInt64(uniqExactIf(agent_id, agent_id != '')) \
 FROM mcp_daily_stats WHERE {}",
-        daily_filter(tenant, range)
+        daily_filter(viewer, range)
+    )
+}
+
+/// Per group and bucket (ordered so): the group's name, the bucket's first millisecond, the
+/// figures. Hours read the hourly rollup, days the daily one.
+pub fn series(viewer: &Viewer, query: SeriesQuery) -> String {
+    let group = query.group_by.map_or("''", |g| g.column());
+    let (start, table, filter) = match query.interval {
+        Interval::Day => (
+            // A Date converts to its day number since the epoch.
+            "toInt64(day) * 86400000",
+            "mcp_daily_stats",
+            daily_filter(viewer, query.range),
+        ),
+        Interval::Hour => {
+            let (start_ms, end_ms) = query.range.bounds_ms();
+            (
+                "toInt64(toUnixTimestamp(hour)) * 1000",
+                "mcp_hourly_stats",
+                format!(
+                    "{} AND hour >= toDateTime({}, 'UTC') AND hour < toDateTime({}, 'UTC')",
+                    viewer_filter(viewer),
+                    start_ms / 1000,
+                    end_ms / 1000
+                ),
+            )
+        }
+    };
+    format!(
+        "SELECT {group} AS series_key, {start} AS series_start, {FIGURES} FROM {table} \
+WHERE {filter} GROUP BY series_key, series_start ORDER BY series_key, series_start"
     )
 }
 
@@ -84,7 +125,7 @@ pub fn billing_page(
     after: Option<&BillingKey>,
     limit: usize,
 ) -> String {
-    let mut filter = daily_filter(tenant, query.range);
+    let mut filter = daily_filter(&Viewer::tenant(tenant), query.range);
     if let Some(customer) = &query.customer_id {
         let _ = write!(filter, " AND customer_id = {}", quote(customer));
     }
@@ -108,10 +149,27 @@ GROUP BY customer_id, agent_id, tool_name ORDER BY customer_id, agent_id, tool_n
     )
 }
 
+/// The session filter of `viewer`: the tenant's, and when the viewer is a customer, only
+/// sessions whose every call names it.
+fn session_filter(viewer: &Viewer) -> String {
+    let tenant = quote(&viewer.tenant);
+    let mut filter = format!("tenant_id = {tenant}");
+    if let Some(customer) = &viewer.customer {
+        let customer = quote(customer);
+        let _ = write!(
+            filter,
+            " AND session_id IN (SELECT session_id FROM mcp_session_customers \
+WHERE tenant_id = {tenant} GROUP BY session_id \
+HAVING min(customer_id) = {customer} AND max(customer_id) = {customer})"
+        );
+    }
+    filter
+}
+
 /// Sessions are merged per tool first (so `tools` counts tools with calls), then per session.
 /// Columns: id, agent, first seen, last seen, ended, tools, figures.
-fn sessions_of(tenant: &str, session_id: Option<&str>) -> String {
-    let mut filter = format!("tenant_id = {}", quote(tenant));
+fn sessions_of(viewer: &Viewer, session_id: Option<&str>) -> String {
+    let mut filter = session_filter(viewer);
     if let Some(id) = session_id {
         let _ = write!(filter, " AND session_id = {}", quote(id));
     }
@@ -132,7 +190,7 @@ GROUP BY session_id"
 
 /// Sessions active in the range (begun before its end, last seen after its start), most
 /// recently active first.
-pub fn sessions(tenant: &str, range: DateRange, agent_id: Option<&str>, limit: usize) -> String {
+pub fn sessions(viewer: &Viewer, range: DateRange, agent_id: Option<&str>, limit: usize) -> String {
     let (start_ms, end_ms) = range.bounds_ms();
     let agent = agent_id
         .map(|a| format!(" AND max(t_agent) = {}", quote(a)))
@@ -140,22 +198,22 @@ pub fn sessions(tenant: &str, range: DateRange, agent_id: Option<&str>, limit: u
     format!(
         "{} HAVING max(t_last) >= {start_ms} AND min(t_first) < {end_ms}{agent} \
 ORDER BY max(t_last) DESC, session_id LIMIT {limit}",
-        sessions_of(tenant, None)
+        sessions_of(viewer, None)
     )
 }
 
 /// One session, in the columns of [`sessions`].
-pub fn session(tenant: &str, session_id: &str) -> String {
-    sessions_of(tenant, Some(session_id))
+pub fn session(viewer: &Viewer, session_id: &str) -> String {
+    sessions_of(viewer, Some(session_id))
 }
 
 /// One session's tools with calls: name, figures.
-pub fn session_tools(tenant: &str, session_id: &str) -> String {
+pub fn session_tools(viewer: &Viewer, session_id: &str) -> String {
     format!(
         "SELECT tool_name, {FIGURES} FROM mcp_session_summary \
-WHERE tenant_id = {} AND session_id = {} GROUP BY tool_name HAVING sumMerge(calls) > 0 \
+WHERE {} AND session_id = {} GROUP BY tool_name HAVING sumMerge(calls) > 0 \
 ORDER BY tool_name",
-        quote(tenant),
+        session_filter(viewer),
         quote(session_id)
     )
 }
@@ -299,6 +357,10 @@ mod tests {
     use super::*;
     use chrono::NaiveDate;
 
+    fn acme() -> Viewer {
+        Viewer::tenant("acme")
+    }
+
     fn range() -> DateRange {
         let d = |s| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
         DateRange {
@@ -345,7 +407,7 @@ ORDER BY customer_id, agent_id, tool_name LIMIT 500"
     #[test]
     fn by_tool_reads_the_daily_rollup_of_one_tenant() {
         assert_eq!(
-            by_tool("acme", range()),
+            by_tool(&acme(), range()),
             "SELECT tool_name, sumMerge(calls), sumMerge(errors), sumMerge(revenue_micros), \
 sumMerge(cogs_micros), sumMerge(input_tokens), sumMerge(output_tokens), sumMerge(duration_ms_sum), \
 maxMerge(duration_ms_max), toInt64(uniqExactIfMerge(sessions)) FROM mcp_daily_stats \
@@ -356,11 +418,11 @@ GROUP BY tool_name ORDER BY tool_name"
 
     #[test]
     fn agent_queries_group_by_agent_and_day() {
-        let days = by_agent_days("acme", range());
+        let days = by_agent_days(&acme(), range());
         assert!(days.starts_with("SELECT agent_id, toString(day), sumMerge(calls),"));
         assert!(days.ends_with("GROUP BY agent_id, day ORDER BY agent_id, day"));
         assert_eq!(
-            by_agent_sessions("acme", range()),
+            by_agent_sessions(&acme(), range()),
             "SELECT agent_id, toInt64(uniqExactIfMerge(sessions)) FROM mcp_daily_stats \
 WHERE tenant_id = 'acme' AND day >= toDate('2026-11-01') AND day <= toDate('2026-11-30') \
 GROUP BY agent_id ORDER BY agent_id"
@@ -369,7 +431,7 @@ GROUP BY agent_id ORDER BY agent_id"
 
     #[test]
     fn summary_counts_distinct_named_tools_and_agents() {
-        let sql = summary("acme", range());
+        let sql = summary(&acme(), range());
         assert!(sql.contains(
             "toInt64(uniqExactIf(tool_name, tool_name != '')), toInt64(uniqExactIf(agent_id, agent_id != ''))"
         ));
@@ -378,7 +440,7 @@ GROUP BY agent_id ORDER BY agent_id"
 
     #[test]
     fn session_queries_merge_per_tool_then_per_session() {
-        let list = sessions("acme", range(), Some("agent-1"), 100);
+        let list = sessions(&acme(), range(), Some("agent-1"), 100);
         assert!(list.contains(
             "FROM mcp_session_summary WHERE tenant_id = 'acme' GROUP BY session_id, tool_name)"
         ));
@@ -386,13 +448,50 @@ GROUP BY agent_id ORDER BY agent_id"
             "GROUP BY session_id HAVING max(t_last) >= 1793491200000 AND min(t_first) < 1796083200000 \
 AND max(t_agent) = 'agent-1' ORDER BY max(t_last) DESC, session_id LIMIT 100"
         ));
-        let one = session("acme", "s'1");
+        let one = session(&acme(), "s'1");
         assert!(one.contains(
             r"WHERE tenant_id = 'acme' AND session_id = 's\'1' GROUP BY session_id, tool_name)"
         ));
         assert!(
-            session_tools("acme", "s1").contains("HAVING sumMerge(calls) > 0 ORDER BY tool_name")
+            session_tools(&acme(), "s1").contains("HAVING sumMerge(calls) > 0 ORDER BY tool_name")
         );
+    }
+
+    #[test]
+    fn a_customer_viewer_filters_rows_and_keeps_only_sessions_wholly_its_own() {
+        let viewer = Viewer {
+            tenant: "acme".into(),
+            customer: Some("c'1".into()),
+        };
+        assert!(by_tool(&viewer, range()).contains(
+            "WHERE tenant_id = 'acme' AND customer_id = 'c\\'1' AND day >= toDate('2026-11-01')"
+        ));
+        assert!(session(&viewer, "s").contains(
+            "WHERE tenant_id = 'acme' AND session_id IN (SELECT session_id FROM mcp_session_customers \
+WHERE tenant_id = 'acme' GROUP BY session_id HAVING min(customer_id) = 'c\\'1' AND max(customer_id) = 'c\\'1') \
+AND session_id = 's'"
+        ));
+    }
+
+    #[test]
+    fn series_read_hours_from_the_hourly_rollup_and_days_from_the_daily_one() {
+        let hours = SeriesQuery::new(
+            range(),
+            Interval::Hour,
+            Some(schemas::analytics::GroupBy::Tool),
+        )
+        .unwrap();
+        assert_eq!(
+            series(&acme(), hours),
+            "SELECT tool_name AS series_key, toInt64(toUnixTimestamp(hour)) * 1000 AS series_start, \
+sumMerge(calls), sumMerge(errors), sumMerge(revenue_micros), sumMerge(cogs_micros), \
+sumMerge(input_tokens), sumMerge(output_tokens), sumMerge(duration_ms_sum), maxMerge(duration_ms_max) \
+FROM mcp_hourly_stats WHERE tenant_id = 'acme' AND hour >= toDateTime(1793491200, 'UTC') \
+AND hour < toDateTime(1796083200, 'UTC') GROUP BY series_key, series_start ORDER BY series_key, series_start"
+        );
+        let days = SeriesQuery::new(range(), Interval::Day, None).unwrap();
+        assert!(series(&acme(), days)
+            .starts_with("SELECT '' AS series_key, toInt64(day) * 86400000 AS series_start,"));
     }
 
     #[test]

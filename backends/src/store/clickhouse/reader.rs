@@ -3,9 +3,12 @@
 
 use super::{queries, tsv, SqlRunner};
 use crate::error::StoreError;
-use crate::store::{assemble_agents, by_revenue_then_name, AgentDay, AnalyticsStore, SessionQuery};
+use crate::store::{
+    assemble_agents, by_revenue_then_name, AgentDay, AnalyticsStore, SessionQuery, Viewer,
+};
 use schemas::analytics::{
-    AgentUsage, DateRange, SessionDetail, SessionToolUsage, SessionUsage, ToolUsage, UsageSummary,
+    AgentUsage, DateRange, SeriesQuery, SeriesRow, SessionDetail, SessionToolUsage, SessionUsage,
+    ToolUsage, UsageSummary,
 };
 use schemas::billing::{BillingKey, BillingLine, BillingQuery};
 use std::collections::HashMap;
@@ -24,12 +27,12 @@ impl<R: SqlRunner> ClickHouseAnalytics<R> {
 impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
     async fn revenue_by_tool(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         range: DateRange,
     ) -> Result<Vec<ToolUsage>, StoreError> {
         let answer = self
             .runner
-            .tab_separated(&queries::by_tool(tenant, range))
+            .tab_separated(&queries::by_tool(viewer, range))
             .await?;
         let mut tools = Vec::new();
         for mut row in tsv::rows(&answer, "by-tool") {
@@ -45,16 +48,16 @@ impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
 
     async fn usage_by_agent(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         range: DateRange,
     ) -> Result<Vec<AgentUsage>, StoreError> {
         let days_answer = self
             .runner
-            .tab_separated(&queries::by_agent_days(tenant, range))
+            .tab_separated(&queries::by_agent_days(viewer, range))
             .await?;
         let sessions_answer = self
             .runner
-            .tab_separated(&queries::by_agent_sessions(tenant, range))
+            .tab_separated(&queries::by_agent_sessions(viewer, range))
             .await?;
         let mut sessions = HashMap::new();
         for mut row in tsv::rows(&sessions_answer, "by-agent sessions") {
@@ -72,10 +75,10 @@ impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
         Ok(assemble_agents(days, &sessions))
     }
 
-    async fn summary(&self, tenant: &str, range: DateRange) -> Result<UsageSummary, StoreError> {
+    async fn summary(&self, viewer: &Viewer, range: DateRange) -> Result<UsageSummary, StoreError> {
         let answer = self
             .runner
-            .tab_separated(&queries::summary(tenant, range))
+            .tab_separated(&queries::summary(viewer, range))
             .await?;
         let mut row = tsv::rows(&answer, "summary")
             .next()
@@ -91,12 +94,32 @@ impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
         })
     }
 
+    async fn series_rows(
+        &self,
+        viewer: &Viewer,
+        query: SeriesQuery,
+    ) -> Result<Vec<SeriesRow>, StoreError> {
+        let answer = self
+            .runner
+            .tab_separated(&queries::series(viewer, query))
+            .await?;
+        let mut rows = Vec::new();
+        for mut row in tsv::rows(&answer, "series") {
+            rows.push(SeriesRow {
+                key: row.string()?,
+                start_ms: row.int()?,
+                figures: row.figures()?,
+            });
+        }
+        Ok(rows)
+    }
+
     async fn sessions(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         query: SessionQuery,
     ) -> Result<Vec<SessionUsage>, StoreError> {
-        let sql = queries::sessions(tenant, query.range, query.agent_id.as_deref(), query.limit);
+        let sql = queries::sessions(viewer, query.range, query.agent_id.as_deref(), query.limit);
         let answer = self.runner.tab_separated(&sql).await?;
         tsv::rows(&answer, "sessions")
             .map(|mut row| row.session())
@@ -105,12 +128,12 @@ impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
 
     async fn session(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         session_id: &str,
     ) -> Result<Option<SessionDetail>, StoreError> {
         let answer = self
             .runner
-            .tab_separated(&queries::session(tenant, session_id))
+            .tab_separated(&queries::session(viewer, session_id))
             .await?;
         let Some(mut row) = tsv::rows(&answer, "session").next() else {
             return Ok(None);
@@ -118,7 +141,7 @@ impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
         let session = row.session()?;
         let tools_answer = self
             .runner
-            .tab_separated(&queries::session_tools(tenant, session_id))
+            .tab_separated(&queries::session_tools(viewer, session_id))
             .await?;
         let mut by_tool = Vec::new();
         for mut row in tsv::rows(&tools_answer, "session tools") {
@@ -128,7 +151,11 @@ impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
             });
         }
         by_revenue_then_name(&mut by_tool, |t| (t.figures.revenue_micros, &t.tool_name));
-        Ok(Some(SessionDetail { session, by_tool }))
+        Ok(Some(SessionDetail {
+            session,
+            by_tool,
+            killed_until_ms: None,
+        }))
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

@@ -44,13 +44,17 @@ pub fn open(
         ))
     })?;
     let path: PathBuf = data_dir.join(DB_FILE);
-    let conn = open_connection(&path)?;
+    let mut conn = open_connection(&path)?;
     conn.execute_batch(
         "PRAGMA wal_autocheckpoint = 16384;
          PRAGMA cache_size = -65536;",
     )
     .context("set pragmas")?;
+    let had_hourly = table_exists(&conn, "mcp_hourly_stats")?;
     conn.execute_batch(SCHEMA).context("create the schema")?;
+    if !had_hourly {
+        writer::fill_hourly(&mut conn)?;
+    }
     Ok((
         SqliteWriter::new(conn),
         SqliteAnalytics::new(path, config.read_connections),
@@ -65,6 +69,12 @@ pub fn ledger(data_dir: &Path) -> SqliteLedger {
 
 pub fn retention(data_dir: &Path) -> SqliteRetention {
     SqliteRetention::new(data_dir.join(DB_FILE))
+}
+
+fn table_exists(conn: &Connection, table: &str) -> Result<bool, StoreError> {
+    conn.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")
+        .and_then(|mut s| s.exists([table]))
+        .context("look the schema up")
 }
 
 /// A read-write connection in WAL mode that waits for the writer's lock rather than failing.

@@ -3,11 +3,13 @@
 
 use super::SqliteContext;
 use crate::error::StoreError;
-use crate::store::{assemble_agents, by_revenue_then_name, AgentDay, AnalyticsStore, SessionQuery};
+use crate::store::{
+    assemble_agents, by_revenue_then_name, AgentDay, AnalyticsStore, SessionQuery, Viewer,
+};
 use rusqlite::{params, Connection, OpenFlags, Row};
 use schemas::analytics::{
-    AgentUsage, DateRange, SessionDetail, SessionToolUsage, SessionUsage, ToolUsage, UsageFigures,
-    UsageSummary,
+    AgentUsage, DateRange, Interval, SeriesQuery, SeriesRow, SessionDetail, SessionToolUsage,
+    SessionUsage, ToolUsage, UsageFigures, UsageSummary,
 };
 use schemas::billing::{BillingKey, BillingLine, BillingQuery};
 use std::collections::HashMap;
@@ -24,7 +26,19 @@ const FIGURES: &str = "COALESCE(SUM(calls), 0), COALESCE(SUM(errors), 0),
 const SESSION_COLUMNS: &str = "session_id, MAX(agent_id), MIN(first_seen_ms), MAX(last_seen_ms),
     MAX(ended), SUM(calls > 0)";
 
-const IN_RANGE: &str = "tenant_id = ?1 AND day BETWEEN ?2 AND ?3";
+/// ?1 tenant, ?2 and ?3 the days, ?4 the viewer's customer (NULL: every customer).
+const IN_RANGE: &str =
+    "tenant_id = ?1 AND day BETWEEN ?2 AND ?3 AND (?4 IS NULL OR customer_id = ?4)";
+
+/// Whether `session_id` is a session of the customer in parameter `customer` (every call in it
+/// names that customer; NULL: any session) of tenant ?1.
+fn customers_session(customer: &str) -> String {
+    format!(
+        "({customer} IS NULL OR session_id IN (
+            SELECT session_id FROM mcp_daily_sessions WHERE tenant_id = ?1
+            GROUP BY session_id HAVING MIN(customer_id) = {customer} AND MAX(customer_id) = {customer}))"
+    )
+}
 
 fn figures_at(row: &Row, first: usize) -> rusqlite::Result<UsageFigures> {
     Ok(UsageFigures {
@@ -98,19 +112,19 @@ impl SqliteAnalytics {
 impl AnalyticsStore for SqliteAnalytics {
     async fn revenue_by_tool(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         range: DateRange,
     ) -> Result<Vec<ToolUsage>, StoreError> {
-        let tenant = tenant.to_string();
+        let Viewer { tenant, customer } = viewer.clone();
         self.read(move |conn| {
             let (from, to) = (range.from_str_day(), range.to_str_day());
-            let sessions = distinct_sessions_by(conn, "tool_name", &tenant, &from, &to)?;
+            let sessions = distinct_sessions_by(conn, "tool_name", &tenant, &from, &to, &customer)?;
             let sql = format!(
                 "SELECT tool_name, {FIGURES} FROM mcp_daily_stats WHERE {IN_RANGE} GROUP BY tool_name"
             );
             let mut stmt = conn.prepare_cached(&sql).context("prepare by-tool")?;
             let mut rows = stmt
-                .query_map(params![tenant, from, to], |row| {
+                .query_map(params![tenant, from, to, customer], |row| {
                     let tool_name: String = row.get(0)?;
                     Ok(ToolUsage {
                         sessions: sessions.get(&tool_name).copied().unwrap_or(0),
@@ -129,22 +143,22 @@ impl AnalyticsStore for SqliteAnalytics {
 
     async fn usage_by_agent(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         range: DateRange,
     ) -> Result<Vec<AgentUsage>, StoreError> {
-        let tenant = tenant.to_string();
+        let Viewer { tenant, customer } = viewer.clone();
         self.read(move |conn| {
             let (from, to) = (range.from_str_day(), range.to_str_day());
-            let agent_sessions = distinct_sessions_by(conn, "agent_id", &tenant, &from, &to)?;
-            let day_sessions =
-                distinct_sessions_by(conn, "agent_id || char(0) || day", &tenant, &from, &to)?;
+            let by = |group| distinct_sessions_by(conn, group, &tenant, &from, &to, &customer);
+            let agent_sessions = by("agent_id")?;
+            let day_sessions = by("agent_id || char(0) || day")?;
             let sql = format!(
                 "SELECT agent_id, day, {FIGURES} FROM mcp_daily_stats WHERE {IN_RANGE}
                  GROUP BY agent_id, day ORDER BY agent_id, day"
             );
             let mut stmt = conn.prepare_cached(&sql).context("prepare by-agent")?;
             let days = stmt
-                .query_map(params![tenant, from, to], |row| {
+                .query_map(params![tenant, from, to, customer], |row| {
                     let agent_id: String = row.get(0)?;
                     let date: String = row.get(1)?;
                     Ok(AgentDay {
@@ -165,8 +179,8 @@ impl AnalyticsStore for SqliteAnalytics {
         .await
     }
 
-    async fn summary(&self, tenant: &str, range: DateRange) -> Result<UsageSummary, StoreError> {
-        let tenant = tenant.to_string();
+    async fn summary(&self, viewer: &Viewer, range: DateRange) -> Result<UsageSummary, StoreError> {
+        let Viewer { tenant, customer } = viewer.clone();
         self.read(move |conn| {
             let (from, to) = (range.from_str_day(), range.to_str_day());
             let sql = format!(
@@ -177,7 +191,7 @@ impl AnalyticsStore for SqliteAnalytics {
             let (figures, tools, agents) = conn
                 .prepare_cached(&sql)
                 .context("prepare summary")?
-                .query_row(params![tenant, from, to], |row| {
+                .query_row(params![tenant, from, to, customer], |row| {
                     Ok((figures_at(row, 0)?, row.get(8)?, row.get(9)?))
                 })
                 .context("query summary")?;
@@ -186,7 +200,7 @@ impl AnalyticsStore for SqliteAnalytics {
                     "SELECT COUNT(DISTINCT session_id) FROM mcp_daily_sessions WHERE {IN_RANGE}"
                 ))
                 .context("prepare summary sessions")?
-                .query_row(params![tenant, from, to], |row| row.get(0))
+                .query_row(params![tenant, from, to, customer], |row| row.get(0))
                 .context("query summary sessions")?;
             Ok(UsageSummary {
                 figures,
@@ -200,10 +214,10 @@ impl AnalyticsStore for SqliteAnalytics {
 
     async fn sessions(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         query: SessionQuery,
     ) -> Result<Vec<SessionUsage>, StoreError> {
-        let tenant = tenant.to_string();
+        let Viewer { tenant, customer } = viewer.clone();
         self.read(move |conn| {
             let (start_ms, end_ms) = query.range.bounds_ms();
             // A session is in the range if any of its activity is: it began before the range
@@ -213,16 +227,24 @@ impl AnalyticsStore for SqliteAnalytics {
                  FROM mcp_session_summary
                  WHERE tenant_id = ?1 AND session_id IN (
                      SELECT session_id FROM mcp_session_summary
-                     WHERE tenant_id = ?1 AND last_seen_ms >= ?2)
+                     WHERE tenant_id = ?1 AND last_seen_ms >= ?2) AND {}
                  GROUP BY session_id
                  HAVING MIN(first_seen_ms) < ?3 AND (?4 IS NULL OR MAX(agent_id) = ?4)
                  ORDER BY MAX(last_seen_ms) DESC, session_id
-                 LIMIT ?5"
+                 LIMIT ?5",
+                customers_session("?6")
             );
             let mut stmt = conn.prepare_cached(&sql).context("prepare sessions")?;
             let rows = stmt
                 .query_map(
-                    params![tenant, start_ms, end_ms, query.agent_id, query.limit as i64],
+                    params![
+                        tenant,
+                        start_ms,
+                        end_ms,
+                        query.agent_id,
+                        query.limit as i64,
+                        customer
+                    ],
                     session_row,
                 )
                 .context("query sessions")?
@@ -235,20 +257,22 @@ impl AnalyticsStore for SqliteAnalytics {
 
     async fn session(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         session_id: &str,
     ) -> Result<Option<SessionDetail>, StoreError> {
-        let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
+        let Viewer { tenant, customer } = viewer.clone();
+        let session_id = session_id.to_string();
         self.read(move |conn| {
             let sql = format!(
                 "SELECT {SESSION_COLUMNS}, {FIGURES}
-                 FROM mcp_session_summary WHERE tenant_id = ?1 AND session_id = ?2
-                 GROUP BY session_id"
+                 FROM mcp_session_summary WHERE tenant_id = ?1 AND session_id = ?2 AND {}
+                 GROUP BY session_id",
+                customers_session("?3")
             );
             let session = match conn
                 .prepare_cached(&sql)
                 .context("prepare session")?
-                .query_row(params![tenant, session_id], session_row)
+                .query_row(params![tenant, session_id, customer], session_row)
             {
                 Ok(s) => s,
                 Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
@@ -271,7 +295,66 @@ impl AnalyticsStore for SqliteAnalytics {
                 .collect::<Result<Vec<_>, _>>()
                 .context("read session tools")?;
             by_revenue_then_name(&mut by_tool, |t| (t.figures.revenue_micros, &t.tool_name));
-            Ok(Some(SessionDetail { session, by_tool }))
+            Ok(Some(SessionDetail {
+                session,
+                by_tool,
+                killed_until_ms: None,
+            }))
+        })
+        .await
+    }
+
+    async fn series_rows(
+        &self,
+        viewer: &Viewer,
+        query: SeriesQuery,
+    ) -> Result<Vec<SeriesRow>, StoreError> {
+        let Viewer { tenant, customer } = viewer.clone();
+        self.read(move |conn| {
+            let group = query.group_by.map_or("''", |g| g.column());
+            // Days are `YYYY-MM-DD` text: unixepoch() of it is its midnight, UTC.
+            let (start, table, filter, bounds) = match query.interval {
+                Interval::Day => (
+                    "unixepoch(day) * 1000",
+                    "mcp_daily_stats",
+                    IN_RANGE,
+                    (
+                        query.range.from_str_day().into(),
+                        query.range.to_str_day().into(),
+                    ),
+                ),
+                Interval::Hour => {
+                    let (start_ms, end_ms) = query.range.bounds_ms();
+                    (
+                        "hour_ms",
+                        "mcp_hourly_stats",
+                        "tenant_id = ?1 AND hour_ms >= ?2 AND hour_ms < ?3 \
+                         AND (?4 IS NULL OR customer_id = ?4)",
+                        (
+                            rusqlite::types::Value::from(start_ms),
+                            rusqlite::types::Value::from(end_ms),
+                        ),
+                    )
+                }
+            };
+            let sql = format!(
+                "SELECT {group}, {start}, {FIGURES} FROM {table} WHERE {filter}
+                 GROUP BY 1, 2 ORDER BY 1, 2"
+            );
+            let bounds: (rusqlite::types::Value, rusqlite::types::Value) = bounds;
+            let mut stmt = conn.prepare_cached(&sql).context("prepare series")?;
+            let rows = stmt
+                .query_map(params![tenant, bounds.0, bounds.1, customer], |row| {
+                    Ok(SeriesRow {
+                        key: row.get(0)?,
+                        start_ms: row.get(1)?,
+                        figures: figures_at(row, 2)?,
+                    })
+                })
+                .context("query series")?
+                .collect::<Result<Vec<_>, _>>()
+                .context("read series")?;
+            Ok(rows)
         })
         .await
     }
@@ -303,7 +386,7 @@ impl AnalyticsStore for SqliteAnalytics {
             // (bytewise, like ClickHouse's), so page n+1 starts where page n ended.
             let sql = format!(
                 "SELECT customer_id, agent_id, tool_name, {FIGURES} FROM mcp_daily_stats \
-                 WHERE {IN_RANGE} AND (?4 IS NULL OR customer_id = ?4) AND (?5 IS NULL OR agent_id = ?5) \
+                 WHERE {IN_RANGE} AND (?5 IS NULL OR agent_id = ?5) \
                  AND (?6 IS NULL OR (customer_id, agent_id, tool_name) > (?6, ?7, ?8)) \
                  GROUP BY customer_id, agent_id, tool_name \
                  ORDER BY customer_id, agent_id, tool_name LIMIT ?9"
@@ -362,6 +445,7 @@ fn distinct_sessions_by(
     tenant: &str,
     from: &str,
     to: &str,
+    customer: &Option<String>,
 ) -> Result<HashMap<String, i64>, StoreError> {
     let sql = format!(
         "SELECT {group}, COUNT(DISTINCT session_id) FROM mcp_daily_sessions
@@ -371,7 +455,7 @@ fn distinct_sessions_by(
         .prepare_cached(&sql)
         .context("prepare distinct sessions")?;
     let rows = stmt
-        .query_map(params![tenant, from, to], |row| {
+        .query_map(params![tenant, from, to, customer], |row| {
             Ok((row.get(0)?, row.get(1)?))
         })
         .context("query distinct sessions")?

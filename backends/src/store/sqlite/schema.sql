@@ -48,6 +48,25 @@ CREATE TABLE IF NOT EXISTS mcp_daily_stats (
     PRIMARY KEY (tenant_id, day, customer_id, agent_id, tool_name)
 ) WITHOUT ROWID;
 
+-- Calls per UTC hour (hour_ms: its first millisecond), tenant, customer, agent and tool: what
+-- hourly series read. No sessions and no quantities: series show figures only.
+CREATE TABLE IF NOT EXISTS mcp_hourly_stats (
+    tenant_id       TEXT    NOT NULL,
+    hour_ms         INTEGER NOT NULL,
+    customer_id     TEXT    NOT NULL,
+    agent_id        TEXT    NOT NULL,
+    tool_name       TEXT    NOT NULL,
+    calls           INTEGER NOT NULL,
+    errors          INTEGER NOT NULL,
+    revenue_micros  INTEGER NOT NULL,
+    cogs_micros     INTEGER NOT NULL,
+    input_tokens    INTEGER NOT NULL,
+    output_tokens   INTEGER NOT NULL,
+    duration_ms_sum INTEGER NOT NULL,
+    duration_ms_max INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, hour_ms, customer_id, agent_id, tool_name)
+) WITHOUT ROWID;
+
 -- The distinct sessions behind each mcp_daily_stats row, so that a range can count distinct
 -- sessions exactly (ClickHouse keeps a uniqExact state in the row instead).
 CREATE TABLE IF NOT EXISTS mcp_daily_sessions (

@@ -8,7 +8,7 @@ use crate::sink::{TenantBatch, WriteOutcome};
 use crate::store::StoreWriter;
 use rusqlite::{params, Connection, Transaction};
 use schemas::analytics::{day_of_ms, UsageFigures};
-use schemas::event::RatedEvent;
+use schemas::event::{ExecutionStatus, RatedEvent};
 use std::collections::{HashMap, HashSet};
 
 /// How an upsert merges a rollup row's usage figures: sums add up, maxima take the larger.
@@ -42,6 +42,15 @@ const UPSERT_DAILY: &str = concat!(
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
 ON CONFLICT (tenant_id, day, customer_id, agent_id, tool_name) DO UPDATE SET
     quantity_micros = quantity_micros + excluded.quantity_micros, ",
+    merge_figures!()
+);
+
+const UPSERT_HOURLY: &str = concat!(
+    "INSERT INTO mcp_hourly_stats (
+    tenant_id, hour_ms, customer_id, agent_id, tool_name, calls, errors, revenue_micros,
+    cogs_micros, input_tokens, output_tokens, duration_ms_sum, duration_ms_max)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+ON CONFLICT (tenant_id, hour_ms, customer_id, agent_id, tool_name) DO UPDATE SET ",
     merge_figures!()
 );
 
@@ -147,7 +156,10 @@ impl StoreWriter for SqliteWriter {
 }
 
 /// `(tenant, day number, customer, agent, tool)`
+/// Tenant, day (or hour) since the epoch, customer, agent, tool.
 type DailyKey<'a> = (&'a str, i64, &'a str, &'a str, &'a str);
+
+const HOUR_MS: i64 = 3_600_000;
 
 #[derive(Default)]
 struct DailySums {
@@ -168,6 +180,7 @@ struct SessionSums<'a> {
 struct Rollups<'a> {
     daily: HashMap<DailyKey<'a>, DailySums>,
     daily_sessions: HashSet<(DailyKey<'a>, &'a str)>,
+    hourly: HashMap<DailyKey<'a>, UsageFigures>,
     /// `(tenant, session, tool)`
     sessions: HashMap<(&'a str, &'a str, &'a str), SessionSums<'a>>,
 }
@@ -183,6 +196,9 @@ impl<'a> Rollups<'a> {
             if !e.session_id.is_empty() {
                 self.daily_sessions.insert((key, &e.session_id));
             }
+            let hour = e.occurred_at_ms.div_euclid(HOUR_MS);
+            let key = (tenant, hour, &*e.customer_id, &*e.agent_id, &*e.tool_name);
+            self.hourly.entry(key).or_default().record(e);
         }
         if e.session_id.is_empty() {
             return;
@@ -239,6 +255,7 @@ impl<'a> Rollups<'a> {
                 ])
                 .context("upsert daily stats")?;
         }
+        upsert_hourly(tx, self.hourly.iter().map(|(k, f)| (*k, f)))?;
         let mut insert = tx
             .prepare_cached(INSERT_DAILY_SESSION)
             .context("prepare the daily session insert")?;
@@ -281,4 +298,87 @@ impl<'a> Rollups<'a> {
         }
         Ok(())
     }
+}
+
+/// Adds hourly sums (keyed by hours since the epoch) to the hourly rollup.
+fn upsert_hourly<'a>(
+    tx: &Transaction,
+    hours: impl Iterator<Item = (DailyKey<'a>, &'a UsageFigures)>,
+) -> Result<(), StoreError> {
+    let mut upsert = tx
+        .prepare_cached(UPSERT_HOURLY)
+        .context("prepare the hourly upsert")?;
+    for ((tenant, hour, customer, agent, tool), f) in hours {
+        upsert
+            .execute(params![
+                tenant,
+                hour * HOUR_MS,
+                customer,
+                agent,
+                tool,
+                f.calls,
+                f.errors,
+                f.revenue_micros,
+                f.cogs_micros,
+                f.input_tokens,
+                f.output_tokens,
+                f.duration_ms_sum,
+                f.duration_ms_max,
+            ])
+            .context("upsert hourly stats")?;
+    }
+    Ok(())
+}
+
+/// Fills the hourly rollup of a store made before it existed from the raw rows retention kept,
+/// in one transaction. `open` calls it once, when it created the table. Calls and errors are
+/// told apart by the same rules as at ingest (`RatedEvent::is_call`, `is_error`).
+pub(super) fn fill_hourly(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction().context("begin the hourly fill")?;
+    let mut sums: HashMap<(String, i64, String, String, String), UsageFigures> = HashMap::new();
+    {
+        let mut rows = tx
+            .prepare(
+                "SELECT tenant_id, occurred_at_ms, customer_id, agent_id, tool_name, metric_name,
+                        execution_status, execution_duration_ms, input_tokens, output_tokens,
+                        revenue_micros, cogs_micros
+                 FROM mcp_events",
+            )
+            .context("prepare the hourly fill")?;
+        let mut rows = rows
+            .query([])
+            .context("read raw rows for the hourly fill")?;
+        while let Some(row) = rows.next().context("read a raw row")? {
+            let status: String = row.get(6).context("read a status")?;
+            let event = RatedEvent {
+                occurred_at_ms: row.get(1).context("read a time")?,
+                metric_name: row.get(5).context("read a metric")?,
+                execution_status: ExecutionStatus::parse(&status)
+                    .unwrap_or(ExecutionStatus::Success),
+                execution_duration_ms: row.get(7).context("read a duration")?,
+                input_tokens: row.get(8).context("read tokens")?,
+                output_tokens: row.get(9).context("read tokens")?,
+                revenue_micros: row.get(10).context("read revenue")?,
+                cogs_micros: row.get(11).context("read COGS")?,
+                ..RatedEvent::sample_call("", 0)
+            };
+            if !event.is_call() {
+                continue;
+            }
+            let key = (
+                row.get(0).context("read a tenant")?,
+                event.occurred_at_ms.div_euclid(HOUR_MS),
+                row.get(2).context("read a customer")?,
+                row.get(3).context("read an agent")?,
+                row.get(4).context("read a tool")?,
+            );
+            sums.entry(key).or_default().record(&event);
+        }
+    }
+    upsert_hourly(
+        &tx,
+        sums.iter()
+            .map(|((t, h, c, a, tool), f)| ((&**t, *h, &**c, &**a, &**tool), f)),
+    )?;
+    tx.commit().context("commit the hourly fill")
 }
