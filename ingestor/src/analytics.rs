@@ -112,7 +112,7 @@ pub async fn by_tool(
         .analytics
         .revenue_by_tool(&grant.viewer(), range)
         .await?;
-    Ok(HttpResponse::Ok().json(ByToolReport {
+    Ok(grant.answer(&ByToolReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         tools,
@@ -139,7 +139,7 @@ pub async fn by_agent(
         .analytics
         .usage_by_agent(&grant.viewer(), range)
         .await?;
-    Ok(HttpResponse::Ok().json(ByAgentReport {
+    Ok(grant.answer(&ByAgentReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         agents,
@@ -163,7 +163,7 @@ pub async fn summary(
 ) -> Result<HttpResponse, ApiError> {
     let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let summary = state.analytics.summary(&grant.viewer(), range).await?;
-    Ok(HttpResponse::Ok().json(SummaryReport {
+    Ok(grant.answer(&SummaryReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         summary,
@@ -190,7 +190,7 @@ pub async fn timeseries(
     let interval = q.interval.unwrap_or(Interval::Day);
     let query = SeriesQuery::new(range, interval, q.group_by).map_err(ApiError::BadRequest)?;
     let rows = state.analytics.series_rows(&grant.viewer(), query).await?;
-    Ok(HttpResponse::Ok().json(TimeSeriesReport {
+    Ok(grant.answer(&TimeSeriesReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         interval,
@@ -227,7 +227,7 @@ pub async fn sessions(
         limit,
     };
     let sessions = state.analytics.sessions(&grant.viewer(), query).await?;
-    Ok(HttpResponse::Ok().json(SessionsReport {
+    Ok(grant.answer(&SessionsReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         sessions,
@@ -272,7 +272,7 @@ pub async fn session(
                     None
                 }
             };
-            Ok(HttpResponse::Ok().json(detail))
+            Ok(grant.answer(&detail))
         }
         None => Err(ApiError::NotFound(format!(
             "no session `{session_id}` for this {}",

@@ -55,6 +55,23 @@ impl Grant {
         }
     }
 
+    /// Whether answers may show the operator's costs (COGS, gross profit, margin): not to a
+    /// portal token, whose customer sees its usage and spend only.
+    pub fn sees_costs(&self) -> bool {
+        self.customer.is_none()
+    }
+
+    /// `body` as a 200 JSON answer for this caller, the operator's costs left out of it for a
+    /// portal token.
+    pub fn answer<T: serde::Serialize>(&self, body: &T) -> actix_web::HttpResponse {
+        if self.sees_costs() {
+            return actix_web::HttpResponse::Ok().json(body);
+        }
+        let mut value = serde_json::to_value(body).expect("answers serialize");
+        strip_costs(&mut value);
+        actix_web::HttpResponse::Ok().json(value)
+    }
+
     /// Refuses a portal token where only the tenant's own keys may go, saying why.
     pub fn not_portal(&self, what: &str) -> Result<(), ApiError> {
         match self.customer {
@@ -76,6 +93,20 @@ one of the tenant's API keys"
             (Some(own), _) => Ok(Some(own.clone())),
             (None, asked) => Ok(asked),
         }
+    }
+}
+
+/// Removes the operator's cost fields from every object in `value`.
+pub fn strip_costs(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for name in schemas::billing::COST_FIELDS {
+                fields.remove(name);
+            }
+            fields.values_mut().for_each(strip_costs);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_costs),
+        _ => {}
     }
 }
 

@@ -13,6 +13,7 @@ use backends::store::AnalyticsStore;
 use schemas::analytics::UsageFigures;
 use schemas::billing::{
     csv_record, json_line, BillingFigures, BillingKey, BillingPeriod, BillingQuery, CSV_HEADER,
+    CSV_HEADER_WITHOUT_COSTS,
 };
 use schemas::config::Scope;
 use serde::Deserialize;
@@ -75,6 +76,8 @@ struct Export {
     query: BillingQuery,
     period: String,
     format: Format,
+    /// Whether COGS columns are written (not for a portal token's customer).
+    costs: bool,
     totals: UsageFigures,
     /// Lines written so far (JSON needs commas between them).
     written: usize,
@@ -82,6 +85,16 @@ struct Export {
 }
 
 impl Export {
+    /// A JSON object as written: without its cost fields when costs are not shown.
+    fn json(&self, text: String) -> String {
+        if self.costs {
+            return text;
+        }
+        let mut value: serde_json::Value = serde_json::from_str(&text).expect("our own JSON");
+        crate::auth::strip_costs(&mut value);
+        value.to_string()
+    }
+
     /// The next chunk of the body, or `None` when it is complete.
     async fn next_chunk(&mut self) -> Option<Result<web::Bytes, ApiError>> {
         loop {
@@ -89,7 +102,8 @@ impl Export {
                 Step::Start => {
                     self.step = Step::Lines(None);
                     let head = match self.format {
-                        Format::Csv => CSV_HEADER.to_string(),
+                        Format::Csv if self.costs => CSV_HEADER.to_string(),
+                        Format::Csv => CSV_HEADER_WITHOUT_COSTS.to_string(),
                         Format::Json => format!(
                             "{{\"period\":\"{}\",\"currency\":\"USD\",\"lines\":[",
                             self.period
@@ -125,12 +139,13 @@ impl Export {
                                 &self.period,
                                 Some(&line.key),
                                 &line.figures,
+                                self.costs,
                             )),
                             Format::Json => {
                                 if self.written > 0 {
                                     chunk.push(',');
                                 }
-                                chunk.push_str(&json_line(line));
+                                chunk.push_str(&self.json(json_line(line)));
                             }
                         }
                         self.written += 1;
@@ -139,12 +154,14 @@ impl Export {
                 }
                 Step::Totals => {
                     let tail = match self.format {
-                        Format::Csv => csv_record(&self.period, None, &self.totals),
+                        Format::Csv => csv_record(&self.period, None, &self.totals, self.costs),
                         Format::Json => format!(
                             "],\"lineCount\":{},\"totals\":{}}}",
                             self.written,
-                            serde_json::to_string(&BillingFigures::from(&self.totals))
-                                .expect("figures serialize")
+                            self.json(
+                                serde_json::to_string(&BillingFigures::from(&self.totals))
+                                    .expect("figures serialize")
+                            )
                         ),
                     };
                     return Some(Ok(tail.into()));
@@ -197,6 +214,7 @@ pub async fn billing(
         },
         period: period.as_string(),
         format,
+        costs: grant.sees_costs(),
         totals: UsageFigures::default(),
         written: 0,
         step: Step::Start,

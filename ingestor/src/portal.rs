@@ -143,7 +143,8 @@ pub struct PortalToken {
 
 /// Signs a read-only token for one customer: every read endpoint answers it with that
 /// customer's rows only (its sessions, usage, spend, exports and balance); it writes nothing
-/// and reads no margin levels.
+/// and reads no margin levels; its answers leave out the operator's costs (COGS, gross
+/// profit, margin).
 #[utoipa::path(
     post, path = "/v1/portal/tokens", tag = "portal", request_body = TokenRequest,
     responses(

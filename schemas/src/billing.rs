@@ -75,9 +75,17 @@ pub struct BillingLine {
 pub const CSV_HEADER: &str = "period,line,customer_id,agent_id,tool_name,calls,errors,\
 input_tokens,output_tokens,duration_ms,revenue_micros,revenue_usd,cogs_micros,cogs_usd\r\n";
 
+/// The columns a customer's own export has (a portal token's): the operator's costs left out.
+pub const CSV_HEADER_WITHOUT_COSTS: &str = "period,line,customer_id,agent_id,tool_name,calls,\
+errors,input_tokens,output_tokens,duration_ms,revenue_micros,revenue_usd\r\n";
+
+/// The JSON fields and CSV columns a customer's own export leaves out.
+pub const COST_FIELDS: [&str; 4] = ["cogsMicros", "cogsUsd", "grossProfitMicros", "margin"];
+
 /// One CSV record (RFC 4180: CRLF, fields quoted when they hold a comma, quote or line break).
-/// Totals have empty customer, agent and tool.
-pub fn csv_record(period: &str, key: Option<&BillingKey>, f: &UsageFigures) -> String {
+/// Totals have empty customer, agent and tool. Without `costs`, the COGS columns are left out
+/// (as in [`CSV_HEADER_WITHOUT_COSTS`]).
+pub fn csv_record(period: &str, key: Option<&BillingKey>, f: &UsageFigures, costs: bool) -> String {
     let (kind, customer, agent, tool) = match key {
         Some(k) => ("usage", &*k.customer_id, &*k.agent_id, &*k.tool_name),
         None => ("total", "", "", ""),
@@ -99,7 +107,8 @@ pub fn csv_record(period: &str, key: Option<&BillingKey>, f: &UsageFigures) -> S
         f.cogs_micros.to_string(),
         f.cogs_usd,
     ];
-    out.push_str(&numbers.join(","));
+    let shown = if costs { 9 } else { 7 };
+    out.push_str(&numbers[..shown].join(","));
     out.push_str("\r\n");
     out
 }
@@ -223,14 +232,16 @@ mod tests {
             tool_name: "web".into(),
         };
         assert_eq!(
-            csv_record("2026-11", Some(&key), &f),
+            csv_record("2026-11", Some(&key), &f, true),
             "2026-11,usage,\"acme, inc\",\"say \"\"hi\"\"\",web,3,1,30,30,3000,15120,0.015120,960,0.000960\r\n"
         );
         assert_eq!(
-            csv_record("2026-11", None, &f),
+            csv_record("2026-11", None, &f, true),
             "2026-11,total,,,,3,1,30,30,3000,15120,0.015120,960,0.000960\r\n"
         );
         assert_eq!(CSV_HEADER.matches(',').count(), 13);
+        assert_eq!(CSV_HEADER_WITHOUT_COSTS.matches(',').count(), 11);
+        assert_eq!(csv_record("p", None, &f, false).matches(',').count(), 11);
     }
 
     #[test]

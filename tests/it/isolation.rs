@@ -183,6 +183,16 @@ fn a_portal_token_reads_one_customer_of_one_tenant_and_writes_nothing() {
     assert_eq!(status, 200, "{summary}");
     assert_eq!(summary["calls"], 3, "{summary}");
     assert_eq!(summary["revenueMicros"], 3 * 5010, "{summary}");
+    // The operator's costs stay the operator's: no COGS, gross profit or margin, anywhere.
+    for field in ["cogsMicros", "grossProfitMicros", "margin"] {
+        assert!(summary.get(field).is_none(), "{field}: {summary}");
+    }
+    let (_, csv) = s.get_text(&format!("/v1/exports/billing?period={month}"), &token);
+    assert!(
+        csv.starts_with(schemas::billing::CSV_HEADER_WITHOUT_COSTS),
+        "{csv}"
+    );
+    assert!(csv.lines().all(|l| l.matches(',').count() == 11), "{csv}");
     let reads = [
         "/analytics/mcp/revenue/by-tool".to_string(),
         "/analytics/mcp/by-agent".to_string(),
