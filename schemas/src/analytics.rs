@@ -337,15 +337,6 @@ pub enum Interval {
 /// Longest range an hourly series may cover: 31 days is 744 points per series.
 pub const MAX_HOURLY_DAYS: i64 = 31;
 
-impl Interval {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Interval::Hour => "hour",
-            Interval::Day => "day",
-        }
-    }
-}
-
 /// What a time series is split by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
