@@ -464,7 +464,7 @@ by the supervisor; {broker_panics} tansu panics restarted; {found} stored, all o
             None => format!("not within {} s", BOUND.as_secs()),
         }
     );
-    if all_stored_after.is_none() {
+    if all_stored_after.is_none() || found != EVENTS {
         eprintln!("{}", diagnose(&setup));
     }
     assert_eq!(chaos_done, 6, "every chaos step ran");

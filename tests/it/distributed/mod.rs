@@ -119,6 +119,16 @@ fn diagnose(setup: &Setup) -> String {
             rows.trim()
         ));
     }
+    // Rows stored twice, with the part each copy is in (a part's name orders the inserts).
+    let twice = setup.sql(
+        "SELECT idempotency_key, groupArray(kafka_partition), groupArray(kafka_offset), \
+groupArray(_part) FROM mcp_events GROUP BY idempotency_key HAVING count() > 1 \
+ORDER BY idempotency_key LIMIT 20",
+    );
+    if !twice.trim().is_empty() {
+        out.push_str("stored twice: key | partitions | offsets | parts\n");
+        out.push_str(&twice);
+    }
     out
 }
 

@@ -381,3 +381,59 @@ fn redis_down_ingest_goes_on_the_guard_fails_open_and_recovers_by_itself() {
         statuses.len()
     );
 }
+
+/// An INSERT whose request times out because ClickHouse is paused is not abandoned: it goes on
+/// until the server answers, and the runner's next query waits for that. So the dedup lookup
+/// that follows a timed-out write sees all of its rows or none, never a write that lands after
+/// it. The INSERT carries about 10 MB, more than the paused server's socket takes, so its
+/// request is still being sent when the server resumes (a dropped request would be cut short).
+#[test]
+fn an_insert_timed_out_by_a_clickhouse_pause_is_answered_before_the_next_query() {
+    use backends::store::clickhouse::{HttpRunner, SqlRunner};
+    let clickhouse = ClickHouseServer::start();
+    let config = schemas::config::ClickHouseConfig {
+        url: clickhouse.url().to_string(),
+        database: "default".into(),
+        request_timeout_ms: 1000,
+        ..Default::default()
+    };
+    const ROWS: usize = 400_000;
+    let mut insert = String::from("INSERT INTO paused FORMAT TabSeparated\n");
+    for i in 0..ROWS {
+        insert.push_str(&format!("{i}\tpadding-to-make-the-request-large\n"));
+    }
+    actix_web::rt::System::new().block_on(async {
+        let runner = HttpRunner::new(&config);
+        runner
+            .execute("CREATE TABLE paused (n UInt64, note String) ENGINE = MergeTree ORDER BY n")
+            .await
+            .unwrap();
+        clickhouse.signal("-STOP");
+        let timed_out = runner.execute(&insert).await.unwrap_err();
+        assert!(timed_out.to_string().contains("timeout"), "{timed_out}");
+        let waiting = runner
+            .tab_separated("SELECT count() FROM paused")
+            .await
+            .unwrap_err();
+        assert!(
+            waiting.to_string().contains("still unanswered"),
+            "{waiting}"
+        );
+        clickhouse.signal("-CONT");
+        let started = Instant::now();
+        let count = loop {
+            match runner.tab_separated("SELECT count() FROM paused").await {
+                Ok(count) => break count,
+                Err(e) => {
+                    assert!(started.elapsed() < Duration::from_secs(60), "{e}");
+                    actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert_eq!(
+            count.trim(),
+            ROWS.to_string(),
+            "the first answer after the pause counts every row of the timed-out insert"
+        );
+    });
+}

@@ -54,10 +54,20 @@ impl<R: SqlRunner + ?Sized> SqlRunner for &R {
 pub struct HttpRunner {
     client: clickhouse::Client,
     timeout: Duration,
-    /// Statements whose outcome is unknown (the request failed or timed out, but the server
-    /// may have received it and still be running it), by query id.
+    /// Statements whose request outlived `timeout`. They are not dropped: each goes on in its
+    /// own task until the server answers or the connection breaks, for that is the only way to
+    /// know their outcome (a paused server reads a request from its socket when it resumes,
+    /// which may be after a dedup lookup that a dropped request could not have waited for).
+    outstanding: std::sync::Arc<std::sync::Mutex<Vec<Outstanding>>>,
+    /// Statements whose request failed but which the server may still be running, by query id.
     unsettled: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
+
+/// A statement's request going on after its timeout, with its query id.
+type Outstanding = (
+    String,
+    tokio::task::JoinHandle<clickhouse::error::Result<()>>,
+);
 
 /// Queries carry their values inline (a dedup lookup lists thousands of keys), so they may be
 /// longer than the server's default 256 KiB limit on query text.
@@ -78,6 +88,7 @@ impl HttpRunner {
         HttpRunner {
             client: client.with_setting("max_query_size", MAX_QUERY_BYTES),
             timeout: Duration::from_millis(config.request_timeout_ms),
+            outstanding: Default::default(),
             unsettled: Default::default(),
         }
     }
@@ -91,12 +102,37 @@ fn client(config: &ClickHouseConfig) -> clickhouse::Client {
 }
 
 impl HttpRunner {
-    /// Waits until no statement of unknown outcome still runs on the server. An INSERT whose
-    /// request timed out (a paused or slow server) may still be running there; a dedup lookup
-    /// made before it ends would miss its rows and the retry would store them twice. Once it is
-    /// gone from `system.processes` its rows are visible or were never written, so every
-    /// statement and query waits for that first.
+    /// Waits until no statement of unknown outcome is still on its way or running. An INSERT
+    /// whose request timed out (a paused or slow server) may land later; a dedup lookup made
+    /// before it does would miss its rows and the retry would store them twice. So every
+    /// statement and query first waits for the outstanding requests to be answered (for one
+    /// `timeout`; then it fails as retriable and the next call waits again), then for the
+    /// failed ones to be gone from `system.processes`: after that their rows are visible or
+    /// were never written.
     async fn settle(&self) -> Result<(), StoreError> {
+        let outstanding = std::mem::take(&mut *self.outstanding.lock().expect("outstanding lock"));
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut waiting = outstanding.into_iter();
+        while let Some((id, mut request)) = waiting.next() {
+            if let Ok(answered) = tokio::time::timeout_at(deadline, &mut request).await {
+                // Its error is not returned (that call has already failed), only noted.
+                let _ = self.note_outcome(id, answer_of(answered).context("execute"));
+                continue;
+            }
+            let mut kept = self.outstanding.lock().expect("outstanding lock");
+            kept.push((id, request));
+            kept.extend(waiting);
+            return Err(StoreError::Failed {
+                store: "clickhouse",
+                context: "wait for an earlier statement",
+                kind: ErrorKind::Retriable,
+                detail: format!(
+                    "{} statement(s) sent earlier are still unanswered after {} ms",
+                    kept.len(),
+                    self.timeout.as_millis()
+                ),
+            });
+        }
         let ids = self.unsettled.lock().expect("unsettled lock").clone();
         if ids.is_empty() {
             return Ok(());
@@ -123,6 +159,17 @@ impl HttpRunner {
         }
     }
 
+    /// Keeps the id of a statement that failed but may still be running on the server (any
+    /// failure but a refusal: a refused statement ran and failed).
+    fn note_outcome(&self, id: String, result: Result<(), StoreError>) -> Result<(), StoreError> {
+        if let Err(e) = &result {
+            if e.kind() != ErrorKind::Permanent {
+                self.unsettled.lock().expect("unsettled lock").push(id);
+            }
+        }
+        result
+    }
+
     async fn fetch(&self, sql: &str) -> Result<String, StoreError> {
         let mut cursor = self
             .client
@@ -137,6 +184,17 @@ impl HttpRunner {
             detail: e.to_string(),
         })
     }
+}
+
+/// The answer of a request's task (a task that panicked or was cancelled gave none).
+fn answer_of(
+    answered: Result<clickhouse::error::Result<()>, tokio::task::JoinError>,
+) -> clickhouse::error::Result<()> {
+    answered.unwrap_or_else(|e| {
+        Err(clickhouse::error::Error::Custom(format!(
+            "the request's task ended without an answer: {e}"
+        )))
+    })
 }
 
 /// A query id no other statement of this process has.
@@ -158,22 +216,19 @@ impl SqlRunner for HttpRunner {
     async fn execute(&self, sql: &str) -> Result<(), StoreError> {
         self.settle().await?;
         let id = new_query_id();
-        let result = within(
-            self.timeout,
-            self.client
-                .query_raw(sql)
-                .with_setting("query_id", &id)
-                .execute(),
-        )
-        .await
-        .context("execute");
-        if let Err(e) = &result {
-            // Refused by the server: it ran and failed. Anything else may still be running.
-            if e.kind() != ErrorKind::Permanent {
-                self.unsettled.lock().expect("unsettled lock").push(id);
+        let statement = self.client.query_raw(sql).with_setting("query_id", &id);
+        let mut request = tokio::spawn(statement.execute());
+        match tokio::time::timeout(self.timeout, &mut request).await {
+            Ok(answered) => self.note_outcome(id, answer_of(answered).context("execute")),
+            Err(_) => {
+                // Its outcome is decided when the server answers: it goes on to that.
+                self.outstanding
+                    .lock()
+                    .expect("outstanding lock")
+                    .push((id, request));
+                Err(clickhouse::error::Error::TimedOut).context("execute")
             }
         }
-        result
     }
 
     async fn tab_separated(&self, sql: &str) -> Result<String, StoreError> {
