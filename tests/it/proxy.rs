@@ -95,20 +95,37 @@ fn killed_and_unpaid_calls_never_reach_the_server(mode: &str) {
 }
 
 /// The meter is down while the calls happen: they pass, and the queued events are delivered
-/// once it is up, before the proxy exits.
+/// once it is up, before the proxy exits. The meter's port first refuses the proxy's delivery
+/// (the connection is closed unanswered), and the meter starts only after that, whatever time
+/// the driver takes to start.
 #[test]
 fn calls_pass_while_the_meter_is_down_and_their_events_arrive_after_it_is_back() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = down.local_addr().unwrap().port();
     let base = format!("http://127.0.0.1:{port}");
     let driver = std::thread::spawn(move || {
         let flags = [("MCP_METER_PROXY_FLAGS", "--close-wait-ms 30000")];
         drive_at(&base, ACME, "cust-px", "usage", "proxy", &flags)
     });
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    down.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match down.accept() {
+            Ok((delivery, _)) => {
+                drop(delivery);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    std::time::Instant::now() < deadline && !driver.is_finished(),
+                    "the proxy never tried to deliver its events"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+    drop(down);
     let s = Server::start_with(|c| c.listen = format!("127.0.0.1:{port}"));
     let result: Value = driver.join().unwrap();
     assert_eq!(result["runs"]["search"], 34, "every call passed");
