@@ -67,6 +67,11 @@ topic and follows the new one from its start"
     },
     #[error("{0}; exiting so that a supervisor restarts this aggregator as a new group member")]
     Stalled(String),
+    #[error(
+        "the consumer group went on without this member before its batch was written; the \
+batch is left to the partitions' new holder"
+    )]
+    Lost,
 }
 
 /// Runs until `shutdown` turns true (then finishes the batch in hand and returns), until a
@@ -221,7 +226,26 @@ where
             .flat_map(|b| &b.positions)
             .any(|p| unverified.contains(&p.partition));
         let started = Instant::now();
-        let refused = store(writer, batches, check_positions, config, &mut progress).await?;
+        let still_member = || source.still_member();
+        let refused = match store(
+            writer,
+            batches,
+            check_positions,
+            &still_member,
+            config,
+            &mut progress,
+        )
+        .await
+        {
+            Err(ConsumerError::Lost) => {
+                // Another member writes these partitions now; the next poll says which were
+                // lost, and they are forgotten there.
+                tracing::warn!("the group went on without this member: its batch is left to the new holder of its partitions");
+                status.set_writing(false);
+                continue;
+            }
+            answer => answer?,
+        };
         // 6b. Refused rows go to the dead-letter topic with the store's reason and their source
         //     offsets, durably, before the floors pass them: the batch's other rows are stored,
         //     and these are kept where an operator can read, fix and replay them.
@@ -284,10 +308,13 @@ fn refused(
 /// A write the store refuses for good is halved until the refused rows stand alone: every other
 /// row is stored, and the refused ones are returned. Each try first drops positions already
 /// stored when a partial write may have happened (`check_positions`, and after any failure).
+/// Before every insert it asks `still_member`: once the group has gone on without this member,
+/// it writes nothing more and answers [`ConsumerError::Lost`].
 async fn store<W>(
     writer: &mut W,
     batches: Vec<TenantBatch>,
     check_positions: bool,
+    still_member: &dyn Fn() -> bool,
     config: &ConsumerConfig,
     progress: &mut Progress,
 ) -> Result<Vec<(BusPosition, Poison)>, ConsumerError>
@@ -311,6 +338,9 @@ where
                         continue;
                     }
                 }
+            }
+            if !still_member() {
+                return Err(ConsumerError::Lost);
             }
             let insert_started = Instant::now();
             match writer.write(&chunk).await {

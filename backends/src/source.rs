@@ -92,6 +92,12 @@ pub trait EventSource: Send {
     /// stored with the rows, so a commit that is lost costs re-reading, never a duplicate.
     fn commit(&self, next: &[BusPosition]);
 
+    /// False once the group has gone on without this member (a broker restart that lost the
+    /// group, an expired session), before `poll` has said so: another member may be writing
+    /// its partitions already, so nothing more of them may be written. Checked before every
+    /// insert.
+    fn still_member(&self) -> bool;
+
     /// The partitions the group assigns to this member now.
     fn assignment(&self) -> Vec<i32>;
 

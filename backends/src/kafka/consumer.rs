@@ -14,25 +14,68 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use schemas::config::KafkaConfig;
 use schemas::event::BusEvent;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Notes the partitions taken away in a rebalance, for the aggregator to forget.
+/// Notes the partitions taken away in a rebalance, for the aggregator to forget, and the ones
+/// taken over from another member, which are not written before their [`TAKEOVER_GRACE`].
 struct Context {
     topic: String,
     revoked: Arc<Mutex<Vec<i32>>>,
+    /// Per partition taken over: nothing of it is written before this instant.
+    takeovers: Takeovers,
+    /// What this member held until the last revoke (empty when its assignment was lost: the
+    /// group went on without it, and another member may have held anything since).
+    held: Mutex<Vec<i32>>,
 }
+
+type Takeovers = Arc<Mutex<HashMap<i32, Instant>>>;
+
+/// How long a member waits, after it was given a partition it did not hold just before, until
+/// it writes any of it. A rebalance moves a partition only once its holder gave it up between
+/// two batches, except when the group goes on without a member: its session expired (it could
+/// not reach the broker, or the broker restarted and forgot it) and it has not noticed yet, so
+/// it may still be writing what it held. Every member checks that its assignment is not lost
+/// before each insert (`still_member`); the new holder waits for the former one to have
+/// noticed (a reconnection: at most RECONNECT_BACKOFF_MAX with librdkafka's jitter; a
+/// heartbeat: HEARTBEAT_INTERVAL) and for an insert it had already sent, with room to spare.
+/// A partition that comes back to the member that held it (most rebalances) has no wait.
+const TAKEOVER_GRACE: Duration = Duration::from_secs(5);
+/// Longest pause between two reconnection tries to a broker (librdkafka's default is 10 s).
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(1000);
+/// Longest time between two heartbeats (with sessions shorter than 3 s: a third of one).
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(1000);
 
 impl ClientContext for Context {}
 
 impl ConsumerContext for Context {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
-            let mut revoked = self.revoked.lock().expect("revoked lock");
-            for element in list.elements_for_topic(&self.topic) {
-                tracing::info!(partition = element.partition(), "partition revoked");
-                revoked.push(element.partition());
+            let partitions: Vec<i32> = list
+                .elements_for_topic(&self.topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect();
+            let lost = consumer.assignment_lost();
+            if lost {
+                tracing::warn!(?partitions,
+                    "the group went on without this member (its session expired, or the broker restarted and forgot it): \
+its partitions are lost, and nothing more of them is written");
+            } else {
+                tracing::info!(?partitions, "partitions revoked");
             }
+            // A grace still running belongs to the assignment that ends here.
+            self.takeovers
+                .lock()
+                .expect("takeovers lock")
+                .retain(|p, _| !partitions.contains(p));
+            *self.held.lock().expect("held lock") =
+                if lost { Vec::new() } else { partitions.clone() };
+            self.revoked
+                .lock()
+                .expect("revoked lock")
+                .extend(partitions);
         }
     }
 
@@ -43,7 +86,18 @@ impl ConsumerContext for Context {
                 .iter()
                 .map(|e| e.partition())
                 .collect();
-            tracing::info!(?partitions, "partitions assigned");
+            let held = std::mem::take(&mut *self.held.lock().expect("held lock"));
+            let taken: Vec<i32> = partitions
+                .iter()
+                .copied()
+                .filter(|p| !held.contains(p))
+                .collect();
+            tracing::info!(?partitions, taken_over = ?taken, "partitions assigned");
+            let until = Instant::now() + TAKEOVER_GRACE;
+            let mut takeovers = self.takeovers.lock().expect("takeovers lock");
+            for p in taken {
+                takeovers.insert(p, until);
+            }
         }
     }
 }
@@ -55,6 +109,7 @@ pub struct KafkaSource {
     dead_letters: FutureProducer,
     config: KafkaConfig,
     revoked: Arc<Mutex<Vec<i32>>>,
+    takeovers: Takeovers,
     delivery_timeout: Duration,
     /// One warning per ERROR_LOG_INTERVAL while the broker keeps failing.
     errors: LogThrottle,
@@ -67,11 +122,15 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 fn member(
     config: &KafkaConfig,
     revoked: &Arc<Mutex<Vec<i32>>>,
+    takeovers: &Takeovers,
 ) -> Result<StreamConsumer<Context>, BusError> {
     let context = Context {
         topic: config.events_topic.clone(),
         revoked: revoked.clone(),
+        takeovers: takeovers.clone(),
+        held: Mutex::new(Vec::new()),
     };
+    let heartbeat = HEARTBEAT_INTERVAL.min(Duration::from_millis(config.session_timeout_ms / 3));
     ClientConfig::new()
         .set("bootstrap.servers", brokers(config)?)
         .set("group.id", &config.consumer_group)
@@ -82,6 +141,12 @@ fn member(
         .set(
             "max.poll.interval.ms",
             config.max_poll_interval_ms.to_string(),
+        )
+        // Bounds on how soon a member hears that the group went on without it (TAKEOVER_GRACE).
+        .set("heartbeat.interval.ms", heartbeat.as_millis().to_string())
+        .set(
+            "reconnect.backoff.max.ms",
+            RECONNECT_BACKOFF_MAX.as_millis().to_string(),
         )
         // A fetch the broker holds open waiting for data adds its whole wait to freshness
         // (tansu holds it the full time): keep it short; idle fetches are cheap.
@@ -98,7 +163,8 @@ impl KafkaSource {
     /// Joins the consumer group and subscribes to the events topic.
     pub fn new(config: &KafkaConfig) -> Result<KafkaSource, BusError> {
         let revoked = Arc::new(Mutex::new(Vec::new()));
-        let consumer = Arc::new(member(config, &revoked)?);
+        let takeovers = Takeovers::default();
+        let consumer = Arc::new(member(config, &revoked, &takeovers)?);
         let dead_letters = producer_config(config)?
             .create()
             .map_err(|source| BusError::retriable("create the dead-letter producer", source))?;
@@ -107,6 +173,7 @@ impl KafkaSource {
             dead_letters,
             config: config.clone(),
             revoked,
+            takeovers,
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms + 1000),
             errors: LogThrottle::new(ERROR_LOG_INTERVAL),
         };
@@ -202,6 +269,27 @@ impl EventSource for KafkaSource {
                 .messages
                 .retain(|m| !revoked.contains(&m.position.partition));
         }
+        // Partitions taken over from another member: their first batch waits out the grace.
+        let now = Instant::now();
+        let until = {
+            let mut takeovers = self.takeovers.lock().expect("takeovers lock");
+            takeovers.retain(|_, until| *until > now);
+            polled
+                .messages
+                .iter()
+                .filter_map(|m| takeovers.get(&m.position.partition))
+                .max()
+                .copied()
+        };
+        if let Some(until) = until {
+            let wait = until - now;
+            tracing::info!(
+                wait_ms = wait.as_millis() as u64,
+                "partitions taken over: waiting before their first write, so that a member that \
+has not yet noticed it lost them stops writing first"
+            );
+            tokio::time::sleep(wait).await;
+        }
         Ok(polled)
     }
 
@@ -271,6 +359,10 @@ impl EventSource for KafkaSource {
         }
     }
 
+    fn still_member(&self) -> bool {
+        !self.consumer.assignment_lost()
+    }
+
     fn assignment(&self) -> Vec<i32> {
         match self.consumer.assignment() {
             Ok(list) => list
@@ -286,7 +378,7 @@ impl EventSource for KafkaSource {
         let held = self.assignment();
         // The old member leaves first (closing it sends LeaveGroup and waits for the broker),
         // so the group never counts both; the close blocks, so it runs off the runtime.
-        let fresh = Arc::new(member(&self.config, &self.revoked)?);
+        let fresh = Arc::new(member(&self.config, &self.revoked, &self.takeovers)?);
         let old = std::mem::replace(&mut self.consumer, fresh);
         let _ = off_runtime(move || drop(old)).await;
         self.subscribe()?;

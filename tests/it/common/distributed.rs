@@ -237,10 +237,20 @@ impl Tansu {
 
     /// SIGKILL, as a crash, then a start on the same port and storage.
     pub fn crash_and_restart(&mut self) {
+        self.crash();
+        self.spawn();
+    }
+
+    /// SIGKILL, as a crash; `start_again` brings it back.
+    pub fn crash(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             child.wait().unwrap();
         }
+    }
+
+    /// Starts the broker again on the same port and storage.
+    pub fn start_again(&mut self) {
         self.spawn();
     }
 

@@ -3,6 +3,7 @@
 
 mod crashes;
 mod credits;
+mod group;
 mod lag;
 mod outages;
 mod pipeline;
