@@ -34,14 +34,15 @@ type Takeovers = Arc<Mutex<HashMap<i32, Instant>>>;
 
 /// How long a member waits, after it was given a partition it did not hold just before, until
 /// it writes any of it. A rebalance moves a partition only once its holder gave it up between
-/// two batches, except when the group goes on without a member: its session expired (it could
-/// not reach the broker, or the broker restarted and forgot it) and it has not noticed yet, so
-/// it may still be writing what it held. Every member checks that its assignment is not lost
-/// before each insert (`still_member`); the new holder waits for the former one to have
-/// noticed (a reconnection: at most RECONNECT_BACKOFF_MAX with librdkafka's jitter; a
-/// heartbeat: HEARTBEAT_INTERVAL) and for an insert it had already sent, with room to spare.
-/// A partition that comes back to the member that held it (most rebalances) has no wait.
-const TAKEOVER_GRACE: Duration = Duration::from_secs(5);
+/// two batches, except when the group goes on without a member: its session ran out while the
+/// broker was away, and tansu hands every partition to whoever rejoins first while the others
+/// still hold theirs, writing the batch in hand, until they notice (librdkafka's
+/// assignment_lost, checked before every insert: `still_member`) or poll again (which revokes
+/// them). The new holder waits for the former one to notice (a reconnection: at most
+/// RECONNECT_BACKOFF_MAX with librdkafka's jitter; a heartbeat: HEARTBEAT_INTERVAL) or to end
+/// its batch, with room to spare. A partition that comes back to the member that held it just
+/// before (most rebalances) has no wait.
+pub const TAKEOVER_GRACE: Duration = Duration::from_secs(5);
 /// Longest pause between two reconnection tries to a broker (librdkafka's default is 10 s).
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(1000);
 /// Longest time between two heartbeats (with sessions shorter than 3 s: a third of one).

@@ -1,12 +1,12 @@
-//! The consumer group when the broker forgets it: tansu keeps no group across a restart, so the
-//! first member to come back is given every partition while the others still hold theirs.
-//! Two writers of one partition could each miss the other's rows in their dedup lookups; the
-//! aggregator prevents it by making a member that takes partitions over in such a group wait
-//! (`TAKEOVER_GRACE`) until their former holder must know it lost them (`still_member`, checked
-//! before every insert).
+//! The consumer group when the broker was away: a member whose session ran out rejoins, and
+//! tansu hands it every partition at once while the other members still hold theirs (until
+//! they poll, or for as long as they have not noticed). Two writers of one partition could
+//! each miss the other's rows in their dedup lookups; the aggregator prevents it: a member
+//! given a partition it did not hold just before waits `TAKEOVER_GRACE` before writing it, and
+//! a member checks before every insert that its assignment is not lost (`still_member`).
 
 use super::*;
-use backends::kafka::KafkaSource;
+use backends::kafka::{KafkaSource, TAKEOVER_GRACE};
 use backends::source::EventSource;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
@@ -32,13 +32,16 @@ fn produce(setup: &Setup, n: usize) {
     producer.flush(Duration::from_secs(30)).unwrap();
 }
 
-/// The member A holds partitions and stops polling (a batch in hand); the broker crashes and
-/// comes back without the group; B, which goes on polling, is given A's partitions. The first
-/// records of those that B's poll hands out (to be written) come only once A knows it has lost
-/// them, before A has polled again: A's next insert check refuses, and B's dedup lookup comes
-/// after anything A sent.
+/// The member A holds partitions and stops polling (a batch in hand); the broker is away for a
+/// session timeout and comes back; B, which went on polling, is given A's partitions while A
+/// still holds them. B's poll hands out none of their records (to be written) before the grace
+/// has passed, and A's next poll (after its batch) takes them from A and hands out none of them.
+/// A may or may not have noticed before that poll (librdkafka's assignment_lost, which A checks
+/// before every insert), depending on whether its own session ran out while the broker was away:
+/// the grace is what covers the batch A had in hand.
 #[test]
-fn after_a_broker_restart_a_partition_is_handed_out_only_once_its_former_holder_knows_it_lost_it() {
+fn a_partition_taken_over_after_the_broker_was_away_waits_the_grace_and_its_former_holder_lets_go()
+{
     let mut tansu = Tansu::start();
     let setup = Setup::new("forgotten", &tansu.brokers(), 4, "");
     produce(&setup, 5);
@@ -75,12 +78,19 @@ fn after_a_broker_restart_a_partition_is_handed_out_only_once_its_former_holder_
         produce(&setup, 5);
         let restarted = Instant::now();
         let mut said = Instant::now();
+        // The start of the poll after which B was first seen holding one of A's partitions: B
+        // was given it after this instant.
+        let mut given_after: Option<Instant> = None;
         loop {
+            let call = Instant::now();
             if said.elapsed() > Duration::from_secs(2) {
                 said = Instant::now();
                 eprintln!("{:.1} s: B holds {:?}, A still member {}", restarted.elapsed().as_secs_f64(), b.assignment(), a.still_member());
             }
             let polled = b.poll(1000, idle, fill).await.unwrap();
+            if given_after.is_none() && b.assignment().iter().any(|p| held_a.contains(p)) {
+                given_after = Some(call);
+            }
             let taken: Vec<i32> = polled
                 .messages
                 .iter()
@@ -89,12 +99,16 @@ fn after_a_broker_restart_a_partition_is_handed_out_only_once_its_former_holder_
                 .collect();
             if !taken.is_empty() {
                 eprintln!(
-                    "B was handed records of A's partitions {taken:?} {:.1} s after the restart",
-                    restarted.elapsed().as_secs_f64()
+                    "B was handed records of A's partitions {taken:?} {:.1} s after the restart; \
+A knew it had lost them: {}",
+                    restarted.elapsed().as_secs_f64(),
+                    !a.still_member()
                 );
+                let waited = given_after.expect("B holds them").elapsed();
                 assert!(
-                    !a.still_member(),
-                    "B was handed records of {taken:?} while A, which held them, did not know it had lost them"
+                    waited >= TAKEOVER_GRACE,
+                    "B handed out records of partitions it took over {waited:?} after it was given them, \
+before the grace of {TAKEOVER_GRACE:?}"
                 );
                 break;
             }
@@ -104,12 +118,21 @@ fn after_a_broker_restart_a_partition_is_handed_out_only_once_its_former_holder_
                 b.assignment()
             );
         }
-        // A hears it when it polls, and forgets what it held.
+        // A, done with the batch it had in hand (which the grace waited for), polls again as an
+        // aggregator does: it is told that what it held is gone, and is handed none of it.
         let polled = a.poll(1000, idle, fill).await.unwrap();
+        let handed: Vec<i32> = polled
+            .messages
+            .iter()
+            .map(|m| m.position.partition)
+            .filter(|p| held_a.contains(p))
+            .collect();
         assert!(
-            held_a.iter().all(|p| polled.revoked.contains(p)),
-            "A's poll reports {:?} revoked, A held {held_a:?}",
-            polled.revoked
+            held_a.iter().all(|p| polled.revoked.contains(p)) && handed.is_empty(),
+            "A's next poll reports {:?} revoked and hands out records of {handed:?}; A held {held_a:?}, \
+B now holds {:?}",
+            polled.revoked,
+            b.assignment()
         );
     });
 }
