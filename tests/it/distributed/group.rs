@@ -32,6 +32,16 @@ fn produce(setup: &Setup, n: usize) {
     producer.flush(Duration::from_secs(30)).unwrap();
 }
 
+/// The partition of each record `polled` hands out of `partitions`.
+fn records_of(polled: &backends::source::Polled, partitions: &[i32]) -> Vec<i32> {
+    polled
+        .messages
+        .iter()
+        .map(|m| m.position.partition)
+        .filter(|p| partitions.contains(p))
+        .collect()
+}
+
 /// The member A holds partitions and stops polling (a batch in hand); the broker is away for a
 /// session timeout and comes back; B, which went on polling, is given A's partitions while A
 /// still holds them. B's poll hands out none of their records (to be written) before the grace
@@ -91,12 +101,7 @@ fn a_partition_taken_over_after_the_broker_was_away_waits_the_grace_and_its_form
             if given_after.is_none() && b.assignment().iter().any(|p| held_a.contains(p)) {
                 given_after = Some(call);
             }
-            let taken: Vec<i32> = polled
-                .messages
-                .iter()
-                .map(|m| m.position.partition)
-                .filter(|p| held_a.contains(p))
-                .collect();
+            let taken = records_of(&polled, &held_a);
             if !taken.is_empty() {
                 eprintln!(
                     "B was handed records of A's partitions {taken:?} {:.1} s after the restart; \
@@ -121,12 +126,7 @@ before the grace of {TAKEOVER_GRACE:?}"
         // A, done with the batch it had in hand (which the grace waited for), polls again as an
         // aggregator does: it is told that what it held is gone, and is handed none of it.
         let polled = a.poll(1000, idle, fill).await.unwrap();
-        let handed: Vec<i32> = polled
-            .messages
-            .iter()
-            .map(|m| m.position.partition)
-            .filter(|p| held_a.contains(p))
-            .collect();
+        let handed = records_of(&polled, &held_a);
         assert!(
             held_a.iter().all(|p| polled.revoked.contains(p)) && handed.is_empty(),
             "A's next poll reports {:?} revoked and hands out records of {handed:?}; A held {held_a:?}, \
