@@ -226,12 +226,11 @@ where
             .flat_map(|b| &b.positions)
             .any(|p| unverified.contains(&p.partition));
         let started = Instant::now();
-        let still_member = || source.still_member();
         let refused = match store(
             writer,
             batches,
             check_positions,
-            &still_member,
+            &|| source.still_member(),
             config,
             &mut progress,
         )

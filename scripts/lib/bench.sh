@@ -21,3 +21,15 @@ peak_mib() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$1/status"; }
 
 # stop PID: SIGTERM to a background child, and wait until it has exited.
 stop() { kill "$1"; wait "$1" 2> /dev/null || true; }
+
+# distributed_env CLICKHOUSE_URL BROKERS NAME: points `mcp-meter` at that ClickHouse and those
+# brokers, with a database and topics named NAME (a database serves one topic); the caller adds
+# what else its roles need (consumer group, listen address, log level).
+distributed_env() {
+  export MCP_METER_CLICKHOUSE_URL=$1 MCP_METER_CLICKHOUSE_DATABASE=$3 \
+    MCP_METER_KAFKA_BROKERS=$2 MCP_METER_KAFKA_EVENTS_TOPIC=$3 \
+    MCP_METER_KAFKA_DEAD_LETTER_TOPIC=$3.dead-letter
+}
+
+# sql SQL: runs SQL on the ClickHouse of distributed_env; its answer as TabSeparated.
+sql() { curl -sf --data-binary "$1" "$MCP_METER_CLICKHOUSE_URL/"; }

@@ -87,16 +87,11 @@ fn a_partition_taken_over_after_the_broker_was_away_waits_the_grace_and_its_form
         tansu.start_again();
         produce(&setup, 5);
         let restarted = Instant::now();
-        let mut said = Instant::now();
         // The start of the poll after which B was first seen holding one of A's partitions: B
         // was given it after this instant.
         let mut given_after: Option<Instant> = None;
         loop {
             let call = Instant::now();
-            if said.elapsed() > Duration::from_secs(2) {
-                said = Instant::now();
-                eprintln!("{:.1} s: B holds {:?}, A still member {}", restarted.elapsed().as_secs_f64(), b.assignment(), a.still_member());
-            }
             let polled = b.poll(1000, idle, fill).await.unwrap();
             if given_after.is_none() && b.assignment().iter().any(|p| held_a.contains(p)) {
                 given_after = Some(call);
