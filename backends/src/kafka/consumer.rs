@@ -66,11 +66,8 @@ its partitions are lost, and nothing more of them is written");
             } else {
                 tracing::info!(?partitions, "partitions revoked");
             }
-            // A grace still running belongs to the assignment that ends here.
-            self.takeovers
-                .lock()
-                .expect("takeovers lock")
-                .retain(|p, _| !partitions.contains(p));
+            // A grace still running is kept: if the partition comes back to this member, its
+            // former holder may still not have noticed.
             *self.held.lock().expect("held lock") =
                 if lost { Vec::new() } else { partitions.clone() };
             self.revoked
