@@ -11,6 +11,7 @@
 pub mod loadgen;
 
 use anyhow::Context;
+use backends::backlog::{Backlog, BusBacklog};
 use backends::kafka;
 use backends::sink::EventSink;
 use backends::state::memory::MemoryState;
@@ -200,6 +201,7 @@ fn http_api(
     sink: Arc<dyn EventSink>,
     analytics: Arc<dyn AnalyticsStore>,
     ledger: Arc<dyn CreditLedger>,
+    backlog: Option<Arc<dyn Backlog>>,
     state: StatePorts,
     metric_families: Vec<fn(&mut String)>,
 ) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
@@ -215,6 +217,8 @@ fn http_api(
         rate_limiter: state.rate_limiter,
         balances: state.balances,
         ledger,
+        backlog,
+        stale_ledgers: Default::default(),
         credits: config.credits.clone(),
         guard_recompute_seconds: config.margin_guard.interval_seconds,
         in_flight: tokio::sync::Semaphore::new(config.ingest.max_in_flight_requests),
@@ -302,7 +306,14 @@ impl Ingestor {
         }
         let sink: Arc<dyn EventSink> = Arc::new(kafka::KafkaSink::new(&config.kafka)?);
         let analytics: Arc<dyn AnalyticsStore> = Arc::new(ClickHouseAnalytics::new(runner.clone()));
-        let ledger: Arc<dyn CreditLedger> = Arc::new(ClickHouseLedger::new(runner));
+        let ledger: Arc<dyn CreditLedger> = Arc::new(ClickHouseLedger::new(runner.clone()));
+        let backlog: Arc<dyn Backlog> = Arc::new(BusBacklog::new(
+            Arc::new(kafka::KafkaProbe::new(&config.kafka)?),
+            Arc::new(ClickHouseWriter::for_topic(
+                runner,
+                &config.kafka.events_topic,
+            )),
+        ));
         let state = match &config.redis.url {
             Some(url) => StatePorts::of(Arc::new(redis_state(config, url).await?)),
             None => {
@@ -316,7 +327,15 @@ impl Ingestor {
             }
         };
         let families: Vec<fn(&mut String)> = vec![|out| backends::metrics::KAFKA.render(out)];
-        let (server, addr) = http_api(config, sink, analytics, ledger, state, families)?;
+        let (server, addr) = http_api(
+            config,
+            sink,
+            analytics,
+            ledger,
+            Some(backlog),
+            state,
+            families,
+        )?;
         Ok(Ingestor { server, addr })
     }
 
@@ -517,7 +536,15 @@ impl Embedded {
             |out| aggregator::metrics::METRICS.render_group_commit(out),
             |out| aggregator::metrics::METRICS.render_margin_guard(out),
         ];
-        let (server, addr) = http_api(config, Arc::new(sink), analytics, ledger, state, families)?;
+        let (server, addr) = http_api(
+            config,
+            Arc::new(sink),
+            analytics,
+            ledger,
+            None,
+            state,
+            families,
+        )?;
         Ok(Embedded {
             server,
             addr,

@@ -14,9 +14,12 @@
 //!   [`state::redis`].
 //! - [`metrics`]: counters, gauges, histograms in Prometheus text format, the Kafka adapters'
 //!   families, and [`metrics::LogThrottle`] for errors that repeat.
+//! - [`backlog`]: [`backlog::Backlog`], whether the store holds all the bus acknowledged (a
+//!   ledger rebuild waits for it).
 //! - [`error`]: [`error::ErrorKind`] and the errors of the sink and the store; every port error
 //!   says its kind.
 
+pub mod backlog;
 pub mod error;
 pub mod kafka;
 pub mod metrics;

@@ -17,8 +17,7 @@ use crate::error::{ApiError, ReadErrors};
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::state::{AuthorizeAsk, CapCounter, Settlement, StateError, WalletFigures};
-use backends::store::wallet_seeds;
-use schemas::config::Scope;
+use schemas::config::{LimitWindow, Scope};
 use schemas::credits::{
     valid_customer_id, AuthorizeAnswer, AuthorizeRequest, Balance, Decision, GrantAnswer,
     GrantRequest, GrantView, WalletGrant,
@@ -36,26 +35,63 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// Runs `op` against the tenant's wallets; when the state does not hold them, loads them from
-/// the store first and runs it again.
-pub async fn on_wallets<T, F, Fut>(state: &AppState, tenant: &str, op: F) -> Result<T, ApiError>
+/// Runs `op` against the tenant's ledger; when the state does not hold it, loads it from the
+/// store first ([`crate::rebuild::ledger_seed`]) and runs it again. A ledger marked stale (a
+/// settlement of this process failed) is forgotten first, so that it is rebuilt.
+pub async fn on_wallets<T, F, Fut>(state: &AppState, tenant: &Tenant, op: F) -> Result<T, ApiError>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<T, StateError>>,
 {
+    if stale(state, tenant) {
+        state.balances.forget_ledger(&tenant.id).await?;
+        tracing::info!(tenant = %tenant.id, "ledger forgotten after a failed settlement");
+        state
+            .stale_ledgers
+            .lock()
+            .expect("stale ledgers lock")
+            .remove(&tenant.id);
+    }
     match op().await {
         Err(StateError::WalletsNotLoaded(_)) => {
-            let seeds = wallet_seeds(state.ledger.as_ref(), tenant, now_ms()).await?;
-            state.balances.load_wallets(tenant, &seeds).await?;
+            if let Some(backlog) = &state.backlog {
+                let wait = std::time::Duration::from_millis(state.credits.rebuild_wait_ms);
+                backlog.drain(wait).await?;
+            }
+            let seed = crate::rebuild::ledger_seed(state, tenant, now_ms()).await?;
+            let loaded = state.balances.load_ledger(&tenant.id, &seed).await?;
             tracing::info!(
-                tenant,
-                wallets = seeds.len(),
-                "wallets loaded from the store"
+                tenant = %tenant.id,
+                loaded,
+                wallets = seed.wallets.len(),
+                charged_keys = seed.charged.len(),
+                counters = seed.counters.len(),
+                "ledger loaded from the store"
             );
             Ok(op().await?)
         }
         other => Ok(other?),
     }
+}
+
+fn stale(state: &AppState, tenant: &Tenant) -> bool {
+    state
+        .stale_ledgers
+        .lock()
+        .expect("stale ledgers lock")
+        .contains(&tenant.id)
+}
+
+/// The key of spend cap number `n` of `tenant` for `customer`, in the window starting at
+/// `start_ms`.
+pub fn cap_key(
+    tenant: &str,
+    n: usize,
+    window: LimitWindow,
+    start_ms: i64,
+    customer: &str,
+) -> String {
+    format!("cap:{tenant}:{n}:{}:{start_ms}:{customer}", window.as_str())
 }
 
 /// The cap counters of `customer` at `now_ms`, one per configured cap.
@@ -67,11 +103,7 @@ fn cap_counters(tenant: &Tenant, customer: &str, now_ms: i64) -> Vec<CapCounter>
         .map(|(n, cap)| {
             let (start, end) = cap.window.bounds(now_ms);
             CapCounter {
-                key: format!(
-                    "cap:{}:{n}:{}:{start}:{customer}",
-                    tenant.id,
-                    cap.window.as_str()
-                ),
+                key: cap_key(&tenant.id, n, cap.window, start, customer),
                 max_spend_micros: cap.max_spend_micros,
                 window_end_ms: end,
             }
@@ -127,7 +159,8 @@ fn remember_until_ms(state: &AppState, now_ms: i64) -> i64 {
 
 /// Settles a durable batch's calls, once per event key. Answers, per settlement, whether it was
 /// charged now; `None` when the guard state is down (usage is stored already: nothing is
-/// refused, and nothing is charged).
+/// refused, nothing is charged now, and the tenant's ledger is rebuilt from the store at its
+/// next use, which counts these calls).
 pub async fn settle(
     state: &AppState,
     tenant: &Tenant,
@@ -138,7 +171,7 @@ pub async fn settle(
         return Some(Vec::new());
     }
     let until = remember_until_ms(state, now_ms);
-    let answer = on_wallets(state, &tenant.id, || {
+    let answer = on_wallets(state, tenant, || {
         state
             .balances
             .settle(&tenant.id, settlements, now_ms, until)
@@ -147,7 +180,14 @@ pub async fn settle(
     match answer {
         Ok(claimed) => Some(claimed),
         Err(e) => {
+            // The calls are stored: a rebuild from the store counts them. Until this process
+            // reaches the state again, nothing of them is charged.
             crate::guard::warn_state_unavailable(&e);
+            state
+                .stale_ledgers
+                .lock()
+                .expect("stale ledgers lock")
+                .insert(tenant.id.clone());
             None
         }
     }
@@ -175,15 +215,15 @@ fn customer_of(path: &str) -> Result<&str, ApiError> {
 
 async fn balance_of(
     state: &AppState,
-    tenant: &str,
+    tenant: &Tenant,
     customer: &str,
     now_ms: i64,
 ) -> Result<Balance, ApiError> {
     let figures: WalletFigures = on_wallets(state, tenant, || {
-        state.balances.wallet(tenant, customer, now_ms)
+        state.balances.wallet(&tenant.id, customer, now_ms)
     })
     .await?;
-    let grants = state.ledger.grants(tenant, Some(customer)).await?;
+    let grants = state.ledger.grants(&tenant.id, Some(customer)).await?;
     Ok(Balance {
         customer_id: customer.to_string(),
         granted_micros: figures.granted_micros,
@@ -214,8 +254,8 @@ pub async fn grant(
     path: web::Path<String>,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.admit(&req, Scope::Admin).await?;
-    let tenant = &grant.tenant.id;
+    let caller = state.admit(&req, Scope::Admin).await?;
+    let tenant = &caller.tenant.id;
     let customer = customer_of(&path)?;
     let now = now_ms();
     let request: GrantRequest = json_body(&body)?;
@@ -234,7 +274,7 @@ pub async fn grant(
         expires_at_ms: recorded.expires_at_ms,
         settled_at_expiry: None,
     };
-    on_wallets(&state, tenant, || {
+    on_wallets(&state, &caller.tenant, || {
         state.balances.add_grant(
             tenant,
             customer,
@@ -244,7 +284,7 @@ pub async fn grant(
         )
     })
     .await?;
-    let balance = balance_of(&state, tenant, customer, now).await?;
+    let balance = balance_of(&state, &caller.tenant, customer, now).await?;
     Ok(HttpResponse::Created().json(GrantAnswer {
         grant: GrantView::of(&recorded, now),
         balance,
@@ -269,7 +309,7 @@ pub async fn balance(
     let grant = state.admit(&req, Scope::Read).await?;
     let customer = customer_of(&path)?;
     grant.customer_filter(Some(customer.to_string()))?;
-    let balance = balance_of(&state, &grant.tenant.id, customer, now_ms()).await?;
+    let balance = balance_of(&state, &grant.tenant, customer, now_ms()).await?;
     Ok(HttpResponse::Ok().json(balance))
 }
 
@@ -362,7 +402,7 @@ pub async fn authorize(
         remember_until_ms: remember_until_ms(&state, now),
     };
     let (decision, _replayed) =
-        on_wallets(&state, &tenant.id, || state.balances.authorize(&ask)).await?;
+        on_wallets(&state, tenant, || state.balances.authorize(&ask)).await?;
     let answer = AuthorizeAnswer::of(&request.nonce, &decision);
     Ok(match decision {
         Decision::Authorized { .. } => HttpResponse::Ok().json(answer),
@@ -396,12 +436,12 @@ pub async fn release(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.admit(&req, Scope::Ingest).await?;
-    let tenant = &grant.tenant.id;
+    let caller = state.admit(&req, Scope::Ingest).await?;
+    let tenant = &caller.tenant;
     let nonce = path.as_str();
     let now = now_ms();
     match on_wallets(&state, tenant, || {
-        state.balances.release(tenant, nonce, now)
+        state.balances.release(&tenant.id, nonce, now)
     })
     .await?
     {

@@ -7,6 +7,7 @@
 //! - [`limits`]: hard limits, charged at ingest; breaches kill sessions.
 //! - [`credits`]: charge before the tool runs: grants, balances, `POST /v1/authorize`, and
 //!   the settlement of ingested calls, once per event key.
+//! - [`rebuild`]: the ledger seed a state that lost a tenant's money state is loaded with.
 //! - [`analytics`]: `GET /analytics/mcp/...`.
 //! - [`exports`]: `GET /v1/exports/billing`, streamed CSV or JSON.
 //! - [`portal`]: `POST /v1/portal/tokens`, signed read-only tokens for one customer.
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod ops;
 pub mod portal;
+pub mod rebuild;
 
 use actix_web::web;
 use backends::sink::EventSink;
@@ -54,6 +56,12 @@ pub struct AppState {
     pub balances: Arc<dyn CustomerBalances>,
     /// Grants, durable in the store: what wallets are rebuilt from.
     pub ledger: Arc<dyn CreditLedger>,
+    /// What the store still lacks of the bus (distributed): a rebuild waits for it. `None`
+    /// when the sink answers only once the store has the events (embedded).
+    pub backlog: Option<Arc<dyn backends::backlog::Backlog>>,
+    /// Tenants whose settlement failed (the guard state did not answer): their ledger is
+    /// rebuilt from the store before its next use, which counts the calls that failed.
+    pub stale_ledgers: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
     pub credits: CreditsConfig,
     /// Permits for ingest requests in flight (`ingest.max_in_flight_requests`).
     pub in_flight: tokio::sync::Semaphore,

@@ -20,6 +20,37 @@ enum Subject {
 /// counter (its revenue), and its position in the batch.
 type SubjectCalls = (Vec<i64>, Vec<i64>, Vec<usize>);
 
+/// What a limit's counter counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Measure {
+    Calls,
+    Spend,
+}
+
+/// The counter of limit number `n` of `tenant`, for the subject `id` in the window starting
+/// at `start_ms`.
+pub fn counter_key(
+    tenant: &str,
+    n: usize,
+    limit: &LimitConfig,
+    start_ms: i64,
+    what: Measure,
+    id: &str,
+) -> String {
+    let per = match limit.per {
+        LimitSubject::Session => "session",
+        LimitSubject::Agent => "agent",
+    };
+    let what = match what {
+        Measure::Calls => "calls",
+        Measure::Spend => "spend",
+    };
+    format!(
+        "limit:{tenant}:{n}:{per}:{}:{start_ms}:{what}:{id}",
+        limit.window.as_str()
+    )
+}
+
 /// What a batch charges, computed before it is published.
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -59,23 +90,14 @@ impl Plan {
                 }
             }
             for (id, (calls, spend, positions)) in by_subject {
-                let per = match limit.per {
-                    LimitSubject::Session => "session",
-                    LimitSubject::Agent => "agent",
-                };
-                let key = |what: &str| {
-                    format!(
-                        "limit:{tenant}:{n}:{per}:{}:{start}:{what}:{id}",
-                        limit.window.as_str()
-                    )
-                };
+                let key = |what: Measure| counter_key(tenant, n, limit, start, what, id);
                 let subject = match limit.per {
                     LimitSubject::Session => Subject::Session(id.to_string()),
                     LimitSubject::Agent => Subject::Agent(id.to_string()),
                 };
                 if let Some(max) = limit.max_calls {
                     plan.charges.push(Charge {
-                        key: key("calls"),
+                        key: key(Measure::Calls),
                         limit: max,
                         expires_at_ms: end,
                         amounts: calls,
@@ -85,7 +107,7 @@ impl Plan {
                 }
                 if let Some(max) = limit.max_spend_micros {
                     plan.charges.push(Charge {
-                        key: key("spend"),
+                        key: key(Measure::Spend),
                         limit: max,
                         expires_at_ms: end,
                         amounts: spend,

@@ -962,5 +962,28 @@ async fn ledger_seeds(runner: &dyn SqlRunner) -> Vec<backends::state::WalletSeed
             .unwrap(),
         (200, vec![100])
     );
-    wallet_seeds(&ledger, "t", T0 + 30_000).await.unwrap()
+    // A rebuild reads the calls after a moment one by one and the store sums what came before;
+    // wherever that moment falls (before the lapse, after it, after every call), the wallet
+    // is the same.
+    let mut seeds = Vec::new();
+    for recent_since in [T0 - 10, T0 + 50, T0 + 15_000, T0 + 40_000] {
+        let recent = ledger.calls_since("t", recent_since).await.unwrap();
+        let groups = ledger
+            .call_groups("t", T0 - 10, recent_since)
+            .await
+            .unwrap();
+        let counted: i64 = recent.iter().map(|c| c.revenue_micros).sum::<i64>()
+            + groups.iter().map(|g| g.revenue_micros).sum::<i64>();
+        assert_eq!(
+            counted, 300,
+            "every call since T0 - 10, split at {recent_since}"
+        );
+        seeds.push(
+            wallet_seeds(&ledger, "t", T0 + 30_000, recent_since, &recent)
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(seeds.windows(2).all(|w| w[0] == w[1]), "{seeds:?}");
+    seeds.pop().unwrap()
 }

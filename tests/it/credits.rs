@@ -465,6 +465,43 @@ fn a_restarted_serve_rebuilds_balances_from_the_store() {
     assert_eq!(balance(&s, INITECH, c), before);
 }
 
+/// `s` stopped and started again on the same data directory, with the test config.
+fn restart(s: Server) -> Server {
+    let dir = s.stop();
+    let config = Config::from_toml(&config_text(dir.path())).unwrap();
+    Server::start_in(dir, config)
+}
+
+/// The first batch after a restart is charged once: the rebuild counts the stored batch and
+/// claims its keys, so its settlement adds nothing on top. Then another restart agrees with
+/// the live figure, and the balance equals the stored revenue of the customer's calls.
+#[test]
+fn the_first_batch_after_a_restart_is_charged_once() {
+    let s = serve_with("");
+    let c = "cust-r";
+    assert_eq!(grant(&s, INITECH, c, 1_000_000, "g1").0, 201);
+    let first = batch(&[settling_call("r1", c, 100), settling_call("r2", c, 14)]);
+    assert_eq!(s.post("/v1/ingest/batch", INITECH, &first).0, 202);
+    assert_eq!(
+        balance(&s, INITECH, c)["settledMicros"],
+        2 * QUOTE + 3 * 114
+    );
+    let s = restart(s);
+    let third = settling_call("r3", c, 7).to_string();
+    assert_eq!(s.post("/v1/ingest/events", INITECH, &third).0, 202);
+    let stored_revenue = 3 * QUOTE + 3 * (100 + 14 + 7);
+    let live = balance(&s, INITECH, c);
+    assert_eq!(live["settledMicros"], stored_revenue, "{live}");
+    // The same batch re-sent after the restart: a duplicate, and nothing more is charged.
+    let (status, answer) = s.post("/v1/ingest/batch", INITECH, &first);
+    assert_eq!((status, answer["duplicates"].as_i64()), (202, Some(2)));
+    assert_eq!(balance(&s, INITECH, c), live);
+    let s = restart(s);
+    assert_eq!(balance(&s, INITECH, c), live);
+    let (_, summary) = s.get("/analytics/mcp/summary", INITECH);
+    assert_eq!(summary["revenueMicros"], stored_revenue, "{summary}");
+}
+
 /// One scenario through both adapters of `CustomerBalances`, with the clock given: grants that
 /// lapse, settlements before and after the lapse, a decision of each kind, replays, releases
 /// and a tenant not loaded. The memory state (one lock) and Redis (the Lua scripts) answer
@@ -492,7 +529,7 @@ async fn balance_scenario(state: &dyn backends::state::CustomerBalances) -> Vec<
     let mut seen = Vec::new();
     let not_loaded = state.wallet("t", "c", T).await;
     assert!(matches!(not_loaded, Err(StateError::WalletsNotLoaded(_))));
-    state.load_wallets("t", &[]).await.unwrap();
+    state.load_ledger("t", &Default::default()).await.unwrap();
     let lapsing = WalletGrant {
         amount_micros: 1000,
         expires_at_ms: Some(T + 100),

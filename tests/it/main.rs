@@ -16,6 +16,7 @@ mod docs;
 mod exports;
 mod http;
 mod isolation;
+mod ledger_model;
 mod limits;
 mod loadgen;
 mod margin_guard;

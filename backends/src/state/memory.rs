@@ -1,8 +1,9 @@
 //! The in-process guard state of `serve`: the same semantics as Redis, under one lock.
 
 use super::{
-    admitted_prefix, take_from_bucket, AuthorizeAsk, Charge, CustomerBalances, LimitCounters,
-    MarginBoard, RateLimiter, Settlement, StateBackend, StateError, WalletFigures, WalletSeed,
+    admitted_prefix, take_from_bucket, AuthorizeAsk, Charge, CustomerBalances, LedgerSeed,
+    LimitCounters, MarginBoard, RateLimiter, Settlement, StateBackend, StateError, WalletFigures,
+    WalletSeed,
 };
 use schemas::credits::{
     decide, freeze_expired, granted_micros, CapState, Decision, WalletGrant, WalletView,
@@ -37,6 +38,8 @@ struct Inner {
 /// One tenant's part of `CustomerBalances`: the same keys as in Redis.
 #[derive(Default)]
 struct TenantCredits {
+    /// Whether the wallets, claims and counters are loaded (Redis: the loaded mark).
+    loaded: bool,
     /// customer → wallet
     wallets: HashMap<String, Wallet>,
     /// nonce → (customer, first decision, remembered until ms)
@@ -112,6 +115,7 @@ impl Inner {
     fn credits(&mut self, tenant: &str) -> Result<&mut TenantCredits, StateError> {
         self.credits
             .get_mut(tenant)
+            .filter(|c| c.loaded)
             .ok_or_else(|| StateError::WalletsNotLoaded(tenant.to_string()))
     }
 }
@@ -168,7 +172,7 @@ impl LimitCounters for MemoryState {
         for c in charges {
             let value = window_counter(&mut inner.counters, &c.key, c.expires_at_ms, now_ms);
             let n = admitted_prefix(*value, c.limit, &c.amounts);
-            *value += c.amounts[..n].iter().sum::<i64>();
+            *value += c.amounts.iter().sum::<i64>();
             admitted.push(n);
         }
         Ok(admitted)
@@ -310,14 +314,54 @@ impl RateLimiter for MemoryState {
 
 #[async_trait::async_trait]
 impl CustomerBalances for MemoryState {
-    async fn load_wallets(&self, tenant: &str, wallets: &[WalletSeed]) -> Result<(), StateError> {
+    async fn load_ledger(&self, tenant: &str, seed: &LedgerSeed) -> Result<bool, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
         let credits = inner.credits.entry(tenant.to_string()).or_default();
-        for seed in wallets {
-            credits
-                .wallets
-                .entry(seed.customer.clone())
-                .or_insert_with(|| Wallet::from_seed(seed));
+        if credits.loaded {
+            return Ok(false);
+        }
+        let mut wallets: HashMap<String, Wallet> = seed
+            .wallets
+            .iter()
+            .map(|w| (w.customer.clone(), Wallet::from_seed(w)))
+            .collect();
+        for (customer, old) in credits.wallets.drain() {
+            if !old.reservations.is_empty() {
+                wallets.entry(customer).or_default().reservations = old.reservations;
+            }
+        }
+        credits.wallets = wallets;
+        credits.charged.extend(seed.charged.iter().cloned());
+        credits.loaded = true;
+        for c in &seed.counters {
+            inner
+                .counters
+                .insert(c.key.clone(), (c.value, c.window_end_ms));
+        }
+        for (session, until) in &seed.killed {
+            extend(
+                inner.killed.entry(tenant.to_string()).or_default(),
+                std::slice::from_ref(session),
+                *until,
+            );
+        }
+        for (agent, session, until) in &seed.agent_sessions {
+            extend(
+                inner
+                    .agent_sessions
+                    .entry((tenant.to_string(), agent.clone()))
+                    .or_default(),
+                std::slice::from_ref(session),
+                *until,
+            );
+        }
+        Ok(true)
+    }
+
+    async fn forget_ledger(&self, tenant: &str) -> Result<(), StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        if let Some(credits) = inner.credits.get_mut(tenant) {
+            credits.loaded = false;
         }
         Ok(())
     }

@@ -53,7 +53,7 @@ pub enum StateError {
         detail: String,
     },
     /// The tenant's wallets are not in the state (a new process, or Redis lost its data):
-    /// load them from the store ([`CustomerBalances::load_wallets`]) and ask again.
+    /// load them from the store ([`CustomerBalances::load_ledger`]) and ask again.
     #[error("the wallets of tenant `{0}` are not loaded")]
     WalletsNotLoaded(String),
 }
@@ -107,8 +107,9 @@ pub trait StateBackend: Send + Sync {
 #[async_trait::async_trait]
 pub trait LimitCounters: StateBackend {
     /// COMPARE_AND_INCREMENT, atomically over all `charges`: for each, admits the longest
-    /// prefix of its amounts that keeps the counter at or below its limit, adds that prefix,
-    /// and answers how many amounts were admitted. Events past the prefix breach the limit.
+    /// prefix of its amounts that keeps the counter at or below its limit, adds every amount
+    /// (a counter is the sum of the calls charged, so the store can rebuild it), and answers
+    /// how many amounts were admitted. Events past the prefix breach the limit.
     async fn charge(&self, charges: &[Charge], now_ms: i64) -> Result<Vec<usize>, StateError>;
 
     /// Marks `sessions` of `tenant` killed until `until_ms` (a later time wins).
@@ -253,14 +254,49 @@ pub struct WalletSeed {
     pub settled_micros: i64,
 }
 
-/// Prepaid wallets, authorizations and settlements. Every method of a tenant whose wallets are
-/// not loaded answers [`StateError::WalletsNotLoaded`]: the caller loads them from the store
+/// A window counter (a spend cap's or a hard limit's) as the stored calls add up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowCount {
+    /// The counter's key, as settlements and limit charges name it.
+    pub key: String,
+    pub value: i64,
+    /// When the window ends (ms since the epoch).
+    pub window_end_ms: i64,
+}
+
+/// Everything a tenant's money state holds that the store can give back, read at one moment:
+/// what a state that lost it (a new `serve`, a Redis restarted empty) is loaded with.
+///
+/// The seed counts a set of stored calls, and claims exactly their keys: a settlement of one
+/// of them (the request that stored it is still finishing, or a batch is re-sent) then
+/// charges nothing more, so a rebuild and the batch that triggered it never both count it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LedgerSeed {
+    pub wallets: Vec<WalletSeed>,
+    /// The keys of the calls counted, each with when its claim may be forgotten.
+    pub charged: Vec<(String, i64)>,
+    /// Spend caps' and hard limits' counters of the windows running now.
+    pub counters: Vec<WindowCount>,
+    /// Sessions killed by a counter past its limit, and until when.
+    pub killed: Vec<(String, i64)>,
+    /// (agent, session, until): the sessions an agent's breach kills.
+    pub agent_sessions: Vec<(String, String, i64)>,
+}
+
+/// Prepaid wallets, authorizations and settlements. Every method of a tenant whose ledger is
+/// not loaded answers [`StateError::WalletsNotLoaded`]: the caller loads it from the store
 /// and asks again, so a state that lost its data never answers from an empty wallet.
 #[async_trait::async_trait]
 pub trait CustomerBalances: StateBackend {
-    /// Loads `tenant`'s wallets from what the store knows; a wallet already present is kept
-    /// (it is newer than the store's view). Marks the tenant loaded.
-    async fn load_wallets(&self, tenant: &str, wallets: &[WalletSeed]) -> Result<(), StateError>;
+    /// Loads `tenant`'s money state from `seed`, all of it or nothing, in one atomic step: a
+    /// tenant already loaded (by another ingestor, or a request that came first) keeps what
+    /// it has, which is newer than any seed. Open reservations and remembered nonces are
+    /// kept (a forgotten ledger still has them). Answers whether this call loaded it.
+    async fn load_ledger(&self, tenant: &str, seed: &LedgerSeed) -> Result<bool, StateError>;
+
+    /// Marks `tenant`'s ledger not loaded, so that its next use rebuilds it from the store
+    /// (which counts what a failed settlement did not); open reservations and nonces stay.
+    async fn forget_ledger(&self, tenant: &str) -> Result<(), StateError>;
 
     /// Adds a grant to `customer`'s wallet under its key (once; a known key changes nothing).
     async fn add_grant(

@@ -2,8 +2,8 @@
 //! that the compare and the increment of every counter happen as one step for all ingestors.
 
 use super::{
-    AuthorizeAsk, Charge, CustomerBalances, LimitCounters, MarginBoard, RateLimiter, Settlement,
-    StateBackend, StateError, WalletFigures, WalletSeed,
+    AuthorizeAsk, Charge, CustomerBalances, LedgerSeed, LimitCounters, MarginBoard, RateLimiter,
+    Settlement, StateBackend, StateError, WalletFigures,
 };
 use crate::error::ErrorKind;
 use redis::aio::ConnectionManager;
@@ -12,8 +12,8 @@ use schemas::guard::{subject_field, GuardView, MarginState, SubjectKind};
 use std::time::Duration;
 
 /// COMPARE_AND_INCREMENT. KEYS: the counters. ARGV, per key: limit, expires_at_ms, n, then n
-/// amounts. Answers per key how many amounts (a prefix) were admitted; admitted amounts are
-/// added and the key expires at its window's end. The same rule as `admitted_prefix`.
+/// amounts. Answers per key how many amounts (a prefix) were admitted (the same rule as
+/// `admitted_prefix`); every amount is added and the key expires at its window's end.
 const COMPARE_AND_INCREMENT: &str = r#"
 local result = {}
 local a = 1
@@ -30,9 +30,11 @@ for i, key in ipairs(KEYS) do
     total = total + amount
     admitted = admitted + 1
   end
+  local sum = tonumber(redis.call('GET', key) or '0')
+  for j = 0, n - 1 do sum = sum + tonumber(ARGV[a + j]) end
   a = a + n
-  if admitted > 0 then
-    redis.call('SET', key, string.format('%d', total))
+  if n > 0 then
+    redis.call('SET', key, string.format('%d', sum))
     redis.call('PEXPIREAT', key, expires_at)
   end
   result[i] = admitted
@@ -104,7 +106,7 @@ pub struct RedisState {
     live: redis::Script,
     put_margins: redis::Script,
     take_token: redis::Script,
-    load_wallets: redis::Script,
+    load_ledger: redis::Script,
     add_grant: redis::Script,
     authorize: redis::Script,
     release: redis::Script,
@@ -132,7 +134,7 @@ impl RedisState {
             live: redis::Script::new(LIVE),
             put_margins: redis::Script::new(PUT_MARGINS),
             take_token: redis::Script::new(TAKE_TOKEN),
-            load_wallets: redis::Script::new(LOAD_WALLETS),
+            load_ledger: redis::Script::new(LOAD_LEDGER),
             add_grant: redis::Script::new(ADD_GRANT),
             authorize: wallet_script(AUTHORIZE),
             release: wallet_script(RELEASE),
@@ -143,6 +145,11 @@ impl RedisState {
 
     fn loaded_key(&self, tenant: &str) -> String {
         format!("{}credits-loaded:{tenant}", self.prefix)
+    }
+
+    /// An event key's claim: present while the key counts as charged.
+    fn charged_key(&self, tenant: &str, key: &str) -> String {
+        format!("{}charged:{tenant}:{key}", self.prefix)
     }
 
     fn wallet_prefix(&self, tenant: &str) -> String {
@@ -409,19 +416,51 @@ fn parse_decision(stored: &str) -> Result<Decision, StateError> {
 
 #[async_trait::async_trait]
 impl CustomerBalances for RedisState {
-    async fn load_wallets(&self, tenant: &str, wallets: &[WalletSeed]) -> Result<(), StateError> {
-        let mut invocation = self.load_wallets.key(self.loaded_key(tenant));
-        for seed in wallets {
-            invocation.key(self.wallet_key(tenant, &seed.customer));
-            invocation.arg(seed.settled_micros).arg(seed.grants.len());
-            for (key, grant) in &seed.grants {
+    async fn load_ledger(&self, tenant: &str, seed: &LedgerSeed) -> Result<bool, StateError> {
+        let mut invocation = self.load_ledger.key(self.loaded_key(tenant));
+        invocation
+            .arg(seed.wallets.len())
+            .arg(seed.charged.len())
+            .arg(seed.counters.len())
+            .arg(seed.killed.len())
+            .arg(seed.agent_sessions.len());
+        for w in &seed.wallets {
+            invocation.key(self.wallet_key(tenant, &w.customer));
+            invocation.arg(w.settled_micros).arg(w.grants.len());
+            for (key, grant) in &w.grants {
                 invocation.arg(format!("g:{key}")).arg(grant_value(grant));
             }
         }
-        invocation
-            .invoke_async::<i64>(&mut self.connection.clone())
+        for (key, until) in &seed.charged {
+            invocation.key(self.charged_key(tenant, key)).arg(until);
+        }
+        for c in &seed.counters {
+            invocation.key(format!("{}{}", self.prefix, c.key));
+            invocation.arg(c.value).arg(c.window_end_ms);
+        }
+        for (session, until) in &seed.killed {
+            invocation
+                .key(self.killed_key(tenant))
+                .arg(session)
+                .arg(until);
+        }
+        for (agent, session, until) in &seed.agent_sessions {
+            invocation.key(self.agent_key(tenant, agent));
+            invocation.arg(session).arg(until);
+        }
+        let loaded: i64 = invocation
+            .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(|source| redis_error("load wallets", source))?;
+            .map_err(|source| redis_error("load a ledger", source))?;
+        Ok(loaded == 1)
+    }
+
+    async fn forget_ledger(&self, tenant: &str) -> Result<(), StateError> {
+        redis::cmd("DEL")
+            .arg(self.loaded_key(tenant))
+            .query_async::<i64>(&mut self.connection.clone())
+            .await
+            .map_err(|source| redis_error("forget a ledger", source))?;
         Ok(())
     }
 
@@ -519,7 +558,7 @@ impl CustomerBalances for RedisState {
         invocation.arg(now_ms).arg(remember_until_ms);
         for s in settlements {
             invocation
-                .key(format!("{}charged:{tenant}:{}", self.prefix, s.key))
+                .key(self.charged_key(tenant, &s.key))
                 .key(self.wallet_key(tenant, &s.customer));
             invocation
                 .arg(&s.key)
@@ -684,24 +723,47 @@ local function granted(w, now)
 end
 "#;
 
-/// Loads wallets from the store's view. KEYS[1]: the tenant's loaded mark; then one wallet
-/// per seed. ARGV per seed: settled, n, then n grant fields and values. A wallet already
-/// present is kept: it is newer than the store's view.
-const LOAD_WALLETS: &str = r#"
-local a = 1
-for i = 2, #KEYS do
-  local settled = ARGV[a]
+/// Loads a tenant's ledger from the store's view, all of it or nothing. KEYS[1]: the loaded
+/// mark; then the wallets, the claims, the counters, the kill list once per kill, an agent's
+/// sessions once per session. ARGV: the five counts, then per wallet settled, n and n grant
+/// fields and values; per claim until; per counter value and window end; per kill session
+/// and until; per agent session session and until. Answers 1 when loaded now, 0 when the
+/// tenant was loaded already (what it holds is newer than the seed). A wallet that is there
+/// (its ledger was forgotten) keeps its open reservations.
+const LOAD_LEDGER: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local counts = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
+local k, a = 2, 6
+for _ = 1, counts[1] do
   local n = tonumber(ARGV[a + 1])
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    redis.call('HSET', KEYS[i], 's', settled)
-    for j = 0, n - 1 do
-      redis.call('HSET', KEYS[i], ARGV[a + 2 + 2 * j], ARGV[a + 3 + 2 * j])
-    end
+  local old = redis.call('HGETALL', KEYS[k])
+  redis.call('DEL', KEYS[k])
+  for i = 1, #old, 2 do
+    if string.sub(old[i], 1, 2) == 'r:' then redis.call('HSET', KEYS[k], old[i], old[i + 1]) end
   end
-  a = a + 2 + 2 * n
+  redis.call('HSET', KEYS[k], 's', ARGV[a])
+  for j = 0, n - 1 do
+    redis.call('HSET', KEYS[k], ARGV[a + 2 + 2 * j], ARGV[a + 3 + 2 * j])
+  end
+  k, a = k + 1, a + 2 + 2 * n
+end
+for _ = 1, counts[2] do
+  redis.call('SET', KEYS[k], '1', 'PXAT', ARGV[a])
+  k, a = k + 1, a + 1
+end
+for _ = 1, counts[3] do
+  redis.call('SET', KEYS[k], ARGV[a], 'PXAT', ARGV[a + 1])
+  k, a = k + 1, a + 2
+end
+for _ = 1, counts[4] + counts[5] do
+  local current = tonumber(redis.call('ZSCORE', KEYS[k], ARGV[a]) or '0')
+  if tonumber(ARGV[a + 1]) > current then
+    redis.call('ZADD', KEYS[k], ARGV[a + 1], ARGV[a])
+  end
+  k, a = k + 1, a + 2
 end
 redis.call('SET', KEYS[1], '1')
-return 0
+return 1
 "#;
 
 /// KEYS: the loaded mark, the wallet. ARGV: the grant's field and value. -1: not loaded.

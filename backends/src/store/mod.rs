@@ -54,6 +54,20 @@ pub trait CreditLedger: Send + Sync {
         customer: Option<&str>,
     ) -> Result<Vec<CreditGrant>, StoreError>;
 
+    /// The tenant's calls received in `[since_ms, before_ms)`, summed per customer, agent and
+    /// session: what window counters count from before the rows a rebuild reads one by one.
+    async fn call_groups(
+        &self,
+        tenant: &str,
+        since_ms: i64,
+        before_ms: i64,
+    ) -> Result<Vec<CallGroup>, StoreError>;
+
+    /// The tenant's calls received at or after `since_ms`, one by one, read in one query (so
+    /// the rows are one consistent set, whatever is being written meanwhile).
+    async fn calls_since(&self, tenant: &str, since_ms: i64)
+        -> Result<Vec<StoredCall>, StoreError>;
+
     /// The customer's usage (rated revenue) received at or after `since_ms`: in all, and
     /// before each of `before_ms`.
     async fn usage_since(
@@ -63,6 +77,27 @@ pub trait CreditLedger: Send + Sync {
         since_ms: i64,
         before_ms: &[i64],
     ) -> Result<(i64, Vec<i64>), StoreError>;
+}
+
+/// Calls of one customer, agent and session, summed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallGroup {
+    pub customer_id: String,
+    pub agent_id: String,
+    pub session_id: String,
+    pub calls: i64,
+    pub revenue_micros: i64,
+}
+
+/// One stored call, as a rebuild reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredCall {
+    pub idempotency_key: String,
+    pub customer_id: String,
+    pub agent_id: String,
+    pub session_id: String,
+    pub revenue_micros: i64,
+    pub received_at_ms: i64,
 }
 
 /// Keeps the first grant of each key (by grant time): concurrent grants with one key may both
@@ -90,10 +125,16 @@ pub fn first_grant_per_key(mut grants: Vec<CreditGrant>) -> Vec<CreditGrant> {
 /// Every prepaid customer's wallet of `tenant` as the store knows it at `now_ms`: its grants,
 /// for each lapsed one the usage received before it lapsed, and the usage received since its
 /// first grant (a wallet counts usage from then on).
+///
+/// Usage received before `recent_since_ms` is summed by the store; what came after is summed
+/// from `recent`, the calls a rebuild read one by one (and claims). Both parts together count
+/// each stored call once, and exactly the recent calls the rebuild claims.
 pub async fn wallet_seeds(
     ledger: &dyn CreditLedger,
     tenant: &str,
     now_ms: i64,
+    recent_since_ms: i64,
+    recent: &[StoredCall],
 ) -> Result<Vec<WalletSeed>, StoreError> {
     let mut by_customer: BTreeMap<String, Vec<CreditGrant>> = BTreeMap::new();
     for g in ledger.grants(tenant, None).await? {
@@ -105,14 +146,37 @@ pub async fn wallet_seeds(
     let mut seeds = Vec::with_capacity(by_customer.len());
     for (customer, grants) in by_customer {
         let since = grants.iter().map(|g| g.granted_at_ms).min().unwrap_or(0);
+        let recent_usage = |before: i64| -> i64 {
+            recent
+                .iter()
+                .filter(|c| c.customer_id == customer)
+                .filter(|c| c.received_at_ms >= since && c.received_at_ms < before)
+                .map(|c| c.revenue_micros)
+                .sum()
+        };
         let lapsed: Vec<i64> = grants
             .iter()
             .filter_map(|g| g.expires_at_ms.filter(|e| *e <= now_ms))
             .collect();
-        let (settled, before) = ledger
-            .usage_since(tenant, &customer, since, &lapsed)
+        // The store sums what came before `recent_since_ms`, and before each lapse that came
+        // earlier still; the rest is in `recent`.
+        let bounds: Vec<i64> = lapsed
+            .iter()
+            .map(|e| (*e).min(recent_since_ms))
+            .chain([recent_since_ms])
+            .collect();
+        let (_, older) = ledger
+            .usage_since(tenant, &customer, since, &bounds)
             .await?;
-        let mut before = before.into_iter();
+        let before_recent = *older.last().expect("one bound at least");
+        let usage_before = |until: i64, older: i64| {
+            if until <= recent_since_ms {
+                older
+            } else {
+                before_recent + recent_usage(until)
+            }
+        };
+        let mut before = lapsed.iter().zip(&older).map(|(e, o)| usage_before(*e, *o));
         let grants = grants
             .into_iter()
             .map(|g| {
@@ -126,9 +190,9 @@ pub async fn wallet_seeds(
             })
             .collect();
         seeds.push(WalletSeed {
-            customer,
+            customer: customer.clone(),
             grants,
-            settled_micros: settled,
+            settled_micros: before_recent + recent_usage(i64::MAX),
         });
     }
     Ok(seeds)

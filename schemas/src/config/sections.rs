@@ -173,6 +173,11 @@ pub struct CreditsConfig {
     /// `retention.dedup_days` whatever this says.
     #[serde(default = "default_charged_keys_hours")]
     pub charged_keys_hours: u64,
+    /// Most milliseconds a ledger rebuild (after Redis lost its data) waits for the
+    /// aggregators to store what the bus acknowledged before it; past that, the request that
+    /// needed it answers 503 and the next one tries again.
+    #[serde(default = "default_rebuild_wait_ms")]
+    pub rebuild_wait_ms: u64,
 }
 
 /// The customer portal: what signs portal tokens (`POST /v1/portal/tokens`), read-only tokens
@@ -288,6 +293,9 @@ fn default_reservation_seconds() -> u64 {
 }
 fn default_charged_keys_hours() -> u64 {
     24
+}
+fn default_rebuild_wait_ms() -> u64 {
+    30_000
 }
 fn default_dedup_days() -> u32 {
     40

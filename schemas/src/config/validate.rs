@@ -31,6 +31,7 @@ impl Config {
             &[
                 ("reservation_seconds", self.credits.reservation_seconds),
                 ("charged_keys_hours", self.credits.charged_keys_hours),
+                ("rebuild_wait_ms", self.credits.rebuild_wait_ms),
             ],
             p,
         );

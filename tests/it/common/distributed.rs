@@ -1,7 +1,7 @@
 //! The distributed mode for tests: real `mcp-meter ingestor` and `aggregator` processes, the
 //! ClickHouse and tansu that `scripts/test` starts, or a tansu of the test's own to restart.
 
-use super::{clickhouse_url, config_text, unique_database, Client};
+use super::{clickhouse_url, config_text_with, unique_database, Client};
 use schemas::config::Config;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -40,6 +40,27 @@ impl Setup {
         partitions: i32,
         extra: &str,
     ) -> Setup {
+        Setup::with_tenant(
+            clickhouse,
+            clickhouse_extra,
+            prefix,
+            brokers,
+            partitions,
+            "",
+            extra,
+        )
+    }
+
+    /// The same, with `tenant_extra` in tenant `initech`'s table ([`config_text_with`]).
+    pub fn with_tenant(
+        clickhouse: &str,
+        clickhouse_extra: &str,
+        prefix: &str,
+        brokers: &str,
+        partitions: i32,
+        tenant_extra: &str,
+        extra: &str,
+    ) -> Setup {
         let name = unique_database(prefix);
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
@@ -47,7 +68,7 @@ impl Setup {
 [kafka]\nbrokers = \"{brokers}\"\n\
 events_topic = \"{name}.events\"\ndead_letter_topic = \"{name}.dead-letter\"\n\
 consumer_group = \"{name}\"\npartitions = {partitions}\nsession_timeout_ms = 6000\n{extra}\n",
-            config_text(dir.path()),
+            config_text_with(dir.path(), tenant_extra),
         );
         let file = dir.path().join("mcp-meter.toml");
         std::fs::write(&file, &text).unwrap();

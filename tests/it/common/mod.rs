@@ -24,6 +24,12 @@ pub fn config(data_dir: &std::path::Path) -> Config {
 
 /// The test tenants as config text, to which a test may append sections.
 pub fn config_text(data_dir: &std::path::Path) -> String {
+    config_text_with(data_dir, "")
+}
+
+/// The same, with `initech_extra` (keys and then tables of tenant `initech`: limits, caps)
+/// right after its keys.
+pub fn config_text_with(data_dir: &std::path::Path, initech_extra: &str) -> String {
     let plan = r#"
 [[tenants.rate_plans]]
 version = 1
@@ -51,6 +57,7 @@ api_keys = [{{ name = "admin", sha256 = "{globex}", scopes = ["ingest", "read", 
 [[tenants]]
 id = "initech"
 api_keys = [{{ name = "admin", sha256 = "{initech}", scopes = ["admin"] }}]
+{initech_extra}
 {plan}
 "#,
         dir = data_dir.display(),

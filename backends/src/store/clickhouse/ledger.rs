@@ -4,7 +4,7 @@
 
 use super::{queries, tsv, SqlRunner};
 use crate::error::StoreError;
-use crate::store::{first_grant_per_key, CreditLedger};
+use crate::store::{first_grant_per_key, CallGroup, CreditLedger, StoredCall};
 use schemas::credits::CreditGrant;
 
 pub struct ClickHouseLedger<R> {
@@ -70,6 +70,52 @@ impl<R: SqlRunner> CreditLedger for ClickHouseLedger<R> {
         customer: Option<&str>,
     ) -> Result<Vec<CreditGrant>, StoreError> {
         self.read(tenant, customer, None).await
+    }
+
+    async fn call_groups(
+        &self,
+        tenant: &str,
+        since_ms: i64,
+        before_ms: i64,
+    ) -> Result<Vec<CallGroup>, StoreError> {
+        let answer = self
+            .runner
+            .tab_separated(&queries::call_groups(tenant, since_ms, before_ms))
+            .await?;
+        let mut groups = Vec::new();
+        for mut row in tsv::rows(&answer, "call groups") {
+            groups.push(CallGroup {
+                customer_id: row.string()?,
+                agent_id: row.string()?,
+                session_id: row.string()?,
+                calls: row.int()?,
+                revenue_micros: row.int()?,
+            });
+        }
+        Ok(groups)
+    }
+
+    async fn calls_since(
+        &self,
+        tenant: &str,
+        since_ms: i64,
+    ) -> Result<Vec<StoredCall>, StoreError> {
+        let answer = self
+            .runner
+            .tab_separated(&queries::calls_since(tenant, since_ms))
+            .await?;
+        let mut calls = Vec::new();
+        for mut row in tsv::rows(&answer, "calls") {
+            calls.push(StoredCall {
+                idempotency_key: row.string()?,
+                customer_id: row.string()?,
+                agent_id: row.string()?,
+                session_id: row.string()?,
+                revenue_micros: row.int()?,
+                received_at_ms: row.int()?,
+            });
+        }
+        Ok(calls)
     }
 
     async fn usage_since(

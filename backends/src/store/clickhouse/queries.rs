@@ -9,6 +9,7 @@
 use crate::store::Viewer;
 use schemas::analytics::{DateRange, Interval, SeriesQuery};
 use schemas::billing::{BillingKey, BillingQuery};
+use schemas::event::HEARTBEAT_METRIC;
 use std::fmt::Write;
 
 /// A ClickHouse string literal: backslash and quote escaped.
@@ -349,6 +350,29 @@ pub fn usage_since(tenant: &str, customer: &str, since_ms: i64, before_ms: &[i64
         " FROM mcp_events WHERE tenant_id = {} AND customer_id = {} AND received_at_ms >= {since_ms}",
         quote(tenant),
         quote(customer)
+    )
+}
+
+/// The tenant's calls received in `[since_ms, before_ms)`, summed per customer, agent and
+/// session (a rebuild's window counters).
+pub fn call_groups(tenant: &str, since_ms: i64, before_ms: i64) -> String {
+    format!(
+        "SELECT customer_id, agent_id, session_id, count(), sum(revenue_micros) FROM mcp_events \
+         WHERE tenant_id = {} AND received_at_ms >= {since_ms} AND received_at_ms < {before_ms} \
+         AND metric_name != {} GROUP BY customer_id, agent_id, session_id",
+        quote(tenant),
+        quote(HEARTBEAT_METRIC)
+    )
+}
+
+/// The tenant's calls received at or after `since_ms`, one row each (a rebuild's claims).
+pub fn calls_since(tenant: &str, since_ms: i64) -> String {
+    format!(
+        "SELECT idempotency_key, customer_id, agent_id, session_id, revenue_micros, received_at_ms \
+         FROM mcp_events WHERE tenant_id = {} AND received_at_ms >= {since_ms} \
+         AND metric_name != {}",
+        quote(tenant),
+        quote(HEARTBEAT_METRIC)
     )
 }
 

@@ -4,9 +4,10 @@
 
 use super::{open_connection, SqliteContext};
 use crate::error::StoreError;
-use crate::store::CreditLedger;
+use crate::store::{CallGroup, CreditLedger, StoredCall};
 use rusqlite::{params, OptionalExtension};
 use schemas::credits::CreditGrant;
+use schemas::event::HEARTBEAT_METRIC;
 use std::path::PathBuf;
 
 pub struct SqliteLedger {
@@ -101,6 +102,75 @@ impl CreditLedger for SqliteLedger {
                 .query_map(params![tenant, customer], grant_row)
                 .context("read grants")?;
             rows.collect::<Result<Vec<_>, _>>().context("read grants")
+        })
+        .await
+    }
+
+    async fn call_groups(
+        &self,
+        tenant: &str,
+        since_ms: i64,
+        before_ms: i64,
+    ) -> Result<Vec<CallGroup>, StoreError> {
+        let tenant = tenant.to_string();
+        self.with_connection(move |conn| {
+            let mut query = conn
+                .prepare(
+                    "SELECT customer_id, agent_id, session_id, COUNT(*), SUM(revenue_micros)
+                     FROM mcp_events
+                     WHERE tenant_id = ?1 AND received_at_ms >= ?2 AND received_at_ms < ?3
+                       AND metric_name != ?4
+                     GROUP BY customer_id, agent_id, session_id",
+                )
+                .context("prepare the call groups query")?;
+            let rows = query
+                .query_map(
+                    params![tenant, since_ms, before_ms, HEARTBEAT_METRIC],
+                    |row| {
+                        Ok(CallGroup {
+                            customer_id: row.get(0)?,
+                            agent_id: row.get(1)?,
+                            session_id: row.get(2)?,
+                            calls: row.get(3)?,
+                            revenue_micros: row.get(4)?,
+                        })
+                    },
+                )
+                .context("read call groups")?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .context("read call groups")
+        })
+        .await
+    }
+
+    async fn calls_since(
+        &self,
+        tenant: &str,
+        since_ms: i64,
+    ) -> Result<Vec<StoredCall>, StoreError> {
+        let tenant = tenant.to_string();
+        self.with_connection(move |conn| {
+            let mut query = conn
+                .prepare(
+                    "SELECT idempotency_key, customer_id, agent_id, session_id, revenue_micros,
+                            received_at_ms
+                     FROM mcp_events
+                     WHERE tenant_id = ?1 AND received_at_ms >= ?2 AND metric_name != ?3",
+                )
+                .context("prepare the calls query")?;
+            let rows = query
+                .query_map(params![tenant, since_ms, HEARTBEAT_METRIC], |row| {
+                    Ok(StoredCall {
+                        idempotency_key: row.get(0)?,
+                        customer_id: row.get(1)?,
+                        agent_id: row.get(2)?,
+                        session_id: row.get(3)?,
+                        revenue_micros: row.get(4)?,
+                        received_at_ms: row.get(5)?,
+                    })
+                })
+                .context("read calls")?;
+            rows.collect::<Result<Vec<_>, _>>().context("read calls")
         })
         .await
     }
