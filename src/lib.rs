@@ -219,6 +219,7 @@ fn http_api(
         ledger,
         backlog,
         stale_ledgers: Default::default(),
+        rebuilds: Default::default(),
         credits: config.credits.clone(),
         guard_recompute_seconds: config.margin_guard.interval_seconds,
         in_flight: tokio::sync::Semaphore::new(config.ingest.max_in_flight_requests),

@@ -36,10 +36,40 @@ pub struct BusPosition {
 
 /// What became of a batch: events stored for the first time, and events whose
 /// (tenant, idempotencyKey) was already stored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WriteOutcome {
     pub accepted: usize,
     pub duplicates: usize,
+    /// The positions in the batch of the duplicates, when the sink knows them (a store writer
+    /// does; Kafka does not: there the aggregator decides later). Money is charged for the
+    /// other events only.
+    pub repeated: Option<Vec<usize>>,
+}
+
+impl WriteOutcome {
+    /// (accepted, duplicates)
+    pub fn counts(&self) -> (usize, usize) {
+        (self.accepted, self.duplicates)
+    }
+
+    /// Counts one event as stored now.
+    pub fn stored(&mut self) {
+        self.accepted += 1;
+    }
+
+    /// Counts the event at `position` as stored before.
+    pub fn repeated_at(&mut self, position: usize) {
+        self.duplicates += 1;
+        self.repeated.get_or_insert_with(Vec::new).push(position);
+    }
+
+    /// An outcome that will list its duplicates' positions (none yet).
+    pub fn with_positions() -> WriteOutcome {
+        WriteOutcome {
+            repeated: Some(Vec::new()),
+            ..WriteOutcome::default()
+        }
+    }
 }
 
 #[async_trait::async_trait]

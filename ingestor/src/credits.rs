@@ -16,7 +16,10 @@ use crate::auth::Tenant;
 use crate::error::{ApiError, ReadErrors};
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
-use backends::state::{AuthorizeAsk, CapCounter, Settlement, StateError, WalletFigures};
+use backends::state::{
+    Authorization, AuthorizeAsk, CapCounter, LedgerMark, Loaded, Settlement, StateError,
+    WalletFigures,
+};
 use schemas::config::{LimitWindow, Scope};
 use schemas::credits::{
     valid_customer_id, AuthorizeAnswer, AuthorizeRequest, Balance, Decision, GrantAnswer,
@@ -36,14 +39,30 @@ fn now_ms() -> i64 {
 }
 
 /// Runs `op` against the tenant's ledger; when the state does not hold it, loads it from the
-/// store first ([`crate::rebuild::ledger_seed`]) and runs it again. A ledger marked stale (a
-/// settlement of this process failed) is forgotten first, so that it is rebuilt.
+/// store first ([`rebuild`]) and runs it again. A ledger marked stale (a settlement of this
+/// process failed while the state was away) is forgotten first, so that it is rebuilt.
 pub async fn on_wallets<T, F, Fut>(state: &AppState, tenant: &Tenant, op: F) -> Result<T, ApiError>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<T, StateError>>,
 {
-    if stale(state, tenant) {
+    forget_if_stale(state, tenant).await?;
+    match op().await {
+        Err(StateError::WalletsNotLoaded(_)) => {
+            rebuild(state, tenant).await?;
+            Ok(op().await?)
+        }
+        other => Ok(other?),
+    }
+}
+
+async fn forget_if_stale(state: &AppState, tenant: &Tenant) -> Result<(), StateError> {
+    let stale = state
+        .stale_ledgers
+        .lock()
+        .expect("stale ledgers lock")
+        .contains(&tenant.id);
+    if stale {
         state.balances.forget_ledger(&tenant.id).await?;
         tracing::info!(tenant = %tenant.id, "ledger forgotten after a failed settlement");
         state
@@ -52,35 +71,56 @@ where
             .expect("stale ledgers lock")
             .remove(&tenant.id);
     }
-    match op().await {
-        Err(StateError::WalletsNotLoaded(_)) => {
-            if let Some(backlog) = &state.backlog {
-                let wait = std::time::Duration::from_millis(state.credits.rebuild_wait_ms);
-                backlog.drain(wait).await?;
-            }
-            let seed = crate::rebuild::ledger_seed(state, tenant, now_ms()).await?;
-            let loaded = state.balances.load_ledger(&tenant.id, &seed).await?;
-            tracing::info!(
-                tenant = %tenant.id,
-                loaded,
-                wallets = seed.wallets.len(),
-                charged_keys = seed.charged.len(),
-                counters = seed.counters.len(),
-                "ledger loaded from the store"
-            );
-            Ok(op().await?)
-        }
-        other => Ok(other?),
-    }
+    Ok(())
 }
 
-fn stale(state: &AppState, tenant: &Tenant) -> bool {
-    state
-        .stale_ledgers
+/// Loads the tenant's ledger from the store unless it is loaded. One rebuild per tenant at a
+/// time in this process (the others wait for it and find the ledger loaded); across
+/// processes the state loads the first seed and refuses one read before the ledger was
+/// forgotten, which is then read again.
+pub async fn rebuild(state: &AppState, tenant: &Tenant) -> Result<(), ApiError> {
+    let lock = state
+        .rebuilds
         .lock()
-        .expect("stale ledgers lock")
-        .contains(&tenant.id)
+        .expect("rebuild locks")
+        .entry(tenant.id.clone())
+        .or_default()
+        .clone();
+    let _one_at_a_time = lock.lock().await;
+    for _ in 0..REBUILD_ATTEMPTS {
+        let read_at = state.balances.ledger_mark(&tenant.id).await?;
+        if matches!(read_at, LedgerMark::Loaded(_)) {
+            return Ok(());
+        }
+        if let Some(backlog) = &state.backlog {
+            let wait = std::time::Duration::from_millis(state.credits.rebuild_wait_ms);
+            backlog.drain(wait).await?;
+        }
+        let seed = crate::rebuild::ledger_seed(state, tenant, now_ms()).await?;
+        let loaded = state
+            .balances
+            .load_ledger(&tenant.id, &read_at, &seed)
+            .await?;
+        tracing::info!(
+            tenant = %tenant.id,
+            ?loaded,
+            wallets = seed.wallets.len(),
+            charged_keys = seed.charged.len(),
+            counters = seed.counters.len(),
+            "ledger loaded from the store"
+        );
+        if loaded != Loaded::Changed {
+            return Ok(());
+        }
+    }
+    Err(ApiError::State(StateError::WalletsNotLoaded(
+        tenant.id.to_string(),
+    )))
 }
+
+/// Seeds read per rebuild: each is refused only when the ledger was forgotten while it was
+/// read, which takes a settlement failing meanwhile.
+const REBUILD_ATTEMPTS: usize = 3;
 
 /// The key of spend cap number `n` of `tenant` for `customer`, in the window starting at
 /// `start_ms`.
@@ -117,6 +157,20 @@ fn cap_counters(tenant: &Tenant, customer: &str, now_ms: i64) -> Vec<CapCounter>
 pub struct BatchCharges {
     pub events: Vec<usize>,
     pub settlements: Vec<Settlement>,
+}
+
+impl BatchCharges {
+    /// The events at `positions` were stored before (the store said so): they charge nothing
+    /// more, however long ago they came; their settlement only ends a reservation still open
+    /// under their key.
+    pub fn stored_before(&mut self, positions: &std::collections::HashSet<usize>) {
+        for (event, settlement) in self.events.iter().zip(&mut self.settlements) {
+            if positions.contains(event) {
+                settlement.amount_micros = 0;
+                settlement.caps.clear();
+            }
+        }
+    }
 }
 
 /// Each call's settlement (when it names a customer) and its key's claim (when hard limits
@@ -171,26 +225,85 @@ pub async fn settle(
         return Some(Vec::new());
     }
     let until = remember_until_ms(state, now_ms);
-    let answer = on_wallets(state, tenant, || {
-        state
+    let mut failed = false;
+    for attempt in 1..=SETTLE_ATTEMPTS {
+        if let Err(e) = forget_if_stale(state, tenant).await {
+            crate::guard::warn_state_unavailable(&e);
+            return None;
+        }
+        let e = match state
             .balances
             .settle(&tenant.id, settlements, now_ms, until)
-    })
-    .await;
-    match answer {
-        Ok(claimed) => Some(claimed),
-        Err(e) => {
-            // The calls are stored: a rebuild from the store counts them. Until this process
-            // reaches the state again, nothing of them is charged.
-            crate::guard::warn_state_unavailable(&e);
-            state
-                .stale_ledgers
-                .lock()
-                .expect("stale ledgers lock")
-                .insert(tenant.id.clone());
-            None
+            .await
+        {
+            Ok(claimed) => {
+                if failed {
+                    // An attempt failed: it may have been applied without its answer (its
+                    // claims then hide calls from the limit counters). The store knows.
+                    forget_soon(state, tenant).await;
+                }
+                return Some(claimed);
+            }
+            Err(StateError::WalletsNotLoaded(_)) => match rebuild(state, tenant).await {
+                Ok(()) => continue,
+                Err(e) => {
+                    // Not loaded: the rebuild that succeeds later counts these stored calls.
+                    crate::guard::warn_state_unavailable(&e);
+                    return None;
+                }
+            },
+            Err(e) => e,
+        };
+        crate::guard::warn_state_unavailable(&e);
+        failed = true;
+        if e.kind() != backends::error::ErrorKind::Retriable {
+            break;
         }
+        tokio::time::sleep(std::time::Duration::from_millis(100 * attempt as u64)).await;
     }
+    // The calls are stored: the rebuild that follows counts them. Until the state answers
+    // again, nothing of them is charged.
+    forget_soon(state, tenant).await;
+    None
+}
+
+/// Settlement attempts per request: a connection the state dropped (Redis restarted) is back
+/// by the second.
+const SETTLE_ATTEMPTS: u32 = 3;
+
+/// Forgets the tenant's ledger in the state now, or, when the state does not answer, as soon
+/// as it does (a task retries every half second; this process's own next use of the tenant
+/// forgets it first too): every ingestor then rebuilds it from the store.
+pub(crate) async fn forget_soon(state: &AppState, tenant: &Tenant) {
+    if state.balances.forget_ledger(&tenant.id).await.is_ok() {
+        return;
+    }
+    let newly = state
+        .stale_ledgers
+        .lock()
+        .expect("stale ledgers lock")
+        .insert(tenant.id.clone());
+    if !newly {
+        return;
+    }
+    let (balances, stale, tenant) = (
+        state.balances.clone(),
+        state.stale_ledgers.clone(),
+        tenant.id.clone(),
+    );
+    actix_web::rt::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            if !stale.lock().expect("stale ledgers lock").contains(&tenant) {
+                return;
+            }
+            if balances.forget_ledger(&tenant).await.is_ok() {
+                tracing::info!(%tenant, "ledger forgotten after a failed settlement");
+                stale.lock().expect("stale ledgers lock").remove(&tenant);
+                return;
+            }
+        }
+    });
 }
 
 /// The body as `T`; a field of the wrong type is named in the message (`amountMicros: invalid
@@ -235,15 +348,15 @@ async fn balance_of(
     })
 }
 
-/// Adds prepaid credit to a customer's balance. A repeated `idempotencyKey` answers the
-/// first grant and adds nothing.
+/// Adds prepaid credit to a customer's balance. A repeated `idempotencyKey` with the same body
+/// answers the first grant and adds nothing; with another body, 409.
 #[utoipa::path(
     post, path = "/v1/customers/{customerId}/credits", tag = "credits",
     params(("customerId" = String, Path, description = "The payer: the events' `customerId`")),
     request_body(content = GrantRequest, content_type = "application/json"),
     responses(
         (status = 201, description = "The grant recorded under the key (the first one) and the balance after it", body = GrantAnswer),
-        (status = 409, description = "The key was used for a grant to another customer", body = crate::error::ErrorBody),
+        (status = 409, description = "The key was used for another grant (another customer, amount, expiry or note)", body = crate::error::ErrorBody),
         ReadErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
@@ -267,6 +380,24 @@ pub async fn grant(
         return Err(ApiError::Conflict(format!(
             "idempotencyKey `{}` was used for a grant to another customer; use a new key",
             recorded.idempotency_key
+        )));
+    }
+    // A replay answers the first grant only when it asks for the same one: a key sent again
+    // with another amount is a mistake to show, not a grant to drop silently.
+    let first = (
+        recorded.amount_micros,
+        recorded.expires_at_ms,
+        &recorded.note,
+    );
+    if first != (wanted.amount_micros, wanted.expires_at_ms, &wanted.note) {
+        return Err(ApiError::Conflict(format!(
+            "idempotencyKey `{}` was used for a grant of {} µUSD{} with another body; send the same body to repeat it, or use a new key",
+            recorded.idempotency_key,
+            recorded.amount_micros,
+            recorded
+                .expires_at_ms
+                .map(|e| format!(" expiring {}", schemas::event::format_ms(e)))
+                .unwrap_or_default()
         )));
     }
     let wallet_grant = WalletGrant {
@@ -366,6 +497,7 @@ fn quote(tenant: &Tenant, request: &AuthorizeRequest, now_ms: i64) -> Result<i64
     responses(
         (status = 200, description = "Authorized: run the call, then report its event with the nonce as idempotencyKey (or release it)", body = AuthorizeAnswer, example = json!(
             {"authorized":true,"nonce":"5f0c6d1e","quoteMicros":2000,"expiresAt":"2026-12-02T10:05:00.000Z"})),
+        (status = 409, description = "The nonce was asked for another call (customer, tool or quote)", body = crate::error::ErrorBody),
         (status = 402, description = "Refused, with machine-readable terms; the call must not run", body = AuthorizeAnswer, example = json!(
             {"authorized":false,"nonce":"5f0c6d1e","quoteMicros":2000,"reason":"insufficient_balance","availableMicros":500,"message":"the call is quoted at 2000 µUSD and the customer's balance has 500 µUSD available; a credit grant lifts it"})),
         ReadErrors,
@@ -386,6 +518,8 @@ pub async fn authorize(
             "nonce must be 1 to {MAX_NONCE_CHARS} characters (got {nonce_chars}); use the call's event idempotencyKey"
         )));
     }
+    schemas::event::check_text("nonce", &request.nonce, MAX_NONCE_CHARS)
+        .map_err(ApiError::BadRequest)?;
     valid_customer_id(&request.customer_id).map_err(ApiError::BadRequest)?;
     let now = now_ms();
     let quote_micros = quote(tenant, &request, now)?;
@@ -393,6 +527,7 @@ pub async fn authorize(
     let ask = AuthorizeAsk {
         tenant: &tenant.id,
         customer: &request.customer_id,
+        tool: &request.tool_name,
         nonce: &request.nonce,
         quote_micros,
         max_in_flight: tenant.max_in_flight_per_customer,
@@ -401,8 +536,25 @@ pub async fn authorize(
         expires_at_ms: now + state.credits.reservation_seconds as i64 * 1000,
         remember_until_ms: remember_until_ms(&state, now),
     };
-    let (decision, _replayed) =
-        on_wallets(&state, tenant, || state.balances.authorize(&ask)).await?;
+    let Authorization {
+        decision,
+        first_ask,
+    } = on_wallets(&state, tenant, || state.balances.authorize(&ask)).await?;
+    if let Some((customer, tool)) = first_ask {
+        let first_quote = match decision {
+            Decision::Authorized { quote_micros, .. } | Decision::Refused { quote_micros, .. } => {
+                quote_micros
+            }
+        };
+        if (customer.as_str(), tool.as_str(), first_quote)
+            != (&*request.customer_id, &*request.tool_name, quote_micros)
+        {
+            return Err(ApiError::Conflict(format!(
+                "nonce `{}` was asked for another call (customer `{customer}`, tool `{tool}`, quoted at {first_quote} µUSD); a nonce names one call: use a new one for this",
+                request.nonce
+            )));
+        }
+    }
     let answer = AuthorizeAnswer::of(&request.nonce, &decision);
     Ok(match decision {
         Decision::Authorized { .. } => HttpResponse::Ok().json(answer),

@@ -11,7 +11,9 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::sink::TenantBatch;
 use schemas::config::Scope;
-use schemas::event::{parse_event, validate, EventLimits, RatedEvent, TimeBounds};
+use schemas::event::{
+    keyed_by_receipt, parse_event, validate, EventLimits, RatedEvent, TimeBounds,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::sync::Arc;
@@ -30,6 +32,11 @@ pub struct IngestAnswer {
     pub errors: Vec<EventError>,
     /// Sessions the client must stop.
     pub killed_session_ids: Vec<String>,
+    /// Events accepted with something to fix, each with what (absent when none): an event
+    /// with neither `idempotencyKey` nor `occurredAt` is keyed by the instant it was received,
+    /// so a retry of it is counted again.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<EventError>,
 }
 
 /// Why one event of a request was refused.
@@ -39,6 +46,9 @@ pub struct EventError {
     pub index: usize,
     pub message: String,
 }
+
+/// The warning of an event keyed by the instant it was received.
+const KEYED_BY_RECEIPT: &str = "no idempotencyKey and no occurredAt: stored as one call received now; a retry of this event would be counted again: send an idempotencyKey (or at least occurredAt)";
 
 #[derive(Deserialize)]
 struct BatchBody<'a> {
@@ -138,23 +148,46 @@ async fn ingest(
     };
     let mut rated: Vec<RatedEvent> = Vec::with_capacity(events.len());
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     for (index, raw) in events.iter().enumerate() {
         let raw = raw.get();
+        let mut by_receipt = false;
         let event = parse_event(raw)
-            .and_then(|wire| validate(wire, raw, bounds, limits))
+            .and_then(|wire| {
+                by_receipt = keyed_by_receipt(&wire);
+                validate(wire, raw, bounds, limits)
+            })
             .and_then(|valid| grant.tenant.rate_plans.rate(valid, received_at_ms));
         match event {
-            Ok(event) => rated.push(event),
+            Ok(mut event) => {
+                if by_receipt {
+                    // Two such events in one request share the instant: their place tells
+                    // them apart.
+                    event.idempotency_key.push_str(&format!(":{index}"));
+                    warnings.push(EventError {
+                        index,
+                        message: KEYED_BY_RECEIPT.into(),
+                    });
+                }
+                rated.push(event)
+            }
             Err(message) => errors.push(EventError { index, message }),
         }
     }
     let tenant = &grant.tenant;
-    let plan = limits::Plan::new(&tenant.id, &tenant.limits, &rated, received_at_ms);
-    let charges = credits::settlements(tenant, &rated, received_at_ms);
+    let mut plan = limits::Plan::new(&tenant.id, &tenant.limits, &rated, received_at_ms);
+    let mut charges = credits::settlements(tenant, &rated, received_at_ms);
     let outcome = state
         .sink
         .publish(TenantBatch::new(tenant.id.clone(), rated))
         .await?;
+    // Where the sink says which events were stored before (a store writer), those charge
+    // nothing, however long ago they came; elsewhere the claim of each key decides.
+    if let Some(repeated) = &outcome.repeated {
+        let repeated: std::collections::HashSet<usize> = repeated.iter().copied().collect();
+        charges.stored_before(&repeated);
+        plan.keep_only(|event| !repeated.contains(&event));
+    }
     METRICS.ingest_events_accepted.add(outcome.accepted as u64);
     METRICS
         .ingest_events_duplicate
@@ -166,6 +199,7 @@ async fn ingest(
         failed: errors.len(),
         errors,
         killed_session_ids: enforce(state, tenant, plan, &charges, received_at_ms).await,
+        warnings,
     }))
 }
 
@@ -205,7 +239,10 @@ async fn enforce(
     match answer.await {
         Ok(killed) => killed,
         Err(e) => {
+            // The keys are claimed but their limit charges may not have landed: the ledger
+            // is rebuilt from the store, whose counters count these calls.
             crate::guard::warn_state_unavailable(&e);
+            credits::forget_soon(state, tenant).await;
             Vec::new()
         }
     }

@@ -61,7 +61,10 @@ pub struct AppState {
     pub backlog: Option<Arc<dyn backends::backlog::Backlog>>,
     /// Tenants whose settlement failed (the guard state did not answer): their ledger is
     /// rebuilt from the store before its next use, which counts the calls that failed.
-    pub stale_ledgers: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
+    pub stale_ledgers: Arc<std::sync::Mutex<std::collections::HashSet<Arc<str>>>>,
+    /// One ledger rebuild per tenant at a time in this process.
+    pub rebuilds:
+        std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
     pub credits: CreditsConfig,
     /// Permits for ingest requests in flight (`ingest.max_in_flight_requests`).
     pub in_flight: tokio::sync::Semaphore,

@@ -19,7 +19,8 @@ pub struct GrantRequest {
     /// µUSD added to the balance; more than 0.
     #[schema(example = 5000000, minimum = 1, maximum = 10_000_000_000_000_i64)]
     pub amount_micros: i64,
-    /// One grant per key and tenant: a repeated key answers the first grant, never a second.
+    /// One grant per key and tenant: the same body again answers the first grant, never a
+    /// second; another body under the key is refused (409).
     #[schema(example = "grant-42", min_length = 1, max_length = 255)]
     pub idempotency_key: String,
     /// When what the grant has not paid for lapses (RFC 3339); absent: never.
@@ -64,6 +65,7 @@ impl GrantRequest {
                 "idempotencyKey must be 1 to {MAX_GRANT_KEY_CHARS} characters (got {key_chars})"
             ));
         }
+        crate::event::check_text("idempotencyKey", &self.idempotency_key, MAX_GRANT_KEY_CHARS)?;
         let note = self.note.unwrap_or_default();
         if note.chars().count() > MAX_GRANT_NOTE_CHARS {
             return Err(format!(
@@ -85,13 +87,13 @@ impl GrantRequest {
     }
 }
 
-/// A customer id as the event contract bounds it: 1 to 64 characters.
+/// A customer id as events bound it (at most 64 characters, no control character), and not
+/// empty: the same rule wherever a customer is named.
 pub fn valid_customer_id(customer_id: &str) -> Result<(), String> {
-    let n = customer_id.encode_utf16().count();
-    if n == 0 || n > 64 {
-        return Err(format!("customerId must be 1 to 64 characters (got {n})"));
+    if customer_id.is_empty() {
+        return Err("customerId must be 1 to 64 characters (got 0)".into());
     }
-    Ok(())
+    crate::event::check_text("customerId", customer_id, crate::event::MAX_CUSTOMER_ID_LEN)
 }
 
 /// A grant as a wallet holds it: what it adds, when it lapses, and once it has lapsed, the
@@ -212,7 +214,8 @@ pub enum Decision {
     Refused {
         reason: RefusalReason,
         quote_micros: i64,
-        available_micros: i64,
+        /// The balance available then; `None` for a postpaid customer, which has none.
+        available_micros: Option<i64>,
         retry_after_seconds: Option<u64>,
     },
 }
@@ -231,7 +234,7 @@ pub fn decide(
     let refuse = |reason, wait_until_ms: Option<i64>| Decision::Refused {
         reason,
         quote_micros,
-        available_micros: wallet.available_micros,
+        available_micros: wallet.prepaid.then_some(wallet.available_micros),
         retry_after_seconds: wait_until_ms.map(|t| ((t - now_ms).max(1) as u64).div_ceil(1000)),
     };
     if let Some(cap) = wallet
@@ -302,7 +305,8 @@ pub struct AuthorizeAnswer {
     /// Refused: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<RefusalReason>,
-    /// Refused: the balance available then (prepaid customers).
+    /// Refused: the balance available then (prepaid customers only: a postpaid customer has
+    /// no balance, and this is absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub available_micros: Option<i64>,
     /// Refused: seconds after which asking again can pass (absent: waiting does not help).
@@ -337,7 +341,8 @@ impl AuthorizeAnswer {
             } => {
                 let message = match reason {
                     RefusalReason::InsufficientBalance => format!(
-                        "the call is quoted at {quote_micros} µUSD and the customer's balance has {available_micros} µUSD available; a credit grant lifts it"
+                        "the call is quoted at {quote_micros} µUSD and the customer's balance has {} µUSD available; a credit grant lifts it",
+                        available_micros.unwrap_or(0)
                     ),
                     RefusalReason::SpendCap => format!(
                         "the call ({quote_micros} µUSD) would take the customer past a spend cap; the cap's window starts over in {} s",
@@ -351,7 +356,7 @@ impl AuthorizeAnswer {
                     quote_micros,
                     expires_at: None,
                     reason: Some(reason),
-                    available_micros: Some(available_micros),
+                    available_micros,
                     retry_after_seconds,
                     message: Some(message),
                 }

@@ -344,6 +344,7 @@ pub fn validate(
         return Err("sessionId is required on a heartbeat (system.session.heartbeat)".into());
     }
 
+    let timed = event.occurred_at.is_some();
     let occurred_at_ms = match event.occurred_at {
         None => bounds.received_at_ms,
         Some(text) => parse_occurred_at(&text, bounds)?,
@@ -411,10 +412,13 @@ pub fn validate(
         MAX_IDEMPOTENCY_KEY_LEN,
     )? {
         Some(key) if !key.is_empty() => (key, None),
-        _ => (
+        _ if timed => (
             derived_idempotency_key(raw),
             Some(legacy_derived_idempotency_key(raw)),
         ),
+        // Without a key or a time, two identical calls would have identical content: the
+        // instant of receipt tells them apart (and a retry of such an event is a new call).
+        _ => (received_idempotency_key(raw, bounds.received_at_ms), None),
     };
 
     Ok(ValidEvent {
@@ -437,9 +441,10 @@ pub fn validate(
     })
 }
 
-/// The key of an event sent without one: `sha256v2:` and the SHA-256 of its canonical JSON
-/// ([`canonical_json`]), so the same event is deduplicated however it is spaced or its fields
-/// ordered. SDKs should send `idempotencyKey`: two calls with equal content are one event here.
+/// The key of an event sent without one but with `occurredAt`: `sha256v2:` and the SHA-256 of
+/// its canonical JSON ([`canonical_json`]), so the same event is deduplicated however it is
+/// spaced or its fields ordered. SDKs should send `idempotencyKey`: two calls with equal content
+/// and the same `occurredAt` are one event here.
 pub fn derived_idempotency_key(raw: &str) -> String {
     match serde_json::from_str::<serde_json::Value>(raw) {
         Ok(value) => {
@@ -450,6 +455,18 @@ pub fn derived_idempotency_key(raw: &str) -> String {
         // Validation parsed the text already; this only keeps the function total.
         Err(_) => hex_key("sha256v2:", raw.as_bytes()),
     }
+}
+
+/// The key of an event sent with neither `idempotencyKey` nor `occurredAt`: its content's key
+/// and the millisecond it was received, so two real calls with equal content are two events.
+pub fn received_idempotency_key(raw: &str, received_at_ms: i64) -> String {
+    format!("received:{received_at_ms}:{}", derived_idempotency_key(raw))
+}
+
+/// Whether `event` leaves its identity to the server's clock: no `idempotencyKey` and no
+/// `occurredAt`. Each such event is a call of its own; a retry of it is counted again.
+pub fn keyed_by_receipt(event: &WireEvent) -> bool {
+    event.idempotency_key.as_deref().is_none_or(str::is_empty) && event.occurred_at.is_none()
 }
 
 /// The first derivation, from the bytes as sent: kept so that retries of events stored with it
@@ -529,6 +546,14 @@ fn required(field: &str, value: Option<String>, max_len: usize) -> Result<String
 
 fn optional(field: &str, value: Option<String>, max_len: usize) -> Result<Option<String>, String> {
     let Some(value) = value else { return Ok(None) };
+    check_text(field, &value, max_len)?;
+    Ok(Some(value))
+}
+
+/// The one rule for every id and name a client sends (in events, grants, authorizations,
+/// portal tokens): at most `max_len` characters, counted in UTF-16 units as the SDKs count,
+/// and no control character.
+pub fn check_text(field: &str, value: &str, max_len: usize) -> Result<(), String> {
     // A UTF-8 string never has more UTF-16 units than bytes, so most strings skip the count.
     if value.len() > max_len {
         let units = value.encode_utf16().count();
@@ -544,7 +569,7 @@ fn optional(field: &str, value: Option<String>, max_len: usize) -> Result<Option
             c as u32
         ));
     }
-    Ok(Some(value))
+    Ok(())
 }
 
 fn parse_occurred_at(text: &str, bounds: TimeBounds) -> Result<i64, String> {
@@ -640,19 +665,34 @@ mod tests {
         assert_eq!(e.occurred_at_ms, NOW);
         assert_eq!((e.input_tokens, e.output_tokens), (1200, 450));
         assert_eq!(e.execution_duration_ms, 542);
+        // Neither a key nor a time: keyed by the instant it was received.
+        assert_eq!(
+            e.idempotency_key,
+            format!("received:{NOW}:{}", derived_idempotency_key(SEED))
+        );
+        assert_eq!(e.legacy_idempotency_key, None);
+        // With a time, by its content.
+        let timed = timed(SEED);
+        let e = check(&timed).unwrap();
         assert!(e.idempotency_key.starts_with("sha256v2:"));
-        assert_eq!(e.idempotency_key, check(SEED).unwrap().idempotency_key);
+        assert_eq!(e.idempotency_key, check(&timed).unwrap().idempotency_key);
         assert_eq!(
             e.legacy_idempotency_key,
-            Some(legacy_derived_idempotency_key(SEED))
+            Some(legacy_derived_idempotency_key(&timed))
         );
     }
 
+    /// `raw` with `occurredAt` set to NOW.
+    fn timed(raw: &str) -> String {
+        raw.replacen('{', &format!("{{\"occurredAt\":\"{}\",", format_ms(NOW)), 1)
+    }
+
     /// Swagger's "Try it out" sends the fields in its own order and pretty-printed; a client
-    /// may add a space. Without an idempotencyKey those are still one event.
+    /// may add a space. Without an idempotencyKey (and with occurredAt) those are still one
+    /// event.
     #[test]
     fn the_derived_key_ignores_spacing_field_order_and_number_spelling() {
-        let key = |raw: &str| check(raw).unwrap().idempotency_key;
+        let key = |raw: &str| check(&timed(raw)).unwrap().idempotency_key;
         let reordered = r#"{
   "metadata": { "outputTokens": 450, "inputTokens": 1200 },
   "executionDurationMs": 542.0,
@@ -669,8 +709,8 @@ mod tests {
         assert_ne!(key(SEED), key(&SEED.replace("450", "451")));
         // The legacy key is still the bytes' own, so stored events keep catching their retries.
         assert_ne!(
-            check(reordered).unwrap().legacy_idempotency_key,
-            check(SEED).unwrap().legacy_idempotency_key
+            check(&timed(reordered)).unwrap().legacy_idempotency_key,
+            check(&timed(SEED)).unwrap().legacy_idempotency_key
         );
         let mut canonical = String::new();
         canonical_json(

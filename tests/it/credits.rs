@@ -365,11 +365,22 @@ fn grants_are_idempotent_validated_and_scoped() {
     let s = serve_with("");
     let (status, first) = grant(&s, ACME, "cust-g", 5_000_000, "grant-42");
     assert_eq!(status, 201, "{first}");
-    // The same key again answers the first grant, whatever the amount says.
-    let (status, again) = grant(&s, ACME, "cust-g", 7_000_000, "grant-42");
+    // The same body again answers the first grant and adds nothing.
+    let (status, again) = grant(&s, ACME, "cust-g", 5_000_000, "grant-42");
     assert_eq!(status, 201);
     assert_eq!(again["grant"], first["grant"]);
     assert_eq!(again["balance"]["grantedMicros"], 5_000_000);
+    // Another amount under the key (a typo in finance's script): refused, said, nothing added.
+    let (status, typo) = grant(&s, ACME, "cust-g", 7_000_000, "grant-42");
+    assert_eq!(status, 409, "{typo}");
+    assert!(
+        typo["message"]
+            .as_str()
+            .unwrap()
+            .contains("grant of 5000000 µUSD"),
+        "{typo}"
+    );
+    assert_eq!(balance(&s, ACME, "cust-g")["grantedMicros"], 5_000_000);
     // Used for another customer: a conflict, not a silent answer about someone else.
     let (status, conflict) = grant(&s, ACME, "cust-other", 1, "grant-42");
     assert_eq!(status, 409, "{conflict}");
@@ -502,6 +513,40 @@ fn the_first_batch_after_a_restart_is_charged_once() {
     assert_eq!(summary["revenueMicros"], stored_revenue, "{summary}");
 }
 
+/// A call re-sent long after it was stored (past `credits.charged_keys_hours`, when its key's
+/// claim is forgotten) is a duplicate the store reports, and charges nothing.
+#[test]
+fn a_call_re_sent_after_its_claim_is_forgotten_is_not_charged_again() {
+    use backends::sink::TenantBatch;
+    use backends::store::{sqlite, StoreWriter};
+    use schemas::event::RatedEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::from_toml(&config_text(dir.path())).unwrap();
+    let long_ago = chrono::Utc::now().timestamp_millis() - 30 * 3_600_000;
+    actix_web::rt::System::new().block_on(async {
+        let (mut writer, _) = sqlite::open(dir.path(), &config.sqlite).unwrap();
+        let stored = RatedEvent {
+            customer_id: "cust-d".into(),
+            revenue_micros: QUOTE,
+            ..RatedEvent::sample_call("old-1", long_ago)
+        };
+        writer
+            .write(&[TenantBatch::new("initech".into(), vec![stored])])
+            .await
+            .unwrap();
+    });
+    let s = Server::start_in(dir, config);
+    assert_eq!(grant(&s, INITECH, "cust-d", 50_000, "g1").0, 201);
+    let resent = settling_call("old-1", "cust-d", 0).to_string();
+    let (status, answer) = s.post("/v1/ingest/events", INITECH, &resent);
+    assert_eq!(
+        (status, answer["duplicates"].as_i64()),
+        (202, Some(1)),
+        "{answer}"
+    );
+    assert_eq!(balance(&s, INITECH, "cust-d")["settledMicros"], 0);
+}
+
 /// One scenario through both adapters of `CustomerBalances`, with the clock given: grants that
 /// lapse, settlements before and after the lapse, a decision of each kind, replays, releases
 /// and a tenant not loaded. The memory state (one lock) and Redis (the Lua scripts) answer
@@ -529,7 +574,13 @@ async fn balance_scenario(state: &dyn backends::state::CustomerBalances) -> Vec<
     let mut seen = Vec::new();
     let not_loaded = state.wallet("t", "c", T).await;
     assert!(matches!(not_loaded, Err(StateError::WalletsNotLoaded(_))));
-    state.load_ledger("t", &Default::default()).await.unwrap();
+    use backends::state::{LedgerMark, LedgerSeed, Loaded, WalletSeed, WindowCount};
+    assert_eq!(state.ledger_mark("t").await.unwrap(), LedgerMark::Absent);
+    let loaded = state
+        .load_ledger("t", &LedgerMark::Absent, &LedgerSeed::default())
+        .await
+        .unwrap();
+    assert_eq!(loaded, Loaded::Now);
     let lapsing = WalletGrant {
         amount_micros: 1000,
         expires_at_ms: Some(T + 100),
@@ -559,6 +610,7 @@ async fn balance_scenario(state: &dyn backends::state::CustomerBalances) -> Vec<
     let ask = |nonce: &'static str, quote: i64, now_ms: i64| AuthorizeAsk {
         tenant: "t",
         customer: "c",
+        tool: "search",
         nonce,
         quote_micros: quote,
         max_in_flight: Some(2),
@@ -652,5 +704,53 @@ async fn balance_scenario(state: &dyn backends::state::CustomerBalances) -> Vec<
     let last = state.wallet("t", "c", T + 303).await.unwrap();
     assert_eq!(last.granted_micros, 500 + 300);
     assert_eq!(last.settled_micros, 510);
+    // Forgotten: a seed read before the forget is refused, one read after is loaded, and the
+    // keys it counts are claimed.
+    assert_eq!(state.ledger_mark("t").await.unwrap(), LedgerMark::Loaded(1));
+    state.forget_ledger("t").await.unwrap();
+    let forgotten = state.ledger_mark("t").await.unwrap();
+    assert_eq!(forgotten, LedgerMark::Forgotten(1));
+    assert!(matches!(
+        state.wallet("t", "c", T + 310).await,
+        Err(StateError::WalletsNotLoaded(_))
+    ));
+    let seed = LedgerSeed {
+        wallets: vec![WalletSeed {
+            customer: "c".into(),
+            grants: vec![("g2".into(), lasting)],
+            settled_micros: 700,
+        }],
+        charged: vec![("e9".into(), T + 10_000)],
+        counters: vec![WindowCount {
+            key: "cap:t:c".into(),
+            value: 700,
+            window_end_ms: T + 1_000_000,
+        }],
+        killed: Vec::new(),
+        agent_sessions: Vec::new(),
+    };
+    let stale = state
+        .load_ledger("t", &LedgerMark::Absent, &seed)
+        .await
+        .unwrap();
+    assert_eq!(stale, Loaded::Changed);
+    let fresh = state.load_ledger("t", &forgotten, &seed).await.unwrap();
+    assert_eq!(fresh, Loaded::Now);
+    assert_eq!(state.ledger_mark("t").await.unwrap(), LedgerMark::Loaded(2));
+    let again = state.load_ledger("t", &forgotten, &seed).await.unwrap();
+    assert_eq!(again, Loaded::Already);
+    record(format!(
+        "{:?}",
+        state.wallet("t", "c", T + 311).await.unwrap()
+    ));
+    // e9 is counted by the seed: its settlement charges nothing.
+    let claimed = state
+        .settle("t", &[settle("e9", 50)], T + 312, T + 10_000)
+        .await
+        .unwrap();
+    record(format!("{claimed:?}"));
+    let after = state.wallet("t", "c", T + 312).await.unwrap();
+    assert_eq!(after.settled_micros, 700);
+    record(format!("{after:?}"));
     seen
 }

@@ -18,8 +18,11 @@ fn summary(s: &Server, key: &str) -> Value {
 #[test]
 fn the_seed_event_is_rated_7550_1529_and_shows_in_every_endpoint() {
     let s = Server::start();
-    let (status, answer) = s.post("/v1/ingest/events", ACME, SEED);
+    let (status, mut answer) = s.post("/v1/ingest/events", ACME, SEED);
     assert_eq!(status, 202, "{answer}");
+    // The seed has no key and no time: accepted, with a warning about retries.
+    let warnings = answer.as_object_mut().unwrap().remove("warnings").unwrap();
+    assert_eq!(warnings[0]["index"], 0);
     assert_eq!(
         answer,
         json!({"accepted":1,"duplicates":0,"failed":0,"errors":[],"killedSessionIds":[]})
@@ -105,7 +108,10 @@ fn an_event_without_a_key_is_one_event_however_it_is_spaced_or_ordered() {
     use schemas::event::{legacy_derived_idempotency_key, RatedEvent};
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
-    let earlier = SEED.replace("542", "600");
+    // With `occurredAt`, the content (time included) is the event's identity.
+    let at = schemas::event::format_ms(chrono::Utc::now().timestamp_millis());
+    let seed = SEED.replacen('{', &format!("{{\"occurredAt\":\"{at}\","), 1);
+    let earlier = seed.replace("542", "600");
     actix_web::rt::System::new().block_on(async {
         let (mut writer, _) = sqlite::open(dir.path(), &config.sqlite).unwrap();
         let stored = RatedEvent {
@@ -127,21 +133,49 @@ fn an_event_without_a_key_is_one_event_however_it_is_spaced_or_ordered() {
             answer["duplicates"].as_i64().unwrap(),
         )
     };
-    assert_eq!(post(SEED), (1, 0));
-    let pretty_and_reordered = r#"{
-  "metadata": { "outputTokens": 450, "inputTokens": 1200 },
+    assert_eq!(post(&seed), (1, 0));
+    let pretty_and_reordered = format!(
+        r#"{{
+  "metadata": {{ "outputTokens": 450, "inputTokens": 1200 }},
   "executionDurationMs": 542,
   "agentId": "agent_gpt4o_prod",
   "sessionId": "sess_abc123",
   "toolName": "web_search",
   "productType": "MCP_SERVER",
+  "occurredAt": "{at}",
   "metricName": "mcp_server.tool_invocations"
-}"#;
-    assert_eq!(post(pretty_and_reordered), (0, 1));
-    assert_eq!(post(&SEED.replace(",\"", ", \"")), (0, 1));
+}}"#
+    );
+    assert_eq!(post(&pretty_and_reordered), (0, 1));
+    assert_eq!(post(&seed.replace(",\"", ", \"")), (0, 1));
     assert_eq!(post(&earlier), (0, 1), "a retry of an event stored before");
-    assert_eq!(post(&SEED.replace("542", "543")), (1, 0), "other content");
+    assert_eq!(post(&seed.replace("542", "543")), (1, 0), "other content");
     assert_eq!(summary(&s, ACME)["calls"], 3);
+}
+
+/// Two real calls with equal content, sent with neither a key nor a time, are two events
+/// (never merged), and the answer says what a retry of them would do.
+#[test]
+fn events_without_a_key_or_a_time_are_each_a_call_and_the_answer_says_so() {
+    let s = Server::start();
+    for _ in 0..2 {
+        let (status, answer) = s.post("/v1/ingest/events", ACME, SEED);
+        assert_eq!(status, 202, "{answer}");
+        assert_eq!(answer["accepted"], 1, "{answer}");
+        let warning = answer["warnings"][0]["message"].as_str().unwrap();
+        assert!(warning.contains("send an idempotencyKey"), "{answer}");
+        std::thread::sleep(std::time::Duration::from_millis(3));
+    }
+    // Twice in one request: two calls too.
+    let (_, both) = s.post("/v1/ingest/events", ACME, &format!("[{SEED},{SEED}]"));
+    assert_eq!(both["accepted"], 2, "{both}");
+    let (_, keyed) = s.post(
+        "/v1/ingest/events",
+        ACME,
+        &call("k1", "t", "a", "s").to_string(),
+    );
+    assert!(keyed.get("warnings").is_none(), "{keyed}");
+    assert_eq!(summary(&s, ACME)["calls"], 5);
 }
 
 #[test]
@@ -480,7 +514,12 @@ fn accepted_events_survive_a_restart() {
     let config = crate::common::config(dir.path());
     let s = Server::start_in(dir, config);
     assert_eq!(summary(&s, ACME)["revenueMicros"], 7550);
-    let (_, again) = s.post("/v1/ingest/events", ACME, SEED);
+    let keyed = call("survivor", "t", "a", "s").to_string();
+    assert_eq!(s.post("/v1/ingest/events", ACME, &keyed).0, 202);
+    let dir = s.stop();
+    let config = crate::common::config(dir.path());
+    let s = Server::start_in(dir, config);
+    let (_, again) = s.post("/v1/ingest/events", ACME, &keyed);
     assert_eq!(again["duplicates"], 1, "dedup survives the restart too");
 }
 

@@ -99,15 +99,15 @@ struct Decision {
 #[derive(Default)]
 struct Oracle {
     grants: BTreeMap<usize, Vec<Grant>>,
-    /// grant key → whose grant it is
-    grant_keys: BTreeMap<String, usize>,
+    /// grant key → (whose grant, its amount, whether it lapses)
+    grant_keys: BTreeMap<String, (usize, i64, bool)>,
     settled: BTreeMap<usize, i64>,
     /// nonce → (customer, quote, expires at)
     reservations: BTreeMap<String, (usize, i64, i64)>,
-    /// nonce → first decision; forgotten by a restart.
-    nonces: BTreeMap<String, Decision>,
-    /// stored call key → its report body
-    stored: BTreeMap<String, String>,
+    /// nonce → (customer, first decision); forgotten by a restart.
+    nonces: BTreeMap<String, (usize, Decision)>,
+    /// stored call key → its report body and customer
+    stored: BTreeMap<String, (String, usize)>,
     /// (month, customer) → revenue of its stored calls in that month (the cap's counter)
     spent: BTreeMap<(i64, usize), i64>,
     /// (hour, session) → calls stored in that hour (the hard limit's counter)
@@ -535,13 +535,13 @@ fn run(ops: &[Op], start: &dyn Fn() -> Box<dyn Deployment>) -> Result<(), (usize
                         &body.to_string(),
                     )
                 });
-                // A key already used: 201 with the first grant when it was this customer's,
-                // 409 when it was another's.
+                // A key already used: 201 with the first grant for the same body, 409 for
+                // another (customer, amount or expiry: a lapsing grant's is always new).
                 match o.grant_keys.get(key).copied() {
-                    Some(owner) if owner != *customer => {
+                    Some(first) if first != (*customer, *amount, false) || *lapsing => {
                         if status != 409 {
                             return fail(format!(
-                                "grant {key} to another customer: {status} {answer}"
+                                "grant {key} with another body than {first:?}: {status} {answer}"
                             ));
                         }
                     }
@@ -561,7 +561,8 @@ fn run(ops: &[Op], start: &dyn Fn() -> Box<dyn Deployment>) -> Result<(), (usize
                                 .map(|_| lapses_at.unwrap()),
                             settled_then: None,
                         });
-                        o.grant_keys.insert(key.clone(), *customer);
+                        o.grant_keys
+                            .insert(key.clone(), (*customer, *amount, *lapsing));
                     }
                 }
             }
@@ -585,7 +586,17 @@ fn run(ops: &[Op], start: &dyn Fn() -> Box<dyn Deployment>) -> Result<(), (usize
                 };
                 let quote = price(0, *output_tokens);
                 let expected = match o.nonces.get(nonce) {
-                    Some(first) => first.clone(),
+                    // A nonce names one call: asked again for another, 409.
+                    Some((first_customer, first))
+                        if (*first_customer, first.quote) != (*customer, quote) =>
+                    {
+                        Decision {
+                            status: 409,
+                            reason: None,
+                            quote: -1,
+                        }
+                    }
+                    Some((_, first)) => first.clone(),
                     None => {
                         let decision = o.decide(*customer, quote);
                         if decision.status == 200 {
@@ -601,7 +612,8 @@ fn run(ops: &[Op], start: &dyn Fn() -> Box<dyn Deployment>) -> Result<(), (usize
                             o.reservations
                                 .insert(nonce.clone(), (*customer, quote, expires));
                         }
-                        o.nonces.insert(nonce.clone(), decision.clone());
+                        o.nonces
+                            .insert(nonce.clone(), (*customer, decision.clone()));
                         decision
                     }
                 };
@@ -636,10 +648,12 @@ fn run(ops: &[Op], start: &dyn Fn() -> Box<dyn Deployment>) -> Result<(), (usize
                 }
             }
             Op::Resend { key } => {
-                let Some(body) = o.stored.get(key).cloned() else {
+                let Some((body, customer)) = o.stored.get(key).cloned() else {
                     continue;
                 };
-                if let Err(e) = post_report(&mut o, c, d.exact_duplicates(), key, &body, 0, 0, 0) {
+                if let Err(e) =
+                    post_report(&mut o, c, d.exact_duplicates(), key, &body, customer, 0, 0)
+                {
                     return fail(e);
                 }
             }
@@ -715,16 +729,18 @@ fn post_report(
 ) -> Result<(), String> {
     let (status, answer) = retrying(|| c.post("/v1/ingest/batch", INITECH, body));
     let duplicate = o.stored.contains_key(key);
+    // A call reported (again) ends the reservation its customer holds under its key.
+    if o.reservations
+        .get(key)
+        .is_some_and(|(rc, _, _)| *rc == customer)
+    {
+        o.reservations.remove(key);
+    }
     if !duplicate {
-        o.stored.insert(key.to_string(), body.to_string());
+        o.stored
+            .insert(key.to_string(), (body.to_string(), customer));
         if o.prepaid(customer) {
             *o.settled.entry(customer).or_default() += revenue;
-        }
-        if o.reservations
-            .get(key)
-            .is_some_and(|(rc, _, _)| *rc == customer)
-        {
-            o.reservations.remove(key);
         }
         let now = now_ms();
         *o.spent.entry((month_of(now), customer)).or_default() += revenue;

@@ -1,9 +1,9 @@
 //! The in-process guard state of `serve`: the same semantics as Redis, under one lock.
 
 use super::{
-    admitted_prefix, take_from_bucket, AuthorizeAsk, Charge, CustomerBalances, LedgerSeed,
-    LimitCounters, MarginBoard, RateLimiter, Settlement, StateBackend, StateError, WalletFigures,
-    WalletSeed,
+    admitted_prefix, take_from_bucket, Authorization, AuthorizeAsk, Charge, CustomerBalances,
+    LedgerMark, LedgerSeed, LimitCounters, Loaded, MarginBoard, RateLimiter, Settlement,
+    StateBackend, StateError, WalletFigures, WalletSeed,
 };
 use schemas::credits::{
     decide, freeze_expired, granted_micros, CapState, Decision, WalletGrant, WalletView,
@@ -38,12 +38,13 @@ struct Inner {
 /// One tenant's part of `CustomerBalances`: the same keys as in Redis.
 #[derive(Default)]
 struct TenantCredits {
-    /// Whether the wallets, claims and counters are loaded (Redis: the loaded mark).
-    loaded: bool,
+    /// Where the ledger stands (Redis: the loaded mark). A tenant absent from the map was
+    /// never loaded.
+    mark: Option<LedgerMark>,
     /// customer → wallet
     wallets: HashMap<String, Wallet>,
-    /// nonce → (customer, first decision, remembered until ms)
-    nonces: HashMap<String, (String, Decision, i64)>,
+    /// nonce → (customer, tool, first decision, remembered until ms)
+    nonces: HashMap<String, (String, String, Decision, i64)>,
     /// event key → charged, remembered until ms
     charged: HashMap<String, i64>,
 }
@@ -105,8 +106,13 @@ impl Inner {
         }
         self.counters.retain(|_, (_, expires)| *expires > now_ms);
         for credits in self.credits.values_mut() {
-            credits.nonces.retain(|_, (_, _, until)| *until > now_ms);
+            credits.nonces.retain(|_, (_, _, _, until)| *until > now_ms);
             credits.charged.retain(|_, until| *until > now_ms);
+            // A wallet with no grant and no open reservation holds nothing (Redis deletes the
+            // emptied hash likewise).
+            credits.wallets.retain(|_, w| {
+                !w.grants.is_empty() || w.reservations.values().any(|(_, e)| *e > now_ms)
+            });
         }
         self.next_prune_ms = now_ms + PRUNE_EVERY_MS;
     }
@@ -115,7 +121,7 @@ impl Inner {
     fn credits(&mut self, tenant: &str) -> Result<&mut TenantCredits, StateError> {
         self.credits
             .get_mut(tenant)
-            .filter(|c| c.loaded)
+            .filter(|c| matches!(c.mark, Some(LedgerMark::Loaded(_))))
             .ok_or_else(|| StateError::WalletsNotLoaded(tenant.to_string()))
     }
 }
@@ -314,11 +320,29 @@ impl RateLimiter for MemoryState {
 
 #[async_trait::async_trait]
 impl CustomerBalances for MemoryState {
-    async fn load_ledger(&self, tenant: &str, seed: &LedgerSeed) -> Result<bool, StateError> {
+    async fn ledger_mark(&self, tenant: &str) -> Result<LedgerMark, StateError> {
+        let inner = self.inner.lock().expect("guard state lock");
+        Ok(inner
+            .credits
+            .get(tenant)
+            .and_then(|c| c.mark.clone())
+            .unwrap_or(LedgerMark::Absent))
+    }
+
+    async fn load_ledger(
+        &self,
+        tenant: &str,
+        read_at: &LedgerMark,
+        seed: &LedgerSeed,
+    ) -> Result<Loaded, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
         let credits = inner.credits.entry(tenant.to_string()).or_default();
-        if credits.loaded {
-            return Ok(false);
+        let mark = credits.mark.clone().unwrap_or(LedgerMark::Absent);
+        if matches!(mark, LedgerMark::Loaded(_)) {
+            return Ok(Loaded::Already);
+        }
+        if mark != *read_at {
+            return Ok(Loaded::Changed);
         }
         let mut wallets: HashMap<String, Wallet> = seed
             .wallets
@@ -332,7 +356,7 @@ impl CustomerBalances for MemoryState {
         }
         credits.wallets = wallets;
         credits.charged.extend(seed.charged.iter().cloned());
-        credits.loaded = true;
+        credits.mark = Some(LedgerMark::Loaded(mark.next()));
         for c in &seed.counters {
             inner
                 .counters
@@ -355,13 +379,15 @@ impl CustomerBalances for MemoryState {
                 *until,
             );
         }
-        Ok(true)
+        Ok(Loaded::Now)
     }
 
     async fn forget_ledger(&self, tenant: &str) -> Result<(), StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
         if let Some(credits) = inner.credits.get_mut(tenant) {
-            credits.loaded = false;
+            if let Some(LedgerMark::Loaded(n)) = credits.mark {
+                credits.mark = Some(LedgerMark::Forgotten(n));
+            }
         }
         Ok(())
     }
@@ -387,7 +413,7 @@ impl CustomerBalances for MemoryState {
         Ok(())
     }
 
-    async fn authorize(&self, ask: &AuthorizeAsk<'_>) -> Result<(Decision, bool), StateError> {
+    async fn authorize(&self, ask: &AuthorizeAsk<'_>) -> Result<Authorization, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
         let now = ask.now_ms;
         inner.credits(ask.tenant)?;
@@ -396,9 +422,12 @@ impl CustomerBalances for MemoryState {
             counters, credits, ..
         } = &mut *inner;
         let credits = credits.get_mut(ask.tenant).expect("checked above");
-        if let Some((_, decision, until)) = credits.nonces.get(ask.nonce) {
+        if let Some((customer, tool, decision, until)) = credits.nonces.get(ask.nonce) {
             if *until > now {
-                return Ok((decision.clone(), true));
+                return Ok(Authorization {
+                    decision: decision.clone(),
+                    first_ask: Some((customer.clone(), tool.clone())),
+                });
             }
         }
         let spent: Vec<i64> = ask
@@ -406,7 +435,10 @@ impl CustomerBalances for MemoryState {
             .iter()
             .map(|c| counter_value(counters, &c.key, now))
             .collect();
-        let wallet = credits.wallets.entry(ask.customer.to_string()).or_default();
+        // A wallet is made only when there is something to keep in it (a reservation): an
+        // authorization refused for a customer nobody granted anything keeps nothing of it.
+        let mut fresh = Wallet::default();
+        let wallet = credits.wallets.get_mut(ask.customer).unwrap_or(&mut fresh);
         let figures = wallet.figures(now);
         let view = WalletView {
             prepaid: figures.prepaid,
@@ -435,7 +467,10 @@ impl CustomerBalances for MemoryState {
             expires_at_ms,
         } = decision
         {
-            wallet
+            credits
+                .wallets
+                .entry(ask.customer.to_string())
+                .or_default()
                 .reservations
                 .insert(ask.nonce.to_string(), (quote_micros, expires_at_ms));
         }
@@ -443,11 +478,15 @@ impl CustomerBalances for MemoryState {
             ask.nonce.to_string(),
             (
                 ask.customer.to_string(),
+                ask.tool.to_string(),
                 decision.clone(),
                 ask.remember_until_ms,
             ),
         );
-        Ok((decision, false))
+        Ok(Authorization {
+            decision,
+            first_ask: None,
+        })
     }
 
     async fn release(
@@ -459,7 +498,7 @@ impl CustomerBalances for MemoryState {
         let mut inner = self.inner.lock().expect("guard state lock");
         let credits = inner.credits(tenant)?;
         let customer = match credits.nonces.get(nonce) {
-            Some((customer, _, until)) if *until > now_ms => customer,
+            Some((customer, _, _, until)) if *until > now_ms => customer,
             _ => return Ok(None),
         };
         let Some(wallet) = credits.wallets.get_mut(customer) else {
@@ -495,6 +534,11 @@ impl CustomerBalances for MemoryState {
                 .get(&s.key)
                 .is_some_and(|until| *until > now_ms)
             {
+                // Charged before (or counted by a rebuild): a reservation still open under the
+                // key is for this very call, and ends.
+                if let Some(wallet) = credits.wallets.get_mut(&s.customer) {
+                    wallet.reservations.remove(&s.key);
+                }
                 claimed.push(false);
                 continue;
             }

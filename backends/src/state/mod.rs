@@ -200,6 +200,7 @@ pub struct CapCounter {
 pub struct AuthorizeAsk<'a> {
     pub tenant: &'a str,
     pub customer: &'a str,
+    pub tool: &'a str,
     pub nonce: &'a str,
     pub quote_micros: i64,
     pub max_in_flight: Option<u32>,
@@ -209,6 +210,15 @@ pub struct AuthorizeAsk<'a> {
     pub expires_at_ms: i64,
     /// How long the nonce's decision is remembered (replays answer it until then).
     pub remember_until_ms: i64,
+}
+
+/// What an authorization answered: the nonce's decision, and when the nonce was claimed
+/// before, the call it was first asked for (a replay must name the same one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authorization {
+    pub decision: Decision,
+    /// (customer, tool) of the first ask, when this was a replay.
+    pub first_ask: Option<(String, String)>,
 }
 
 /// One event's charge: its key is claimed once; on the first claim, its customer's
@@ -254,6 +264,61 @@ pub struct WalletSeed {
     pub settled_micros: i64,
 }
 
+/// Where a tenant's ledger stands in the state. Each load starts a new generation; a
+/// forgotten ledger remembers the generation it was forgotten at, so that a seed read before
+/// a forget is never loaded after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LedgerMark {
+    /// Loaded, in this generation.
+    Loaded(u64),
+    /// Never loaded (or lost with the state's data).
+    Absent,
+    /// Loaded in this generation, then forgotten.
+    Forgotten(u64),
+}
+
+impl LedgerMark {
+    /// As the Redis scripts store it: `L<n>`, `F<n>`, or `-` for absent.
+    pub fn text(&self) -> String {
+        match self {
+            LedgerMark::Loaded(n) => format!("L{n}"),
+            LedgerMark::Absent => "-".into(),
+            LedgerMark::Forgotten(n) => format!("F{n}"),
+        }
+    }
+
+    pub fn parse(text: Option<&str>) -> Option<LedgerMark> {
+        let Some(text) = text else {
+            return Some(LedgerMark::Absent);
+        };
+        let n = text.get(1..)?.parse().ok()?;
+        match text.as_bytes().first()? {
+            b'L' => Some(LedgerMark::Loaded(n)),
+            b'F' => Some(LedgerMark::Forgotten(n)),
+            _ => None,
+        }
+    }
+
+    /// The generation a load from here starts.
+    pub fn next(&self) -> u64 {
+        match self {
+            LedgerMark::Absent => 1,
+            LedgerMark::Loaded(n) | LedgerMark::Forgotten(n) => n + 1,
+        }
+    }
+}
+
+/// What `load_ledger` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loaded {
+    /// Loaded from the seed.
+    Now,
+    /// Someone loaded it first; the seed was not needed.
+    Already,
+    /// It was forgotten (or loaded and forgotten) since the seed was read: read it again.
+    Changed,
+}
+
 /// A window counter (a spend cap's or a hard limit's) as the stored calls add up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WindowCount {
@@ -264,8 +329,8 @@ pub struct WindowCount {
     pub window_end_ms: i64,
 }
 
-/// Everything a tenant's money state holds that the store can give back, read at one moment:
-/// what a state that lost it (a new `serve`, a Redis restarted empty) is loaded with.
+/// Everything a tenant's money state holds that the store can give back: what a state that
+/// lost it (a new `serve`, a Redis restarted empty) is loaded with.
 ///
 /// The seed counts a set of stored calls, and claims exactly their keys: a settlement of one
 /// of them (the request that stored it is still finishing, or a batch is re-sent) then
@@ -288,11 +353,21 @@ pub struct LedgerSeed {
 /// and asks again, so a state that lost its data never answers from an empty wallet.
 #[async_trait::async_trait]
 pub trait CustomerBalances: StateBackend {
-    /// Loads `tenant`'s money state from `seed`, all of it or nothing, in one atomic step: a
-    /// tenant already loaded (by another ingestor, or a request that came first) keeps what
-    /// it has, which is newer than any seed. Open reservations and remembered nonces are
-    /// kept (a forgotten ledger still has them). Answers whether this call loaded it.
-    async fn load_ledger(&self, tenant: &str, seed: &LedgerSeed) -> Result<bool, StateError>;
+    /// Where `tenant`'s ledger stands; a rebuild reads it before it reads the store.
+    async fn ledger_mark(&self, tenant: &str) -> Result<LedgerMark, StateError>;
+
+    /// Loads `tenant`'s money state from `seed`, all of it or nothing, in one atomic step,
+    /// if the ledger still stands where `read_at` says it stood when the seed was read: a
+    /// tenant loaded meanwhile (by another ingestor, or a request that came first) keeps what
+    /// it has, which is newer than the seed, and one forgotten meanwhile may hold settlements
+    /// the seed lacks. Open reservations and remembered nonces are kept (a forgotten ledger
+    /// still has them).
+    async fn load_ledger(
+        &self,
+        tenant: &str,
+        read_at: &LedgerMark,
+        seed: &LedgerSeed,
+    ) -> Result<Loaded, StateError>;
 
     /// Marks `tenant`'s ledger not loaded, so that its next use rebuilds it from the store
     /// (which counts what a failed settlement did not); open reservations and nonces stay.
@@ -308,10 +383,10 @@ pub trait CustomerBalances: StateBackend {
         now_ms: i64,
     ) -> Result<(), StateError>;
 
-    /// In one atomic step: claims the nonce (a claimed one answers its first decision and
-    /// `true`), decides ([`schemas::credits::decide`]) and, when authorized, reserves the
-    /// quote until `expires_at_ms`.
-    async fn authorize(&self, ask: &AuthorizeAsk<'_>) -> Result<(Decision, bool), StateError>;
+    /// In one atomic step: claims the nonce (a claimed one answers its first decision and the
+    /// call it was asked for), decides ([`schemas::credits::decide`]) and, when authorized,
+    /// reserves the quote until `expires_at_ms`.
+    async fn authorize(&self, ask: &AuthorizeAsk<'_>) -> Result<Authorization, StateError>;
 
     /// Ends the reservation of `nonce`: `None` if the nonce was never authorized here (or
     /// is forgotten), else whether a reservation was still open.

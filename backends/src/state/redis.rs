@@ -2,8 +2,8 @@
 //! that the compare and the increment of every counter happen as one step for all ingestors.
 
 use super::{
-    AuthorizeAsk, Charge, CustomerBalances, LedgerSeed, LimitCounters, MarginBoard, RateLimiter,
-    Settlement, StateBackend, StateError, WalletFigures,
+    Authorization, AuthorizeAsk, Charge, CustomerBalances, LedgerMark, LedgerSeed, LimitCounters,
+    Loaded, MarginBoard, RateLimiter, Settlement, StateBackend, StateError, WalletFigures,
 };
 use crate::error::ErrorKind;
 use redis::aio::ConnectionManager;
@@ -98,6 +98,10 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
 return wait
 "#;
 
+/// How long a ledger load may take: one script writes a tenant's whole seed (about 1 s for
+/// 300,000 recent calls), and timing it out would only make the next request load it again.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct RedisState {
     connection: ConnectionManager,
     prefix: String,
@@ -107,6 +111,9 @@ pub struct RedisState {
     put_margins: redis::Script,
     take_token: redis::Script,
     load_ledger: redis::Script,
+    forget_ledger: redis::Script,
+    /// For ledger loads, whose one script may outlast `request_timeout_ms`.
+    load_connection: ConnectionManager,
     add_grant: redis::Script,
     authorize: redis::Script,
     release: redis::Script,
@@ -124,7 +131,13 @@ impl RedisState {
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|source| redis_error("configure", source))?;
+        let patient = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(LOAD_TIMEOUT.max(timeout)))
+            .set_number_of_retries(1);
+        let load_connection = ConnectionManager::new_lazy_with_config(client, patient)
             .map_err(|source| redis_error("configure", source))?;
         Ok(RedisState {
             connection,
@@ -135,6 +148,8 @@ impl RedisState {
             put_margins: redis::Script::new(PUT_MARGINS),
             take_token: redis::Script::new(TAKE_TOKEN),
             load_ledger: redis::Script::new(LOAD_LEDGER),
+            forget_ledger: redis::Script::new(FORGET_LEDGER),
+            load_connection,
             add_grant: redis::Script::new(ADD_GRANT),
             authorize: wallet_script(AUTHORIZE),
             release: wallet_script(RELEASE),
@@ -382,13 +397,18 @@ fn grant_value(g: &WalletGrant) -> String {
     )
 }
 
-/// A decision as `AUTHORIZE` stores it, after its customer's line.
-fn parse_decision(stored: &str) -> Result<Decision, StateError> {
+/// A nonce's record as `AUTHORIZE` stores it: its customer's line, its tool's line, then the
+/// decision (ids and names have no control character, so no line break).
+fn parse_stored(stored: &str) -> Result<(String, String, Decision), StateError> {
     let bad = || StateError::BadAnswer {
         context: "authorize",
         detail: format!("a stored decision is not readable: {stored:?}"),
     };
-    let decision = stored.rsplit('\n').next().ok_or_else(bad)?;
+    let mut lines = stored.splitn(3, '\n');
+    let (Some(customer), Some(tool), Some(decision)) = (lines.next(), lines.next(), lines.next())
+    else {
+        return Err(bad());
+    };
     let parts: Vec<&str> = decision.split(' ').collect();
     let int = |i: usize| {
         parts
@@ -407,18 +427,40 @@ fn parse_decision(stored: &str) -> Result<Decision, StateError> {
                 .and_then(|r| RefusalReason::parse(r))
                 .ok_or_else(bad)?,
             quote_micros: int(2)?,
-            available_micros: int(3)?,
+            available_micros: match parts.get(3) {
+                Some(&"-") => None,
+                _ => Some(int(3)?),
+            },
             retry_after_seconds: u64::try_from(int(4)?).ok(),
         }),
         _ => Err(bad()),
     }
+    .map(|decision| (customer.to_string(), tool.to_string(), decision))
 }
 
 #[async_trait::async_trait]
 impl CustomerBalances for RedisState {
-    async fn load_ledger(&self, tenant: &str, seed: &LedgerSeed) -> Result<bool, StateError> {
+    async fn ledger_mark(&self, tenant: &str) -> Result<LedgerMark, StateError> {
+        let text: Option<String> = redis::cmd("GET")
+            .arg(self.loaded_key(tenant))
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| redis_error("read a ledger mark", source))?;
+        LedgerMark::parse(text.as_deref()).ok_or_else(|| StateError::BadAnswer {
+            context: "read a ledger mark",
+            detail: format!("{text:?}"),
+        })
+    }
+
+    async fn load_ledger(
+        &self,
+        tenant: &str,
+        read_at: &LedgerMark,
+        seed: &LedgerSeed,
+    ) -> Result<Loaded, StateError> {
         let mut invocation = self.load_ledger.key(self.loaded_key(tenant));
         invocation
+            .arg(read_at.text())
             .arg(seed.wallets.len())
             .arg(seed.charged.len())
             .arg(seed.counters.len())
@@ -448,17 +490,23 @@ impl CustomerBalances for RedisState {
             invocation.key(self.agent_key(tenant, agent));
             invocation.arg(session).arg(until);
         }
-        let loaded: i64 = invocation
-            .invoke_async(&mut self.connection.clone())
+        invocation.arg(read_at.next());
+        // One script, however large the seed: it may take longer than a request may wait.
+        let answer: i64 = invocation
+            .invoke_async(&mut self.load_connection.clone())
             .await
             .map_err(|source| redis_error("load a ledger", source))?;
-        Ok(loaded == 1)
+        Ok(match answer {
+            1 => Loaded::Now,
+            0 => Loaded::Already,
+            _ => Loaded::Changed,
+        })
     }
 
     async fn forget_ledger(&self, tenant: &str) -> Result<(), StateError> {
-        redis::cmd("DEL")
-            .arg(self.loaded_key(tenant))
-            .query_async::<i64>(&mut self.connection.clone())
+        self.forget_ledger
+            .key(self.loaded_key(tenant))
+            .invoke_async::<i64>(&mut self.connection.clone())
             .await
             .map_err(|source| redis_error("forget a ledger", source))?;
         Ok(())
@@ -487,7 +535,7 @@ impl CustomerBalances for RedisState {
         Ok(())
     }
 
-    async fn authorize(&self, ask: &AuthorizeAsk<'_>) -> Result<(Decision, bool), StateError> {
+    async fn authorize(&self, ask: &AuthorizeAsk<'_>) -> Result<Authorization, StateError> {
         let mut invocation = self.authorize.prepare_invoke();
         invocation
             .key(self.loaded_key(ask.tenant))
@@ -500,7 +548,7 @@ impl CustomerBalances for RedisState {
             .arg(ask.max_in_flight.map_or(-1, i64::from))
             .arg(ask.remember_until_ms)
             .arg(ask.nonce)
-            .arg(ask.customer);
+            .arg(format!("{}\n{}", ask.customer, ask.tool));
         for cap in ask.caps {
             invocation.key(format!("{}{}", self.prefix, cap.key));
             invocation.arg(cap.max_spend_micros).arg(cap.window_end_ms);
@@ -513,7 +561,13 @@ impl CustomerBalances for RedisState {
             [status] if status == "unloaded" => {
                 Err(StateError::WalletsNotLoaded(ask.tenant.to_string()))
             }
-            [status, stored] => Ok((parse_decision(stored)?, status == "replay")),
+            [status, stored] => {
+                let (customer, tool, decision) = parse_stored(stored)?;
+                Ok(Authorization {
+                    decision,
+                    first_ask: (status == "replay").then_some((customer, tool)),
+                })
+            }
             other => Err(StateError::BadAnswer {
                 context: "authorize",
                 detail: format!("{other:?}"),
@@ -723,17 +777,21 @@ local function granted(w, now)
 end
 "#;
 
-/// Loads a tenant's ledger from the store's view, all of it or nothing. KEYS[1]: the loaded
-/// mark; then the wallets, the claims, the counters, the kill list once per kill, an agent's
-/// sessions once per session. ARGV: the five counts, then per wallet settled, n and n grant
-/// fields and values; per claim until; per counter value and window end; per kill session
-/// and until; per agent session session and until. Answers 1 when loaded now, 0 when the
-/// tenant was loaded already (what it holds is newer than the seed). A wallet that is there
+/// Loads a tenant's ledger from the store's view, all of it or nothing. KEYS[1]: the ledger's
+/// mark (`L<n>` loaded in generation n, `F<n>` forgotten after it, absent); then the wallets,
+/// the claims, the counters, the kill list once per kill, an agent's sessions once per
+/// session. ARGV: the mark when the seed was read (`-`: absent), the five counts, then per
+/// wallet settled, n and n grant fields and values; per claim until; per counter value and
+/// window end; per kill session and until; per agent session session and until; last the new
+/// generation. Answers 1 when loaded now, 0 when the tenant was loaded already (what it holds
+/// is newer than the seed), 2 when the mark moved since the seed was read. A wallet that is there
 /// (its ledger was forgotten) keeps its open reservations.
 const LOAD_LEDGER: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local counts = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
-local k, a = 2, 6
+local mark = redis.call('GET', KEYS[1])
+if mark and string.sub(mark, 1, 1) == 'L' then return 0 end
+if (mark or '-') ~= ARGV[1] then return 2 end
+local counts = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
+local k, a = 2, 7
 for _ = 1, counts[1] do
   local n = tonumber(ARGV[a + 1])
   local old = redis.call('HGETALL', KEYS[k])
@@ -762,25 +820,36 @@ for _ = 1, counts[4] + counts[5] do
   end
   k, a = k + 1, a + 2
 end
-redis.call('SET', KEYS[1], '1')
+redis.call('SET', KEYS[1], 'L' .. ARGV[a])
 return 1
+"#;
+
+/// KEYS[1]: a ledger's mark. A loaded ledger (`L<n>`) becomes forgotten (`F<n>`).
+const FORGET_LEDGER: &str = r#"
+local mark = redis.call('GET', KEYS[1])
+if mark and string.sub(mark, 1, 1) == 'L' then
+  redis.call('SET', KEYS[1], 'F' .. string.sub(mark, 2))
+end
+return 0
 "#;
 
 /// KEYS: the loaded mark, the wallet. ARGV: the grant's field and value. -1: not loaded.
 const ADD_GRANT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local mark = redis.call('GET', KEYS[1])
+if not mark or string.sub(mark, 1, 1) ~= 'L' then return -1 end
 redis.call('HSETNX', KEYS[2], 's', '0')
 return redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 "#;
 
 /// The decision of `schemas::credits::decide`, in one step with the nonce's claim and the
 /// reservation. KEYS: the loaded mark, the nonce, the wallet, then the cap counters. ARGV:
-/// now, quote, expires_at, max_in_flight (-1: none), remember_until, nonce, customer, then per
-/// cap: max, window_end. Answers {'unloaded'}, or {'replay' | 'new', stored decision}, where a
-/// stored decision is "customer\n" then "A quote expires_at" or "R reason quote available
-/// retry_after (-1: none)".
+/// now, quote, expires_at, max_in_flight (-1: none), remember_until, nonce, "customer\ntool",
+/// then per cap: max, window_end. Answers {'unloaded'}, or {'replay' | 'new', stored}, where
+/// stored is "customer\ntool\n" then "A quote expires_at" or "R reason quote available
+/// retry_after" (available `-` for a postpaid customer, retry_after -1 for none).
 const AUTHORIZE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'unloaded'} end
+local mark = redis.call('GET', KEYS[1])
+if not mark or string.sub(mark, 1, 1) ~= 'L' then return {'unloaded'} end
 local prior = redis.call('GET', KEYS[2])
 if prior then return {'replay', prior} end
 local now = tonumber(ARGV[1])
@@ -791,7 +860,9 @@ local available = granted(w, now) - w.settled - w.reserved
 local function refuse(reason, until_ms)
   local retry = -1
   if until_ms then retry = math.ceil(math.max(until_ms - now, 1) / 1000) end
-  return 'R ' .. reason .. ' ' .. fmt(quote) .. ' ' .. fmt(available) .. ' ' .. fmt(retry)
+  local shown = '-'
+  if w.prepaid then shown = fmt(available) end
+  return 'R ' .. reason .. ' ' .. fmt(quote) .. ' ' .. shown .. ' ' .. fmt(retry)
 end
 local decision = nil
 for i = 4, #KEYS do
@@ -825,10 +896,11 @@ return {'new', stored}
 /// KEYS: the loaded mark, the nonce. ARGV: now, the tenant's wallet key prefix, the nonce.
 /// Answers -2 (not loaded), -1 (unknown nonce), 0 (no open reservation) or 1 (released).
 const RELEASE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
+local mark = redis.call('GET', KEYS[1])
+if not mark or string.sub(mark, 1, 1) ~= 'L' then return -2 end
 local stored = redis.call('GET', KEYS[2])
 if not stored then return -1 end
-local customer = string.match(stored, '^(.*)\n')
+local customer = string.match(stored, '^([^\n]*)\n')
 local wallet = ARGV[2] .. customer
 open_wallet(wallet, tonumber(ARGV[1]))
 return redis.call('HDEL', wallet, 'r:' .. ARGV[3])
@@ -839,7 +911,8 @@ return redis.call('HDEL', wallet, 'r:' .. ARGV[3])
 /// has_customer (0/1), always_claim (0/1), n caps, then n window ends. Answers {-1} when not
 /// loaded, else per settlement 1 (charged now, or nothing to charge) or 0 (charged before).
 const SETTLE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local mark = redis.call('GET', KEYS[1])
+if not mark or string.sub(mark, 1, 1) ~= 'L' then return {-1} end
 local now = tonumber(ARGV[1])
 local result = {}
 local k = 2
@@ -867,6 +940,9 @@ while a <= #ARGV do
       end
     end
   else
+    -- Charged before (or counted by a rebuild): a reservation still open under the key is for
+    -- this very call, and ends.
+    redis.call('HDEL', wallet, 'r:' .. key)
     result[i] = 0
   end
   k = k + 2 + n
@@ -879,7 +955,8 @@ return result
 /// KEYS: the loaded mark, the wallet. ARGV: now. Answers {-1} when not loaded, else
 /// {prepaid, granted, settled, reserved, in_flight}.
 const WALLET: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local mark = redis.call('GET', KEYS[1])
+if not mark or string.sub(mark, 1, 1) ~= 'L' then return {-1} end
 local now = tonumber(ARGV[1])
 local w = open_wallet(KEYS[2], now)
 local p = 0

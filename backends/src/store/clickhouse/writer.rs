@@ -162,7 +162,7 @@ impl<R: SqlRunner> StoreWriter for ClickHouseWriter<R> {
         let mut insert = String::from(queries::INSERT_EVENTS);
         let header = insert.len();
         for batch in batches {
-            let mut outcome = WriteOutcome::default();
+            let mut outcome = WriteOutcome::with_positions();
             for (i, e) in batch.events.iter().enumerate() {
                 // A retry of an event stored under the previous key derivation.
                 let stored_before = e
@@ -170,11 +170,11 @@ impl<R: SqlRunner> StoreWriter for ClickHouseWriter<R> {
                     .as_deref()
                     .is_some_and(|legacy| seen.contains(&(&*batch.tenant_id, legacy)));
                 if !stored_before && seen.insert((&batch.tenant_id, &e.idempotency_key)) {
-                    outcome.accepted += 1;
+                    outcome.stored();
                     let position = batch.positions.get(i);
                     push_row(&mut insert, &batch.tenant_id, e, position, &self.topic);
                 } else {
-                    outcome.duplicates += 1;
+                    outcome.repeated_at(i);
                 }
             }
             outcomes.push(outcome);

@@ -102,15 +102,15 @@ impl StoreWriter for SqliteWriter {
                 .prepare_cached(LEGACY_KEY_STORED)
                 .context("prepare the legacy key lookup")?;
             for batch in batches {
-                let mut outcome = WriteOutcome::default();
-                for e in &batch.events {
+                let mut outcome = WriteOutcome::with_positions();
+                for (i, e) in batch.events.iter().enumerate() {
                     // A retry of an event stored under the previous key derivation.
                     if let Some(key) = &e.legacy_idempotency_key {
                         if legacy
                             .exists(params![&*batch.tenant_id, key])
                             .context("look up a legacy key")?
                         {
-                            outcome.duplicates += 1;
+                            outcome.repeated_at(i);
                             continue;
                         }
                     }
@@ -140,10 +140,10 @@ impl StoreWriter for SqliteWriter {
                         .context("insert an event")?;
                     // 0 rows: the key is already stored (or repeated earlier in this commit).
                     if inserted == 1 {
-                        outcome.accepted += 1;
+                        outcome.stored();
                         rollups.add(&batch.tenant_id, e);
                     } else {
-                        outcome.duplicates += 1;
+                        outcome.repeated_at(i);
                     }
                 }
                 outcomes.push(outcome);
