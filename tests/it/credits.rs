@@ -315,6 +315,8 @@ fn in_flight_and_spend_caps_bind_postpaid_customers_too() {
     assert_eq!(status, 402, "{capped}");
     assert_eq!(capped["reason"], "spend_cap");
     assert!(capped["retryAfterSeconds"].as_u64().unwrap() <= 86_400);
+    // A postpaid customer has no balance to show: no availableMicros (not -20000000).
+    assert!(capped.get("availableMicros").is_none(), "{capped}");
     // A postpaid customer has no balance: nothing is granted, settled counts only for prepaid.
     let b = balance(&s, INITECH, c);
     assert_eq!(
@@ -474,6 +476,73 @@ fn a_restarted_serve_rebuilds_balances_from_the_store() {
     let config = Config::from_toml(&config_text(dir.path())).unwrap();
     let s = Server::start_in(dir, config);
     assert_eq!(balance(&s, INITECH, c), before);
+}
+
+/// A nonce names one call: asked again for another customer, another tool or another quote,
+/// it answers 409 and reserves nothing; asked again for the same call, its first decision.
+#[test]
+fn a_nonce_replayed_for_another_call_is_a_conflict() {
+    let s = serve_with("");
+    assert_eq!(grant(&s, INITECH, "rich", 1_000_000, "g-rich").0, 201);
+    let first = authorize_body("n-once", "rich");
+    assert_eq!(s.post("/v1/authorize", INITECH, &first).0, 200);
+    let other_tool = json!({"nonce": "n-once", "customerId": "rich", "toolName": "other"});
+    let dearer = json!({"nonce": "n-once", "customerId": "rich", "toolName": "search",
+        "agentId": "a", "sessionId": "s", "estimatedOutputTokens": 10});
+    for replay in [
+        authorize_body("n-once", "poor"),
+        other_tool.to_string(),
+        dearer.to_string(),
+    ] {
+        let (status, answer) = s.post("/v1/authorize", INITECH, &replay);
+        assert_eq!(status, 409, "{replay}: {answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap()
+                .contains("customer `rich`"),
+            "{answer}"
+        );
+    }
+    let (status, same) = s.post("/v1/authorize", INITECH, &first);
+    assert_eq!((status, same["authorized"].as_bool()), (200, Some(true)));
+    assert_eq!(balance(&s, INITECH, "rich")["reservedMicros"], QUOTE);
+    assert_eq!(balance(&s, INITECH, "poor")["inFlight"], 0);
+}
+
+/// One rule for customer ids wherever they appear: no control character (as events refuse).
+#[test]
+fn customer_ids_with_control_characters_are_refused_everywhere() {
+    let s = serve_with("[portal]\nsecret = \"0123456789abcdef0123456789abcdef\"\n");
+    let bad = "cust\nx";
+    let (status, answer) = s.post(
+        "/v1/authorize",
+        INITECH,
+        &json!({"nonce": "n1", "customerId": bad, "toolName": "search"}).to_string(),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("U+000A"),
+        "{answer}"
+    );
+    let (status, answer) = s.post(
+        "/v1/portal/tokens",
+        INITECH,
+        &json!({"customerId": "cust\u{0}", "expiresInSeconds": 60}).to_string(),
+    );
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = s.post(
+        "/v1/customers/cust%0Ax/credits",
+        INITECH,
+        &json!({"amountMicros": 5, "idempotencyKey": "k"}).to_string(),
+    );
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = s.post(
+        "/v1/authorize",
+        INITECH,
+        &json!({"nonce": "n\u{1}", "customerId": "c", "toolName": "search"}).to_string(),
+    );
+    assert_eq!(status, 400, "{answer}");
 }
 
 /// `s` stopped and started again on the same data directory, with the test config.

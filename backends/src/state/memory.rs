@@ -587,3 +587,66 @@ impl StateBackend for MemoryState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::CapCounter;
+
+    /// Authorizations for customers nobody granted anything keep no wallet: a refusal keeps
+    /// only its nonce (until it is forgotten), and a postpaid reservation's wallet goes once
+    /// the reservation has ended.
+    #[tokio::test]
+    async fn authorizations_keep_nothing_for_customers_with_nothing_to_keep() {
+        let state = MemoryState::new();
+        state
+            .load_ledger("t", &LedgerMark::Absent, &LedgerSeed::default())
+            .await
+            .unwrap();
+        let cap = [CapCounter {
+            key: "cap".into(),
+            max_spend_micros: 10,
+            window_end_ms: 10_000,
+        }];
+        for n in 0..1000 {
+            let (customer, nonce) = (format!("invented-{n}"), format!("n{n}"));
+            let ask = AuthorizeAsk {
+                tenant: "t",
+                customer: &customer,
+                tool: "search",
+                nonce: &nonce,
+                quote_micros: 100,
+                max_in_flight: None,
+                caps: &cap,
+                now_ms: 1_000,
+                expires_at_ms: 2_000,
+                remember_until_ms: 5_000,
+            };
+            let answer = state.authorize(&ask).await.unwrap();
+            assert!(matches!(answer.decision, Decision::Refused { .. }));
+        }
+        let postpaid = AuthorizeAsk {
+            tenant: "t",
+            customer: "postpaid",
+            tool: "search",
+            nonce: "p1",
+            quote_micros: 1,
+            max_in_flight: None,
+            caps: &[],
+            now_ms: 1_000,
+            expires_at_ms: 2_000,
+            remember_until_ms: 5_000,
+        };
+        let answer = state.authorize(&postpaid).await.unwrap();
+        assert!(matches!(answer.decision, Decision::Authorized { .. }));
+        let wallets = |state: &MemoryState| state.inner.lock().unwrap().credits["t"].wallets.len();
+        assert_eq!(wallets(&state), 1, "only the reservation's");
+        // After the reservation ended and the nonces were forgotten, nothing is left.
+        let mut inner = state.inner.lock().unwrap();
+        inner.next_prune_ms = 0;
+        inner.prune(6_000);
+        drop(inner);
+        assert_eq!(wallets(&state), 0);
+        assert!(state.inner.lock().unwrap().credits["t"].nonces.is_empty());
+    }
+}

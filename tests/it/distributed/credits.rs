@@ -138,3 +138,48 @@ fn balances_are_rebuilt_exactly_after_redis_loses_its_data() {
     assert_eq!(status, 200);
     assert_eq!(balance(&client, INITECH, "cust-a")["reservedMicros"], QUOTE);
 }
+
+/// The restart scenario's twin: Redis killed and started empty between two batches of a
+/// prepaid customer, the next batch (through the other ingestor) triggering the rebuild. The
+/// rebuild counts the stored calls, the batch is settled once, and the balance equals the
+/// revenue ClickHouse holds for the customer.
+#[test]
+fn the_first_batch_after_redis_lost_its_data_is_charged_once() {
+    let mut redis = RedisServer::start();
+    let setup = setup_on("rebuild_once", &redis.url());
+    let (_procs, [a, b]) = setup.two_ingestors();
+    let _aggregator = setup.aggregator();
+    let c = "cust-r";
+    assert_eq!(grant(&a, INITECH, c, 1_000_000, "g1").0, 201);
+    let first = batch(&[settling_call("r1", c, 100), settling_call("r2", c, 14)]);
+    assert_eq!(a.post("/v1/ingest/batch", INITECH, &first).0, 202);
+    assert_eq!(
+        balance(&a, INITECH, c)["settledMicros"],
+        2 * QUOTE + 3 * 114
+    );
+    redis.stop();
+    redis.start_again();
+    // No wait for the aggregator: the rebuild itself waits until ClickHouse holds r1 and r2.
+    let third = settling_call("r3", c, 7).to_string();
+    let (status, answer) = b.post("/v1/ingest/events", INITECH, &third);
+    assert_eq!(status, 202, "{answer}");
+    let (status, answer) = b.post("/v1/ingest/batch", INITECH, &first);
+    assert_eq!(status, 202, "{answer}");
+    let stored_revenue = 3 * QUOTE + 3 * (100 + 14 + 7);
+    let back = || a.get(&format!("/v1/customers/{c}/balance"), INITECH).0 == 200;
+    assert!(wait_until(Duration::from_secs(10), back), "Redis is back");
+    for client in [&a, &b] {
+        let live = balance(client, INITECH, c);
+        assert_eq!(live["settledMicros"], stored_revenue, "{live}");
+    }
+    let stored = || {
+        setup
+            .sql("SELECT sum(revenue_micros) FROM mcp_events WHERE customer_id = 'cust-r'")
+            .trim()
+            == stored_revenue.to_string()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), stored),
+        "ClickHouse holds the three calls once"
+    );
+}
