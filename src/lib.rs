@@ -205,7 +205,7 @@ fn http_api(
     state: StatePorts,
     metric_families: Vec<fn(&mut String)>,
 ) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
-    let state = actix_web::web::Data::new(ingestor::AppState {
+    let state = actix_web::web::Data::new(ingestor::state::AppState {
         keys: ingestor::auth::Keyring::new(
             &config.tenants,
             ingestor::portal::PortalSigner::new(config.portal.secret.as_deref()),

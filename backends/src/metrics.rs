@@ -134,7 +134,7 @@ impl LogThrottle {
     }
 
     /// `Some(lines held back since the last one)` when a line may be written at `now_ms`.
-    pub fn admit(&self, now_ms: i64) -> Option<u64> {
+    pub fn due(&self, now_ms: i64) -> Option<u64> {
         let last = self.last_ms.load(Ordering::Relaxed);
         let due = last == i64::MIN || now_ms - last >= self.every_ms;
         if due

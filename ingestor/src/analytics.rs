@@ -1,9 +1,9 @@
 //! `GET /analytics/mcp/...`: usage read back from the rollups, always the caller's tenant only
 //! (and its customer only, for a portal token).
 
-use crate::auth::Grant;
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody, ReadErrors};
-use crate::AppState;
+use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::store::SessionQuery;
 use schemas::analytics::{
@@ -67,11 +67,11 @@ async fn tenant_and_range(
     req: &HttpRequest,
     from: Option<&str>,
     to: Option<&str>,
-) -> Result<(Arc<Grant>, DateRange), ApiError> {
-    let grant = state.admit(req, Scope::Read).await?;
+) -> Result<(Arc<Caller>, DateRange), ApiError> {
+    let caller = state.authenticate(req, Scope::Read).await?;
     let range = DateRange::parse(from, to, chrono::Utc::now().date_naive())
         .map_err(ApiError::BadRequest)?;
-    Ok((grant, range))
+    Ok((caller, range))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -107,12 +107,13 @@ pub async fn by_tool(
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let (caller, range) =
+        tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let tools = state
         .analytics
-        .revenue_by_tool(&grant.viewer(), range)
+        .revenue_by_tool(&caller.viewer(), range)
         .await?;
-    Ok(grant.answer(&ByToolReport {
+    Ok(caller.answer(&ByToolReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         tools,
@@ -134,12 +135,13 @@ pub async fn by_agent(
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let (caller, range) =
+        tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let agents = state
         .analytics
-        .usage_by_agent(&grant.viewer(), range)
+        .usage_by_agent(&caller.viewer(), range)
         .await?;
-    Ok(grant.answer(&ByAgentReport {
+    Ok(caller.answer(&ByAgentReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         agents,
@@ -161,9 +163,10 @@ pub async fn summary(
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
-    let summary = state.analytics.summary(&grant.viewer(), range).await?;
-    Ok(grant.answer(&SummaryReport {
+    let (caller, range) =
+        tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let summary = state.analytics.summary(&caller.viewer(), range).await?;
+    Ok(caller.answer(&SummaryReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         summary,
@@ -186,11 +189,12 @@ pub async fn timeseries(
     req: HttpRequest,
     q: web::Query<SeriesParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let (caller, range) =
+        tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let interval = q.interval.unwrap_or(Interval::Day);
     let query = SeriesQuery::new(range, interval, q.group_by).map_err(ApiError::BadRequest)?;
-    let rows = state.analytics.series_rows(&grant.viewer(), query).await?;
-    Ok(grant.answer(&TimeSeriesReport {
+    let rows = state.analytics.series_rows(&caller.viewer(), query).await?;
+    Ok(caller.answer(&TimeSeriesReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         interval,
@@ -214,7 +218,8 @@ pub async fn sessions(
     req: HttpRequest,
     q: web::Query<SessionParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, range) = tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let (caller, range) =
+        tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let limit = q.limit.unwrap_or(DEFAULT_SESSIONS);
     if !(1..=MAX_SESSIONS).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
@@ -226,8 +231,8 @@ pub async fn sessions(
         agent_id: q.agent_id.clone(),
         limit,
     };
-    let sessions = state.analytics.sessions(&grant.viewer(), query).await?;
-    Ok(grant.answer(&SessionsReport {
+    let sessions = state.analytics.sessions(&caller.viewer(), query).await?;
+    Ok(caller.answer(&SessionsReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         sessions,
@@ -251,11 +256,11 @@ pub async fn session(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.admit(&req, Scope::Read).await?;
+    let caller = state.authenticate(&req, Scope::Read).await?;
     let session_id = path.into_inner();
     match state
         .analytics
-        .session(&grant.viewer(), &session_id)
+        .session(&caller.viewer(), &session_id)
         .await?
     {
         Some(mut detail) => {
@@ -263,7 +268,7 @@ pub async fn session(
             // Without the guard state the answer still stands, without the kill.
             detail.killed_until_ms = match state
                 .margins
-                .view(&grant.tenant.id, None, None, Some(&session_id), now_ms)
+                .view(&caller.tenant.id, None, None, Some(&session_id), now_ms)
                 .await
             {
                 Ok(view) => view.session_killed_until_ms,
@@ -272,11 +277,11 @@ pub async fn session(
                     None
                 }
             };
-            Ok(grant.answer(&detail))
+            Ok(caller.answer(&detail))
         }
         None => Err(ApiError::NotFound(format!(
             "no session `{session_id}` for this {}",
-            if grant.customer.is_some() {
+            if caller.customer.is_some() {
                 "customer"
             } else {
                 "tenant"

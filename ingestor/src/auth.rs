@@ -25,7 +25,7 @@ pub struct Tenant {
 }
 
 /// What one key may do, and for whom. Built once per key; requests share it.
-pub struct Grant {
+pub struct Caller {
     pub tenant: Arc<Tenant>,
     scopes: Vec<Scope>,
     pub rate_limit: Option<RateLimit>,
@@ -42,7 +42,7 @@ pub struct RateLimit {
 /// What a portal token may do: read and export, its customer's rows only.
 const PORTAL_SCOPES: [Scope; 2] = [Scope::Read, Scope::Export];
 
-impl Grant {
+impl Caller {
     fn allows(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin)
     }
@@ -112,7 +112,7 @@ pub fn strip_costs(value: &mut serde_json::Value) {
 
 /// Every configured key, by its SHA-256, and what verifies portal tokens.
 pub struct Keyring {
-    by_hash: HashMap<[u8; 32], Arc<Grant>>,
+    by_hash: HashMap<[u8; 32], Arc<Caller>>,
     tenants: HashMap<String, Arc<Tenant>>,
     pub portal: PortalSigner,
 }
@@ -139,7 +139,7 @@ impl Keyring {
                 }
                 by_hash.insert(
                     hash,
-                    Arc::new(Grant {
+                    Arc::new(Caller {
                         tenant: tenant.clone(),
                         scopes: key.scopes.clone(),
                         rate_limit: key.rate_limit.map(|config| RateLimit {
@@ -158,8 +158,8 @@ impl Keyring {
         }
     }
 
-    /// The grant of a portal token: its tenant, read and export scopes, its customer.
-    fn portal_grant(&self, token: &str) -> Result<Arc<Grant>, ApiError> {
+    /// The caller of a portal token: its tenant, read and export scopes, its customer.
+    fn portal_caller(&self, token: &str) -> Result<Arc<Caller>, ApiError> {
         let claims = self
             .portal
             .verify(token, chrono::Utc::now().timestamp())
@@ -167,7 +167,7 @@ impl Keyring {
         let tenant = self.tenants.get(&claims.tenant).ok_or_else(|| {
             ApiError::Unauthorized("the portal token's tenant is no longer configured".into())
         })?;
-        Ok(Arc::new(Grant {
+        Ok(Arc::new(Caller {
             tenant: tenant.clone(),
             scopes: PORTAL_SCOPES.to_vec(),
             rate_limit: None,
@@ -175,8 +175,8 @@ impl Keyring {
         }))
     }
 
-    /// Finds the caller's grant and checks it allows `scope`.
-    pub fn authorize(&self, req: &HttpRequest, scope: Scope) -> Result<Arc<Grant>, ApiError> {
+    /// Finds the caller's caller and checks it allows `scope`.
+    pub fn authenticate(&self, req: &HttpRequest, scope: Scope) -> Result<Arc<Caller>, ApiError> {
         let headers = req.headers();
         let key = match headers.get("x-api-key") {
             Some(v) => v.to_str().ok(),
@@ -196,8 +196,8 @@ impl Keyring {
                     .into(),
             )
         })?;
-        let grant = if key.starts_with(TOKEN_PREFIX) {
-            self.portal_grant(key)?
+        let caller = if key.starts_with(TOKEN_PREFIX) {
+            self.portal_caller(key)?
         } else {
             let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
             self.by_hash
@@ -206,15 +206,15 @@ impl Keyring {
                 .clone()
         };
         if let Some(claimed) = headers.get("x-tenant-id") {
-            if claimed.as_bytes() != grant.tenant.id.as_bytes() {
+            if claimed.as_bytes() != caller.tenant.id.as_bytes() {
                 return Err(ApiError::Forbidden(format!(
                     "X-Tenant-Id `{}` does not match this API key's tenant; the key alone selects the tenant",
                     String::from_utf8_lossy(claimed.as_bytes())
                 )));
             }
         }
-        if !grant.allows(scope) {
-            let holder = match grant.customer {
+        if !caller.allows(scope) {
+            let holder = match caller.customer {
                 Some(_) => "a portal token reads and exports only; it",
                 None => "this API key",
             };
@@ -223,6 +223,6 @@ impl Keyring {
                 scope.as_str()
             )));
         }
-        Ok(grant)
+        Ok(caller)
     }
 }

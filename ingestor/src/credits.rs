@@ -13,8 +13,9 @@
 //! asking again.
 
 use crate::auth::Tenant;
+use crate::body::json_body;
 use crate::error::{ApiError, ReadErrors};
-use crate::AppState;
+use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::state::{
     Authorization, AuthorizeAsk, CapCounter, LedgerMark, Loaded, Settlement, StateError,
@@ -306,21 +307,6 @@ pub(crate) async fn forget_soon(state: &AppState, tenant: &Tenant) {
     });
 }
 
-/// The body as `T`; a field of the wrong type is named in the message (`amountMicros: invalid
-/// type: string "5", expected i64`).
-pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let mut json = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut json).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." || inner.classify() != serde_json::error::Category::Data {
-            crate::ingest::body_error(&inner)
-        } else {
-            ApiError::BadRequest(format!("the body has the wrong shape: {path}: {inner}"))
-        }
-    })
-}
-
 fn customer_of(path: &str) -> Result<&str, ApiError> {
     valid_customer_id(path).map_err(ApiError::BadRequest)?;
     Ok(path)
@@ -367,7 +353,7 @@ pub async fn grant(
     path: web::Path<String>,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let caller = state.admit(&req, Scope::Admin).await?;
+    let caller = state.authenticate(&req, Scope::Admin).await?;
     let tenant = &caller.tenant.id;
     let customer = customer_of(&path)?;
     let now = now_ms();
@@ -437,10 +423,10 @@ pub async fn balance(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.admit(&req, Scope::Read).await?;
+    let caller = state.authenticate(&req, Scope::Read).await?;
     let customer = customer_of(&path)?;
-    grant.customer_filter(Some(customer.to_string()))?;
-    let balance = balance_of(&state, &grant.tenant, customer, now_ms()).await?;
+    caller.customer_filter(Some(customer.to_string()))?;
+    let balance = balance_of(&state, &caller.tenant, customer, now_ms()).await?;
     Ok(HttpResponse::Ok().json(balance))
 }
 
@@ -509,8 +495,8 @@ pub async fn authorize(
     req: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.admit(&req, Scope::Ingest).await?;
-    let tenant = &grant.tenant;
+    let caller = state.authenticate(&req, Scope::Ingest).await?;
+    let tenant = &caller.tenant;
     let request: AuthorizeRequest = json_body(&body)?;
     let nonce_chars = request.nonce.chars().count();
     if nonce_chars == 0 || nonce_chars > MAX_NONCE_CHARS {
@@ -588,7 +574,7 @@ pub async fn release(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let caller = state.admit(&req, Scope::Ingest).await?;
+    let caller = state.authenticate(&req, Scope::Ingest).await?;
     let tenant = &caller.tenant;
     let nonce = path.as_str();
     let now = now_ms();

@@ -6,7 +6,7 @@
 //! the lines themselves and come last; an export without its totals line was cut short.
 
 use crate::error::{ApiError, ErrorBody};
-use crate::AppState;
+use crate::state::AppState;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::store::AnalyticsStore;
@@ -199,22 +199,22 @@ pub async fn billing(
     req: HttpRequest,
     q: web::Query<BillingParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.admit(&req, Scope::Export).await?;
+    let caller = state.authenticate(&req, Scope::Export).await?;
     let q = q.into_inner();
     let period = BillingPeriod::parse(&q.period).map_err(ApiError::BadRequest)?;
     let format = q.format.unwrap_or(Format::Csv);
     let non_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
     let export = Export {
         analytics: state.analytics.clone(),
-        tenant: grant.tenant.id.clone(),
+        tenant: caller.tenant.id.clone(),
         query: BillingQuery {
             range: period.range(),
-            customer_id: grant.customer_filter(non_empty(q.customer_id))?,
+            customer_id: caller.customer_filter(non_empty(q.customer_id))?,
             agent_id: non_empty(q.agent_id),
         },
         period: period.as_string(),
         format,
-        costs: grant.sees_costs(),
+        costs: caller.sees_costs(),
         totals: UsageFigures::default(),
         written: 0,
         step: Step::Start,
@@ -223,7 +223,7 @@ pub async fn billing(
         Format::Csv => ("text/csv; charset=utf-8", "csv"),
         Format::Json => ("application/json", "json"),
     };
-    let file = format!("billing-{}-{}.{extension}", grant.tenant.id, export.period);
+    let file = format!("billing-{}-{}.{extension}", caller.tenant.id, export.period);
     let body = futures_util::stream::unfold(export, |mut export| async move {
         let chunk = export.next_chunk().await?;
         Some((chunk, export))

@@ -7,7 +7,7 @@
 //! on a timeout does, but said out loud.
 
 use crate::error::{ApiError, ErrorBody};
-use crate::AppState;
+use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::metrics::LogThrottle;
 use schemas::config::Scope;
@@ -47,7 +47,7 @@ pub async fn check(
     req: HttpRequest,
     q: web::Query<CheckParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.admit(&req, Scope::Ingest).await?;
+    let caller = state.authenticate(&req, Scope::Ingest).await?;
     let (agent, tool, session) = (
         named(&q.agent_id),
         named(&q.tool_name),
@@ -61,7 +61,7 @@ pub async fn check(
     let now_ms = chrono::Utc::now().timestamp_millis();
     let answer = match state
         .margins
-        .view(&grant.tenant.id, agent, tool, session, now_ms)
+        .view(&caller.tenant.id, agent, tool, session, now_ms)
         .await
     {
         Ok(view) => GuardCheck::decide(view, now_ms, state.guard_recompute_seconds),
@@ -91,10 +91,10 @@ pub async fn states(
     state: web::Data<AppState>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.admit(&req, Scope::Read).await?;
-    grant.not_portal("reading margin levels")?;
+    let caller = state.authenticate(&req, Scope::Read).await?;
+    caller.not_portal("reading margin levels")?;
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let states = state.margins.margins(&grant.tenant.id, now_ms).await?;
+    let states = state.margins.margins(&caller.tenant.id, now_ms).await?;
     Ok(HttpResponse::Ok().json(GuardStates::of(states)))
 }
 
@@ -107,7 +107,7 @@ fn named(v: &Option<String>) -> Option<&str> {
 pub(crate) fn warn_state_unavailable(e: &dyn std::fmt::Display) {
     static LINES: LogThrottle = LogThrottle::new(std::time::Duration::from_secs(5));
     crate::metrics::METRICS.guard_state_errors.add(1);
-    if LINES.admit(chrono::Utc::now().timestamp_millis()).is_some() {
+    if LINES.due(chrono::Utc::now().timestamp_millis()).is_some() {
         tracing::warn!(error = %e, "guard state unavailable: limits are not enforced and guard checks fail open until it is back");
     }
 }

@@ -1,12 +1,13 @@
 //! `POST /v1/ingest/batch` and `POST /v1/ingest/events`: authenticate, validate, rate, publish,
 //! and answer 202 only once the sink says the events are durable.
 
-use crate::auth::{Grant, Tenant};
+use crate::auth::{Caller, Tenant};
+use crate::body::body_error;
 use crate::credits;
 use crate::error::{ApiError, IngestErrors};
 use crate::limits;
 use crate::metrics::METRICS;
-use crate::AppState;
+use crate::state::AppState;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::sink::TenantBatch;
@@ -73,7 +74,7 @@ pub async fn batch(
     req: HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, body) = authorized_body(&state, &req, body).await?;
+    let (caller, body) = authorized_body(&state, &req, body).await?;
     match first_byte(&body) {
         Some(b'{') => {}
         Some(b'[') => return Err(ApiError::BadRequest(
@@ -87,7 +88,7 @@ pub async fn batch(
     let events = parsed.events.ok_or_else(|| {
         ApiError::BadRequest("the body has no `events` array; send {\"events\":[...]}".into())
     })?;
-    ingest(&state, grant, events).await
+    ingest(&state, caller, events).await
 }
 
 /// One event object, or a JSON array of 1 to 1000 events: what the Aforo SDKs post. Answered
@@ -107,7 +108,7 @@ pub async fn events(
     req: HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
 ) -> Result<HttpResponse, ApiError> {
-    let (grant, body) = authorized_body(&state, &req, body).await?;
+    let (caller, body) = authorized_body(&state, &req, body).await?;
     let events: Vec<&RawValue> = match first_byte(&body) {
         Some(b'[') => serde_json::from_slice(&body).map_err(|e| body_error(&e))?,
         Some(b'{') => vec![serde_json::from_slice(&body).map_err(|e| body_error(&e))?],
@@ -117,12 +118,12 @@ pub async fn events(
             ))
         }
     };
-    ingest(&state, grant, events).await
+    ingest(&state, caller, events).await
 }
 
 async fn ingest(
     state: &AppState,
-    grant: Arc<Grant>,
+    caller: Arc<Caller>,
     events: Vec<&RawValue>,
 ) -> Result<HttpResponse, ApiError> {
     let max = state.ingest.max_batch_events;
@@ -157,7 +158,7 @@ async fn ingest(
                 by_receipt = keyed_by_receipt(&wire);
                 validate(wire, raw, bounds, limits)
             })
-            .and_then(|valid| grant.tenant.rate_plans.rate(valid, received_at_ms));
+            .and_then(|valid| caller.tenant.rate_plans.rate(valid, received_at_ms));
         match event {
             Ok(mut event) => {
                 if by_receipt {
@@ -174,7 +175,7 @@ async fn ingest(
             Err(message) => errors.push(EventError { index, message }),
         }
     }
-    let tenant = &grant.tenant;
+    let tenant = &caller.tenant;
     let mut plan = limits::Plan::new(&tenant.id, &tenant.limits, &rated, received_at_ms);
     let mut charges = credits::settlements(tenant, &rated, received_at_ms);
     let outcome = state
@@ -248,14 +249,14 @@ async fn enforce(
     }
 }
 
-/// The caller's grant (with the `ingest` scope), and the body once its size and content type
+/// The caller's caller (with the `ingest` scope), and the body once its size and content type
 /// are acceptable.
 async fn authorized_body(
     state: &AppState,
     req: &HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
-) -> Result<(Arc<Grant>, web::Bytes), ApiError> {
-    let grant = state.admit(req, Scope::Ingest).await?;
+) -> Result<(Arc<Caller>, web::Bytes), ApiError> {
+    let caller = state.authenticate(req, Scope::Ingest).await?;
     if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
         let text = content_type.to_str().unwrap_or("");
         let mime = text
@@ -277,19 +278,9 @@ async fn authorized_body(
             ApiError::BadRequest(format!("the request body could not be read: {e}"))
         }
     })?;
-    Ok((grant, body))
+    Ok((caller, body))
 }
 
 fn first_byte(body: &[u8]) -> Option<u8> {
     body.iter().copied().find(|b| !b.is_ascii_whitespace())
-}
-
-pub(crate) fn body_error(e: &serde_json::Error) -> ApiError {
-    let what = match e.classify() {
-        serde_json::error::Category::Eof => "the JSON body ends early (truncated?)",
-        serde_json::error::Category::Syntax => "the body is not valid JSON",
-        serde_json::error::Category::Data => "the body has the wrong shape",
-        serde_json::error::Category::Io => "the body could not be read",
-    };
-    ApiError::BadRequest(format!("{what}: {e}"))
 }

@@ -7,6 +7,9 @@
 //! - [`limits`]: hard limits, charged at ingest; breaches kill sessions.
 //! - [`credits`]: charge before the tool runs: grants, balances, `POST /v1/authorize`, and
 //!   the settlement of ingested calls, once per event key.
+//! - [`state`]: [`AppState`], what every handler shares, and `authenticate` (key, scope,
+//!   rate limit).
+//! - [`body`]: request bodies read as JSON, with messages that say what to fix.
 //! - [`rebuild`]: the ledger seed a state that lost a tenant's money state is loaded with.
 //! - [`analytics`]: `GET /analytics/mcp/...`.
 //! - [`exports`]: `GET /v1/exports/billing`, streamed CSV or JSON.
@@ -21,6 +24,7 @@
 
 pub mod analytics;
 pub mod auth;
+pub mod body;
 pub mod credits;
 pub mod dashboard;
 pub mod error;
@@ -33,81 +37,10 @@ pub mod openapi;
 pub mod ops;
 pub mod portal;
 pub mod rebuild;
+pub mod state;
 
 use actix_web::web;
-use backends::sink::EventSink;
-use backends::state::{CustomerBalances, LimitCounters, MarginBoard, RateLimiter};
-use backends::store::{AnalyticsStore, CreditLedger};
-use schemas::config::{CreditsConfig, IngestConfig};
-use std::sync::Arc;
-
-/// What every handler shares.
-pub struct AppState {
-    pub keys: auth::Keyring,
-    pub sink: Arc<dyn EventSink>,
-    pub analytics: Arc<dyn AnalyticsStore>,
-    /// Hard-limit counters, the kill list, each agent's sessions.
-    pub limits: Arc<dyn LimitCounters>,
-    /// The margin levels guard checks read.
-    pub margins: Arc<dyn MarginBoard>,
-    /// Each API key's token bucket.
-    pub rate_limiter: Arc<dyn RateLimiter>,
-    /// Prepaid wallets, authorizations, settlements.
-    pub balances: Arc<dyn CustomerBalances>,
-    /// Grants, durable in the store: what wallets are rebuilt from.
-    pub ledger: Arc<dyn CreditLedger>,
-    /// What the store still lacks of the bus (distributed): a rebuild waits for it. `None`
-    /// when the sink answers only once the store has the events (embedded).
-    pub backlog: Option<Arc<dyn backends::backlog::Backlog>>,
-    /// Tenants whose settlement failed (the guard state did not answer): their ledger is
-    /// rebuilt from the store before its next use, which counts the calls that failed.
-    pub stale_ledgers: Arc<std::sync::Mutex<std::collections::HashSet<Arc<str>>>>,
-    /// One ledger rebuild per tenant at a time in this process.
-    pub rebuilds:
-        std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
-    pub credits: CreditsConfig,
-    /// Permits for ingest requests in flight (`ingest.max_in_flight_requests`).
-    pub in_flight: tokio::sync::Semaphore,
-    /// How often the margin guard recomputes levels: what a throttled caller is told to wait.
-    pub guard_recompute_seconds: u64,
-    pub ingest: IngestConfig,
-    /// The metric families of the other components this process runs, rendered after the
-    /// API's own by `/metrics`.
-    pub metric_families: Vec<fn(&mut String)>,
-}
-
-impl AppState {
-    /// The caller's grant for `scope`, once its key's rate limit admits the request. Without
-    /// the guard state the limit is not enforced (fail open), as with hard limits.
-    pub async fn admit(
-        &self,
-        req: &actix_web::HttpRequest,
-        scope: schemas::config::Scope,
-    ) -> Result<Arc<auth::Grant>, error::ApiError> {
-        let grant = self.keys.authorize(req, scope)?;
-        let Some(limit) = &grant.rate_limit else {
-            return Ok(grant);
-        };
-        let (bucket, limit) = (&limit.bucket, limit.config);
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        match self
-            .rate_limiter
-            .take_token(bucket, limit.requests_per_second, limit.burst, now_ms)
-            .await
-        {
-            Ok(None) => Ok(grant),
-            Ok(Some(wait_ms)) => Err(error::ApiError::RateLimited {
-                per_second: limit.requests_per_second,
-                burst: limit.burst,
-                retry_after_seconds: wait_ms.div_ceil(1000),
-            }),
-            Err(e) => {
-                guard::warn_state_unavailable(&e);
-                Ok(grant)
-            }
-        }
-    }
-}
+use state::AppState;
 
 /// `path` answering `route` (a method and its handler); any other method gets 405 with `Allow`.
 fn resource(

@@ -1,7 +1,7 @@
 //! What operators and load balancers read: `/healthz`, `/readyz` (each dependency's state),
 //! `/metrics` (Prometheus text), and the middleware that records every request.
 
-use crate::AppState;
+use crate::state::AppState;
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use utoipa::ToSchema;

@@ -7,8 +7,9 @@
 //! `portal.secret` accepts it and no state is kept. It cannot be revoked one by one: keep
 //! them short, or change the secret to revoke them all.
 
+use crate::body::json_body;
 use crate::error::{ApiError, ErrorBody};
-use crate::AppState;
+use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -161,8 +162,8 @@ pub async fn issue(
     req: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state.admit(&req, Scope::Admin).await?;
-    let body: TokenRequest = crate::credits::json_body(&body)?;
+    let caller = state.authenticate(&req, Scope::Admin).await?;
+    let body: TokenRequest = json_body(&body)?;
     schemas::credits::valid_customer_id(&body.customer_id).map_err(ApiError::BadRequest)?;
     if !(1..=MAX_TOKEN_SECONDS).contains(&body.expires_in_seconds) {
         return Err(ApiError::BadRequest(format!(
@@ -174,7 +175,7 @@ pub async fn issue(
     let token = state
         .keys
         .portal
-        .issue(&grant.tenant.id, &body.customer_id, expires_at);
+        .issue(&caller.tenant.id, &body.customer_id, expires_at);
     Ok(HttpResponse::Created().json(PortalToken {
         token,
         customer_id: body.customer_id,

@@ -11,7 +11,7 @@
 
 use crate::auth::Tenant;
 use crate::limits::{counter_key, Measure};
-use crate::AppState;
+use crate::state::AppState;
 use backends::error::StoreError;
 use backends::state::{LedgerSeed, WindowCount};
 use backends::store::{wallet_seeds, CallGroup, StoredCall};

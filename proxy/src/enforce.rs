@@ -22,7 +22,7 @@ pub struct Enforcement {
 
 /// Decides one `tools/call` request: `Ok` with the call to track (forward it), or `Err` with
 /// the answer to send the client instead.
-pub fn admit(
+pub fn gate_call(
     meter: &Meter,
     rules: &Enforcement,
     request: &Value,

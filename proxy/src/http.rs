@@ -7,7 +7,7 @@
 //! `/healthz` and `/metrics` beside it.
 
 use crate::calls::{messages, tool_call, CallTracker};
-use crate::enforce::{admit, Enforcement};
+use crate::enforce::{gate_call, Enforcement};
 use crate::meter::Meter;
 use crate::sse::BodyReader;
 use bytes::Bytes;
@@ -193,7 +193,7 @@ async fn forward(s: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Bod
                     );
                     let agent2 = agent.clone();
                     tokio::task::spawn_blocking(move || {
-                        admit(
+                        gate_call(
                             &s2.meter,
                             &s2.proxy.rules,
                             &message2,

@@ -5,7 +5,7 @@
 //! proxy's own lines go to stderr: stdout belongs to the protocol.
 
 use crate::calls::{messages, tool_call, uuid, CallTracker};
-use crate::enforce::{admit, Enforcement};
+use crate::enforce::{gate_call, Enforcement};
 use crate::meter::Meter;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -66,7 +66,7 @@ impl StdioProxy {
                                 continue;
                             };
                             let agent = tracker.agent.clone();
-                            match admit(
+                            match gate_call(
                                 &meter,
                                 &rules,
                                 message,

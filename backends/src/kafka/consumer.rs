@@ -236,8 +236,7 @@ impl EventSource for KafkaSource {
                 // logged (at most once per ERROR_LOG_INTERVAL) and polling goes on; exiting
                 // would stall partitions.
                 Ok(Err(e)) => {
-                    if let Some(held_back) =
-                        self.errors.admit(chrono::Utc::now().timestamp_millis())
+                    if let Some(held_back) = self.errors.due(chrono::Utc::now().timestamp_millis())
                     {
                         tracing::warn!(error = %e, brokers = self.config.brokers.as_deref().unwrap_or_default(),
                             similar_errors_since_last_line = held_back,
@@ -394,12 +393,12 @@ mod tests {
     fn a_repeating_error_is_logged_once_per_interval_with_the_count_held_back() {
         let throttle = LogThrottle::new(Duration::from_secs(30));
         let start = 1_796_000_000_000;
-        assert_eq!(throttle.admit(start), Some(0), "the first line goes out");
+        assert_eq!(throttle.due(start), Some(0), "the first line goes out");
         // A broker down for a minute, errors every half second: 120 errors.
         let admitted: Vec<(u64, u64)> = (1..120u64)
             .filter_map(|i| {
                 let at = start + 500 * i as i64;
-                throttle.admit(at).map(|held| (i, held))
+                throttle.due(at).map(|held| (i, held))
             })
             .collect();
         assert_eq!(

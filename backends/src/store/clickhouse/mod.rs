@@ -109,7 +109,7 @@ impl HttpRunner {
     /// `timeout`; then it fails as retriable and the next call waits again), then for the
     /// failed ones to be gone from `system.processes`: after that their rows are visible or
     /// were never written.
-    async fn settle(&self) -> Result<(), StoreError> {
+    async fn await_unsettled(&self) -> Result<(), StoreError> {
         let outstanding = std::mem::take(&mut *self.outstanding.lock().expect("outstanding lock"));
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut waiting = outstanding.into_iter();
@@ -214,7 +214,7 @@ fn new_query_id() -> String {
 #[async_trait::async_trait]
 impl SqlRunner for HttpRunner {
     async fn execute(&self, sql: &str) -> Result<(), StoreError> {
-        self.settle().await?;
+        self.await_unsettled().await?;
         let id = new_query_id();
         let statement = self.client.query_raw(sql).with_setting("query_id", &id);
         let mut request = tokio::spawn(statement.execute());
@@ -232,7 +232,7 @@ impl SqlRunner for HttpRunner {
     }
 
     async fn tab_separated(&self, sql: &str) -> Result<String, StoreError> {
-        self.settle().await?;
+        self.await_unsettled().await?;
         self.fetch(sql).await
     }
 }
