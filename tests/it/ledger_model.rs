@@ -57,14 +57,11 @@ enum Op {
         output_tokens: i64,
         concurrently: bool,
     },
-    /// Reports the call with key `key` (an authorized nonce or not), in a batch of its own.
+    /// Reports 1 to 3 calls in one batch, each keyed by an authorized nonce or not.
     Report {
-        customer: usize,
-        key: String,
-        session: usize,
-        output_tokens: i64,
+        calls: Vec<Call>,
     },
-    /// Posts an earlier report again, as a client does after a lost answer.
+    /// Posts the batch whose first call is `key` again, as a client does after a lost answer.
     Resend {
         key: String,
     },
@@ -78,6 +75,16 @@ enum Op {
     Restart,
     /// SIGKILLs a stateless process (an ingestor) and starts it again.
     Crash,
+}
+
+/// One reported call.
+#[derive(Clone, Debug)]
+struct Call {
+    customer: usize,
+    key: String,
+    session: usize,
+    /// Cheaper or dearer than its quote.
+    output_tokens: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -106,8 +113,10 @@ struct Oracle {
     reservations: BTreeMap<String, (usize, i64, i64)>,
     /// nonce → (customer, first decision); forgotten by a restart.
     nonces: BTreeMap<String, (usize, Decision)>,
-    /// stored call key → its report body and customer
-    stored: BTreeMap<String, (String, usize)>,
+    /// stored call keys
+    stored: BTreeSet<String>,
+    /// the batches reported, by their first call's key
+    batches: BTreeMap<String, Vec<Call>>,
     /// (month, customer) → revenue of its stored calls in that month (the cap's counter)
     spent: BTreeMap<(i64, usize), i64>,
     /// (hour, session) → calls stored in that hour (the hard limit's counter)
@@ -418,20 +427,26 @@ fn generate(seed: u64, steps: usize) -> Vec<Op> {
                 }
             }
             35..=64 => {
-                // An authorized call reported (usually), or a call nobody authorized.
-                let key = if !nonces.is_empty() && pick(4) != 0 {
-                    nonces[pick(nonces.len() as u64)].clone()
-                } else {
-                    format!("u{i}")
-                };
-                reported.push(key.clone());
-                Op::Report {
-                    customer,
-                    key,
-                    session: pick(SESSIONS.len() as u64),
-                    // Cheaper or dearer than its quote.
-                    output_tokens: pick(500) as i64,
-                }
+                let calls: Vec<Call> = (0..1 + pick(3))
+                    .map(|j| Call {
+                        // The first names the step's customer; others anyone.
+                        customer: if j == 0 {
+                            customer
+                        } else {
+                            pick(CUSTOMERS.len() as u64)
+                        },
+                        // An authorized call (usually), or a call nobody authorized.
+                        key: if !nonces.is_empty() && pick(4) != 0 {
+                            nonces[pick(nonces.len() as u64)].clone()
+                        } else {
+                            format!("u{i}-{j}")
+                        },
+                        session: pick(SESSIONS.len() as u64),
+                        output_tokens: pick(500) as i64,
+                    })
+                    .collect();
+                reported.push(calls[0].key.clone());
+                Op::Report { calls }
             }
             65..=74 if !reported.is_empty() => Op::Resend {
                 key: reported[pick(reported.len() as u64)].clone(),
@@ -459,16 +474,22 @@ fn authorize_body(customer: usize, nonce: &str, output_tokens: i64) -> String {
     .to_string()
 }
 
-fn report_body(customer: usize, key: &str, session: usize, output_tokens: i64) -> String {
-    batch(&[json!({
-        "idempotencyKey": key,
-        "metricName": "mcp_server.tool_invocations",
-        "toolName": "search",
-        "agentId": "a",
-        "sessionId": SESSIONS[session],
-        "customerId": CUSTOMERS[customer],
-        "metadata": {"outputTokens": output_tokens},
-    })])
+fn report_body(calls: &[Call]) -> String {
+    let events: Vec<Value> = calls
+        .iter()
+        .map(|c| {
+            json!({
+                "idempotencyKey": c.key,
+                "metricName": "mcp_server.tool_invocations",
+                "toolName": "search",
+                "agentId": "a",
+                "sessionId": SESSIONS[c.session],
+                "customerId": CUSTOMERS[c.customer],
+                "metadata": {"outputTokens": c.output_tokens},
+            })
+        })
+        .collect();
+    batch(&events)
 }
 
 /// Sends a request again while it is answered 503 or 429 (a dependency reconnecting), as a
@@ -627,33 +648,19 @@ fn run(ops: &[Op], start: &dyn Fn() -> Box<dyn Deployment>) -> Result<(), (usize
                     }
                 }
             }
-            Op::Report {
-                customer,
-                key,
-                session,
-                output_tokens,
-            } => {
-                let body = report_body(*customer, key, *session, *output_tokens);
-                if let Err(e) = post_report(
-                    &mut o,
-                    c,
-                    d.exact_duplicates(),
-                    key,
-                    &body,
-                    *customer,
-                    *session,
-                    price(0, *output_tokens),
-                ) {
+            Op::Report { calls } => {
+                o.batches
+                    .entry(calls[0].key.clone())
+                    .or_insert(calls.clone());
+                if let Err(e) = post_report(&mut o, c, d.exact_duplicates(), calls) {
                     return fail(e);
                 }
             }
             Op::Resend { key } => {
-                let Some((body, customer)) = o.stored.get(key).cloned() else {
+                let Some(calls) = o.batches.get(key).cloned() else {
                     continue;
                 };
-                if let Err(e) =
-                    post_report(&mut o, c, d.exact_duplicates(), key, &body, customer, 0, 0)
-                {
+                if let Err(e) = post_report(&mut o, c, d.exact_duplicates(), &calls) {
                     return fail(e);
                 }
             }
@@ -715,43 +722,39 @@ fn run(ops: &[Op], start: &dyn Fn() -> Box<dyn Deployment>) -> Result<(), (usize
     Ok(())
 }
 
-/// Posts a report and checks its answer against the oracle, which it updates.
-#[allow(clippy::too_many_arguments)]
+/// Posts a batch of calls and checks its answer against the oracle, which it updates.
 fn post_report(
     o: &mut Oracle,
     c: &Client,
     exact_duplicates: bool,
-    key: &str,
-    body: &str,
-    customer: usize,
-    session: usize,
-    revenue: i64,
+    calls: &[Call],
 ) -> Result<(), String> {
-    let (status, answer) = retrying(|| c.post("/v1/ingest/batch", INITECH, body));
-    let duplicate = o.stored.contains_key(key);
-    // A call reported (again) ends the reservation its customer holds under its key.
-    if o.reservations
-        .get(key)
-        .is_some_and(|(rc, _, _)| *rc == customer)
-    {
-        o.reservations.remove(key);
-    }
-    if !duplicate {
-        o.stored
-            .insert(key.to_string(), (body.to_string(), customer));
-        if o.prepaid(customer) {
-            *o.settled.entry(customer).or_default() += revenue;
+    let body = report_body(calls);
+    let (status, answer) = retrying(|| c.post("/v1/ingest/batch", INITECH, &body));
+    let (mut accepted, mut duplicates) = (0, 0);
+    for call in calls {
+        // A call reported (again) ends the reservation its customer holds under its key.
+        if o.reservations
+            .get(&call.key)
+            .is_some_and(|(rc, _, _)| *rc == call.customer)
+        {
+            o.reservations.remove(&call.key);
+        }
+        if !o.stored.insert(call.key.clone()) {
+            duplicates += 1;
+            continue;
+        }
+        accepted += 1;
+        let revenue = price(0, call.output_tokens);
+        if o.prepaid(call.customer) {
+            *o.settled.entry(call.customer).or_default() += revenue;
         }
         let now = now_ms();
-        *o.spent.entry((month_of(now), customer)).or_default() += revenue;
-        *o.session_calls.entry((hour_of(now), session)).or_default() += 1;
+        *o.spent.entry((month_of(now), call.customer)).or_default() += revenue;
+        *o.session_calls
+            .entry((hour_of(now), call.session))
+            .or_default() += 1;
     }
-    let mut expected = (
-        202,
-        Some(u64::from(!duplicate)),
-        Some(u64::from(duplicate)),
-        o.killed(),
-    );
     let killed: BTreeSet<String> = answer["killedSessionIds"]
         .as_array()
         .map(|a| {
@@ -760,20 +763,21 @@ fn post_report(
                 .collect()
         })
         .unwrap_or_default();
-    let got = (
+    let mut got = (
         status,
         answer["accepted"].as_u64(),
         answer["duplicates"].as_u64(),
         killed.into_iter().collect::<Vec<_>>(),
     );
-    if duplicate && !exact_duplicates && got.1 == Some(1) {
-        // Published again; the aggregator drops it. Only the charge matters here.
-        expected.1 = Some(1);
-        expected.2 = Some(0);
+    let expected = (202, Some(accepted), Some(duplicates), o.killed());
+    if !exact_duplicates && got.1.zip(got.2).map(|(a, d)| a + d) == Some(calls.len() as u64) {
+        // Published again; the aggregator drops what it holds. Only the charge matters here.
+        (got.1, got.2) = (expected.1, expected.2);
     }
     if got != expected {
+        let keys: Vec<&str> = calls.iter().map(|c| c.key.as_str()).collect();
         return Err(format!(
-            "report {key}: expected (status, accepted, duplicates, killed) = {expected:?}, got {got:?}: {answer}"
+            "report {keys:?}: expected (status, accepted, duplicates, killed) = {expected:?}, got {got:?}: {answer}"
         ));
     }
     Ok(())
