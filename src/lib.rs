@@ -220,6 +220,7 @@ fn http_api(
         backlog,
         stale_ledgers: Default::default(),
         rebuilds: Default::default(),
+        rebuild_failures: Default::default(),
         credits: config.credits.clone(),
         guard_recompute_seconds: config.margin_guard.interval_seconds,
         in_flight: tokio::sync::Semaphore::new(config.ingest.max_in_flight_requests),

@@ -88,6 +88,39 @@ pub async fn rebuild(state: &AppState, tenant: &Tenant) -> Result<(), ApiError> 
         .or_default()
         .clone();
     let _one_at_a_time = lock.lock().await;
+    // Requests that waited for a rebuild that just failed (the aggregators behind) fail at
+    // once rather than each waiting as long again, one after another.
+    let failed_at = *state
+        .rebuild_failures
+        .lock()
+        .expect("rebuild failures lock")
+        .get(&tenant.id)
+        .unwrap_or(&0);
+    if now_ms() - failed_at < REBUILD_RETRY_AFTER_MS {
+        return Err(ApiError::Store(backends::error::StoreError::NotReady(
+            format!(
+                "the ledger of tenant `{}` is being rebuilt from the store; try again shortly",
+                tenant.id
+            ),
+        )));
+    }
+    let rebuilt = load_from_store(state, tenant).await;
+    let mut failures = state
+        .rebuild_failures
+        .lock()
+        .expect("rebuild failures lock");
+    match &rebuilt {
+        Ok(()) => failures.remove(&tenant.id),
+        Err(_) => failures.insert(tenant.id.clone(), now_ms()),
+    };
+    rebuilt
+}
+
+/// How long after a failed rebuild another is tried (liveness only: a rebuild that runs is
+/// exact whenever it runs).
+const REBUILD_RETRY_AFTER_MS: i64 = 1_000;
+
+async fn load_from_store(state: &AppState, tenant: &Tenant) -> Result<(), ApiError> {
     for _ in 0..REBUILD_ATTEMPTS {
         let read_at = state.balances.ledger_mark(&tenant.id).await?;
         if matches!(read_at, LedgerMark::Loaded(_)) {

@@ -29,6 +29,8 @@ pub struct AppState {
     /// Tenants whose settlement failed (the guard state did not answer): their ledger is
     /// rebuilt from the store before its next use, which counts the calls that failed.
     pub stale_ledgers: Arc<std::sync::Mutex<std::collections::HashSet<Arc<str>>>>,
+    /// When a ledger rebuild of each tenant last failed in this process (ms).
+    pub rebuild_failures: std::sync::Mutex<std::collections::HashMap<Arc<str>, i64>>,
     /// One ledger rebuild per tenant at a time in this process.
     pub rebuilds:
         std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,

@@ -8,8 +8,8 @@
 //! else). After every step the test compares every customer's balance, every 200/402 and every
 //! ingest answer (accepted, duplicates, killed sessions) with the oracle.
 //!
-//! A run prints its seed; `MCP_METER_LEDGER_SEED=<seed>` replays it,
-//! `MCP_METER_LEDGER_STEPS` and `MCP_METER_LEDGER_RUNS` make the search longer. On a mismatch
+//! A run prints its seed; `MCP_METER_TEST_LEDGER_SEED=<seed>` replays it,
+//! `MCP_METER_TEST_LEDGER_STEPS` and `MCP_METER_TEST_LEDGER_RUNS` make the search longer. On a mismatch
 //! the sequence is shrunk (chunks, then single steps, removed while it still fails) and the
 //! short one is printed.
 
@@ -821,12 +821,12 @@ fn env_number(name: &str, default: u64) -> u64 {
 
 /// Searches `runs` seeded sequences of `steps` steps on the deployment `start` makes.
 fn search(mode: &str, start: &dyn Fn() -> Box<dyn Deployment>, default_steps: u64) {
-    let steps = env_number("MCP_METER_LEDGER_STEPS", default_steps) as usize;
-    let runs = env_number("MCP_METER_LEDGER_RUNS", 1);
-    let first_seed = env_number("MCP_METER_LEDGER_SEED", now_ms() as u64);
+    let steps = env_number("MCP_METER_TEST_LEDGER_STEPS", default_steps) as usize;
+    let runs = env_number("MCP_METER_TEST_LEDGER_RUNS", 1);
+    let first_seed = env_number("MCP_METER_TEST_LEDGER_SEED", now_ms() as u64);
     for run_number in 0..runs {
         let seed = first_seed.wrapping_add(run_number);
-        println!("ledger model ({mode}): seed {seed}, {steps} steps (replay with MCP_METER_LEDGER_SEED={seed})");
+        println!("ledger model ({mode}): seed {seed}, {steps} steps (replay with MCP_METER_TEST_LEDGER_SEED={seed})");
         let began = std::time::Instant::now();
         let ops = generate(seed, steps);
         if let Err((step, what)) = run(&ops, start) {

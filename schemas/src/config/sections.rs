@@ -295,7 +295,7 @@ fn default_charged_keys_hours() -> u64 {
     24
 }
 fn default_rebuild_wait_ms() -> u64 {
-    30_000
+    10_000
 }
 fn default_dedup_days() -> u32 {
     40

@@ -25,6 +25,9 @@ fn two_ingestors_share_hard_limit_counters_through_redis() {
     );
     let (_a, client_a) = setup.ingestor();
     let (_b, client_b) = setup.ingestor();
+    // The first call loads the tenant's ledger, which waits until the store holds what Kafka
+    // acknowledged: the distributed mode runs with an aggregator.
+    let _aggregator = setup.aggregator();
     let mut answers = Vec::new();
     for n in 0..6 {
         let client = if n % 2 == 0 { &client_a } else { &client_b };
