@@ -110,9 +110,14 @@ pub async fn rebuild(state: &AppState, tenant: &Tenant) -> Result<(), ApiError> 
         .lock()
         .expect("rebuild failures lock");
     match &rebuilt {
-        Ok(()) => failures.remove(&tenant.id),
-        Err(_) => failures.insert(tenant.id.clone(), now_ms()),
-    };
+        // The store behind the bus: the next request would wait as long again.
+        Err(ApiError::Store(e)) if e.kind() == backends::error::ErrorKind::NotReady => {
+            failures.insert(tenant.id.clone(), now_ms());
+        }
+        _ => {
+            failures.remove(&tenant.id);
+        }
+    }
     rebuilt
 }
 
@@ -259,8 +264,10 @@ pub async fn settle(
         return Some(Vec::new());
     }
     let until = remember_until_ms(state, now_ms);
-    let mut failed = false;
-    for attempt in 1..=SETTLE_ATTEMPTS {
+    // Failed attempts count against SETTLE_ATTEMPTS; a rebuild that loaded the ledger does not
+    // (the settlement is then tried again), up to as many rebuilds.
+    let (mut failures, mut rebuilds) = (0, 0);
+    loop {
         if let Err(e) = forget_if_stale(state, tenant).await {
             crate::guard::warn_state_unavailable(&e);
             return None;
@@ -271,7 +278,7 @@ pub async fn settle(
             .await
         {
             Ok(claimed) => {
-                if failed {
+                if failures > 0 {
                     // An attempt failed: it may have been applied without its answer (its
                     // claims then hide calls from the limit counters). The store knows.
                     forget_soon(state, tenant).await;
@@ -279,9 +286,14 @@ pub async fn settle(
                 return Some(claimed);
             }
             Err(StateError::WalletsNotLoaded(_)) => match rebuild(state, tenant).await {
-                Ok(()) => continue,
+                Ok(()) if rebuilds < SETTLE_ATTEMPTS => {
+                    rebuilds += 1;
+                    continue;
+                }
+                // Not loaded: the rebuild that succeeds later counts these stored calls.
+                Ok(()) => return None,
+                Err(ApiError::State(e)) => e,
                 Err(e) => {
-                    // Not loaded: the rebuild that succeeds later counts these stored calls.
                     crate::guard::warn_state_unavailable(&e);
                     return None;
                 }
@@ -289,11 +301,12 @@ pub async fn settle(
             Err(e) => e,
         };
         crate::guard::warn_state_unavailable(&e);
-        failed = true;
-        if e.kind() != backends::error::ErrorKind::Retriable {
+        failures += 1;
+        // A connection Redis dropped (it restarted) is back by the next attempt.
+        if e.kind() != backends::error::ErrorKind::Retriable || failures == SETTLE_ATTEMPTS {
             break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100 * attempt as u64)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(failures))).await;
     }
     // The calls are stored: the rebuild that follows counts them. Until the state answers
     // again, nothing of them is charged.
