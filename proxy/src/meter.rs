@@ -1,4 +1,5 @@
-//! Delivery of the proxy's events to mcp-meter, the SDKs' design spelled in Rust (DESIGN §11):
+//! Delivery of the proxy's events to mcp-meter, the delivery rules the SDKs follow
+//! (README, "Metering a server you cannot change"), spelled in Rust:
 //! events wait in memory and go out in batches (`POST /v1/ingest/batch`) by size or interval,
 //! from a thread of their own, so that no call waits on it; no answer, 429 and 5xx are retried
 //! with the same events (the same keys) after a backoff that honours Retry-After; a full queue

@@ -68,7 +68,7 @@ pub struct MarginThresholds {
 }
 
 impl Default for MarginThresholds {
-    /// DESIGN §7: warn under 20%, throttle under 10%, block under 0%.
+    /// The levels the README documents: warn under 20%, throttle under 10%, block under 0%.
     fn default() -> MarginThresholds {
         MarginThresholds {
             warn_below_bp: 2000,

@@ -1,7 +1,7 @@
 //! `mcp-meter proxy --stdio` in front of a real MCP server (the official TypeScript SDK's, not
 //! metered itself), driven by the official MCP client through it, against a real `serve`: every
 //! call reported, the answers unchanged, and killed sessions, unpaid calls and a meter that is
-//! down handled as the clients' design says (DESIGN §11).
+//! down handled as the SDKs' delivery rules say (README, "Metering a server you cannot change").
 
 use crate::common::*;
 use crate::typescript_sdk::{drive_at, metered_as_driven};

@@ -122,7 +122,7 @@ fn exactly_once_through_aggregator_crashes_and_a_broker_restart() {
         scope.spawn(|| {
             // tansu 0.6.0 after a restart on its sqlite store can panic ("more or less than
             // one row") and then fail every produce until it is restarted again: a broker
-            // fault, not ours (DESIGN §10); restart it again and say so.
+            // fault, not ours (README, "Tests"); restart it again and say so.
             let mut panics_seen = 0;
             let mut restart_after_panic = |tansu: &mut Tansu| {
                 let panics = tansu.log().matches("more or less than one row").count();

@@ -1,7 +1,8 @@
 //! The distributed store: ClickHouse, through its HTTP interface (the `clickhouse` crate).
 //!
 //! Runs on ClickHouse 18.16 and on current servers alike: the DDL in `clickhouse-sql/` and the
-//! queries in [`queries`] keep to a portable subset (DESIGN §6).
+//! queries in [`queries`] keep to a portable subset (ARCHITECTURE.md, `clickhouse-sql/`: no DateTime64, TTL,
+//! CODEC, Map, Bool, CTEs; `DateTime('UTC')` plus an integer milliseconds column).
 //!
 //! - [`SqlRunner`]: where SQL text goes; [`HttpRunner`] sends it to a server.
 //! - [`migrations`]: the numbered DDL files and `mcp-meter migrate`.
