@@ -79,7 +79,7 @@ async fn forget_if_stale(state: &AppState, tenant: &Tenant) -> Result<(), StateE
 /// time in this process (the others wait for it and find the ledger loaded); across
 /// processes the state loads the first seed and refuses one read before the ledger was
 /// forgotten, which is then read again.
-pub async fn rebuild(state: &AppState, tenant: &Tenant) -> Result<(), ApiError> {
+async fn rebuild(state: &AppState, tenant: &Tenant) -> Result<(), ApiError> {
     let lock = state
         .rebuilds
         .lock()

@@ -184,7 +184,7 @@ async fn ingest(
         .await?;
     // Where the sink says which events were stored before (a store writer), those charge
     // nothing, however long ago they came; elsewhere the claim of each key decides.
-    if let Some(repeated) = &outcome.repeated {
+    if let Some(repeated) = outcome.repeated.as_ref().filter(|r| !r.is_empty()) {
         let repeated: std::collections::HashSet<usize> = repeated.iter().copied().collect();
         charges.stored_before(&repeated);
         plan.keep_only(|event| !repeated.contains(&event));

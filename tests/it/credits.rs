@@ -552,6 +552,23 @@ fn restart(s: Server) -> Server {
     Server::start_in(dir, config)
 }
 
+/// The restart scenario, on `serve` and on the distributed mode: a prepaid customer's batch of
+/// two calls before the state is lost, and one call after.
+pub fn scenario_batch(customer: &str) -> String {
+    batch(&[
+        settling_call("r1", customer, 100),
+        settling_call("r2", customer, 14),
+    ])
+}
+
+pub fn scenario_call_after(customer: &str) -> String {
+    settling_call("r3", customer, 7).to_string()
+}
+
+/// What the batch settles, and what the three calls are rated (3 µUSD per output token).
+pub const SCENARIO_BATCH_MICROS: i64 = 2 * QUOTE + 3 * (100 + 14);
+pub const SCENARIO_STORED_MICROS: i64 = SCENARIO_BATCH_MICROS + QUOTE + 3 * 7;
+
 /// The first batch after a restart is charged once: the rebuild counts the stored batch and
 /// claims its keys, so its settlement adds nothing on top. Then another restart agrees with
 /// the live figure, and the balance equals the stored revenue of the customer's calls.
@@ -560,16 +577,16 @@ fn the_first_batch_after_a_restart_is_charged_once() {
     let s = serve_with("");
     let c = "cust-r";
     assert_eq!(grant(&s, INITECH, c, 1_000_000, "g1").0, 201);
-    let first = batch(&[settling_call("r1", c, 100), settling_call("r2", c, 14)]);
+    let first = scenario_batch(c);
     assert_eq!(s.post("/v1/ingest/batch", INITECH, &first).0, 202);
     assert_eq!(
         balance(&s, INITECH, c)["settledMicros"],
-        2 * QUOTE + 3 * 114
+        SCENARIO_BATCH_MICROS
     );
     let s = restart(s);
-    let third = settling_call("r3", c, 7).to_string();
+    let third = scenario_call_after(c);
     assert_eq!(s.post("/v1/ingest/events", INITECH, &third).0, 202);
-    let stored_revenue = 3 * QUOTE + 3 * (100 + 14 + 7);
+    let stored_revenue = SCENARIO_STORED_MICROS;
     let live = balance(&s, INITECH, c);
     assert_eq!(live["settledMicros"], stored_revenue, "{live}");
     // The same batch re-sent after the restart: a duplicate, and nothing more is charged.

@@ -109,8 +109,7 @@ fn an_event_without_a_key_is_one_event_however_it_is_spaced_or_ordered() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
     // With `occurredAt`, the content (time included) is the event's identity.
-    let at = schemas::event::format_ms(chrono::Utc::now().timestamp_millis());
-    let seed = SEED.replacen('{', &format!("{{\"occurredAt\":\"{at}\","), 1);
+    let (seed, at) = timed_seed();
     let earlier = seed.replace("542", "600");
     actix_web::rt::System::new().block_on(async {
         let (mut writer, _) = sqlite::open(dir.path(), &config.sqlite).unwrap();

@@ -143,13 +143,21 @@ pub async fn wallet_seeds(
             .or_default()
             .push(g);
     }
+    // The recent calls of each prepaid customer, found in one pass.
+    let mut recent_of: HashMap<&str, Vec<&StoredCall>> = HashMap::new();
+    for c in recent {
+        if by_customer.contains_key(&c.customer_id) {
+            recent_of.entry(&c.customer_id).or_default().push(c);
+        }
+    }
     let mut seeds = Vec::with_capacity(by_customer.len());
-    for (customer, grants) in by_customer {
+    for (customer, grants) in &by_customer {
         let since = grants.iter().map(|g| g.granted_at_ms).min().unwrap_or(0);
+        let mine = recent_of
+            .get(customer.as_str())
+            .map_or(&[][..], |v| v.as_slice());
         let recent_usage = |before: i64| -> i64 {
-            recent
-                .iter()
-                .filter(|c| c.customer_id == customer)
+            mine.iter()
                 .filter(|c| c.received_at_ms >= since && c.received_at_ms < before)
                 .map(|c| c.revenue_micros)
                 .sum()
@@ -165,9 +173,7 @@ pub async fn wallet_seeds(
             .map(|e| (*e).min(recent_since_ms))
             .chain([recent_since_ms])
             .collect();
-        let (_, older) = ledger
-            .usage_since(tenant, &customer, since, &bounds)
-            .await?;
+        let (_, older) = ledger.usage_since(tenant, customer, since, &bounds).await?;
         let before_recent = *older.last().expect("one bound at least");
         let usage_before = |until: i64, older: i64| {
             if until <= recent_since_ms {
@@ -178,7 +184,7 @@ pub async fn wallet_seeds(
         };
         let mut before = lapsed.iter().zip(&older).map(|(e, o)| usage_before(*e, *o));
         let grants = grants
-            .into_iter()
+            .iter()
             .map(|g| {
                 let lapsed = g.expires_at_ms.is_some_and(|e| e <= now_ms);
                 let grant = WalletGrant {
@@ -186,7 +192,7 @@ pub async fn wallet_seeds(
                     expires_at_ms: g.expires_at_ms,
                     settled_at_expiry: if lapsed { before.next() } else { None },
                 };
-                (g.idempotency_key, grant)
+                (g.idempotency_key.clone(), grant)
             })
             .collect();
         seeds.push(WalletSeed {

@@ -284,6 +284,14 @@ impl Drop for Server {
     }
 }
 
+/// `SEED` with `occurredAt` set to now (its content, time included, is then its identity),
+/// and that time.
+pub fn timed_seed() -> (String, String) {
+    let at = schemas::event::format_ms(chrono::Utc::now().timestamp_millis());
+    let seed = SEED.replacen('{', &format!("{{\"occurredAt\":\"{at}\","), 1);
+    (seed, at)
+}
+
 /// A tool-call event with its own idempotency key.
 pub fn call(key: &str, tool: &str, agent: &str, session: &str) -> Value {
     serde_json::json!({

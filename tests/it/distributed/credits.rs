@@ -4,7 +4,8 @@
 use super::*;
 use crate::credits::{
     authorize_body, balance, exactly_37_of_200_pass, grant, one_nonce_asked_50_times_reserves_once,
-    settling_call, QUOTE,
+    scenario_batch, scenario_call_after, settling_call, QUOTE, SCENARIO_BATCH_MICROS,
+    SCENARIO_STORED_MICROS,
 };
 
 /// A setup whose ingestors share `redis` under a key prefix of the test's own.
@@ -151,21 +152,21 @@ fn the_first_batch_after_redis_lost_its_data_is_charged_once() {
     let _aggregator = setup.aggregator();
     let c = "cust-r";
     assert_eq!(grant(&a, INITECH, c, 1_000_000, "g1").0, 201);
-    let first = batch(&[settling_call("r1", c, 100), settling_call("r2", c, 14)]);
+    let first = scenario_batch(c);
     assert_eq!(a.post("/v1/ingest/batch", INITECH, &first).0, 202);
     assert_eq!(
         balance(&a, INITECH, c)["settledMicros"],
-        2 * QUOTE + 3 * 114
+        SCENARIO_BATCH_MICROS
     );
     redis.stop();
     redis.start_again();
     // No wait for the aggregator: the rebuild itself waits until ClickHouse holds r1 and r2.
-    let third = settling_call("r3", c, 7).to_string();
+    let third = scenario_call_after(c);
     let (status, answer) = b.post("/v1/ingest/events", INITECH, &third);
     assert_eq!(status, 202, "{answer}");
     let (status, answer) = b.post("/v1/ingest/batch", INITECH, &first);
     assert_eq!(status, 202, "{answer}");
-    let stored_revenue = 3 * QUOTE + 3 * (100 + 14 + 7);
+    let stored_revenue = SCENARIO_STORED_MICROS;
     let back = || a.get(&format!("/v1/customers/{c}/balance"), INITECH).0 == 200;
     assert!(wait_until(Duration::from_secs(10), back), "Redis is back");
     for client in [&a, &b] {

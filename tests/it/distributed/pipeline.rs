@@ -9,8 +9,7 @@ fn events_flow_from_ingestor_through_kafka_to_clickhouse_once() {
     let aggregator = setup.aggregator();
     let (_ingestor, client) = setup.ingestor();
     // With `occurredAt`, the content is the event's identity, so a retry is recognised.
-    let at = schemas::event::format_ms(chrono::Utc::now().timestamp_millis());
-    let seed = SEED.replacen('{', &format!("{{\"occurredAt\":\"{at}\","), 1);
+    let (seed, _) = timed_seed();
     let (status, answer) = client.post("/v1/ingest/events", ACME, &seed);
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["accepted"], 1);
