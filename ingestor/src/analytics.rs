@@ -1,18 +1,17 @@
 //! `GET /analytics/mcp/...`: usage read back from the rollups, always the caller's tenant only
 //! (and its customer only, for a portal token).
 
-use crate::auth::Caller;
+use crate::auth::Reader;
 use crate::error::{ApiError, ErrorBody, ReadErrors};
 use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::store::SessionQuery;
 use schemas::analytics::{
     ByAgentReport, ByToolReport, DateRange, GroupBy, Interval, SeriesQuery, SessionDetail,
-    SessionsReport, SummaryReport, TimeSeriesReport,
+    SessionsReport, SpendFigures, SummaryReport, TimeSeriesReport, UsageFigures, Viewed,
 };
 use schemas::config::Scope;
 use serde::Deserialize;
-use std::sync::Arc;
 use utoipa::IntoParams;
 
 /// Sessions returned when a request names no `limit`, and the most it may ask for.
@@ -61,17 +60,17 @@ fn limit_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, 
     })
 }
 
-/// The caller's tenant (with the `read` scope) and the range it asks about.
-async fn tenant_and_range(
+/// The caller as a reader (with the `read` scope) and the range it asks about.
+async fn reader_and_range(
     state: &AppState,
     req: &HttpRequest,
     from: Option<&str>,
     to: Option<&str>,
-) -> Result<(Arc<Caller>, DateRange), ApiError> {
-    let caller = state.authenticate(req, Scope::Read).await?;
+) -> Result<(Reader, DateRange), ApiError> {
+    let reader = state.reader(req, Scope::Read).await?;
     let range = DateRange::parse(from, to, chrono::Utc::now().date_naive())
         .map_err(ApiError::BadRequest)?;
-    Ok((caller, range))
+    Ok((reader, range))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -96,24 +95,24 @@ pub struct SeriesParams {
 #[utoipa::path(
     get, path = "/analytics/mcp/revenue/by-tool", tag = "analytics", params(RangeParams),
     responses(
-        (status = 200, description = "One row per tool", body = ByToolReport, example = json!(
-            {"from":"2026-11-21","to":"2026-11-21","tools":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}]})),
+        (status = 200, description = "One row per tool", body = Viewed<ByToolReport<UsageFigures>, ByToolReport<SpendFigures>>, example = json!(
+            {"view":"tenant","from":"2026-11-21","to":"2026-11-21","tools":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}]})),
         ReadErrors,
     ),
-    security(("api_key" = []), ("bearer" = [])),
+    security(("api_key" = []), ("bearer" = []), ("portal_token" = [])),
 )]
 pub async fn by_tool(
     state: web::Data<AppState>,
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (caller, range) =
-        tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let (reader, range) =
+        reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let tools = state
         .analytics
-        .revenue_by_tool(&caller.viewer(), range)
+        .revenue_by_tool(&reader.viewer, range)
         .await?;
-    Ok(caller.answer(&ByToolReport {
+    Ok(reader.answer(ByToolReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         tools,
@@ -124,24 +123,24 @@ pub async fn by_tool(
 #[utoipa::path(
     get, path = "/analytics/mcp/by-agent", tag = "analytics", params(RangeParams),
     responses(
-        (status = 200, description = "One row per agent", body = ByAgentReport, example = json!(
-            {"from":"2026-11-21","to":"2026-11-21","agents":[{"agentId":"agent_gpt4o_prod","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1,"daily":[{"date":"2026-11-21","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}]}]})),
+        (status = 200, description = "One row per agent", body = Viewed<ByAgentReport<UsageFigures>, ByAgentReport<SpendFigures>>, example = json!(
+            {"view":"tenant","from":"2026-11-21","to":"2026-11-21","agents":[{"agentId":"agent_gpt4o_prod","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1,"daily":[{"date":"2026-11-21","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}]}]})),
         ReadErrors,
     ),
-    security(("api_key" = []), ("bearer" = [])),
+    security(("api_key" = []), ("bearer" = []), ("portal_token" = [])),
 )]
 pub async fn by_agent(
     state: web::Data<AppState>,
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (caller, range) =
-        tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let (reader, range) =
+        reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let agents = state
         .analytics
-        .usage_by_agent(&caller.viewer(), range)
+        .usage_by_agent(&reader.viewer, range)
         .await?;
-    Ok(caller.answer(&ByAgentReport {
+    Ok(reader.answer(ByAgentReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         agents,
@@ -152,21 +151,21 @@ pub async fn by_agent(
 #[utoipa::path(
     get, path = "/analytics/mcp/summary", tag = "analytics", params(RangeParams),
     responses(
-        (status = 200, description = "Totals, distinct sessions, tools and agents", body = SummaryReport, example = json!(
-            {"from":"2026-11-21","to":"2026-11-21","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1,"tools":1,"agents":1})),
+        (status = 200, description = "Totals, distinct sessions, tools and agents", body = Viewed<SummaryReport<UsageFigures>, SummaryReport<SpendFigures>>, example = json!(
+            {"view":"tenant","from":"2026-11-21","to":"2026-11-21","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1,"tools":1,"agents":1})),
         ReadErrors,
     ),
-    security(("api_key" = []), ("bearer" = [])),
+    security(("api_key" = []), ("bearer" = []), ("portal_token" = [])),
 )]
 pub async fn summary(
     state: web::Data<AppState>,
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (caller, range) =
-        tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
-    let summary = state.analytics.summary(&caller.viewer(), range).await?;
-    Ok(caller.answer(&SummaryReport {
+    let (reader, range) =
+        reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let summary = state.analytics.summary(&reader.viewer, range).await?;
+    Ok(reader.answer(SummaryReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         summary,
@@ -178,23 +177,23 @@ pub async fn summary(
 #[utoipa::path(
     get, path = "/analytics/mcp/timeseries", tag = "analytics", params(SeriesParams),
     responses(
-        (status = 200, description = "One series per group", body = TimeSeriesReport, example = json!(
-            {"from":"2026-11-21","to":"2026-11-21","interval":"hour","groupBy":"tool","series":[{"key":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"points":[{"start":"2026-11-21T09:00:00.000Z","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}]}]})),
+        (status = 200, description = "One series per group", body = Viewed<TimeSeriesReport<UsageFigures>, TimeSeriesReport<SpendFigures>>, example = json!(
+            {"view":"tenant","from":"2026-11-21","to":"2026-11-21","interval":"hour","groupBy":"tool","series":[{"key":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"points":[{"start":"2026-11-21T09:00:00.000Z","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}]}]})),
         ReadErrors,
     ),
-    security(("api_key" = []), ("bearer" = [])),
+    security(("api_key" = []), ("bearer" = []), ("portal_token" = [])),
 )]
 pub async fn timeseries(
     state: web::Data<AppState>,
     req: HttpRequest,
     q: web::Query<SeriesParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (caller, range) =
-        tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let (reader, range) =
+        reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let interval = q.interval.unwrap_or(Interval::Day);
     let query = SeriesQuery::new(range, interval, q.group_by).map_err(ApiError::BadRequest)?;
-    let rows = state.analytics.series_rows(&caller.viewer(), query).await?;
-    Ok(caller.answer(&TimeSeriesReport {
+    let rows = state.analytics.series_rows(&reader.viewer, query).await?;
+    Ok(reader.answer(TimeSeriesReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         interval,
@@ -207,19 +206,19 @@ pub async fn timeseries(
 #[utoipa::path(
     get, path = "/analytics/mcp/sessions", tag = "analytics", params(SessionParams),
     responses(
-        (status = 200, description = "Sessions", body = SessionsReport, example = json!(
-            {"from":"2026-11-21","to":"2026-11-21","sessions":[{"sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}]})),
+        (status = 200, description = "Sessions", body = Viewed<SessionsReport<UsageFigures>, SessionsReport<SpendFigures>>, example = json!(
+            {"view":"tenant","from":"2026-11-21","to":"2026-11-21","sessions":[{"sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}]})),
         ReadErrors,
     ),
-    security(("api_key" = []), ("bearer" = [])),
+    security(("api_key" = []), ("bearer" = []), ("portal_token" = [])),
 )]
 pub async fn sessions(
     state: web::Data<AppState>,
     req: HttpRequest,
     q: web::Query<SessionParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (caller, range) =
-        tenant_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let (reader, range) =
+        reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
     let limit = q.limit.unwrap_or(DEFAULT_SESSIONS);
     if !(1..=MAX_SESSIONS).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
@@ -231,8 +230,8 @@ pub async fn sessions(
         agent_id: q.agent_id.clone(),
         limit,
     };
-    let sessions = state.analytics.sessions(&caller.viewer(), query).await?;
-    Ok(caller.answer(&SessionsReport {
+    let sessions = state.analytics.sessions(&reader.viewer, query).await?;
+    Ok(reader.answer(SessionsReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         sessions,
@@ -244,31 +243,27 @@ pub async fn sessions(
     get, path = "/analytics/mcp/sessions/{sessionId}", tag = "analytics",
     params(("sessionId" = String, Path, description = "The session's id, as the SDK sent it")),
     responses(
-        (status = 200, description = "The session", body = SessionDetail, example = json!(
-            {"sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"byTool":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}],"killedUntil":null})),
+        (status = 200, description = "The session", body = Viewed<SessionDetail<UsageFigures>, SessionDetail<SpendFigures>>, example = json!(
+            {"view":"tenant","sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"byTool":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}],"killedUntil":null})),
         (status = 404, description = "The tenant (or the portal token's customer) has no such session", body = ErrorBody),
         ReadErrors,
     ),
-    security(("api_key" = []), ("bearer" = [])),
+    security(("api_key" = []), ("bearer" = []), ("portal_token" = [])),
 )]
 pub async fn session(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let caller = state.authenticate(&req, Scope::Read).await?;
+    let reader = state.reader(&req, Scope::Read).await?;
     let session_id = path.into_inner();
-    match state
-        .analytics
-        .session(&caller.viewer(), &session_id)
-        .await?
-    {
+    match state.analytics.session(&reader.viewer, &session_id).await? {
         Some(mut detail) => {
             let now_ms = chrono::Utc::now().timestamp_millis();
             // Without the guard state the answer still stands, without the kill.
             detail.killed_until_ms = match state
                 .margins
-                .view(&caller.tenant.id, None, None, Some(&session_id), now_ms)
+                .view(&reader.tenant.id, None, None, Some(&session_id), now_ms)
                 .await
             {
                 Ok(view) => view.session_killed_until_ms,
@@ -277,11 +272,11 @@ pub async fn session(
                     None
                 }
             };
-            Ok(caller.answer(&detail))
+            Ok(reader.answer(detail))
         }
         None => Err(ApiError::NotFound(format!(
             "no session `{session_id}` for this {}",
-            if caller.customer.is_some() {
+            if reader.is_customer() {
                 "customer"
             } else {
                 "tenant"

@@ -8,6 +8,7 @@ use crate::error::ApiError;
 use crate::portal::{PortalSigner, TOKEN_PREFIX};
 use actix_web::HttpRequest;
 use backends::store::Viewer;
+use schemas::analytics::{ForCustomer, Viewed};
 use schemas::config::{RateLimitConfig, Scope, TenantConfig};
 use schemas::rating::RatePlans;
 use sha2::{Digest, Sha256};
@@ -47,31 +48,6 @@ impl Caller {
         self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin)
     }
 
-    /// Whose rows this caller reads.
-    pub fn viewer(&self) -> Viewer {
-        Viewer {
-            tenant: self.tenant.id.to_string(),
-            customer: self.customer.clone(),
-        }
-    }
-
-    /// Whether answers may show the operator's costs (COGS, gross profit, margin): not to a
-    /// portal token, whose customer sees its usage and spend only.
-    pub fn sees_costs(&self) -> bool {
-        self.customer.is_none()
-    }
-
-    /// `body` as a 200 JSON answer for this caller, the operator's costs left out of it for a
-    /// portal token.
-    pub fn answer<T: serde::Serialize>(&self, body: &T) -> actix_web::HttpResponse {
-        if self.sees_costs() {
-            return actix_web::HttpResponse::Ok().json(body);
-        }
-        let mut value = serde_json::to_value(body).expect("answers serialize");
-        strip_costs(&mut value);
-        actix_web::HttpResponse::Ok().json(value)
-    }
-
     /// Refuses a portal token where only the tenant's own keys may go, saying why.
     pub fn not_portal(&self, what: &str) -> Result<(), ApiError> {
         match self.customer {
@@ -83,30 +59,47 @@ one of the tenant's API keys"
         }
     }
 
+    /// This caller as a reader: whose rows it reads, and in which view.
+    pub fn reader(&self) -> Reader {
+        Reader {
+            tenant: self.tenant.clone(),
+            viewer: Viewer {
+                tenant: self.tenant.id.to_string(),
+                customer: self.customer.clone(),
+            },
+        }
+    }
+}
+
+/// What every read endpoint takes: the caller's view (its tenant, or its tenant and one
+/// customer for a portal token). Stores filter on the view; answers are built in its type, so
+/// a customer's answer has no cost field to leak.
+pub struct Reader {
+    pub tenant: Arc<Tenant>,
+    pub viewer: Viewer,
+}
+
+impl Reader {
+    /// Whether this is a customer's view (a portal token's).
+    pub fn is_customer(&self) -> bool {
+        self.viewer.customer.is_some()
+    }
+
+    /// `answer` as a 200 in this view: the tenant's type, or the customer's, tagged by `view`.
+    pub fn answer<T: ForCustomer + serde::Serialize>(&self, answer: T) -> actix_web::HttpResponse {
+        actix_web::HttpResponse::Ok().json(Viewed::of(answer, self.is_customer()))
+    }
+
     /// The customer a request may read: its portal token's, whatever it asked; or what it
-    /// asked. A portal token asking for another customer is refused.
-    pub fn customer_filter(&self, asked: Option<String>) -> Result<Option<String>, ApiError> {
-        match (&self.customer, asked) {
+    /// asked. A portal token asking for another customer is refused, saying whose it is.
+    pub fn customer(&self, asked: Option<String>) -> Result<Option<String>, ApiError> {
+        match (&self.viewer.customer, asked) {
             (Some(own), Some(asked)) if *own != asked => Err(ApiError::Forbidden(format!(
                 "this portal token reads customer `{own}` only, not `{asked}`"
             ))),
             (Some(own), _) => Ok(Some(own.clone())),
             (None, asked) => Ok(asked),
         }
-    }
-}
-
-/// Removes the operator's cost fields from every object in `value`.
-pub fn strip_costs(value: &mut serde_json::Value) {
-    match value {
-        serde_json::Value::Object(fields) => {
-            for name in schemas::billing::COST_FIELDS {
-                fields.remove(name);
-            }
-            fields.values_mut().for_each(strip_costs);
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_costs),
-        _ => {}
     }
 }
 

@@ -462,7 +462,7 @@ pub async fn grant(
         (status = 200, description = "The balance and its grants", body = Balance),
         ReadErrors,
     ),
-    security(("api_key" = []), ("bearer" = [])),
+    security(("api_key" = []), ("bearer" = []), ("portal_token" = [])),
 )]
 pub async fn balance(
     state: web::Data<AppState>,
@@ -471,7 +471,7 @@ pub async fn balance(
 ) -> Result<HttpResponse, ApiError> {
     let caller = state.authenticate(&req, Scope::Read).await?;
     let customer = customer_of(&path)?;
-    caller.customer_filter(Some(customer.to_string()))?;
+    caller.reader().customer(Some(customer.to_string()))?;
     let balance = balance_of(&state, &caller.tenant, customer, now_ms()).await?;
     Ok(HttpResponse::Ok().json(balance))
 }

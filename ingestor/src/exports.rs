@@ -5,18 +5,21 @@
 //! come, so a month of millions of lines never sits whole in memory. The totals are summed from
 //! the lines themselves and come last; an export without its totals line was cut short.
 
+use crate::auth::Reader;
 use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use backends::store::AnalyticsStore;
-use schemas::analytics::UsageFigures;
+use backends::store::{AnalyticsStore, Viewer};
+use schemas::analytics::{UsageFigures, Viewed};
 use schemas::billing::{
-    csv_record, json_line, BillingFigures, BillingKey, BillingPeriod, BillingQuery, CSV_HEADER,
-    CSV_HEADER_WITHOUT_COSTS,
+    csv_record, json_line, BillingFigures, BillingKey, BillingPeriod, BillingQuery,
+    BillingSpendFigures, ExportFigures,
 };
 use schemas::config::Scope;
+use schemas::openapi::BillingExport;
 use serde::Deserialize;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use utoipa::{IntoParams, ToSchema};
 
@@ -70,31 +73,21 @@ enum Step {
     Done,
 }
 
-struct Export {
+/// An export being streamed, with the figures `F` its reader sees.
+struct Export<F> {
     analytics: Arc<dyn AnalyticsStore>,
-    tenant: Arc<str>,
+    viewer: Viewer,
     query: BillingQuery,
     period: String,
     format: Format,
-    /// Whether COGS columns are written (not for a portal token's customer).
-    costs: bool,
     totals: UsageFigures,
     /// Lines written so far (JSON needs commas between them).
     written: usize,
     step: Step,
+    figures: PhantomData<F>,
 }
 
-impl Export {
-    /// A JSON object as written: without its cost fields when costs are not shown.
-    fn json(&self, text: String) -> String {
-        if self.costs {
-            return text;
-        }
-        let mut value: serde_json::Value = serde_json::from_str(&text).expect("our own JSON");
-        crate::auth::strip_costs(&mut value);
-        value.to_string()
-    }
-
+impl<F: ExportFigures + 'static> Export<F> {
     /// The next chunk of the body, or `None` when it is complete.
     async fn next_chunk(&mut self) -> Option<Result<web::Bytes, ApiError>> {
         loop {
@@ -102,10 +95,10 @@ impl Export {
                 Step::Start => {
                     self.step = Step::Lines(None);
                     let head = match self.format {
-                        Format::Csv if self.costs => CSV_HEADER.to_string(),
-                        Format::Csv => CSV_HEADER_WITHOUT_COSTS.to_string(),
+                        Format::Csv => F::CSV_HEADER.to_string(),
                         Format::Json => format!(
-                            "{{\"period\":\"{}\",\"currency\":\"USD\",\"lines\":[",
+                            "{{\"view\":\"{}\",\"period\":\"{}\",\"currency\":\"USD\",\"lines\":[",
+                            F::VIEW,
                             self.period
                         ),
                     };
@@ -114,7 +107,7 @@ impl Export {
                 Step::Lines(after) => {
                     let page = self
                         .analytics
-                        .billing_page(&self.tenant, &self.query, after.as_ref(), PAGE_LINES)
+                        .billing_page(&self.viewer, &self.query, after.as_ref(), PAGE_LINES)
                         .await;
                     let lines = match page {
                         Ok(lines) => lines,
@@ -135,17 +128,16 @@ impl Export {
                     for line in &lines {
                         self.totals.merge(&line.figures);
                         match self.format {
-                            Format::Csv => chunk.push_str(&csv_record(
+                            Format::Csv => chunk.push_str(&csv_record::<F>(
                                 &self.period,
                                 Some(&line.key),
                                 &line.figures,
-                                self.costs,
                             )),
                             Format::Json => {
                                 if self.written > 0 {
                                     chunk.push(',');
                                 }
-                                chunk.push_str(&self.json(json_line(line)));
+                                chunk.push_str(&json_line::<F>(line));
                             }
                         }
                         self.written += 1;
@@ -154,14 +146,12 @@ impl Export {
                 }
                 Step::Totals => {
                     let tail = match self.format {
-                        Format::Csv => csv_record(&self.period, None, &self.totals, self.costs),
+                        Format::Csv => csv_record::<F>(&self.period, None, &self.totals),
                         Format::Json => format!(
                             "],\"lineCount\":{},\"totals\":{}}}",
                             self.written,
-                            self.json(
-                                serde_json::to_string(&BillingFigures::from(&self.totals))
-                                    .expect("figures serialize")
-                            )
+                            serde_json::to_string(&F::from(&self.totals))
+                                .expect("figures serialize")
                         ),
                     };
                     return Some(Ok(tail.into()));
@@ -169,6 +159,26 @@ impl Export {
                 Step::Done => return None,
             }
         }
+    }
+
+    /// The whole export as a streamed 200.
+    fn respond(self, tenant: &str) -> HttpResponse {
+        let (content_type, extension) = match self.format {
+            Format::Csv => ("text/csv; charset=utf-8", "csv"),
+            Format::Json => ("application/json", "json"),
+        };
+        let file = format!("billing-{tenant}-{}.{extension}", self.period);
+        let body = futures_util::stream::unfold(self, |mut export| async move {
+            let chunk = export.next_chunk().await?;
+            Some((chunk, export))
+        });
+        HttpResponse::Ok()
+            .content_type(content_type)
+            .insert_header((
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{file}\""),
+            ))
+            .streaming(body)
     }
 }
 
@@ -180,8 +190,8 @@ impl Export {
         (status = 200, description = "The export, as CSV (RFC 4180, header row, `line` = usage or total) or JSON",
             content(
                 (String = "text/csv", example = "period,line,customer_id,agent_id,tool_name,calls,errors,input_tokens,output_tokens,duration_ms,revenue_micros,revenue_usd,cogs_micros,cogs_usd\r\n2026-11,usage,cust_acme,agent_gpt4o_prod,web_search,1,0,1200,450,542,7550,0.007550,1529,0.001529\r\n2026-11,total,,,,1,0,1200,450,542,7550,0.007550,1529,0.001529\r\n"),
-                (schemas::openapi::BillingExportSchema = "application/json", example = json!(
-                    {"period":"2026-11","currency":"USD","lines":[{"customerId":"cust_acme","agentId":"agent_gpt4o_prod","toolName":"web_search","calls":1,"errors":0,"inputTokens":1200,"outputTokens":450,"durationMs":542,"revenueMicros":7550,"revenueUsd":"0.007550","cogsMicros":1529,"cogsUsd":"0.001529"}],"lineCount":1,"totals":{"calls":1,"errors":0,"inputTokens":1200,"outputTokens":450,"durationMs":542,"revenueMicros":7550,"revenueUsd":"0.007550","cogsMicros":1529,"cogsUsd":"0.001529"}})),
+                (Viewed<BillingExport<BillingFigures>, BillingExport<BillingSpendFigures>> = "application/json", example = json!(
+                    {"view":"tenant","period":"2026-11","currency":"USD","lines":[{"customerId":"cust_acme","agentId":"agent_gpt4o_prod","toolName":"web_search","calls":1,"errors":0,"inputTokens":1200,"outputTokens":450,"durationMs":542,"revenueMicros":7550,"revenueUsd":"0.007550","cogsMicros":1529,"cogsUsd":"0.001529"}],"lineCount":1,"totals":{"calls":1,"errors":0,"inputTokens":1200,"outputTokens":450,"durationMs":542,"revenueMicros":7550,"revenueUsd":"0.007550","cogsMicros":1529,"cogsUsd":"0.001529"}})),
             ),
             headers(("Content-Disposition" = String, description = "attachment; filename=billing-TENANT-PERIOD.csv (or .json)"))),
         (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
@@ -192,47 +202,47 @@ impl Export {
         (status = 503, description = "The store is unavailable; retry after `Retry-After` seconds", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
     ),
-    security(("api_key" = []), ("bearer" = [])),
+    security(("api_key" = []), ("bearer" = []), ("portal_token" = [])),
 )]
 pub async fn billing(
     state: web::Data<AppState>,
     req: HttpRequest,
     q: web::Query<BillingParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let caller = state.authenticate(&req, Scope::Export).await?;
+    let reader = state.reader(&req, Scope::Export).await?;
     let q = q.into_inner();
     let period = BillingPeriod::parse(&q.period).map_err(ApiError::BadRequest)?;
-    let format = q.format.unwrap_or(Format::Csv);
     let non_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
-    let export = Export {
-        analytics: state.analytics.clone(),
-        tenant: caller.tenant.id.clone(),
-        query: BillingQuery {
-            range: period.range(),
-            customer_id: caller.customer_filter(non_empty(q.customer_id))?,
-            agent_id: non_empty(q.agent_id),
-        },
-        period: period.as_string(),
-        format,
-        costs: caller.sees_costs(),
-        totals: UsageFigures::default(),
-        written: 0,
-        step: Step::Start,
+    let query = BillingQuery {
+        range: period.range(),
+        customer_id: reader.customer(non_empty(q.customer_id))?,
+        agent_id: non_empty(q.agent_id),
     };
-    let (content_type, extension) = match format {
-        Format::Csv => ("text/csv; charset=utf-8", "csv"),
-        Format::Json => ("application/json", "json"),
-    };
-    let file = format!("billing-{}-{}.{extension}", caller.tenant.id, export.period);
-    let body = futures_util::stream::unfold(export, |mut export| async move {
-        let chunk = export.next_chunk().await?;
-        Some((chunk, export))
-    });
-    Ok(HttpResponse::Ok()
-        .content_type(content_type)
-        .insert_header((
-            header::CONTENT_DISPOSITION,
-            format!("attachment; filename=\"{file}\""),
-        ))
-        .streaming(body))
+    fn export<F>(
+        state: &AppState,
+        reader: &Reader,
+        query: BillingQuery,
+        period: String,
+        format: Format,
+    ) -> Export<F> {
+        Export {
+            analytics: state.analytics.clone(),
+            viewer: reader.viewer.clone(),
+            query,
+            period,
+            format,
+            totals: UsageFigures::default(),
+            written: 0,
+            step: Step::Start,
+            figures: PhantomData,
+        }
+    }
+    let (period, format) = (period.as_string(), q.format.unwrap_or(Format::Csv));
+    let tenant = &reader.tenant.id;
+    Ok(match reader.is_customer() {
+        false => export::<BillingFigures>(&state, &reader, query, period, format).respond(tenant),
+        true => {
+            export::<BillingSpendFigures>(&state, &reader, query, period, format).respond(tenant)
+        }
+    })
 }

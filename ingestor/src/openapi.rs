@@ -59,7 +59,8 @@ alone decides the tenant; a portal token (`POST /v1/portal/tokens`) reads for on
 )]
 pub struct ApiDoc;
 
-/// The two ways to present a key.
+/// The two ways to present a key, and the portal token, which reads one customer's rows in
+/// the `customer` view (operations that take one list it).
 struct Security;
 
 impl Modify for Security {
@@ -78,6 +79,19 @@ impl Modify for Security {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some("The same key as `Authorization: Bearer <key>`"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "portal_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A portal token (`mcpp_…`, from `POST /v1/portal/tokens`), sent like a key. \
+It reads one customer's rows only, and its answers are in the `customer` view, which has no \
+COGS, gross profit or margin",
+                    ))
                     .build(),
             ),
         );

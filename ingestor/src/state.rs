@@ -76,4 +76,14 @@ impl AppState {
             }
         }
     }
+
+    /// The caller of `req` as a reader, with `scope` (`read` or `export`): what every read
+    /// endpoint takes.
+    pub async fn reader(
+        &self,
+        req: &actix_web::HttpRequest,
+        scope: schemas::config::Scope,
+    ) -> Result<auth::Reader, error::ApiError> {
+        Ok(self.authenticate(req, scope).await?.reader())
+    }
 }

@@ -204,13 +204,85 @@ impl ToSchema for UsageFigures {
     }
 }
 
+/// The figures a customer reads of its own usage (a portal token's answers): what it used and
+/// what it was charged, and nothing of what the calls cost the operator. This type has no cost
+/// field, so no answer built from it can show one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendFigures {
+    /// Tool calls (heartbeats are not calls).
+    pub calls: i64,
+    /// Calls whose status was TIMEOUT, ERROR, VALIDATION_FAILED, FAILED or FAILURE.
+    pub errors: i64,
+    /// What the calls were charged, µUSD.
+    pub revenue_micros: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub duration_ms_sum: i64,
+    /// durationMsSum / calls, rounded half to even; null without calls.
+    pub avg_duration_ms: Option<i64>,
+    pub max_duration_ms: i64,
+}
+
+impl From<UsageFigures> for SpendFigures {
+    fn from(f: UsageFigures) -> SpendFigures {
+        SpendFigures {
+            calls: f.calls,
+            errors: f.errors,
+            revenue_micros: f.revenue_micros,
+            input_tokens: f.input_tokens,
+            output_tokens: f.output_tokens,
+            duration_ms_sum: f.duration_ms_sum,
+            avg_duration_ms: f.avg_duration_ms(),
+            max_duration_ms: f.duration_ms_max,
+        }
+    }
+}
+
+/// A row or a report as its customer reads it: the same shape with [`SpendFigures`] in place
+/// of [`UsageFigures`].
+pub trait ForCustomer {
+    type Customer: Serialize;
+    fn for_customer(self) -> Self::Customer;
+}
+
+impl<T: ForCustomer> ForCustomer for Vec<T> {
+    type Customer = Vec<T::Customer>;
+    fn for_customer(self) -> Vec<T::Customer> {
+        self.into_iter().map(T::for_customer).collect()
+    }
+}
+
+/// An answer as its reader is allowed to see it, tagged by `view`: a tenant key reads the
+/// tenant's rows with the operator's costs (`T`); a portal token reads its customer's rows in
+/// the customer's type (`C`), which has no cost field.
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+#[serde(tag = "view", rename_all = "lowercase")]
+pub enum Viewed<T, C> {
+    /// Read with one of the tenant's API keys: every customer's rows, with COGS, gross profit
+    /// and margin.
+    Tenant(T),
+    /// Read with a portal token: its customer's rows only, without the operator's costs.
+    Customer(C),
+}
+
+impl<T: ForCustomer> Viewed<T, T::Customer> {
+    /// `answer` for a tenant key, or for a portal token when `customer` is set.
+    pub fn of(answer: T, customer: bool) -> Self {
+        match customer {
+            false => Viewed::Tenant(answer),
+            true => Viewed::Customer(answer.for_customer()),
+        }
+    }
+}
+
 /// One tool's usage over a range (`/analytics/mcp/revenue/by-tool`).
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct ToolUsage {
+pub struct ToolUsage<F = UsageFigures> {
     pub tool_name: String,
     #[serde(flatten)]
-    pub figures: UsageFigures,
+    pub figures: F,
     /// Distinct sessions that called the tool in the range.
     pub sessions: i64,
 }
@@ -218,30 +290,30 @@ pub struct ToolUsage {
 /// One agent's usage on one day.
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct DayUsage {
+pub struct DayUsage<F = UsageFigures> {
     pub date: String,
     #[serde(flatten)]
-    pub figures: UsageFigures,
+    pub figures: F,
     pub sessions: i64,
 }
 
 /// One agent's usage over a range, with its daily series (`/analytics/mcp/by-agent`).
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct AgentUsage {
+pub struct AgentUsage<F = UsageFigures> {
     pub agent_id: String,
     #[serde(flatten)]
-    pub figures: UsageFigures,
+    pub figures: F,
     pub sessions: i64,
-    pub daily: Vec<DayUsage>,
+    pub daily: Vec<DayUsage<F>>,
 }
 
 /// A tenant's usage over a range (`/analytics/mcp/summary`).
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct UsageSummary {
+pub struct UsageSummary<F = UsageFigures> {
     #[serde(flatten)]
-    pub figures: UsageFigures,
+    pub figures: F,
     pub sessions: i64,
     pub tools: i64,
     pub agents: i64,
@@ -250,7 +322,7 @@ pub struct UsageSummary {
 /// One session (`/analytics/mcp/sessions`).
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct SessionUsage {
+pub struct SessionUsage<F = UsageFigures> {
     pub session_id: String,
     pub agent_id: String,
     #[serde(serialize_with = "ser_ms")]
@@ -264,16 +336,16 @@ pub struct SessionUsage {
     /// Distinct tools called in the session.
     pub tools: i64,
     #[serde(flatten)]
-    pub figures: UsageFigures,
+    pub figures: F,
 }
 
 /// One session with its per-tool breakdown (`/analytics/mcp/sessions/{sessionId}`).
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct SessionDetail {
+pub struct SessionDetail<F = UsageFigures> {
     #[serde(flatten)]
-    pub session: SessionUsage,
-    pub by_tool: Vec<SessionToolUsage>,
+    pub session: SessionUsage<F>,
+    pub by_tool: Vec<SessionToolUsage<F>>,
     /// Until when the session is on its tenant's kill list (a hard limit or the margin guard
     /// stopped it); `null` when it is not. From the guard state, not the store: stores leave
     /// it unset and the API fills it.
@@ -285,43 +357,43 @@ pub struct SessionDetail {
 /// One tool's share of a session.
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct SessionToolUsage {
+pub struct SessionToolUsage<F = UsageFigures> {
     pub tool_name: String,
     #[serde(flatten)]
-    pub figures: UsageFigures,
+    pub figures: F,
 }
 
 /// `GET /analytics/mcp/revenue/by-tool`: the days covered, then one row per tool.
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
-pub struct ByToolReport {
+pub struct ByToolReport<F = UsageFigures> {
     pub from: String,
     pub to: String,
-    pub tools: Vec<ToolUsage>,
+    pub tools: Vec<ToolUsage<F>>,
 }
 
 /// `GET /analytics/mcp/by-agent`
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
-pub struct ByAgentReport {
+pub struct ByAgentReport<F = UsageFigures> {
     pub from: String,
     pub to: String,
-    pub agents: Vec<AgentUsage>,
+    pub agents: Vec<AgentUsage<F>>,
 }
 
 /// `GET /analytics/mcp/summary`
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
-pub struct SummaryReport {
+pub struct SummaryReport<F = UsageFigures> {
     pub from: String,
     pub to: String,
     #[serde(flatten)]
-    pub summary: UsageSummary,
+    pub summary: UsageSummary<F>,
 }
 
 /// `GET /analytics/mcp/sessions`
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
-pub struct SessionsReport {
+pub struct SessionsReport<F = UsageFigures> {
     pub from: String,
     pub to: String,
-    pub sessions: Vec<SessionUsage>,
+    pub sessions: Vec<SessionUsage<F>>,
 }
 
 /// How long one point of a time series is.
@@ -402,35 +474,72 @@ pub struct SeriesRow {
 /// One point: a bucket with usage (buckets without are left out).
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct SeriesPoint {
+pub struct SeriesPoint<F = UsageFigures> {
     /// The bucket's first instant (RFC 3339, UTC).
     #[serde(serialize_with = "ser_ms")]
     #[schema(value_type = String, format = DateTime)]
     pub start: i64,
     #[serde(flatten)]
-    pub figures: UsageFigures,
+    pub figures: F,
 }
 
 /// One group's series with its totals over the range.
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct Series {
+pub struct Series<F = UsageFigures> {
     /// The tool, agent or customer; `null` for the totals when nothing is grouped.
     pub key: Option<String>,
     #[serde(flatten)]
-    pub figures: UsageFigures,
-    pub points: Vec<SeriesPoint>,
+    pub figures: F,
+    pub points: Vec<SeriesPoint<F>>,
 }
 
 /// `GET /analytics/mcp/timeseries`
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct TimeSeriesReport {
+pub struct TimeSeriesReport<F = UsageFigures> {
     pub from: String,
     pub to: String,
     pub interval: Interval,
     pub group_by: Option<GroupBy>,
-    pub series: Vec<Series>,
+    pub series: Vec<Series<F>>,
+}
+
+impl ForCustomer for UsageFigures {
+    type Customer = SpendFigures;
+    fn for_customer(self) -> SpendFigures {
+        self.into()
+    }
+}
+
+/// Each row and report in its customer's type, field by field: a struct literal names every
+/// field, so a field added to a row does not compile until it is listed here.
+macro_rules! for_customer {
+    ($($row:ident { $($same:ident),* ; $($mapped:ident),* })*) => {$(
+        impl ForCustomer for $row {
+            type Customer = $row<SpendFigures>;
+            fn for_customer(self) -> $row<SpendFigures> {
+                $row { $($same: self.$same,)* $($mapped: self.$mapped.for_customer(),)* }
+            }
+        }
+    )*};
+}
+
+for_customer! {
+    ToolUsage { tool_name, sessions; figures }
+    DayUsage { date, sessions; figures }
+    AgentUsage { agent_id, sessions; figures, daily }
+    UsageSummary { sessions, tools, agents; figures }
+    SessionUsage { session_id, agent_id, first_seen, last_seen, ended, tools; figures }
+    SessionDetail { killed_until_ms; session, by_tool }
+    SessionToolUsage { tool_name; figures }
+    SeriesPoint { start; figures }
+    Series { key; figures, points }
+    ByToolReport { from, to; tools }
+    ByAgentReport { from, to; agents }
+    SummaryReport { from, to; summary }
+    SessionsReport { from, to; sessions }
+    TimeSeriesReport { from, to, interval, group_by; series }
 }
 
 fn ser_ms<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {

@@ -79,13 +79,25 @@ input_tokens,output_tokens,duration_ms,revenue_micros,revenue_usd,cogs_micros,co
 pub const CSV_HEADER_WITHOUT_COSTS: &str = "period,line,customer_id,agent_id,tool_name,calls,\
 errors,input_tokens,output_tokens,duration_ms,revenue_micros,revenue_usd\r\n";
 
-/// The JSON fields and CSV columns a customer's own export leaves out.
-pub const COST_FIELDS: [&str; 4] = ["cogsMicros", "cogsUsd", "grossProfitMicros", "margin"];
+/// The figures an export shows, one spelling for its JSON fields and its CSV columns: the
+/// operator's ([`BillingFigures`], with COGS) or a customer's ([`BillingSpendFigures`],
+/// without).
+pub trait ExportFigures: Serialize + for<'a> From<&'a UsageFigures> {
+    /// The header row of a CSV export.
+    const CSV_HEADER: &'static str;
+    /// Whose view these figures are, as a JSON export's `view` says it.
+    const VIEW: &'static str;
+    /// The figures' CSV columns, in the header's order.
+    fn csv_columns(self) -> Vec<String>;
+}
 
-/// One CSV record (RFC 4180: CRLF, fields quoted when they hold a comma, quote or line break).
-/// Totals have empty customer, agent and tool. Without `costs`, the COGS columns are left out
-/// (as in [`CSV_HEADER_WITHOUT_COSTS`]).
-pub fn csv_record(period: &str, key: Option<&BillingKey>, f: &UsageFigures, costs: bool) -> String {
+/// One CSV record (RFC 4180: CRLF, fields quoted when they hold a comma, quote or line break)
+/// with the figures `F` shows. Totals have empty customer, agent and tool.
+pub fn csv_record<F: ExportFigures>(
+    period: &str,
+    key: Option<&BillingKey>,
+    figures: &UsageFigures,
+) -> String {
     let (kind, customer, agent, tool) = match key {
         Some(k) => ("usage", &*k.customer_id, &*k.agent_id, &*k.tool_name),
         None => ("total", "", "", ""),
@@ -95,20 +107,7 @@ pub fn csv_record(period: &str, key: Option<&BillingKey>, f: &UsageFigures, cost
         push_csv_field(&mut out, field);
         out.push(',');
     }
-    let f = BillingFigures::from(f);
-    let numbers = [
-        f.calls.to_string(),
-        f.errors.to_string(),
-        f.input_tokens.to_string(),
-        f.output_tokens.to_string(),
-        f.duration_ms.to_string(),
-        f.revenue_micros.to_string(),
-        f.revenue_usd,
-        f.cogs_micros.to_string(),
-        f.cogs_usd,
-    ];
-    let shown = if costs { 9 } else { 7 };
-    out.push_str(&numbers[..shown].join(","));
+    out.push_str(&F::from(figures).csv_columns().join(","));
     out.push_str("\r\n");
     out
 }
@@ -125,10 +124,11 @@ fn push_csv_field(out: &mut String, field: &str) {
 
 // The one spelling of an export's figures: the JSON fields, and the CSV columns in the same
 // order, µUSD and decimal USD strings side by side.
-/// The figures of a billing line or of the period's totals.
+/// The figures of a customer's own export line or totals (a portal token's): its usage and
+/// what it was charged, without the operator's costs.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct BillingFigures {
+pub struct BillingSpendFigures {
     pub calls: i64,
     pub errors: i64,
     pub input_tokens: i64,
@@ -138,13 +138,11 @@ pub struct BillingFigures {
     pub revenue_micros: i64,
     /// revenueMicros as decimal USD with six decimals, e.g. `"0.007550"`.
     pub revenue_usd: String,
-    pub cogs_micros: i64,
-    pub cogs_usd: String,
 }
 
-impl From<&UsageFigures> for BillingFigures {
-    fn from(f: &UsageFigures) -> BillingFigures {
-        BillingFigures {
+impl From<&UsageFigures> for BillingSpendFigures {
+    fn from(f: &UsageFigures) -> BillingSpendFigures {
+        BillingSpendFigures {
             calls: f.calls,
             errors: f.errors,
             input_tokens: f.input_tokens,
@@ -152,9 +150,57 @@ impl From<&UsageFigures> for BillingFigures {
             duration_ms: f.duration_ms_sum,
             revenue_micros: f.revenue_micros,
             revenue_usd: micros_to_usd(f.revenue_micros),
+        }
+    }
+}
+
+impl ExportFigures for BillingSpendFigures {
+    const CSV_HEADER: &'static str = CSV_HEADER_WITHOUT_COSTS;
+    const VIEW: &'static str = "customer";
+    fn csv_columns(self) -> Vec<String> {
+        let f = &self;
+        let numbers = [
+            f.calls,
+            f.errors,
+            f.input_tokens,
+            f.output_tokens,
+            f.duration_ms,
+        ];
+        let mut columns: Vec<String> = numbers.iter().map(i64::to_string).collect();
+        columns.extend([self.revenue_micros.to_string(), self.revenue_usd]);
+        columns
+    }
+}
+
+/// The figures of a billing line or of the period's totals, for the operator: the customer's
+/// figures, then what the calls cost.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BillingFigures {
+    #[serde(flatten)]
+    pub spend: BillingSpendFigures,
+    pub cogs_micros: i64,
+    /// cogsMicros as decimal USD with six decimals.
+    pub cogs_usd: String,
+}
+
+impl From<&UsageFigures> for BillingFigures {
+    fn from(f: &UsageFigures) -> BillingFigures {
+        BillingFigures {
+            spend: f.into(),
             cogs_micros: f.cogs_micros,
             cogs_usd: micros_to_usd(f.cogs_micros),
         }
+    }
+}
+
+impl ExportFigures for BillingFigures {
+    const CSV_HEADER: &'static str = CSV_HEADER;
+    const VIEW: &'static str = "tenant";
+    fn csv_columns(self) -> Vec<String> {
+        let mut columns = self.spend.csv_columns();
+        columns.extend([self.cogs_micros.to_string(), self.cogs_usd]);
+        columns
     }
 }
 
@@ -162,23 +208,22 @@ impl From<&UsageFigures> for BillingFigures {
 /// One customer's use of one tool by one agent over the period.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-#[schema(as = BillingLine)]
-pub struct ExportLine<'a> {
+pub struct ExportLine<'a, F> {
     /// Empty for events that named no customer.
     pub customer_id: &'a str,
     pub agent_id: &'a str,
     pub tool_name: &'a str,
     #[serde(flatten)]
-    pub figures: BillingFigures,
+    pub figures: F,
 }
 
-/// One line as JSON.
-pub fn json_line(line: &BillingLine) -> String {
+/// One line as JSON, with the figures `F` shows.
+pub fn json_line<F: ExportFigures>(line: &BillingLine) -> String {
     serde_json::to_string(&ExportLine {
         customer_id: &line.key.customer_id,
         agent_id: &line.key.agent_id,
         tool_name: &line.key.tool_name,
-        figures: BillingFigures::from(&line.figures),
+        figures: F::from(&line.figures),
     })
     .expect("a billing line serializes")
 }
@@ -232,16 +277,19 @@ mod tests {
             tool_name: "web".into(),
         };
         assert_eq!(
-            csv_record("2026-11", Some(&key), &f, true),
+            csv_record::<BillingFigures>("2026-11", Some(&key), &f),
             "2026-11,usage,\"acme, inc\",\"say \"\"hi\"\"\",web,3,1,30,30,3000,15120,0.015120,960,0.000960\r\n"
         );
         assert_eq!(
-            csv_record("2026-11", None, &f, true),
+            csv_record::<BillingFigures>("2026-11", None, &f),
             "2026-11,total,,,,3,1,30,30,3000,15120,0.015120,960,0.000960\r\n"
         );
         assert_eq!(CSV_HEADER.matches(',').count(), 13);
         assert_eq!(CSV_HEADER_WITHOUT_COSTS.matches(',').count(), 11);
-        assert_eq!(csv_record("p", None, &f, false).matches(',').count(), 11);
+        assert_eq!(
+            csv_record::<BillingSpendFigures>("p", None, &f),
+            "p,total,,,,3,1,30,30,3000,15120,0.015120\r\n"
+        );
     }
 
     #[test]
@@ -259,7 +307,7 @@ mod tests {
             },
         };
         assert_eq!(
-            json_line(&line),
+            json_line::<BillingFigures>(&line),
             r#"{"customerId":"c","agentId":"a","toolName":"t","calls":1,"errors":0,"inputTokens":0,"outputTokens":0,"durationMs":0,"revenueMicros":1234567,"revenueUsd":"1.234567","cogsMicros":0,"cogsUsd":"0.000000"}"#
         );
     }

@@ -110,21 +110,20 @@ impl ToSchema for EventOrEvents {
     }
 }
 
-/// `GET /v1/exports/billing?format=json`. `totals` comes last: an answer without it was cut
-/// short.
+/// `GET /v1/exports/billing?format=json`, with the figures `F` its reader sees (after `view`,
+/// as every read answer has). `totals` comes last: an answer without it was cut short.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-#[schema(as = BillingExport)]
-pub struct BillingExportSchema {
+pub struct BillingExport<F> {
     /// `YYYY-MM`.
     period: String,
     /// Always `USD`.
     currency: String,
     /// Ordered by customer, agent and tool (bytewise).
-    lines: Vec<crate::billing::ExportLine<'static>>,
+    lines: Vec<crate::billing::ExportLine<'static, F>>,
     line_count: i64,
     /// The sums of the lines; equal to `/analytics/mcp/summary` over the period's days.
-    totals: crate::billing::BillingFigures,
+    totals: F,
 }
 
 #[cfg(test)]

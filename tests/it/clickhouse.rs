@@ -768,7 +768,7 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                     agent_id: None,
                 };
                 let whole = old
-                    .billing_page(tenant, &query, None, 100_000)
+                    .billing_page(&Viewer::tenant(tenant), &query, None, 100_000)
                     .await
                     .unwrap();
                 assert!(whole.len() > 7, "{} lines", whole.len());
@@ -778,7 +778,7 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                         .last()
                         .map(|l: &schemas::billing::BillingLine| l.key.clone());
                     let page = new
-                        .billing_page(tenant, &query, after.as_ref(), 7)
+                        .billing_page(&Viewer::tenant(tenant), &query, after.as_ref(), 7)
                         .await
                         .unwrap();
                     let done = page.len() < 7;

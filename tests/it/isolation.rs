@@ -333,3 +333,196 @@ fn a_portal_token_reads_one_customer_of_one_tenant_and_writes_nothing() {
         );
     }
 }
+
+/// What a customer may read of a tenant answer, by this test's own rule: the same answer
+/// without the operator's costs (JSON fields, CSV columns), in the `customer` view.
+fn as_customer_sees_it(tenant_answer: &str) -> String {
+    const COSTS: [&str; 4] = ["cogsMicros", "cogsUsd", "grossProfitMicros", "margin"];
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(fields) => {
+                fields.retain(|name, _| !COSTS.contains(&name.as_str()));
+                fields.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    if let Ok(mut value) = serde_json::from_str::<serde_json::Value>(tenant_answer) {
+        strip(&mut value);
+        if value.get("view").is_some() {
+            value["view"] = json!("customer");
+        }
+        return value.to_string();
+    }
+    // CSV: every column but cogs_micros and cogs_usd.
+    let mut lines = tenant_answer.split_terminator("\r\n");
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let kept: Vec<usize> = (0..header.len())
+        .filter(|&i| !["cogs_micros", "cogs_usd"].contains(&header[i]))
+        .collect();
+    let keep = |line: &str| {
+        let cells: Vec<&str> = line.split(',').collect();
+        kept.iter().map(|&i| cells[i]).collect::<Vec<_>>().join(",") + "\r\n"
+    };
+    std::iter::once(header.join(","))
+        .chain(lines.map(str::to_string))
+        .map(|line| keep(&line))
+        .collect()
+}
+
+/// Every GET of the OpenAPI document that takes a key, each enum parameter tried with each of
+/// its values, path parameters filled from `fill`: (documented path, operation, URL).
+fn every_documented_read(
+    doc: &serde_json::Value,
+    fill: &dyn Fn(&str) -> Vec<String>,
+) -> Vec<(String, serde_json::Value, String)> {
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let mut reads = Vec::new();
+    for (path, methods) in doc["paths"].as_object().unwrap() {
+        let Some(op) = methods.get("get") else {
+            continue;
+        };
+        if op["security"].is_null() {
+            continue; // /healthz and the like take no key
+        }
+        let params = op["parameters"].as_array().cloned().unwrap_or_default();
+        let mut urls = vec![path.clone()];
+        for p in params.iter().filter(|p| p["in"] == "path") {
+            let name = p["name"].as_str().unwrap();
+            urls = urls
+                .iter()
+                .flat_map(|u| {
+                    fill(name)
+                        .into_iter()
+                        .map(move |v| u.replace(&format!("{{{name}}}"), &v))
+                })
+                .collect();
+        }
+        let required: Vec<String> = params
+            .iter()
+            .filter(|p| p["in"] == "query" && p["required"] == true)
+            .map(|p| match p["name"].as_str().unwrap() {
+                "period" => format!("period={month}"),
+                other => panic!("{path}: say what to send as its required `{other}`"),
+            })
+            .collect();
+        let mut queries = vec![required.clone()];
+        for p in params.iter().filter(|p| p["in"] == "query") {
+            let mut schema = &p["schema"];
+            if let Some(r) = schema["$ref"].as_str() {
+                schema =
+                    &doc["components"]["schemas"][r.trim_start_matches("#/components/schemas/")];
+            }
+            for value in schema["enum"].as_array().into_iter().flatten() {
+                let mut q = required.clone();
+                q.push(format!(
+                    "{}={}",
+                    p["name"].as_str().unwrap(),
+                    value.as_str().unwrap()
+                ));
+                queries.push(q);
+            }
+        }
+        for url in &urls {
+            for q in &queries {
+                let url = match q.is_empty() {
+                    true => url.clone(),
+                    false => format!("{url}?{}", q.join("&")),
+                };
+                reads.push((path.clone(), op.clone(), url));
+            }
+        }
+    }
+    reads
+}
+
+#[test]
+fn every_read_endpoint_answers_a_portal_token_only_its_customers_rows() {
+    // `both` holds cust-a's and cust-b's calls; `only_a` cust-a's alone. A portal token of
+    // cust-a on `both` must read exactly what a tenant key reads on `only_a`, costs left out.
+    let at = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339();
+    let call = |key: &str, customer: &str, session: &str, tokens: i64| {
+        let mut call = customer_call(key, customer, session);
+        call["occurredAt"] = json!(at);
+        call["metadata"]["outputTokens"] = json!(tokens);
+        call
+    };
+    let a_calls = [
+        call("a1", "cust-a", "sa", 5),
+        call("a2", "cust-a", "sa", 50),
+        call("a3", "cust-a", "sa2", 500),
+    ];
+    let b_calls = [
+        call("b1", "cust-b", "sb", 7),
+        call("b2", "cust-b", "sb", 70),
+    ];
+    let both = Server::start();
+    let only_a = Server::start();
+    let all: Vec<_> = a_calls.iter().chain(&b_calls).cloned().collect();
+    assert_eq!(both.post("/v1/ingest/batch", ACME, &batch(&all)).0, 202);
+    assert_eq!(
+        only_a.post("/v1/ingest/batch", ACME, &batch(&a_calls)).0,
+        202
+    );
+    let token = portal_token(&both, ACME, "cust-a", 600);
+
+    let doc: serde_json::Value = serde_json::from_str(&ingestor::openapi::document()).unwrap();
+    let fill = |name: &str| -> Vec<String> {
+        match name {
+            "sessionId" => vec!["sa".into(), "sb".into()],
+            "customerId" => vec!["cust-a".into(), "cust-b".into()],
+            other => panic!("say what to fill in for the path parameter `{other}`"),
+        }
+    };
+    let reads = every_documented_read(&doc, &fill);
+    let (mut compared, mut refused) = (0, 0);
+    for (path, op, url) in &reads {
+        let (status, text) = both.get_text(url, &token);
+        let portal_readable = op["security"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s.get("portal_token").is_some());
+        if !portal_readable {
+            assert_eq!(
+                status, 403,
+                "{url} answered a portal token {status} but does not list portal_token: {text}"
+            );
+            refused += 1;
+            continue;
+        }
+        if url.contains("cust-b") || url.contains("/sb") {
+            assert!([403, 404].contains(&status), "{url}: {status} {text}");
+            for other in ["cust-b-", "\"sb\""] {
+                assert!(
+                    !text.contains(other),
+                    "{url} shows {other} to cust-a's token: {text}"
+                );
+            }
+            refused += 1;
+            continue;
+        }
+        assert_eq!(status, 200, "{url}: {text}");
+        let (tenant_status, tenant_text) = only_a.get_text(url, ACME);
+        assert_eq!(tenant_status, 200, "{path}: {tenant_text}");
+        let expected = as_customer_sees_it(&tenant_text);
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(answer) => assert_eq!(
+                answer,
+                serde_json::from_str::<serde_json::Value>(&expected).unwrap(),
+                "{url}: the portal token's answer is not cust-a's rows without costs"
+            ),
+            Err(_) => assert_eq!(
+                text, expected,
+                "{url}: the portal token's export is not cust-a's lines without costs"
+            ),
+        }
+        compared += 1;
+    }
+    println!("{compared} reads compared with the oracle, {refused} refused");
+    assert!(
+        compared >= 15 && refused >= 4,
+        "{compared} compared, {refused} refused"
+    );
+}

@@ -4,6 +4,7 @@
 
 use crate::common::*;
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
 
 fn document() -> Value {
     serde_json::from_str(&ingestor::openapi::document()).unwrap()
@@ -37,13 +38,15 @@ fn check(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), Str
         }
     }
     if let Some(one) = schema.get("oneOf").and_then(Value::as_array) {
-        let fits = one
+        let misfits: Vec<String> = one
             .iter()
-            .filter(|s| check(doc, s, value, at).is_ok())
-            .count();
+            .filter_map(|s| check(doc, s, value, at).err())
+            .collect();
+        let fits = one.len() - misfits.len();
         if fits != 1 {
             return Err(format!(
-                "{at}: {value} fits {fits} of the oneOf schemas, not exactly one"
+                "{at}: {value} fits {fits} of the oneOf schemas, not exactly one ({})",
+                misfits.join("; ")
             ));
         }
     }
@@ -137,7 +140,7 @@ fn every_reference_resolves_and_every_example_fits_its_schema() {
     for (at, _) in text.match_indices("#/components/schemas/") {
         let name: String = text[at + 21..]
             .chars()
-            .take_while(|c| c.is_ascii_alphanumeric())
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();
         assert!(
             doc["components"]["schemas"][&name].is_object(),
@@ -145,12 +148,17 @@ fn every_reference_resolves_and_every_example_fits_its_schema() {
         );
     }
     // The checker itself refuses what does not fit.
-    let summary = json!({"$ref": "#/components/schemas/SummaryReport"});
+    let summary = json!({"$ref": "#/components/schemas/Viewed_SummaryReport_UsageFigures_SummaryReport_SpendFigures"});
     let mut answer: Value = serde_json::from_str(
-        r#"{"from":"2026-11-21","to":"2026-11-21","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":null,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1,"tools":1,"agents":1}"#,
+        r#"{"view":"tenant","from":"2026-11-21","to":"2026-11-21","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":null,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1,"tools":1,"agents":1}"#,
     )
     .unwrap();
     check(&doc, &summary, &answer, "summary").unwrap();
+    answer["view"] = json!("operator");
+    assert!(check(&doc, &summary, &answer, "summary")
+        .unwrap_err()
+        .contains("fits 0 of the oneOf"));
+    answer["view"] = json!("tenant");
     answer["calls"] = json!("1");
     assert!(check(&doc, &summary, &answer, "summary").is_err());
     answer.as_object_mut().unwrap().remove("calls");
@@ -281,14 +289,26 @@ fn real_answers_of_serve_fit_the_documented_schemas() {
         ("/healthz", "/healthz".to_string()),
         ("/readyz", "/readyz".to_string()),
     ];
+    let (_, token) = s.post(
+        "/v1/portal/tokens",
+        ACME,
+        r#"{"customerId":"cust_acme","expiresInSeconds":600}"#,
+    );
+    let token = token["token"].as_str().unwrap().to_string();
     for (documented, url) in gets {
-        let (status, answer) = s.get(&url, ACME);
-        let schema = answer_schema(&doc, documented, "get", status);
-        assert!(
-            schema.is_object(),
-            "{url} answered {status}, which is not documented"
-        );
-        check(&doc, &schema, &answer, &url).unwrap();
+        // With the tenant's key, and with a portal token where one may read.
+        for key in [ACME, token.as_str()] {
+            let (status, answer) = s.get(&url, key);
+            if key == token && status == 403 {
+                continue;
+            }
+            let schema = answer_schema(&doc, documented, "get", status);
+            assert!(
+                schema.is_object(),
+                "{url} answered {status}, which is not documented"
+            );
+            check(&doc, &schema, &answer, &url).unwrap();
+        }
     }
     let (status, answer) = s.get("/analytics/mcp/summary", "wrong-key");
     check(
@@ -320,4 +340,125 @@ fn openapi_json_and_the_docs_are_served_by_the_binary_itself() {
     );
     let (status, _) = s.get_text("/docs", "");
     assert_eq!(status, 200, "/docs redirects to /docs/");
+}
+
+/// `schema` with its `$ref` followed.
+fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema.get("$ref").and_then(Value::as_str) {
+        Some(r) => resolve(
+            doc,
+            &doc["components"]["schemas"][r.trim_start_matches("#/components/schemas/")],
+        ),
+        None => schema,
+    }
+}
+
+/// The `view` a oneOf branch is tagged with (`tenant`, `customer`), if it is tagged.
+fn view_of(doc: &Value, branch: &Value) -> Option<String> {
+    let branch = resolve(doc, branch);
+    if let Some(tag) = branch["properties"]["view"]["enum"][0].as_str() {
+        return Some(tag.to_string());
+    }
+    branch["allOf"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|part| view_of(doc, part))
+}
+
+/// Every property name a reader in `view` can receive under `schema`: branches of a oneOf
+/// tagged for another view are not followed; everything else is.
+fn reachable(doc: &Value, schema: &Value, view: &str, names: &mut BTreeSet<String>, depth: usize) {
+    assert!(depth < 64, "the schema walk does not end: {schema}");
+    let schema = resolve(doc, schema);
+    for branch in schema["oneOf"].as_array().into_iter().flatten() {
+        if view_of(doc, branch).is_none_or(|tag| tag == view) {
+            reachable(doc, branch, view, names, depth + 1);
+        }
+    }
+    for key in ["allOf", "anyOf", "prefixItems"] {
+        for part in schema[key].as_array().into_iter().flatten() {
+            reachable(doc, part, view, names, depth + 1);
+        }
+    }
+    for (name, property) in schema["properties"].as_object().into_iter().flatten() {
+        names.insert(name.clone());
+        reachable(doc, property, view, names, depth + 1);
+    }
+    for key in ["items", "additionalProperties"] {
+        if schema[key].is_object() {
+            reachable(doc, &schema[key], view, names, depth + 1);
+        }
+    }
+}
+
+#[test]
+fn no_schema_a_portal_token_reaches_has_a_cost_field() {
+    let doc = document();
+    // A cost field is one the operator's figures have and the customer's do not: a cost field
+    // added to the operator's figures is one here without anyone listing it.
+    let names = |schema: &str| {
+        let mut names = BTreeSet::new();
+        reachable(
+            &doc,
+            &json!({"$ref": format!("#/components/schemas/{schema}")}),
+            "tenant",
+            &mut names,
+            0,
+        );
+        names
+    };
+    let mut costs: BTreeSet<String> = names("UsageFigures")
+        .difference(&names("SpendFigures"))
+        .cloned()
+        .collect();
+    costs.extend(
+        names("BillingFigures")
+            .difference(&names("BillingSpendFigures"))
+            .cloned(),
+    );
+    for known in ["cogsMicros", "cogsUsd", "grossProfitMicros", "margin"] {
+        assert!(
+            costs.contains(known),
+            "{known} is not found as a cost field: {costs:?}"
+        );
+    }
+
+    let mut portal_operations = Vec::new();
+    for (path, methods) in doc["paths"].as_object().unwrap() {
+        for (method, op) in methods.as_object().unwrap() {
+            let security = op["security"].as_array().cloned().unwrap_or_default();
+            if !security.iter().any(|s| s.get("portal_token").is_some()) {
+                continue;
+            }
+            let mut customer = BTreeSet::new();
+            let mut tenant = BTreeSet::new();
+            for response in op["responses"].as_object().unwrap().values() {
+                for content in response["content"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, c)| c)
+                {
+                    reachable(&doc, &content["schema"], "customer", &mut customer, 0);
+                    reachable(&doc, &content["schema"], "tenant", &mut tenant, 0);
+                }
+            }
+            let leaked: Vec<&String> = customer.intersection(&costs).collect();
+            assert!(
+                leaked.is_empty(),
+                "{method} {path} takes a portal token and its answers can carry {leaked:?}"
+            );
+            if path.starts_with("/analytics/") || path.starts_with("/v1/exports/") {
+                // The walk does find cost fields where a tenant key reads them.
+                assert!(tenant.contains("cogsMicros"), "{method} {path}: {tenant:?}");
+            }
+            portal_operations.push(format!("{method} {path}"));
+        }
+    }
+    println!(
+        "{} operations take a portal token: {portal_operations:?}",
+        portal_operations.len()
+    );
+    assert!(portal_operations.len() >= 8, "{portal_operations:?}");
 }

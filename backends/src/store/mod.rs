@@ -342,10 +342,10 @@ pub trait AnalyticsStore: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Up to `limit` billing lines (per customer, agent and tool) ordered by their key, bytewise,
     /// starting after `after`: an export reads page after page, so a large period never sits
-    /// whole in memory.
+    /// whole in memory. A customer viewer reads its own lines only, whatever `query` asks.
     async fn billing_page(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         query: &BillingQuery,
         after: Option<&BillingKey>,
         limit: usize,

@@ -121,12 +121,12 @@ WHERE {filter} GROUP BY series_key, series_start ORDER BY series_key, series_sta
 /// One page of billing lines: customer, agent, tool, figures; ordered by that key, starting
 /// after `after`. The keyset is spelled out (no tuple comparison) for 18.16.
 pub fn billing_page(
-    tenant: &str,
+    viewer: &Viewer,
     query: &BillingQuery,
     after: Option<&BillingKey>,
     limit: usize,
 ) -> String {
-    let mut filter = daily_filter(&Viewer::tenant(tenant), query.range);
+    let mut filter = daily_filter(viewer, query.range);
     if let Some(customer) = &query.customer_id {
         let _ = write!(filter, " AND customer_id = {}", quote(customer));
     }
@@ -401,7 +401,7 @@ mod tests {
             agent_id: None,
         };
         assert_eq!(
-            billing_page("t", &query, None, 500),
+            billing_page(&Viewer::tenant("t"), &query, None, 500),
             "SELECT customer_id, agent_id, tool_name, sumMerge(calls), sumMerge(errors), sumMerge(revenue_micros), \
 sumMerge(cogs_micros), sumMerge(input_tokens), sumMerge(output_tokens), sumMerge(duration_ms_sum), \
 maxMerge(duration_ms_max) FROM mcp_daily_stats WHERE tenant_id = 't' AND day >= toDate('2026-11-01') \
@@ -413,7 +413,7 @@ ORDER BY customer_id, agent_id, tool_name LIMIT 500"
             agent_id: "a".into(),
             tool_name: "t".into(),
         };
-        let next = billing_page("t", &query, Some(&after), 500);
+        let next = billing_page(&Viewer::tenant("t"), &query, Some(&after), 500);
         assert!(next.contains(
             " AND (customer_id > 'c' OR (customer_id = 'c' AND (agent_id > 'a' OR (agent_id = 'a' AND tool_name > 't')))) GROUP BY"
         ), "{next}");

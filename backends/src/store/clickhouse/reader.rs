@@ -168,14 +168,14 @@ impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
 
     async fn billing_page(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         query: &BillingQuery,
         after: Option<&BillingKey>,
         limit: usize,
     ) -> Result<Vec<BillingLine>, StoreError> {
         let answer = self
             .runner
-            .tab_separated(&queries::billing_page(tenant, query, after, limit))
+            .tab_separated(&queries::billing_page(viewer, query, after, limit))
             .await?;
         let mut lines = Vec::new();
         for mut row in tsv::rows(&answer, "billing") {

@@ -373,12 +373,12 @@ impl AnalyticsStore for SqliteAnalytics {
 
     async fn billing_page(
         &self,
-        tenant: &str,
+        viewer: &Viewer,
         query: &BillingQuery,
         after: Option<&BillingKey>,
         limit: usize,
     ) -> Result<Vec<BillingLine>, StoreError> {
-        let tenant = tenant.to_string();
+        let Viewer { tenant, customer } = viewer.clone();
         let query = query.clone();
         let after = after.cloned();
         self.read(move |conn| {
@@ -388,6 +388,7 @@ impl AnalyticsStore for SqliteAnalytics {
                 "SELECT customer_id, agent_id, tool_name, {FIGURES} FROM mcp_daily_stats \
                  WHERE {IN_RANGE} AND (?5 IS NULL OR agent_id = ?5) \
                  AND (?6 IS NULL OR (customer_id, agent_id, tool_name) > (?6, ?7, ?8)) \
+                 AND (?10 IS NULL OR customer_id = ?10) \
                  GROUP BY customer_id, agent_id, tool_name \
                  ORDER BY customer_id, agent_id, tool_name LIMIT ?9"
             );
@@ -399,12 +400,13 @@ impl AnalyticsStore for SqliteAnalytics {
                         tenant,
                         query.range.from_str_day(),
                         query.range.to_str_day(),
-                        query.customer_id,
+                        customer,
                         query.agent_id,
                         after.map(|k| &k.customer_id),
                         after.map(|k| &k.agent_id),
                         after.map(|k| &k.tool_name),
                         limit as i64,
+                        query.customer_id,
                     ],
                     |row| {
                         Ok(BillingLine {
