@@ -21,6 +21,7 @@ use backends::state::{
     Authorization, AuthorizeAsk, CapCounter, LedgerMark, Loaded, Settlement, StateError,
     WalletFigures,
 };
+use schemas::analytics::Viewed;
 use schemas::config::{LimitWindow, Scope};
 use schemas::credits::{
     valid_customer_id, AuthorizeAnswer, AuthorizeRequest, Balance, Decision, GrantAnswer,
@@ -459,7 +460,7 @@ pub async fn grant(
     get, path = "/v1/customers/{customerId}/balance", tag = "credits",
     params(("customerId" = String, Path, description = "The payer: the events' `customerId`")),
     responses(
-        (status = 200, description = "The balance and its grants", body = Balance),
+        (status = 200, description = "The balance and its grants (the same in both views: a balance holds no cost)", body = Viewed<Balance, Balance>),
         ReadErrors,
     ),
     security(("api_key" = []), ("bearer" = []), ("portal_token" = [])),
@@ -469,11 +470,11 @@ pub async fn balance(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let caller = state.authenticate(&req, Scope::Read).await?;
+    let reader = state.reader(&req, Scope::Read).await?;
     let customer = customer_of(&path)?;
-    caller.reader().customer(Some(customer.to_string()))?;
-    let balance = balance_of(&state, &caller.tenant, customer, now_ms()).await?;
-    Ok(HttpResponse::Ok().json(balance))
+    reader.customer(Some(customer.to_string()))?;
+    let balance = balance_of(&state, &reader.tenant, customer, now_ms()).await?;
+    Ok(reader.answer(balance))
 }
 
 /// The call `request` describes, priced from the tenant's rate plan as its usage event would

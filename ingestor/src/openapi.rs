@@ -89,8 +89,8 @@ impl Modify for Security {
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
                         "A portal token (`mcpp_…`, from `POST /v1/portal/tokens`), sent like a key. \
-It reads one customer's rows only, and its answers are in the `customer` view, which has no \
-COGS, gross profit or margin",
+It reads one customer's rows only, and its JSON answers are in the `customer` view, which has \
+no COGS, gross profit or margin",
                     ))
                     .build(),
             ),

@@ -382,6 +382,14 @@ pub struct Balance {
     pub grants: Vec<GrantView>,
 }
 
+/// A balance holds no cost of the operator's: a customer reads it as the tenant does.
+impl crate::analytics::ForCustomer for Balance {
+    type Customer = Balance;
+    fn for_customer(self) -> Balance {
+        self
+    }
+}
+
 /// One grant as the API shows it.
 #[derive(Clone, Debug, Serialize, ToSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

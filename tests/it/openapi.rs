@@ -308,6 +308,16 @@ fn real_answers_of_serve_fit_the_documented_schemas() {
                 "{url} answered {status}, which is not documented"
             );
             check(&doc, &schema, &answer, &url).unwrap();
+            if key == token {
+                // `check` lets fields the schema does not list pass; a customer's must not have them.
+                let text = answer.to_string();
+                for cost in ["cogsMicros", "cogsUsd", "grossProfitMicros", "\"margin\""] {
+                    assert!(
+                        !text.contains(cost),
+                        "{url} shows {cost} to a portal token: {text}"
+                    );
+                }
+            }
         }
     }
     let (status, answer) = s.get("/analytics/mcp/summary", "wrong-key");

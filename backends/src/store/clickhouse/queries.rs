@@ -414,6 +414,15 @@ ORDER BY customer_id, agent_id, tool_name LIMIT 500"
             tool_name: "t".into(),
         };
         let next = billing_page(&Viewer::tenant("t"), &query, Some(&after), 500);
+        // A customer's viewer reads its own lines whatever the query asks.
+        let customer = Viewer {
+            tenant: "t".into(),
+            customer: Some("own".into()),
+        };
+        assert!(billing_page(&customer, &query, None, 500).contains(
+            "tenant_id = 't' AND customer_id = 'own' AND day >= toDate('2026-11-01') \
+AND day <= toDate('2026-11-30') AND customer_id = 'c\\'1'"
+        ));
         assert!(next.contains(
             " AND (customer_id > 'c' OR (customer_id = 'c' AND (agent_id > 'a' OR (agent_id = 'a' AND tool_name > 't')))) GROUP BY"
         ), "{next}");
