@@ -2,13 +2,31 @@
 # tmp and log directories. Sourced by scripts/test after services.sh; defines start_clickhouse.
 
 # start_clickhouse DIR: writes DIR/config.xml and DIR/users.xml, starts the server, waits for
-# /ping, and sets CLICKHOUSE_PID and CLICKHOUSE_URL.
+# /ping, and sets CLICKHOUSE_PID and CLICKHOUSE_URL. With MCP_METER_TEST_ZOOKEEPER (host:port)
+# the server keeps its replicated tables' metadata there, under a root node of its own, so
+# that servers sharing the ZooKeeper never see each other's tables.
 start_clickhouse() {
   local dir=$1
   mkdir -p "$dir/data" "$dir/tmp" "$dir/log" "$dir/user_files" "$dir/format_schemas"
-  local http_port tcp_port
+  local http_port tcp_port interserver_port zookeeper=""
   http_port=$(free_port)
   tcp_port=$(free_port)
+  interserver_port=$(free_port)
+  if [ -n "${MCP_METER_TEST_ZOOKEEPER:-}" ]; then
+    local root
+    root="/mcp-meter-test/$(basename "$dir")-$(python3 -c 'import uuid; print(uuid.uuid4().hex)')"
+    printf 'create /mcp-meter-test ""\ncreate %s ""\n' "$root" |
+      /usr/share/zookeeper/bin/zkCli.sh -server "$MCP_METER_TEST_ZOOKEEPER" > "$dir/log/zkcli.log" 2>&1
+    grep -q "Created $root" "$dir/log/zkcli.log" ||
+      { echo "could not create $root in ZooKeeper:" >&2; tail -n 20 "$dir/log/zkcli.log" >&2; return 1; }
+    zookeeper="<zookeeper>
+        <node><host>${MCP_METER_TEST_ZOOKEEPER%:*}</host><port>${MCP_METER_TEST_ZOOKEEPER##*:}</port></node>
+        <root>$root</root>
+    </zookeeper>
+    <interserver_http_host>127.0.0.1</interserver_http_host>
+    <interserver_http_port>$interserver_port</interserver_http_port>
+    <macros><replica>replica-1</replica></macros>"
+  fi
   cat > "$dir/config.xml" <<XML
 <?xml version="1.0"?>
 <yandex>
@@ -39,6 +57,7 @@ start_clickhouse() {
     <builtin_dictionaries_reload_interval>3600</builtin_dictionaries_reload_interval>
     <max_session_timeout>3600</max_session_timeout>
     <default_session_timeout>60</default_session_timeout>
+    $zookeeper
 </yandex>
 XML
   cat > "$dir/users.xml" <<XML

@@ -110,6 +110,148 @@ fn serve_refuses_an_unmigrated_or_unreachable_clickhouse() {
     assert!(format!("{err:#}").contains("is unreachable"), "{err:#}");
 }
 
+/// One block of two raw rows of tenant `tenant` (one INSERT, so one block), sent as the writer
+/// sends it to a server that deduplicates `how`.
+fn raw_block(tenant: &str, keys: [&str; 2], how: migrations::Deduplication) -> String {
+    let settings = match how {
+        migrations::Deduplication::Window => migrations::DEDUPLICATE_VIEWS,
+        migrations::Deduplication::Replicated => "",
+    };
+    let row = |key: &str| {
+        format!(
+            "('{tenant}', '{key}', toDateTime(1795132800, 'UTC'), 1795132800000, 1795132800000, \
+'mcp_server.tool_invocations', 'MCP_SERVER', 'web_search', 'agent', 'cust', 'sess', 'SUCCESS', 1, \
+0, 5, '', 1000000, 1, 2, 700, 300, 1, '')"
+        )
+    };
+    format!(
+        "INSERT INTO mcp_events (tenant_id, idempotency_key, occurred_at, occurred_at_ms, \
+received_at_ms, metric_name, product_type, tool_name, agent_id, customer_id, session_id, \
+execution_status, is_call, is_error, execution_duration_ms, session_boundary, quantity_micros, \
+input_tokens, output_tokens, revenue_micros, cogs_micros, rate_plan_version, metadata) {settings} \
+VALUES {}, {}",
+        row(keys[0]),
+        row(keys[1])
+    )
+}
+
+/// Rows, stored keys and rolled-up revenue of `tenant`.
+async fn stored_and_rolled_up(runner: &dyn SqlRunner, tenant: &str) -> String {
+    runner
+        .tab_separated(&format!(
+            "SELECT (SELECT count() FROM mcp_events WHERE tenant_id = '{tenant}'), \
+(SELECT count() FROM mcp_event_keys WHERE tenant_id = '{tenant}'), \
+(SELECT sumMerge(revenue_micros) FROM mcp_daily_stats WHERE tenant_id = '{tenant}')"
+        ))
+        .await
+        .unwrap()
+}
+
+/// A block inserted twice is stored once, and the views it feeds count it once: on 18.16 as a
+/// ReplicatedMergeTree on the test run's ZooKeeper, on chDB (current ClickHouse) with the
+/// deduplication window.
+#[test]
+fn events_drop_a_block_inserted_twice_and_their_views_count_it_once() {
+    let (_dir, server, chdb) = both_engines("dedup_block");
+    runtime().block_on(async {
+        for (runner, how) in [
+            (
+                &server as &dyn SqlRunner,
+                migrations::Deduplication::Replicated,
+            ),
+            (&chdb as &dyn SqlRunner, migrations::Deduplication::Window),
+        ] {
+            assert_eq!(
+                migrations::events_deduplication(runner).await.unwrap(),
+                Some(how)
+            );
+            for _ in 0..3 {
+                runner
+                    .execute(&raw_block("t", ["k1", "k2"], how))
+                    .await
+                    .unwrap();
+            }
+            // The same keys in another block are another block: the writer's key lookup, not
+            // the block id, keeps them out.
+            runner
+                .execute(&raw_block("t", ["k3", "k1"], how))
+                .await
+                .unwrap();
+            assert_eq!(
+                stored_and_rolled_up(runner, "t").await.trim(),
+                "4\t4\t2800",
+                "{how:?}"
+            );
+        }
+    });
+}
+
+/// A database migrated before 0009 holds a plain MergeTree with rows: `migrate` copies them into
+/// a ReplicatedMergeTree and swaps it in by name. Nothing is lost, nothing is rolled up again,
+/// and the views then follow the new table.
+#[test]
+fn migrate_makes_an_existing_events_table_replicated_keeping_its_rows_and_rollups() {
+    let database = unique_database("replicate");
+    let ch = config_for(&database);
+    runtime().block_on(async {
+        let (server, db) = (HttpRunner::server(&ch), HttpRunner::new(&ch));
+        // The schema as migrations 1 to 8 left it.
+        server
+            .execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+        db.execute(&format!(
+            "CREATE TABLE {} (version UInt32, name String, checksum String, applied_at \
+DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER BY version",
+            migrations::MIGRATIONS_TABLE
+        ))
+        .await
+        .unwrap();
+        for m in &migrations::MIGRATIONS[..8] {
+            for statement in migrations::statements(m.sql) {
+                db.execute(&statement).await.unwrap();
+            }
+            db.execute(&format!(
+                "INSERT INTO {} VALUES ({}, '{}', '{}', now())",
+                migrations::MIGRATIONS_TABLE,
+                m.version,
+                m.name,
+                migrations::checksum(m.sql)
+            ))
+            .await
+            .unwrap();
+        }
+        assert_eq!(migrations::events_deduplication(&db).await.unwrap(), None);
+        let mut writer = ClickHouseWriter::new(HttpRunner::new(&ch));
+        let batch = TenantBatch::new("t".into(), vec![rated("old-1", "s"), rated("old-2", "s")]);
+        writer.write(&[batch]).await.unwrap();
+        let before = stored_and_rolled_up(&db, "t").await;
+        assert_eq!(before.trim(), "2\t2\t200");
+
+        let outcomes = migrations::migrate(&server, &db, &database).await.unwrap();
+        assert_eq!(outcomes.last().unwrap().1, migrations::Outcome::Applied);
+        assert_eq!(
+            migrations::events_deduplication(&db).await.unwrap(),
+            Some(migrations::Deduplication::Replicated)
+        );
+        assert_eq!(stored_and_rolled_up(&db, "t").await, before);
+        let tables = db.tab_separated("SHOW TABLES").await.unwrap();
+        assert!(!tables.contains("mcp_events_"), "{tables}");
+
+        // The views follow the new table: a new batch is rolled up once, a block sent twice is
+        // stored once.
+        let batch = TenantBatch::new("t".into(), vec![rated("new-1", "s")]);
+        writer.write(&[batch]).await.unwrap();
+        for _ in 0..2 {
+            let how = migrations::Deduplication::Replicated;
+            db.execute(&raw_block("t", ["raw-1", "raw-2"], how))
+                .await
+                .unwrap();
+        }
+        assert_eq!(stored_and_rolled_up(&db, "t").await.trim(), "5\t5\t1700");
+    });
+}
+
 fn rated(key: &str, session: &str) -> RatedEvent {
     RatedEvent {
         session_id: session.into(),

@@ -38,7 +38,162 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(6, "0006_topic_offsets.sql"),
     migration!(7, "0007_customer_grants.sql"),
     migration!(8, "0008_dashboard_rollups.sql"),
+    migration!(9, "0009_deduplicated_events.sql"),
 ];
+
+/// The migration done in code: [`deduplicate_events`].
+const DEDUPLICATE_EVENTS: u32 = 9;
+
+/// Blocks whose ids a deduplicating table keeps: a block sent again after this many newer
+/// blocks is stored again. Stale writers never send a block that late (the writer's floor check
+/// refuses it first); the window covers inserts running at the same time.
+pub const DEDUPLICATION_WINDOW: u32 = 1000;
+
+/// The tables the materialized views on `mcp_events` write. On a server that deduplicates
+/// without replication, an insert's views run even for a block the events table dropped, so
+/// each of these drops the block it derives from it too (inserts then send
+/// `deduplicate_blocks_in_dependent_materialized_views = 1`, [`DEDUPLICATE_VIEWS`]). A test
+/// keeps the list equal to the views in `clickhouse-sql/`.
+pub const EVENT_VIEW_TARGETS: [&str; 5] = [
+    "mcp_daily_stats",
+    "mcp_session_summary",
+    "mcp_event_keys",
+    "mcp_hourly_stats",
+    "mcp_session_customers",
+];
+
+/// What an insert into `mcp_events` adds on a [`Deduplication::Window`] server, so that its
+/// views' tables check their blocks too.
+pub const DEDUPLICATE_VIEWS: &str =
+    "SETTINGS deduplicate_blocks_in_dependent_materialized_views = 1";
+
+/// How `mcp_events` drops a block inserted twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deduplication {
+    /// A MergeTree with `non_replicated_deduplication_window` (ClickHouse 20.11 and later).
+    Window,
+    /// A ReplicatedMergeTree whose block ids live in ZooKeeper (ClickHouse 18.16).
+    Replicated,
+}
+
+/// How `mcp_events` deduplicates now, if it does.
+pub async fn events_deduplication(
+    runner: &dyn SqlRunner,
+) -> Result<Option<Deduplication>, StoreError> {
+    let answer = runner
+        .tab_separated(
+            "SELECT engine, create_table_query FROM system.tables \
+WHERE database = currentDatabase() AND name = 'mcp_events'",
+        )
+        .await?;
+    let Some(mut row) = super::tsv::rows(&answer, "read the events table's engine").next() else {
+        return Ok(None);
+    };
+    let (engine, query) = (row.string()?, row.string()?);
+    Ok(if engine.starts_with("Replicated") {
+        Some(Deduplication::Replicated)
+    } else if query.contains("non_replicated_deduplication_window") {
+        Some(Deduplication::Window)
+    } else {
+        None
+    })
+}
+
+/// Makes `mcp_events` drop a block inserted twice, the way the server can: the window setting
+/// where it exists, else a ReplicatedMergeTree on the server's ZooKeeper, with the rows copied
+/// over and the old table swapped out by name (the materialized views follow the name, so
+/// nothing they hold is counted again). Run with no writer running: rows written to the old
+/// table during the copy would stay behind.
+pub async fn deduplicate_events(
+    runner: &dyn SqlRunner,
+    database: &str,
+) -> Result<Deduplication, StoreError> {
+    if let Some(done) = events_deduplication(runner).await? {
+        return Ok(done);
+    }
+    let has_window = runner
+        .tab_separated(
+            "SELECT count() FROM system.merge_tree_settings \
+WHERE name = 'non_replicated_deduplication_window'",
+        )
+        .await?;
+    if has_window.trim() == "1" {
+        // The views' tables first: the events table's setting is what says it is done.
+        for table in EVENT_VIEW_TARGETS.iter().chain(&["mcp_events"]) {
+            runner
+                .execute(&format!(
+                    "ALTER TABLE {table} MODIFY SETTING non_replicated_deduplication_window = \
+{DEDUPLICATION_WINDOW}"
+                ))
+                .await?;
+        }
+        return Ok(Deduplication::Window);
+    }
+    match replicate_events(runner, database).await {
+        Ok(()) => Ok(Deduplication::Replicated),
+        // Another migrate running at the same time may have swapped the tables first.
+        Err(e) => match events_deduplication(runner).await? {
+            Some(done) => Ok(done),
+            None => Err(e),
+        },
+    }
+}
+
+/// Copies `mcp_events` into a ReplicatedMergeTree and swaps the two by name.
+async fn replicate_events(runner: &dyn SqlRunner, database: &str) -> Result<(), StoreError> {
+    if let Err(e) = runner
+        .tab_separated("SELECT count() FROM system.zookeeper WHERE path = '/'")
+        .await
+    {
+        return Err(StoreError::NotReady(format!(
+            "this ClickHouse cannot drop a batch inserted twice, which exactly-once storage \
+needs: ClickHouse 18.16 does it for replicated tables only, which need a <zookeeper> section \
+(and interserver_http_port) in the server's config.xml; or use ClickHouse 20.11 or later, \
+which needs nothing. ({e})"
+        )));
+    }
+    runner
+        .execute(&format!(
+            "CREATE TABLE IF NOT EXISTS mcp_events_replicated AS mcp_events \
+ENGINE = ReplicatedMergeTree('/clickhouse/mcp-meter/{database}/mcp_events', 'mcp-meter') \
+PARTITION BY toYYYYMM(occurred_at) ORDER BY (tenant_id, occurred_at, idempotency_key) \
+SETTINGS replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
+        ))
+        .await?;
+    let count = |table: &'static str| async move {
+        let n = runner
+            .tab_separated(&format!("SELECT count() FROM {table}"))
+            .await?;
+        n.trim().parse::<u64>().map_err(|e| StoreError::BadAnswer {
+            context: "count the events to copy",
+            detail: e.to_string(),
+        })
+    };
+    if count("mcp_events_replicated").await? == 0 {
+        runner
+            .execute("INSERT INTO mcp_events_replicated SELECT * FROM mcp_events")
+            .await?;
+    }
+    let (old, new) = (
+        count("mcp_events").await?,
+        count("mcp_events_replicated").await?,
+    );
+    if old != new {
+        return Err(StoreError::NotReady(format!(
+            "copying mcp_events into mcp_events_replicated gave {new} rows of {old}: was a \
+writer running? Stop every aggregator, DROP TABLE mcp_events_replicated and migrate again"
+        )));
+    }
+    runner
+        .execute(
+            "RENAME TABLE mcp_events TO mcp_events_unreplicated, \
+mcp_events_replicated TO mcp_events",
+        )
+        .await?;
+    runner
+        .execute("DROP TABLE IF EXISTS mcp_events_unreplicated")
+        .await
+}
 
 /// Keeps the floors recorded before offsets were per topic (`mcp_kafka_offsets`) as floors of
 /// `topic`, the configured events topic, and names it as the topic of untagged rows (rows
@@ -179,6 +334,10 @@ checksum String, applied_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER
         for statement in statements(m.sql) {
             apply(database_runner, &statement).await?;
         }
+        if m.version == DEDUPLICATE_EVENTS {
+            let how = deduplicate_events(database_runner, database).await?;
+            tracing::info!(?how, "mcp_events drops a block inserted twice");
+        }
         database_runner
             .execute(&format!(
                 "INSERT INTO {MIGRATIONS_TABLE} (version, name, checksum, applied_at) \
@@ -210,6 +369,23 @@ mod tests {
             assert_eq!(m.version as usize, i + 1);
             assert!(m.name.starts_with(&format!("{:04}_", m.version)));
         }
+    }
+
+    #[test]
+    fn every_view_on_the_events_table_writes_a_listed_table() {
+        let mut targets: Vec<String> = MIGRATIONS
+            .iter()
+            .flat_map(|m| statements(m.sql))
+            .filter(|s| s.starts_with("CREATE MATERIALIZED VIEW") && s.contains("FROM mcp_events"))
+            .map(|s| {
+                let after = &s[s.find(" TO ").expect("a view writes a table") + 4..];
+                after.split_whitespace().next().unwrap().to_string()
+            })
+            .collect();
+        targets.sort();
+        let mut listed: Vec<&str> = EVENT_VIEW_TARGETS.to_vec();
+        listed.sort();
+        assert_eq!(targets, listed);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! so the INSERT that writes the rows writes their keys too. This is race-free because each
 //! store has one writer (one per Kafka partition in the distributed mode).
 
+use super::migrations::{self, Deduplication, DEDUPLICATE_VIEWS};
 use super::{queries, tsv, HttpRunner, SqlRunner};
 use crate::error::StoreError;
 use crate::sink::{BusPosition, TenantBatch, WriteOutcome};
@@ -21,6 +22,8 @@ const KEYS_PER_LOOKUP: usize = 100_000;
 /// Writes through any [`SqlRunner`]: a server over HTTP, or chDB in the tests.
 pub struct ClickHouseWriter<R = HttpRunner> {
     runner: R,
+    /// How the events table drops a block inserted twice, read at the first write.
+    deduplication: Option<Option<Deduplication>>,
     /// The events topic whose offsets this writer reads and records ('' when events do not
     /// come through Kafka).
     topic: String,
@@ -36,6 +39,7 @@ impl<R: SqlRunner> ClickHouseWriter<R> {
     pub fn for_topic(runner: R, topic: &str) -> ClickHouseWriter<R> {
         ClickHouseWriter {
             runner,
+            deduplication: None,
             topic: topic.to_string(),
         }
     }
@@ -159,7 +163,18 @@ impl<R: SqlRunner> StoreWriter for ClickHouseWriter<R> {
         // 2. Decide each event: new, or a duplicate of a stored key or of an earlier event of
         //    this same write. `seen` grows as we go so a repeat inside the write is caught too.
         let mut outcomes = Vec::with_capacity(batches.len());
-        let mut insert = String::from(queries::INSERT_EVENTS);
+        let deduplication = match self.deduplication {
+            Some(known) => known,
+            None => *self
+                .deduplication
+                .insert(migrations::events_deduplication(&self.runner).await?),
+        };
+        let mut insert = match deduplication {
+            Some(Deduplication::Window) => {
+                queries::INSERT_EVENTS.replace(" FORMAT ", &format!(" {DEDUPLICATE_VIEWS} FORMAT "))
+            }
+            _ => String::from(queries::INSERT_EVENTS),
+        };
         let header = insert.len();
         for batch in batches {
             let mut outcome = WriteOutcome::with_positions();

@@ -1,0 +1,11 @@
+-- mcp_events drops a block of rows inserted a second time (the same rows in the same order),
+-- and so do the materialized views fed by it: a batch re-sent by a retry, a paused writer or
+-- the next holder of a Kafka partition is stored once, whoever sends it and however late.
+--
+-- The engine depends on the server, so `mcp-meter migrate` does this step in code
+-- (`migrations::deduplicate_events`); this file records that it ran:
+-- - a server with `non_replicated_deduplication_window` (ClickHouse 20.11 and later) keeps
+--   mcp_events a MergeTree and sets the window;
+-- - ClickHouse 18.16 deduplicates replicated tables only: mcp_events becomes a
+--   ReplicatedMergeTree whose block ids live in the ZooKeeper of the server's <zookeeper>
+--   section (the rows are copied over and the materialized views follow the table's name).
