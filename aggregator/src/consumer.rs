@@ -513,6 +513,9 @@ where
 }
 
 #[cfg(test)]
+mod harness;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use schemas::event::{BusEvent, RatedEvent};
