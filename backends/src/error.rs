@@ -30,7 +30,7 @@ pub enum ErrorKind {
 
 /// A failure of the store. Driver errors (rusqlite, clickhouse) are turned into this inside
 /// their adapter's folder; no port names a driver type.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store failed or refused a request; `kind` says whether trying again can help, and
     /// `detail` is the driver's or the server's own words.

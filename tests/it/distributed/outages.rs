@@ -382,11 +382,17 @@ fn redis_down_ingest_goes_on_the_guard_fails_open_and_recovers_by_itself() {
     );
 }
 
+/// Rows of the table `paused` in an INSERT larger than the sockets' buffers: sent to a stopped
+/// server, it stays on its way.
+const PAUSED_ROWS: usize = 400_000;
+
 /// An INSERT whose request times out because ClickHouse is paused is not abandoned: it goes on
 /// until the server answers, and the runner's next query waits for that. So the dedup lookup
 /// that follows a timed-out write sees all of its rows or none, never a write that lands after
 /// it. The INSERT carries about 10 MB, more than the paused server's socket takes, so its
 /// request is still being sent when the server resumes (a dropped request would be cut short).
+/// A neighbour sharing the runner (the margin guard, analytics) that waits for the insert too
+/// and is cancelled while it waits leaves it waited for.
 #[test]
 fn an_insert_timed_out_by_a_clickhouse_pause_is_answered_before_the_next_query() {
     use backends::store::clickhouse::{HttpRunner, SqlRunner};
@@ -397,13 +403,13 @@ fn an_insert_timed_out_by_a_clickhouse_pause_is_answered_before_the_next_query()
         request_timeout_ms: 1000,
         ..Default::default()
     };
-    const ROWS: usize = 400_000;
     let mut insert = String::from("INSERT INTO paused FORMAT TabSeparated\n");
-    for i in 0..ROWS {
+    for i in 0..PAUSED_ROWS {
         insert.push_str(&format!("{i}\tpadding-to-make-the-request-large\n"));
     }
     actix_web::rt::System::new().block_on(async {
         let runner = HttpRunner::new(&config);
+        let neighbour = runner.clone();
         runner
             .execute("CREATE TABLE paused (n UInt64, note String) ENGINE = MergeTree ORDER BY n")
             .await
@@ -411,14 +417,24 @@ fn an_insert_timed_out_by_a_clickhouse_pause_is_answered_before_the_next_query()
         clickhouse.signal("-STOP");
         let timed_out = runner.execute(&insert).await.unwrap_err();
         assert!(timed_out.to_string().contains("timeout"), "{timed_out}");
-        let waiting = runner
-            .tab_separated("SELECT count() FROM paused")
-            .await
-            .unwrap_err();
-        assert!(
-            waiting.to_string().contains("still unanswered"),
-            "{waiting}"
-        );
+        let still_waiting = || async {
+            let waiting = runner
+                .tab_separated("SELECT count() FROM paused")
+                .await
+                .unwrap_err();
+            assert!(
+                waiting.to_string().contains("still unanswered"),
+                "{waiting}"
+            );
+        };
+        still_waiting().await;
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(200),
+            neighbour.tab_separated("SELECT 1"),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the neighbour was still waiting");
+        still_waiting().await;
         clickhouse.signal("-CONT");
         let started = Instant::now();
         let count = loop {
@@ -432,7 +448,7 @@ fn an_insert_timed_out_by_a_clickhouse_pause_is_answered_before_the_next_query()
         };
         assert_eq!(
             count.trim(),
-            ROWS.to_string(),
+            PAUSED_ROWS.to_string(),
             "the first answer after the pause counts every row of the timed-out insert"
         );
     });

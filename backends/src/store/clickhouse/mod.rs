@@ -55,19 +55,23 @@ impl<R: SqlRunner + ?Sized> SqlRunner for &R {
 pub struct HttpRunner {
     client: clickhouse::Client,
     timeout: Duration,
-    /// Statements whose request outlived `timeout`. They are not dropped: each goes on in its
-    /// own task until the server answers or the connection breaks, for that is the only way to
-    /// know their outcome (a paused server reads a request from its socket when it resumes,
-    /// which may be after a dedup lookup that a dropped request could not have waited for).
+    /// Statements sent and not yet answered, each with the outcome its task will publish. A
+    /// statement is listed before anyone waits for it and leaves the list only once answered,
+    /// so every caller (of any clone) waits for every one of them: no caller can take them from
+    /// another, and a caller cancelled while waiting leaves them listed. A request that
+    /// outlives `timeout` is not dropped: it goes on in its task until the server answers or the
+    /// connection breaks, for that is the only way to know its outcome (a paused server reads a
+    /// request from its socket when it resumes, which may be after a dedup lookup that a
+    /// dropped request could not have waited for).
     outstanding: std::sync::Arc<std::sync::Mutex<Vec<Outstanding>>>,
     /// Statements whose request failed but which the server may still be running, by query id.
     unsettled: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-/// A statement's request going on after its timeout, with its query id.
+/// A statement on its way, by query id, with where its outcome appears.
 type Outstanding = (
     String,
-    tokio::task::JoinHandle<clickhouse::error::Result<()>>,
+    tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>,
 );
 
 /// Queries carry their values inline (a dedup lookup lists thousands of keys), so they may be
@@ -111,28 +115,27 @@ impl HttpRunner {
     /// failed ones to be gone from `system.processes`: after that their rows are visible or
     /// were never written.
     async fn await_unsettled(&self) -> Result<(), StoreError> {
-        let outstanding = std::mem::take(&mut *self.outstanding.lock().expect("outstanding lock"));
+        let waiting = self.outstanding.lock().expect("outstanding lock").clone();
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut waiting = outstanding.into_iter();
-        while let Some((id, mut request)) = waiting.next() {
-            if let Ok(answered) = tokio::time::timeout_at(deadline, &mut request).await {
+        for (id, outcome) in waiting {
+            match answer(outcome, deadline).await {
                 // Its error is not returned (that call has already failed), only noted.
-                let _ = self.note_outcome(id, answer_of(answered).context("execute"));
-                continue;
+                Some(answered) => {
+                    let _ = self.answered(id, answered);
+                }
+                None => {
+                    let left = self.outstanding.lock().expect("outstanding lock").len();
+                    return Err(StoreError::Failed {
+                        store: "clickhouse",
+                        context: "wait for an earlier statement",
+                        kind: ErrorKind::Retriable,
+                        detail: format!(
+                            "{left} statement(s) sent earlier are still unanswered after {} ms",
+                            self.timeout.as_millis()
+                        ),
+                    });
+                }
             }
-            let mut kept = self.outstanding.lock().expect("outstanding lock");
-            kept.push((id, request));
-            kept.extend(waiting);
-            return Err(StoreError::Failed {
-                store: "clickhouse",
-                context: "wait for an earlier statement",
-                kind: ErrorKind::Retriable,
-                detail: format!(
-                    "{} statement(s) sent earlier are still unanswered after {} ms",
-                    kept.len(),
-                    self.timeout.as_millis()
-                ),
-            });
         }
         let ids = self.unsettled.lock().expect("unsettled lock").clone();
         if ids.is_empty() {
@@ -160,9 +163,13 @@ impl HttpRunner {
         }
     }
 
-    /// Keeps the id of a statement that failed but may still be running on the server (any
-    /// failure but a refusal: a refused statement ran and failed).
-    fn note_outcome(&self, id: String, result: Result<(), StoreError>) -> Result<(), StoreError> {
+    /// Takes an answered statement off the list, keeping its id if it failed but may still be
+    /// running on the server (any failure but a refusal: a refused statement ran and failed).
+    fn answered(&self, id: String, result: Result<(), StoreError>) -> Result<(), StoreError> {
+        self.outstanding
+            .lock()
+            .expect("outstanding lock")
+            .retain(|(listed, _)| *listed != id);
         if let Err(e) = &result {
             if e.kind() != ErrorKind::Permanent {
                 self.unsettled.lock().expect("unsettled lock").push(id);
@@ -187,15 +194,22 @@ impl HttpRunner {
     }
 }
 
-/// The answer of a request's task (a task that panicked or was cancelled gave none).
-fn answer_of(
-    answered: Result<clickhouse::error::Result<()>, tokio::task::JoinError>,
-) -> clickhouse::error::Result<()> {
-    answered.unwrap_or_else(|e| {
-        Err(clickhouse::error::Error::Custom(format!(
-            "the request's task ended without an answer: {e}"
-        )))
-    })
+/// A statement's outcome once its task publishes it, or `None` at `deadline`. A task that
+/// ended without publishing one (it panicked, or the runtime stopped) counts as failed.
+async fn answer(
+    mut outcome: tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>,
+    deadline: tokio::time::Instant,
+) -> Option<Result<(), StoreError>> {
+    match tokio::time::timeout_at(deadline, outcome.wait_for(Option::is_some)).await {
+        Ok(Ok(published)) => published.clone(),
+        Ok(Err(_)) => Some(Err(StoreError::Failed {
+            store: "clickhouse",
+            context: "execute",
+            kind: ErrorKind::Retriable,
+            detail: "the request's task ended without an answer".into(),
+        })),
+        Err(_) => None,
+    }
 }
 
 /// A query id no other statement of this process has.
@@ -218,17 +232,19 @@ impl SqlRunner for HttpRunner {
         self.await_unsettled().await?;
         let id = new_query_id();
         let statement = self.client.query_raw(sql).with_setting("query_id", &id);
-        let mut request = tokio::spawn(statement.execute());
-        match tokio::time::timeout(self.timeout, &mut request).await {
-            Ok(answered) => self.note_outcome(id, answer_of(answered).context("execute")),
-            Err(_) => {
-                // Its outcome is decided when the server answers: it goes on to that.
-                self.outstanding
-                    .lock()
-                    .expect("outstanding lock")
-                    .push((id, request));
-                Err(clickhouse::error::Error::TimedOut).context("execute")
-            }
+        let (publish, outcome) = tokio::sync::watch::channel(None);
+        // Listed before anything waits: a caller cancelled from here on leaves it listed.
+        self.outstanding
+            .lock()
+            .expect("outstanding lock")
+            .push((id.clone(), outcome.clone()));
+        tokio::spawn(async move {
+            let _ = publish.send(Some(statement.execute().await.context("execute")));
+        });
+        match answer(outcome, tokio::time::Instant::now() + self.timeout).await {
+            Some(answered) => self.answered(id, answered),
+            // Its outcome is decided when the server answers: it goes on to that.
+            None => Err(clickhouse::error::Error::TimedOut).context("execute"),
         }
     }
 
