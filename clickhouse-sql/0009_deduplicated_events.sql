@@ -4,8 +4,8 @@
 --
 -- The engine depends on the server, so `mcp-meter migrate` does this step in code
 -- (`migrations::deduplicate_events`); this file records that it ran:
--- - a server with `non_replicated_deduplication_window` (ClickHouse 20.11 and later) keeps
---   mcp_events a MergeTree and sets the window;
--- - ClickHouse 18.16 deduplicates replicated tables only: mcp_events becomes a
+-- - ClickHouse 24.7 and later keep mcp_events a MergeTree and set
+--   `non_replicated_deduplication_window` on it and on the tables its views write;
+-- - before 24.7 (18.16 among them) only replicated tables do it safely: mcp_events becomes a
 --   ReplicatedMergeTree whose block ids live in the ZooKeeper of the server's <zookeeper>
 --   section (the rows are copied over and the materialized views follow the table's name).

@@ -118,7 +118,11 @@ fn hex(bytes: &[u8]) -> String {
 /// `mcp-meter migrate`: creates the ClickHouse database and applies every migration not yet
 /// applied. Returns one line per migration file.
 pub async fn migrate_clickhouse(config: &Config) -> anyhow::Result<Vec<String>> {
-    let ch = &config.clickhouse;
+    // A migration may copy a whole table (0009 on ClickHouse 18.16): give statements an hour.
+    let ch = &schemas::config::ClickHouseConfig {
+        request_timeout_ms: config.clickhouse.request_timeout_ms.max(3_600_000),
+        ..config.clickhouse.clone()
+    };
     let outcomes = migrations::migrate(&HttpRunner::server(ch), &HttpRunner::new(ch), &ch.database)
         .await
         .with_context(|| {

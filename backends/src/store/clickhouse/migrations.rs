@@ -70,9 +70,11 @@ pub const DEDUPLICATE_VIEWS: &str =
 /// How `mcp_events` drops a block inserted twice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Deduplication {
-    /// A MergeTree with `non_replicated_deduplication_window` (ClickHouse 20.11 and later).
+    /// A MergeTree with `non_replicated_deduplication_window`, its views' tables too (ClickHouse
+    /// 24.7 and later).
     Window,
-    /// A ReplicatedMergeTree whose block ids live in ZooKeeper (ClickHouse 18.16).
+    /// A ReplicatedMergeTree whose block ids live in ZooKeeper (ClickHouse 18.16, and any
+    /// version before 24.7).
     Replicated,
 }
 
@@ -99,11 +101,17 @@ WHERE database = currentDatabase() AND name = 'mcp_events'",
     })
 }
 
+/// The first ClickHouse whose views' tables take the block ids of the insert that feeds them
+/// (24.7): before it, a view's table checking its own blocks compares what the view derived,
+/// and two different batches that roll up alike would drop the second one's rollup.
+const WINDOW_SINCE: (u32, u32) = (24, 7);
+
 /// Makes `mcp_events` drop a block inserted twice, the way the server can: the window setting
-/// where it exists, else a ReplicatedMergeTree on the server's ZooKeeper, with the rows copied
-/// over and the old table swapped out by name (the materialized views follow the name, so
-/// nothing they hold is counted again). Run with no writer running: rows written to the old
-/// table during the copy would stay behind.
+/// from ClickHouse 24.7, else a ReplicatedMergeTree on the server's ZooKeeper (18.16 and any
+/// other), with the rows copied over and the old table swapped out by name (the materialized
+/// views follow the name, so nothing they hold is counted again). Run with no writer running:
+/// rows written to the old table after the copy stay behind in `mcp_events_unreplicated`,
+/// which is kept, and migrate says so.
 pub async fn deduplicate_events(
     runner: &dyn SqlRunner,
     database: &str,
@@ -111,13 +119,13 @@ pub async fn deduplicate_events(
     if let Some(done) = events_deduplication(runner).await? {
         return Ok(done);
     }
-    let has_window = runner
-        .tab_separated(
-            "SELECT count() FROM system.merge_tree_settings \
-WHERE name = 'non_replicated_deduplication_window'",
-        )
-        .await?;
-    if has_window.trim() == "1" {
+    let version = runner.tab_separated("SELECT version()").await?;
+    let mut numbers = version
+        .trim()
+        .split('.')
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let major_minor = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    if major_minor >= WINDOW_SINCE {
         // The views' tables first: the events table's setting is what says it is done.
         for table in EVENT_VIEW_TARGETS.iter().chain(&["mcp_events"]) {
             runner
@@ -129,70 +137,64 @@ WHERE name = 'non_replicated_deduplication_window'",
         }
         return Ok(Deduplication::Window);
     }
-    match replicate_events(runner, database).await {
-        Ok(()) => Ok(Deduplication::Replicated),
-        // Another migrate running at the same time may have swapped the tables first.
-        Err(e) => match events_deduplication(runner).await? {
-            Some(done) => Ok(done),
-            None => Err(e),
-        },
-    }
-}
-
-/// Copies `mcp_events` into a ReplicatedMergeTree and swaps the two by name.
-async fn replicate_events(runner: &dyn SqlRunner, database: &str) -> Result<(), StoreError> {
     if let Err(e) = runner
         .tab_separated("SELECT count() FROM system.zookeeper WHERE path = '/'")
         .await
     {
         return Err(StoreError::NotReady(format!(
-            "this ClickHouse cannot drop a batch inserted twice, which exactly-once storage \
-needs: ClickHouse 18.16 does it for replicated tables only, which need a <zookeeper> section \
-(and interserver_http_port) in the server's config.xml; or use ClickHouse 20.11 or later, \
-which needs nothing. ({e})"
+            "this ClickHouse ({}) cannot drop a batch inserted twice, which exactly-once storage \
+needs: before 24.7 only replicated tables do it safely, and they need a <zookeeper> section (and \
+interserver_http_port) in the server's config.xml; or use ClickHouse 24.7 or later, which needs \
+nothing. ({e})",
+            version.trim()
         )));
     }
-    runner
+    // A plain CREATE: of two migrates at once, one copies and the other stops here.
+    let created = runner
         .execute(&format!(
-            "CREATE TABLE IF NOT EXISTS mcp_events_replicated AS mcp_events \
+            "CREATE TABLE mcp_events_replicated AS mcp_events \
 ENGINE = ReplicatedMergeTree('/clickhouse/mcp-meter/{database}/mcp_events', 'mcp-meter') \
 PARTITION BY toYYYYMM(occurred_at) ORDER BY (tenant_id, occurred_at, idempotency_key) \
 SETTINGS replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
         ))
+        .await;
+    if let Err(e) = created {
+        return match events_deduplication(runner).await? {
+            Some(done) => Ok(done),
+            None => Err(StoreError::NotReady(format!(
+                "mcp_events_replicated could not be created: another migrate is making mcp_events \
+replicated, or one stopped midway (then DROP TABLE mcp_events_replicated, which holds only a \
+copy, and migrate again). ({e})"
+            ))),
+        };
+    }
+    runner
+        .execute("INSERT INTO mcp_events_replicated SELECT * FROM mcp_events")
         .await?;
-    let count = |table: &'static str| async move {
-        let n = runner
-            .tab_separated(&format!("SELECT count() FROM {table}"))
-            .await?;
-        n.trim().parse::<u64>().map_err(|e| StoreError::BadAnswer {
-            context: "count the events to copy",
-            detail: e.to_string(),
-        })
-    };
-    if count("mcp_events_replicated").await? == 0 {
-        runner
-            .execute("INSERT INTO mcp_events_replicated SELECT * FROM mcp_events")
-            .await?;
-    }
-    let (old, new) = (
-        count("mcp_events").await?,
-        count("mcp_events_replicated").await?,
-    );
-    if old != new {
-        return Err(StoreError::NotReady(format!(
-            "copying mcp_events into mcp_events_replicated gave {new} rows of {old}: was a \
-writer running? Stop every aggregator, DROP TABLE mcp_events_replicated and migrate again"
-        )));
-    }
     runner
         .execute(
             "RENAME TABLE mcp_events TO mcp_events_unreplicated, \
 mcp_events_replicated TO mcp_events",
         )
         .await?;
-    runner
-        .execute("DROP TABLE IF EXISTS mcp_events_unreplicated")
-        .await
+    // Rows a writer added after the copy are in the old table only: say so, and keep it.
+    let left_behind = runner
+        .tab_separated(
+            "SELECT count() FROM mcp_events_unreplicated WHERE (tenant_id, idempotency_key) \
+NOT IN (SELECT tenant_id, idempotency_key FROM mcp_events)",
+        )
+        .await?;
+    if left_behind.trim() != "0" {
+        return Err(StoreError::NotReady(format!(
+            "{} rows were written to mcp_events while it was copied (a writer was running): \
+they are in mcp_events_unreplicated, and their rollups are counted already; copy them into \
+mcp_events with the aggregators stopped (materialized views would count them again: insert \
+them into a table without views, then ATTACH its partitions)",
+            left_behind.trim()
+        )));
+    }
+    runner.execute("DROP TABLE mcp_events_unreplicated").await?;
+    Ok(Deduplication::Replicated)
 }
 
 /// Keeps the floors recorded before offsets were per topic (`mcp_kafka_offsets`) as floors of

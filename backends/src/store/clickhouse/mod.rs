@@ -56,23 +56,44 @@ pub struct HttpRunner {
     client: clickhouse::Client,
     timeout: Duration,
     /// Statements sent and not yet answered, each with the outcome its task will publish. A
-    /// statement is listed before anyone waits for it and leaves the list only once answered,
-    /// so every caller (of any clone) waits for every one of them: no caller can take them from
-    /// another, and a caller cancelled while waiting leaves them listed. A request that
-    /// outlives `timeout` is not dropped: it goes on in its task until the server answers or the
-    /// connection breaks, for that is the only way to know its outcome (a paused server reads a
-    /// request from its socket when it resumes, which may be after a dedup lookup that a
-    /// dropped request could not have waited for).
+    /// statement is listed before its caller waits for it and leaves the list only once
+    /// answered. Once its caller stops waiting (its timeout passed, or the caller was
+    /// cancelled) it is orphaned, and every later call of any clone waits for it: no caller can
+    /// take it from another. A request that outlives `timeout` is not dropped: it goes on in its
+    /// task until the server answers or the connection breaks, for that is the only way to know
+    /// its outcome (a paused server reads a request from its socket when it resumes, which may
+    /// be after a dedup lookup that a dropped request could not have waited for).
     outstanding: std::sync::Arc<std::sync::Mutex<Vec<Outstanding>>>,
     /// Statements whose request failed but which the server may still be running, by query id.
     unsettled: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-/// A statement on its way, by query id, with where its outcome appears.
-type Outstanding = (
-    String,
-    tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>,
-);
+/// A statement on its way, by query id, with where its outcome appears and whether its caller
+/// stopped waiting for it.
+#[derive(Clone)]
+struct Outstanding {
+    id: String,
+    outcome: tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>,
+    orphaned: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Marks a statement orphaned when its caller stops waiting without an answer (a timeout, or
+/// the caller's future dropped).
+struct Attended(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+
+impl Attended {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Attended {
+    fn drop(&mut self) {
+        if let Some(orphaned) = self.0.take() {
+            orphaned.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
 
 /// Queries carry their values inline (a dedup lookup lists thousands of keys), so they may be
 /// longer than the server's default 256 KiB limit on query text.
@@ -110,21 +131,35 @@ impl HttpRunner {
     /// Waits until no statement of unknown outcome is still on its way or running. An INSERT
     /// whose request timed out (a paused or slow server) may land later; a dedup lookup made
     /// before it does would miss its rows and the retry would store them twice. So every
-    /// statement and query first waits for the outstanding requests to be answered (for one
-    /// `timeout`; then it fails as retriable and the next call waits again), then for the
+    /// statement and query first waits for the orphaned requests (whose caller timed out or was
+    /// cancelled) to be answered (for one `timeout`; then it fails as retriable and the next
+    /// call waits again), then for the
     /// failed ones to be gone from `system.processes`: after that their rows are visible or
     /// were never written.
     async fn await_unsettled(&self) -> Result<(), StoreError> {
-        let waiting = self.outstanding.lock().expect("outstanding lock").clone();
+        let orphans: Vec<Outstanding> = self
+            .outstanding
+            .lock()
+            .expect("outstanding lock")
+            .iter()
+            .filter(|o| o.orphaned.load(std::sync::atomic::Ordering::Acquire))
+            .cloned()
+            .collect();
         let deadline = tokio::time::Instant::now() + self.timeout;
-        for (id, outcome) in waiting {
-            match answer(outcome, deadline).await {
+        for orphan in orphans {
+            match answer(orphan.outcome, deadline).await {
                 // Its error is not returned (that call has already failed), only noted.
                 Some(answered) => {
-                    let _ = self.answered(id, answered);
+                    let _ = self.answered(orphan.id, answered);
                 }
                 None => {
-                    let left = self.outstanding.lock().expect("outstanding lock").len();
+                    let left = self
+                        .outstanding
+                        .lock()
+                        .expect("outstanding lock")
+                        .iter()
+                        .filter(|o| o.orphaned.load(std::sync::atomic::Ordering::Acquire))
+                        .count();
                     return Err(StoreError::Failed {
                         store: "clickhouse",
                         context: "wait for an earlier statement",
@@ -169,7 +204,7 @@ impl HttpRunner {
         self.outstanding
             .lock()
             .expect("outstanding lock")
-            .retain(|(listed, _)| *listed != id);
+            .retain(|listed| listed.id != id);
         if let Err(e) = &result {
             if e.kind() != ErrorKind::Permanent {
                 self.unsettled.lock().expect("unsettled lock").push(id);
@@ -233,17 +268,26 @@ impl SqlRunner for HttpRunner {
         let id = new_query_id();
         let statement = self.client.query_raw(sql).with_setting("query_id", &id);
         let (publish, outcome) = tokio::sync::watch::channel(None);
-        // Listed before anything waits: a caller cancelled from here on leaves it listed.
+        let orphaned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Listed before anything waits: a caller cancelled from here on leaves it orphaned.
+        let attended = Attended(Some(orphaned.clone()));
         self.outstanding
             .lock()
             .expect("outstanding lock")
-            .push((id.clone(), outcome.clone()));
+            .push(Outstanding {
+                id: id.clone(),
+                outcome: outcome.clone(),
+                orphaned,
+            });
         tokio::spawn(async move {
             let _ = publish.send(Some(statement.execute().await.context("execute")));
         });
         match answer(outcome, tokio::time::Instant::now() + self.timeout).await {
-            Some(answered) => self.answered(id, answered),
-            // Its outcome is decided when the server answers: it goes on to that.
+            Some(answered) => {
+                attended.answered();
+                self.answered(id, answered)
+            }
+            // Its outcome is decided when the server answers: it goes on to that, orphaned.
             None => Err(clickhouse::error::Error::TimedOut).context("execute"),
         }
     }
