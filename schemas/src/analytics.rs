@@ -224,21 +224,6 @@ pub struct SpendFigures {
     pub max_duration_ms: i64,
 }
 
-impl From<UsageFigures> for SpendFigures {
-    fn from(f: UsageFigures) -> SpendFigures {
-        SpendFigures {
-            calls: f.calls,
-            errors: f.errors,
-            revenue_micros: f.revenue_micros,
-            input_tokens: f.input_tokens,
-            output_tokens: f.output_tokens,
-            duration_ms_sum: f.duration_ms_sum,
-            avg_duration_ms: f.avg_duration_ms(),
-            max_duration_ms: f.duration_ms_max,
-        }
-    }
-}
-
 /// A row or a report as its customer reads it: the same shape with [`SpendFigures`] in place
 /// of [`UsageFigures`].
 pub trait ForCustomer {
@@ -508,7 +493,16 @@ pub struct TimeSeriesReport<F = UsageFigures> {
 impl ForCustomer for UsageFigures {
     type Customer = SpendFigures;
     fn for_customer(self) -> SpendFigures {
-        self.into()
+        SpendFigures {
+            calls: self.calls,
+            errors: self.errors,
+            revenue_micros: self.revenue_micros,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            duration_ms_sum: self.duration_ms_sum,
+            avg_duration_ms: self.avg_duration_ms(),
+            max_duration_ms: self.duration_ms_max,
+        }
     }
 }
 

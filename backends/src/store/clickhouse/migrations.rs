@@ -45,8 +45,9 @@ pub const MIGRATIONS: &[Migration] = &[
 const DEDUPLICATE_EVENTS: u32 = 9;
 
 /// Blocks whose ids a deduplicating table keeps: a block sent again after this many newer
-/// blocks is stored again. Stale writers never send a block that late (the writer's floor check
-/// refuses it first); the window covers inserts running at the same time.
+/// blocks is stored again. Today the writer's key lookup and its wait for timed-out inserts
+/// keep a late copy out; the window drops copies of recent blocks (a retry, inserts running at
+/// the same time).
 pub const DEDUPLICATION_WINDOW: u32 = 1000;
 
 /// The tables the materialized views on `mcp_events` write. On a server that deduplicates

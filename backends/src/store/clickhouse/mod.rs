@@ -55,42 +55,45 @@ impl<R: SqlRunner + ?Sized> SqlRunner for &R {
 pub struct HttpRunner {
     client: clickhouse::Client,
     timeout: Duration,
-    /// Statements sent and not yet answered, each with the outcome its task will publish. A
-    /// statement is listed before its caller waits for it and leaves the list only once
-    /// answered. Once its caller stops waiting (its timeout passed, or the caller was
-    /// cancelled) it is orphaned, and every later call of any clone waits for it: no caller can
-    /// take it from another. A request that outlives `timeout` is not dropped: it goes on in its
-    /// task until the server answers or the connection breaks, for that is the only way to know
-    /// its outcome (a paused server reads a request from its socket when it resumes, which may
-    /// be after a dedup lookup that a dropped request could not have waited for).
+    /// Statements whose caller stopped waiting before they were answered (its timeout passed,
+    /// or the caller was cancelled), each with the outcome its task will publish. Every call of
+    /// any clone waits for them, and one leaves the list only once answered: no caller can take
+    /// it from another. Such a request is not dropped: it goes on in its task until the server
+    /// answers or the connection breaks, for that is the only way to know its outcome (a
+    /// paused server reads a request from its socket when it resumes, which may be after a
+    /// dedup lookup that a dropped request could not have waited for).
     outstanding: std::sync::Arc<std::sync::Mutex<Vec<Outstanding>>>,
     /// Statements whose request failed but which the server may still be running, by query id.
     unsettled: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-/// A statement on its way, by query id, with where its outcome appears and whether its caller
-/// stopped waiting for it.
+/// A statement on its way, by query id, with where its outcome appears.
 #[derive(Clone)]
 struct Outstanding {
     id: String,
     outcome: tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>,
-    orphaned: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Marks a statement orphaned when its caller stops waiting without an answer (a timeout, or
-/// the caller's future dropped).
-struct Attended(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+/// A statement its caller waits for. Dropped unanswered (a timeout, or the caller's future
+/// dropped), it lists the statement as orphaned.
+struct Attended {
+    statement: Option<Outstanding>,
+    orphans: std::sync::Arc<std::sync::Mutex<Vec<Outstanding>>>,
+}
 
 impl Attended {
     fn answered(mut self) {
-        self.0 = None;
+        self.statement = None;
     }
 }
 
 impl Drop for Attended {
     fn drop(&mut self) {
-        if let Some(orphaned) = self.0.take() {
-            orphaned.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(statement) = self.statement.take() {
+            self.orphans
+                .lock()
+                .expect("outstanding lock")
+                .push(statement);
         }
     }
 }
@@ -133,18 +136,10 @@ impl HttpRunner {
     /// before it does would miss its rows and the retry would store them twice. So every
     /// statement and query first waits for the orphaned requests (whose caller timed out or was
     /// cancelled) to be answered (for one `timeout`; then it fails as retriable and the next
-    /// call waits again), then for the
-    /// failed ones to be gone from `system.processes`: after that their rows are visible or
-    /// were never written.
+    /// call waits again), then for the failed ones to be gone from `system.processes`: after
+    /// that their rows are visible or were never written.
     async fn await_unsettled(&self) -> Result<(), StoreError> {
-        let orphans: Vec<Outstanding> = self
-            .outstanding
-            .lock()
-            .expect("outstanding lock")
-            .iter()
-            .filter(|o| o.orphaned.load(std::sync::atomic::Ordering::Acquire))
-            .cloned()
-            .collect();
+        let orphans = self.outstanding.lock().expect("outstanding lock").clone();
         let deadline = tokio::time::Instant::now() + self.timeout;
         for orphan in orphans {
             match answer(orphan.outcome, deadline).await {
@@ -153,13 +148,7 @@ impl HttpRunner {
                     let _ = self.answered(orphan.id, answered);
                 }
                 None => {
-                    let left = self
-                        .outstanding
-                        .lock()
-                        .expect("outstanding lock")
-                        .iter()
-                        .filter(|o| o.orphaned.load(std::sync::atomic::Ordering::Acquire))
-                        .count();
+                    let left = self.outstanding.lock().expect("outstanding lock").len();
                     return Err(StoreError::Failed {
                         store: "clickhouse",
                         context: "wait for an earlier statement",
@@ -198,7 +187,7 @@ impl HttpRunner {
         }
     }
 
-    /// Takes an answered statement off the list, keeping its id if it failed but may still be
+    /// Takes an answered statement off the orphans, keeping its id if it failed but may still be
     /// running on the server (any failure but a refusal: a refused statement ran and failed).
     fn answered(&self, id: String, result: Result<(), StoreError>) -> Result<(), StoreError> {
         self.outstanding
@@ -268,17 +257,14 @@ impl SqlRunner for HttpRunner {
         let id = new_query_id();
         let statement = self.client.query_raw(sql).with_setting("query_id", &id);
         let (publish, outcome) = tokio::sync::watch::channel(None);
-        let orphaned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Listed before anything waits: a caller cancelled from here on leaves it orphaned.
-        let attended = Attended(Some(orphaned.clone()));
-        self.outstanding
-            .lock()
-            .expect("outstanding lock")
-            .push(Outstanding {
+        // From here a caller cancelled (or timed out) leaves the statement orphaned.
+        let attended = Attended {
+            statement: Some(Outstanding {
                 id: id.clone(),
                 outcome: outcome.clone(),
-                orphaned,
-            });
+            }),
+            orphans: self.outstanding.clone(),
+        };
         tokio::spawn(async move {
             let _ = publish.send(Some(statement.execute().await.context("execute")));
         });

@@ -22,8 +22,9 @@ const KEYS_PER_LOOKUP: usize = 100_000;
 /// Writes through any [`SqlRunner`]: a server over HTTP, or chDB in the tests.
 pub struct ClickHouseWriter<R = HttpRunner> {
     runner: R,
-    /// How the events table drops a block inserted twice, read at the first write.
-    deduplication: Option<Option<Deduplication>>,
+    /// The INSERT's first line, made at the first write for how the events table drops a block
+    /// inserted twice.
+    insert_header: Option<String>,
     /// The events topic whose offsets this writer reads and records ('' when events do not
     /// come through Kafka).
     topic: String,
@@ -39,7 +40,7 @@ impl<R: SqlRunner> ClickHouseWriter<R> {
     pub fn for_topic(runner: R, topic: &str) -> ClickHouseWriter<R> {
         ClickHouseWriter {
             runner,
-            deduplication: None,
+            insert_header: None,
             topic: topic.to_string(),
         }
     }
@@ -163,18 +164,16 @@ impl<R: SqlRunner> StoreWriter for ClickHouseWriter<R> {
         // 2. Decide each event: new, or a duplicate of a stored key or of an earlier event of
         //    this same write. `seen` grows as we go so a repeat inside the write is caught too.
         let mut outcomes = Vec::with_capacity(batches.len());
-        let deduplication = match self.deduplication {
-            Some(known) => known,
-            None => *self
-                .deduplication
-                .insert(migrations::events_deduplication(&self.runner).await?),
-        };
-        let mut insert = match deduplication {
-            Some(Deduplication::Window) => {
-                queries::INSERT_EVENTS.replace(" FORMAT ", &format!(" {DEDUPLICATE_VIEWS} FORMAT "))
-            }
-            _ => String::from(queries::INSERT_EVENTS),
-        };
+        if self.insert_header.is_none() {
+            let views_check = migrations::events_deduplication(&self.runner).await?
+                == Some(Deduplication::Window);
+            self.insert_header = Some(match views_check {
+                true => queries::INSERT_EVENTS
+                    .replace(" FORMAT ", &format!(" {DEDUPLICATE_VIEWS} FORMAT ")),
+                false => queries::INSERT_EVENTS.to_string(),
+            });
+        }
+        let mut insert = self.insert_header.clone().expect("made above");
         let header = insert.len();
         for batch in batches {
             let mut outcome = WriteOutcome::with_positions();
