@@ -150,25 +150,32 @@ nothing. ({e})",
             version.trim()
         )));
     }
-    // A plain CREATE: of two migrates at once, one copies and the other stops here.
-    let created = runner
+    // A plain CREATE of a table no step renames: of two migrates at once, one converts and the
+    // other waits for it (the replicated table's name cannot serve: the swap frees it).
+    let locked = runner
+        .execute("CREATE TABLE mcp_events_conversion (started DateTime) ENGINE = TinyLog")
+        .await;
+    if let Err(e) = locked {
+        for _ in 0..600 {
+            if let Some(done) = events_deduplication(runner).await? {
+                return Ok(done);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        return Err(StoreError::NotReady(format!(
+            "another migrate has been making mcp_events replicated for a minute, or one stopped \
+midway: if none is running, DROP TABLE mcp_events_conversion and mcp_events_replicated (which \
+holds only a copy) and migrate again. ({e})"
+        )));
+    }
+    runner
         .execute(&format!(
             "CREATE TABLE mcp_events_replicated AS mcp_events \
 ENGINE = ReplicatedMergeTree('/clickhouse/mcp-meter/{database}/mcp_events', 'mcp-meter') \
 PARTITION BY toYYYYMM(occurred_at) ORDER BY (tenant_id, occurred_at, idempotency_key) \
 SETTINGS replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
         ))
-        .await;
-    if let Err(e) = created {
-        return match events_deduplication(runner).await? {
-            Some(done) => Ok(done),
-            None => Err(StoreError::NotReady(format!(
-                "mcp_events_replicated could not be created: another migrate is making mcp_events \
-replicated, or one stopped midway (then DROP TABLE mcp_events_replicated, which holds only a \
-copy, and migrate again). ({e})"
-            ))),
-        };
-    }
+        .await?;
     runner
         .execute("INSERT INTO mcp_events_replicated SELECT * FROM mcp_events")
         .await?;
@@ -195,6 +202,7 @@ them into a table without views, then ATTACH its partitions)",
         )));
     }
     runner.execute("DROP TABLE mcp_events_unreplicated").await?;
+    runner.execute("DROP TABLE mcp_events_conversion").await?;
     Ok(Deduplication::Replicated)
 }
 
