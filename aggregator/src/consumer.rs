@@ -1,56 +1,67 @@
 //! The distributed mode's store writer: consume the events topic, write ClickHouse exactly once.
 //!
-//! Consistency contract. Three facts make every step below safe to crash at:
-//! - A partition has one writer at a time: rebalances happen only inside `poll`, and a batch is
-//!   written completely (or the process exits) before the next `poll`.
-//! - The store's floor of a partition (the greatest offset of a fully stored batch) is recorded
-//!   after the insert succeeded, so everything at or below it is stored.
-//! - Every row carries its idempotency key and its (partition, offset); the writer drops keys
-//!   already stored, and after a failure the loop drops positions already stored.
+//! Consistency contract. The store decides, so no clock and no membership check carries it:
+//! - Each partition is cut into blocks by rules that read only the log ([`blocks`]): whoever
+//!   writes a partition from a block boundary cuts the same blocks.
+//! - A block's events not stored yet (by key) go to the store in one atomic insert, which the
+//!   store skips when the partition is already handled at or past the block's first offset
+//!   (the writer is late), and which it drops as a copy when the same block is inserted at the
+//!   same moment by another writer ([`BlockWriter`]).
+//! - A block's rows carry its last offset, so the store's floor of a partition (where the next
+//!   block starts) moves in the insert that stores the block; a block that stores no row
+//!   records its end after it is handled.
 //!
-//! Offsets committed to Kafka are only a hint of where to resume reading.
+//! A writer paused anywhere, for any time, at worst repeats work the store then refuses. Offsets
+//! committed to Kafka are only a hint of where to resume reading.
 
 use crate::lag::ConsumerStatus;
 use crate::metrics::METRICS;
-use backends::error::{ErrorKind, StoreError};
+use backends::error::StoreError;
 use backends::sink::{BusPosition, TenantBatch};
-use backends::source::{BusError, BusMessage, EventSource, Poison};
-use backends::store::{StoreWriter, StoredOffsets};
-use std::collections::{HashMap, HashSet};
+use backends::source::{BusError, BusMessage, Content, EventSource, Poison};
+use backends::store::{Block, BlockWrite, BlockWriter};
+use blocks::{CutBlock, Cutter};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+pub mod blocks;
+
 /// How the loop batches and how long it keeps trying.
 #[derive(Clone, Debug)]
 pub struct ConsumerConfig {
-    /// Most messages per insert.
+    /// Most messages per poll.
     pub max_batch_rows: usize,
-    /// Longest a message waits for its batch to fill.
+    /// Longest a poll waits for more messages after the first.
     pub max_batch_wait: Duration,
     /// Longest pause between two tries of a failed insert.
     pub max_retry_backoff: Duration,
-    /// Longest the loop keeps retrying one batch. Past it, it gives up (the process exits): the
-    /// group may already have given the partitions to another aggregator, and a late write
-    /// could then duplicate theirs. A restart is always safe.
+    /// Longest the loop keeps retrying one block. Past it, it gives up (the process exits, and
+    /// a supervisor restarts it as a new group member): a store that refuses for that long
+    /// is better reported than waited for. Sending the block again later is always safe.
     pub give_up_after: Duration,
 }
 
 /// What the loop did, for logs and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
-    pub batches: u64,
+    /// Blocks handled.
+    pub blocks: u64,
+    /// Rows sent to the store (a late writer's rows are sent, and the store refuses them).
     pub rows_written: u64,
+    /// Events whose key was stored already (a client's retry, a redelivery).
     pub duplicates: u64,
-    pub already_stored: u64,
     pub dead_letters: u64,
+    /// Cut markers appended.
+    pub markers: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     #[error(transparent)]
     Bus(#[from] BusError),
-    #[error("gave up on a batch after {seconds} s of failures; last: {last}")]
+    #[error("gave up on a block after {seconds} s of failures; last: {last}")]
     GaveUp { seconds: u64, last: StoreError },
     #[error(
         "the ClickHouse database holds offsets up to {floor} of partition {partition} of topic \
@@ -67,17 +78,20 @@ topic and follows the new one from its start"
     },
     #[error("{0}; exiting so that a supervisor restarts this aggregator as a new group member")]
     Stalled(String),
-    #[error(
-        "the consumer group went on without this member before its batch was written; the \
-batch is left to the partitions' new holder"
-    )]
-    Lost,
 }
 
-/// Runs until `shutdown` turns true (then finishes the batch in hand and returns), until a
-/// batch cannot be written for `give_up_after`, or until the lag monitor gives up on a stall.
+/// Where the loop is with a partition it holds.
+enum Track {
+    /// Sent back to the store's floor: messages before `first` are the old read position's.
+    Seeking { first: i64 },
+    /// Reading blocks in order.
+    Reading(Cutter),
+}
+
+/// Runs until `shutdown` turns true (then returns after the blocks in hand), until a block
+/// cannot be written for `give_up_after`, or until the lag monitor gives up on a stall.
 /// `status` is what the loop and the lag monitor share: the loop publishes its assignment and
-/// whether it is writing, and acts on the monitor's requests between batches.
+/// whether it is writing, and acts on the monitor's requests between polls.
 pub async fn run<S, W>(
     source: &mut S,
     writer: &mut W,
@@ -87,22 +101,13 @@ pub async fn run<S, W>(
 ) -> Result<Progress, ConsumerError>
 where
     S: EventSource,
-    W: StoreWriter + StoredOffsets,
+    W: BlockWriter,
 {
     let mut progress = Progress::default();
-    // Per owned partition: the greatest offset known stored. Absent = not read since assignment.
-    let mut floors: HashMap<i32, i64> = HashMap::new();
-    // Partitions whose first batch since assignment still needs the position check: a crash may
-    // have left a partial insert above the floor.
-    let mut unverified: HashSet<i32> = HashSet::new();
-    // Per partition: the offset the next message should have. On a topic that is neither
-    // compacted nor transactional, a message beyond it means the bus skipped records.
-    let mut expected: HashMap<i32, i64> = HashMap::new();
+    let mut held: HashMap<i32, Track> = HashMap::new();
     let idle = Duration::from_millis(500);
     while !*shutdown.borrow() {
-        // 0. The lag monitor's requests, between two batches: nothing is half-written here,
-        //    so leaving the group (or the process) loses nothing and keeps one writer per
-        //    partition.
+        // 0. The lag monitor's requests.
         if let Some(reason) = status.give_up() {
             return Err(ConsumerError::Stalled(reason));
         }
@@ -111,166 +116,199 @@ where
             revoked = source.rejoin().await?;
             tracing::warn!(held = ?revoked, "left and rejoined the consumer group to end a stall");
         }
-        // 1. Read a batch. Partitions change hands only inside this call.
+        // 1. Read.
         let mut polled = tokio::select! {
             polled = source.poll(config.max_batch_rows, idle, config.max_batch_wait) => polled?,
             _ = shutdown.changed() => break,
         };
         status.set_assigned(source.assignment());
         polled.revoked.append(&mut revoked);
-        // 2. Forget partitions taken away: their new owner writes them now, and if they come
-        //    back their floor is read again.
+        // 2. Forget partitions taken away: if they come back, they start again from the floor.
         for p in &polled.revoked {
-            floors.remove(p);
-            unverified.remove(p);
-            expected.remove(p);
+            held.remove(p);
         }
-        for m in &polled.messages {
-            let p = m.position;
-            if !floors.contains_key(&p.partition) {
-                continue; // first sight since assignment: step 3 decides where it resumes
-            }
-            if let Some(want) = expected.get(&p.partition) {
-                if p.offset > *want {
-                    tracing::error!(
-                        partition = p.partition,
-                        expected = *want,
-                        got = p.offset,
-                        "the bus skipped offsets: records in between were never delivered"
-                    );
+        let caught_up = polled.messages.len() < config.max_batch_rows;
+        // 3. Feed each message to its partition's cutter; partitions new since their
+        //    assignment start at the store's floor.
+        let mut closed: Vec<CutBlock> = Vec::new();
+        let mut arrived: HashMap<i32, Vec<BusMessage>> = HashMap::new();
+        for message in polled.messages {
+            let p = message.position.partition;
+            match held.get_mut(&p) {
+                None => arrived.entry(p).or_default().push(message),
+                Some(Track::Seeking { first }) if message.position.offset < *first => {}
+                Some(track) => {
+                    if let Track::Seeking { first } = track {
+                        *track = Track::Reading(Cutter::new(p, *first));
+                    }
+                    let Track::Reading(cutter) = track else {
+                        unreachable!("set above")
+                    };
+                    closed.extend(cutter.push(message));
                 }
             }
-            expected.insert(p.partition, p.offset + 1);
         }
-        if polled.messages.is_empty() {
-            continue;
+        if !arrived.is_empty() {
+            closed.extend(start(source, writer, config, &mut held, arrived).await?);
         }
-        // From here to the floors recorded in step 7 the loop is busy with this batch: a stall
-        // meanwhile is the store's, not the group's.
-        status.set_writing(true);
-        // 3. Partitions new to us since their assignment: read their floors (one small query)
-        //    and resume each at floor + 1, wherever the group's committed offset (a hint)
-        //    started us. Behind it we would skip records nobody stored; at or below it we would
-        //    re-read what is stored. Messages of such a partition in this poll are dropped: the
-        //    seek delivers them again.
-        let new: Vec<i32> = partitions(&polled.messages)
-            .into_iter()
-            .filter(|p| !floors.contains_key(p))
-            .collect();
-        let mut resumed: HashSet<i32> = HashSet::new();
-        if !new.is_empty() {
-            let stored = retry(config, || writer.stored_offsets(&new)).await?;
-            for p in new {
-                let floor = stored.get(&p).copied().unwrap_or(-1);
-                // Offsets are kept per topic name: a floor at or past the topic's end comes
-                // from an earlier topic of the same name (what is stored was read below the
-                // end), whose rows would also pass for this one's.
-                if floor >= 0 {
-                    let end = source.end_offset(p).await?;
-                    if floor >= end {
-                        return Err(ConsumerError::ForeignOffsets {
-                            topic: source.topic().to_string(),
-                            partition: p,
-                            floor,
-                            end,
-                        });
+        // 4. A block still open on a partition read to its end is closed by a marker, which
+        //    the next polls bring back.
+        if caught_up {
+            for (p, track) in held.iter_mut() {
+                if let Track::Reading(cutter) = track {
+                    if cutter.wants_marker() {
+                        // A marker that cannot be appended now (the broker away) is asked
+                        // again after the next poll; the block waits for it or for its span.
+                        match source.cut(*p).await {
+                            Ok(()) => {
+                                cutter.marker_asked();
+                                progress.markers += 1;
+                            }
+                            Err(e) => {
+                                tracing::warn!(partition = *p, error = %e, "cut marker not appended; asking again after the next poll");
+                            }
+                        }
                     }
                 }
-                floors.insert(p, floor);
-                unverified.insert(p);
-                let first = polled.messages.iter().find(|m| m.position.partition == p);
-                if first.is_some_and(|m| m.position.offset != floor + 1) {
-                    let resume = BusPosition {
-                        partition: p,
-                        offset: floor + 1,
-                    };
-                    source.seek(resume).await?;
-                    tracing::info!(
-                        partition = p,
-                        from = first.map(|m| m.position.offset),
-                        to = resume.offset,
-                        "resuming at the stored floor"
-                    );
-                    expected.insert(p, resume.offset);
-                    resumed.insert(p);
-                }
             }
         }
-        // 4. Drop what a fully stored batch already holds (re-read after a crash or a seek).
-        let before = polled.messages.len();
-        let messages: Vec<BusMessage> = polled
-            .messages
-            .into_iter()
-            .filter(|m| !resumed.contains(&m.position.partition))
-            .filter(|m| m.position.offset > floors[&m.position.partition])
-            .collect();
-        progress.already_stored += (before - messages.len()) as u64;
-        let next = next_positions(&messages);
-        // 5. Poison to the dead-letter topic, durably, before the batch counts as done. After a
-        //    crash it may be sent again: the dead-letter topic is at-least-once.
-        let mut batches = Vec::new();
-        for message in messages {
-            match message.content {
-                Ok(bus) => push(&mut batches, bus.tenant_id, bus.event, message.position),
-                Err(poison) => {
-                    dead_letter(source, message.position, &poison, &mut progress).await?;
-                }
-            }
+        if closed.is_empty() {
+            continue;
         }
-        // 6. Insert. The writer drops keys already stored and repeats within the batch. On the
-        //    first batch of a partition since assignment, and after any failed try, positions
-        //    already stored are dropped first: a failed INSERT may have stored part of a batch.
-        //    Rows the store refuses for good (bad data) are found by halving and come back here.
-        let check_positions = batches
-            .iter()
-            .flat_map(|b| &b.positions)
-            .any(|p| unverified.contains(&p.partition));
-        let started = Instant::now();
-        let refused = match store(
-            writer,
-            batches,
-            check_positions,
-            &|| source.still_member(),
-            config,
-            &mut progress,
-        )
-        .await
-        {
-            Err(ConsumerError::Lost) => {
-                // Another member writes these partitions now; the next poll says which were
-                // lost, and they are forgotten there.
-                tracing::warn!("the group went on without this member: its batch is left to the new holder of its partitions");
-                status.set_writing(false);
-                continue;
-            }
-            answer => answer?,
-        };
-        // 6b. Refused rows go to the dead-letter topic with the store's reason and their source
-        //     offsets, durably, before the floors pass them: the batch's other rows are stored,
-        //     and these are kept where an operator can read, fix and replay them.
-        for (position, poison) in refused {
-            dead_letter(source, position, &poison, &mut progress).await?;
-        }
-        // 7. Raise the floors, now that everything up to them is stored. A crash before this
-        //    line re-reads the batch, and step 6's checks drop what is stored.
-        let new_floors: Vec<(i32, i64)> =
-            next.iter().map(|p| (p.partition, p.offset - 1)).collect();
-        retry(config, || writer.record_offsets(&new_floors)).await?;
-        for (p, floor) in &new_floors {
-            floors.insert(*p, *floor);
-            unverified.remove(p);
+        // 5. Store the closed blocks, each partition's in order. A stall meanwhile is the
+        //    store's, not the group's.
+        status.set_writing(true);
+        for block in closed {
+            let started = Instant::now();
+            let next = blocks::after(&block);
+            handle(source, writer, config, block, &mut progress).await?;
+            // Where to resume reading (a hint; losing it costs a re-read, never a duplicate).
+            source.commit(&[next]);
+            progress.blocks += 1;
+            tracing::debug!(
+                ?progress,
+                partition = next.partition,
+                next = next.offset,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "block handled"
+            );
         }
         status.set_writing(false);
-        // 8. Tell Kafka where to resume (a hint; losing it costs a re-read, never a duplicate).
-        source.commit(&next);
-        progress.batches += 1;
-        tracing::debug!(
-            ?progress,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "batch stored"
-        );
     }
     Ok(progress)
+}
+
+/// Starts the partitions new to this member: each resumes at its store floor + 1, wherever the
+/// group's committed offset (a hint) started the bus. When the bus started there, the
+/// messages that arrived are fed at once; otherwise it is sent back (`seek`) and they come
+/// again. Answers the blocks the fed messages close.
+async fn start<S: EventSource, W: BlockWriter>(
+    source: &mut S,
+    writer: &W,
+    config: &ConsumerConfig,
+    held: &mut HashMap<i32, Track>,
+    arrived: HashMap<i32, Vec<BusMessage>>,
+) -> Result<Vec<CutBlock>, ConsumerError> {
+    let mut partitions: Vec<i32> = arrived.keys().copied().collect();
+    partitions.sort_unstable();
+    let floors = retry(config, || writer.stored_offsets(&partitions)).await?;
+    let mut closed = Vec::new();
+    for (p, messages) in arrived {
+        let floor = floors.get(&p).copied().unwrap_or(-1);
+        // Offsets are kept per topic name: a floor at or past the topic's end comes from an
+        // earlier topic of the same name, whose rows would also pass for this one's.
+        if floor >= 0 {
+            let end = source.end_offset(p).await?;
+            if floor >= end {
+                return Err(ConsumerError::ForeignOffsets {
+                    topic: source.topic().to_string(),
+                    partition: p,
+                    floor,
+                    end,
+                });
+            }
+        }
+        let first = floor + 1;
+        let from = messages[0].position.offset;
+        if from == first {
+            let mut cutter = Cutter::new(p, first);
+            for message in messages {
+                closed.extend(cutter.push(message));
+            }
+            held.insert(p, Track::Reading(cutter));
+        } else {
+            source
+                .seek(BusPosition {
+                    partition: p,
+                    offset: first,
+                })
+                .await?;
+            tracing::info!(
+                partition = p,
+                from,
+                to = first,
+                "resuming at the stored floor"
+            );
+            held.insert(p, Track::Seeking { first });
+        }
+    }
+    Ok(closed)
+}
+
+/// Handles one block: its poison to the dead-letter topic, its events to the store (those the
+/// store refuses for good go to the dead-letter topic with the store's reason), and its end
+/// recorded when no row of it was stored. Dead letters are durable before the block counts as
+/// handled; a writer that handles the block again sends them again (the dead-letter topic is
+/// at-least-once).
+async fn handle<S: EventSource, W: BlockWriter>(
+    source: &S,
+    writer: &mut W,
+    config: &ConsumerConfig,
+    block: CutBlock,
+    progress: &mut Progress,
+) -> Result<(), ConsumerError> {
+    let mut batches: Vec<TenantBatch> = Vec::new();
+    for message in block.messages {
+        match message.content {
+            Content::Event(bus) => push(&mut batches, bus.tenant_id, bus.event, message.position),
+            Content::Poison(poison) => {
+                dead_letter(source, message.position, &poison, progress).await?;
+            }
+            Content::Cut => {}
+        }
+    }
+    let block = Block {
+        partition: block.partition,
+        first: block.first,
+        last: block.last,
+        batches,
+    };
+    let mut sent_rows = false;
+    if !block.batches.is_empty() {
+        let write = store(writer, &block, config, progress).await?;
+        sent_rows = write.sent_rows();
+        for (position, reason) in &write.refused {
+            let (tenant, event) = event_at(&block, *position);
+            dead_letter(source, *position, &refused(tenant, event, reason), progress).await?;
+        }
+    }
+    if !sent_rows {
+        let end = [(block.partition, block.last)];
+        retry(config, || writer.record_offsets(&end)).await?;
+    }
+    Ok(())
+}
+
+/// The tenant and event of a block at `position`.
+fn event_at(block: &Block, position: BusPosition) -> (&str, &schemas::event::RatedEvent) {
+    block
+        .batches
+        .iter()
+        .find_map(|b| {
+            let i = b.positions.iter().position(|p| *p == position)?;
+            Some((&*b.tenant_id, &b.events[i]))
+        })
+        .expect("the store refuses only events of the block")
 }
 
 /// Sends one message to the dead-letter topic, durably, and counts it.
@@ -303,110 +341,42 @@ fn refused(
     }
 }
 
-/// Stores `batches`, retrying what may pass later (with [`backoff`], up to `give_up_after`).
-/// A write the store refuses for good is halved until the refused rows stand alone: every other
-/// row is stored, and the refused ones are returned. Each try first drops positions already
-/// stored when a partial write may have happened (`check_positions`, and after any failure).
-/// Before every insert it asks `still_member`: once the group has gone on without this member,
-/// it writes nothing more and answers [`ConsumerError::Lost`].
-async fn store<W>(
+/// Stores `block`, retrying what may pass later (with [`backoff`], up to `give_up_after`).
+async fn store<W: BlockWriter>(
     writer: &mut W,
-    batches: Vec<TenantBatch>,
-    check_positions: bool,
-    still_member: &dyn Fn() -> bool,
+    block: &Block,
     config: &ConsumerConfig,
     progress: &mut Progress,
-) -> Result<Vec<(BusPosition, Poison)>, ConsumerError>
-where
-    W: StoreWriter + StoredOffsets,
-{
+) -> Result<BlockWrite, ConsumerError> {
     let started = Instant::now();
     let mut attempt = 0u32;
-    let mut refused = Vec::new();
-    // Chunks still to write, the next one last; each with whether to check positions first.
-    let mut chunks = vec![(batches, check_positions)];
-    while let Some((mut chunk, mut check)) = chunks.pop() {
-        loop {
-            if check {
-                match writer.stored_positions(&chunk).await {
-                    Ok(stored) => {
-                        progress.already_stored += drop_positions(&mut chunk, &stored) as u64;
-                    }
-                    Err(e) => {
-                        backoff(config, &mut attempt, started, e).await?;
-                        continue;
-                    }
+    loop {
+        let insert_started = Instant::now();
+        match writer.write_block(block).await {
+            Ok(write) => {
+                METRICS.insert_latency.observe(insert_started.elapsed());
+                for o in &write.outcomes {
+                    progress.rows_written += o.accepted as u64;
+                    progress.duplicates += o.duplicates as u64;
+                    METRICS.rows_inserted.add(o.accepted as u64);
                 }
+                let newest = block
+                    .batches
+                    .iter()
+                    .flat_map(|b| b.events.iter().map(|e| e.received_at_ms))
+                    .max();
+                if let Some(newest) = newest {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    METRICS.lag_ms.set(now - newest);
+                }
+                return Ok(write);
             }
-            if !still_member() {
-                return Err(ConsumerError::Lost);
-            }
-            let insert_started = Instant::now();
-            match writer.write(&chunk).await {
-                Ok(outcomes) => {
-                    METRICS.insert_latency.observe(insert_started.elapsed());
-                    for o in outcomes {
-                        progress.rows_written += o.accepted as u64;
-                        progress.duplicates += o.duplicates as u64;
-                        METRICS.rows_inserted.add(o.accepted as u64);
-                    }
-                    let newest = chunk
-                        .iter()
-                        .flat_map(|b| b.events.iter().map(|e| e.received_at_ms))
-                        .max();
-                    if let Some(newest) = newest {
-                        let now = chrono::Utc::now().timestamp_millis();
-                        METRICS.lag_ms.set(now - newest);
-                    }
-                    break;
-                }
-                Err(e) if e.kind() == ErrorKind::Permanent => {
-                    METRICS.insert_failures.add(1);
-                    let mut rows = rows_of(chunk);
-                    if let [(tenant_id, event, position)] = rows.as_slice() {
-                        refused.push((*position, self::refused(tenant_id, event, &e)));
-                    } else {
-                        tracing::warn!(error = %e, rows = rows.len(),
-                            "the store refused a write for good; halving it to find the rows it refuses");
-                        let second = rows.split_off(rows.len() / 2);
-                        // The first half is written first: it is pushed last.
-                        chunks.push((batches_of(second), true));
-                        chunks.push((batches_of(rows), true));
-                    }
-                    break;
-                }
-                Err(e) => {
-                    METRICS.insert_failures.add(1);
-                    check = true;
-                    backoff(config, &mut attempt, started, e).await?;
-                }
+            Err(e) => {
+                METRICS.insert_failures.add(1);
+                backoff(config, &mut attempt, started, e).await?;
             }
         }
     }
-    Ok(refused)
-}
-
-/// The rows of `batches`, each with its tenant and position, in order.
-fn rows_of(batches: Vec<TenantBatch>) -> Vec<(Arc<str>, schemas::event::RatedEvent, BusPosition)> {
-    batches
-        .into_iter()
-        .flat_map(|b| {
-            let tenant = b.tenant_id;
-            b.events
-                .into_iter()
-                .zip(b.positions)
-                .map(move |(e, p)| (tenant.clone(), e, p))
-        })
-        .collect()
-}
-
-/// `rows` grouped back into one batch per tenant.
-fn batches_of(rows: Vec<(Arc<str>, schemas::event::RatedEvent, BusPosition)>) -> Vec<TenantBatch> {
-    let mut batches = Vec::new();
-    for (tenant, event, position) in rows {
-        push(&mut batches, tenant, event, position);
-    }
-    batches
 }
 
 /// Adds an event to the batch of its tenant, keeping each batch's positions aligned.
@@ -418,7 +388,7 @@ fn push(
     position: BusPosition,
 ) {
     let batch = match batches
-        .iter_mut()
+        .iter()
         .position(|b| *b.tenant_id == *tenant.as_ref())
     {
         Some(i) => &mut batches[i],
@@ -431,48 +401,8 @@ fn push(
     batch.positions.push(position);
 }
 
-/// Removes events whose positions are in `stored`; returns how many.
-fn drop_positions(batches: &mut [TenantBatch], stored: &HashSet<BusPosition>) -> usize {
-    let mut dropped = 0;
-    for batch in batches.iter_mut() {
-        let keep: Vec<bool> = batch
-            .positions
-            .iter()
-            .map(|p| !stored.contains(p))
-            .collect();
-        dropped += keep.iter().filter(|k| !**k).count();
-        let mut k = keep.iter();
-        batch.events.retain(|_| *k.next().expect("aligned"));
-        let mut k = keep.iter();
-        batch.positions.retain(|_| *k.next().expect("aligned"));
-    }
-    dropped
-}
-
-fn partitions(messages: &[BusMessage]) -> Vec<i32> {
-    let mut ps: Vec<i32> = messages.iter().map(|m| m.position.partition).collect();
-    ps.sort_unstable();
-    ps.dedup();
-    ps
-}
-
-/// Per partition, the offset after the last message: where reading resumes.
-fn next_positions(messages: &[BusMessage]) -> Vec<BusPosition> {
-    let mut next: HashMap<i32, i64> = HashMap::new();
-    for m in messages {
-        let n = next.entry(m.position.partition).or_insert(0);
-        *n = (*n).max(m.position.offset + 1);
-    }
-    let mut out: Vec<BusPosition> = next
-        .into_iter()
-        .map(|(partition, offset)| BusPosition { partition, offset })
-        .collect();
-    out.sort_by_key(|p| p.partition);
-    out
-}
-
 /// Waits before the next try, doubling up to the configured maximum; gives up past the limit.
-/// Refused rows do not come here ([`store`] sets them apart); an error here is one that may
+/// Refused rows do not come here (the writer sets them apart); an error here is one that may
 /// pass (a store away, a timeout, a table detached or not migrated yet) or one of reading
 /// offsets, which no row can be blamed for.
 async fn backoff(
@@ -514,62 +444,3 @@ where
 
 #[cfg(test)]
 mod harness;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use schemas::event::{BusEvent, RatedEvent};
-
-    fn message(partition: i32, offset: i64) -> BusMessage {
-        BusMessage {
-            position: BusPosition { partition, offset },
-            content: Ok(BusEvent {
-                tenant_id: "t".into(),
-                event: RatedEvent::sample_call(&format!("k{partition}-{offset}"), 0),
-            }),
-        }
-    }
-
-    #[test]
-    fn resume_positions_are_one_past_the_last_offset_of_each_partition() {
-        let ms = [message(1, 5), message(0, 9), message(1, 7), message(0, 3)];
-        assert_eq!(
-            next_positions(&ms),
-            vec![
-                BusPosition {
-                    partition: 0,
-                    offset: 10
-                },
-                BusPosition {
-                    partition: 1,
-                    offset: 8
-                }
-            ]
-        );
-        assert_eq!(partitions(&ms), vec![0, 1]);
-    }
-
-    #[test]
-    fn dropping_stored_positions_keeps_events_and_positions_aligned() {
-        let mut batches = Vec::new();
-        for (p, o) in [(0, 1), (0, 2), (1, 1), (0, 3)] {
-            let m = message(p, o);
-            let bus = m.content.unwrap();
-            push(&mut batches, bus.tenant_id, bus.event, m.position);
-        }
-        let stored: HashSet<BusPosition> = [BusPosition {
-            partition: 0,
-            offset: 2,
-        }]
-        .into();
-        assert_eq!(drop_positions(&mut batches, &stored), 1);
-        let b = &batches[0];
-        assert_eq!(b.events.len(), b.positions.len());
-        let keys: Vec<&str> = b
-            .events
-            .iter()
-            .map(|e| e.idempotency_key.as_str())
-            .collect();
-        assert_eq!(keys, ["k0-1", "k1-1", "k0-3"]);
-    }
-}

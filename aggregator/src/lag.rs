@@ -648,15 +648,6 @@ mod tests {
         ) -> Result<(), backends::error::StoreError> {
             Ok(())
         }
-        async fn stored_positions(
-            &self,
-            _: &[backends::sink::TenantBatch],
-        ) -> Result<
-            std::collections::HashSet<backends::sink::BusPosition>,
-            backends::error::StoreError,
-        > {
-            Ok(Default::default())
-        }
     }
 
     #[test]

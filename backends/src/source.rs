@@ -52,7 +52,20 @@ pub struct Poison {
 #[derive(Debug)]
 pub struct BusMessage {
     pub position: BusPosition,
-    pub content: Result<BusEvent, Poison>,
+    pub content: Content,
+}
+
+/// What a message of the events topic holds. Nearly every message is an event, so the enum is
+/// as large as one rather than boxing each.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Content {
+    /// A rated event, as the ingestor published it.
+    Event(BusEvent),
+    /// A cut marker: the block being read ends here ([`EventSource::cut`]).
+    Cut,
+    /// Something that cannot be read as an event.
+    Poison(Poison),
 }
 
 /// What one poll gave: messages, and the partitions this consumer lost since the last poll
@@ -66,8 +79,7 @@ pub struct Polled {
 #[async_trait::async_trait]
 pub trait EventSource: Send {
     /// Waits up to `idle` for a first message, then collects more until `max` messages or
-    /// `fill` after the first. Rebalance callbacks run only in here, so partitions change
-    /// hands only between two batches of the caller.
+    /// `fill` after the first. Says which partitions were taken away since the last poll.
     async fn poll(
         &mut self,
         max: usize,
@@ -77,6 +89,10 @@ pub trait EventSource: Send {
 
     /// Sends a message to the dead-letter topic with its reason, and waits until it is durable.
     async fn dead_letter(&self, position: BusPosition, poison: &Poison) -> Result<(), BusError>;
+
+    /// Appends a cut marker to `partition` and waits until it is durable: the block being read
+    /// of that partition ends at the marker, for every reader alike.
+    async fn cut(&self, partition: i32) -> Result<(), BusError>;
 
     /// Moves a partition's read position (past what the store already holds).
     async fn seek(&self, position: BusPosition) -> Result<(), BusError>;
@@ -88,22 +104,16 @@ pub trait EventSource: Send {
     /// The name of the topic consumed.
     fn topic(&self) -> &str;
 
-    /// Records what was consumed. A hint for restarts only: correctness rests on the positions
-    /// stored with the rows, so a commit that is lost costs re-reading, never a duplicate.
+    /// Records what was consumed. A hint for restarts only: correctness rests on the floors
+    /// the store keeps, so a commit that is lost costs re-reading, never a duplicate.
     fn commit(&self, next: &[BusPosition]);
-
-    /// False once the group has gone on without this member (a broker restart that lost the
-    /// group, an expired session), before `poll` has said so: another member may be writing
-    /// its partitions already, so nothing more of them may be written. Checked before every
-    /// insert.
-    fn still_member(&self) -> bool;
 
     /// The partitions the group assigns to this member now.
     fn assignment(&self) -> Vec<i32>;
 
     /// Leaves the group and joins it again as a new member, as a restart would; answers the
     /// partitions this member held, which the caller must forget (as after `poll`'s
-    /// `revoked`). Called between batches only, so one writer per partition still holds.
+    /// `revoked`).
     async fn rejoin(&mut self) -> Result<Vec<i32>, BusError>;
 }
 

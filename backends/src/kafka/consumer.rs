@@ -5,48 +5,35 @@ use super::off_runtime;
 use super::producer::producer_config;
 use crate::metrics::LogThrottle;
 use crate::sink::BusPosition;
-use crate::source::{BusError, BusMessage, EventSource, Poison, Polled};
+use crate::source::{BusError, BusMessage, Content, EventSource, Poison, Polled};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use schemas::config::KafkaConfig;
 use schemas::event::BusEvent;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Notes the partitions taken away in a rebalance, for the aggregator to forget, and the ones
-/// taken over from another member, which are not written before their [`TAKEOVER_GRACE`].
+/// Notes the partitions taken away in a rebalance, for the aggregator to forget.
 struct Context {
     topic: String,
     revoked: Arc<Mutex<Vec<i32>>>,
-    /// Per partition taken over: nothing of it is written before this instant.
-    takeovers: Takeovers,
-    /// What this member held until the last revoke (empty when its assignment was lost: the
-    /// group went on without it, and another member may have held anything since).
-    held: Mutex<Vec<i32>>,
 }
 
-type Takeovers = Arc<Mutex<HashMap<i32, Instant>>>;
-
-/// How long a member waits, after it was given a partition it did not hold just before, until
-/// it writes any of it. A rebalance moves a partition only once its holder gave it up between
-/// two batches, except when the group goes on without a member: its session ran out while the
-/// broker was away, and tansu hands every partition to whoever rejoins first while the others
-/// still hold theirs, writing the batch in hand, until they notice (librdkafka's
-/// assignment_lost, checked before every insert: `still_member`) or poll again (which revokes
-/// them). The new holder waits for the former one to notice (a reconnection: at most
-/// RECONNECT_BACKOFF_MAX with librdkafka's jitter; a heartbeat: HEARTBEAT_INTERVAL) or to end
-/// its batch, with room to spare. A partition that comes back to the member that held it just
-/// before (most rebalances) has no wait.
-pub const TAKEOVER_GRACE: Duration = Duration::from_secs(5);
-/// Longest pause between two reconnection tries to a broker (librdkafka's default is 10 s).
+/// Longest pause between two reconnection tries to a broker (librdkafka's default is 10 s):
+/// after a broker restart, reading resumes within a second.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(1000);
-/// Longest time between two heartbeats (with sessions shorter than 3 s: a third of one).
+/// Longest time between two heartbeats (with sessions shorter than 3 s: a third of one): a
+/// member hears within a second that the group went on without it, and stops reading what it
+/// no longer holds.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(1000);
+
+/// The header that marks a cut marker ([`EventSource::cut`]); such a record has no key and no
+/// payload.
+pub const CUT_HEADER: &str = "mcp-meter-cut";
 
 impl ClientContext for Context {}
 
@@ -58,18 +45,13 @@ impl ConsumerContext for Context {
                 .iter()
                 .map(|e| e.partition())
                 .collect();
-            let lost = consumer.assignment_lost();
-            if lost {
+            if consumer.assignment_lost() {
                 tracing::warn!(?partitions,
                     "the group went on without this member (its session expired, or the broker restarted and forgot it): \
-its partitions are lost, and nothing more of them is written");
+its partitions are another member's now");
             } else {
                 tracing::info!(?partitions, "partitions revoked");
             }
-            // A grace still running is kept: if the partition comes back to this member, its
-            // former holder may still not have noticed.
-            *self.held.lock().expect("held lock") =
-                if lost { Vec::new() } else { partitions.clone() };
             self.revoked
                 .lock()
                 .expect("revoked lock")
@@ -84,18 +66,7 @@ its partitions are lost, and nothing more of them is written");
                 .iter()
                 .map(|e| e.partition())
                 .collect();
-            let held = std::mem::take(&mut *self.held.lock().expect("held lock"));
-            let taken: Vec<i32> = partitions
-                .iter()
-                .copied()
-                .filter(|p| !held.contains(p))
-                .collect();
-            tracing::info!(?partitions, taken_over = ?taken, "partitions assigned");
-            let until = Instant::now() + TAKEOVER_GRACE;
-            let mut takeovers = self.takeovers.lock().expect("takeovers lock");
-            for p in taken {
-                takeovers.insert(p, until);
-            }
+            tracing::info!(?partitions, "partitions assigned");
         }
     }
 }
@@ -104,10 +75,10 @@ pub struct KafkaSource {
     /// Shared with the blocking pool: `seek` and `end_offset` wait on the broker for seconds
     /// and must not hold the runtime that the margin guard and the lag monitor share.
     consumer: Arc<StreamConsumer<Context>>,
-    dead_letters: FutureProducer,
+    /// Sends dead letters and cut markers.
+    producer: FutureProducer,
     config: KafkaConfig,
     revoked: Arc<Mutex<Vec<i32>>>,
-    takeovers: Takeovers,
     delivery_timeout: Duration,
     /// One warning per ERROR_LOG_INTERVAL while the broker keeps failing.
     errors: LogThrottle,
@@ -120,13 +91,10 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 fn member(
     config: &KafkaConfig,
     revoked: &Arc<Mutex<Vec<i32>>>,
-    takeovers: &Takeovers,
 ) -> Result<StreamConsumer<Context>, BusError> {
     let context = Context {
         topic: config.events_topic.clone(),
         revoked: revoked.clone(),
-        takeovers: takeovers.clone(),
-        held: Mutex::new(Vec::new()),
     };
     let heartbeat = HEARTBEAT_INTERVAL.min(Duration::from_millis(config.session_timeout_ms / 3));
     ClientConfig::new()
@@ -140,7 +108,8 @@ fn member(
             "max.poll.interval.ms",
             config.max_poll_interval_ms.to_string(),
         )
-        // Bounds on how soon a member hears that the group went on without it (TAKEOVER_GRACE).
+        // How soon a member hears that the group went on without it (liveness only: the
+        // store refuses a block it writes late).
         .set("heartbeat.interval.ms", heartbeat.as_millis().to_string())
         .set(
             "reconnect.backoff.max.ms",
@@ -161,17 +130,15 @@ impl KafkaSource {
     /// Joins the consumer group and subscribes to the events topic.
     pub fn new(config: &KafkaConfig) -> Result<KafkaSource, BusError> {
         let revoked = Arc::new(Mutex::new(Vec::new()));
-        let takeovers = Takeovers::default();
-        let consumer = Arc::new(member(config, &revoked, &takeovers)?);
-        let dead_letters = producer_config(config)?
+        let consumer = Arc::new(member(config, &revoked)?);
+        let producer = producer_config(config)?
             .create()
-            .map_err(|source| BusError::retriable("create the dead-letter producer", source))?;
+            .map_err(|source| BusError::retriable("create the aggregator's producer", source))?;
         let source = KafkaSource {
             consumer,
-            dead_letters,
+            producer,
             config: config.clone(),
             revoked,
-            takeovers,
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms + 1000),
             errors: LogThrottle::new(ERROR_LOG_INTERVAL),
         };
@@ -190,18 +157,28 @@ impl KafkaSource {
     }
 }
 
-/// Reads a message as an event, or says why it cannot be one.
-fn read(message: &rdkafka::message::BorrowedMessage<'_>) -> Result<BusEvent, Poison> {
-    let poison = |reason: String| Poison {
-        reason,
-        key: message.key().map(<[u8]>::to_vec),
-        payload: message.payload().map(<[u8]>::to_vec),
+/// Reads a message as an event or a cut marker, or says why it is neither.
+fn read(message: &rdkafka::message::BorrowedMessage<'_>) -> Content {
+    let poison = |reason: String| {
+        Content::Poison(Poison {
+            reason,
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+        })
     };
-    let payload = message
-        .payload()
-        .ok_or_else(|| poison("the message has no payload".into()))?;
-    serde_json::from_slice::<BusEvent>(payload)
-        .map_err(|e| poison(format!("the payload is not a rated event: {e}")))
+    let cut = message
+        .headers()
+        .is_some_and(|headers| headers.iter().any(|h| h.key == CUT_HEADER));
+    if cut && message.key().is_none() && message.payload().is_none() {
+        return Content::Cut;
+    }
+    let Some(payload) = message.payload() else {
+        return poison("the message has no payload".into());
+    };
+    match serde_json::from_slice::<BusEvent>(payload) {
+        Ok(event) => Content::Event(event),
+        Err(e) => poison(format!("the payload is not a rated event: {e}")),
+    }
 }
 
 #[async_trait::async_trait]
@@ -266,27 +243,6 @@ impl EventSource for KafkaSource {
                 .messages
                 .retain(|m| !revoked.contains(&m.position.partition));
         }
-        // Partitions taken over from another member: their first batch waits out the grace.
-        let now = Instant::now();
-        let until = {
-            let mut takeovers = self.takeovers.lock().expect("takeovers lock");
-            takeovers.retain(|_, until| *until > now);
-            polled
-                .messages
-                .iter()
-                .filter_map(|m| takeovers.get(&m.position.partition))
-                .max()
-                .copied()
-        };
-        if let Some(until) = until {
-            let wait = until - now;
-            tracing::info!(
-                wait_ms = wait.as_millis() as u64,
-                "partitions taken over: waiting before their first write, so that a member that \
-has not yet noticed it lost them stops writing first"
-            );
-            tokio::time::sleep(wait).await;
-        }
         Ok(polled)
     }
 
@@ -318,11 +274,26 @@ has not yet noticed it lost them stops writing first"
         if let Some(payload) = &poison.payload {
             record = record.payload(payload.as_slice());
         }
-        self.dead_letters
+        self.producer
             .send(record, self.delivery_timeout)
             .await
             .map(|_| ())
             .map_err(|(source, _)| BusError::retriable("send to the dead-letter topic", source))
+    }
+
+    async fn cut(&self, partition: i32) -> Result<(), BusError> {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: CUT_HEADER,
+            value: Some("1"),
+        });
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.config.events_topic)
+            .partition(partition)
+            .headers(headers);
+        self.producer
+            .send(record, self.delivery_timeout)
+            .await
+            .map(|_| ())
+            .map_err(|(source, _)| BusError::retriable("append a cut marker", source))
     }
 
     async fn seek(&self, position: BusPosition) -> Result<(), BusError> {
@@ -356,10 +327,6 @@ has not yet noticed it lost them stops writing first"
         }
     }
 
-    fn still_member(&self) -> bool {
-        !self.consumer.assignment_lost()
-    }
-
     fn assignment(&self) -> Vec<i32> {
         match self.consumer.assignment() {
             Ok(list) => list
@@ -375,7 +342,7 @@ has not yet noticed it lost them stops writing first"
         let held = self.assignment();
         // The old member leaves first (closing it sends LeaveGroup and waits for the broker),
         // so the group never counts both; the close blocks, so it runs off the runtime.
-        let fresh = Arc::new(member(&self.config, &self.revoked, &self.takeovers)?);
+        let fresh = Arc::new(member(&self.config, &self.revoked)?);
         let old = std::mem::replace(&mut self.consumer, fresh);
         let _ = off_runtime(move || drop(old)).await;
         self.subscribe()?;

@@ -17,7 +17,7 @@ mod consumer;
 mod probe;
 mod producer;
 
-pub use consumer::{KafkaSource, TAKEOVER_GRACE};
+pub use consumer::{KafkaSource, CUT_HEADER};
 pub use probe::KafkaProbe;
 pub use producer::KafkaSink;
 

@@ -10,7 +10,7 @@
 //! - [`clickhouse`]: the distributed store.
 
 use crate::error::StoreError;
-use crate::sink::{BusPosition, TenantBatch, WriteOutcome};
+use crate::sink::{TenantBatch, WriteOutcome};
 use crate::state::WalletSeed;
 use schemas::analytics::{
     AgentUsage, DateRange, DayUsage, Series, SeriesPoint, SeriesQuery, SeriesRow, SessionDetail,
@@ -204,20 +204,56 @@ pub async fn wallet_seeds(
     Ok(seeds)
 }
 
-/// What a store knows of the bus, for exactly-once consumption.
+/// What a store knows of the bus: how far each partition of the events topic is handled.
 #[async_trait::async_trait]
 pub trait StoredOffsets: Send + Sync {
-    /// The greatest offset per partition below which everything is stored (the floors).
-    /// Partitions with nothing recorded are absent.
+    /// Per partition, the last offset of the last block handled (its rows stored, or found
+    /// stored already, or set apart): every record up to it is handled, and the next block
+    /// starts after it. Partitions with nothing handled are absent.
     async fn stored_offsets(&self, partitions: &[i32]) -> Result<HashMap<i32, i64>, StoreError>;
-    /// Records new floors; call only after the insert of everything below them succeeded.
+    /// Records that blocks up to each offset are handled. Needed only for a block that stored
+    /// no row (every event in it a duplicate, or set apart): a block's rows carry its end.
     async fn record_offsets(&self, offsets: &[(i32, i64)]) -> Result<(), StoreError>;
-    /// Which positions of `batches` already have a row (slower than the floors: used after a
-    /// failed insert, which may have stored part of a batch, and once per new assignment).
-    async fn stored_positions(
-        &self,
-        batches: &[TenantBatch],
-    ) -> Result<HashSet<BusPosition>, StoreError>;
+}
+
+/// The records of one partition from `first` to `last` (offsets), as the log cuts them: every
+/// writer of the partition, now or later, cuts the same blocks (see the aggregator's
+/// `consumer::blocks`), so a block written twice is the same block.
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub partition: i32,
+    pub first: i64,
+    pub last: i64,
+    /// The block's events by tenant, in offset order, positions aligned.
+    pub batches: Vec<TenantBatch>,
+}
+
+/// What became of a block: per batch, its events stored now and those stored before; and the
+/// events the store refuses for good (bad data), by position, with its reason. Refused events
+/// are neither stored nor counted as stored.
+#[derive(Debug, Default)]
+pub struct BlockWrite {
+    pub outcomes: Vec<WriteOutcome>,
+    pub refused: Vec<(crate::sink::BusPosition, StoreError)>,
+}
+
+impl BlockWrite {
+    /// Whether rows were sent, which then carry the block's end.
+    pub fn sent_rows(&self) -> bool {
+        self.outcomes.iter().any(|o| o.accepted > 0)
+    }
+}
+
+/// A store the aggregator writes blocks to, exactly once whoever writes them and however late.
+#[async_trait::async_trait]
+pub trait BlockWriter: StoredOffsets {
+    /// Stores the block's events that are not stored yet (by key) and that the store accepts,
+    /// all in one atomic insert, which the store itself skips when it already holds a block of
+    /// this partition ending at or after `first` (the writer is late: another wrote this block,
+    /// and maybe more) or the same rows inserted before (a retry, or two writers at once). The
+    /// events it refuses for good are found before anything is inserted. An error leaves
+    /// nothing half-written; sending the same block again is always safe.
+    async fn write_block(&mut self, block: &Block) -> Result<BlockWrite, StoreError>;
 }
 
 /// Where retention cuts, computed from the config at one instant.

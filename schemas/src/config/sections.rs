@@ -209,10 +209,11 @@ pub const MIN_PORTAL_SECRET_CHARS: usize = 32;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregatorConfig {
-    /// Most messages in one ClickHouse insert.
+    /// Most messages in one poll of the events topic (a block, one insert, holds at most
+    /// 32,768 offsets of one partition).
     #[serde(default = "default_max_batch_rows")]
     pub max_batch_rows: usize,
-    /// Longest a message waits for its batch to fill before the batch is inserted anyway.
+    /// Longest a poll waits for more messages after its first.
     #[serde(default = "default_max_batch_wait_ms")]
     pub max_batch_wait_ms: u64,
     /// Longest pause between retries of a failed insert.

@@ -256,6 +256,22 @@ impl Tansu {
         std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
     }
 
+    /// tansu 0.6.0 after a SIGKILL or a restart on its sqlite store can panic in its
+    /// idempotent-producer check ("more or less than one row") and then fail every produce
+    /// until it is restarted again: a broker fault, not ours (README, "Tests"). Restarts it when
+    /// its log shows more such panics than `seen` (which it then updates); answers whether it
+    /// did.
+    pub fn restart_after_panic(&mut self, seen: &mut usize) -> bool {
+        let panics = self.log().matches("more or less than one row").count();
+        if panics <= *seen {
+            return false;
+        }
+        *seen = panics;
+        eprintln!("tansu panicked in its idempotent-producer check; restarting it again");
+        self.crash_and_restart();
+        true
+    }
+
     /// SIGKILL, as a crash, then a start on the same port and storage.
     pub fn crash_and_restart(&mut self) {
         self.crash();

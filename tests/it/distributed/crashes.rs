@@ -36,12 +36,7 @@ fn exactly_once_through_aggregator_crashes_and_a_broker_restart() {
     const EVENTS: usize = 100_000;
     const BATCH: usize = 500;
     let mut tansu = Tansu::start();
-    let setup = Setup::new(
-        "fault",
-        &tansu.brokers(),
-        4,
-        "delivery_timeout_ms = 3000\n[aggregator]\nmax_batch_wait_ms = 100\nmax_retry_backoff_ms = 500\n",
-    );
+    let setup = Setup::new("fault", &tansu.brokers(), 4, FAULT_SETTINGS);
     let aggregators = Mutex::new(vec![setup.aggregator(), setup.aggregator()]);
     let (_ingestors, clients) = setup.two_ingestors();
 
@@ -120,21 +115,10 @@ fn exactly_once_through_aggregator_crashes_and_a_broker_restart() {
         }
         // Chaos: five aggregator crashes and one broker restart while the posts go on.
         scope.spawn(|| {
-            // tansu 0.6.0 after a restart on its sqlite store can panic ("more or less than
-            // one row") and then fail every produce until it is restarted again: a broker
-            // fault, not ours (README, "Tests"); restart it again and say so.
             let mut panics_seen = 0;
-            let mut restart_after_panic = |tansu: &mut Tansu| {
-                let panics = tansu.log().matches("more or less than one row").count();
-                if panics > panics_seen {
-                    panics_seen = panics;
-                    eprintln!("tansu panicked after its restart; restarting it again");
-                    tansu.crash_and_restart();
-                }
-            };
             for round in 0..6 {
                 std::thread::sleep(Duration::from_millis(1500));
-                restart_after_panic(&mut tansu);
+                tansu.restart_after_panic(&mut panics_seen);
                 if round == 3 {
                     tansu.restart();
                     broker_restarts += 1;
@@ -149,7 +133,7 @@ fn exactly_once_through_aggregator_crashes_and_a_broker_restart() {
             let deadline = Instant::now() + Duration::from_secs(120);
             while posted.load(Ordering::SeqCst) < batches.len() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(200));
-                restart_after_panic(&mut tansu);
+                tansu.restart_after_panic(&mut panics_seen);
             }
             done.store(true, Ordering::SeqCst);
         });
@@ -157,13 +141,7 @@ fn exactly_once_through_aggregator_crashes_and_a_broker_restart() {
     assert!(done.load(Ordering::SeqCst));
     let post_seconds = started.elapsed().as_secs_f64();
 
-    let count = || {
-        setup
-            .sql("SELECT count() FROM mcp_events")
-            .trim()
-            .parse::<i64>()
-            .unwrap()
-    };
+    let count = || stored_rows(&setup) as i64;
     // Then everything the topic holds is dealt with: the count is final, not a count that
     // might still grow.
     let settled = wait_until(Duration::from_secs(180), || count() >= unique)
@@ -249,16 +227,9 @@ fn every_acked_event_is_stored_through_spaced_kills_a_clickhouse_pause_and_a_bro
     const EVENTS: usize = 60_000;
     const POSTING: Duration = Duration::from_secs(125);
     const BOUND: Duration = Duration::from_secs(90);
-    let clickhouse = ClickHouseServer::start();
-    let mut tansu = Tansu::start();
-    let setup = Setup::on(
-        clickhouse.url(),
-        "request_timeout_ms = 5000",
+    let (clickhouse, mut tansu, setup) = own_services(
         "spaced",
-        &tansu.brokers(),
-        4,
-        "delivery_timeout_ms = 3000\n[aggregator]\nmax_batch_wait_ms = 100\nmax_retry_backoff_ms = 500\n\
-lag_check_interval_ms = 500\nstall_timeout_ms = 10000\n",
+        &format!("{FAULT_SETTINGS}lag_check_interval_ms = 500\nstall_timeout_ms = 10000\n"),
     );
     let aggregators = Mutex::new(vec![setup.aggregator(), setup.aggregator()]);
     let (_ingestors, clients) = setup.two_ingestors();
@@ -283,13 +254,7 @@ lag_check_interval_ms = 500\nstall_timeout_ms = 10000\n",
         batches.push(((next() % 3) as usize, batch(&events)));
         made += size;
     }
-    let stored = || {
-        setup
-            .sql("SELECT count() FROM mcp_events")
-            .trim()
-            .parse::<usize>()
-            .unwrap()
-    };
+    let stored = || stored_rows(&setup);
 
     let started = Instant::now();
     let lines = Mutex::new(Vec::<String>::new());
@@ -365,15 +330,9 @@ lag_check_interval_ms = 500\nstall_timeout_ms = 10000\n",
                     }
                     done += 1;
                 }
-                // tansu 0.6.0 after a SIGKILL can panic in its idempotent-producer check and
-                // then refuse every produce until it is restarted again: a broker fault, not
-                // ours; restart it and say so.
-                let panics = tansu.log().matches("more or less than one row").count();
-                if panics > panics_seen {
-                    panics_seen = panics;
+                if tansu.restart_after_panic(&mut panics_seen) {
                     restarts_for_panic += 1;
-                    say("tansu panicked in idempotent_message_check; restarting it again".into());
-                    tansu.crash_and_restart();
+                    say("tansu panicked in idempotent_message_check; restarted it again".into());
                 }
                 let mut aggs = aggregators.lock().unwrap();
                 for (i, aggregator) in aggs.iter_mut().enumerate() {
@@ -472,21 +431,7 @@ by the supervisor; {broker_panics} tansu panics restarted; {found} stored, all o
         all_stored_after.is_some(),
         "only {found} of {EVENTS} acked events stored"
     );
-    assert_eq!(found, EVENTS, "raw rows");
-    assert_eq!(
-        setup.sql("SELECT count() - uniqExact(tenant_id, idempotency_key), sum(revenue_micros) FROM mcp_events"),
-        format!("0\t{}\n", EVENTS as i64 * CALL_REVENUE)
-    );
-    assert_eq!(
-        setup.sql("SELECT sumMerge(calls), sumMerge(revenue_micros) FROM mcp_daily_stats"),
-        format!("{EVENTS}\t{}\n", EVENTS as i64 * CALL_REVENUE),
-        "mcp_daily_stats"
-    );
-    assert_eq!(
-        setup.sql("SELECT sumMerge(calls) FROM mcp_session_summary"),
-        format!("{EVENTS}\n"),
-        "mcp_session_summary"
-    );
+    assert_stored_once(&setup, EVENTS);
     assert!(
         healthy_at_end,
         "both aggregators answer /healthz 200 with no lag at the end"

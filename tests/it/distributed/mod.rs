@@ -3,9 +3,9 @@
 
 mod crashes;
 mod credits;
-mod group;
 mod lag;
 mod outages;
+mod pauses;
 mod pipeline;
 mod shared_state;
 
@@ -24,6 +24,34 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// The `[kafka]` tail and `[aggregator]` section of the fault tests: a broker that does not
+/// acknowledge in 3 s is answered 503, polls wait 100 ms for more, retries back off 500 ms at
+/// most.
+const FAULT_SETTINGS: &str = "delivery_timeout_ms = 3000\n[aggregator]\nmax_batch_wait_ms = 100\n\
+max_retry_backoff_ms = 500\n";
+
+/// A ClickHouse and a broker of the test's own (a test pauses or kills them), and a setup on
+/// them with 4 partitions whose ClickHouse requests time out after 5 s.
+fn own_services(prefix: &str, extra: &str) -> (ClickHouseServer, Tansu, Setup) {
+    let clickhouse = ClickHouseServer::start();
+    let tansu = Tansu::start();
+    let setup = Setup::on(
+        clickhouse.url(),
+        "request_timeout_ms = 5000",
+        prefix,
+        &tansu.brokers(),
+        4,
+        extra,
+    );
+    (clickhouse, tansu, setup)
+}
+
+/// How many rows `mcp_events` holds.
+fn stored_rows(setup: &Setup) -> usize {
+    let count = setup.sql("SELECT count() FROM mcp_events");
+    count.trim().parse().unwrap()
+}
 
 fn calls(client: &Client, key: &str) -> i64 {
     let (status, body) = client.get("/analytics/mcp/summary", key);
@@ -100,7 +128,9 @@ fn diagnose(setup: &Setup) -> String {
         list.add_partition(&kafka.events_topic, p);
     }
     let committed = consumer.committed_offsets(list, Duration::from_secs(5));
-    let mut out = String::from("partition: low..high watermark | committed | floor | rows\n");
+    let mut out = String::from(
+        "partition: low..high watermark | committed | floor (rows, recorded) | rows\n",
+    );
     for p in 0..kafka.partitions {
         let marks = consumer.fetch_watermarks(&kafka.events_topic, p, Duration::from_secs(5));
         let c = committed
@@ -109,7 +139,8 @@ fn diagnose(setup: &Setup) -> String {
             .and_then(|l| l.find_partition(&kafka.events_topic, p))
             .map(|e| format!("{:?}", e.offset()));
         let floor = setup.sql(&format!(
-            "SELECT max(max_offset) FROM mcp_kafka_offsets WHERE kafka_partition = {p}"
+            "SELECT (SELECT maxMerge(next_offset) - 1 FROM mcp_kafka_floors WHERE kafka_partition = {p}), \
+(SELECT max(max_offset) FROM mcp_kafka_topic_offsets WHERE kafka_partition = {p})"
         ));
         let rows = setup.sql(&format!(
             "SELECT count(), max(kafka_offset) FROM mcp_events WHERE kafka_partition = {p}"
@@ -184,4 +215,37 @@ fn dead_letter_count(setup: &Setup) -> i64 {
         .iter()
         .map(|(_, end)| end)
         .sum()
+}
+
+/// Fails unless the setup's database holds exactly `events` calls, each key once, and the
+/// rollups count exactly the raw rows, to the micro-dollar. An INSERT makes its raw rows
+/// visible before it has filled every view's table, so the figures get up to 20 s to agree.
+fn assert_stored_once(setup: &Setup, events: usize) {
+    let revenue = events as i64 * CALL_REVENUE;
+    let rollups = || {
+        setup.sql(&format!(
+            "SELECT (SELECT sumMerge(calls) FROM mcp_daily_stats) = {events} \
+AND (SELECT sumMerge(revenue_micros) FROM mcp_daily_stats) = {revenue} \
+AND (SELECT sumMerge(calls) FROM mcp_session_summary) = {events}"
+        )) == "1\n"
+    };
+    wait_until(Duration::from_secs(20), rollups);
+    let found = setup.sql("SELECT count(), count() - uniqExact(tenant_id, idempotency_key), sum(revenue_micros) FROM mcp_events");
+    if found != format!("{events}\t0\t{}\n", events as i64 * CALL_REVENUE) {
+        panic!(
+            "expected {events} rows, no key twice, revenue {}; found (rows, doubled, revenue) {found}{}",
+            events as i64 * CALL_REVENUE,
+            diagnose(setup)
+        );
+    }
+    assert_eq!(
+        setup.sql("SELECT sumMerge(calls), sumMerge(revenue_micros) FROM mcp_daily_stats"),
+        format!("{events}\t{}\n", events as i64 * CALL_REVENUE),
+        "mcp_daily_stats"
+    );
+    assert_eq!(
+        setup.sql("SELECT sumMerge(calls) FROM mcp_session_summary"),
+        format!("{events}\n"),
+        "mcp_session_summary"
+    );
 }

@@ -39,6 +39,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(7, "0007_customer_grants.sql"),
     migration!(8, "0008_dashboard_rollups.sql"),
     migration!(9, "0009_deduplicated_events.sql"),
+    migration!(10, "0010_partition_floors.sql"),
 ];
 
 /// The migration done in code: [`deduplicate_events`].
@@ -63,10 +64,18 @@ pub const EVENT_VIEW_TARGETS: [&str; 5] = [
     "mcp_session_customers",
 ];
 
+/// Tables a view on `mcp_events` writes that need no block check: what they keep (the greatest
+/// block end per partition) is the same whether a block is counted once or twice.
+pub const IDEMPOTENT_VIEW_TARGETS: [&str; 1] = ["mcp_kafka_floors"];
+
 /// What an insert into `mcp_events` adds on a [`Deduplication::Window`] server, so that its
 /// views' tables check their blocks too.
 pub const DEDUPLICATE_VIEWS: &str =
     "SETTINGS deduplicate_blocks_in_dependent_materialized_views = 1";
+
+/// [`DEDUPLICATE_VIEWS`]'s setting alone, to join with others.
+pub const DEDUPLICATE_VIEWS_SETTING: &str =
+    "deduplicate_blocks_in_dependent_materialized_views = 1";
 
 /// How `mcp_events` drops a block inserted twice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -395,6 +404,7 @@ mod tests {
             .collect();
         targets.sort();
         let mut listed: Vec<&str> = EVENT_VIEW_TARGETS.to_vec();
+        listed.extend(IDEMPOTENT_VIEW_TARGETS);
         listed.sort();
         assert_eq!(targets, listed);
     }

@@ -38,6 +38,15 @@ pub trait SqlRunner: Send + Sync {
     async fn execute(&self, sql: &str) -> Result<(), StoreError>;
     /// Runs a query and answers its rows in TabSeparated.
     async fn tab_separated(&self, sql: &str) -> Result<String, StoreError>;
+    /// Runs statements in order in one session of their own, so that a temporary table made
+    /// by the first is there for the next; stops at the first that fails. A runner whose
+    /// connection is one session already (chDB) runs them as they come.
+    async fn execute_in_session(&self, statements: &[&str]) -> Result<(), StoreError> {
+        for sql in statements {
+            self.execute(sql).await?;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -47,6 +56,9 @@ impl<R: SqlRunner + ?Sized> SqlRunner for &R {
     }
     async fn tab_separated(&self, sql: &str) -> Result<String, StoreError> {
         (**self).tab_separated(sql).await
+    }
+    async fn execute_in_session(&self, statements: &[&str]) -> Result<(), StoreError> {
+        (**self).execute_in_session(statements).await
     }
 }
 
@@ -281,6 +293,24 @@ impl SqlRunner for HttpRunner {
     async fn tab_separated(&self, sql: &str) -> Result<String, StoreError> {
         self.await_unsettled().await?;
         self.fetch(sql).await
+    }
+
+    /// A fresh session each time, so that no earlier call's temporary table or lock is in
+    /// the way. These statements are not listed when their caller stops waiting: they are the
+    /// aggregator's block inserts, which the server itself refuses to apply late or twice.
+    async fn execute_in_session(&self, statements: &[&str]) -> Result<(), StoreError> {
+        let session = new_query_id();
+        for sql in statements {
+            let statement = self
+                .client
+                .query_raw(sql)
+                .with_setting("session_id", &session)
+                .with_setting("query_id", new_query_id());
+            within(self.timeout, statement.execute())
+                .await
+                .context("execute in a session")?;
+        }
+        Ok(())
     }
 }
 

@@ -219,13 +219,61 @@ ORDER BY tool_name",
     )
 }
 
+/// The columns the writer sends for each event, in its TabSeparated order.
+pub const EVENT_COLUMNS: &str = "tenant_id, idempotency_key, occurred_at, occurred_at_ms, \
+received_at_ms, metric_name, product_type, tool_name, agent_id, customer_id, session_id, \
+execution_status, is_call, is_error, execution_duration_ms, session_boundary, quantity_micros, \
+input_tokens, output_tokens, revenue_micros, cogs_micros, rate_plan_version, metadata, \
+kafka_partition, kafka_offset, kafka_topic, kafka_block_end";
+
 /// The INSERT of raw events; the writer appends their rows, one TabSeparated line each, in
-/// this column order. The views on `mcp_events` fill the rollups and the key table from it.
-pub const INSERT_EVENTS: &str = "INSERT INTO mcp_events (tenant_id, idempotency_key, \
-occurred_at, occurred_at_ms, received_at_ms, metric_name, product_type, tool_name, agent_id, \
-customer_id, session_id, execution_status, is_call, is_error, execution_duration_ms, \
-session_boundary, quantity_micros, input_tokens, output_tokens, revenue_micros, cogs_micros, \
-rate_plan_version, metadata, kafka_partition, kafka_offset, kafka_topic) FORMAT TabSeparated\n";
+/// [`EVENT_COLUMNS`] order. The views on `mcp_events` fill the rollups, the key table and the
+/// partition floors from it.
+pub fn insert_events(settings: &str) -> String {
+    format!("INSERT INTO mcp_events ({EVENT_COLUMNS}) {settings} FORMAT TabSeparated\n")
+}
+
+/// Where a block's rows wait, in the writer's session, for the INSERT that checks the floor:
+/// a temporary table (gone with the session).
+pub const BLOCK_TABLE: &str = "mcp_block";
+
+/// Makes [`BLOCK_TABLE`] with the events table's own columns, checks and MATERIALIZED
+/// expressions, so that a row the events table would refuse is refused while filling it, before
+/// anything is inserted.
+pub const CREATE_BLOCK_TABLE: &str =
+    "CREATE TEMPORARY TABLE mcp_block AS mcp_events ENGINE = Memory";
+
+/// Drops [`BLOCK_TABLE`] (a runner whose connection is one session keeps it otherwise).
+pub const DROP_BLOCK_TABLE: &str = "DROP TEMPORARY TABLE IF EXISTS mcp_block";
+
+/// Fills [`BLOCK_TABLE`]; the rows follow, in [`EVENT_COLUMNS`] order.
+pub fn fill_block() -> String {
+    format!("INSERT INTO {BLOCK_TABLE} ({EVENT_COLUMNS}) FORMAT TabSeparated\n")
+}
+
+/// The offset after the last handled block of `partition`: the greater of the floor the rows
+/// keep (their block ends, through `mcp_kafka_floors_mv`) and the one recorded for blocks that
+/// stored no row. 0 when nothing is handled: `maxMerge` of no rows is 0, and the recorded one
+/// asks `count()` (current servers turn `max(x + 1)` into `max(x) + 1`, which is 1 for no rows).
+fn next_offset(topic: &str, partition: i32) -> String {
+    let topic = quote(topic);
+    format!(
+        "greatest((SELECT maxMerge(next_offset) FROM mcp_kafka_floors \
+WHERE kafka_topic = {topic} AND kafka_partition = {partition}), \
+(SELECT if(count() = 0, 0, max(max_offset) + 1) FROM mcp_kafka_topic_offsets \
+WHERE kafka_topic = {topic} AND kafka_partition = {partition}))"
+    )
+}
+
+/// Moves the block waiting in [`BLOCK_TABLE`] into `mcp_events`, unless the partition is
+/// already handled at or past `first`: the server checks, in the statement that inserts.
+pub fn insert_block(topic: &str, partition: i32, first: i64, settings: &str) -> String {
+    format!(
+        "INSERT INTO mcp_events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM {BLOCK_TABLE} \
+WHERE {} <= {first} {settings}",
+        next_offset(topic, partition)
+    )
+}
 
 /// The keys among `keys` (tenant, idempotency key) that are already stored. A primary-key
 /// lookup: the key table is sorted by exactly (tenant_id, idempotency_key).
@@ -250,14 +298,19 @@ pub fn stored_keys(keys: &[(&str, &[&str])]) -> String {
     sql
 }
 
-/// The greatest Kafka offset of each of `partitions` whose batch was fully stored.
+/// Per partition of `partitions`, the last offset of its last handled block (the greater of
+/// the rows' floor and the recorded one); partitions with nothing handled are left out.
 pub fn stored_offsets(topic: &str, partitions: &[i32]) -> String {
     let list: Vec<String> = partitions.iter().map(i32::to_string).collect();
+    let (topic, list) = (quote(topic), list.join(", "));
     format!(
-        "SELECT kafka_partition, max(max_offset) FROM mcp_kafka_topic_offsets \
-WHERE kafka_topic = {} AND kafka_partition IN ({}) GROUP BY kafka_partition ORDER BY kafka_partition",
-        quote(topic),
-        list.join(", ")
+        "SELECT kafka_partition, max(next) - 1 FROM (\
+SELECT kafka_partition, maxMerge(next_offset) AS next FROM mcp_kafka_floors \
+WHERE kafka_topic = {topic} AND kafka_partition IN ({list}) GROUP BY kafka_partition \
+UNION ALL \
+SELECT kafka_partition, max(max_offset) + 1 AS next FROM mcp_kafka_topic_offsets \
+WHERE kafka_topic = {topic} AND kafka_partition IN ({list}) GROUP BY kafka_partition) \
+GROUP BY kafka_partition ORDER BY kafka_partition"
     )
 }
 
@@ -271,37 +324,6 @@ pub fn record_offsets(topic: &str, offsets: &[(i32, i64)]) -> String {
     format!(
         "INSERT INTO mcp_kafka_topic_offsets (kafka_topic, kafka_partition, max_offset) VALUES {}",
         rows.join(", ")
-    )
-}
-
-/// Which of the given positions of `topic` already have a row. Bounded by the primary key
-/// (tenants, and the time span of the events), so it reads only the slice those events would be
-/// in. `span_ms` is the smallest and greatest `occurred_at_ms`; `positions` are (partition,
-/// smallest offset, greatest offset). Rows written before offsets were per topic (topic '')
-/// count when `topic` is the one `migrate` named for them.
-pub fn stored_positions(
-    topic: &str,
-    tenants: &[&str],
-    span_ms: (i64, i64),
-    positions: &[(i32, i64, i64)],
-) -> String {
-    let tenants: Vec<String> = tenants.iter().map(|t| quote(t)).collect();
-    let ranges: Vec<String> = positions
-        .iter()
-        .map(|(p, lo, hi)| {
-            format!("(kafka_partition = {p} AND kafka_offset BETWEEN {lo} AND {hi})")
-        })
-        .collect();
-    let topic = quote(topic);
-    format!(
-        "SELECT kafka_partition, kafka_offset FROM mcp_events WHERE tenant_id IN ({}) \
-AND occurred_at >= toDateTime({}, 'UTC') AND occurred_at <= toDateTime({}, 'UTC') \
-AND (kafka_topic = {topic} OR (kafka_topic = '' AND {topic} IN (SELECT kafka_topic FROM mcp_kafka_untagged_topic))) \
-AND ({})",
-        tenants.join(", "),
-        span_ms.0.div_euclid(1000),
-        span_ms.1.div_euclid(1000),
-        ranges.join(" OR ")
     )
 }
 
@@ -528,12 +550,15 @@ AND hour < toDateTime(1796083200, 'UTC') GROUP BY series_key, series_start ORDER
     }
 
     #[test]
-    fn offsets_are_read_and_recorded_per_topic_in_the_tiny_offsets_table() {
-        assert_eq!(
-            stored_offsets("ev'ents", &[0, 3]),
-            "SELECT kafka_partition, max(max_offset) FROM mcp_kafka_topic_offsets \
-WHERE kafka_topic = 'ev\\'ents' AND kafka_partition IN (0, 3) GROUP BY kafka_partition ORDER BY kafka_partition"
-        );
+    fn floors_are_read_from_the_rows_view_and_the_recorded_offsets_per_topic() {
+        let sql = stored_offsets("ev'ents", &[0, 3]);
+        for part in [
+            "FROM mcp_kafka_floors WHERE kafka_topic = 'ev\\'ents' AND kafka_partition IN (0, 3)",
+            "FROM mcp_kafka_topic_offsets WHERE kafka_topic = 'ev\\'ents' AND kafka_partition IN (0, 3)",
+            "SELECT kafka_partition, max(next) - 1 FROM (",
+        ] {
+            assert!(sql.contains(part), "{part} not in {sql}");
+        }
         assert_eq!(
             record_offsets("events", &[(0, 17), (3, 5)]),
             "INSERT INTO mcp_kafka_topic_offsets (kafka_topic, kafka_partition, max_offset) \
@@ -542,19 +567,13 @@ VALUES ('events', 0, 17), ('events', 3, 5)"
     }
 
     #[test]
-    fn stored_positions_stays_inside_the_primary_key_range_and_the_topic() {
-        assert_eq!(
-            stored_positions(
-                "events",
-                &["a", "b"],
-                (1_795_132_800_999, 1_795_132_801_000),
-                &[(2, 10, 20)]
-            ),
-            "SELECT kafka_partition, kafka_offset FROM mcp_events WHERE tenant_id IN ('a', 'b') \
-AND occurred_at >= toDateTime(1795132800, 'UTC') AND occurred_at <= toDateTime(1795132801, 'UTC') \
-AND (kafka_topic = 'events' OR (kafka_topic = '' AND 'events' IN (SELECT kafka_topic FROM mcp_kafka_untagged_topic))) \
-AND ((kafka_partition = 2 AND kafka_offset BETWEEN 10 AND 20))"
-        );
+    fn a_block_is_inserted_only_while_its_partition_is_handled_below_its_first_offset() {
+        let sql = insert_block("events", 2, 40, "SETTINGS x = 1");
+        assert!(sql.starts_with(&format!(
+            "INSERT INTO mcp_events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM mcp_block WHERE greatest("
+        )));
+        assert!(sql.ends_with(") <= 40 SETTINGS x = 1"), "{sql}");
+        assert!(sql.contains("kafka_topic = 'events' AND kafka_partition = 2"));
     }
 
     #[test]

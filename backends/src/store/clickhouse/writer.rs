@@ -2,15 +2,23 @@
 //!
 //! ClickHouse has no unique keys, so dedup happens before the insert: look the write's keys up
 //! in `mcp_event_keys` (a primary-key `IN` lookup, legacy keys of derived keys included), drop
-//! those found and repeats within the write, insert the rest in one INSERT. The key table is filled by a view on `mcp_events`,
-//! so the INSERT that writes the rows writes their keys too. This is race-free because each
-//! store has one writer (one per Kafka partition in the distributed mode).
+//! those found and repeats within the write, insert the rest in one INSERT. The key table is
+//! filled by a view on `mcp_events`, so the INSERT that writes the rows writes their keys too.
+//!
+//! `serve` writes batches ([`StoreWriter`]): it is the store's one writer. The aggregator writes
+//! blocks of one Kafka partition ([`BlockWriter`]), which stay exact with any number of late or
+//! concurrent writers: the rows wait in a temporary table of the writer's session, and one
+//! `INSERT … SELECT` moves them into `mcp_events` only while the partition's floor (kept by a
+//! view, in the same INSERT as the rows) is at or below the block's first offset. Two writers
+//! sending the same block at the same moment send the same rows in the same order, and the
+//! events table drops the second copy (migration 0009).
 
-use super::migrations::{self, Deduplication, DEDUPLICATE_VIEWS};
+use super::migrations::{self, Deduplication, DEDUPLICATE_VIEWS, DEDUPLICATE_VIEWS_SETTING};
 use super::{queries, tsv, HttpRunner, SqlRunner};
+use crate::error::ErrorKind;
 use crate::error::StoreError;
 use crate::sink::{BusPosition, TenantBatch, WriteOutcome};
-use crate::store::{StoreWriter, StoredOffsets};
+use crate::store::{Block, BlockWrite, BlockWriter, StoreWriter, StoredOffsets};
 use schemas::event::RatedEvent;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
@@ -22,9 +30,9 @@ const KEYS_PER_LOOKUP: usize = 100_000;
 /// Writes through any [`SqlRunner`]: a server over HTTP, or chDB in the tests.
 pub struct ClickHouseWriter<R = HttpRunner> {
     runner: R,
-    /// The INSERT's first line, made at the first write for how the events table drops a block
-    /// inserted twice.
-    insert_header: Option<String>,
+    /// What inserts into the events table add (batches, blocks) for how it drops a block
+    /// inserted twice, read at the first write.
+    settings: Option<Settings>,
     /// The events topic whose offsets this writer reads and records ('' when events do not
     /// come through Kafka).
     topic: String,
@@ -40,7 +48,7 @@ impl<R: SqlRunner> ClickHouseWriter<R> {
     pub fn for_topic(runner: R, topic: &str) -> ClickHouseWriter<R> {
         ClickHouseWriter {
             runner,
-            insert_header: None,
+            settings: None,
             topic: topic.to_string(),
         }
     }
@@ -107,75 +115,76 @@ impl<R: SqlRunner> StoredOffsets for ClickHouseWriter<R> {
             .execute(&queries::record_offsets(&self.topic, offsets))
             .await
     }
-
-    async fn stored_positions(
-        &self,
-        batches: &[TenantBatch],
-    ) -> Result<HashSet<BusPosition>, StoreError> {
-        let mut tenants: Vec<&str> = Vec::new();
-        let mut span = (i64::MAX, i64::MIN);
-        let mut ranges: HashMap<i32, (i64, i64)> = HashMap::new();
-        for batch in batches {
-            if !tenants.contains(&&*batch.tenant_id) {
-                tenants.push(&batch.tenant_id);
-            }
-            for (e, p) in batch.events.iter().zip(&batch.positions) {
-                span = (span.0.min(e.occurred_at_ms), span.1.max(e.occurred_at_ms));
-                let range = ranges.entry(p.partition).or_insert((p.offset, p.offset));
-                *range = (range.0.min(p.offset), range.1.max(p.offset));
-            }
-        }
-        if ranges.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let positions: Vec<(i32, i64, i64)> = ranges
-            .into_iter()
-            .map(|(p, (lo, hi))| (p, lo, hi))
-            .collect();
-        let answer = self
-            .runner
-            .tab_separated(&queries::stored_positions(
-                &self.topic,
-                &tenants,
-                span,
-                &positions,
-            ))
-            .await?;
-        let mut stored = HashSet::new();
-        for mut row in tsv::rows(&answer, "read stored positions") {
-            stored.insert(BusPosition {
-                partition: row.int()? as i32,
-                offset: row.int()?,
-            });
-        }
-        Ok(stored)
-    }
 }
 
-#[async_trait::async_trait]
-impl<R: SqlRunner> StoreWriter for ClickHouseWriter<R> {
-    async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
+/// The SETTINGS clauses of the two inserts into `mcp_events`.
+#[derive(Clone, Debug)]
+struct Settings {
+    /// Of a batch's INSERT.
+    batch: String,
+    /// Of a block's INSERT … SELECT.
+    block: String,
+}
+
+/// Servers from 25.x decide by themselves whether an INSERT … SELECT drops a block inserted
+/// twice, and skip it for a SELECT with a subquery (the floor check). The block's rows are
+/// what the writer sent, identical in every copy, so the writer asks for the check.
+const DEDUPLICATE_BLOCK_SELECT: &str = "deduplicate_insert_select = 'enable_even_for_bad_queries'";
+
+impl<R: SqlRunner> ClickHouseWriter<R> {
+    /// The settings inserts into `mcp_events` carry (read once).
+    async fn settings(&mut self) -> Result<Settings, StoreError> {
+        if let Some(settings) = &self.settings {
+            return Ok(settings.clone());
+        }
+        let window =
+            migrations::events_deduplication(&self.runner).await? == Some(Deduplication::Window);
+        let select_setting = self
+            .runner
+            .tab_separated(
+                "SELECT count() FROM system.settings WHERE name = 'deduplicate_insert_select'",
+            )
+            .await?;
+        let mut block: Vec<&str> = Vec::new();
+        if window {
+            block.push(DEDUPLICATE_VIEWS_SETTING);
+        }
+        if select_setting.trim() == "1" {
+            block.push(DEDUPLICATE_BLOCK_SELECT);
+        }
+        let settings = Settings {
+            batch: if window {
+                DEDUPLICATE_VIEWS.to_string()
+            } else {
+                String::new()
+            },
+            block: match block.is_empty() {
+                true => String::new(),
+                false => format!("SETTINGS {}", block.join(", ")),
+            },
+        };
+        self.settings = Some(settings.clone());
+        Ok(settings)
+    }
+
+    /// The rows of `batches` to insert, each a TabSeparated line with where it comes from,
+    /// and what became of each batch: an event is new, or repeats a stored key or an earlier
+    /// event of this write. Rows carry `block_end` (-1 outside a block).
+    async fn new_rows(
+        &self,
+        batches: &[TenantBatch],
+        block_end: i64,
+    ) -> Result<(Vec<NewRow>, Vec<WriteOutcome>), StoreError> {
         // 1. Keys already stored by an earlier write (a client retry, a redelivery).
         let stored = self.stored(batches).await?;
         let mut seen: HashSet<(&str, &str)> = stored
             .iter()
             .map(|(t, k)| (t.as_str(), k.as_str()))
             .collect();
-        // 2. Decide each event: new, or a duplicate of a stored key or of an earlier event of
-        //    this same write. `seen` grows as we go so a repeat inside the write is caught too.
+        // 2. Decide each event. `seen` grows as we go so a repeat inside the write is caught.
+        let mut rows = Vec::new();
         let mut outcomes = Vec::with_capacity(batches.len());
-        if self.insert_header.is_none() {
-            let views_check = migrations::events_deduplication(&self.runner).await?
-                == Some(Deduplication::Window);
-            self.insert_header = Some(match views_check {
-                true => queries::INSERT_EVENTS
-                    .replace(" FORMAT ", &format!(" {DEDUPLICATE_VIEWS} FORMAT ")),
-                false => queries::INSERT_EVENTS.to_string(),
-            });
-        }
-        let mut insert = self.insert_header.clone().expect("made above");
-        let header = insert.len();
-        for batch in batches {
+        for (b, batch) in batches.iter().enumerate() {
             let mut outcome = WriteOutcome::with_positions();
             for (i, e) in batch.events.iter().enumerate() {
                 // A retry of an event stored under the previous key derivation.
@@ -185,31 +194,141 @@ impl<R: SqlRunner> StoreWriter for ClickHouseWriter<R> {
                     .is_some_and(|legacy| seen.contains(&(&*batch.tenant_id, legacy)));
                 if !stored_before && seen.insert((&batch.tenant_id, &e.idempotency_key)) {
                     outcome.stored();
-                    let position = batch.positions.get(i);
-                    push_row(&mut insert, &batch.tenant_id, e, position, &self.topic);
+                    let at = batch.positions.get(i).map(|p| (p, self.topic.as_str()));
+                    let mut line = String::new();
+                    push_row(&mut line, &batch.tenant_id, e, at, block_end);
+                    rows.push(NewRow {
+                        batch: b,
+                        event: i,
+                        line,
+                    });
                 } else {
                     outcome.repeated_at(i);
                 }
             }
             outcomes.push(outcome);
         }
-        if insert.len() == header {
+        Ok((rows, outcomes))
+    }
+
+    /// Fills a block table of a fresh session with `rows` and runs `then` there.
+    async fn in_block_table(&self, rows: &[&NewRow], then: Option<&str>) -> Result<(), StoreError> {
+        let mut fill = queries::fill_block();
+        for row in rows {
+            fill.push_str(&row.line);
+        }
+        let mut statements = vec![
+            queries::DROP_BLOCK_TABLE,
+            queries::CREATE_BLOCK_TABLE,
+            &fill,
+        ];
+        statements.extend(then);
+        statements.push(queries::DROP_BLOCK_TABLE);
+        self.runner.execute_in_session(&statements).await
+    }
+
+    /// The rows among `rows` that the events table refuses for good, each with the server's
+    /// reason, found by filling block tables with halves until each refused row stands alone.
+    /// Nothing reaches the events table meanwhile.
+    async fn refused<'a>(
+        &self,
+        rows: Vec<&'a NewRow>,
+    ) -> Result<Vec<(&'a NewRow, StoreError)>, StoreError> {
+        let mut refused = Vec::new();
+        let mut parts = vec![rows];
+        while let Some(mut part) = parts.pop() {
+            match self.in_block_table(&part, None).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Permanent => match part.len() {
+                    1 => refused.push((part[0], e)),
+                    n => {
+                        let second = part.split_off(n / 2);
+                        parts.push(second);
+                        parts.push(part);
+                    }
+                },
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(refused)
+    }
+}
+
+/// A row to insert: its batch and event (by index), and its TabSeparated line.
+struct NewRow {
+    batch: usize,
+    event: usize,
+    line: String,
+}
+
+#[async_trait::async_trait]
+impl<R: SqlRunner> StoreWriter for ClickHouseWriter<R> {
+    async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
+        let settings = self.settings().await?;
+        let (rows, outcomes) = self.new_rows(batches, -1).await?;
+        if rows.is_empty() {
             return Ok(outcomes);
         }
         // 3. One INSERT: the raw rows, and through the views their rollups and keys. If it
         //    fails, the caller writes the same batches again; step 1 then skips what landed.
+        let mut insert = queries::insert_events(&settings.batch);
+        for row in &rows {
+            insert.push_str(&row.line);
+        }
         self.runner.execute(&insert).await?;
         Ok(outcomes)
     }
 }
 
-/// One row of [`queries::INSERT_EVENTS`], in its column order, as a TabSeparated line.
+#[async_trait::async_trait]
+impl<R: SqlRunner> BlockWriter for ClickHouseWriter<R> {
+    async fn write_block(&mut self, block: &Block) -> Result<BlockWrite, StoreError> {
+        let settings = self.settings().await?;
+        let (rows, mut outcomes) = self.new_rows(&block.batches, block.last).await?;
+        let mut write = BlockWrite::default();
+        if rows.is_empty() {
+            write.outcomes = outcomes;
+            return Ok(write);
+        }
+        let insert =
+            queries::insert_block(&self.topic, block.partition, block.first, &settings.block);
+        let mut sent: Vec<&NewRow> = rows.iter().collect();
+        match self.in_block_table(&sent, Some(&insert)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Permanent => {
+                // Rows the events table refuses (a check of its own): set them apart, and
+                // insert the others as the block. Every writer sets the same ones apart.
+                tracing::warn!(error = %e, rows = sent.len(),
+                    "the store refused a block for good; finding the rows it refuses");
+                for (row, reason) in self.refused(sent.clone()).await? {
+                    let outcome = &mut outcomes[row.batch];
+                    outcome.accepted -= 1;
+                    let position = block.batches[row.batch].positions[row.event];
+                    write.refused.push((position, reason));
+                }
+                sent.retain(|row| {
+                    let position = block.batches[row.batch].positions[row.event];
+                    !write.refused.iter().any(|(p, _)| *p == position)
+                });
+                if !sent.is_empty() {
+                    self.in_block_table(&sent, Some(&insert)).await?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        write.outcomes = outcomes;
+        Ok(write)
+    }
+}
+
+/// One row in [`queries::EVENT_COLUMNS`] order, as a TabSeparated line: the event, where it
+/// was read from Kafka (`at`: position and topic), and the end of its block.
 fn push_row(
     out: &mut String,
     tenant_id: &str,
     e: &RatedEvent,
-    position: Option<&BusPosition>,
-    topic: &str,
+    at: Option<(&BusPosition, &str)>,
+    block_end: i64,
 ) {
     for text in [tenant_id, &e.idempotency_key] {
         tsv::push_field(out, text);
@@ -246,12 +365,12 @@ fn push_row(
         e.rate_plan_version
     );
     tsv::push_field(out, e.metadata.as_deref().unwrap_or(""));
-    let (partition, offset, topic) = match position {
-        Some(p) => (p.partition, p.offset, topic),
+    let (partition, offset, topic) = match at {
+        Some((p, topic)) => (p.partition, p.offset, topic),
         // '' for rows that did not come through Kafka.
         None => (-1, -1, ""),
     };
     let _ = write!(out, "{partition}\t{offset}\t");
     tsv::push_escaped(out, topic);
-    out.push('\n');
+    let _ = writeln!(out, "\t{block_end}");
 }
