@@ -545,47 +545,53 @@ fn inserts_whose_answers_were_lost_are_retried_and_store_each_row_once() {
     assert!(progress.duplicates > 0, "{progress:?}");
 }
 
-/// Writer A decides its block's rows and is paused before its insert; B takes the partition,
-/// stores that block and the next; A wakes up and sends its insert. The store refuses it: A's
-/// block starts below B's floor.
+/// Writer A decides its block's rows and is paused before its insert; B takes the partition
+/// and stores that block (and, in the second run, the next); A wakes up and sends its insert.
+/// The store refuses it: A's block starts below B's floor.
 #[test]
 fn a_writer_paused_before_its_insert_wakes_up_to_a_refusal() {
-    let store = Arc::new(Mutex::new(StoreState::default()));
-    let logs = logs(&[(0, 10)], &[]);
-    let (mut a, a_shutdown) = Bus::new(&logs, &store);
-    let (mut b, b_shutdown) = Bus::new(&logs, &store);
-    b.script.push_back(Change::Store(Box::new(|_| {})));
-    b.script.push_back(Change::Store(Box::new(|_| {})));
-    b.script.push_back(Change::Append {
-        partition: 0,
-        keys: keys(0, 100..105),
-    });
-    let (wake, gate) = tokio::sync::oneshot::channel();
-    let mut writer_a = Store {
-        state: store.clone(),
-        gate: Some(gate),
-    };
-    let mut writer_b = Store::new(&store);
-    let (status_a, status_b) = (ConsumerStatus::default(), ConsumerStatus::default());
-    let config = config(100);
-    let (progress_a, _) = runtime().block_on(async {
-        tokio::join!(
-            run(&mut a, &mut writer_a, &config, &status_a, a_shutdown),
-            async {
-                let progress = run(&mut b, &mut writer_b, &config, &status_b, b_shutdown).await;
-                let _ = wake.send(());
-                progress
-            }
-        )
-    });
-    progress_a.unwrap();
-    let mut expected = keys(0, 0..10);
-    expected.extend(keys(0, 100..105));
-    expected.sort();
-    assert_eq!(stored_keys(&store), expected);
-    assert_stored_once(&store);
-    assert!(
-        store.lock().unwrap().late >= 1,
-        "A's insert reached the store late"
-    );
+    for more in [false, true] {
+        let store = Arc::new(Mutex::new(StoreState::default()));
+        let logs = logs(&[(0, 10)], &[]);
+        let (mut a, a_shutdown) = Bus::new(&logs, &store);
+        let (mut b, b_shutdown) = Bus::new(&logs, &store);
+        b.script.push_back(Change::Store(Box::new(|_| {})));
+        b.script.push_back(Change::Store(Box::new(|_| {})));
+        if more {
+            b.script.push_back(Change::Append {
+                partition: 0,
+                keys: keys(0, 100..105),
+            });
+        }
+        let (wake, gate) = tokio::sync::oneshot::channel();
+        let mut writer_a = Store {
+            state: store.clone(),
+            gate: Some(gate),
+        };
+        let mut writer_b = Store::new(&store);
+        let (status_a, status_b) = (ConsumerStatus::default(), ConsumerStatus::default());
+        let config = config(100);
+        let (progress_a, _) = runtime().block_on(async {
+            tokio::join!(
+                run(&mut a, &mut writer_a, &config, &status_a, a_shutdown),
+                async {
+                    let progress = run(&mut b, &mut writer_b, &config, &status_b, b_shutdown).await;
+                    let _ = wake.send(());
+                    progress
+                }
+            )
+        });
+        progress_a.unwrap();
+        let mut expected = keys(0, 0..10);
+        if more {
+            expected.extend(keys(0, 100..105));
+        }
+        expected.sort();
+        assert_eq!(stored_keys(&store), expected, "B stored more: {more}");
+        assert_stored_once(&store);
+        assert!(
+            store.lock().unwrap().late >= 1,
+            "A's insert reached the store late"
+        );
+    }
 }

@@ -267,6 +267,9 @@ fn every_acked_event_is_stored_through_spaced_kills_a_clickhouse_pause_and_a_bro
     let finished = AtomicBool::new(false);
     let mut posting_ended = started;
     let mut all_stored_after = None;
+    // When the last chaos step (or broker panic restart) happened.
+    let last_fault = Mutex::new(started);
+    let mut visible_after_last_fault = None;
     let mut chaos_done = 0;
     let mut healthy_at_end = false;
     let (mut stalls_seen, mut recoveries, mut exits, mut broker_panics) = (0, 0, 0, 0);
@@ -329,8 +332,10 @@ fn every_acked_event_is_stored_through_spaced_kills_a_clickhouse_pause_and_a_bro
                         }
                     }
                     done += 1;
+                    *last_fault.lock().unwrap() = Instant::now();
                 }
                 if tansu.restart_after_panic(&mut panics_seen) {
+                    *last_fault.lock().unwrap() = Instant::now();
                     restarts_for_panic += 1;
                     say("tansu panicked in idempotent_message_check; restarted it again".into());
                 }
@@ -396,6 +401,7 @@ fn every_acked_event_is_stored_through_spaced_kills_a_clickhouse_pause_and_a_bro
         say(format!("posting ended: {EVENTS} events answered 202"));
         if wait_until(BOUND, || stored() >= EVENTS) {
             all_stored_after = Some(posting_ended.elapsed());
+            visible_after_last_fault = Some(last_fault.lock().unwrap().elapsed());
         }
         // The aggregators' own view agrees once they have measured again: no lag, healthy.
         let healthy = wait_until(Duration::from_secs(20), || {
@@ -415,13 +421,15 @@ fn every_acked_event_is_stored_through_spaced_kills_a_clickhouse_pause_and_a_bro
     eprintln!(
         "spaced fault test: {EVENTS} events in {} batches, {} posts retried; {chaos_done} chaos steps; \
 {stalls_seen} stalls reported by /healthz, {recoveries} recovered; {exits} aggregator exits restarted \
-by the supervisor; {broker_panics} tansu panics restarted; {found} stored, all of them {} after posting ended",
+by the supervisor; {broker_panics} tansu panics restarted; {found} stored, all of them {} after posting ended \
+({} after the last fault)",
         batches.len(),
         retried_posts.load(Ordering::Relaxed),
         match all_stored_after {
             Some(d) => format!("{:.1} s", d.as_secs_f64()),
             None => format!("not within {} s", BOUND.as_secs()),
-        }
+        },
+        visible_after_last_fault.map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()))
     );
     if all_stored_after.is_none() || found != EVENTS {
         eprintln!("{}", diagnose(&setup));
