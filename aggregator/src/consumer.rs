@@ -154,20 +154,28 @@ where
         // 4. A block still open on a partition read to its end is closed by a marker, which
         //    the next polls bring back.
         if caught_up {
-            for (p, track) in held.iter_mut() {
-                if let Track::Reading(cutter) = track {
-                    if cutter.wants_marker() {
-                        // A marker that cannot be appended now (the broker away) is asked
-                        // again after the next poll; the block waits for it or for its span.
-                        match source.cut(*p).await {
-                            Ok(()) => {
+            let open: Vec<i32> = held
+                .iter()
+                .filter_map(|(p, track)| match track {
+                    Track::Reading(cutter) if cutter.wants_marker() => Some(*p),
+                    _ => None,
+                })
+                .collect();
+            if !open.is_empty() {
+                // Markers that cannot be appended now (the broker away) are asked again after
+                // the next poll; a block waits for its marker or its span.
+                match source.cut(&open).await {
+                    Ok(()) => {
+                        for p in &open {
+                            if let Some(Track::Reading(cutter)) = held.get_mut(p) {
                                 cutter.marker_asked();
-                                progress.markers += 1;
-                            }
-                            Err(e) => {
-                                tracing::warn!(partition = *p, error = %e, "cut marker not appended; asking again after the next poll");
                             }
                         }
+                        progress.markers += open.len() as u64;
+                    }
+                    Err(e) => {
+                        tracing::warn!(partitions = ?open, error = %e,
+                            "cut markers not appended; asking again after the next poll");
                     }
                 }
             }

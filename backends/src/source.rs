@@ -90,9 +90,10 @@ pub trait EventSource: Send {
     /// Sends a message to the dead-letter topic with its reason, and waits until it is durable.
     async fn dead_letter(&self, position: BusPosition, poison: &Poison) -> Result<(), BusError>;
 
-    /// Appends a cut marker to `partition` and waits until it is durable: the block being read
-    /// of that partition ends at the marker, for every reader alike.
-    async fn cut(&self, partition: i32) -> Result<(), BusError>;
+    /// Appends a cut marker to each of `partitions`, all at once, and waits until they are
+    /// durable: the block being read of each partition ends at its marker, for every reader
+    /// alike.
+    async fn cut(&self, partitions: &[i32]) -> Result<(), BusError>;
 
     /// Moves a partition's read position (past what the store already holds).
     async fn seek(&self, position: BusPosition) -> Result<(), BusError>;

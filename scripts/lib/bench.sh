@@ -1,7 +1,7 @@
 # What scripts/bench-ingest and scripts/bench-distributed share: both drive `mcp-meter loadgen`
 # at the API on 127.0.0.1:18333 (bench/serve.toml). Sourced from the repo root.
 
-bin=target/release/mcp-meter
+bin=${MCP_METER_BENCH_BIN:-target/release/mcp-meter}
 bench_url=http://127.0.0.1:18333
 
 # wait_api: until the bench API answers /healthz.

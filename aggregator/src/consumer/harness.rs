@@ -311,9 +311,11 @@ impl EventSource for Bus {
         Ok(())
     }
 
-    async fn cut(&self, partition: i32) -> Result<(), BusError> {
+    async fn cut(&self, partitions: &[i32]) -> Result<(), BusError> {
         let mut logs = self.logs.lock().unwrap();
-        logs.get_mut(&partition).expect("held").push(Entry::Cut);
+        for partition in partitions {
+            logs.get_mut(partition).expect("held").push(Entry::Cut);
+        }
         Ok(())
     }
 

@@ -281,19 +281,34 @@ impl EventSource for KafkaSource {
             .map_err(|(source, _)| BusError::retriable("send to the dead-letter topic", source))
     }
 
-    async fn cut(&self, partition: i32) -> Result<(), BusError> {
-        let headers = OwnedHeaders::new().insert(Header {
-            key: CUT_HEADER,
-            value: Some("1"),
-        });
-        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.config.events_topic)
-            .partition(partition)
-            .headers(headers);
-        self.producer
-            .send(record, self.delivery_timeout)
-            .await
-            .map(|_| ())
-            .map_err(|(source, _)| BusError::retriable("append a cut marker", source))
+    async fn cut(&self, partitions: &[i32]) -> Result<(), BusError> {
+        // Every marker is queued first, so that they travel together; then each is waited for.
+        let mut deliveries = Vec::with_capacity(partitions.len());
+        for &partition in partitions {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: CUT_HEADER,
+                value: Some("1"),
+            });
+            let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.config.events_topic)
+                .partition(partition)
+                .headers(headers);
+            let delivery = self
+                .producer
+                .send_result(record)
+                .map_err(|(source, _)| BusError::retriable("append a cut marker", source))?;
+            deliveries.push(delivery);
+        }
+        for delivery in deliveries {
+            match tokio::time::timeout(self.delivery_timeout, delivery).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err((source, _)))) => {
+                    return Err(BusError::retriable("append a cut marker", source))
+                }
+                Ok(Err(_)) => return Err(BusError::retriable("append a cut marker", "cancelled")),
+                Err(_) => return Err(BusError::retriable("append a cut marker", "timed out")),
+            }
+        }
+        Ok(())
     }
 
     async fn seek(&self, position: BusPosition) -> Result<(), BusError> {
