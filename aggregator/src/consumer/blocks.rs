@@ -19,8 +19,11 @@ use backends::sink::BusPosition;
 use backends::source::{BusMessage, Content};
 
 /// The most offsets one block spans. A constant of the protocol, not a setting: writers that
-/// cut with different spans would write different blocks of the same records.
-pub const BLOCK_SPAN: i64 = 32_768;
+/// cut with different spans would write different blocks of the same records. It also bounds
+/// what the aggregator holds while it drains a backlog (no marker is asked then): one open
+/// block per partition held. With 32,768 and 6 partitions the aggregator grew to 226-243 MiB
+/// draining 360,000 events; 4,096 keeps a block per partition to a few MiB.
+pub const BLOCK_SPAN: i64 = 4_096;
 
 /// A block's records: offsets `first..=last` of `partition`, the events and poison among them
 /// in offset order (markers are left out).

@@ -105,7 +105,7 @@ pub struct KafkaConfig {
     #[serde(default = "default_session_timeout_ms")]
     pub session_timeout_ms: u64,
     /// Longest an aggregator may go between polls (a ClickHouse outage counts); past 80% of it
-    /// the aggregator exits rather than write partitions it may no longer own.
+    /// the aggregator exits, so that a supervisor restarts it as a new group member.
     #[serde(default = "default_max_poll_interval_ms")]
     pub max_poll_interval_ms: u64,
 }
@@ -210,7 +210,7 @@ pub const MIN_PORTAL_SECRET_CHARS: usize = 32;
 #[serde(deny_unknown_fields)]
 pub struct AggregatorConfig {
     /// Most messages in one poll of the events topic (a block, one insert, holds at most
-    /// 32,768 offsets of one partition).
+    /// 4,096 offsets of one partition).
     #[serde(default = "default_max_batch_rows")]
     pub max_batch_rows: usize,
     /// Longest a poll waits for more messages after its first.
