@@ -80,14 +80,6 @@ topic and follows the new one from its start"
     Stalled(String),
 }
 
-/// Where the loop is with a partition it holds.
-enum Track {
-    /// Sent back to the store's floor: messages before `first` are the old read position's.
-    Seeking { first: i64 },
-    /// Reading blocks in order.
-    Reading(Cutter),
-}
-
 /// Runs until `shutdown` turns true (then returns after the blocks in hand), until a block
 /// cannot be written for `give_up_after`, or until the lag monitor gives up on a stall.
 /// `status` is what the loop and the lag monitor share: the loop publishes its assignment and
@@ -104,7 +96,9 @@ where
     W: BlockWriter,
 {
     let mut progress = Progress::default();
-    let mut held: HashMap<i32, Track> = HashMap::new();
+    // Per partition held: its cutter, which starts at the store's floor and leaves out what
+    // the bus delivers below it (after a seek back to the floor, or a re-read).
+    let mut held: HashMap<i32, Cutter> = HashMap::new();
     let idle = Duration::from_millis(500);
     while !*shutdown.borrow() {
         // 0. The lag monitor's requests.
@@ -136,16 +130,7 @@ where
             let p = message.position.partition;
             match held.get_mut(&p) {
                 None => arrived.entry(p).or_default().push(message),
-                Some(Track::Seeking { first }) if message.position.offset < *first => {}
-                Some(track) => {
-                    if let Track::Seeking { first } = track {
-                        *track = Track::Reading(Cutter::new(p, *first));
-                    }
-                    let Track::Reading(cutter) = track else {
-                        unreachable!("set above")
-                    };
-                    closed.extend(cutter.push(message));
-                }
+                Some(cutter) => closed.extend(cutter.push(message)),
             }
         }
         if !arrived.is_empty() {
@@ -156,10 +141,8 @@ where
         if caught_up {
             let open: Vec<i32> = held
                 .iter()
-                .filter_map(|(p, track)| match track {
-                    Track::Reading(cutter) if cutter.wants_marker() => Some(*p),
-                    _ => None,
-                })
+                .filter(|(_, cutter)| cutter.wants_marker())
+                .map(|(p, _)| *p)
                 .collect();
             if !open.is_empty() {
                 // Markers that cannot be appended now (the broker away) are asked again after
@@ -167,9 +150,7 @@ where
                 match source.cut(&open).await {
                     Ok(()) => {
                         for p in &open {
-                            if let Some(Track::Reading(cutter)) = held.get_mut(p) {
-                                cutter.marker_asked();
-                            }
+                            held.get_mut(p).expect("held").marker_asked();
                         }
                         progress.markers += open.len() as u64;
                     }
@@ -214,7 +195,7 @@ async fn start<S: EventSource, W: BlockWriter>(
     source: &mut S,
     writer: &W,
     config: &ConsumerConfig,
-    held: &mut HashMap<i32, Track>,
+    held: &mut HashMap<i32, Cutter>,
     arrived: HashMap<i32, Vec<BusMessage>>,
 ) -> Result<Vec<CutBlock>, ConsumerError> {
     let mut partitions: Vec<i32> = arrived.keys().copied().collect();
@@ -238,12 +219,11 @@ async fn start<S: EventSource, W: BlockWriter>(
         }
         let first = floor + 1;
         let from = messages[0].position.offset;
+        let cutter = held.entry(p).or_insert(Cutter::new(p, first));
         if from == first {
-            let mut cutter = Cutter::new(p, first);
             for message in messages {
                 closed.extend(cutter.push(message));
             }
-            held.insert(p, Track::Reading(cutter));
         } else {
             source
                 .seek(BusPosition {
@@ -257,7 +237,6 @@ async fn start<S: EventSource, W: BlockWriter>(
                 to = first,
                 "resuming at the stored floor"
             );
-            held.insert(p, Track::Seeking { first });
         }
     }
     Ok(closed)

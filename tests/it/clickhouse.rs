@@ -114,8 +114,8 @@ fn serve_refuses_an_unmigrated_or_unreachable_clickhouse() {
 /// sends it to a server that deduplicates `how`.
 fn raw_block(tenant: &str, keys: [&str; 2], how: migrations::Deduplication) -> String {
     let settings = match how {
-        migrations::Deduplication::Window => migrations::DEDUPLICATE_VIEWS,
-        migrations::Deduplication::Replicated => "",
+        migrations::Deduplication::Window => format!("SETTINGS {}", migrations::DEDUPLICATE_VIEWS),
+        migrations::Deduplication::Replicated => String::new(),
     };
     let row = |key: &str| {
         format!(

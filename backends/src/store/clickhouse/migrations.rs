@@ -70,12 +70,7 @@ pub const IDEMPOTENT_VIEW_TARGETS: [&str; 1] = ["mcp_kafka_floors"];
 
 /// What an insert into `mcp_events` adds on a [`Deduplication::Window`] server, so that its
 /// views' tables check their blocks too.
-pub const DEDUPLICATE_VIEWS: &str =
-    "SETTINGS deduplicate_blocks_in_dependent_materialized_views = 1";
-
-/// [`DEDUPLICATE_VIEWS`]'s setting alone, to join with others.
-pub const DEDUPLICATE_VIEWS_SETTING: &str =
-    "deduplicate_blocks_in_dependent_materialized_views = 1";
+pub const DEDUPLICATE_VIEWS: &str = "deduplicate_blocks_in_dependent_materialized_views = 1";
 
 /// How `mcp_events` drops a block inserted twice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

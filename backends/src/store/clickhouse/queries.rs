@@ -251,27 +251,31 @@ pub fn fill_block() -> String {
     format!("INSERT INTO {BLOCK_TABLE} ({EVENT_COLUMNS}) FORMAT TabSeparated\n")
 }
 
-/// The offset after the last handled block of `partition`: the greater of the floor the rows
-/// keep (their block ends, through `mcp_kafka_floors_mv`) and the one recorded for blocks that
-/// stored no row. 0 when nothing is handled: `maxMerge` of no rows is 0, and the recorded one
-/// asks `count()` (current servers turn `max(x + 1)` into `max(x) + 1`, which is 1 for no rows).
-fn next_offset(topic: &str, partition: i32) -> String {
-    let topic = quote(topic);
+/// Per partition of `partitions` with anything handled, `(kafka_partition, next)` rows whose
+/// greatest `next` is the offset after its last handled block: from the floor the rows keep
+/// (their block ends, through `mcp_kafka_floors_mv`) and from the ends recorded for blocks that
+/// stored no row. `max(max_offset) + 1` per group, never `max(max_offset + 1)`: current
+/// servers rewrite the second into the first, which is 1 over no rows.
+fn next_offsets(topic: &str, partitions: &[i32]) -> String {
+    let list: Vec<String> = partitions.iter().map(i32::to_string).collect();
+    let (topic, list) = (quote(topic), list.join(", "));
     format!(
-        "greatest((SELECT maxMerge(next_offset) FROM mcp_kafka_floors \
-WHERE kafka_topic = {topic} AND kafka_partition = {partition}), \
-(SELECT if(count() = 0, 0, max(max_offset) + 1) FROM mcp_kafka_topic_offsets \
-WHERE kafka_topic = {topic} AND kafka_partition = {partition}))"
+        "SELECT kafka_partition, maxMerge(next_offset) AS next FROM mcp_kafka_floors \
+WHERE kafka_topic = {topic} AND kafka_partition IN ({list}) GROUP BY kafka_partition \
+UNION ALL \
+SELECT kafka_partition, max(max_offset) + 1 AS next FROM mcp_kafka_topic_offsets \
+WHERE kafka_topic = {topic} AND kafka_partition IN ({list}) GROUP BY kafka_partition"
     )
 }
 
 /// Moves the block waiting in [`BLOCK_TABLE`] into `mcp_events`, unless the partition is
-/// already handled at or past `first`: the server checks, in the statement that inserts.
+/// already handled at or past `first`: the server checks, in the statement that inserts
+/// (`max` of no rows is 0: nothing handled).
 pub fn insert_block(topic: &str, partition: i32, first: i64, settings: &str) -> String {
     format!(
         "INSERT INTO mcp_events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM {BLOCK_TABLE} \
-WHERE {} <= {first} {settings}",
-        next_offset(topic, partition)
+WHERE (SELECT max(next) FROM ({})) <= {first} {settings}",
+        next_offsets(topic, &[partition])
     )
 }
 
@@ -298,19 +302,13 @@ pub fn stored_keys(keys: &[(&str, &[&str])]) -> String {
     sql
 }
 
-/// Per partition of `partitions`, the last offset of its last handled block (the greater of
-/// the rows' floor and the recorded one); partitions with nothing handled are left out.
+/// Per partition of `partitions`, the last offset of its last handled block; partitions with
+/// nothing handled are left out.
 pub fn stored_offsets(topic: &str, partitions: &[i32]) -> String {
-    let list: Vec<String> = partitions.iter().map(i32::to_string).collect();
-    let (topic, list) = (quote(topic), list.join(", "));
     format!(
-        "SELECT kafka_partition, max(next) - 1 FROM (\
-SELECT kafka_partition, maxMerge(next_offset) AS next FROM mcp_kafka_floors \
-WHERE kafka_topic = {topic} AND kafka_partition IN ({list}) GROUP BY kafka_partition \
-UNION ALL \
-SELECT kafka_partition, max(max_offset) + 1 AS next FROM mcp_kafka_topic_offsets \
-WHERE kafka_topic = {topic} AND kafka_partition IN ({list}) GROUP BY kafka_partition) \
-GROUP BY kafka_partition ORDER BY kafka_partition"
+        "SELECT kafka_partition, max(next) - 1 FROM ({}) GROUP BY kafka_partition \
+ORDER BY kafka_partition",
+        next_offsets(topic, partitions)
     )
 }
 
@@ -570,10 +568,10 @@ VALUES ('events', 0, 17), ('events', 3, 5)"
     fn a_block_is_inserted_only_while_its_partition_is_handled_below_its_first_offset() {
         let sql = insert_block("events", 2, 40, "SETTINGS x = 1");
         assert!(sql.starts_with(&format!(
-            "INSERT INTO mcp_events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM mcp_block WHERE greatest("
+            "INSERT INTO mcp_events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM mcp_block WHERE (SELECT max(next) FROM ("
         )));
         assert!(sql.ends_with(") <= 40 SETTINGS x = 1"), "{sql}");
-        assert!(sql.contains("kafka_topic = 'events' AND kafka_partition = 2"));
+        assert!(sql.contains("kafka_topic = 'events' AND kafka_partition IN (2)"));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! sending the same block at the same moment send the same rows in the same order, and the
 //! events table drops the second copy (migration 0009).
 
-use super::migrations::{self, Deduplication, DEDUPLICATE_VIEWS, DEDUPLICATE_VIEWS_SETTING};
+use super::migrations::{self, Deduplication, DEDUPLICATE_VIEWS};
 use super::{queries, tsv, HttpRunner, SqlRunner};
 use crate::error::ErrorKind;
 use crate::error::StoreError;
@@ -118,7 +118,7 @@ impl<R: SqlRunner> StoredOffsets for ClickHouseWriter<R> {
 }
 
 /// The SETTINGS clauses of the two inserts into `mcp_events`.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Settings {
     /// Of a batch's INSERT.
     batch: String,
@@ -131,11 +131,19 @@ struct Settings {
 /// what the writer sent, identical in every copy, so the writer asks for the check.
 const DEDUPLICATE_BLOCK_SELECT: &str = "deduplicate_insert_select = 'enable_even_for_bad_queries'";
 
+/// `SETTINGS a, b` for the given settings; nothing for none.
+fn settings_clause(settings: &[&str]) -> String {
+    match settings.is_empty() {
+        true => String::new(),
+        false => format!("SETTINGS {}", settings.join(", ")),
+    }
+}
+
 impl<R: SqlRunner> ClickHouseWriter<R> {
-    /// The settings inserts into `mcp_events` carry (read once).
-    async fn settings(&mut self) -> Result<Settings, StoreError> {
-        if let Some(settings) = &self.settings {
-            return Ok(settings.clone());
+    /// Reads, at the first write, what inserts into `mcp_events` carry.
+    async fn read_settings(&mut self) -> Result<(), StoreError> {
+        if self.settings.is_some() {
+            return Ok(());
         }
         let window =
             migrations::events_deduplication(&self.runner).await? == Some(Deduplication::Window);
@@ -145,36 +153,32 @@ impl<R: SqlRunner> ClickHouseWriter<R> {
                 "SELECT count() FROM system.settings WHERE name = 'deduplicate_insert_select'",
             )
             .await?;
-        let mut block: Vec<&str> = Vec::new();
-        if window {
-            block.push(DEDUPLICATE_VIEWS_SETTING);
-        }
+        let views: &[&str] = if window { &[DEDUPLICATE_VIEWS] } else { &[] };
+        let mut block = views.to_vec();
         if select_setting.trim() == "1" {
             block.push(DEDUPLICATE_BLOCK_SELECT);
         }
-        let settings = Settings {
-            batch: if window {
-                DEDUPLICATE_VIEWS.to_string()
-            } else {
-                String::new()
-            },
-            block: match block.is_empty() {
-                true => String::new(),
-                false => format!("SETTINGS {}", block.join(", ")),
-            },
-        };
-        self.settings = Some(settings.clone());
-        Ok(settings)
+        self.settings = Some(Settings {
+            batch: settings_clause(views),
+            block: settings_clause(&block),
+        });
+        Ok(())
     }
 
-    /// The rows of `batches` to insert, each a TabSeparated line with where it comes from,
-    /// and what became of each batch: an event is new, or repeats a stored key or an earlier
-    /// event of this write. Rows carry `block_end` (-1 outside a block).
+    fn settings(&self) -> &Settings {
+        self.settings.as_ref().expect("read at the first write")
+    }
+
+    /// The rows of `batches` to insert, as TabSeparated lines after the statement `header`
+    /// that takes them, in one text, and what became of each batch: an event is new, or
+    /// repeats a stored key or an earlier event of this write. Rows carry `block_end` (-1
+    /// outside a block).
     async fn new_rows(
         &self,
         batches: &[TenantBatch],
+        header: String,
         block_end: i64,
-    ) -> Result<(Vec<NewRow>, Vec<WriteOutcome>), StoreError> {
+    ) -> Result<(NewRows, Vec<WriteOutcome>), StoreError> {
         // 1. Keys already stored by an earlier write (a client retry, a redelivery).
         let stored = self.stored(batches).await?;
         let mut seen: HashSet<(&str, &str)> = stored
@@ -182,7 +186,11 @@ impl<R: SqlRunner> ClickHouseWriter<R> {
             .map(|(t, k)| (t.as_str(), k.as_str()))
             .collect();
         // 2. Decide each event. `seen` grows as we go so a repeat inside the write is caught.
-        let mut rows = Vec::new();
+        let mut rows = NewRows {
+            header: header.len(),
+            text: header,
+            rows: Vec::new(),
+        };
         let mut outcomes = Vec::with_capacity(batches.len());
         for (b, batch) in batches.iter().enumerate() {
             let mut outcome = WriteOutcome::with_positions();
@@ -195,13 +203,9 @@ impl<R: SqlRunner> ClickHouseWriter<R> {
                 if !stored_before && seen.insert((&batch.tenant_id, &e.idempotency_key)) {
                     outcome.stored();
                     let at = batch.positions.get(i).map(|p| (p, self.topic.as_str()));
-                    let mut line = String::new();
-                    push_row(&mut line, &batch.tenant_id, e, at, block_end);
-                    rows.push(NewRow {
-                        batch: b,
-                        event: i,
-                        line,
-                    });
+                    let start = rows.text.len();
+                    push_row(&mut rows.text, &batch.tenant_id, e, at, block_end);
+                    rows.rows.push(((b, i), start..rows.text.len()));
                 } else {
                     outcome.repeated_at(i);
                 }
@@ -211,17 +215,10 @@ impl<R: SqlRunner> ClickHouseWriter<R> {
         Ok((rows, outcomes))
     }
 
-    /// Fills a block table of a fresh session with `rows` and runs `then` there.
-    async fn in_block_table(&self, rows: &[&NewRow], then: Option<&str>) -> Result<(), StoreError> {
-        let mut fill = queries::fill_block();
-        for row in rows {
-            fill.push_str(&row.line);
-        }
-        let mut statements = vec![
-            queries::DROP_BLOCK_TABLE,
-            queries::CREATE_BLOCK_TABLE,
-            &fill,
-        ];
+    /// Fills a block table of a fresh session (`fill`: [`queries::fill_block`] and its rows)
+    /// and runs `then` there.
+    async fn in_block_table(&self, fill: &str, then: Option<&str>) -> Result<(), StoreError> {
+        let mut statements = vec![queries::DROP_BLOCK_TABLE, queries::CREATE_BLOCK_TABLE, fill];
         statements.extend(then);
         statements.push(queries::DROP_BLOCK_TABLE);
         self.runner.execute_in_session(&statements).await
@@ -230,21 +227,18 @@ impl<R: SqlRunner> ClickHouseWriter<R> {
     /// The rows among `rows` that the events table refuses for good, each with the server's
     /// reason, found by filling block tables with halves until each refused row stands alone.
     /// Nothing reaches the events table meanwhile.
-    async fn refused<'a>(
-        &self,
-        rows: Vec<&'a NewRow>,
-    ) -> Result<Vec<(&'a NewRow, StoreError)>, StoreError> {
+    async fn refused(&self, rows: &NewRows) -> Result<Vec<(RowOf, StoreError)>, StoreError> {
         let mut refused = Vec::new();
-        let mut parts = vec![rows];
-        while let Some(mut part) = parts.pop() {
-            match self.in_block_table(&part, None).await {
+        let mut parts = vec![&rows.rows[..]];
+        while let Some(part) = parts.pop() {
+            match self.in_block_table(&rows.only(part), None).await {
                 Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::Permanent => match part.len() {
-                    1 => refused.push((part[0], e)),
-                    n => {
-                        let second = part.split_off(n / 2);
+                Err(e) if e.kind() == ErrorKind::Permanent => match part {
+                    [(row, _)] => refused.push((*row, e)),
+                    _ => {
+                        let (first, second) = part.split_at(part.len() / 2);
                         parts.push(second);
-                        parts.push(part);
+                        parts.push(first);
                     }
                 },
                 Err(e) => return Err(e),
@@ -254,28 +248,39 @@ impl<R: SqlRunner> ClickHouseWriter<R> {
     }
 }
 
-/// A row to insert: its batch and event (by index), and its TabSeparated line.
-struct NewRow {
-    batch: usize,
-    event: usize,
-    line: String,
+/// Which event a row is: (batch, event), by index.
+type RowOf = (usize, usize);
+
+/// The rows to insert: the statement that takes them (its first `header` bytes) and their
+/// TabSeparated lines, in one text, and where each row is in it.
+struct NewRows {
+    text: String,
+    header: usize,
+    rows: Vec<(RowOf, std::ops::Range<usize>)>,
+}
+
+impl NewRows {
+    /// The statement with only the lines of `rows` (a slice of `self.rows`), in order.
+    fn only(&self, rows: &[(RowOf, std::ops::Range<usize>)]) -> String {
+        let lines = rows.iter().map(|(_, range)| &self.text[range.clone()]);
+        std::iter::once(&self.text[..self.header])
+            .chain(lines)
+            .collect()
+    }
 }
 
 #[async_trait::async_trait]
 impl<R: SqlRunner> StoreWriter for ClickHouseWriter<R> {
     async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
-        let settings = self.settings().await?;
-        let (rows, outcomes) = self.new_rows(batches, -1).await?;
-        if rows.is_empty() {
+        self.read_settings().await?;
+        let header = queries::insert_events(&self.settings().batch);
+        let (rows, outcomes) = self.new_rows(batches, header, -1).await?;
+        if rows.rows.is_empty() {
             return Ok(outcomes);
         }
         // 3. One INSERT: the raw rows, and through the views their rollups and keys. If it
         //    fails, the caller writes the same batches again; step 1 then skips what landed.
-        let mut insert = queries::insert_events(&settings.batch);
-        for row in &rows {
-            insert.push_str(&row.line);
-        }
-        self.runner.execute(&insert).await?;
+        self.runner.execute(&rows.text).await?;
         Ok(outcomes)
     }
 }
@@ -283,38 +288,39 @@ impl<R: SqlRunner> StoreWriter for ClickHouseWriter<R> {
 #[async_trait::async_trait]
 impl<R: SqlRunner> BlockWriter for ClickHouseWriter<R> {
     async fn write_block(&mut self, block: &Block) -> Result<BlockWrite, StoreError> {
-        let settings = self.settings().await?;
-        let (rows, mut outcomes) = self.new_rows(&block.batches, block.last).await?;
+        self.read_settings().await?;
+        let (mut rows, mut outcomes) = self
+            .new_rows(&block.batches, queries::fill_block(), block.last)
+            .await?;
         let mut write = BlockWrite::default();
-        if rows.is_empty() {
-            write.outcomes = outcomes;
-            return Ok(write);
-        }
-        let insert =
-            queries::insert_block(&self.topic, block.partition, block.first, &settings.block);
-        let mut sent: Vec<&NewRow> = rows.iter().collect();
-        match self.in_block_table(&sent, Some(&insert)).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::Permanent => {
-                // Rows the events table refuses (a check of its own): set them apart, and
-                // insert the others as the block. Every writer sets the same ones apart.
-                tracing::warn!(error = %e, rows = sent.len(),
-                    "the store refused a block for good; finding the rows it refuses");
-                for (row, reason) in self.refused(sent.clone()).await? {
-                    let outcome = &mut outcomes[row.batch];
-                    outcome.accepted -= 1;
-                    let position = block.batches[row.batch].positions[row.event];
-                    write.refused.push((position, reason));
+        if !rows.rows.is_empty() {
+            let insert = queries::insert_block(
+                &self.topic,
+                block.partition,
+                block.first,
+                &self.settings().block,
+            );
+            match self.in_block_table(&rows.text, Some(&insert)).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Permanent => {
+                    // Rows the events table refuses (a check of its own): set them apart, and
+                    // insert the others as the block. Every writer sets the same ones apart.
+                    tracing::warn!(error = %e, rows = rows.rows.len(),
+                        "the store refused a block for good; finding the rows it refuses");
+                    let refused = self.refused(&rows).await?;
+                    rows.rows
+                        .retain(|(row, _)| !refused.iter().any(|(r, _)| r == row));
+                    for ((b, i), reason) in refused {
+                        outcomes[b].accepted -= 1;
+                        write.refused.push((block.batches[b].positions[i], reason));
+                    }
+                    if !rows.rows.is_empty() {
+                        let accepted = rows.only(&rows.rows);
+                        self.in_block_table(&accepted, Some(&insert)).await?;
+                    }
                 }
-                sent.retain(|row| {
-                    let position = block.batches[row.batch].positions[row.event];
-                    !write.refused.iter().any(|(p, _)| *p == position)
-                });
-                if !sent.is_empty() {
-                    self.in_block_table(&sent, Some(&insert)).await?;
-                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
         write.outcomes = outcomes;
         Ok(write)
