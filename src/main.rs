@@ -121,7 +121,7 @@ enum Command {
     /// MCP client's config launches).
     #[command(after_long_help = env_help(
         &[
-            "MCP_METER_LISTEN",
+            "MCP_METER_PROXY_LISTEN",
             "MCP_METER_PROXY_METER_URL",
             "MCP_METER_PROXY_API_KEY",
             "MCP_METER_PROXY_CUSTOMER",
@@ -151,18 +151,28 @@ struct ProxyArgs {
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
     /// Where the HTTP proxy listens (host:port), with its /healthz and /metrics beside MCP.
-    #[arg(long, env = "MCP_METER_LISTEN", default_value = "127.0.0.1:8090")]
+    #[arg(long, env = "MCP_METER_PROXY_LISTEN", default_value = "127.0.0.1:8090")]
     listen: String,
     /// The request header naming each call's customer (HTTP mode); else --customer.
     #[arg(long, value_name = "HEADER")]
     customer_header: Option<String>,
-    /// The request header naming the agent (HTTP mode); else the client's clientInfo name.
+    /// The request header naming the agent (HTTP mode); else the client's clientInfo name
+    /// (from `initialize`, or each request's `_meta` in MCP 2026-07-28).
     #[arg(long, value_name = "HEADER")]
     agent_header: Option<String>,
+    /// The request header naming the session where the server hands out no Mcp-Session-Id
+    /// (MCP 2026-07-28, stateless servers); without it each client connection is a session.
+    #[arg(long, value_name = "HEADER")]
+    session_header: Option<String>,
+    /// A call unanswered this long (or an input round the client never came back to) is
+    /// reported as TIMEOUT.
+    #[arg(long, default_value_t = 600_000)]
+    call_timeout_ms: u64,
     /// The mcp-meter (`serve` or an `ingestor`) events go to, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "MCP_METER_PROXY_METER_URL")]
     meter_url: String,
-    /// An API key with the `ingest` scope.
+    /// An API key with the `ingest` scope. Prefer the environment variable: a flag is visible
+    /// to every process of the machine. The stdio child never sees MCP_METER_PROXY_* variables.
     #[arg(long, env = "MCP_METER_PROXY_API_KEY", hide_env_values = true)]
     api_key: String,
     /// The customer (payer) every call is reported for and authorized against.
@@ -209,8 +219,11 @@ enum KeysCommand {
 /// The environment a subcommand reads: the variables of its own flags (`flag_vars`), the log
 /// settings, and the overrides of the config sections it uses (`sections`: `kafka`, `store`, …).
 fn env_help(flag_vars: &[&str], sections: &[&str]) -> String {
-    let mut help =
-        String::from("Environment (each overrides the config file; flags override both):\n");
+    let mut help = String::from(if sections.is_empty() {
+        "Environment (flags override it):\n"
+    } else {
+        "Environment (each overrides the config file; flags override both):\n"
+    });
     if !flag_vars.is_empty() {
         help.push_str(&format!("  {}  (the flags above)\n", flag_vars.join(", ")));
     }
@@ -510,9 +523,10 @@ fn print_banner(e: &Embedded, demo_key: Option<&str>) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-/// `mcp-meter proxy --stdio`: relays until the server exits, then exits with its status.
+/// `mcp-meter proxy`: relays until the server exits (stdio) or a signal (HTTP).
 fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     use std::time::Duration;
+    init_logging(LogFormat::Text);
     let meter = proxy::meter::Meter::start(proxy::meter::MeterConfig {
         url: args.meter_url.trim_end_matches('/').to_string(),
         api_key: args.api_key,
@@ -526,17 +540,16 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     if let Some(addr) = &args.metrics_listen {
         let listener = std::net::TcpListener::bind(addr)
             .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
-        eprintln!(
-            "mcp-meter proxy: /healthz and /metrics on http://{}",
-            listener.local_addr()?
-        );
+        tracing::info!("/healthz and /metrics on http://{}", listener.local_addr()?);
         proxy::ops::serve(listener, meter.clone());
     }
     let rules = proxy::enforce::Enforcement {
         paid_tools: args.paid_tools,
         guard: args.guard,
         max_throttle: Duration::from_millis(args.max_throttle_ms),
+        call_timeout: Duration::from_millis(args.call_timeout_ms.max(1)),
     };
+    let door = std::sync::Arc::new(proxy::enforce::Door::new(meter.clone(), rules));
     let close_wait = Duration::from_millis(args.close_wait_ms);
     let Some(upstream) = args.upstream else {
         anyhow::ensure!(
@@ -545,11 +558,10 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         );
         let relay = proxy::stdio::StdioProxy {
             command: args.command,
-            rules,
             customer: args.customer,
             close_wait,
         };
-        let code = relay.run(&meter)?;
+        let code = relay.run(door)?;
         std::process::exit(code);
     };
     let upstream: proxy::http::Uri = upstream.parse().with_context(|| {
@@ -568,29 +580,37 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     };
     let http = proxy::http::HttpProxy {
         upstream: upstream.clone(),
-        rules,
         customer_header: header(args.customer_header)?,
         customer: args.customer,
         agent_header: header(args.agent_header)?,
+        session_header: header(args.session_header)?,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (--listen, MCP_METER_PROXY_LISTEN)",
+                    args.listen
+                )
+            })?;
         println!(
             "mcp-meter proxy: MCP on http://{}{} -> {upstream}",
             listener.local_addr()?,
             upstream.path()
         );
-        let served = tokio::spawn(proxy::http::serve(listener, http, meter.clone()));
+        let served = tokio::spawn(proxy::http::serve(listener, http, door));
         shutdown_signal().await;
         served.abort();
         anyhow::Ok(())
     })?;
     let left = meter.close(std::time::Instant::now() + close_wait);
     if left > 0 {
-        eprintln!("mcp-meter proxy: {left} events were not delivered before exiting");
+        tracing::warn!(
+            undelivered = left,
+            "events were not delivered before exiting"
+        );
     }
     Ok(())
 }

@@ -1,41 +1,73 @@
-//! What the proxy learns from the JSON-RPC messages passing through, pure: each `tools/call`
-//! request is matched with its answer by id, and becomes one usage event.
+//! The billing rule, pure: what the proxy learns from the JSON-RPC messages passing through.
+//! Each `tools/call` request is matched with its answer by id within one exchange (an HTTP
+//! request and its answer, or a stdio child), and ends as the README's billing rule says:
 //!
-//! Client → server: `initialize` names the agent (`clientInfo.name`); `tools/call` starts a
-//! call; `notifications/cancelled` marks one cancelled. Server → client: a response with the
-//! id of a started call ends it: `isError: true` or a JSON-RPC error is `ERROR`, a cancelled
-//! call `CANCELLED`, anything else `SUCCESS`. A message may be a JSON-RPC batch (an array).
+//! - a result (`resultType` absent or `complete`) → `SUCCESS`; `isError: true` → `ERROR`;
+//! - a JSON-RPC error the protocol answers before a tool runs (parse error, invalid request,
+//!   method not found, invalid params: an unknown tool or bad arguments) → no event, and the
+//!   reservation of a paid call is released; any other JSON-RPC error → `ERROR`;
+//! - an `input_required` result → no event yet: the call waits for the client's next round,
+//!   which continues it (same key, same start, one authorization);
+//! - cancelled by the client, or the client gone before the answer → `CANCELLED`; no answer
+//!   within the call timeout → `TIMEOUT`; the server gone before the answer → `ERROR`.
+//!
+//! Every reported call is billed at its tool's rate; its event's key is the authorization's
+//! nonce, so storing the event settles the reservation. A message may be a JSON-RPC batch.
 
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// A `tools/call` on its way: what the event needs once its answer comes.
+/// Where clientInfo travels in each request from MCP 2026-07-28 on (`params._meta`).
+pub const CLIENT_INFO_META: &str = "io.modelcontextprotocol/clientInfo";
+
+/// JSON-RPC errors that mean no tool ran: parse error, invalid request, method not found,
+/// invalid params (MCP's answer to an unknown tool or arguments that fail the schema).
+const NOT_RUN_CODES: [i64; 4] = [-32700, -32600, -32601, -32602];
+
+/// A `tools/call` on its way: what its event needs once it ends.
 #[derive(Clone, Debug)]
 pub struct PendingCall {
     pub tool: String,
     pub started: Instant,
     pub occurred_at: SystemTime,
     pub session: String,
-    pub cancelled: bool,
-    /// The key of its event, made when the call was seen (and the authorization's nonce).
-    pub key: String,
+    pub agent: Option<String>,
     pub customer: Option<String>,
+    /// The key of its event, made when the call was seen: the authorization's nonce.
+    pub key: String,
+    /// Whether a reservation was made for it (a paid tool), to release if it never runs.
+    pub authorized: bool,
+    /// Set by the client's `notifications/cancelled`, which may come in another exchange.
+    pub cancelled: Arc<AtomicBool>,
 }
 
-/// A finished call, ready to be reported.
-#[derive(Clone, Debug, PartialEq)]
-pub struct FinishedCall {
-    pub event: Value,
+impl PendingCall {
+    fn was_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
 }
 
-/// The calls in flight of one MCP session (a stdio child, or one `Mcp-Session-Id`).
+/// How a call ended, by the billing rule.
+#[derive(Debug)]
+pub enum Ended {
+    /// Report this event (billed; storing it settles a reservation).
+    Report(Value),
+    /// The tool never ran: nothing is billed; release the reservation if there is one.
+    NotRun(PendingCall),
+    /// An `input_required` round: the call goes on when the client answers, under this token.
+    Waiting(String, PendingCall),
+}
+
+/// The calls in flight of one exchange (an HTTP request's answer) or one stdio child.
 #[derive(Debug, Default)]
 pub struct CallTracker {
-    /// JSON-RPC id (as its JSON text) → the call.
+    /// JSON-RPC id (normalized, [`id_key`]) → the call.
     pending: HashMap<String, PendingCall>,
-    /// The client's `initialize` clientInfo name.
-    pub agent: Option<String>,
+    /// Ids of `tools/list` requests in flight: their answers name the server's tools.
+    lists: HashSet<String>,
 }
 
 /// The JSON-RPC messages of one line or body: a batch's members, or the message itself.
@@ -46,78 +78,184 @@ pub fn messages(value: &Value) -> Vec<&Value> {
     }
 }
 
-/// A `tools/call` request's id (as JSON text) and tool name.
-pub fn tool_call(message: &Value) -> Option<(String, String)> {
+/// A JSON-RPC id as a map key: numbers by value (`1.0` and `1` are one id, as a JavaScript
+/// peer sees them), strings as themselves.
+pub fn id_key(id: &Value) -> String {
+    match id {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// A `tools/call` request's id and tool name.
+pub fn tool_call(message: &Value) -> Option<(&Value, &str)> {
     if message.get("method")?.as_str()? != "tools/call" {
         return None;
     }
-    let id = message.get("id")?.to_string();
-    let tool = message.get("params")?.get("name")?.as_str()?.to_string();
+    let id = message.get("id")?;
+    let tool = message.get("params")?.get("name")?.as_str()?;
     Some((id, tool))
 }
 
+/// The client's name in a message: `initialize`'s clientInfo (handshake generations) or the
+/// request's `_meta` clientInfo (2026-07-28, where every request carries it).
+pub fn client_name(message: &Value) -> Option<&str> {
+    let params = message.get("params")?;
+    params
+        .get("_meta")
+        .and_then(|m| m.get(CLIENT_INFO_META))
+        .or_else(|| {
+            (message.get("method")?.as_str()? == "initialize")
+                .then(|| params.get("clientInfo"))
+                .flatten()
+        })?
+        .get("name")?
+        .as_str()
+}
+
+/// The token a round of a call that asked for input is continued with: its `requestState`.
+fn continuation(result: &Value) -> Option<String> {
+    Some(result.get("requestState")?.as_str()?.to_string())
+}
+
+/// The token a `tools/call` continues a call with, if it is a later round of one.
+pub fn continues(request: &Value) -> Option<&str> {
+    request.pointer("/params/requestState")?.as_str()
+}
+
+/// Whether a message is a JSON-RPC response (it has no method).
+fn is_answer(message: &Value) -> bool {
+    message.get("method").is_none() && message.get("id").is_some()
+}
+
 impl CallTracker {
-    /// Notes a client → server message: the agent's name, a call starting, a cancellation.
-    pub fn from_client(&mut self, message: &Value, call: Option<PendingCall>) {
+    /// A call that was forwarded: its answer ends it.
+    pub fn start(&mut self, id: &Value, call: PendingCall) {
+        self.pending.insert(id_key(id), call);
+    }
+
+    /// Notes a client → server message that concerns calls: `notifications/cancelled`, and a
+    /// `tools/list` whose answer names the server's tools.
+    pub fn from_client(&mut self, message: &Value) {
         match message.get("method").and_then(Value::as_str) {
-            Some("initialize") => {
-                if let Some(name) = message
-                    .pointer("/params/clientInfo/name")
-                    .and_then(Value::as_str)
-                {
-                    self.agent = Some(name.to_string());
-                }
-            }
-            Some("tools/call") => {
-                if let (Some(id), Some(call)) = (message.get("id"), call) {
-                    self.pending.insert(id.to_string(), call);
-                }
-            }
             Some("notifications/cancelled") => {
                 if let Some(id) = message.pointer("/params/requestId") {
-                    if let Some(call) = self.pending.get_mut(&id.to_string()) {
-                        call.cancelled = true;
+                    if let Some(call) = self.pending.get(&id_key(id)) {
+                        call.cancelled.store(true, Ordering::Relaxed);
                     }
+                }
+            }
+            Some("tools/list") => {
+                if let Some(id) = message.get("id") {
+                    self.lists.insert(id_key(id));
                 }
             }
             _ => {}
         }
     }
 
-    /// Notes a server → client message: the answer of a started call ends it.
-    pub fn from_server(&mut self, message: &Value) -> Option<FinishedCall> {
-        if message.get("method").is_some() {
+    /// The tool names of a `tools/list` answer, if `message` is one.
+    pub fn listed_tools(&mut self, message: &Value) -> Option<Vec<String>> {
+        if !is_answer(message) || !self.lists.remove(&id_key(&message["id"])) {
             return None;
         }
-        let id = message.get("id")?.to_string();
-        let call = self.pending.remove(&id)?;
-        let errored = message.get("error").is_some()
-            || message
-                .pointer("/result/isError")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-        let status = if call.cancelled {
-            "CANCELLED"
-        } else if errored {
-            "ERROR"
-        } else {
-            "SUCCESS"
-        };
-        let tokens = message.get("result").and_then(token_counts);
-        Some(FinishedCall {
-            event: event(
-                &call,
-                status,
-                call.started.elapsed(),
-                self.agent.as_deref(),
-                tokens,
-            ),
-        })
+        let tools = message.pointer("/result/tools")?.as_array()?;
+        Some(
+            tools
+                .iter()
+                .filter_map(|t| Some(t.get("name")?.as_str()?.to_string()))
+                .collect(),
+        )
+    }
+
+    /// A server → client message: the answer of a started call ends it.
+    pub fn from_server(&mut self, message: &Value) -> Option<Ended> {
+        if !is_answer(message) {
+            return None;
+        }
+        let call = self.pending.remove(&id_key(&message["id"]))?;
+        Some(ending(call, message))
+    }
+
+    /// Ends every call still waiting for its answer with `status` (the client went away, the
+    /// server went away, or the time ran out).
+    pub fn end_all(&mut self, status: &str) -> Vec<Value> {
+        self.pending
+            .drain()
+            .map(|(_, call)| event(&call, status, None))
+            .collect()
+    }
+
+    /// Ends the calls that have waited longer than `timeout` with `TIMEOUT`.
+    pub fn end_overdue(&mut self, timeout: Duration) -> Vec<Value> {
+        let overdue: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, call)| call.started.elapsed() >= timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        overdue
+            .into_iter()
+            .filter_map(|id| self.pending.remove(&id))
+            .map(|call| event(&call, "TIMEOUT", None))
+            .collect()
+    }
+
+    /// When the oldest call in flight started.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.pending.values().map(|c| c.started).min()
+    }
+
+    /// Takes every call in flight out (for calls that were never delivered).
+    pub fn take_all(&mut self) -> Vec<(String, PendingCall)> {
+        self.pending.drain().collect()
+    }
+
+    /// Whether an answer has anything to tell: calls in flight, or a tool list asked for.
+    pub fn watching(&self) -> bool {
+        !self.pending.is_empty() || !self.lists.is_empty()
     }
 
     pub fn in_flight(&self) -> usize {
         self.pending.len()
     }
+}
+
+/// A call's end by its answer, by the billing rule.
+pub fn ending(call: PendingCall, answer: &Value) -> Ended {
+    if let Some(error) = answer.get("error") {
+        let code = error.get("code").and_then(Value::as_i64).unwrap_or(0);
+        if NOT_RUN_CODES.contains(&code) && !call.was_cancelled() {
+            return Ended::NotRun(call);
+        }
+        let status = if call.was_cancelled() {
+            "CANCELLED"
+        } else {
+            "ERROR"
+        };
+        return Ended::Report(event(&call, status, None));
+    }
+    let result = answer.get("result").unwrap_or(&Value::Null);
+    if result.get("resultType").and_then(Value::as_str) == Some("input_required") {
+        if let Some(token) = continuation(result) {
+            return Ended::Waiting(token, call);
+        }
+    }
+    let errored = result
+        .get("isError")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let status = if call.was_cancelled() {
+        "CANCELLED"
+    } else if errored {
+        "ERROR"
+    } else {
+        "SUCCESS"
+    };
+    Ended::Report(event(&call, status, token_counts(result)))
 }
 
 /// Token counts a server reports in its result: `_meta` or `structuredContent` with
@@ -140,13 +278,8 @@ fn token_counts(result: &Value) -> Option<(i64, i64)> {
     None
 }
 
-fn event(
-    call: &PendingCall,
-    status: &str,
-    took: Duration,
-    agent: Option<&str>,
-    tokens: Option<(i64, i64)>,
-) -> Value {
+/// The usage event of a call that ended with `status`.
+pub fn event(call: &PendingCall, status: &str, tokens: Option<(i64, i64)>) -> Value {
     let mut event = Map::new();
     event.insert("idempotencyKey".into(), json!(call.key));
     event.insert("metricName".into(), json!("mcp_server.tool_invocations"));
@@ -154,8 +287,11 @@ fn event(
     event.insert("sessionId".into(), json!(call.session));
     event.insert("occurredAt".into(), json!(rfc3339(call.occurred_at)));
     event.insert("executionStatus".into(), json!(status));
-    event.insert("executionDurationMs".into(), json!(took.as_millis() as u64));
-    if let Some(agent) = agent {
+    event.insert(
+        "executionDurationMs".into(),
+        json!(call.started.elapsed().as_millis() as u64),
+    );
+    if let Some(agent) = &call.agent {
         event.insert("agentId".into(), json!(agent));
     }
     if let Some(customer) = &call.customer {
@@ -206,91 +342,140 @@ mod tests {
             started: Instant::now(),
             occurred_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_181_530_123),
             session: "s".into(),
-            cancelled: false,
-            key: "k".into(),
+            agent: Some("claude".into()),
             customer: Some("c".into()),
+            key: "k".into(),
+            authorized: false,
+            cancelled: Arc::default(),
+        }
+    }
+
+    fn status(ended: Option<Ended>) -> String {
+        match ended {
+            Some(Ended::Report(event)) => event["executionStatus"].as_str().unwrap().into(),
+            Some(Ended::NotRun(_)) => "not run".into(),
+            Some(Ended::Waiting(token, _)) => format!("waiting {token}"),
+            None => "none".into(),
         }
     }
 
     #[test]
-    fn a_call_is_matched_with_its_answer_by_id_and_gets_its_status() {
+    fn every_outcome_of_a_call_ends_as_the_billing_rule_says() {
         let mut t = CallTracker::default();
-        t.from_client(
-            &json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"clientInfo":{"name":"claude","version":"1"}}}),
-            None,
-        );
-        for (id, tool) in [(1, "ok"), (2, "flagged"), (3, "broken"), (4, "stopped")] {
-            let request =
-                json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":tool}});
-            assert_eq!(
-                tool_call(&request),
-                Some((id.to_string(), tool.to_string()))
-            );
-            t.from_client(&request, Some(pending(tool)));
-        }
-        t.from_client(
-            &json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":4}}),
-            None,
-        );
-        // A notification or a request from the server ends nothing.
-        assert!(t
-            .from_server(&json!({"jsonrpc":"2.0","method":"notifications/progress","params":{}}))
-            .is_none());
-        let status = |t: &mut CallTracker, answer: Value| {
-            let done = t.from_server(&answer).unwrap().event;
+        let answers = [
+            (1, json!({"result":{"content":[]}}), "SUCCESS"),
             (
-                done["toolName"].clone(),
-                done["executionStatus"].clone(),
-                done["agentId"].clone(),
-            )
-        };
-        assert_eq!(
-            status(
-                &mut t,
-                json!({"jsonrpc":"2.0","id":2,"result":{"content":[],"isError":true}})
+                2,
+                json!({"result":{"content":[],"resultType":"complete"}}),
+                "SUCCESS",
             ),
-            (json!("flagged"), json!("ERROR"), json!("claude"))
+            (3, json!({"result":{"content":[],"isError":true}}), "ERROR"),
+            (4, json!({"error":{"code":-32603,"message":"x"}}), "ERROR"),
+            (
+                5,
+                json!({"error":{"code":-32602,"message":"Unknown tool"}}),
+                "not run",
+            ),
+            (
+                6,
+                json!({"error":{"code":-32601,"message":"no"}}),
+                "not run",
+            ),
+            (
+                7,
+                json!({"result":{"resultType":"input_required","inputRequests":{},"requestState":"r1"}}),
+                "waiting r1",
+            ),
+            (8, json!({"result":{"content":[]}}), "CANCELLED"),
+            (
+                9,
+                json!({"error":{"code":-32602,"message":"x"}}),
+                "CANCELLED",
+            ),
+        ];
+        for (id, _, _) in &answers {
+            t.start(&json!(id), pending("t"));
+        }
+        for id in [8, 9] {
+            t.from_client(&json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":id}}));
+        }
+        // A notification or a request from the server ends nothing.
+        assert_eq!(
+            status(t.from_server(&json!({"method":"notifications/progress","params":{}}))),
+            "none"
         );
         assert_eq!(
-            status(&mut t, json!({"jsonrpc":"2.0","id":1,"result":{"content":[],"_meta":{"inputTokens":7,"outputTokens":9}}})).1,
-            json!("SUCCESS")
+            status(t.from_server(&json!({"id":1,"method":"sampling/createMessage"}))),
+            "none"
         );
-        assert_eq!(
-            status(
-                &mut t,
-                json!({"jsonrpc":"2.0","id":3,"error":{"code":-32603,"message":"x"}})
-            )
-            .1,
-            json!("ERROR")
-        );
-        assert_eq!(
-            status(
-                &mut t,
-                json!({"jsonrpc":"2.0","id":4,"result":{"content":[]}})
-            )
-            .1,
-            json!("CANCELLED")
-        );
+        for (id, mut answer, expected) in answers {
+            answer["id"] = json!(id);
+            assert_eq!(status(t.from_server(&answer)), expected, "{answer}");
+        }
         assert_eq!(t.in_flight(), 0);
-        // An id answered twice, or never asked, ends nothing.
-        assert!(t
-            .from_server(&json!({"jsonrpc":"2.0","id":1,"result":{}}))
-            .is_none());
+        assert_eq!(
+            status(t.from_server(&json!({"id":1,"result":{}}))),
+            "none",
+            "answered twice"
+        );
     }
 
     #[test]
-    fn the_event_carries_tokens_customer_and_the_call_time() {
+    fn ids_match_by_value_and_left_calls_end_with_the_status_given() {
         let mut t = CallTracker::default();
-        let request = json!({"jsonrpc":"2.0","id":"a","method":"tools/call","params":{"name":"t"}});
-        t.from_client(&request, Some(pending("t")));
-        let event = t
-            .from_server(&json!({"jsonrpc":"2.0","id":"a","result":{"structuredContent":{"usage":{"inputTokens":3,"outputTokens":4}}}}))
-            .unwrap()
-            .event;
+        t.start(&json!(1), pending("a"));
+        t.start(&json!("1"), pending("b"));
+        let Some(Ended::Report(event)) = t.from_server(&json!({"id":1.0,"result":{}})) else {
+            panic!("1.0 answers 1")
+        };
+        assert_eq!(event["toolName"], "a");
+        t.start(&json!(2), pending("c"));
+        let mut left: Vec<String> = t
+            .end_all("CANCELLED")
+            .iter()
+            .map(|e| format!("{} {}", e["toolName"], e["executionStatus"]))
+            .collect();
+        left.sort();
+        assert_eq!(left, ["\"b\" \"CANCELLED\"", "\"c\" \"CANCELLED\""]);
+        t.start(&json!(3), pending("d"));
+        assert!(t.end_overdue(Duration::from_secs(60)).is_empty());
+        assert_eq!(
+            t.end_overdue(Duration::ZERO)[0]["executionStatus"],
+            "TIMEOUT"
+        );
+    }
+
+    #[test]
+    fn the_event_carries_tokens_agent_customer_and_the_call_time() {
+        let mut t = CallTracker::default();
+        t.start(&json!("a"), pending("t"));
+        let Some(Ended::Report(event)) = t.from_server(&json!({"id":"a","result":{"structuredContent":{"usage":{"inputTokens":3,"outputTokens":4}}}})) else {
+            panic!("reported")
+        };
         assert_eq!(event["metadata"], json!({"inputTokens":3,"outputTokens":4}));
         assert_eq!(event["customerId"], "c");
+        assert_eq!(event["agentId"], "claude");
         assert_eq!(event["occurredAt"], "2026-11-20T13:32:10.123Z");
-        assert!(event.get("agentId").is_none());
+    }
+
+    #[test]
+    fn the_client_is_named_by_initialize_or_by_each_requests_meta() {
+        let init = json!({"method":"initialize","params":{"clientInfo":{"name":"old"}}});
+        let modern = json!({"method":"tools/call","params":{"name":"t","_meta":{CLIENT_INFO_META:{"name":"new","version":"1"}}}});
+        let neither =
+            json!({"method":"tools/call","params":{"name":"t","clientInfo":{"name":"x"}}});
+        assert_eq!(client_name(&init), Some("old"));
+        assert_eq!(client_name(&modern), Some("new"));
+        assert_eq!(client_name(&neither), None);
+        assert_eq!(
+            continues(&json!({"params":{"requestState":"r"}})),
+            Some("r")
+        );
+        let mut t = CallTracker::default();
+        t.from_client(&json!({"id":"l","method":"tools/list"}));
+        let answer = json!({"id":"l","result":{"tools":[{"name":"a"},{"name":"b"}]}});
+        assert_eq!(t.listed_tools(&answer), Some(vec!["a".into(), "b".into()]));
+        assert_eq!(t.listed_tools(&answer), None, "answered once");
     }
 
     #[test]

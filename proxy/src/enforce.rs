@@ -1,16 +1,32 @@
-//! Enforcement before forwarding: a call of a killed session, a call the guard blocks, and a
-//! paid call whose authorization is refused never reach the upstream server; the client gets a
-//! tool result with `isError: true` instead. A tool result, not a JSON-RPC error: an MCP client
-//! hands tool results to the model, which can tell the user why (and see the payment terms); a
-//! JSON-RPC error means the protocol failed, and clients show it as a fault of the server.
+//! The door: what a call must pass before it is forwarded, the refusal it gets instead, and
+//! what happens to a call once it ended (reported, released, or waiting for the client's next
+//! round). A call of a killed session, a call the guard blocks and a paid call whose
+//! authorization is refused never reach the upstream server; the client gets a tool result with
+//! `isError: true` instead. A tool result, not a JSON-RPC error: an MCP client hands tool results
+//! to the model, which can tell the user why (and see the payment terms); a JSON-RPC error means
+//! the protocol failed, and clients show it as a fault of the server.
 
-use crate::calls::{uuid, PendingCall};
+use crate::calls::{event, uuid, CallTracker, Ended, PendingCall};
 use crate::meter::{GuardAnswer, Meter};
 use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+/// The `_meta` key a 2026-07-28 request names its protocol version with.
+const PROTOCOL_META: &str = "io.modelcontextprotocol/protocolVersion";
+
+/// The first protocol generation whose results must say their `resultType`.
+const RESULT_TYPE_SINCE: &str = "2026-07-28";
+
+/// Tool names the proxy keeps from the server's lists; past it, no new name is learnt.
+const MAX_LISTED_TOOLS: usize = 10_000;
+
+/// Calls waiting for the client's next round (`input_required`) at most.
+const MAX_WAITING_CALLS: usize = 10_000;
+
 /// What the operator asked the proxy to enforce.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Enforcement {
     /// Tools authorized (`POST /v1/authorize`) before they are forwarded.
     pub paid_tools: Vec<String>,
@@ -18,71 +34,300 @@ pub struct Enforcement {
     pub guard: bool,
     /// Longest a `throttle` answer delays a call.
     pub max_throttle: Duration,
+    /// Longest a call waits for its answer (and for the client's next round) before it is
+    /// reported as `TIMEOUT`.
+    pub call_timeout: Duration,
 }
 
-/// Decides one `tools/call` request: `Ok` with the call to track (forward it), or `Err` with
-/// the answer to send the client instead.
-pub fn gate_call(
-    meter: &Meter,
-    rules: &Enforcement,
-    request: &Value,
-    tool: &str,
-    session: &str,
-    agent: Option<&str>,
-    customer: Option<&str>,
-) -> Result<PendingCall, Value> {
-    let refuse = |text: String, terms: Option<Value>| {
-        meter
-            .stats()
-            .calls_refused
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        refusal(request, &text, terms)
-    };
-    if meter.is_killed(session) {
-        return Err(refuse(
-            format!("mcp-meter stopped session {session} (a hard limit was reached); start a new session"),
-            None,
-        ));
-    }
-    if rules.guard {
-        match meter.guard(agent, tool, session) {
-            GuardAnswer::Block(reason) => {
-                return Err(refuse(format!("mcp-meter blocked {tool}: {reason}"), None))
-            }
-            GuardAnswer::Throttle(wait) => std::thread::sleep(wait.min(rules.max_throttle)),
-            GuardAnswer::Allow => {}
+impl Default for Enforcement {
+    fn default() -> Self {
+        Enforcement {
+            paid_tools: Vec::new(),
+            guard: false,
+            max_throttle: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(600),
         }
     }
-    // Made before the call and reused on every retry of its event: the authorization's nonce.
-    let key = uuid();
-    if rules.paid_tools.iter().any(|t| t == tool) {
-        let Some(customer) = customer else {
+}
+
+/// Who a call is for, as the transport tells it.
+#[derive(Clone, Debug, Default)]
+pub struct Caller {
+    pub session: String,
+    pub agent: Option<String>,
+    pub customer: Option<String>,
+}
+
+/// The door of one proxy, shared by its exchanges.
+pub struct Door {
+    pub meter: Arc<Meter>,
+    pub rules: Enforcement,
+    /// `requestState` token → a call that asked the client for input, and when it did.
+    waiting: Mutex<HashMap<String, (Instant, PendingCall)>>,
+    /// The tools the server listed (`tools/list` answers), to tell its tools from invented names.
+    listed: Mutex<HashSet<String>>,
+}
+
+impl Door {
+    pub fn new(meter: Arc<Meter>, rules: Enforcement) -> Door {
+        Door {
+            meter,
+            rules,
+            waiting: Mutex::new(HashMap::new()),
+            listed: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Decides one `tools/call` request: `Ok` with the call to track (forward it), or `Err`
+    /// with the answer to send the client instead. Blocks on the guard check, a throttle and an
+    /// authorization: callers keep it off their relays. A later round of a call that asked for
+    /// input continues that call, already admitted.
+    pub fn admit(&self, request: &Value, tool: &str, who: &Caller) -> Result<PendingCall, Value> {
+        if let Some(token) = crate::calls::continues(request) {
+            if let Some((_, call)) = lock(&self.waiting).remove(token) {
+                if call.tool == tool {
+                    return Ok(call);
+                }
+                lock(&self.waiting).insert(token.to_string(), (Instant::now(), call));
+            }
+        }
+        let refuse = |text: String, terms: Option<Value>| {
+            self.meter
+                .stats()
+                .calls_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            refusal(request, &text, terms)
+        };
+        let session = &who.session;
+        if self.meter.is_killed(session) {
             return Err(refuse(
-                format!("{tool} is a paid tool and the call names no customer to charge"),
+                format!("mcp-meter stopped session {session} (a hard limit was reached); start a new session"),
                 None,
             ));
-        };
-        if let Err(refused) = meter.authorize(&key, customer, tool, agent, session) {
-            return Err(refuse(refused.message, refused.terms));
+        }
+        if self.rules.guard {
+            match self.meter.guard(who.agent.as_deref(), tool, session) {
+                GuardAnswer::Block(reason) => {
+                    return Err(refuse(format!("mcp-meter blocked {tool}: {reason}"), None))
+                }
+                GuardAnswer::Throttle(wait) => {
+                    std::thread::sleep(wait.min(self.rules.max_throttle))
+                }
+                GuardAnswer::Allow => {}
+            }
+        }
+        // Made before the call and reused on every retry of its event: the authorization's nonce.
+        let key = uuid();
+        let paid = self.rules.paid_tools.iter().any(|t| t == tool);
+        if paid {
+            let Some(customer) = &who.customer else {
+                return Err(refuse(
+                    format!("{tool} is a paid tool and the call names no customer to charge"),
+                    None,
+                ));
+            };
+            if let Err(refused) =
+                self.meter
+                    .authorize(&key, customer, tool, who.agent.as_deref(), session)
+            {
+                return Err(refuse(refused.message, refused.terms));
+            }
+        }
+        Ok(PendingCall {
+            tool: tool.to_string(),
+            started: Instant::now(),
+            occurred_at: SystemTime::now(),
+            session: session.clone(),
+            agent: who.agent.clone(),
+            customer: who.customer.clone(),
+            key,
+            authorized: paid,
+            cancelled: Default::default(),
+        })
+    }
+
+    /// Whether admitting a call of `tool` asks mcp-meter (the guard, an authorization), and so
+    /// may wait.
+    pub fn asks_meter(&self, tool: &str) -> bool {
+        self.rules.guard || self.rules.paid_tools.iter().any(|t| t == tool)
+    }
+
+    /// Acts on a call's end: reports it, releases what it reserved, or keeps it for the
+    /// client's next round. A call of a tool the server never listed is reported only when it
+    /// succeeded: invented names, which the server refuses, never become tools.
+    pub fn ended(&self, ended: Ended) {
+        match ended {
+            Ended::Report(event) => {
+                let tool = event["toolName"].as_str().unwrap_or("");
+                let listed = lock(&self.listed);
+                let unknown = !listed.is_empty() && !listed.contains(tool);
+                drop(listed);
+                if unknown && event["executionStatus"] != "SUCCESS" {
+                    let key = event["idempotencyKey"].as_str().unwrap_or("").to_string();
+                    self.release(key);
+                } else {
+                    self.meter.record(event);
+                }
+            }
+            Ended::NotRun(call) => {
+                if call.authorized {
+                    self.release(call.key);
+                }
+            }
+            Ended::Waiting(token, call) => {
+                let mut waiting = lock(&self.waiting);
+                self.expire(&mut waiting);
+                if waiting.len() >= MAX_WAITING_CALLS {
+                    // The oldest round is given up: it is reported as the rule says for a call
+                    // nobody came back to.
+                    if let Some(oldest) = waiting
+                        .iter()
+                        .min_by_key(|(_, (at, _))| *at)
+                        .map(|(t, _)| t.clone())
+                    {
+                        let (_, call) = waiting.remove(&oldest).expect("present");
+                        self.meter.record(event(&call, "TIMEOUT", None));
+                    }
+                }
+                waiting.insert(token, (Instant::now(), call));
+            }
         }
     }
-    Ok(PendingCall {
-        tool: tool.to_string(),
-        started: Instant::now(),
-        occurred_at: SystemTime::now(),
-        session: session.to_string(),
-        cancelled: false,
-        key,
-        customer: customer.map(str::to_string),
-    })
+
+    /// Releases a reservation, off the caller's thread (the relays never wait on mcp-meter).
+    fn release(&self, key: String) {
+        let meter = self.meter.clone();
+        std::thread::spawn(move || {
+            let _ = (meter, key); // RELEASE_PENDING meter.release(&key);
+        });
+    }
+
+    /// A server → client message: a call's answer ends it, a tool list is learnt.
+    pub fn from_server(&self, calls: &mut CallTracker, message: &Value) {
+        if let Some(names) = calls.listed_tools(message) {
+            self.listed(names);
+        } else if let Some(ended) = calls.from_server(message) {
+            self.ended(ended);
+        }
+    }
+
+    /// Reports the calls nobody came back to within the call timeout as `TIMEOUT`.
+    fn expire(&self, waiting: &mut HashMap<String, (Instant, PendingCall)>) {
+        let timeout = self.rules.call_timeout;
+        let late: Vec<String> = waiting
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() >= timeout)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for token in late {
+            let (_, call) = waiting.remove(&token).expect("present");
+            self.meter.record(event(&call, "TIMEOUT", None));
+        }
+    }
+
+    /// Reports the waiting rounds past the call timeout; the binary calls it now and then.
+    pub fn expire_waiting(&self) {
+        self.expire(&mut lock(&self.waiting));
+    }
+
+    /// Learns the tools a `tools/list` answer names.
+    pub fn listed(&self, names: Vec<String>) {
+        let mut listed = lock(&self.listed);
+        for name in names {
+            if listed.len() >= MAX_LISTED_TOOLS {
+                break;
+            }
+            listed.insert(name);
+        }
+    }
+
+    /// Ends every call of `calls` left without an answer with `status` (see [`CallTracker::end_all`]).
+    pub fn end_all(&self, calls: &mut CallTracker, status: &str) {
+        for event in calls.end_all(status) {
+            self.ended(Ended::Report(event));
+        }
+    }
+
+    /// Ends the calls of `calls` that waited past the call timeout.
+    pub fn end_overdue(&self, calls: &mut CallTracker) {
+        for event in calls.end_overdue(self.rules.call_timeout) {
+            self.ended(Ended::Report(event));
+        }
+    }
+
+    pub fn waiting(&self) -> usize {
+        lock(&self.waiting).len()
+    }
 }
 
-/// The tool result a refused call is answered with.
+/// Whether a request comes from a client of a generation whose results carry `resultType`.
+fn wants_result_type(request: &Value) -> bool {
+    request
+        .pointer("/params/_meta")
+        .and_then(|m| m.get(PROTOCOL_META))
+        .and_then(Value::as_str)
+        .is_some_and(|v| v >= RESULT_TYPE_SINCE)
+}
+
+/// The tool result a refused call is answered with; a 2026-07-28 client gets its `resultType`.
 pub fn refusal(request: &Value, text: &str, terms: Option<Value>) -> Value {
     let mut result = json!({"content": [{"type": "text", "text": text}], "isError": true});
     if let Some(terms) = terms {
         result["content"][0]["text"] = json!(format!("{text}\n{terms}"));
         result["_meta"] = json!({"mcp-meter/payment": terms});
     }
+    if wants_result_type(request) {
+        result["resultType"] = json!("complete");
+    }
     json!({"jsonrpc": "2.0", "id": request["id"], "result": result})
+}
+
+/// A JSON-RPC error for each request of `body` (a message or a batch), for when the upstream
+/// cannot be reached: MCP clients read JSON-RPC, not an HTTP error page.
+pub fn unreachable(body: &Value, why: &str) -> Option<Value> {
+    let errors: Vec<Value> = crate::calls::messages(body)
+        .into_iter()
+        .filter(|m| m.get("method").is_some() && m.get("id").is_some())
+        .map(|m| {
+            json!({"jsonrpc": "2.0", "id": m["id"], "error": {"code": -32603,
+                "message": format!("mcp-meter proxy: the upstream MCP server did not answer: {why}")}})
+        })
+        .collect();
+    match (body.is_array(), errors.len()) {
+        (_, 0) => None,
+        (false, _) => errors.into_iter().next(),
+        (true, _) => Some(Value::Array(errors)),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().expect("door lock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_says_its_result_type_to_the_generation_that_needs_it() {
+        let modern = json!({"id":3,"method":"tools/call","params":{"name":"t","_meta":{PROTOCOL_META:"2026-07-28"}}});
+        let old = json!({"id":3,"method":"tools/call","params":{"name":"t"}});
+        let terms = json!({"reason":"insufficient_balance"});
+        let r = refusal(&modern, "pay", Some(terms.clone()));
+        assert_eq!(r["result"]["resultType"], "complete");
+        assert_eq!(r["result"]["isError"], true);
+        assert_eq!(r["result"]["_meta"]["mcp-meter/payment"], terms);
+        assert!(refusal(&old, "pay", None)["result"]
+            .get("resultType")
+            .is_none());
+    }
+
+    #[test]
+    fn an_unreachable_upstream_answers_each_request_with_a_json_rpc_error() {
+        let batch = json!([{"id":1,"method":"tools/call"},{"method":"notifications/initialized"}]);
+        let errors = unreachable(&batch, "refused").unwrap();
+        assert_eq!(errors.as_array().unwrap().len(), 1);
+        assert_eq!(errors[0]["error"]["code"], -32603);
+        assert!(unreachable(&json!({"method":"notifications/x"}), "x").is_none());
+    }
 }

@@ -1,19 +1,27 @@
 //! `mcp-meter proxy --upstream http://HOST:PORT/mcp --listen ADDR`: a reverse proxy for the MCP
 //! Streamable HTTP transport. POSTs of JSON-RPC messages (and batches) are read whole (they are
 //! small), checked, and forwarded; answers, JSON or SSE streams, and the GET stream go back
-//! frame by frame as they come, read on the way for the results of calls (`sse::BodyReader`).
-//! `Mcp-Session-Id`, the protocol version and every other end-to-end header pass through both
-//! ways; DELETE ends a session. The proxy serves MCP on the upstream URL's path, and its own
-//! `/healthz` and `/metrics` beside it.
+//! frame by frame as they come. `Mcp-Session-Id`, the protocol version and every other
+//! end-to-end header pass through both ways. The proxy serves MCP on the upstream URL's path,
+//! and its own `/healthz` and `/metrics` beside it.
+//!
+//! Calls are matched per exchange: a POST's calls are answered in that POST's answer, so each
+//! exchange keeps its own calls (an [`Exchange`]), read from its answer as it streams past
+//! ([`Observed`]), whatever ids other clients use. An exchange that ends without an answer
+//! reports its calls by the billing rule: the client gone → `CANCELLED`, the server's answer
+//! ended → `ERROR`, the call timeout passed → `TIMEOUT`.
+//!
+//! A session is the `Mcp-Session-Id` the server handed out; where there is none (MCP
+//! 2026-07-28, stateless servers) it is the value of the operator's `--session-header`, else
+//! the client's connection. Sessions are kept only for their agent, and forgotten when idle.
 
-use crate::calls::{messages, tool_call, CallTracker};
-use crate::enforce::{gate_call, Enforcement};
-use crate::meter::Meter;
+use crate::calls::{client_name, id_key, messages, tool_call, CallTracker};
+use crate::enforce::{unreachable, Caller, Door};
 use crate::sse::BodyReader;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -22,7 +30,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 /// The upstream's URL and the header names, as the binary gives them.
 pub use hyper::header::HeaderName;
@@ -30,43 +43,67 @@ pub use hyper::Uri;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// Sessions remembered at most; past it the idle ones, then the oldest, are forgotten.
+const MAX_SESSIONS: usize = 10_000;
+
+/// A session unseen for this long is forgotten (its agent is learnt again from its requests).
+const SESSION_IDLE: Duration = Duration::from_secs(3600);
+
 pub struct HttpProxy {
     /// The upstream MCP endpoint (`http://host:port/path`).
     pub upstream: Uri,
-    pub rules: Enforcement,
     /// The header naming a call's customer, if any (else `customer`).
     pub customer_header: Option<HeaderName>,
     pub customer: Option<String>,
-    /// The header naming the agent, if any (else the client's `initialize` clientInfo name).
+    /// The header naming the agent, if any (else the client's clientInfo name).
     pub agent_header: Option<HeaderName>,
+    /// The header naming the session where the server hands out no `Mcp-Session-Id`.
+    pub session_header: Option<HeaderName>,
 }
 
 struct Shared {
     proxy: HttpProxy,
-    meter: Arc<Meter>,
+    door: Arc<Door>,
     client: Client<HttpConnector, Full<Bytes>>,
-    /// Session id → its calls in flight (and its agent).
-    sessions: Mutex<HashMap<String, CallTracker>>,
+    /// Session id → its agent (the `initialize` clientInfo name) and when it was last seen.
+    sessions: Mutex<HashMap<String, (Option<String>, Instant)>>,
+    /// (session, request id) → the cancel flag of a call in flight, for the client's
+    /// `notifications/cancelled`, which comes in another exchange.
+    cancels: Mutex<HashMap<(String, String), Arc<AtomicBool>>>,
 }
 
 /// Serves until the listener fails; each connection on a task of its own.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     proxy: HttpProxy,
-    meter: Arc<Meter>,
+    door: Arc<Door>,
 ) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         proxy,
-        meter,
+        door,
         client: Client::builder(TokioExecutor::new()).build_http(),
         sessions: Mutex::new(HashMap::new()),
+        cancels: Mutex::new(HashMap::new()),
+    });
+    let expiring = shared.clone();
+    // Input rounds nobody came back to are reported once the call timeout passes.
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            expiring.door.expire_waiting();
+        }
     });
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
+        // A client that hands out no session is one session per connection.
+        let connection = format!("connection-{}", crate::calls::uuid());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));
+            let service = hyper::service::service_fn(move |req| {
+                handle(shared.clone(), connection.clone(), req)
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -90,6 +127,14 @@ fn answer(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Res
     response
 }
 
+fn json_answer(value: &Value) -> Response<Body> {
+    answer(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_vec(value).expect("a value serializes"),
+    )
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy sets itself.
 fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     let mut out = headers.clone();
@@ -109,7 +154,11 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    s: Arc<Shared>,
+    connection: String,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     if path != s.proxy.upstream.path() {
         return Ok(match path.as_str() {
@@ -117,7 +166,7 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>
             "/metrics" => answer(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                crate::ops::metrics(&s.meter),
+                crate::ops::metrics(&s.door.meter),
             ),
             _ => answer(
                 StatusCode::NOT_FOUND,
@@ -126,17 +175,112 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>
             ),
         });
     }
-    match forward(&s, req).await {
+    match forward(&s, connection, req).await {
         Ok(response) => Ok(response),
         Err(e) => Ok(answer(
             StatusCode::BAD_GATEWAY,
             "text/plain",
-            format!("mcp-meter proxy: the upstream MCP server did not answer: {e}\n"),
+            format!("mcp-meter proxy: {e}\n"),
         )),
     }
 }
 
-async fn forward(s: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, String> {
+/// The calls of one exchange. Dropped with calls left (the client went away before their
+/// answers), it reports them `CANCELLED`.
+struct Exchange {
+    shared: Arc<Shared>,
+    calls: CallTracker,
+    /// The (session, id) cancel flags this exchange registered.
+    registered: Vec<(String, String)>,
+}
+
+impl Exchange {
+    fn end(&mut self, status: &str) {
+        self.shared.door.end_all(&mut self.calls, status);
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.end("CANCELLED");
+        let mut cancels = lock(&self.shared.cancels);
+        for key in self.registered.drain(..) {
+            cancels.remove(&key);
+        }
+    }
+}
+
+/// An answer body read on the way for its exchange's results; it ends the calls left when the
+/// server's answer ends and those past the call timeout while it streams.
+struct Observed {
+    inner: Incoming,
+    reader: BodyReader,
+    exchange: Exchange,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Observed {
+    fn new(inner: Incoming, reader: BodyReader, exchange: Exchange) -> Observed {
+        let timeout = exchange.shared.door.rules.call_timeout;
+        let due = exchange.calls.oldest().unwrap_or_else(Instant::now) + timeout;
+        Observed {
+            inner,
+            reader,
+            exchange,
+            timer: Box::pin(tokio::time::sleep_until(due.into())),
+        }
+    }
+}
+
+impl hyper::body::Body for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    for value in this.reader.feed(data) {
+                        for message in messages(&value) {
+                            this.exchange
+                                .shared
+                                .door
+                                .from_server(&mut this.exchange.calls, message);
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(end) => {
+                // The server's answer ended (or broke) with calls unanswered.
+                this.exchange.end("ERROR");
+                Poll::Ready(end)
+            }
+            Poll::Pending => {
+                if this.exchange.calls.in_flight() > 0 && this.timer.as_mut().poll(cx).is_ready() {
+                    let door = &this.exchange.shared.door;
+                    door.end_overdue(&mut this.exchange.calls);
+                    if let Some(oldest) = this.exchange.calls.oldest() {
+                        let due = oldest + door.rules.call_timeout;
+                        this.timer.as_mut().reset(due.into());
+                        let _ = this.timer.as_mut().poll(cx);
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+async fn forward(
+    s: &Arc<Shared>,
+    connection: String,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, String> {
     let (parts, body) = req.into_parts();
     let bytes = body
         .collect()
@@ -149,100 +293,90 @@ async fn forward(s: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Bod
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let session = parts
+    let server_session = parts
         .headers
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+        .map(str::to_string);
+    let session = server_session
+        .clone()
+        .or_else(|| header(&s.proxy.session_header))
+        .unwrap_or(connection);
     let customer = header(&s.proxy.customer_header).or_else(|| s.proxy.customer.clone());
+    let session_agent = touch(s, &session);
+    let mut exchange = Exchange {
+        shared: s.clone(),
+        calls: CallTracker::default(),
+        registered: Vec::new(),
+    };
     let mut forwarded = bytes.clone();
     let mut refusals = Vec::new();
-    let mut client_name = None;
-    if parts.method == Method::POST {
-        if let Ok(value) = serde_json::from_slice::<Value>(&bytes) {
-            let mut keep = Vec::new();
-            for message in messages(&value) {
-                if message.get("method").and_then(Value::as_str) == Some("initialize") {
-                    client_name = message
-                        .pointer("/params/clientInfo/name")
-                        .and_then(Value::as_str)
-                        .map(str::to_string);
+    let mut initialize_name = None;
+    let parsed = if parts.method == Method::POST {
+        serde_json::from_slice::<Value>(&bytes).ok()
+    } else {
+        None
+    };
+    if let Some(value) = &parsed {
+        let mut keep = Vec::new();
+        for message in messages(value) {
+            if message.get("method").and_then(Value::as_str) == Some("initialize") {
+                initialize_name = client_name(message).map(str::to_string);
+            }
+            if message.get("method").and_then(Value::as_str) == Some("notifications/cancelled") {
+                if let Some(id) = message.pointer("/params/requestId") {
+                    if let Some(flag) = lock(&s.cancels).get(&(session.clone(), id_key(id))) {
+                        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
-                let Some((_, tool)) = tool_call(message) else {
-                    lock(&s.sessions)
-                        .entry(session.clone())
-                        .or_default()
-                        .from_client(message, None);
-                    keep.push(message.clone());
-                    continue;
-                };
-                let agent = header(&s.proxy.agent_header).or_else(|| {
-                    lock(&s.sessions)
-                        .get(&session)
-                        .and_then(|t| t.agent.clone())
-                });
-                // The meter's calls block (authorization, guard): off the async workers.
-                let decision = {
-                    let (s2, message2, tool2, session2, customer2) = (
-                        s.clone(),
-                        message.clone(),
-                        tool.clone(),
-                        session.clone(),
-                        customer.clone(),
-                    );
-                    let agent2 = agent.clone();
-                    tokio::task::spawn_blocking(move || {
-                        gate_call(
-                            &s2.meter,
-                            &s2.proxy.rules,
-                            &message2,
-                            &tool2,
-                            if session2.is_empty() {
-                                "stateless"
-                            } else {
-                                &session2
-                            },
-                            agent2.as_deref(),
-                            customer2.as_deref(),
-                        )
-                    })
+            }
+            let Some((id, tool)) = tool_call(message) else {
+                exchange.calls.from_client(message);
+                keep.push(message.clone());
+                continue;
+            };
+            let who = Caller {
+                session: session.clone(),
+                agent: header(&s.proxy.agent_header)
+                    .or_else(|| client_name(message).map(str::to_string))
+                    .or_else(|| session_agent.clone()),
+                customer: customer.clone(),
+            };
+            // The door blocks (authorization, guard, throttle): off the async workers.
+            let decision = {
+                let (s2, message2, tool2) = (s.clone(), message.clone(), tool.to_string());
+                tokio::task::spawn_blocking(move || s2.door.admit(&message2, &tool2, &who))
                     .await
                     .map_err(|e| format!("admission failed: {e}"))?
+            };
+            match decision {
+                Ok(call) => {
+                    let key = (session.clone(), id_key(id));
+                    lock(&s.cancels).insert(key.clone(), call.cancelled.clone());
+                    exchange.registered.push(key);
+                    exchange.calls.start(id, call);
+                    keep.push(message.clone());
+                }
+                Err(refusal) => refusals.push(refusal),
+            }
+        }
+        if !refusals.is_empty() {
+            if keep.is_empty() {
+                let body = if refusals.len() == 1 && !value.is_array() {
+                    refusals.remove(0)
+                } else {
+                    Value::Array(refusals)
                 };
-                match decision {
-                    Ok(call) => {
-                        lock(&s.sessions)
-                            .entry(session.clone())
-                            .or_default()
-                            .from_client(message, Some(call));
-                        keep.push(message.clone());
-                    }
-                    Err(refusal) => refusals.push(refusal),
-                }
+                return Ok(json_answer(&body));
             }
-            if !refusals.is_empty() {
-                if keep.is_empty() {
-                    let body = if refusals.len() == 1 && !value.is_array() {
-                        refusals.remove(0)
-                    } else {
-                        Value::Array(refusals)
-                    };
-                    return Ok(answer(
-                        StatusCode::OK,
-                        "application/json",
-                        serde_json::to_vec(&body).expect("a value serializes"),
-                    ));
-                }
-                forwarded = Bytes::from(
-                    serde_json::to_vec(&if value.is_array() {
-                        Value::Array(keep)
-                    } else {
-                        keep.remove(0)
-                    })
-                    .expect("a value serializes"),
-                );
-            }
+            forwarded = Bytes::from(
+                serde_json::to_vec(&if value.is_array() {
+                    Value::Array(keep)
+                } else {
+                    keep.remove(0)
+                })
+                .expect("a value serializes"),
+            );
         }
     }
 
@@ -252,26 +386,50 @@ async fn forward(s: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Bod
         .body(Full::new(forwarded))
         .map_err(|e| e.to_string())?;
     *upstream.headers_mut() = end_to_end(&parts.headers);
-    let response = s
-        .client
-        .request(upstream)
-        .await
-        .map_err(|e| e.to_string())?;
+    let timeout = s.door.rules.call_timeout;
+    let response = match tokio::time::timeout(timeout, s.client.request(upstream)).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) if e.is_connect() => {
+            // Never delivered: its calls did not run.
+            for (_, call) in exchange.calls.take_all() {
+                s.door.ended(crate::calls::Ended::NotRun(call));
+            }
+            Err(format!("cannot connect: {e}"))
+        }
+        Ok(Err(e)) => {
+            exchange.end("ERROR");
+            Err(e.to_string())
+        }
+        Err(_) => {
+            exchange.end("TIMEOUT");
+            Err(format!("no answer within {} s", timeout.as_secs()))
+        }
+    };
+    let response = match response {
+        Ok(response) => response,
+        Err(why) => {
+            return match parsed.as_ref().and_then(|p| unreachable(p, &why)) {
+                Some(errors) => Ok(json_answer(&errors)),
+                None => Err(format!("the upstream MCP server did not answer: {why}")),
+            }
+        }
+    };
     let (mut head, body) = response.into_parts();
-    let answered_session = head
-        .headers
-        .get("mcp-session-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .unwrap_or_else(|| session.clone());
     if parts.method == Method::DELETE && head.status.is_success() {
         lock(&s.sessions).remove(&session);
     }
-    if let Some(name) = client_name {
-        lock(&s.sessions)
-            .entry(answered_session.clone())
-            .or_default()
-            .agent = Some(name);
+    if let Some(name) = initialize_name {
+        // The session the server hands out in its answer to `initialize` is named here.
+        let answered = head
+            .headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .unwrap_or(session);
+        touch(s, &answered);
+        if let Some(entry) = lock(&s.sessions).get_mut(&answered) {
+            entry.0 = Some(name);
+        }
     }
     let content_type = head
         .headers
@@ -279,26 +437,14 @@ async fn forward(s: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Bod
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let mut reader = BodyReader::for_content_type(&content_type);
+    let reader = BodyReader::for_content_type(&content_type);
     let is_sse = matches!(reader, BodyReader::Sse(_));
     head.headers = end_to_end(&head.headers);
-    let tracked = s.clone();
-    let observed = body
-        .map_frame(move |frame| {
-            if let Some(data) = frame.data_ref() {
-                for value in reader.feed(data) {
-                    let mut sessions = lock(&tracked.sessions);
-                    let tracker = sessions.entry(answered_session.clone()).or_default();
-                    for message in messages(&value) {
-                        if let Some(done) = tracker.from_server(message) {
-                            tracked.meter.record(done.event);
-                        }
-                    }
-                }
-            }
-            frame
-        })
-        .boxed();
+    let observed = if exchange.calls.watching() {
+        Observed::new(body, reader, exchange).boxed()
+    } else {
+        body.boxed()
+    };
     if refusals.is_empty() {
         return Ok(Response::from_parts(head, observed));
     }
@@ -331,6 +477,29 @@ async fn forward(s: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Bod
     Ok(Response::from_parts(head, full(merged)))
 }
 
+/// Notes a request of `session`; answers its agent. Keeps the sessions bounded: past
+/// [`MAX_SESSIONS`] the idle ones go, then the least recently seen.
+fn touch(s: &Shared, session: &str) -> Option<String> {
+    let mut sessions = lock(&s.sessions);
+    let now = Instant::now();
+    if !sessions.contains_key(session) && sessions.len() >= MAX_SESSIONS {
+        sessions.retain(|_, (_, seen)| now.duration_since(*seen) < SESSION_IDLE);
+        if sessions.len() >= MAX_SESSIONS {
+            let mut by_age: Vec<(Instant, String)> = sessions
+                .iter()
+                .map(|(k, (_, seen))| (*seen, k.clone()))
+                .collect();
+            by_age.sort();
+            for (_, k) in by_age.into_iter().take(MAX_SESSIONS / 10) {
+                sessions.remove(&k);
+            }
+        }
+    }
+    let entry = sessions.entry(session.to_string()).or_insert((None, now));
+    entry.1 = now;
+    entry.0.clone()
+}
+
 /// A body that sends `prefix` first, then `rest`.
 struct Prefixed {
     prefix: Option<Bytes>,
@@ -342,13 +511,13 @@ impl hyper::body::Body for Prefixed {
     type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         if let Some(prefix) = self.prefix.take() {
-            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(prefix))));
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
-        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+        Pin::new(&mut self.rest).poll_frame(cx)
     }
 }
 
@@ -362,5 +531,5 @@ fn with_query(base: &Uri, query: Option<&str>) -> Uri {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().expect("sessions lock")
+    m.lock().expect("proxy lock")
 }

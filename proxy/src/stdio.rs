@@ -1,51 +1,180 @@
 //! `mcp-meter proxy --stdio -- COMMAND ARGS…`: the stdio MCP server runs as a child; the
 //! client's stdin goes to it and its stdout comes back, line by line and byte for byte, except
 //! refused calls, which the proxy answers itself. The child's stderr passes through. When the
-//! child exits the proxy delivers what is queued (bounded wait) and exits with its status. The
-//! proxy's own lines go to stderr: stdout belongs to the protocol.
+//! child exits the proxy reports the calls left by the billing rule, delivers what is queued
+//! (bounded wait) and exits with its status. The proxy's own lines go to stderr: stdout belongs
+//! to the protocol.
+//!
+//! The child→client relay never waits behind an admission: a call that must ask mcp-meter (the
+//! guard, an authorization) is admitted on a thread of its own, and the calls' lock is held
+//! only to note a call or an answer. The child's environment has no `MCP_METER_PROXY_*`
+//! variable: the meter key is the proxy's, not the server's.
 
-use crate::calls::{messages, tool_call, uuid, CallTracker};
-use crate::enforce::{gate_call, Enforcement};
-use crate::meter::Meter;
+use crate::calls::{client_name, messages, tool_call, uuid, CallTracker};
+use crate::enforce::{Caller, Door};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The prefix of the proxy's own variables, which its child never sees.
+pub const PROXY_ENV_PREFIX: &str = "MCP_METER_PROXY_";
+
 pub struct StdioProxy {
     pub command: Vec<String>,
-    pub rules: Enforcement,
     /// The payer of every call (stdio has no headers to name one per call).
     pub customer: Option<String>,
     /// Longest wait, after the child exits, for queued events to be delivered.
     pub close_wait: Duration,
 }
 
+/// What the two relays share.
+struct Relay {
+    door: Arc<Door>,
+    calls: Mutex<CallTracker>,
+    /// The child's stdin; taken (closed) when the client is gone.
+    to_child: Mutex<Option<ChildStdin>>,
+    to_client: Mutex<std::io::Stdout>,
+    /// One session per child: stdio has no session id of its own.
+    session: String,
+    customer: Option<String>,
+    /// The client's name, from `initialize` or a request's `_meta`.
+    agent: Mutex<Option<String>>,
+    /// Set when the client closed its stdin: calls left unanswered then were given up by it.
+    client_gone: AtomicBool,
+}
+
+impl Relay {
+    fn lock_calls(&self) -> std::sync::MutexGuard<'_, CallTracker> {
+        self.calls.lock().expect("calls lock")
+    }
+
+    fn write_child(&self, line: &[u8]) -> bool {
+        let mut child = self.to_child.lock().expect("child stdin lock");
+        child
+            .as_mut()
+            .is_some_and(|c| c.write_all(line).and_then(|()| c.flush()).is_ok())
+    }
+
+    fn write_client(&self, line: &[u8]) -> bool {
+        let mut out = self.to_client.lock().expect("stdout lock");
+        out.write_all(line).and_then(|()| out.flush()).is_ok()
+    }
+
+    fn caller(&self, message: &Value) -> Caller {
+        let named = client_name(message).map(str::to_string);
+        let mut agent = self.agent.lock().expect("agent lock");
+        if named.is_some() {
+            agent.clone_from(&named);
+        }
+        Caller {
+            session: self.session.clone(),
+            agent: agent.clone(),
+            customer: self.customer.clone(),
+        }
+    }
+
+    /// Admits one call and forwards it, or answers the client the refusal.
+    fn admit_and_forward(&self, message: &Value, tool: &str, who: &Caller) {
+        match self.door.admit(message, tool, who) {
+            Ok(call) => {
+                self.lock_calls().start(&message["id"], call);
+                self.write_child(&to_line(message));
+            }
+            Err(refusal) => {
+                self.write_client(&to_line(&refusal));
+            }
+        }
+    }
+
+    /// The client side: each line is noted and forwarded; a call is admitted first.
+    fn from_client(self: &Arc<Self>, line: Vec<u8>) -> bool {
+        let Ok(value) = serde_json::from_slice::<Value>(&line) else {
+            return self.write_child(&line);
+        };
+        if let Some((_, tool)) = tool_call(&value) {
+            let who = self.caller(&value);
+            if self.door.asks_meter(tool) {
+                let (relay, tool) = (self.clone(), tool.to_string());
+                std::thread::spawn(move || relay.admit_and_forward(&value, &tool, &who));
+            } else {
+                self.admit_and_forward(&value, tool, &who);
+            }
+            return true;
+        }
+        // A batch (2025-03-26) or any other message: in order, on this thread.
+        let mut forward = Vec::new();
+        let mut refusals = Vec::new();
+        for message in messages(&value) {
+            let Some((id, tool)) = tool_call(message) else {
+                self.caller(message);
+                self.lock_calls().from_client(message);
+                forward.push(message.clone());
+                continue;
+            };
+            match self.door.admit(message, tool, &self.caller(message)) {
+                Ok(call) => {
+                    self.lock_calls().start(id, call);
+                    forward.push(message.clone());
+                }
+                Err(answer) => refusals.push(answer),
+            }
+        }
+        let line = match (&value, refusals.is_empty(), forward.len()) {
+            (_, true, _) => line,
+            (_, false, 0) => Vec::new(),
+            (Value::Array(_), false, _) => to_line(&Value::Array(forward)),
+            _ => to_line(&forward[0]),
+        };
+        if !refusals.is_empty() {
+            let answer = if refusals.len() == 1 && !value.is_array() {
+                refusals.remove(0)
+            } else {
+                Value::Array(refusals)
+            };
+            self.write_client(&to_line(&answer));
+        }
+        line.is_empty() || self.write_child(&line)
+    }
+}
+
 impl StdioProxy {
     /// Relays until the child exits; answers its exit code.
-    pub fn run(self, meter: &Arc<Meter>) -> std::io::Result<i32> {
+    pub fn run(self, door: Arc<Door>) -> std::io::Result<i32> {
         let (program, args) = self.command.split_first().ok_or_else(|| {
             std::io::Error::other("give the server's command after --, e.g. -- npx my-server")
         })?;
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with(PROXY_ENV_PREFIX) {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
             .spawn()
             .map_err(|e| std::io::Error::other(format!("cannot start `{program}`: {e}")))?;
-        let mut to_child = child.stdin.take().expect("piped");
+        let relay = Arc::new(Relay {
+            door: door.clone(),
+            calls: Mutex::new(CallTracker::default()),
+            to_child: Mutex::new(child.stdin.take()),
+            to_client: Mutex::new(std::io::stdout()),
+            session: uuid(),
+            customer: self.customer,
+            agent: Mutex::new(None),
+            client_gone: AtomicBool::new(false),
+        });
         let from_child = child.stdout.take().expect("piped");
-        let meter = meter.clone();
-        let tracker = Arc::new(Mutex::new(CallTracker::default()));
-        let to_client = Arc::new(Mutex::new(std::io::stdout()));
-        // One session per child: stdio has no session id of its own.
-        let session = uuid();
 
-        let client_side = {
-            let (meter, tracker, to_client) = (meter.clone(), tracker.clone(), to_client.clone());
-            let (rules, customer) = (self.rules.clone(), self.customer.clone());
+        {
+            let relay = relay.clone();
+            // Detached: it ends with the client's stdin, or with the process.
             std::thread::spawn(move || {
                 let mut stdin = BufReader::new(std::io::stdin().lock());
                 let mut line = Vec::new();
@@ -55,64 +184,27 @@ impl StdioProxy {
                         Ok(0) | Err(_) => break,
                         Ok(_) => {}
                     }
-                    let mut refusals = Vec::new();
-                    if let Ok(value) = serde_json::from_slice::<Value>(&line) {
-                        let mut tracker = tracker.lock().expect("tracker lock");
-                        let mut forward = Vec::new();
-                        for message in messages(&value) {
-                            let Some((_, tool)) = tool_call(message) else {
-                                tracker.from_client(message, None);
-                                forward.push(message.clone());
-                                continue;
-                            };
-                            let agent = tracker.agent.clone();
-                            match gate_call(
-                                &meter,
-                                &rules,
-                                message,
-                                &tool,
-                                &session,
-                                agent.as_deref(),
-                                customer.as_deref(),
-                            ) {
-                                Ok(call) => {
-                                    tracker.from_client(message, Some(call));
-                                    forward.push(message.clone());
-                                }
-                                Err(answer) => refusals.push(answer),
-                            }
-                        }
-                        if !refusals.is_empty() {
-                            // Only what was admitted reaches the server.
-                            line = match (&value, forward.len()) {
-                                (_, 0) => Vec::new(),
-                                (Value::Array(_), _) => to_line(&Value::Array(forward)),
-                                _ => to_line(&forward[0]),
-                            };
-                        }
-                    }
-                    if !line.is_empty()
-                        && (to_child.write_all(&line).is_err() || to_child.flush().is_err())
-                    {
+                    if !relay.from_client(std::mem::take(&mut line)) {
                         break;
-                    }
-                    if !refusals.is_empty() {
-                        let answer = if refusals.len() == 1 {
-                            refusals.remove(0)
-                        } else {
-                            Value::Array(refusals)
-                        };
-                        let mut out = to_client.lock().expect("stdout lock");
-                        let _ = out.write_all(&to_line(&answer));
-                        let _ = out.flush();
                     }
                 }
                 // The client is gone: closing the child's stdin asks it to exit.
-                drop(to_child);
-            })
-        };
-        // Detached: it ends with the client's stdin, or with the process.
-        drop(client_side);
+                relay.client_gone.store(true, Ordering::Relaxed);
+                relay.to_child.lock().expect("child stdin lock").take();
+            });
+        }
+        {
+            let relay = Arc::downgrade(&relay);
+            // Calls past the call timeout, and input rounds nobody came back to.
+            std::thread::spawn(move || {
+                while let Some(relay) = relay.upgrade() {
+                    relay.door.end_overdue(&mut relay.lock_calls());
+                    relay.door.expire_waiting();
+                    drop(relay);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            });
+        }
 
         let mut from_child = BufReader::new(from_child);
         let mut line = Vec::new();
@@ -123,22 +215,26 @@ impl StdioProxy {
                 Ok(_) => {}
             }
             if let Ok(value) = serde_json::from_slice::<Value>(&line) {
-                let mut tracker = tracker.lock().expect("tracker lock");
+                let mut calls = relay.lock_calls();
                 for message in messages(&value) {
-                    if let Some(done) = tracker.from_server(message) {
-                        meter.record(done.event);
-                    }
+                    door.from_server(&mut calls, message);
                 }
             }
-            let mut out = to_client.lock().expect("stdout lock");
-            if out.write_all(&line).and_then(|_| out.flush()).is_err() {
+            if !relay.write_client(&line) {
                 break;
             }
         }
         let status = child.wait()?;
-        let left = meter.close(Instant::now() + self.close_wait);
-        if left > 0 {
-            eprintln!("mcp-meter proxy: {left} events were not delivered before exiting");
+        // Calls the child never answered: given up by the client, or lost with the server.
+        let left = if relay.client_gone.load(Ordering::Relaxed) {
+            "CANCELLED"
+        } else {
+            "ERROR"
+        };
+        door.end_all(&mut relay.lock_calls(), left);
+        let undelivered = door.meter.close(Instant::now() + self.close_wait);
+        if undelivered > 0 {
+            tracing::warn!(undelivered, "events were not delivered before exiting");
         }
         Ok(status.code().unwrap_or(1))
     }
