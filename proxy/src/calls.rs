@@ -48,6 +48,15 @@ impl PendingCall {
     fn was_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
     }
+
+    /// `CANCELLED` for a call the client cancelled, else `status`.
+    fn status_or<'a>(&self, status: &'a str) -> &'a str {
+        if self.was_cancelled() {
+            "CANCELLED"
+        } else {
+            status
+        }
+    }
 }
 
 /// How a call ended, by the billing rule.
@@ -137,23 +146,21 @@ impl CallTracker {
         self.pending.insert(id_key(id), call);
     }
 
-    /// Notes a client → server message that concerns calls: `notifications/cancelled`, and a
-    /// `tools/list` whose answer names the server's tools.
-    pub fn from_client(&mut self, message: &Value) {
+    /// Notes a client → server message that concerns calls: a `tools/list` whose answer names
+    /// the server's tools, and `notifications/cancelled`, which ends the call at once (the
+    /// server should not answer it): answers its `CANCELLED` event.
+    pub fn from_client(&mut self, message: &Value) -> Option<Value> {
         match message.get("method").and_then(Value::as_str) {
             Some("notifications/cancelled") => {
-                if let Some(id) = message.pointer("/params/requestId") {
-                    if let Some(call) = self.pending.get(&id_key(id)) {
-                        call.cancelled.store(true, Ordering::Relaxed);
-                    }
-                }
+                let id = message.pointer("/params/requestId")?;
+                let call = self.pending.remove(&id_key(id))?;
+                Some(event(&call, "CANCELLED", None))
             }
             Some("tools/list") => {
-                if let Some(id) = message.get("id") {
-                    self.lists.insert(id_key(id));
-                }
+                self.lists.insert(id_key(message.get("id")?));
+                None
             }
-            _ => {}
+            _ => None,
         }
     }
 
@@ -185,7 +192,7 @@ impl CallTracker {
     pub fn end_all(&mut self, status: &str) -> Vec<Value> {
         self.pending
             .drain()
-            .map(|(_, call)| event(&call, status, None))
+            .map(|(_, call)| event(&call, call.status_or(status), None))
             .collect()
     }
 
@@ -200,7 +207,7 @@ impl CallTracker {
         overdue
             .into_iter()
             .filter_map(|id| self.pending.remove(&id))
-            .map(|call| event(&call, "TIMEOUT", None))
+            .map(|call| event(&call, call.status_or("TIMEOUT"), None))
             .collect()
     }
 
@@ -397,7 +404,10 @@ mod tests {
             t.start(&json!(id), pending("t"));
         }
         for id in [8, 9] {
-            t.from_client(&json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":id}}));
+            // Cancelled in another exchange (HTTP): the flag decides when the answer comes.
+            t.pending[&id.to_string()]
+                .cancelled
+                .store(true, Ordering::Relaxed);
         }
         // A notification or a request from the server ends nothing.
         assert_eq!(
@@ -437,6 +447,15 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["\"b\" \"CANCELLED\"", "\"c\" \"CANCELLED\""]);
+        t.start(&json!(4), pending("e"));
+        let cancelled =
+            t.from_client(&json!({"method":"notifications/cancelled","params":{"requestId":4}}));
+        assert_eq!(
+            cancelled.unwrap()["executionStatus"],
+            "CANCELLED",
+            "at once"
+        );
+        assert_eq!(status(t.from_server(&json!({"id":4,"result":{}}))), "none");
         t.start(&json!(3), pending("d"));
         assert!(t.end_overdue(Duration::from_secs(60)).is_empty());
         assert_eq!(

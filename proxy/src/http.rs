@@ -331,7 +331,9 @@ async fn forward(
                 }
             }
             let Some((id, tool)) = tool_call(message) else {
-                exchange.calls.from_client(message);
+                // Only a `tools/list` concerns this exchange: a cancellation names a call of
+                // another one (its flag, above).
+                let _ = exchange.calls.from_client(message);
                 keep.push(message.clone());
                 continue;
             };

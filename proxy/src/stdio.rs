@@ -110,7 +110,10 @@ impl Relay {
         for message in messages(&value) {
             let Some((id, tool)) = tool_call(message) else {
                 self.caller(message);
-                self.lock_calls().from_client(message);
+                let cancelled = self.lock_calls().from_client(message);
+                if let Some(event) = cancelled {
+                    self.door.ended(crate::calls::Ended::Report(event));
+                }
                 forward.push(message.clone());
                 continue;
             };
