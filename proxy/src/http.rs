@@ -78,10 +78,13 @@ pub async fn serve(
     proxy: HttpProxy,
     door: Arc<Door>,
 ) -> std::io::Result<()> {
+    // Requests go out at once, not after the upstream's delayed ACK of the previous write.
+    let mut upstream_connector = HttpConnector::new();
+    upstream_connector.set_nodelay(true);
     let shared = Arc::new(Shared {
         proxy,
         door,
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::builder(TokioExecutor::new()).build(upstream_connector),
         sessions: Mutex::new(HashMap::new()),
         cancels: Mutex::new(HashMap::new()),
     });

@@ -141,9 +141,10 @@ api_keys = [{ name = "k", sha256 = "abc", scopes = ["ingest"] }]
 }
 
 /// The variables a user may set, beside the config table's: the flags' and the log filter.
-const FLAG_VARIABLES: [&str; 9] = [
+const FLAG_VARIABLES: [&str; 10] = [
     "MCP_METER_LOG_FORMAT",
     "MCP_METER_LISTEN",
+    "MCP_METER_PROXY_LISTEN",
     "MCP_METER_DATA_DIR",
     "MCP_METER_CONFIG",
     "MCP_METER_DEMO_KEY",
@@ -169,8 +170,11 @@ fn the_readme_names_exactly_the_variables_the_binary_reads() {
             .chars()
             .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
             .collect();
-        // `MCP_METER_*` names the family, not a variable; `MCP_METER_TEST_*` are the tests'.
-        if var != "MCP_METER_" && !var.starts_with("MCP_METER_TEST_") {
+        // `MCP_METER_*` and `MCP_METER_PROXY_*` name families, not variables;
+        // `MCP_METER_TEST_*` are the tests'.
+        if !["MCP_METER_", "MCP_METER_PROXY_"].contains(&var.as_str())
+            && !var.starts_with("MCP_METER_TEST_")
+        {
             named.insert(var);
         }
     }
@@ -330,17 +334,24 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
         (&["keys", "new"], &[]),
         (&["proxy"], &[]),
     ];
-    // The variables that stand for flags.
-    let flag_vars = [
-        ("--listen", "MCP_METER_LISTEN"),
-        ("--data-dir", "MCP_METER_DATA_DIR"),
-        ("--config", "MCP_METER_CONFIG"),
-        ("--demo-key", "MCP_METER_DEMO_KEY"),
-        ("--meter-url", "MCP_METER_PROXY_METER_URL"),
-        ("--api-key", "MCP_METER_PROXY_API_KEY"),
-        ("--customer", "MCP_METER_PROXY_CUSTOMER"),
-    ];
     for (command, sections) in commands {
+        // The variables that stand for flags: the proxy's address is its own, so that a proxy
+        // started beside `serve` does not take the meter's.
+        let proxy = *command == ["proxy"];
+        let (listen, other_listen) = if proxy {
+            ("MCP_METER_PROXY_LISTEN", "MCP_METER_LISTEN")
+        } else {
+            ("MCP_METER_LISTEN", "MCP_METER_PROXY_LISTEN")
+        };
+        let flag_vars = [
+            ("--listen", listen),
+            ("--data-dir", "MCP_METER_DATA_DIR"),
+            ("--config", "MCP_METER_CONFIG"),
+            ("--demo-key", "MCP_METER_DEMO_KEY"),
+            ("--meter-url", "MCP_METER_PROXY_METER_URL"),
+            ("--api-key", "MCP_METER_PROXY_API_KEY"),
+            ("--customer", "MCP_METER_PROXY_CUSTOMER"),
+        ];
         let out = mcp_meter(&[*command, &["--help"]].concat());
         assert!(out.status.success(), "{command:?}");
         let help = String::from_utf8(out.stdout).unwrap();
@@ -375,10 +386,16 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
                 }
             );
         }
+        assert!(
+            !help.contains(other_listen),
+            "{command:?} lists {other_listen}, which it does not read"
+        );
         // Config overrides: only of the sections the command reads.
         for var in help
             .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
             .filter(|w| w.starts_with("MCP_METER_"))
+            // `MCP_METER_PROXY_*` names the proxy's family (kept from its stdio child).
+            .filter(|w| *w != "MCP_METER_PROXY_")
         {
             let name = &var["MCP_METER_".len()..];
             let own = flag_vars.iter().any(|(_, v)| *v == var) || name.starts_with("LOG");

@@ -5,6 +5,8 @@
 //! meter. What the client saw is compared with what ran and what was stored, call by call, by
 //! the README's billing rule.
 //!
+//! One test, for volume, puts a trivial server of its own behind the proxy instead.
+//!
 //! The peers are `tests/peers/{mcp_client,fastmcp_server}.py`, in the venv `scripts/test` builds
 //! (`MCP_METER_TEST_PYTHON`); without it these tests fail rather than skip.
 
@@ -470,4 +472,148 @@ fn the_stdio_server_never_sees_the_meter_key() {
         "the server saw: {text}"
     );
     assert_eq!(runs.of("environment"), 1);
+}
+
+/// A trivial Streamable HTTP MCP server of the test's own, for volume: each `initialize` is
+/// answered with a new session id of `id_len` characters, every other request with an empty
+/// result, as JSON on a kept-alive connection. Answers its MCP URL.
+fn trivial_upstream(id_len: usize) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let sessions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let sessions = sessions.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                stream.set_nodelay(true).unwrap();
+                let mut writer = stream;
+                loop {
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let line = line.trim_end().to_ascii_lowercase();
+                        if line.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = line.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let request: Value = serde_json::from_slice(&body).unwrap();
+                    let mut session = String::new();
+                    let result = if request["method"] == "initialize" {
+                        let n = sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        session = format!("mcp-session-id: {n:0>id_len$}\r\n");
+                        serde_json::json!({"protocolVersion": "2025-11-25", "capabilities": {},
+                            "serverInfo": {"name": "trivial", "version": "1"}})
+                    } else {
+                        serde_json::json!({"content": [{"type": "text", "text": "ok"}]})
+                    };
+                    let answer = serde_json::json!({"jsonrpc": "2.0", "id": request["id"],
+                        "result": result})
+                    .to_string();
+                    // One write: a head and a body written apart wait out delayed ACKs.
+                    let whole = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{session}\
+                         content-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if writer.write_all(whole.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// The resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Sessions opened and abandoned (never deleted) leave the HTTP proxy's memory bounded: a
+/// handshake session per `initialize`, with a 1 KiB session id and a 1 KiB client name, and a
+/// sessionless 2026-07-28 client per `--session-header` value, each with one call. The proxy's
+/// resident memory after 30,000 of each is within 8 MiB of what it was after 10,000 (kept
+/// without a bound, the 20,000 more would hold over 40 MiB), and every call was metered.
+#[test]
+fn sessions_opened_and_abandoned_leave_the_http_proxys_memory_bounded() {
+    const LONG: usize = 1024;
+    let s = Server::start();
+    let upstream = trivial_upstream(LONG);
+    let (proxy, url) = http_proxy(
+        &s.base,
+        ACME,
+        &upstream,
+        &["--session-header", "X-Conversation"],
+    );
+    let pid = proxy.0.id();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let post = |session: Option<(&str, &str)>, body: Value| {
+        let mut request = agent
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream");
+        if let Some((name, value)) = session {
+            request = request.header(name, value);
+        }
+        let mut answer = request.send(body.to_string()).unwrap();
+        assert_eq!(answer.status(), 200);
+        let _ = answer.body_mut().read_to_string().unwrap();
+    };
+    let open = |from: usize, to: usize| {
+        for i in from..to {
+            let name = format!("{i:0>LONG$}");
+            post(
+                None,
+                serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                    "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                        "clientInfo": {"name": name, "version": "1"}}}),
+            );
+            let conversation = format!("conversation-{i}");
+            post(
+                Some(("X-Conversation", &conversation)),
+                serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {},
+                        "_meta": {"io.modelcontextprotocol/clientInfo":
+                            {"name": format!("agent-{}", i % 10), "version": "1"}}}}),
+            );
+        }
+    };
+    open(0, 10_000);
+    let after_10k = rss_kib(pid);
+    open(10_000, 30_000);
+    let after_30k = rss_kib(pid);
+    println!(
+        "proxy RSS after 10,000 sessions of each kind: {after_10k} KiB; after 30,000: \
+         {after_30k} KiB ({:+} KiB)",
+        after_30k as i64 - after_10k as i64
+    );
+    let db =
+        rusqlite::Connection::open(s.dir.path().join(backends::store::sqlite::DB_FILE)).unwrap();
+    let count = || -> i64 {
+        db.query_row("SELECT count(*) FROM mcp_events", [], |r| r.get(0))
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(60), || count() >= 30_000);
+    assert_eq!(count(), 30_000, "every call is metered once");
+    assert!(
+        after_30k < after_10k + 8 * 1024,
+        "20,000 more abandoned sessions grew the proxy from {after_10k} KiB to {after_30k} KiB"
+    );
 }
