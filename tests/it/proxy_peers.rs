@@ -617,3 +617,90 @@ fn sessions_opened_and_abandoned_leave_the_http_proxys_memory_bounded() {
         "20,000 more abandoned sessions grew the proxy from {after_10k} KiB to {after_30k} KiB"
     );
 }
+
+/// `@modelcontextprotocol/server-everything` 2026.8.31 (the official TypeScript SDK 1.32.2's
+/// reference server), from `tests/peers/node_modules`.
+fn everything() -> String {
+    peers()
+        .join("node_modules/@modelcontextprotocol/server-everything/dist/index.js")
+        .display()
+        .to_string()
+}
+
+/// server-everything behind both proxies, called by the Python client in both modes (it speaks
+/// the handshake generation, so the current client falls back): its answers reach the client,
+/// each call is one event with the client's name as the agent, the name it never listed is not
+/// metered, and over stdio its `get-env` tool shows the client's environment without any of
+/// the proxy's variables (the meter key above all).
+#[test]
+fn server_everything_through_both_proxies_is_metered_and_never_sees_the_meter_key() {
+    let mut figures = Vec::new();
+    for mode in ["auto", "legacy"] {
+        for transport in ["http", "stdio"] {
+            let s = Server::start();
+            let report = if transport == "http" {
+                let port = free_port();
+                let _server = Running(
+                    Command::new("node")
+                        .args([&everything(), "streamableHttp"])
+                        .env("PORT", port.to_string())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("node runs"),
+                );
+                assert!(listening(port), "server-everything listens on {port}");
+                let upstream = format!("http://127.0.0.1:{port}/mcp");
+                let (proxy, url) = http_proxy(&s.base, ACME, &upstream, &[]);
+                let report = client(&["--url", &url], mode, "everything", &[], &[]);
+                proxy.stop();
+                report
+            } else {
+                let command = format!(
+                    "{} proxy --stdio --meter-url {} --flush-interval-ms 100 -- node {} stdio",
+                    env!("CARGO_BIN_EXE_mcp-meter"),
+                    s.base,
+                    everything()
+                );
+                let env = [
+                    ("MCP_METER_PROXY_API_KEY", ACME),
+                    ("MCP_METER_PEER_VISIBLE", "1"),
+                ];
+                client(&["--stdio", &command], mode, "everything", &[], &env)
+            };
+            let label = format!("{mode} over {transport}");
+            let calls = report[0]["calls"].as_array().unwrap();
+            assert_eq!(calls[0]["text"], "Echo: hello", "{label}: {report:?}");
+            assert_eq!(calls[1]["text"], "The sum of 2 and 3 is 5.", "{label}");
+            let environment = calls[2]["text"].as_str().unwrap_or_default();
+            assert!(
+                !environment.contains("MCP_METER_PROXY") && !environment.contains(ACME),
+                "{label}: the server saw {environment}"
+            );
+            if transport == "stdio" {
+                assert!(
+                    environment.contains("MCP_METER_PEER_VISIBLE"),
+                    "{label}: the server inherits the client's environment"
+                );
+            }
+            assert_eq!(calls[3]["isError"], true, "{label}");
+            let events = stored(&s, 3);
+            assert_eq!(
+                events,
+                [
+                    "echo SUCCESS peer-agent",
+                    "get-env SUCCESS peer-agent",
+                    "get-sum SUCCESS peer-agent"
+                ],
+                "{label}"
+            );
+            figures.push(format!(
+                "{label} ({}): {} calls, {} events",
+                report[0]["protocol"].as_str().unwrap_or_default(),
+                calls.len(),
+                events.len()
+            ));
+        }
+    }
+    println!("{}", figures.join("; "));
+}

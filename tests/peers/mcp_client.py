@@ -57,6 +57,13 @@ async def scenario(client, name, seen):
         await call(client, seen, "add", {"a": 1, "b": 1})
     elif name == "environment":
         await call(client, seen, "environment", {})
+    elif name == "everything":
+        # server-everything's tools; get-env answers the server's whole environment.
+        await client.list_tools()
+        await call(client, seen, "echo", {"message": "hello"})
+        await call(client, seen, "get-sum", {"a": 2, "b": 3})
+        await call(client, seen, "get-env", {})
+        await call(client, seen, "no_such_tool", {})
     else:
         raise SystemExit(f"unknown scenario {name}")
 
