@@ -3,11 +3,17 @@
 //! Streamable HTTP, against the real `serve`. The driver (`test/e2e/drive.ts`) prints what the
 //! client saw and how often each handler ran; this side compares it with mcp-meter's figures.
 //!
+//! Short sessions over stdio (`test/e2e/once.ts`): the README's example server, compiled as a
+//! user copies it, gets one call and then its client closes stdin, or it gets SIGTERM; what the
+//! meter held must be in `serve`'s store by the time the process has ended, and a paid call
+//! must have settled its reservation.
+//!
 //! `scripts/test` builds the SDK (`npm ci`, `npm run build`) first; without the build these
 //! tests fail rather than skip.
 
 use crate::common::*;
 use serde_json::Value;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// On the test plan a call with 10 input and 20 output tokens (what the driver's server
@@ -20,6 +26,20 @@ fn drive(s: &Server, key: &str, customer: &str, scenario: &str, mode: &str) -> V
 
 /// Runs the driver `scenario` in `mode` against the mcp-meter at `base`, with `env` added;
 /// answers the JSON line it prints.
+fn sdk() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("sdks/typescript")
+}
+
+/// `path`, a file the SDK's build makes.
+fn built(path: &Path) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/test, which builds the TypeScript SDK",
+        path.display()
+    );
+    path.to_path_buf()
+}
+
 pub fn drive_at(
     base: &str,
     key: &str,
@@ -28,13 +48,7 @@ pub fn drive_at(
     mode: &str,
     env: &[(&str, &str)],
 ) -> Value {
-    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sdks/typescript");
-    let driver = sdk.join("dist/test/e2e/drive.js");
-    assert!(
-        driver.exists(),
-        "{} is missing: run scripts/test, which builds the TypeScript SDK",
-        driver.display()
-    );
+    let driver = built(&sdk().join("dist/test/e2e/drive.js"));
     let out = Command::new("node")
         .arg(&driver)
         .args([scenario, mode])
@@ -145,4 +159,158 @@ fn a_paid_tool_runs_while_the_balance_lasts_and_then_answers_the_terms() {
     assert_eq!(balance["settledMicros"], 3 * RATED_CALL);
     assert_eq!(balance["availableMicros"], grant - 3 * RATED_CALL);
     assert_eq!(balance["reservedMicros"], 0);
+}
+
+/// The first `ts` block of the SDK's README, as a user copies it, compiled (strict) in a project
+/// of its own whose `node_modules` links this checkout's SDK and the MCP SDK, zod and Node types
+/// it was built with. Answers the project (removed on drop) and the compiled example.
+fn readme_example() -> (tempfile::TempDir, PathBuf) {
+    let sdk = sdk();
+    let readme = std::fs::read_to_string(sdk.join("README.md")).unwrap();
+    let example: String = readme
+        .lines()
+        .skip_while(|line| *line != "```ts")
+        .skip(1)
+        .take_while(|line| *line != "```")
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert!(
+        example.contains("withMetering"),
+        "no ts example in the README"
+    );
+    let project = tempfile::tempdir().unwrap();
+    let dir = project.path();
+    std::fs::write(dir.join("example.ts"), example).unwrap();
+    std::fs::write(dir.join("package.json"), r#"{"type":"module"}"#).unwrap();
+    std::fs::write(
+        dir.join("tsconfig.json"),
+        r#"{"compilerOptions":{"target":"ES2022","module":"NodeNext","moduleResolution":"NodeNext",
+            "strict":true,"skipLibCheck":true,"types":["node"]},"files":["example.ts"]}"#,
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("node_modules/@types")).unwrap();
+    let link = |target: &Path, name: &str| {
+        std::os::unix::fs::symlink(built(target), dir.join("node_modules").join(name)).unwrap()
+    };
+    link(&sdk, "mcp-meter-sdk");
+    for name in ["@modelcontextprotocol", "zod", "@types/node"] {
+        link(&sdk.join("node_modules").join(name), name);
+    }
+    let tsc = built(&sdk.join("node_modules/typescript/bin/tsc"));
+    let out = Command::new("node")
+        .arg(tsc)
+        .args(["-p", "tsconfig.json"])
+        .current_dir(dir)
+        .output()
+        .expect("node runs");
+    assert!(
+        out.status.success(),
+        "the README's example does not compile:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let compiled = dir.join("example.js");
+    (project, compiled)
+}
+
+/// One call of `tool` to the stdio server `server` (a script run with node), then `end`
+/// (`stdin` or `SIGTERM`), with the meter at `base`; answers `once.js`'s line: the answer,
+/// how the server ended (`code`, `signal`), in how long (`endMs`), its stderr.
+fn once(base: &str, customer: &str, end: &str, tool: &str, args: &str, server: &Path) -> Value {
+    let client = built(&sdk().join("dist/test/e2e/once.js"));
+    let out = Command::new("node")
+        .arg(client)
+        .args([end, tool, args, "node"])
+        .arg(server)
+        .env("MCP_METER_URL", base)
+        .env("MCP_METER_KEY", ACME)
+        .env("MCP_METER_CUSTOMER", customer)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "once.js failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// The README's example server, called once by a client that then closes its stdin, ends by
+/// itself (status 0) with the call and the session's end in `serve`'s store; sent SIGTERM
+/// instead, it delivers them too, then dies of SIGTERM as it would unmetered.
+#[test]
+fn the_readme_example_delivers_a_one_call_session_when_stdin_closes_or_sigterm_comes() {
+    let (_project, example) = readme_example();
+    for (end, code, signal) in [
+        ("stdin", Value::from(0), Value::Null),
+        ("SIGTERM", Value::Null, Value::from("SIGTERM")),
+    ] {
+        let s = Server::start();
+        let out = once(
+            &s.base,
+            "",
+            end,
+            "forecast",
+            r#"{"city":"Paris"}"#,
+            &example,
+        );
+        println!("{end}: {out}");
+        assert_eq!(
+            out["answer"]["content"][0]["text"], "Sunny in Paris",
+            "{out}"
+        );
+        assert_eq!(
+            (&out["code"], &out["signal"]),
+            (&code, &signal),
+            "{end}: {out}"
+        );
+        let (_, report) = s.get("/analytics/mcp/revenue/by-tool", ACME);
+        let calls: Vec<(&Value, &Value)> = report["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (&t["toolName"], &t["calls"]))
+            .collect();
+        assert_eq!(
+            calls,
+            [(&Value::from("forecast"), &Value::from(1))],
+            "{end}: {report}"
+        );
+        let (_, sessions) = s.get("/analytics/mcp/sessions", ACME);
+        let sessions = sessions["sessions"].as_array().unwrap();
+        assert_eq!(sessions.len(), 1, "{end}: {sessions:?}");
+        assert_eq!(sessions[0]["agentId"], "once-agent", "{end}");
+        assert_eq!(
+            sessions[0]["ended"], true,
+            "{end}: SESSION_END was delivered"
+        );
+    }
+}
+
+/// A paid tool called once over stdio, the client then closing stdin: the server ends by
+/// itself and the call's event has settled its authorization at the rated amount; nothing
+/// stays reserved.
+#[test]
+fn a_paid_call_of_a_one_call_stdio_session_settles_its_reservation() {
+    let s = Server::start();
+    let (status, answer) = crate::credits::grant(&s, ACME, "cust-once", 2 * RATED_CALL, "g-once");
+    assert_eq!(status, 201, "{answer}");
+    let server = built(&sdk().join("dist/test/e2e/stdio-server.js"));
+    let out = once(&s.base, "cust-once", "stdin", "premium", "{}", &server);
+    println!("{out}");
+    assert_eq!(
+        out["answer"]["content"][0]["text"], "premium answer",
+        "{out}"
+    );
+    assert_eq!(out["code"], 0, "{out}");
+    assert!(
+        out["stderr"].as_str().unwrap().contains(r#""premium":1"#),
+        "the handler ran once: {out}"
+    );
+    let balance = crate::credits::balance(&s, ACME, "cust-once");
+    println!("{balance}");
+    assert_eq!(balance["settledMicros"], RATED_CALL, "{balance}");
+    assert_eq!(balance["reservedMicros"], 0, "{balance}");
+    assert_eq!(balance["inFlight"], 0, "{balance}");
 }

@@ -1,9 +1,17 @@
 // Delivery: events wait in memory and go out in batches, by size or by interval. A batch that
 // fails for a reason that may pass (no answer, 429, 5xx) is sent again, with the same events
-// and so the same idempotency keys, after a backoff that honours Retry-After. A full queue
-// drops its oldest event and counts it. Nothing here blocks a tool call.
+// and so the same idempotency keys, after a backoff that honours Retry-After. Nothing here
+// blocks a tool call.
+//
+// Every event pushed ends in exactly one count: `sent` (acknowledged), `failed` (refused),
+// `dropped` (the bound) or `queued` (held now), so sent + failed + dropped + queued = pushed
+// at every instant. A batch on the wire is out of the bound's reach: it leaves the waiting
+// list when it is sent, and a retriable failure puts it back at the front, in order. The
+// bound (`maxQueue`) counts every event held, waiting or on the wire; a full queue drops its
+// oldest *waiting* event, or the new one when every event held is on the wire. An event on
+// the wire may be stored already, so only its answer may count it.
 
-import { Answer, Transport, retriable } from "./transport.js";
+import { Answer, Poster, retriable } from "./transport.js";
 
 /** One usage event, as mcp-meter's wire format has it (camelCase). */
 export interface UsageEvent {
@@ -30,6 +38,8 @@ export interface QueueOptions {
   onError: (error: Error) => void;
   /** Every ingest answer, for the kill lists it carries. */
   onAnswer: (body: unknown) => void;
+  /** Each event the bound drops, as it drops it. */
+  onDropped?: (event: UsageEvent) => void;
 }
 
 export interface QueueStats {
@@ -39,43 +49,85 @@ export interface QueueStats {
   failed: number;
   /** Events dropped because the queue was full. */
   dropped: number;
-  /** Events waiting now. */
+  /** Events held now: waiting, or on the wire awaiting their answer. */
   queued: number;
 }
 
 export class EventQueue {
-  private events: UsageEvent[] = [];
-  private stats_ = { sent: 0, failed: 0, dropped: 0 };
+  private waiting: UsageEvent[] = [];
+  /** The batch on the wire; its answer decides its events' counts. */
+  private onWire: UsageEvent[] = [];
+  private wire: AbortController | undefined;
+  private counts = { sent: 0, failed: 0, dropped: 0 };
+  /** The next pass by interval, armed only while events wait: an idle queue holds no timer. */
   private timer: NodeJS.Timeout | undefined;
-  /** Flushes run one after another: each waits for the one before. */
+  /** Passes run one after another: each waits for the one before. */
   private chain: Promise<void> = Promise.resolve();
   private draining = false;
   private backoffMs = 0;
   private notBefore = 0;
-  /** Once closed, no flush sends past this time, whatever its own deadline. */
+  private closed = false;
+  /** Once closed, no pass sends past this time, whatever its own deadline. */
   private closeDeadline = Infinity;
 
   constructor(
-    private readonly transport: Transport,
+    private readonly transport: Poster,
     private readonly options: QueueOptions,
-  ) {
-    this.timer = setInterval(() => this.nudge(false), options.flushIntervalMs);
-    this.timer.unref();
-  }
+  ) {}
 
   push(event: UsageEvent): void {
-    if (this.events.length >= this.options.maxQueue) {
-      this.events.shift();
-      this.stats_.dropped += 1;
-      this.options.onError(new Error(`mcp-meter: the queue is full (${this.options.maxQueue} events); the oldest was dropped`));
+    if (this.waiting.length + this.onWire.length >= this.options.maxQueue) {
+      const victim = this.waiting.length > 0 ? this.waiting.shift()! : event;
+      this.counts.dropped += 1;
+      this.options.onDropped?.(victim);
+      this.options.onError(new Error(`mcp-meter: the queue is full (${this.options.maxQueue} events); the oldest waiting was dropped`));
+      if (victim === event) return;
     }
-    this.events.push(event);
-    if (this.events.length >= this.options.maxBatchSize) this.nudge(true);
+    this.waiting.push(event);
+    if (this.waiting.length >= this.options.maxBatchSize) this.nudge(true);
+    else this.arm();
+  }
+
+  stats(): QueueStats {
+    return { ...this.counts, queued: this.waiting.length + this.onWire.length };
+  }
+
+  /**
+   * Sends what is queued. `untilEmpty`: keep sending (waiting out backoffs) until nothing waits
+   * or `deadline` passes; otherwise one pass that stops at the first retriable failure. A
+   * request still on the wire at `deadline` is cut (its events wait again), so the promise
+   * settles by then.
+   */
+  flush(untilEmpty = true, deadline = Infinity): Promise<void> {
+    const run = this.chain.then(() => this.drain(untilEmpty, deadline, false));
+    this.chain = run.catch(() => {});
+    if (deadline === Infinity) return run;
+    const cut = setTimeout(() => this.wire?.abort(new Error("the flush's deadline passed")), Math.max(0, deadline - Date.now()));
+    return run.finally(() => clearTimeout(cut));
+  }
+
+  /** No more timers; sends what is queued until `deadline`. Later pushes wait for a flush. */
+  async close(deadline: number): Promise<void> {
+    this.closed = true;
+    this.closeDeadline = deadline;
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    await this.flush(true, deadline);
+  }
+
+  /** The pass by interval. Unref'd: a queue never keeps the process alive on its own. */
+  private arm(): void {
+    if (this.timer || this.closed || this.waiting.length === 0) return;
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      this.nudge(false);
+    }, this.options.flushIntervalMs);
+    this.timer.unref();
   }
 
   /**
    * A background pass, unless one is under way: by size (`onlyFull`: full batches only, the
-   * rest waits for the interval) or by the interval (everything queued).
+   * rest waits for the interval) or by the interval (everything waiting).
    */
   private nudge(onlyFull: boolean): void {
     if (this.draining) return;
@@ -83,74 +135,73 @@ export class EventQueue {
     this.chain = run.catch(() => {});
   }
 
-  stats(): QueueStats {
-    return { ...this.stats_, queued: this.events.length };
-  }
-
-  /**
-   * Sends what is queued. `untilEmpty`: keep sending (waiting out backoffs) until the queue is
-   * empty or `deadline` passes; otherwise one pass that stops at the first retriable failure.
-   */
-  flush(untilEmpty = true, deadline = Infinity): Promise<void> {
-    const run = this.chain.then(() => this.drain(untilEmpty, deadline));
-    this.chain = run.catch(() => {});
-    return run;
-  }
-
-  async close(deadline: number): Promise<void> {
-    this.closeDeadline = deadline;
-    if (this.timer) clearInterval(this.timer);
-    await this.flush(true, deadline);
-  }
-
-  private async drain(untilEmpty: boolean, deadline: number, onlyFull = false): Promise<void> {
+  private async drain(untilEmpty: boolean, deadline: number, onlyFull: boolean): Promise<void> {
     this.draining = true;
     try {
-      await this.send(untilEmpty, Math.min(deadline, this.closeDeadline), onlyFull);
+      await this.send(untilEmpty, deadline, onlyFull);
     } finally {
       this.draining = false;
+      this.arm();
     }
   }
 
   private async send(untilEmpty: boolean, deadline: number, onlyFull: boolean): Promise<void> {
-    while (this.events.length > 0) {
-      if (onlyFull && this.events.length < this.options.maxBatchSize) return;
+    while (this.waiting.length > 0) {
+      if (onlyFull && this.waiting.length < this.options.maxBatchSize) return;
       const limit = Math.min(deadline, this.closeDeadline);
+      if (Date.now() >= limit) return;
       const wait = this.notBefore - Date.now();
       if (wait > 0) {
         if (!untilEmpty || Date.now() + wait > limit) return;
         await sleep(wait);
       }
-      const batch = this.events.slice(0, this.options.maxBatchSize);
-      const answer = await this.transport.post("/v1/ingest/batch", { events: batch });
+      const batch = this.waiting.splice(0, this.options.maxBatchSize);
+      this.onWire = batch;
+      this.wire = new AbortController();
+      let answer: Answer;
+      try {
+        answer = await this.transport.post("/v1/ingest/batch", { events: batch }, {
+          signal: this.wire.signal,
+          ...(limit === Infinity ? {} : { timeoutMs: Math.max(1, limit - Date.now()) }),
+        });
+      } catch (error) {
+        // A transport answers failures as status 0; should one throw, the batch is kept all the same.
+        answer = { status: 0, body: undefined, error: error instanceof Error ? error : new Error(String(error)) };
+      } finally {
+        this.onWire = [];
+        this.wire = undefined;
+      }
       if (retriable(answer)) {
-        this.backoffMs = Math.min(
-          Math.max(this.backoffMs * 2, this.options.minBackoffMs),
-          this.options.maxBackoffMs,
-        );
+        this.waiting.unshift(...batch);
+        this.backoffMs = Math.min(Math.max(this.backoffMs * 2, this.options.minBackoffMs), this.options.maxBackoffMs);
         this.notBefore = Date.now() + Math.max(this.backoffMs, answer.retryAfterMs ?? 0);
         this.options.onError(describe(answer, batch.length));
+        if (!untilEmpty) return;
         continue;
       }
       this.backoffMs = 0;
       this.notBefore = 0;
-      // The batch is answered: it leaves the queue whatever the answer (events pushed while it
-      // was in flight stay behind it).
-      this.events.splice(0, batch.length);
       if (answer.status === 202) {
-        const body = answer.body as { accepted?: number; duplicates?: number; failed?: number; errors?: unknown[] };
-        this.stats_.sent += (body.accepted ?? 0) + (body.duplicates ?? 0);
-        this.stats_.failed += body.failed ?? 0;
-        if ((body.failed ?? 0) > 0) {
-          this.options.onError(new Error(`mcp-meter refused ${body.failed} events: ${JSON.stringify(body.errors)}`));
+        const body = (answer.body ?? {}) as { accepted?: number; duplicates?: number; failed?: number; errors?: unknown[] };
+        // Counted from the batch, not from the answer's `failed`: each event once, whatever a
+        // server that miscounts says.
+        const acknowledged = Math.min(batch.length, count(body.accepted) + count(body.duplicates));
+        this.counts.sent += acknowledged;
+        this.counts.failed += batch.length - acknowledged;
+        if (acknowledged < batch.length) {
+          this.options.onError(new Error(`mcp-meter refused ${batch.length - acknowledged} events: ${JSON.stringify(body.errors)}`));
         }
         this.options.onAnswer(answer.body);
       } else {
-        this.stats_.failed += batch.length;
+        this.counts.failed += batch.length;
         this.options.onError(describe(answer, batch.length));
       }
     }
   }
+}
+
+function count(n: unknown): number {
+  return typeof n === "number" && Number.isFinite(n) && n > 0 ? Math.floor(n) : 0;
 }
 
 function describe(answer: Answer, events: number): Error {

@@ -1,7 +1,7 @@
 // The HTTP side: one POST or GET to mcp-meter, answered with its status, its JSON body and
 // how long the server asked to wait (Retry-After). Node's own fetch; no other dependency.
 
-/** What mcp-meter answered. `status` 0: no answer (network error or timeout). */
+/** What mcp-meter answered. `status` 0: no answer (network error, timeout or abort). */
 export interface Answer {
   status: number;
   body: unknown;
@@ -18,27 +18,41 @@ export interface TransportOptions {
   timeoutMs: number;
 }
 
-export class Transport {
+/** A request's own bounds: a shorter timeout than the transport's, a signal that cuts it. */
+export interface RequestOptions {
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+/** What the queue needs of a transport (a fake in the queue's simulation). */
+export interface Poster {
+  post(path: string, body: unknown, options?: RequestOptions): Promise<Answer>;
+}
+
+export class Transport implements Poster {
   private readonly base: string;
 
   constructor(private readonly options: TransportOptions) {
     this.base = options.url.replace(/\/+$/, "");
   }
 
-  async post(path: string, body: unknown, timeoutMs = this.options.timeoutMs): Promise<Answer> {
-    return this.send("POST", path, body === undefined ? undefined : JSON.stringify(body), timeoutMs);
+  async post(path: string, body: unknown, options: RequestOptions = {}): Promise<Answer> {
+    return this.send("POST", path, body === undefined ? undefined : JSON.stringify(body), options);
   }
 
-  async get(path: string, timeoutMs = this.options.timeoutMs): Promise<Answer> {
-    return this.send("GET", path, undefined, timeoutMs);
+  async get(path: string, options: RequestOptions = {}): Promise<Answer> {
+    return this.send("GET", path, undefined, options);
   }
 
-  private async send(
-    method: string,
-    path: string,
-    body: string | undefined,
-    timeoutMs: number,
-  ): Promise<Answer> {
+  private async send(method: string, path: string, body: string | undefined, options: RequestOptions): Promise<Answer> {
+    const timeoutMs = Math.min(options.timeoutMs ?? Infinity, this.options.timeoutMs);
+    const abort = new AbortController();
+    // Unref'd: a request on the wire keeps the process alive by its socket, not by its timer.
+    const timer = setTimeout(() => abort.abort(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
+    timer.unref();
+    const cut = () => abort.abort(options.signal?.reason ?? new Error("aborted"));
+    if (options.signal?.aborted) cut();
+    options.signal?.addEventListener("abort", cut, { once: true });
     try {
       const answer = await fetch(this.base + path, {
         method,
@@ -47,7 +61,7 @@ export class Transport {
           ...(body === undefined ? {} : { "Content-Type": "application/json" }),
         },
         body,
-        signal: AbortSignal.timeout(timeoutMs),
+        signal: abort.signal,
       });
       const text = await answer.text();
       let parsed: unknown = text;
@@ -59,6 +73,9 @@ export class Transport {
       return { status: answer.status, body: parsed, retryAfterMs: retryAfterMs(answer.headers.get("retry-after")) };
     } catch (error) {
       return { status: 0, body: undefined, error: error instanceof Error ? error : new Error(String(error)) };
+    } finally {
+      clearTimeout(timer);
+      options.signal?.removeEventListener("abort", cut);
     }
   }
 }

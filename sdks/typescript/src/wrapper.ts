@@ -1,10 +1,21 @@
 // withMetering: every tool of an McpServer, registered before or after, is metered: one usage
 // event per call, and, when asked, a guard check or an authorization before the handler runs.
+//
+// The billing rule (the proxy's too): a call whose handler returns is SUCCESS, or ERROR when
+// the result has `isError` or the handler throws; a call whose request signal aborted (the
+// client cancelled, the connection closed) is CANCELLED; the handler's end decides, so a
+// handler that never settles never reports. Calls the MCP SDK refuses before the handler (an
+// unknown tool, invalid arguments) and calls refused here (a killed session, a guard block, a
+// refused authorization) report nothing. Every reported call is billed at its tool's rate, and
+// a paid call's event (keyed by the authorization's nonce) settles its reservation; an
+// authorized call that does not run releases it.
 
 import { randomUUID } from "node:crypto";
-import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
+import type { McpServer, RegisteredTool } from "@modelcontextprotocol/sdk/server/mcp.js";
 import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
+import { beforeProcessEnds, ExitReason } from "./exit.js";
 import { EventQueue, QueueStats, UsageEvent, sleep } from "./queue.js";
+import { OpenSession, Sessions } from "./sessions.js";
 import { Transport, retriable } from "./transport.js";
 
 /** What a tool handler receives besides its arguments (the MCP SDK's request extra). */
@@ -29,7 +40,7 @@ export interface MeteringOptions {
   apiKey: string;
   /** The payer of a call (the event's `customerId`). */
   customerId?: (extra: ToolExtra) => string | undefined;
-  /** The agent; default: the MCP client's `initialize` clientInfo name. */
+  /** The agent; default: the request's `_meta` clientInfo name (MCP 2026-07-28), else `initialize`'s. */
   agentId?: (extra: ToolExtra) => string | undefined;
   /** Token counts of a call; `result` is undefined when the handler threw. */
   tokens?: (toolName: string, args: unknown, result: CallToolResult | undefined) => TokenCounts | undefined;
@@ -45,12 +56,22 @@ export interface MeteringOptions {
   flushIntervalMs?: number;
   /** Events per batch, at most 1000. Default 100. */
   maxBatchSize?: number;
-  /** Events held in memory at most; beyond, the oldest is dropped. Default 10000. */
+  /** Events held in memory at most; beyond, the oldest waiting is dropped. Default 10000. */
   maxQueue?: number;
   /** Heartbeats per open session. Default 30000. */
   heartbeatIntervalMs?: number;
+  /** A session with no call for this long ends (SESSION_END). Default 3600000 (an hour). */
+  sessionIdleMs?: number;
+  /** Open sessions at most; beyond, the one idle longest ends (SESSION_END). Default 1000. */
+  maxSessions?: number;
   /** Per request to mcp-meter (batches, authorizations). Default 10000. */
   requestTimeoutMs?: number;
+  /**
+   * Longest the meter delays the end of a connection or of the process to deliver what it
+   * holds: when the MCP transport closes, when Node's event loop empties, on SIGINT, SIGTERM,
+   * SIGHUP. Default 5000.
+   */
+  exitFlushMs?: number;
   /** Called with what went wrong; metering never throws into a tool call. */
   onError?: (error: Error) => void;
 }
@@ -58,7 +79,10 @@ export interface MeteringOptions {
 export interface MeteringHandle {
   /** Sends every queued event now, retrying until they are acknowledged or `waitMs` (default 10000) has passed. */
   flush(waitMs?: number): Promise<void>;
-  /** Stops the timers, sends SESSION_END for every open session, and flushes (at most `waitMs`, default 10000). */
+  /**
+   * Waits for the calls under way, sends SESSION_END for every open session, and flushes, all
+   * within `waitMs` (default 10000); then no timer and no exit hook is left.
+   */
   close(waitMs?: number): Promise<void>;
   stats(): QueueStats;
   /** Sessions mcp-meter asked to stop, as of the last answer. */
@@ -67,6 +91,8 @@ export interface MeteringHandle {
 
 const HEARTBEAT_METRIC = "system.session.heartbeat";
 const CALL_METRIC = "mcp_server.tool_invocations";
+/** Where clientInfo travels in each request from MCP 2026-07-28 on (`params._meta`). */
+const CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo";
 
 /** The answer of a paid call's refused authorization, as the MCP client sees it. */
 export interface PaymentTerms {
@@ -81,13 +107,20 @@ export interface PaymentTerms {
 
 type Callback = (...params: unknown[]) => unknown;
 
+/** Why a call does not run: the answer the client gets, and whether a reservation was made. */
+interface Refusal {
+  result: CallToolResult;
+  /** The authorization may have reserved funds (its answer is unknown): release them. */
+  release?: boolean;
+}
+
 /**
  * Meters every tool of `server`: those registered already and those registered later (it wraps
- * `registerTool` and the older `tool`).
+ * `registerTool` and the older `tool`, and each tool's `update`).
  */
 export function withMetering(server: McpServer, options: MeteringOptions): MeteringHandle {
   const onError = options.onError ?? (() => {});
-  const maxBatchSize = Math.min(options.maxBatchSize ?? 100, 1000);
+  const exitFlushMs = options.exitFlushMs ?? 5000;
   const transport = new Transport({
     url: options.url,
     apiKey: options.apiKey,
@@ -99,7 +132,7 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
     if (Array.isArray(ids)) killed = new Set(ids.filter((id): id is string => typeof id === "string"));
   };
   const queue = new EventQueue(transport, {
-    maxBatchSize,
+    maxBatchSize: Math.min(options.maxBatchSize ?? 100, 1000),
     flushIntervalMs: options.flushIntervalMs ?? 1000,
     maxQueue: options.maxQueue ?? 10_000,
     minBackoffMs: 100,
@@ -107,15 +140,59 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
     onError,
     onAnswer: readKills,
   });
-  // stdio and in-memory transports have no session id: one per server instance.
-  const instanceSession = randomUUID();
-  const openSessions = new Map<string, string | undefined>();
+  // stdio and in-memory transports have no session id: one per connection.
+  let connectionSession = randomUUID();
+  const sessions = new Sessions(options.sessionIdleMs ?? 3_600_000, options.maxSessions ?? 1000);
+  /** Calls under way and releases on the wire: what closing waits for. */
+  const underway = new Set<Promise<unknown>>();
+  let closed = false;
+
   const agentOf = (extra: ToolExtra) =>
-    options.agentId?.(extra) ?? server.server.getClientVersion()?.name;
+    options.agentId?.(extra) ?? clientInfoName(extra._meta) ?? server.server.getClientVersion()?.name;
   const isPaid = (name: string) =>
-    typeof options.paidTools === "function"
-      ? options.paidTools(name)
-      : (options.paidTools ?? []).includes(name);
+    typeof options.paidTools === "function" ? options.paidTools(name) : (options.paidTools ?? []).includes(name);
+
+  const boundary = (session: OpenSession, kind: "HEARTBEAT" | "SESSION_END") =>
+    queue.push({
+      idempotencyKey: randomUUID(),
+      metricName: HEARTBEAT_METRIC,
+      sessionId: session.sessionId,
+      sessionBoundary: kind,
+      occurredAt: new Date().toISOString(),
+      ...(session.agentId ? { agentId: session.agentId } : {}),
+    });
+
+  // Runs only while a session is open: an idle meter holds no timer.
+  let heartbeats: NodeJS.Timeout | undefined;
+  const beat = () => {
+    for (const ended of sessions.expire(performance.now())) boundary(ended, "SESSION_END");
+    for (const session of sessions.list()) boundary(session, "HEARTBEAT");
+    if (sessions.size === 0) stopBeating();
+  };
+  const startBeating = () => {
+    if (heartbeats || closed) return;
+    heartbeats = setInterval(beat, options.heartbeatIntervalMs ?? 30_000);
+    heartbeats.unref();
+  };
+  const stopBeating = () => {
+    clearInterval(heartbeats);
+    heartbeats = undefined;
+  };
+
+  const track = <T>(work: Promise<T>): Promise<T> => {
+    underway.add(work);
+    const done = () => void underway.delete(work);
+    work.then(done, done);
+    return work;
+  };
+  const release = (name: string, nonce: string) =>
+    track(
+      transport.post(`/v1/authorize/${encodeURIComponent(nonce)}/release`, undefined).then((answer) => {
+        if (answer.status !== 200 && answer.status !== 404) {
+          onError(new Error(`release of ${name}'s authorization ${nonce} failed (${answer.status || answer.error?.message}); it lapses on its own`));
+        }
+      }),
+    );
 
   const refusal = (message: string, terms?: PaymentTerms): CallToolResult => ({
     content: [{ type: "text", text: terms ? `${message}\n${JSON.stringify(terms)}` : message }],
@@ -130,24 +207,26 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
     session: string,
     agent: string | undefined,
     customer: string | undefined,
-  ): Promise<CallToolResult | undefined> => {
+    signal: AbortSignal | undefined,
+  ): Promise<Refusal | undefined> => {
     if (killed.has(session)) {
-      return refusal(`mcp-meter stopped session ${session} (a hard limit was reached); start a new session`);
+      return { result: refusal(`mcp-meter stopped session ${session} (a hard limit was reached); start a new session`) };
     }
     if (options.guard) {
       const query = new URLSearchParams({ toolName: name, sessionId: session, ...(agent ? { agentId: agent } : {}) });
-      const answer = await transport.get(`/v1/guard/check?${query}`, options.guardTimeoutMs ?? 50);
+      const answer = await transport.get(`/v1/guard/check?${query}`, { timeoutMs: options.guardTimeoutMs ?? 50 });
       const check = answer.body as { action?: string; retryAfterSeconds?: number; reason?: string } | undefined;
       if (answer.status !== 200 || !check) {
         onError(new Error(`mcp-meter guard check failed open (${answer.status === 0 ? answer.error?.message : answer.status}); the call runs`));
       } else if (check.action === "block") {
-        return refusal(`mcp-meter blocked ${name}: ${check.reason ?? "margin below its floor"}`);
+        return { result: refusal(`mcp-meter blocked ${name}: ${check.reason ?? "margin below its floor"}`) };
       } else if (check.action === "throttle") {
         await sleep(Math.min((check.retryAfterSeconds ?? 1) * 1000, options.maxThrottleMs ?? 5000));
       }
     }
+    if (signal?.aborted) return { result: refusal(`${name} was cancelled before it ran`) };
     if (isPaid(name)) {
-      if (!customer) return refusal(`${name} is a paid tool and the call names no customer to charge`);
+      if (!customer) return { result: refusal(`${name} is a paid tool and the call names no customer to charge`) };
       const answer = await transport.post("/v1/authorize", {
         nonce: key,
         customerId: customer,
@@ -157,110 +236,175 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
       });
       if (answer.status === 402) {
         const terms = answer.body as PaymentTerms;
-        return refusal(`payment required for ${name}: ${terms.message ?? terms.reason}`, terms);
+        return { result: refusal(`payment required for ${name}: ${terms.message ?? terms.reason}`, terms) };
       }
       if (answer.status !== 200) {
-        // No side effect before payment is secured: a paid call never runs unauthorized.
+        // No side effect before payment is secured: a paid call never runs unauthorized. With
+        // no answer or a 5xx the reservation may exist all the same.
         const why = retriable(answer) ? "mcp-meter is unreachable" : `mcp-meter answered ${answer.status}`;
         onError(new Error(`authorization of ${name} failed: ${why}`));
-        return refusal(`${name} could not be authorized (${why}); try again`);
+        return { result: refusal(`${name} could not be authorized (${why}); try again`), release: answer.status === 0 || answer.status >= 500 };
       }
+      // Authorized, but the client gave up meanwhile: the tool does not run, nothing is billed.
+      if (signal?.aborted) return { result: refusal(`${name} was cancelled before it ran`), release: true };
     }
     return undefined;
   };
 
-  const meter = (name: string, callback: Callback): Callback =>
-    async (...params: unknown[]) => {
-      const extra = (params[params.length - 1] ?? {}) as ToolExtra;
-      const args = params.length > 1 ? params[0] : undefined;
-      const session = extra.sessionId ?? instanceSession;
-      const agent = agentOf(extra);
-      const customer = options.customerId?.(extra);
-      openSessions.set(session, agent);
-      // Made before the call and reused on every retry of its event: the authorization's nonce.
-      const key = randomUUID();
-      const refused = await admit(name, key, session, agent, customer);
-      if (refused) return refused;
-      const occurredAt = new Date().toISOString();
-      const started = performance.now();
-      let result: CallToolResult | undefined;
-      let thrown: unknown;
-      try {
-        result = (await callback(...params)) as CallToolResult;
-      } catch (error) {
-        thrown = error;
-      }
-      const durationMs = Math.round(performance.now() - started);
-      const status = extra.signal?.aborted
-        ? "CANCELLED"
-        : thrown !== undefined || result?.isError
-          ? "ERROR"
-          : "SUCCESS";
-      let tokens: TokenCounts | undefined;
-      try {
-        tokens = options.tokens?.(name, args, result);
-      } catch (error) {
-        onError(new Error(`tokens() threw for ${name}: ${String(error)}`));
-      }
-      const event: UsageEvent = {
-        idempotencyKey: key,
-        metricName: CALL_METRIC,
-        toolName: name,
-        sessionId: session,
-        occurredAt,
-        executionStatus: status,
-        executionDurationMs: durationMs,
-        ...(agent ? { agentId: agent } : {}),
-        ...(customer ? { customerId: customer } : {}),
-        ...(tokens ? { metadata: { inputTokens: tokens.inputTokens, outputTokens: tokens.outputTokens } } : {}),
-      };
-      queue.push(event);
-      if (thrown !== undefined) throw thrown;
-      return result;
+  const call = async (name: string, callback: Callback, params: unknown[]): Promise<unknown> => {
+    const extra = (params[params.length - 1] ?? {}) as ToolExtra;
+    const args = params.length > 1 ? params[0] : undefined;
+    const session = extra.sessionId ?? connectionSession;
+    const agent = agentOf(extra);
+    const customer = options.customerId?.(extra);
+    for (const ended of sessions.touch(session, agent, performance.now())) boundary(ended, "SESSION_END");
+    startBeating();
+    // Made before the call and reused on every retry of its event: the authorization's nonce.
+    const key = randomUUID();
+    const refused = await admit(name, key, session, agent, customer, extra.signal);
+    if (refused) {
+      if (refused.release) void release(name, key);
+      return refused.result;
+    }
+    const occurredAt = new Date().toISOString();
+    const started = performance.now();
+    let result: CallToolResult | undefined;
+    let thrown: unknown;
+    try {
+      result = (await callback(...params)) as CallToolResult;
+    } catch (error) {
+      thrown = error;
+    }
+    const durationMs = Math.round(performance.now() - started);
+    const status = extra.signal?.aborted ? "CANCELLED" : thrown !== undefined || result?.isError ? "ERROR" : "SUCCESS";
+    let tokens: TokenCounts | undefined;
+    try {
+      tokens = options.tokens?.(name, args, result);
+    } catch (error) {
+      onError(new Error(`tokens() threw for ${name}: ${String(error)}`));
+    }
+    const event: UsageEvent = {
+      idempotencyKey: key,
+      metricName: CALL_METRIC,
+      toolName: name,
+      sessionId: session,
+      occurredAt,
+      executionStatus: status,
+      executionDurationMs: durationMs,
+      ...(agent ? { agentId: agent } : {}),
+      ...(customer ? { customerId: customer } : {}),
+      ...(tokens ? { metadata: { inputTokens: tokens.inputTokens, outputTokens: tokens.outputTokens } } : {}),
+    };
+    queue.push(event);
+    if (thrown !== undefined) throw thrown;
+    return result;
+  };
+
+  /** `callback` metered under the tool's name as of each call (`update` may rename the tool). */
+  const meter = (tool: { name: string }, callback: Callback): Callback =>
+    (...params: unknown[]) => {
+      if (!closed) stopOnExit ??= beforeProcessEnds(atExit);
+      return track(call(tool.name, callback, params));
     };
 
-  // The handler is always the last argument of registerTool and of every form of tool.
-  const wrapLast = (name: string, rest: unknown[]) => {
-    const last = rest.length - 1;
-    if (typeof rest[last] === "function") rest[last] = meter(name, rest[last] as Callback);
-    return rest;
+  /** A handler given later through the tool's `update` is metered too, under the name of the moment. */
+  const follow = (registered: RegisteredTool, tool: { name: string }): RegisteredTool => {
+    const update = registered.update;
+    registered.update = (updates) => {
+      if (typeof updates.name === "string") tool.name = updates.name;
+      const callback = updates.callback as Callback | undefined;
+      update(typeof callback === "function" ? { ...updates, callback: meter(tool, callback) as typeof updates.callback } : updates);
+    };
+    return registered;
   };
-  const registerTool = server.registerTool.bind(server) as (...a: unknown[]) => unknown;
-  const tool = server.tool.bind(server) as (...a: unknown[]) => unknown;
-  (server as unknown as { registerTool: Callback }).registerTool = (...a: unknown[]) =>
-    registerTool(...wrapLast(a[0] as string, a));
-  (server as unknown as { tool: Callback }).tool = (...a: unknown[]) => tool(...wrapLast(a[0] as string, a));
-  // Tools registered before withMetering: their handlers are wrapped in place.
-  const registered = (server as unknown as { _registeredTools?: Record<string, { handler?: Callback; callback?: Callback }> })._registeredTools ?? {};
+
+  // Tools registered from now on: the handler is the last argument of registerTool and of every
+  // form of tool.
+  const registering = (register: (...a: unknown[]) => RegisteredTool) => (...a: unknown[]): RegisteredTool => {
+    const tool = { name: a[0] as string };
+    const last = a.length - 1;
+    if (typeof a[last] === "function") a[last] = meter(tool, a[last] as Callback);
+    return follow(register(...a), tool);
+  };
+  const target = server as unknown as { registerTool: Callback; tool: Callback };
+  target.registerTool = registering(server.registerTool.bind(server) as (...a: unknown[]) => RegisteredTool);
+  target.tool = registering(server.tool.bind(server) as (...a: unknown[]) => RegisteredTool);
+  // Tools registered before: McpServer has no public list of them, so the one private read is
+  // here; each is then re-handled through its public `update`.
+  const registered = (server as unknown as { _registeredTools?: Record<string, RegisteredTool> })._registeredTools ?? {};
   for (const [name, entry] of Object.entries(registered)) {
-    if (typeof entry.handler === "function") entry.handler = meter(name, entry.handler);
-    else if (typeof entry.callback === "function") entry.callback = meter(name, entry.callback);
+    follow(entry, { name });
+    if (typeof entry.handler === "function") entry.update({ callback: entry.handler as Parameters<RegisteredTool["update"]>[0]["callback"] });
   }
 
-  const heartbeat = (boundary: string) => {
-    for (const [session, agent] of openSessions) {
-      queue.push({
-        idempotencyKey: randomUUID(),
-        metricName: HEARTBEAT_METRIC,
-        sessionId: session,
-        sessionBoundary: boundary,
-        occurredAt: new Date().toISOString(),
-        ...(agent ? { agentId: agent } : {}),
-      });
-    }
+  const windDown = async (deadline: number, waitForCalls: boolean, closeQueue: boolean) => {
+    if (waitForCalls) await settledBy([...underway], deadline);
+    for (const ended of sessions.endAll()) boundary(ended, "SESSION_END");
+    stopBeating();
+    if (closeQueue) await queue.close(deadline);
+    else await queue.flush(true, deadline);
   };
-  const heartbeats = setInterval(() => heartbeat("HEARTBEAT"), options.heartbeatIntervalMs ?? 30_000);
-  heartbeats.unref();
+
+  /** The events pushed so far, when the last exit flush ended with some undelivered. */
+  let abandonedAt = -1;
+  const pushed = () => {
+    const s = queue.stats();
+    return s.sent + s.failed + s.dropped + s.queued;
+  };
+  const atExit = async (reason: ExitReason) => {
+    if (closed) return;
+    if (reason === "beforeExit") {
+      // The loop is empty: nothing can move a call under way any more, and what an earlier exit
+      // flush could not deliver is not tried again (or the process would never end).
+      if (sessions.size === 0 && queue.stats().queued === 0) return;
+      if (pushed() === abandonedAt) return;
+    }
+    await windDown(Date.now() + exitFlushMs, reason !== "beforeExit", false);
+    if (queue.stats().queued > 0) abandonedAt = pushed();
+  };
+  let stopOnExit: (() => void) | undefined = beforeProcessEnds(atExit);
+
+  // The connection's end (the client closed stdin, an HTTP session was deleted, close()): its
+  // sessions end and what they left is delivered. The handler found here runs first.
+  const inner = server.server;
+  const theirs = inner.onclose;
+  inner.onclose = () => {
+    theirs?.();
+    if (closed) return;
+    connectionSession = randomUUID();
+    void windDown(Date.now() + exitFlushMs, true, false).then(() => {
+      if (underway.size === 0 && sessions.size === 0 && queue.stats().queued === 0) {
+        stopOnExit?.();
+        stopOnExit = undefined;
+      }
+    });
+  };
 
   return {
     flush: (waitMs = 10_000) => queue.flush(true, Date.now() + waitMs),
     close: async (waitMs = 10_000) => {
-      clearInterval(heartbeats);
-      heartbeat("SESSION_END");
-      openSessions.clear();
-      await queue.close(Date.now() + waitMs);
+      closed = true;
+      stopOnExit?.();
+      stopOnExit = undefined;
+      await windDown(Date.now() + waitMs, true, true);
     },
     stats: () => queue.stats(),
     killedSessions: () => [...killed].sort(),
   };
+}
+
+/** The clientInfo name a request carries in its `_meta` (MCP 2026-07-28), if any. */
+function clientInfoName(meta: Record<string, unknown> | undefined): string | undefined {
+  const info = meta?.[CLIENT_INFO_META];
+  const name = typeof info === "object" && info !== null ? (info as { name?: unknown }).name : undefined;
+  return typeof name === "string" && name.length > 0 ? name : undefined;
+}
+
+/** Waits for every promise to settle, or until `deadline`, whichever comes first. */
+async function settledBy(work: Promise<unknown>[], deadline: number): Promise<void> {
+  if (work.length === 0) return;
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<void>((resolve) => (timer = setTimeout(resolve, Math.max(0, deadline - Date.now()))));
+  await Promise.race([Promise.allSettled(work), late]);
+  clearTimeout(timer);
 }

@@ -1,19 +1,10 @@
-// The metered server as a stdio child: what a desktop MCP client launches. When its stdin ends
-// it closes the meter (flushing every event) and prints its handler runs on stderr.
+// The metered server as a stdio child: what a desktop MCP client launches. It does nothing at
+// its end but print its handler runs on stderr as the process exits: delivering what the meter
+// holds when the client closes stdin is withMetering's own job.
 
 import { StdioServerTransport } from "@modelcontextprotocol/sdk/server/stdio.js";
 import { meteredServer, runs } from "./tools.js";
 
 const { server, meter } = meteredServer();
-const transport = new StdioServerTransport();
-let closing = false;
-const close = async () => {
-  if (closing) return;
-  closing = true;
-  await meter?.close(10_000);
-  process.stderr.write(`RUNS ${JSON.stringify(runs)} STATS ${JSON.stringify(meter?.stats() ?? {})}\n`);
-  process.exit(0);
-};
-transport.onclose = () => void close();
-process.stdin.on("end", () => void close());
-await server.connect(transport);
+process.on("exit", () => process.stderr.write(`RUNS ${JSON.stringify(runs)} STATS ${JSON.stringify(meter?.stats() ?? {})}\n`));
+await server.connect(new StdioServerTransport());

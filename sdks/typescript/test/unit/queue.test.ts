@@ -1,5 +1,6 @@
 // The delivery rules, against a fake mcp-meter: batching by size and by time, retries with the
-// same keys, Retry-After, a bounded queue.
+// same keys, Retry-After, a bounded queue that never drops a batch on the wire, flushes bounded
+// by their deadline.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -36,7 +37,8 @@ test("a full batch goes at once; the rest waits for the interval or a flush", as
   const fake = await FakeMeter.start();
   const q = queue(fake);
   for (let n = 0; n < 7; n++) q.push(event(n));
-  await until(() => fake.events().length >= 6);
+  // Until both answers are in: an event is held (queued) until its batch is answered.
+  await until(() => q.stats().sent >= 6);
   assert.deepEqual(fake.received.map((r) => r.body.events.length), [3, 3]);
   assert.equal(q.stats().queued, 1);
   await q.flush();
@@ -90,6 +92,39 @@ test("a full queue drops its oldest events and counts them", async () => {
   assert.deepEqual(q.stats(), { sent: 0, failed: 0, dropped: 3, queued: 5 });
   assert.equal(errors.filter((e) => /queue is full/.test(e.message)).length, 3);
   await q.close(Date.now() + 50);
+  await fake.stop();
+});
+
+test("a batch on the wire is out of the bound's reach: the oldest waiting event is dropped", async () => {
+  const slow = await FakeMeter.start((req) => (req.body.events.length === 2 ? { ...accepted(req), delayMs: 300 } : accepted(req)));
+  const dropped: string[] = [];
+  const q = queue(slow, { maxQueue: 3, maxBatchSize: 2, onDropped: (e) => dropped.push(e.idempotencyKey) });
+  q.push(event(0));
+  q.push(event(1)); // a full batch: k0 and k1 go out
+  await until(() => slow.received.length === 1);
+  q.push(event(2));
+  q.push(event(3)); // the bound (3) counts k0, k1 on the wire and k2: k2, the oldest waiting, goes
+  assert.deepEqual(dropped, ["k2"]);
+  assert.deepEqual(q.stats(), { sent: 0, failed: 0, dropped: 1, queued: 3 });
+  await q.flush();
+  assert.deepEqual(slow.events().map((e) => e.idempotencyKey), ["k0", "k1", "k3"]);
+  assert.deepEqual(q.stats(), { sent: 3, failed: 0, dropped: 1, queued: 0 });
+  await q.close(Date.now());
+  await slow.stop();
+});
+
+test("a flush's deadline cuts the request on the wire; its events wait again", async () => {
+  const fake = await FakeMeter.start((req) => ({ ...accepted(req), delayMs: 5000 }));
+  const errors: Error[] = [];
+  const q = queue(fake, {}, errors);
+  q.push(event(1));
+  const started = Date.now();
+  await q.flush(true, Date.now() + 200);
+  assert.ok(Date.now() - started < 1000, `the flush took ${Date.now() - started} ms`);
+  assert.deepEqual(q.stats(), { sent: 0, failed: 0, dropped: 0, queued: 1 });
+  // Cut by the flush's deadline, or by the request's timeout, which the deadline bounds too.
+  assert.match(errors[0].message, /unreachable \(1 events kept for retry\): (the flush's deadline passed|no answer within)/);
+  await q.close(Date.now());
   await fake.stop();
 });
 

@@ -1,5 +1,7 @@
 // withMetering on a real McpServer driven by a real MCP client (in memory), against a fake
-// mcp-meter: events per call, kills applied, the guard failing open, paid tools refused.
+// mcp-meter: events per call and the billing rule (what is reported, with which status, what
+// is not), kills applied, the guard failing open, paid tools refused, settled or released,
+// sessions ended by their connection or by idleness, the agent from _meta or initialize.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -169,6 +171,145 @@ test("open sessions send heartbeats, whose answers carry kills too", async () =>
   const refused = await t.call("echo", { text: "again" });
   assert.equal(refused.isError, true);
   await t.meter.close(1000);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("the agent is the request's _meta clientInfo name (MCP 2026-07-28) before initialize's", async () => {
+  const t = await setup((req) => accepted(req));
+  await t.client.callTool({ name: "echo", arguments: { text: "a" }, _meta: { "io.modelcontextprotocol/clientInfo": { name: "meta-agent", version: "2" } } });
+  await t.call("echo", { text: "b" });
+  await t.meter.flush();
+  assert.deepEqual(t.fake.events().filter((e) => e.toolName).map((e) => e.agentId), ["meta-agent", "test-agent"]);
+  await t.meter.close(1000);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("a handler given through a tool's update is metered, under the tool's new name", async () => {
+  const t = await setup((req) => accepted(req));
+  const late = t.server.registerTool("late", {}, async () => ({ content: [{ type: "text", text: "v1" }] }));
+  late.update({ name: "renamed", callback: async () => ({ content: [{ type: "text", text: "v2" }] }) });
+  const answer = await t.call("renamed");
+  assert.equal((answer.content as { text: string }[])[0].text, "v2");
+  await t.meter.flush();
+  assert.deepEqual(t.fake.events().filter((e) => e.toolName).map((e) => [e.toolName, e.executionStatus]), [["renamed", "SUCCESS"]]);
+  await t.meter.close(1000);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("when the connection closes, a call under way is reported CANCELLED and the session ends, without flush or close", async () => {
+  const t = await setup((req) => accepted(req), { flushIntervalMs: 60_000, heartbeatIntervalMs: 30 });
+  const slow = t.client.callTool({ name: "slow", arguments: {} }).catch(() => "closed");
+  await new Promise((r) => setTimeout(r, 50));
+  await t.client.close();
+  assert.equal(await slow, "closed");
+  const waitFor = async (what: () => boolean) => {
+    const deadline = Date.now() + 3000;
+    while (!what() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    assert.ok(what(), JSON.stringify(t.fake.events()));
+  };
+  await waitFor(() => t.fake.events().some((e) => e.sessionBoundary === "SESSION_END"));
+  const events = t.fake.events();
+  assert.deepEqual(events.filter((e) => e.toolName).map((e) => [e.toolName, e.executionStatus]), [["slow", "CANCELLED"]]);
+  assert.equal(events.filter((e) => e.sessionBoundary === "SESSION_END").length, 1);
+  // The session is over: no heartbeat follows.
+  const count = t.fake.events().length;
+  await new Promise((r) => setTimeout(r, 150));
+  assert.equal(t.fake.events().length, count);
+  assert.deepEqual(t.meter.stats(), { sent: events.length, failed: 0, dropped: 0, queued: 0 });
+  await t.meter.close(1000);
+  await t.fake.stop();
+});
+
+test("a session without a call for sessionIdleMs ends and its heartbeats stop", async () => {
+  const t = await setup((req) => accepted(req), { sessionIdleMs: 100, heartbeatIntervalMs: 30, flushIntervalMs: 20 });
+  await t.call("echo", { text: "hi" });
+  await new Promise((r) => setTimeout(r, 400));
+  const boundaries = t.fake.events().filter((e) => e.sessionBoundary).map((e) => e.sessionBoundary);
+  assert.ok(boundaries.length >= 2, JSON.stringify(boundaries));
+  assert.deepEqual(boundaries.slice(-1), ["SESSION_END"]);
+  assert.deepEqual(boundaries.slice(0, -1).filter((b) => b !== "HEARTBEAT"), []);
+  await t.meter.close(1000);
+  assert.equal(t.fake.events().filter((e) => e.sessionBoundary === "SESSION_END").length, 1, "close has no session left to end");
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("an authorized call the client cancels before it runs does not run, reports nothing, and releases its reservation", async () => {
+  const t = await setup(
+    (req) =>
+      req.path === "/v1/authorize"
+        ? { status: 200, body: { authorized: true, nonce: req.body.nonce }, delayMs: 200 }
+        : req.path.endsWith("/release")
+          ? { status: 200, body: { released: true } }
+          : accepted(req),
+    { paidTools: ["echo"], customerId: () => "cust-1" },
+  );
+  const cancel = new AbortController();
+  const call = t.client.callTool({ name: "echo", arguments: { text: "hi" } }, undefined, { signal: cancel.signal });
+  setTimeout(() => cancel.abort("the user gave up"), 50);
+  await assert.rejects(call);
+  await new Promise((r) => setTimeout(r, 400));
+  await t.meter.flush();
+  assert.equal(t.runs(), 0);
+  const nonce = t.fake.received.find((r) => r.path === "/v1/authorize")!.body.nonce;
+  assert.deepEqual(t.fake.received.filter((r) => r.path.endsWith("/release")).map((r) => r.path), [`/v1/authorize/${nonce}/release`]);
+  assert.equal(t.fake.events().filter((e) => e.toolName).length, 0);
+  await t.meter.close(1000);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("an authorization with no answer or a 5xx is released (it may have reserved); a 4xx is not", async () => {
+  let status = 503;
+  const t = await setup(
+    (req) => (req.path === "/v1/authorize" ? { status, body: { error: "x" } } : req.path.endsWith("/release") ? { status: 404, body: {} } : accepted(req)),
+    { paidTools: ["echo"], customerId: () => "cust-1" },
+  );
+  assert.equal((await t.call("echo", { text: "a" })).isError, true);
+  status = 400;
+  assert.equal((await t.call("echo", { text: "b" })).isError, true);
+  await t.meter.close(1000);
+  const asked = t.fake.received.filter((r) => r.path === "/v1/authorize").map((r) => r.body.nonce);
+  assert.deepEqual(t.fake.received.filter((r) => r.path.endsWith("/release")).map((r) => r.path), [`/v1/authorize/${asked[0]}/release`]);
+  assert.equal(t.runs(), 0);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("calls the MCP SDK refuses before the handler (unknown tool, invalid arguments) report nothing", async () => {
+  const t = await setup((req) => accepted(req));
+  // SDK 1.32.2 answers both with an isError result, not a JSON-RPC error; the handler never runs.
+  const unknown = await t.call("nope");
+  assert.equal(unknown.isError, true);
+  const invalid = await t.call("echo", { text: 42 });
+  assert.equal(invalid.isError, true);
+  assert.equal(t.runs(), 0);
+  await t.meter.close(1000);
+  assert.deepEqual(t.fake.events().filter((e) => e.toolName), []);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("an authorized paid call runs and its event, keyed by the authorization's nonce, settles it; nothing is released", async () => {
+  const t = await setup(
+    (req) =>
+      req.path === "/v1/authorize"
+        ? { status: 200, body: { authorized: true, nonce: req.body.nonce, quoteMicros: 5000 } }
+        : accepted(req),
+    { paidTools: ["echo"], customerId: () => "cust-1" },
+  );
+  const answer = await t.call("echo", { text: "paid" });
+  assert.equal(answer.isError, undefined);
+  assert.equal(t.runs(), 1);
+  await t.meter.close(1000);
+  const nonce = t.fake.received.find((r) => r.path === "/v1/authorize")!.body.nonce;
+  assert.deepEqual(t.fake.events().filter((e) => e.toolName).map((e) => [e.idempotencyKey, e.customerId, e.executionStatus]), [
+    [nonce, "cust-1", "SUCCESS"],
+  ]);
+  assert.equal(t.fake.received.filter((r) => r.path.endsWith("/release")).length, 0);
   await t.client.close();
   await t.fake.stop();
 });
