@@ -535,6 +535,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         max_queue_events: args.max_queue_events.max(1),
         request_timeout: Duration::from_secs(10),
         guard_timeout: Duration::from_millis(args.guard_timeout_ms),
+        kill_recheck: Duration::from_secs(60),
     });
     let meter = std::sync::Arc::new(meter);
     if let Some(addr) = &args.metrics_listen {

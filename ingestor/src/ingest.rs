@@ -17,6 +17,7 @@ use schemas::event::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::collections::HashSet;
 use std::sync::Arc;
 use utoipa::ToSchema;
 
@@ -31,7 +32,9 @@ pub struct IngestAnswer {
     /// Events refused; each is listed in `errors`.
     pub failed: usize,
     pub errors: Vec<EventError>,
-    /// Sessions the client must stop.
+    /// The sessions this request's events name that the client must stop (killed by a hard
+    /// limit, until its window ends). Only those: a tenant may have thousands killed, and each
+    /// client asks about its own sessions.
     pub killed_session_ids: Vec<String>,
     /// Events accepted with something to fix, each with what (absent when none): an event
     /// with neither `idempotencyKey` nor `occurredAt` is keyed by the instant it was received,
@@ -176,6 +179,7 @@ async fn ingest(
         }
     }
     let tenant = &caller.tenant;
+    let named = named_sessions(tenant, &rated);
     let mut plan = limits::Plan::new(&tenant.id, &tenant.limits, &rated, received_at_ms);
     let mut charges = credits::settlements(tenant, &rated, received_at_ms);
     let outcome = state
@@ -185,7 +189,7 @@ async fn ingest(
     // Where the sink says which events were stored before (a store writer), those charge
     // nothing, however long ago they came; elsewhere the claim of each key decides.
     if let Some(repeated) = outcome.repeated.as_ref().filter(|r| !r.is_empty()) {
-        let repeated: std::collections::HashSet<usize> = repeated.iter().copied().collect();
+        let repeated: HashSet<usize> = repeated.iter().copied().collect();
         charges.stored_before(&repeated);
         plan.keep_only(|event| !repeated.contains(&event));
     }
@@ -199,21 +203,36 @@ async fn ingest(
         duplicates: outcome.duplicates,
         failed: errors.len(),
         errors,
-        killed_session_ids: enforce(state, tenant, plan, &charges, received_at_ms).await,
+        killed_session_ids: enforce(state, tenant, plan, &charges, &named, received_at_ms).await,
         warnings,
     }))
 }
 
+/// The sessions `events` name, whose kills their answer lists; none when the tenant has no
+/// limit (only limits kill sessions).
+fn named_sessions(tenant: &Tenant, events: &[RatedEvent]) -> HashSet<String> {
+    if tenant.limits.is_empty() {
+        return HashSet::new();
+    }
+    events
+        .iter()
+        .filter(|e| !e.session_id.is_empty())
+        .map(|e| e.session_id.clone())
+        .collect()
+}
+
 /// Charges the durable batch once per event key: settles its calls (their reservations end,
 /// their revenue is charged to their customers), counts those charged for the first time
-/// against the tenant's limits, and answers the sessions the client must stop. A batch re-sent
-/// after a lost 202 is charged nothing more. The guard state being down never fails ingest:
-/// the usage is stored already, and the answer lists no kills until the state is back.
+/// against the tenant's limits, and answers the sessions of `named` the client must stop. A
+/// batch re-sent after a lost 202 is charged nothing more. The guard state being down never
+/// fails ingest: the usage is stored already, and the answer lists no kills until the state is
+/// back.
 async fn enforce(
     state: &AppState,
     tenant: &Tenant,
     mut plan: limits::Plan,
     charges: &credits::BatchCharges,
+    named: &HashSet<String>,
     now_ms: i64,
 ) -> Vec<String> {
     let Some(charged_now) = credits::settle(state, tenant, &charges.settlements, now_ms).await
@@ -224,7 +243,7 @@ async fn enforce(
     if tenant.limits.is_empty() {
         return Vec::new();
     }
-    let first_time: std::collections::HashSet<usize> = charges
+    let first_time: HashSet<usize> = charges
         .events
         .iter()
         .zip(&charged_now)
@@ -238,7 +257,7 @@ async fn enforce(
         guard.killed_sessions(&tenant.id, now_ms).await
     };
     match answer.await {
-        Ok(killed) => killed,
+        Ok(killed) => killed.into_iter().filter(|s| named.contains(s)).collect(),
         Err(e) => {
             // The keys are claimed but their limit charges may not have landed: the ledger
             // is rebuilt from the store, whose counters count these calls.

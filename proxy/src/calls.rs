@@ -313,6 +313,18 @@ pub fn event(call: &PendingCall, status: &str, tokens: Option<(i64, i64)>) -> Va
     Value::Object(event)
 }
 
+/// A heartbeat of `session` (the SDKs' `system.session.heartbeat`): the answer to it says
+/// whether the session is still killed.
+pub fn heartbeat(session: &str) -> Value {
+    json!({
+        "idempotencyKey": uuid(),
+        "metricName": "system.session.heartbeat",
+        "sessionId": session,
+        "sessionBoundary": "HEARTBEAT",
+        "occurredAt": rfc3339(SystemTime::now()),
+    })
+}
+
 /// `2026-12-02T10:00:00.123Z` for a time, as the wire spells it.
 fn rfc3339(at: SystemTime) -> String {
     let ms = at

@@ -92,10 +92,7 @@ impl Door {
             }
         }
         let refuse = |text: String, terms: Option<Value>| {
-            self.meter
-                .stats()
-                .calls_refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.meter.stats().calls_refused.add(1);
             refusal(request, &text, terms)
         };
         let session = &who.session;
@@ -194,12 +191,12 @@ impl Door {
         }
     }
 
-    /// Releases a reservation, off the caller's thread (the relays never wait on mcp-meter).
+    /// Releases a reservation, off the caller's thread (the relays never wait on mcp-meter;
+    /// `Meter::release` blocks through its retries). A release mcp-meter never takes is logged
+    /// and counted there; the reservation then lapses on its own.
     fn release(&self, key: String) {
         let meter = self.meter.clone();
-        std::thread::spawn(move || {
-            let _ = (meter, key); // RELEASE_PENDING meter.release(&key);
-        });
+        std::thread::spawn(move || meter.release(&key));
     }
 
     /// A server → client message: a call's answer ends it, a tool list is learnt.

@@ -2,10 +2,13 @@
 //! for servers whose code cannot change, in any language. It speaks MCP on both sides and
 //! enforces before forwarding.
 //!
-//! - [`calls`]: JSON-RPC messages to usage events (a call matched with its answer by id), pure.
-//! - [`meter`]: delivery to mcp-meter (batches, retries with the same keys, bounded queue), the
-//!   kill list, the guard check and authorizations.
-//! - [`enforce`]: what a call must pass before it is forwarded, and the refusal it gets instead.
+//! - [`calls`]: the billing rule, pure: JSON-RPC messages to usage events (a call matched with
+//!   its answer by id within one exchange).
+//! - [`meter`]: delivery to mcp-meter (batches, retries with the same keys, a bounded queue that
+//!   never drops the batch on the wire), the kill list, the guard check, authorizations and
+//!   releases.
+//! - [`enforce`]: the door: what a call must pass before it is forwarded, the refusal it gets
+//!   instead, and what each end of a call does (report, release, wait for the next round).
 //! - [`stdio`]: the stdio transport: a child server, relayed line by line.
 //! - [`http`]: the Streamable HTTP transport: a reverse proxy, streaming answers as they come.
 //! - [`sse`]: the messages of an answer read as it streams past.

@@ -2,9 +2,9 @@
 //! mode stdout belongs to the protocol. A plain HTTP/1.1 responder on a thread: two GET paths.
 
 use crate::meter::Meter;
+use backends::metrics::single;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Serves `/healthz` and `/metrics` on `listener` from a thread of its own.
@@ -41,47 +41,63 @@ pub fn serve(listener: TcpListener, meter: Arc<Meter>) {
     });
 }
 
-/// The proxy's counters, `mcp_meter_proxy_*`.
+/// The proxy's families, `mcp_meter_proxy_*`, in Prometheus text format.
 pub fn metrics(meter: &Meter) -> String {
     let s = meter.stats();
     let mut out = String::new();
-    for (name, help, value) in [
+    for (name, help, counter) in [
         (
             "events_sent_total",
             "Events mcp-meter acknowledged",
-            s.events_sent.load(Ordering::Relaxed),
+            &s.events_sent,
         ),
         (
             "events_failed_total",
             "Events mcp-meter refused",
-            s.events_failed.load(Ordering::Relaxed),
+            &s.events_failed,
         ),
         (
             "events_dropped_total",
-            "Events dropped because the queue was full",
-            s.events_dropped.load(Ordering::Relaxed),
+            "Events dropped while waiting because the queue was full",
+            &s.events_dropped,
         ),
         (
             "batches_retried_total",
             "Batch deliveries retried (no answer, 429, 5xx)",
-            s.batches_retried.load(Ordering::Relaxed),
+            &s.batches_retried,
         ),
         (
             "guard_fail_open_total",
             "Guard checks that failed or timed out: the call was forwarded",
-            s.guard_fail_open.load(Ordering::Relaxed),
+            &s.guard_fail_open,
         ),
         (
             "calls_refused_total",
             "Calls answered by the proxy without reaching the server",
-            s.calls_refused.load(Ordering::Relaxed),
+            &s.calls_refused,
+        ),
+        (
+            "releases_failed_total",
+            "Releases of calls that did not run that mcp-meter never took: their reservations lapse",
+            &s.releases_failed,
         ),
     ] {
-        out += &format!("# HELP mcp_meter_proxy_{name} {help}\n# TYPE mcp_meter_proxy_{name} counter\nmcp_meter_proxy_{name} {value}\n");
+        let name = format!("mcp_meter_proxy_{name}");
+        single(&mut out, &name, "counter", help, counter.get());
     }
-    out += &format!(
-        "# HELP mcp_meter_proxy_events_queued Events waiting for delivery\n# TYPE mcp_meter_proxy_events_queued gauge\nmcp_meter_proxy_events_queued {}\n",
-        meter.queued()
+    single(
+        &mut out,
+        "mcp_meter_proxy_events_queued",
+        "gauge",
+        "Events held for delivery: waiting, or in the batch on the wire",
+        meter.queued(),
+    );
+    single(
+        &mut out,
+        "mcp_meter_proxy_killed_sessions",
+        "gauge",
+        "Sessions whose calls the proxy refuses (killed by a hard limit)",
+        meter.killed_sessions(),
     );
     out
 }

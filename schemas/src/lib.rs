@@ -13,6 +13,7 @@
 //! - [`guard`]: margin levels and thresholds, the guard's state, the guard check's decision.
 //! - [`credits`]: prepaid grants, balances, and the authorize decision (charge before the tool
 //!   runs).
+//! - [`search`]: what the tests' seeded searches share (shrinking a failing sequence).
 
 pub mod analytics;
 pub mod billing;
@@ -23,3 +24,4 @@ pub mod guard;
 pub mod money;
 pub mod openapi;
 pub mod rating;
+pub mod search;

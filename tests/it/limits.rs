@@ -48,13 +48,14 @@ fn a_session_limit_admits_exactly_n_calls_then_lists_the_kill_in_every_answer() 
     assert_eq!(status, 202, "usage past the limit is still accepted");
     assert_eq!(killed(&answer), vec!["s1"]);
 
-    // The kill is listed in every later answer of the tenant: other sessions, heartbeats.
+    // The kill is listed in every later answer that names the session (its calls, its
+    // heartbeats), and only there: an answer speaks for the sessions of its request.
     let (_, answer) = s.post(
         "/v1/ingest/events",
         INITECH,
         &call("k6", "t", "a", "s2").to_string(),
     );
-    assert_eq!(killed(&answer), vec!["s1"]);
+    assert_eq!(killed(&answer), Vec::<String>::new());
     let heartbeat = json!({"metricName": "system.session.heartbeat", "sessionId": "s1", "sessionBoundary": "HEARTBEAT", "idempotencyKey": "hb"});
     let (_, answer) = s.post("/v1/ingest/batch", INITECH, &batch(&[heartbeat]));
     assert_eq!(killed(&answer), vec!["s1"]);
@@ -91,7 +92,17 @@ fn an_agent_spend_limit_kills_all_of_that_agents_sessions() {
         call("a5", "t", "agent-x", "x3"),
     ];
     let (_, answer) = s.post("/v1/ingest/batch", INITECH, &batch(&more));
-    assert_eq!(killed(&answer), vec!["x1", "x2", "x3"]);
+    assert_eq!(killed(&answer), vec!["x3"]);
+    // The agent's other sessions learn it from their next answer (a heartbeat here).
+    let heartbeats: Vec<Value> = ["x1", "x2", "y1"]
+        .iter()
+        .map(|session| {
+            json!({"metricName": "system.session.heartbeat", "sessionId": session,
+                "sessionBoundary": "HEARTBEAT", "idempotencyKey": format!("hb-{session}")})
+        })
+        .collect();
+    let (_, answer) = s.post("/v1/ingest/batch", INITECH, &batch(&heartbeats));
+    assert_eq!(killed(&answer), vec!["x1", "x2"]);
 }
 
 #[test]

@@ -24,6 +24,7 @@ mod openapi;
 mod ops;
 mod overload;
 mod proxy;
+mod proxy_delivery;
 mod proxy_peers;
 mod rate_limits;
 mod schemathesis;
