@@ -192,11 +192,12 @@ pub(crate) enum Answer {
     /// No answer, 429 or 5xx: the same batch goes again, not before `retry_after`.
     Retry { retry_after: Option<Duration> },
     /// 202: the batch is durable but for `refused` events (its `errors`), and `killed` lists the
-    /// killed sessions among those it names.
+    /// killed sessions among those it names (none when the body has no list to read: such an
+    /// answer says nothing of kills).
     Acknowledged {
         refused: usize,
         errors: Value,
-        killed: Vec<String>,
+        killed: Option<Vec<String>>,
     },
     /// Any other status (a wrong key, a malformed batch): sending it again cannot help, so every
     /// event of the batch counts as refused.
@@ -216,14 +217,11 @@ pub(crate) fn read_answer(
             // A 202 means the batch is durable: an event it does not say was refused is counted
             // acknowledged, whatever else the body says.
             refused: (body["failed"].as_u64().unwrap_or(0) as usize).min(batch_len),
-            killed: body["killedSessionIds"]
-                .as_array()
-                .map(|ids| {
-                    ids.iter()
-                        .filter_map(|id| id.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            killed: body["killedSessionIds"].as_array().map(|ids| {
+                ids.iter()
+                    .filter_map(|id| id.as_str().map(str::to_string))
+                    .collect()
+            }),
             errors: body["errors"].clone(),
         },
         status => Answer::Refused {
@@ -248,8 +246,15 @@ pub(crate) fn account(stats: &MeterStats, kills: &RwLock<Kills>, batch: &[Value]
             if *refused > 0 {
                 tracing::warn!(refused, %errors, "mcp-meter refused events");
             }
-            let named = batch.iter().filter_map(|e| e["sessionId"].as_str());
-            kills.write().expect("kill list lock").merge(named, killed);
+            match killed {
+                Some(killed) => {
+                    let named = batch.iter().filter_map(|e| e["sessionId"].as_str());
+                    kills.write().expect("kill list lock").merge(named, killed);
+                }
+                None => tracing::warn!(
+                    "mcp-meter's 202 has no killedSessionIds; the kills stand as they were"
+                ),
+            }
         }
         Answer::Refused { status, message } => {
             stats.events_failed.add(batch.len() as u64);
@@ -999,15 +1004,19 @@ mod tests {
             Answer::Acknowledged {
                 refused: 1,
                 errors: json!([{"index": 1, "message": "bad"}]),
-                killed: vec!["s1".into()],
+                killed: Some(vec!["s1".into()]),
             }
         );
         // A 202 is durable: what its body cannot tell counts as acknowledged, never as more
         // refusals than the batch had events.
-        let Answer::Acknowledged { refused, .. } = read_answer(202, None, Value::Null, 2) else {
+        let Answer::Acknowledged {
+            refused, killed, ..
+        } = read_answer(202, None, Value::Null, 2)
+        else {
             panic!("a 202 is acknowledged")
         };
         assert_eq!(refused, 0);
+        assert_eq!(killed, None, "an unreadable body says nothing of kills");
         let Answer::Acknowledged { refused, .. } = read_answer(202, None, json!({"failed": 9}), 2)
         else {
             panic!("a 202 is acknowledged")
@@ -1024,6 +1033,40 @@ mod tests {
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_202_without_a_kill_list_changes_no_kill() {
+        let (stats, kills) = (MeterStats::default(), RwLock::new(Kills::new(10)));
+        let batch = [json!({"sessionId": "a"})];
+        let answer = |body: Value| read_answer(202, None, body, 1);
+        let killed = |kills: &RwLock<Kills>| kills.read().unwrap().contains("a");
+        account(
+            &stats,
+            &kills,
+            &batch,
+            &answer(json!({"killedSessionIds": ["a"]})),
+        );
+        assert!(killed(&kills));
+        for unreadable in [
+            Value::Null,
+            json!({"accepted": 1}),
+            json!({"killedSessionIds": 1}),
+        ] {
+            account(&stats, &kills, &batch, &answer(unreadable.clone()));
+            assert!(killed(&kills), "{unreadable} lifted the kill");
+        }
+        account(
+            &stats,
+            &kills,
+            &batch,
+            &answer(json!({"killedSessionIds": []})),
+        );
+        assert!(
+            !killed(&kills),
+            "an answer naming the session and not listing it lifts it"
+        );
+        assert_eq!(stats.events_sent.get(), 5);
     }
 
     #[test]

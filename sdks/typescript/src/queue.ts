@@ -36,8 +36,8 @@ export interface QueueOptions {
   minBackoffMs: number;
   maxBackoffMs: number;
   onError: (error: Error) => void;
-  /** Every ingest answer, for the kill lists it carries. */
-  onAnswer: (body: unknown) => void;
+  /** Every 202 and the batch it answers: its kill list speaks for the sessions the batch named. */
+  onAnswer: (body: unknown, batch: readonly UsageEvent[]) => void;
   /** Each event the bound drops, as it drops it. */
   onDropped?: (event: UsageEvent) => void;
 }
@@ -191,7 +191,7 @@ export class EventQueue {
         if (acknowledged < batch.length) {
           this.options.onError(new Error(`mcp-meter refused ${batch.length - acknowledged} events: ${JSON.stringify(body.errors)}`));
         }
-        this.options.onAnswer(answer.body);
+        this.options.onAnswer(answer.body, batch);
       } else {
         this.counts.failed += batch.length;
         this.options.onError(describe(answer, batch.length));

@@ -14,6 +14,7 @@ import { randomUUID } from "node:crypto";
 import type { McpServer, RegisteredTool } from "@modelcontextprotocol/sdk/server/mcp.js";
 import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
 import { beforeProcessEnds, ExitReason } from "./exit.js";
+import { Kills, listedKills } from "./kills.js";
 import { EventQueue, QueueStats, UsageEvent, sleep } from "./queue.js";
 import { OpenSession, Sessions } from "./sessions.js";
 import { Transport, retriable } from "./transport.js";
@@ -85,7 +86,10 @@ export interface MeteringHandle {
    */
   close(waitMs?: number): Promise<void>;
   stats(): QueueStats;
-  /** Sessions mcp-meter asked to stop, as of the last answer. */
+  /**
+   * Sessions mcp-meter said to stop, sorted: each listed by an answer and not named since by a
+   * batch whose answer left it out.
+   */
   killedSessions(): string[];
 }
 
@@ -126,10 +130,14 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
     apiKey: options.apiKey,
     timeoutMs: options.requestTimeoutMs ?? 10_000,
   });
-  let killed = new Set<string>();
-  const readKills = (body: unknown) => {
-    const ids = (body as { killedSessionIds?: unknown } | undefined)?.killedSessionIds;
-    if (Array.isArray(ids)) killed = new Set(ids.filter((id): id is string => typeof id === "string"));
+  const kills = new Kills();
+  const readKills = (body: unknown, batch: readonly UsageEvent[]) => {
+    const listed = listedKills(body);
+    if (listed === undefined) {
+      onError(new Error(`mcp-meter's answer to ${batch.length} events has no killedSessionIds; the kills stand as they were`));
+      return;
+    }
+    kills.merge(batch.flatMap((event) => (event.sessionId === undefined ? [] : [event.sessionId])), listed);
   };
   const queue = new EventQueue(transport, {
     maxBatchSize: Math.min(options.maxBatchSize ?? 100, 1000),
@@ -209,7 +217,7 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
     customer: string | undefined,
     signal: AbortSignal | undefined,
   ): Promise<Refusal | undefined> => {
-    if (killed.has(session)) {
+    if (kills.has(session)) {
       return { result: refusal(`mcp-meter stopped session ${session} (a hard limit was reached); start a new session`) };
     }
     if (options.guard) {
@@ -389,7 +397,7 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
       await windDown(Date.now() + waitMs, true, true);
     },
     stats: () => queue.stats(),
-    killedSessions: () => [...killed].sort(),
+    killedSessions: () => kills.list(),
   };
 }
 

@@ -51,7 +51,7 @@ async function overStdio(how: "metered" | "plain" | "proxy"): Promise<Harness> {
   await client.connect(transport);
   return {
     client,
-    proxyLog: () => stderr.split("\n").filter((l) => l.startsWith("mcp-meter proxy:")),
+    proxyLog: () => proxyLines(stderr),
     finish: async () => {
       await client.close();
       const deadline = Date.now() + 15_000;
@@ -61,6 +61,17 @@ async function overStdio(how: "metered" | "plain" | "proxy"): Promise<Harness> {
       return JSON.parse(line.slice(5, line.indexOf(" STATS ")));
     },
   };
+}
+
+/**
+ * The proxy's own lines in what its stderr carried (over stdio the server's stderr passes through
+ * it too): its `tracing` lines (`2026-12-07T13:01:37.229261Z  WARN batch{events=1}: proxy::meter:
+ * mcp-meter unreachable; ...`, or `mcp_meter:` for the binary's own; no colour codes, since
+ * stderr is a pipe), and any line in the form of its banner (`mcp-meter proxy: ...`).
+ */
+function proxyLines(text: string): string[] {
+  const tracing = /^\d{4}-\d{2}-\d{2}T[\d:.]+Z +(TRACE|DEBUG|INFO|WARN|ERROR) /;
+  return text.split("\n").filter((l) => tracing.test(l) || l.startsWith("mcp-meter proxy:"));
 }
 
 /** The flags every proxy gets: where mcp-meter is, the key, the customer, the test's own. */
@@ -116,7 +127,7 @@ async function overHttp(how: "metered" | "plain" | "proxy"): Promise<Harness> {
   return {
     client,
     url,
-    proxyLog: how === "proxy" ? () => log.split("\n").filter((l) => l.startsWith("mcp-meter proxy:")) : undefined,
+    proxyLog: how === "proxy" ? () => proxyLines(log) : undefined,
     finish: async () => {
       await client.close();
       await stop();

@@ -63,9 +63,21 @@ export class FakeMeter {
   }
 }
 
-export function accepted(req: Received, killed: string[] = []) {
+/** The sessions a request's events name. */
+export function named(req: Received): Set<string> {
+  const events: { sessionId?: unknown }[] = req.body?.events ?? [];
+  return new Set(events.flatMap((e) => (typeof e.sessionId === "string" ? [e.sessionId] : [])));
+}
+
+/**
+ * A 202 for every event. Its `killedSessionIds` are those of `killed` that the request names, as
+ * mcp-meter answers: the killed sessions among the batch's, not every kill of the tenant.
+ */
+export function accepted(req: Received, killed: Iterable<string> = []) {
   const n = req.body?.events?.length ?? 0;
-  return { status: 202, body: { accepted: n, duplicates: 0, failed: 0, errors: [], killedSessionIds: killed } };
+  const sessions = named(req);
+  const listed = [...killed].filter((s) => sessions.has(s));
+  return { status: 202, body: { accepted: n, duplicates: 0, failed: 0, errors: [], killedSessionIds: listed } };
 }
 
 export const defaultScript: Script = (req) =>

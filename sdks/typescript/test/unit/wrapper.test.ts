@@ -1,6 +1,6 @@
 // withMetering on a real McpServer driven by a real MCP client (in memory), against a fake
 // mcp-meter: events per call and the billing rule (what is reported, with which status, what
-// is not), kills applied, the guard failing open, paid tools refused, settled or released,
+// is not), kills merged from each answer for the sessions its batch named, the guard failing open, paid tools refused, settled or released,
 // sessions ended by their connection or by idleness, the agent from _meta or initialize.
 
 import { test } from "node:test";
@@ -10,7 +10,7 @@ import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { InMemoryTransport } from "@modelcontextprotocol/sdk/inMemory.js";
 import { z } from "zod";
 import { withMetering, MeteringOptions } from "../../src/index.js";
-import { FakeMeter, Script, accepted } from "./fake.js";
+import { FakeMeter, Script, accepted, named } from "./fake.js";
 
 async function setup(script: Script, options: Partial<MeteringOptions> = {}) {
   const fake = await FakeMeter.start(script);
@@ -36,7 +36,15 @@ async function setup(script: Script, options: Partial<MeteringOptions> = {}) {
   const [a, b] = InMemoryTransport.createLinkedPair();
   await Promise.all([server.connect(a), client.connect(b)]);
   const call = (name: string, args: Record<string, unknown> = {}) => client.callTool({ name, arguments: args });
-  return { fake, server, client, meter, errors, call, runs: () => runs };
+  // The server's end of the connection: its session id is read at each request, so a test may
+  // change it to call in another session of the same meter.
+  return { fake, server, client, meter, errors, call, runs: () => runs, transport: a };
+}
+
+async function waitFor(what: () => boolean, why = "") {
+  const deadline = Date.now() + 3000;
+  while (!what() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  assert.ok(what(), why);
 }
 
 test("one event per call, before and after withMetering, with status, duration and agent", async () => {
@@ -74,6 +82,85 @@ test("a session in killedSessionIds is refused without running the handler", asy
   assert.match(JSON.stringify(refused.content), /stopped session/);
   assert.equal(t.runs(), 1, "the handler ran once");
   assert.equal(t.meter.killedSessions().length, 1);
+  await t.meter.close(1000);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("a kill learned from one answer outlives the answers to batches of other sessions", async () => {
+  const killed = new Set<string>();
+  const t = await setup((req) => accepted(req, killed), { heartbeatIntervalMs: 60_000 });
+  t.transport.sessionId = "s1";
+  await t.call("echo", { text: "s1 reaches a hard limit" });
+  killed.add("s1");
+  await t.meter.flush();
+  assert.deepEqual(t.meter.killedSessions(), ["s1"]);
+  t.transport.sessionId = "s2";
+  assert.equal((await t.call("echo", { text: "s2 runs" })).isError, undefined);
+  await t.meter.flush();
+  assert.deepEqual([...named(t.fake.received.at(-1)!)], ["s2"], "the last batch named s2 alone");
+  assert.deepEqual(t.meter.killedSessions(), ["s1"], "an answer for s2's batch says nothing of s1");
+  t.transport.sessionId = "s1";
+  const refused = await t.call("echo", { text: "s1 again" });
+  assert.match(JSON.stringify(refused.content), /stopped session s1/);
+  assert.equal(t.runs(), 2);
+  await t.meter.close(1000);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("a session its batch names and its answer leaves out is killed no more: a heartbeat's answer ends the kill", async () => {
+  const killed = new Set(["s1"]);
+  const t = await setup((req) => accepted(req, killed), { heartbeatIntervalMs: 50, flushIntervalMs: 20 });
+  t.transport.sessionId = "s1";
+  assert.equal((await t.call("echo", { text: "runs: no answer has listed s1 yet" })).isError, undefined);
+  await waitFor(() => t.meter.killedSessions().length === 1);
+  assert.equal((await t.call("echo", { text: "refused" })).isError, true);
+  // The limit's window ends. A refused call reports nothing, so only the session's heartbeats
+  // name it from now on.
+  const before = t.fake.events().length;
+  killed.delete("s1");
+  await waitFor(() => t.meter.killedSessions().length === 0, "a heartbeat's answer left s1 out");
+  assert.deepEqual([...new Set(t.fake.events().slice(before).map((e) => e.sessionBoundary))], ["HEARTBEAT"]);
+  assert.equal((await t.call("echo", { text: "runs again" })).isError, undefined);
+  assert.equal(t.runs(), 2);
+  await t.meter.close(1000);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("a 202 whose body has no kill list to read changes no kill, and says so", async () => {
+  const killed = new Set(["s1"]);
+  let readable = true;
+  let garbled = 0;
+  const t = await setup(
+    (req) => {
+      if (!req.path.startsWith("/v1/ingest") || readable) return accepted(req, killed);
+      const n = req.body.events.length;
+      const bodies = [
+        undefined, // an empty body: not JSON
+        { accepted: n, duplicates: 0, failed: 0, errors: [] },
+        { accepted: n, duplicates: 0, failed: 0, errors: [], killedSessionIds: "none" },
+      ];
+      return { status: 202, body: bodies[garbled++ % bodies.length] };
+    },
+    { heartbeatIntervalMs: 50, flushIntervalMs: 20 },
+  );
+  t.transport.sessionId = "s1";
+  await t.call("echo", { text: "hi" });
+  await t.meter.flush();
+  assert.deepEqual(t.meter.killedSessions(), ["s1"]);
+  // Were these answers readable, the next one, for s1's heartbeat, would end the kill.
+  killed.delete("s1");
+  readable = false;
+  // One batch at a time: when the fourth arrives, the answers to the three before it were read.
+  const at = t.fake.received.length;
+  await waitFor(() => t.fake.received.slice(at).filter((r) => r.path === "/v1/ingest/batch").length >= 4);
+  assert.deepEqual(t.meter.killedSessions(), ["s1"]);
+  assert.ok(t.errors.filter((e) => /no killedSessionIds/.test(e.message)).length >= 3);
+  assert.equal((await t.call("echo", { text: "still refused" })).isError, true);
+  assert.equal(t.runs(), 1);
+  readable = true;
   await t.meter.close(1000);
   await t.client.close();
   await t.fake.stop();
