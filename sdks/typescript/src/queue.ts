@@ -40,6 +40,8 @@ export interface QueueOptions {
   onAnswer: (body: unknown, batch: readonly UsageEvent[]) => void;
   /** Each event the bound drops, as it drops it. */
   onDropped?: (event: UsageEvent) => void;
+  /** A pass ended with nothing held (nothing waiting, nothing on the wire). */
+  onEmpty?: () => void;
 }
 
 export interface QueueStats {
@@ -67,8 +69,13 @@ export class EventQueue {
   private backoffMs = 0;
   private notBefore = 0;
   private closed = false;
-  /** Once closed, no pass sends past this time, whatever its own deadline. */
-  private closeDeadline = Infinity;
+  /**
+   * The deadlines of the hard flushes not yet settled (close, the exit hook's): while one is
+   * pending, every pass, its own or one queued before it, stops by then.
+   */
+  private hardDeadlines: number[] = [];
+  /** Ends the backoff a pass is sleeping through, so that it meets a hard deadline set meanwhile. */
+  private wake: (() => void) | undefined;
 
   constructor(
     private readonly transport: Poster,
@@ -96,23 +103,37 @@ export class EventQueue {
    * Sends what is queued. `untilEmpty`: keep sending (waiting out backoffs) until nothing waits
    * or `deadline` passes; otherwise one pass that stops at the first retriable failure. A
    * request still on the wire at `deadline` is cut (its events wait again), so the promise
-   * settles by then.
+   * settles by then. `hard`: until this flush settles, the passes queued before it (a flush
+   * with a later deadline, a pass sleeping through a backoff) stop by `deadline` too, so it
+   * settles by then whatever ran before it; the bound ends with it.
    */
-  flush(untilEmpty = true, deadline = Infinity): Promise<void> {
+  flush(untilEmpty = true, deadline = Infinity, hard = false): Promise<void> {
+    if (hard) {
+      this.hardDeadlines.push(deadline);
+      this.wake?.();
+    }
     const run = this.chain.then(() => this.drain(untilEmpty, deadline, false));
     this.chain = run.catch(() => {});
-    if (deadline === Infinity) return run;
+    const settled = () => {
+      if (hard) this.hardDeadlines.splice(this.hardDeadlines.indexOf(deadline), 1);
+    };
+    if (deadline === Infinity) return run.finally(settled);
     const cut = setTimeout(() => this.wire?.abort(new Error("the flush's deadline passed")), Math.max(0, deadline - Date.now()));
-    return run.finally(() => clearTimeout(cut));
+    return run.finally(() => {
+      clearTimeout(cut);
+      settled();
+    });
   }
 
-  /** No more timers; sends what is queued until `deadline`. Later pushes wait for a flush. */
+  /**
+   * No more timers; sends what is queued until `deadline` (a hard flush). Later pushes wait for
+   * a flush, which sends as any flush does.
+   */
   async close(deadline: number): Promise<void> {
     this.closed = true;
-    this.closeDeadline = deadline;
     clearTimeout(this.timer);
     this.timer = undefined;
-    await this.flush(true, deadline);
+    await this.flush(true, deadline, true);
   }
 
   /** The pass by interval. Unref'd: a queue never keeps the process alive on its own. */
@@ -143,17 +164,31 @@ export class EventQueue {
       this.draining = false;
       this.arm();
     }
+    if (this.waiting.length === 0 && this.onWire.length === 0) this.options.onEmpty?.();
+  }
+
+  /** Sleeps `ms`, or less when a hard flush comes meanwhile. */
+  private async backoff(ms: number): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    await new Promise<void>((resolve) => {
+      this.wake = resolve;
+      timer = setTimeout(resolve, ms);
+    });
+    clearTimeout(timer);
+    this.wake = undefined;
   }
 
   private async send(untilEmpty: boolean, deadline: number, onlyFull: boolean): Promise<void> {
     while (this.waiting.length > 0) {
       if (onlyFull && this.waiting.length < this.options.maxBatchSize) return;
-      const limit = Math.min(deadline, this.closeDeadline);
+      const limit = Math.min(deadline, ...this.hardDeadlines);
       if (Date.now() >= limit) return;
       const wait = this.notBefore - Date.now();
       if (wait > 0) {
         if (!untilEmpty || Date.now() + wait > limit) return;
-        await sleep(wait);
+        await this.backoff(wait);
+        // Woken early by a hard flush: its deadline is checked again.
+        if (this.notBefore > Date.now()) continue;
       }
       const batch = this.waiting.splice(0, this.options.maxBatchSize);
       this.onWire = batch;

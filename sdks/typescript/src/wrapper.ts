@@ -81,8 +81,10 @@ export interface MeteringHandle {
   /** Sends every queued event now, retrying until they are acknowledged or `waitMs` (default 10000) has passed. */
   flush(waitMs?: number): Promise<void>;
   /**
-   * Waits for the calls under way, sends SESSION_END for every open session, and flushes, all
-   * within `waitMs` (default 10000); then no timer and no exit hook is left.
+   * Waits for the calls under way (half of `waitMs` at most, delivering meanwhile what is
+   * queued), sends SESSION_END for every open session, and flushes, all within `waitMs` (default
+   * 10000); then no timer and no exit hook is left. A call that settles later is metered still
+   * and waits for a `flush()`.
    */
   close(waitMs?: number): Promise<void>;
   stats(): QueueStats;
@@ -111,6 +113,13 @@ export interface PaymentTerms {
 
 type Callback = (...params: unknown[]) => unknown;
 
+/**
+ * On a metered server, its meter's handle; on a metered callback, the callback it meters. Keyed
+ * with `Symbol.for` so that two copies of this package see each other's marks.
+ */
+const METER = Symbol.for("mcp-meter-sdk/meter");
+const METERED = Symbol.for("mcp-meter-sdk/metered");
+
 /** Why a call does not run: the answer the client gets, and whether a reservation was made. */
 interface Refusal {
   result: CallToolResult;
@@ -120,10 +129,30 @@ interface Refusal {
 
 /**
  * Meters every tool of `server`: those registered already and those registered later (it wraps
- * `registerTool` and the older `tool`, and each tool's `update`).
+ * `registerTool` and the older `tool`, and each tool's `update`). Once per server: a second
+ * call throws, as a second meter would bill every call again.
  */
 export function withMetering(server: McpServer, options: MeteringOptions): MeteringHandle {
-  const onError = options.onError ?? (() => {});
+  if ((server as unknown as Record<symbol, unknown>)[METER] !== undefined) {
+    throw new Error("withMetering was already applied to this server; use the handle it returned");
+  }
+  // Metering never throws into a tool call, the user's own callbacks included.
+  const onError = (error: Error) => {
+    try {
+      options.onError?.(error);
+    } catch {
+      // Whatever onError does wrong, the call goes on; there is no one left to tell.
+    }
+  };
+  /** `fn`'s answer, or undefined when it throws (reported through onError). */
+  const guarded = <A extends unknown[], R>(what: string, fn: ((...a: A) => R) | undefined, ...a: A): R | undefined => {
+    try {
+      return fn?.(...a);
+    } catch (error) {
+      onError(new Error(`${what} threw: ${error instanceof Error ? error.message : String(error)}`));
+      return undefined;
+    }
+  };
   const exitFlushMs = options.exitFlushMs ?? 5000;
   const transport = new Transport({
     url: options.url,
@@ -147,6 +176,7 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
     maxBackoffMs: 30_000,
     onError,
     onAnswer: readKills,
+    onEmpty: () => releaseIfIdle(),
   });
   // stdio and in-memory transports have no session id: one per connection.
   let connectionSession = randomUUID();
@@ -156,9 +186,18 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
   let closed = false;
 
   const agentOf = (extra: ToolExtra) =>
-    options.agentId?.(extra) ?? clientInfoName(extra._meta) ?? server.server.getClientVersion()?.name;
-  const isPaid = (name: string) =>
-    typeof options.paidTools === "function" ? options.paidTools(name) : (options.paidTools ?? []).includes(name);
+    guarded("agentId()", options.agentId, extra) ?? clientInfoName(extra._meta) ?? server.server.getClientVersion()?.name;
+  const isPaid = (name: string): boolean => {
+    const paid = options.paidTools;
+    if (typeof paid !== "function") return (paid ?? []).includes(name);
+    try {
+      return Boolean(paid(name));
+    } catch (error) {
+      // Counted as paid: a paid call never runs unauthorized.
+      onError(new Error(`paidTools(${JSON.stringify(name)}) threw, so the call is authorized first: ${error instanceof Error ? error.message : String(error)}`));
+      return true;
+    }
+  };
 
   const boundary = (session: OpenSession, kind: "HEARTBEAT" | "SESSION_END") =>
     queue.push({
@@ -264,7 +303,7 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
     const args = params.length > 1 ? params[0] : undefined;
     const session = extra.sessionId ?? connectionSession;
     const agent = agentOf(extra);
-    const customer = options.customerId?.(extra);
+    const customer = guarded("customerId()", options.customerId, extra);
     for (const ended of sessions.touch(session, agent, performance.now())) boundary(ended, "SESSION_END");
     startBeating();
     // Made before the call and reused on every retry of its event: the authorization's nonce.
@@ -285,12 +324,7 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
     }
     const durationMs = Math.round(performance.now() - started);
     const status = extra.signal?.aborted ? "CANCELLED" : thrown !== undefined || result?.isError ? "ERROR" : "SUCCESS";
-    let tokens: TokenCounts | undefined;
-    try {
-      tokens = options.tokens?.(name, args, result);
-    } catch (error) {
-      onError(new Error(`tokens() threw for ${name}: ${String(error)}`));
-    }
+    const tokens = guarded(`tokens() for ${name}`, options.tokens, name, args, result);
     const event: UsageEvent = {
       idempotencyKey: key,
       metricName: CALL_METRIC,
@@ -308,12 +342,19 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
     return result;
   };
 
-  /** `callback` metered under the tool's name as of each call (`update` may rename the tool). */
-  const meter = (tool: { name: string }, callback: Callback): Callback =>
-    (...params: unknown[]) => {
+  /**
+   * `callback` metered under the tool's name as of each call (`update` may rename the tool). A
+   * callback metered already is unwrapped first: wrapped twice, a call would be billed twice.
+   */
+  const meter = (tool: { name: string }, callback: Callback): Callback => {
+    const original = ((callback as unknown as Record<symbol, Callback | undefined>)[METERED] ?? callback) as Callback;
+    const metered: Callback = (...params: unknown[]) => {
       if (!closed) stopOnExit ??= beforeProcessEnds(atExit);
-      return track(call(tool.name, callback, params));
+      return track(call(tool.name, original, params));
     };
+    (metered as unknown as Record<symbol, Callback>)[METERED] = original;
+    return metered;
+  };
 
   /** A handler given later through the tool's `update` is metered too, under the name of the moment. */
   const follow = (registered: RegisteredTool, tool: { name: string }): RegisteredTool => {
@@ -345,12 +386,21 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
     if (typeof entry.handler === "function") entry.update({ callback: entry.handler as Parameters<RegisteredTool["update"]>[0]["callback"] });
   }
 
-  const windDown = async (deadline: number, waitForCalls: boolean, closeQueue: boolean) => {
-    if (waitForCalls) await settledBy([...underway], deadline);
+  /**
+   * Ends every session and delivers what the meter holds by `deadline`. The calls under way get
+   * half of the time left at most, and what is queued goes out meanwhile: a call that never
+   * settles costs neither the events before it nor the sessions' ends. `hard`: the passes
+   * queued before (a user's longer flush) stop by `deadline` too.
+   */
+  const windDown = async (deadline: number, waitForCalls: boolean, hard: boolean, closeQueue = false) => {
+    if (waitForCalls && underway.size > 0) {
+      void queue.flush(true, deadline, hard);
+      await settledBy([...underway], Date.now() + (deadline - Date.now()) / 2);
+    }
     for (const ended of sessions.endAll()) boundary(ended, "SESSION_END");
     stopBeating();
     if (closeQueue) await queue.close(deadline);
-    else await queue.flush(true, deadline);
+    else await queue.flush(true, deadline, hard);
   };
 
   /** The events pushed so far, when the last exit flush ended with some undelivered. */
@@ -359,46 +409,62 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
     const s = queue.stats();
     return s.sent + s.failed + s.dropped + s.queued;
   };
-  const atExit = async (reason: ExitReason) => {
+  const atExit = async (reason: ExitReason, ending: boolean) => {
     if (closed) return;
+    if (!ending) {
+      // A signal the program handles (a SIGHUP that reloads): the server goes on, and so do its
+      // sessions; what is queued is delivered, in case the program's handler ends the process.
+      await queue.flush(true, Date.now() + exitFlushMs, true);
+      return;
+    }
     if (reason === "beforeExit") {
       // The loop is empty: nothing can move a call under way any more, and what an earlier exit
       // flush could not deliver is not tried again (or the process would never end).
       if (sessions.size === 0 && queue.stats().queued === 0) return;
       if (pushed() === abandonedAt) return;
     }
-    await windDown(Date.now() + exitFlushMs, reason !== "beforeExit", false);
+    await windDown(Date.now() + exitFlushMs, reason !== "beforeExit", true);
     if (queue.stats().queued > 0) abandonedAt = pushed();
   };
-  let stopOnExit: (() => void) | undefined = beforeProcessEnds(atExit);
+  // Registered while the meter holds something an exit would deliver (a call under way, an open
+  // session, an event queued), and only then: a meter per connection, as Streamable HTTP servers
+  // make them, must not stay in the process-wide set (with its server) once it holds nothing.
+  let stopOnExit: (() => void) | undefined;
+  const releaseIfIdle = () => {
+    if (underway.size === 0 && sessions.size === 0 && queue.stats().queued === 0) {
+      stopOnExit?.();
+      stopOnExit = undefined;
+    }
+  };
 
   // The connection's end (the client closed stdin, an HTTP session was deleted, close()): its
   // sessions end and what they left is delivered. The handler found here runs first.
   const inner = server.server;
   const theirs = inner.onclose;
   inner.onclose = () => {
-    theirs?.();
-    if (closed) return;
-    connectionSession = randomUUID();
-    void windDown(Date.now() + exitFlushMs, true, false).then(() => {
-      if (underway.size === 0 && sessions.size === 0 && queue.stats().queued === 0) {
-        stopOnExit?.();
-        stopOnExit = undefined;
+    try {
+      theirs?.();
+    } finally {
+      if (!closed) {
+        connectionSession = randomUUID();
+        void windDown(Date.now() + exitFlushMs, true, false).then(releaseIfIdle);
       }
-    });
+    }
   };
 
-  return {
+  const handle: MeteringHandle = {
     flush: (waitMs = 10_000) => queue.flush(true, Date.now() + waitMs),
     close: async (waitMs = 10_000) => {
       closed = true;
       stopOnExit?.();
       stopOnExit = undefined;
-      await windDown(Date.now() + waitMs, true, true);
+      await windDown(Date.now() + waitMs, true, true, true);
     },
     stats: () => queue.stats(),
     killedSessions: () => kills.list(),
   };
+  (server as unknown as Record<symbol, MeteringHandle>)[METER] = handle;
+  return handle;
 }
 
 /** The clientInfo name a request carries in its `_meta` (MCP 2026-07-28), if any. */

@@ -33,8 +33,13 @@ function child(scenario: string, url: string, options: { signal?: NodeJS.Signals
       if (options.signal) proc.kill(options.signal);
     }
   });
+  // A child that outlives every bound here is stuck: it is killed, and ends with SIGKILL.
+  const stuck = setTimeout(() => proc.kill("SIGKILL"), 15_000);
   return new Promise((resolve) =>
-    proc.on("close", (code, signal) => resolve({ code, signal, afterCallMs: Date.now() - calledAt, stderr })),
+    proc.on("close", (code, signal) => {
+      clearTimeout(stuck);
+      resolve({ code, signal, afterCallMs: Date.now() - calledAt, stderr });
+    }),
   );
 }
 
@@ -80,4 +85,37 @@ test("a meter that never answers delays the end by exitFlushMs at most, on eithe
     if (!signal) assert.match(ended.stderr, /STATS \{"sent":0,"failed":0,"dropped":0,"queued":2\}/);
   }
   await silent.stop();
+});
+
+test("a flush of the user's own under way does not hold the end past exitFlushMs", async () => {
+  const down = await FakeMeter.start(() => ({ status: 503, body: {} }));
+  const ended = await child("user-flush", down.url, { signal: "SIGTERM", exitFlushMs: 300 });
+  assert.equal(ended.signal, "SIGTERM", ended.stderr);
+  assert.ok(ended.afterCallMs < 3000, `ended ${ended.afterCallMs} ms after the call`);
+  await down.stop();
+});
+
+test("SIGTERM ends the process beside a listener that re-raises as signal-exit does, and beside a second copy of the SDK", async () => {
+  const fake = await FakeMeter.start();
+  for (const scenario of ["signal-exit", "two-copies"]) {
+    const at = fake.events().length;
+    const ended = await child(scenario, fake.url, { signal: "SIGTERM", exitFlushMs: 500 });
+    assert.equal(ended.signal, "SIGTERM", `${scenario}: ended ${JSON.stringify([ended.code, ended.signal])} after ${ended.afterCallMs} ms; ${ended.stderr}`);
+    assert.ok(ended.afterCallMs < 3000, `${scenario}: ended ${ended.afterCallMs} ms after the call`);
+    assert.deepEqual(fake.events().slice(at).map((e) => e.toolName ?? e.sessionBoundary), ["echo", "SESSION_END"]);
+    assert.match(ended.stderr, scenario === "signal-exit" ? /SIGNAL-EXIT ran its handlers/ : /SECOND COPY's hook ran/);
+  }
+  await fake.stop();
+});
+
+test("a SIGHUP the program handles (a reload) delivers what is queued and ends no session", async () => {
+  const fake = await FakeMeter.start();
+  const ended = await child("hup-reload", fake.url, { signal: "SIGHUP" });
+  assert.deepEqual([ended.code, ended.signal], [0, null], ended.stderr);
+  const events = fake.events();
+  assert.deepEqual(events.map((e) => e.toolName ?? e.sessionBoundary), ["echo", "echo", "SESSION_END"]);
+  assert.equal(new Set(events.map((e) => e.sessionId)).size, 1);
+  // The first call went out on the signal, alone; the second and the session's end with close().
+  assert.deepEqual(fake.received.map((r) => r.body.events.length), [1, 2]);
+  await fake.stop();
 });

@@ -139,3 +139,46 @@ test("a batch answered 400 leaves the queue and counts as failed", async () => {
   await q.close(Date.now());
   await fake.stop();
 });
+
+test("a flush after close sends: close's deadline bounds close alone", async () => {
+  const fake = await FakeMeter.start();
+  const q = queue(fake);
+  await q.close(Date.now() + 100);
+  await new Promise((r) => setTimeout(r, 150));
+  q.push(event(1));
+  await q.flush(true, Date.now() + 1000);
+  assert.deepEqual(q.stats(), { sent: 1, failed: 0, dropped: 0, queued: 0 });
+  await fake.stop();
+});
+
+test("a hard flush settles by its deadline though a longer flush, sleeping through a backoff, runs before it", async () => {
+  const fake = await FakeMeter.start(() => ({ status: 503 }));
+  const q = queue(fake, { minBackoffMs: 400, maxBackoffMs: 400 });
+  q.push(event(1));
+  let longer = 0;
+  const started = Date.now();
+  void q.flush(true, Date.now() + 20_000).then(() => (longer = Date.now() - started));
+  await until(() => fake.received.length === 1);
+  await q.flush(true, Date.now() + 150, true);
+  const hard = Date.now() - started;
+  assert.ok(hard < 600, `the hard flush settled ${hard} ms after the longer one began`);
+  // The longer flush stopped by the hard deadline too, not by its own.
+  await until(() => longer > 0, 200);
+  assert.equal(q.stats().queued, 1);
+  // The bound ended with the hard flush: a later flush retries until its own deadline.
+  await q.flush(true, Date.now() + 1000);
+  assert.ok(fake.received.length >= 3, `${fake.received.length} attempts`);
+  await q.close(Date.now());
+  await fake.stop();
+});
+
+test("onEmpty: a pass that ends with nothing held says so", async () => {
+  const fake = await FakeMeter.start();
+  let empties = 0;
+  const q = queue(fake, { onEmpty: () => (empties += 1) });
+  q.push(event(1));
+  await q.flush();
+  assert.equal(empties, 1);
+  await q.close(Date.now());
+  await fake.stop();
+});

@@ -10,6 +10,7 @@ import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { InMemoryTransport } from "@modelcontextprotocol/sdk/inMemory.js";
 import { z } from "zod";
 import { withMetering, MeteringOptions } from "../../src/index.js";
+import { exitHooks } from "../../src/exit.js";
 import { FakeMeter, Script, accepted, named } from "./fake.js";
 
 async function setup(script: Script, options: Partial<MeteringOptions> = {}) {
@@ -397,6 +398,153 @@ test("an authorized paid call runs and its event, keyed by the authorization's n
     [nonce, "cust-1", "SUCCESS"],
   ]);
   assert.equal(t.fake.received.filter((r) => r.path.endsWith("/release")).length, 0);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("a server is metered once: a callback given back through update is not wrapped again, a second withMetering throws", async () => {
+  const fake = await FakeMeter.start((req) => accepted(req));
+  const server = new McpServer({ name: "twice", version: "1.0.0" });
+  const reply = async () => ({ content: [{ type: "text" as const, text: "x" }] });
+  server.registerTool("before", {}, reply);
+  const meter = withMetering(server, { url: fake.url, apiKey: "k" });
+  const after = server.registerTool("after", {}, reply);
+  // The handler the MCP SDK holds is the metered one; handing it back must not meter it twice.
+  after.update({ callback: (after as unknown as { handler: typeof reply }).handler });
+  const client = new Client({ name: "twice-agent", version: "1.0.0" });
+  const [a, b] = InMemoryTransport.createLinkedPair();
+  await Promise.all([server.connect(a), client.connect(b)]);
+  await client.callTool({ name: "before", arguments: {} });
+  await client.callTool({ name: "after", arguments: {} });
+  await meter.flush();
+  assert.deepEqual(fake.events().map((e) => e.toolName), ["before", "after"]);
+  assert.throws(() => withMetering(server, { url: fake.url, apiKey: "k" }), /already applied to this server; use the handle it returned/);
+  await client.callTool({ name: "before", arguments: {} });
+  await meter.close(1000);
+  assert.deepEqual(fake.events().filter((e) => e.toolName).map((e) => e.toolName), ["before", "after", "before"]);
+  await client.close();
+  await fake.stop();
+});
+
+test("close() while a call never settles still delivers what came before and the session's end, within waitMs; a flush after close sends", async () => {
+  const t = await setup((req) => accepted(req), { flushIntervalMs: 60_000 });
+  t.server.registerTool("hang", {}, () => new Promise<never>(() => {}));
+  await t.call("echo", { text: "done" });
+  void t.call("hang").catch(() => {});
+  await new Promise((r) => setTimeout(r, 20));
+  const started = Date.now();
+  await t.meter.close(1000);
+  const took = Date.now() - started;
+  const delivered = () => t.fake.events().map((e) => e.toolName ?? e.sessionBoundary);
+  assert.deepEqual(delivered(), ["echo", "SESSION_END"], `close(1000) returned after ${took} ms`);
+  assert.ok(took < 1200, `close(1000) took ${took} ms`);
+  // A call after close is metered, and waits for a flush, which sends.
+  await t.call("echo", { text: "late" });
+  await t.meter.flush(1000);
+  assert.deepEqual(delivered(), ["echo", "SESSION_END", "echo"]);
+  assert.equal(t.meter.stats().queued, 0);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("metering never throws into a tool call: onError, customerId, agentId and tokens that throw", async () => {
+  const throwing = (what: string) => () => {
+    throw new Error(`${what} is broken`);
+  };
+  const t = await setup((req) => accepted(req), {
+    maxQueue: 2,
+    flushIntervalMs: 60_000,
+    customerId: throwing("customerId"),
+    agentId: throwing("agentId"),
+    tokens: throwing("tokens"),
+  });
+  // setup's onError collects; this one throws as well, after collecting.
+  const seen: string[] = [];
+  const t2 = await setup((req) => accepted(req), {
+    maxQueue: 2,
+    flushIntervalMs: 60_000,
+    customerId: throwing("customerId"),
+    onError: (e) => {
+      seen.push(e.message);
+      throw e;
+    },
+  });
+  for (const m of [t, t2]) {
+    for (let i = 0; i < 3; i++) assert.equal((await m.call("echo", { text: `call ${i}` })).isError, undefined);
+    assert.equal(m.runs(), 3);
+    // The bound (2 events) dropped the first call, and said so (onError); nothing else was lost.
+    assert.deepEqual(m.meter.stats(), { sent: 0, failed: 0, dropped: 1, queued: 2 });
+    await m.meter.close(1000);
+    const [event] = m.fake.events().filter((e) => e.toolName);
+    assert.equal(event.customerId, undefined);
+    assert.equal(event.executionStatus, "SUCCESS");
+    await m.client.close();
+    await m.fake.stop();
+  }
+  assert.equal(t.fake.events().find((e) => e.toolName).agentId, "test-agent", "agentId falls back to initialize's clientInfo");
+  assert.ok(t.errors.some((e) => /customerId\(\) threw: customerId is broken/.test(e.message)));
+  assert.ok(t.errors.some((e) => /agentId\(\) threw/.test(e.message)));
+  assert.ok(t.errors.some((e) => /tokens\(\) for echo threw/.test(e.message)));
+  assert.ok(seen.some((m) => /queue is full/.test(m)));
+});
+
+test("a paid call whose authorization fails is released though onError throws", async () => {
+  const t = await setup(
+    (req) => (req.path === "/v1/authorize" ? { status: 503, body: {} } : req.path.endsWith("/release") ? { status: 200, body: {} } : accepted(req)),
+    {
+      paidTools: ["echo"],
+      customerId: () => "cust-1",
+      onError: () => {
+        throw new Error("onError is broken");
+      },
+    },
+  );
+  const answer = await t.call("echo", { text: "paid" });
+  assert.equal(answer.isError, true);
+  assert.match(JSON.stringify(answer.content), /could not be authorized/);
+  await t.meter.close(1000);
+  assert.equal(t.fake.received.filter((r) => r.path.endsWith("/release")).length, 1);
+  await t.client.close();
+  await t.fake.stop();
+});
+
+test("a meter per connection holds no exit hook once it holds nothing, though mcp-meter was down when its connection closed", async () => {
+  let down = true;
+  const fake = await FakeMeter.start((req) => (down ? { status: 503, body: {} } : accepted(req)));
+  const before = exitHooks();
+  const meters: ReturnType<typeof withMetering>[] = [];
+  for (let i = 0; i < 20; i++) {
+    const server = new McpServer({ name: "per-connection", version: "1.0.0" });
+    meters.push(withMetering(server, { url: fake.url, apiKey: "k", exitFlushMs: 20, flushIntervalMs: 50 }));
+    server.registerTool("echo", {}, async () => ({ content: [{ type: "text", text: "x" }] }));
+    const client = new Client({ name: "a", version: "1" });
+    const [a, b] = InMemoryTransport.createLinkedPair();
+    await Promise.all([server.connect(a), client.connect(b)]);
+    await client.callTool({ name: "echo", arguments: {} });
+    await client.close();
+  }
+  await new Promise((r) => setTimeout(r, 100));
+  assert.equal(exitHooks() - before, 20, "each meter holds its call and its session's end: its hook stays");
+  down = false;
+  await waitFor(() => meters.every((m) => m.stats().sent === 2), "every meter delivered");
+  await waitFor(() => exitHooks() === before, `${exitHooks() - before} exit hooks still held`);
+  await fake.stop();
+});
+
+test("a paidTools predicate that throws counts the tool as paid: the call is authorized first", async () => {
+  const t = await setup(
+    (req) => (req.path === "/v1/authorize" ? { status: 200, body: { authorized: true, nonce: req.body.nonce } } : accepted(req)),
+    {
+      customerId: () => "cust-1",
+      paidTools: () => {
+        throw new Error("the price list is unreadable");
+      },
+    },
+  );
+  assert.equal((await t.call("echo", { text: "hi" })).isError, undefined);
+  assert.equal(t.fake.received.filter((r) => r.path === "/v1/authorize").length, 1);
+  assert.ok(t.errors.some((e) => /paidTools\("echo"\) threw, so the call is authorized first: the price list is unreadable/.test(e.message)));
+  await t.meter.close(1000);
   await t.client.close();
   await t.fake.stop();
 });
