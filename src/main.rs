@@ -601,9 +601,9 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
             listener.local_addr()?,
             upstream.path()
         );
-        let served = tokio::spawn(proxy::http::serve(listener, http, door));
-        shutdown_signal().await;
-        served.abort();
+        // On SIGTERM the calls in flight and the rounds waiting for input end as the billing
+        // rule says, then what is queued is delivered.
+        proxy::http::serve(listener, http, door, shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
     let left = meter.close(std::time::Instant::now() + close_wait);

@@ -31,7 +31,11 @@ const NOT_RUN_CODES: [i64; 4] = [-32700, -32600, -32601, -32602];
 #[derive(Clone, Debug)]
 pub struct PendingCall {
     pub tool: String,
+    /// When the call began (its duration counts from here, across its input rounds).
     pub started: Instant,
+    /// When its current round was forwarded: the call timeout counts from here, not from the
+    /// call's start, so the client's time to answer an input request is not the server's.
+    pub round: Instant,
     pub occurred_at: SystemTime,
     pub session: String,
     pub agent: Option<String>,
@@ -141,9 +145,22 @@ fn is_answer(message: &Value) -> bool {
 }
 
 impl CallTracker {
-    /// A call that was forwarded: its answer ends it.
-    pub fn start(&mut self, id: &Value, call: PendingCall) {
-        self.pending.insert(id_key(id), call);
+    /// A call that was forwarded: its answer ends it. A call whose id is already in flight in
+    /// this exchange is given back: two answers with one id could not be told apart, so it must
+    /// not be forwarded.
+    pub fn start(&mut self, id: &Value, call: PendingCall) -> Result<(), Box<PendingCall>> {
+        match self.pending.entry(id_key(id)) {
+            std::collections::hash_map::Entry::Occupied(_) => Err(Box::new(call)),
+            std::collections::hash_map::Entry::Vacant(place) => {
+                place.insert(call);
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes a call back (one that was never delivered).
+    pub fn take(&mut self, id: &Value) -> Option<PendingCall> {
+        self.pending.remove(&id_key(id))
     }
 
     /// Notes a client → server message that concerns calls: a `tools/list` whose answer names
@@ -201,7 +218,7 @@ impl CallTracker {
         let overdue: Vec<String> = self
             .pending
             .iter()
-            .filter(|(_, call)| call.started.elapsed() >= timeout)
+            .filter(|(_, call)| call.round.elapsed() >= timeout)
             .map(|(id, _)| id.clone())
             .collect();
         overdue
@@ -211,9 +228,9 @@ impl CallTracker {
             .collect()
     }
 
-    /// When the oldest call in flight started.
+    /// When the oldest round in flight was forwarded.
     pub fn oldest(&self) -> Option<Instant> {
-        self.pending.values().map(|c| c.started).min()
+        self.pending.values().map(|c| c.round).min()
     }
 
     /// Takes every call in flight out (for calls that were never delivered).
@@ -359,6 +376,7 @@ mod tests {
         PendingCall {
             tool: tool.into(),
             started: Instant::now(),
+            round: Instant::now(),
             occurred_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_181_530_123),
             session: "s".into(),
             agent: Some("claude".into()),
@@ -413,7 +431,7 @@ mod tests {
             ),
         ];
         for (id, _, _) in &answers {
-            t.start(&json!(id), pending("t"));
+            t.start(&json!(id), pending("t")).unwrap();
         }
         for id in [8, 9] {
             // Cancelled in another exchange (HTTP): the flag decides when the answer comes.
@@ -445,13 +463,17 @@ mod tests {
     #[test]
     fn ids_match_by_value_and_left_calls_end_with_the_status_given() {
         let mut t = CallTracker::default();
-        t.start(&json!(1), pending("a"));
-        t.start(&json!("1"), pending("b"));
+        t.start(&json!(1), pending("a")).unwrap();
+        t.start(&json!("1"), pending("b")).unwrap();
+        assert!(
+            t.start(&json!(1.0), pending("x")).is_err(),
+            "an id in flight is not taken twice"
+        );
         let Some(Ended::Report(event)) = t.from_server(&json!({"id":1.0,"result":{}})) else {
             panic!("1.0 answers 1")
         };
         assert_eq!(event["toolName"], "a");
-        t.start(&json!(2), pending("c"));
+        t.start(&json!(2), pending("c")).unwrap();
         let mut left: Vec<String> = t
             .end_all("CANCELLED")
             .iter()
@@ -459,7 +481,7 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["\"b\" \"CANCELLED\"", "\"c\" \"CANCELLED\""]);
-        t.start(&json!(4), pending("e"));
+        t.start(&json!(4), pending("e")).unwrap();
         let cancelled =
             t.from_client(&json!({"method":"notifications/cancelled","params":{"requestId":4}}));
         assert_eq!(
@@ -468,7 +490,7 @@ mod tests {
             "at once"
         );
         assert_eq!(status(t.from_server(&json!({"id":4,"result":{}}))), "none");
-        t.start(&json!(3), pending("d"));
+        t.start(&json!(3), pending("d")).unwrap();
         assert!(t.end_overdue(Duration::from_secs(60)).is_empty());
         assert_eq!(
             t.end_overdue(Duration::ZERO)[0]["executionStatus"],
@@ -479,7 +501,7 @@ mod tests {
     #[test]
     fn the_event_carries_tokens_agent_customer_and_the_call_time() {
         let mut t = CallTracker::default();
-        t.start(&json!("a"), pending("t"));
+        t.start(&json!("a"), pending("t")).unwrap();
         let Some(Ended::Report(event)) = t.from_server(&json!({"id":"a","result":{"structuredContent":{"usage":{"inputTokens":3,"outputTokens":4}}}})) else {
             panic!("reported")
         };

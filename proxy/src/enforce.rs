@@ -9,7 +9,7 @@
 use crate::calls::{event, uuid, CallTracker, Ended, PendingCall};
 use crate::meter::{GuardAnswer, Meter};
 use serde_json::{json, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -62,8 +62,11 @@ pub struct Caller {
 pub struct Door {
     pub meter: Arc<Meter>,
     pub rules: Enforcement,
-    /// `requestState` token → a call that asked the client for input, and when it did.
+    /// [`round_key`] → a call that asked the client for input, and when it did.
     waiting: Mutex<HashMap<String, (Instant, PendingCall)>>,
+    /// The rounds already continued or given up, so that a token replayed (or sent again after
+    /// its call ended) is not taken for a new call, authorized and billed again.
+    spent: Mutex<Spent>,
     /// The tools the server listed (`tools/list` answers), to tell its tools from invented names.
     listed: Mutex<HashSet<String>>,
 }
@@ -74,6 +77,7 @@ impl Door {
             meter,
             rules,
             waiting: Mutex::new(HashMap::new()),
+            spent: Mutex::new(Spent::default()),
             listed: Mutex::new(HashSet::new()),
         }
     }
@@ -81,20 +85,37 @@ impl Door {
     /// Decides one `tools/call` request: `Ok` with the call to track (forward it), or `Err`
     /// with the answer to send the client instead. Blocks on the guard check, a throttle and an
     /// authorization: callers keep it off their relays. A later round of a call that asked for
-    /// input continues that call, already admitted.
+    /// input continues that call, already admitted, when it comes from the session and payer
+    /// the round was handed to; a round already continued or given up is refused.
     pub fn admit(&self, request: &Value, tool: &str, who: &Caller) -> Result<PendingCall, Value> {
-        if let Some(token) = crate::calls::continues(request) {
-            if let Some((_, call)) = lock(&self.waiting).remove(token) {
-                if call.tool == tool {
-                    return Ok(call);
-                }
-                lock(&self.waiting).insert(token.to_string(), (Instant::now(), call));
-            }
-        }
         let refuse = |text: String, terms: Option<Value>| {
             self.meter.stats().calls_refused.add(1);
             refusal(request, &text, terms)
         };
+        if let Some(token) = crate::calls::continues(request) {
+            let key = round_key(&who.session, who.customer.as_deref(), token);
+            let mut waiting = lock(&self.waiting);
+            match waiting.remove(&key) {
+                Some((_, call)) if call.tool == tool => {
+                    drop(waiting);
+                    lock(&self.spent).insert(key);
+                    return Ok(PendingCall {
+                        round: Instant::now(),
+                        ..call
+                    });
+                }
+                Some(other) => {
+                    waiting.insert(key, other);
+                }
+                None if lock(&self.spent).contains(&key) => {
+                    return Err(refuse(
+                        format!("the call of {tool} this round continues has already ended (answered, or given up after the call timeout); call the tool again"),
+                        None,
+                    ));
+                }
+                None => {}
+            }
+        }
         let session = &who.session;
         if self.meter.is_killed(session) {
             return Err(refuse(
@@ -133,6 +154,7 @@ impl Door {
         Ok(PendingCall {
             tool: tool.to_string(),
             started: Instant::now(),
+            round: Instant::now(),
             occurred_at: SystemTime::now(),
             session: session.clone(),
             agent: who.agent.clone(),
@@ -160,8 +182,11 @@ impl Door {
                 let unknown = !listed.is_empty() && !listed.contains(tool);
                 drop(listed);
                 if unknown && event["executionStatus"] != "SUCCESS" {
-                    let key = event["idempotencyKey"].as_str().unwrap_or("").to_string();
-                    self.release(key);
+                    // Only a paid tool's call holds a reservation to give back.
+                    if self.rules.paid_tools.iter().any(|t| t == tool) {
+                        let key = event["idempotencyKey"].as_str().unwrap_or("").to_string();
+                        self.release(key);
+                    }
                 } else {
                     self.meter.record(event);
                 }
@@ -184,9 +209,15 @@ impl Door {
                     {
                         let (_, call) = waiting.remove(&oldest).expect("present");
                         self.meter.record(event(&call, "TIMEOUT", None));
+                        lock(&self.spent).insert(oldest);
                     }
                 }
-                waiting.insert(token, (Instant::now(), call));
+                let key = round_key(&call.session, call.customer.as_deref(), &token);
+                if let Some((_, replaced)) = waiting.insert(key, (Instant::now(), call)) {
+                    // A server that hands out one token twice: the call it first answered can
+                    // no longer be continued; it ends as one nobody came back to.
+                    self.meter.record(event(&replaced, "TIMEOUT", None));
+                }
             }
         }
     }
@@ -219,6 +250,18 @@ impl Door {
         for token in late {
             let (_, call) = waiting.remove(&token).expect("present");
             self.meter.record(event(&call, "TIMEOUT", None));
+            lock(&self.spent).insert(token);
+        }
+    }
+
+    /// Ends every round waiting for its client with `status`: the proxy is stopping, or (stdio)
+    /// its one client is gone.
+    pub fn end_waiting(&self, status: &str) {
+        let ended: Vec<(String, (Instant, PendingCall))> = lock(&self.waiting).drain().collect();
+        let mut spent = lock(&self.spent);
+        for (key, (_, call)) in ended {
+            self.meter.record(event(&call, status, None));
+            spent.insert(key);
         }
     }
 
@@ -257,6 +300,36 @@ impl Door {
     }
 }
 
+/// Where a waiting round is kept: its token with the session and payer it was handed to, so that
+/// only they continue it.
+fn round_key(session: &str, customer: Option<&str>, token: &str) -> String {
+    format!("{session}\u{0}{}\u{0}{token}", customer.unwrap_or(""))
+}
+
+/// Rounds already continued or given up, the latest [`MAX_WAITING_CALLS`].
+#[derive(Default)]
+struct Spent {
+    keys: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Spent {
+    fn insert(&mut self, key: String) {
+        if self.keys.insert(key.clone()) {
+            self.order.push_back(key);
+            if self.order.len() > MAX_WAITING_CALLS {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.keys.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.keys.contains(key)
+    }
+}
+
 /// Whether a request comes from a client of a generation whose results carry `resultType`.
 fn wants_result_type(request: &Value) -> bool {
     request
@@ -281,6 +354,13 @@ pub fn refusal(request: &Value, text: &str, terms: Option<Value>) -> Value {
 
 /// A JSON-RPC error for each request of `body` (a message or a batch), for when the upstream
 /// cannot be reached: MCP clients read JSON-RPC, not an HTTP error page.
+/// The JSON-RPC error for a `tools/call` whose id is already in flight in its exchange (or stdio
+/// session): two answers with one id could not be told apart, so it is not forwarded.
+pub fn id_in_use(request: &Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32600,
+        "message": format!("mcp-meter proxy: request id {} is already in use by a call in flight; give each request its own id", request["id"])}})
+}
+
 pub fn unreachable(body: &Value, why: &str) -> Option<Value> {
     let errors: Vec<Value> = crate::calls::messages(body)
         .into_iter()
@@ -317,6 +397,89 @@ mod tests {
         assert!(refusal(&old, "pay", None)["result"]
             .get("resultType")
             .is_none());
+    }
+
+    /// A door whose meter cannot be reached: what it records waits in its queue, countable.
+    fn door(call_timeout: Duration) -> Door {
+        let meter = Meter::start(crate::meter::MeterConfig {
+            url: "http://127.0.0.1:1".into(),
+            api_key: "k".into(),
+            max_batch_events: 100,
+            flush_interval: Duration::from_secs(3600),
+            max_queue_events: 100,
+            request_timeout: Duration::from_millis(100),
+            guard_timeout: Duration::from_millis(100),
+            kill_recheck: Duration::from_secs(60),
+        });
+        let rules = Enforcement {
+            call_timeout,
+            ..Enforcement::default()
+        };
+        Door::new(Arc::new(meter), rules)
+    }
+
+    fn who(session: &str, customer: &str) -> Caller {
+        Caller {
+            session: session.into(),
+            agent: None,
+            customer: Some(customer.into()),
+        }
+    }
+
+    fn round(token: &str) -> Value {
+        json!({"id": 2, "method": "tools/call", "params": {"name": "t", "requestState": token}})
+    }
+
+    #[test]
+    fn a_round_is_continued_once_and_only_by_the_session_and_payer_it_was_handed_to() {
+        let door = door(Duration::from_secs(600));
+        let first = json!({"id": 1, "method": "tools/call", "params": {"name": "t"}});
+        let call = door.admit(&first, "t", &who("s1", "c1")).unwrap();
+        let key = call.key.clone();
+        door.ended(Ended::Waiting("tok".into(), call));
+        // Another session, or another payer, sending the token starts a call of its own.
+        for stranger in [who("s2", "c1"), who("s1", "c2")] {
+            let other = door.admit(&round("tok"), "t", &stranger).unwrap();
+            assert_ne!(other.key, key, "{stranger:?} took the call over");
+        }
+        assert_eq!(door.waiting(), 1);
+        std::thread::sleep(Duration::from_millis(5));
+        let continued = door.admit(&round("tok"), "t", &who("s1", "c1")).unwrap();
+        assert_eq!(continued.key, key, "the same call, its one authorization");
+        assert!(
+            continued.round > continued.started,
+            "the timeout counts from this round"
+        );
+        assert_eq!(door.waiting(), 0);
+        // The same round again (a replay, or two sent at once): refused, not a new call.
+        let again = door
+            .admit(&round("tok"), "t", &who("s1", "c1"))
+            .unwrap_err();
+        assert_eq!(again["result"]["isError"], true, "{again}");
+        assert_eq!(door.meter.queued(), 0, "nothing reported yet");
+    }
+
+    #[test]
+    fn a_round_nobody_came_back_to_is_reported_once_and_cannot_be_continued_later() {
+        let door = door(Duration::ZERO);
+        let first = json!({"id": 1, "method": "tools/call", "params": {"name": "t"}});
+        let call = door.admit(&first, "t", &who("s1", "c1")).unwrap();
+        door.ended(Ended::Waiting("late".into(), call));
+        door.expire_waiting();
+        assert_eq!((door.waiting(), door.meter.queued()), (0, 1), "one TIMEOUT");
+        let late = door
+            .admit(&round("late"), "t", &who("s1", "c1"))
+            .unwrap_err();
+        assert_eq!(late["result"]["isError"], true, "{late}");
+        // Rounds still waiting when the proxy stops are reported too.
+        let call = door.admit(&first, "t", &who("s1", "c1")).unwrap();
+        let door = Door {
+            rules: Enforcement::default(),
+            ..door
+        };
+        door.ended(Ended::Waiting("open".into(), call));
+        door.end_waiting("CANCELLED");
+        assert_eq!((door.waiting(), door.meter.queued()), (0, 2));
     }
 
     #[test]

@@ -72,11 +72,14 @@ struct Shared {
     cancels: Mutex<HashMap<(String, String), Arc<AtomicBool>>>,
 }
 
-/// Serves until the listener fails; each connection on a task of its own.
+/// Serves until the listener fails or `stop` completes; each connection on a task of its own.
+/// On `stop` the connections are ended (their calls in flight reported `CANCELLED`, as when a
+/// client goes away) and so are the input rounds waiting for a client, before it returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     proxy: HttpProxy,
     door: Arc<Door>,
+    stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     // Requests go out at once, not after the upstream's delayed ACK of the previous write.
     let mut upstream_connector = HttpConnector::new();
@@ -97,13 +100,24 @@ pub async fn serve(
             expiring.door.expire_waiting();
         }
     });
-    loop {
-        let (stream, _) = listener.accept().await?;
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    let served = loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break Ok(()),
+        };
+        // Finished connections leave the set as it goes.
+        while connections.try_join_next().is_some() {}
+        let (stream, _) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => break Err(e),
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         // A client that hands out no session is one session per connection.
         let connection = format!("connection-{}", crate::calls::uuid());
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 handle(shared.clone(), connection.clone(), req)
             });
@@ -111,7 +125,11 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
-    }
+    };
+    // Dropping a connection's task drops its exchanges, which report their calls.
+    connections.shutdown().await;
+    shared.door.end_waiting("CANCELLED");
+    served
 }
 
 fn full(body: impl Into<Bytes>) -> Body {
@@ -334,9 +352,10 @@ async fn forward(
                 }
             }
             let Some((id, tool)) = tool_call(message) else {
-                // Only a `tools/list` concerns this exchange: a cancellation names a call of
-                // another one (its flag, above).
-                let _ = exchange.calls.from_client(message);
+                // A `tools/list`, or a cancellation of a call of this very batch, which ends it.
+                if let Some(cancelled) = exchange.calls.from_client(message) {
+                    s.door.ended(crate::calls::Ended::Report(cancelled));
+                }
                 keep.push(message.clone());
                 continue;
             };
@@ -356,11 +375,19 @@ async fn forward(
             };
             match decision {
                 Ok(call) => {
-                    let key = (session.clone(), id_key(id));
-                    lock(&s.cancels).insert(key.clone(), call.cancelled.clone());
-                    exchange.registered.push(key);
-                    exchange.calls.start(id, call);
-                    keep.push(message.clone());
+                    let flag = call.cancelled.clone();
+                    match exchange.calls.start(id, call) {
+                        Ok(()) => {
+                            let key = (session.clone(), id_key(id));
+                            lock(&s.cancels).insert(key.clone(), flag);
+                            exchange.registered.push(key);
+                            keep.push(message.clone());
+                        }
+                        Err(call) => {
+                            s.door.ended(crate::calls::Ended::NotRun(*call));
+                            refusals.push(crate::enforce::id_in_use(message));
+                        }
+                    }
                 }
                 Err(refusal) => refusals.push(refusal),
             }

@@ -10,8 +10,8 @@
 //! only to note a call or an answer. The child's environment has no `MCP_METER_PROXY_*`
 //! variable: the meter key is the proxy's, not the server's.
 
-use crate::calls::{client_name, messages, tool_call, uuid, CallTracker};
-use crate::enforce::{Caller, Door};
+use crate::calls::{client_name, messages, tool_call, uuid, CallTracker, Ended};
+use crate::enforce::{id_in_use, Caller, Door};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{ChildStdin, Command, Stdio};
@@ -80,8 +80,18 @@ impl Relay {
     fn admit_and_forward(&self, message: &Value, tool: &str, who: &Caller) {
         match self.door.admit(message, tool, who) {
             Ok(call) => {
-                self.lock_calls().start(&message["id"], call);
-                self.write_child(&to_line(message));
+                let started = self.lock_calls().start(&message["id"], call);
+                match started {
+                    Ok(()) => {
+                        if !self.write_child(&to_line(message)) {
+                            self.never_delivered(&[message]);
+                        }
+                    }
+                    Err(call) => {
+                        self.door.ended(Ended::NotRun(*call));
+                        self.write_client(&to_line(&id_in_use(message)));
+                    }
+                }
             }
             Err(refusal) => {
                 self.write_client(&to_line(&refusal));
@@ -112,15 +122,21 @@ impl Relay {
                 self.caller(message);
                 let cancelled = self.lock_calls().from_client(message);
                 if let Some(event) = cancelled {
-                    self.door.ended(crate::calls::Ended::Report(event));
+                    self.door.ended(Ended::Report(event));
                 }
                 forward.push(message.clone());
                 continue;
             };
             match self.door.admit(message, tool, &self.caller(message)) {
                 Ok(call) => {
-                    self.lock_calls().start(id, call);
-                    forward.push(message.clone());
+                    let started = self.lock_calls().start(id, call);
+                    match started {
+                        Ok(()) => forward.push(message.clone()),
+                        Err(call) => {
+                            self.door.ended(Ended::NotRun(*call));
+                            refusals.push(id_in_use(message));
+                        }
+                    }
                 }
                 Err(answer) => refusals.push(answer),
             }
@@ -128,7 +144,7 @@ impl Relay {
         let line = match (&value, refusals.is_empty(), forward.len()) {
             (_, true, _) => line,
             (_, false, 0) => Vec::new(),
-            (Value::Array(_), false, _) => to_line(&Value::Array(forward)),
+            (Value::Array(_), false, _) => to_line(&Value::Array(forward.clone())),
             _ => to_line(&forward[0]),
         };
         if !refusals.is_empty() {
@@ -139,7 +155,24 @@ impl Relay {
             };
             self.write_client(&to_line(&answer));
         }
-        line.is_empty() || self.write_child(&line)
+        if line.is_empty() || self.write_child(&line) {
+            return true;
+        }
+        let sent: Vec<&Value> = forward.iter().collect();
+        self.never_delivered(&sent);
+        false
+    }
+
+    /// Calls whose request never reached the child did not run: they are released, not billed.
+    fn never_delivered(&self, requests: &[&Value]) {
+        for request in requests {
+            if tool_call(request).is_some() {
+                let call = self.lock_calls().take(&request["id"]);
+                if let Some(call) = call {
+                    self.door.ended(Ended::NotRun(call));
+                }
+            }
+        }
     }
 }
 
@@ -235,6 +268,8 @@ impl StdioProxy {
             "ERROR"
         };
         door.end_all(&mut relay.lock_calls(), left);
+        // Rounds waiting for the client's input: its one client is gone with the child.
+        door.end_waiting("CANCELLED");
         let undelivered = door.meter.close(Instant::now() + self.close_wait);
         if undelivered > 0 {
             tracing::warn!(undelivered, "events were not delivered before exiting");

@@ -474,9 +474,10 @@ fn the_stdio_server_never_sees_the_meter_key() {
     assert_eq!(runs.of("environment"), 1);
 }
 
-/// A trivial Streamable HTTP MCP server of the test's own, for volume: each `initialize` is
-/// answered with a new session id of `id_len` characters, every other request with an empty
-/// result, as JSON on a kept-alive connection. Answers its MCP URL.
+/// A trivial Streamable HTTP MCP server of the test's own: each `initialize` is answered with a
+/// new session id of `id_len` characters, every other request with a result (the tool `slow`
+/// after 3 s), as JSON on a kept-alive connection; a batch with a batch, notifications alone
+/// with 202. Answers its MCP URL.
 fn trivial_upstream(id_len: usize) -> String {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -509,20 +510,37 @@ fn trivial_upstream(id_len: usize) -> String {
                     reader.read_exact(&mut body).unwrap();
                     let request: Value = serde_json::from_slice(&body).unwrap();
                     let mut session = String::new();
-                    let result = if request["method"] == "initialize" {
-                        let n = sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        session = format!("mcp-session-id: {n:0>id_len$}\r\n");
-                        serde_json::json!({"protocolVersion": "2025-11-25", "capabilities": {},
-                            "serverInfo": {"name": "trivial", "version": "1"}})
-                    } else {
-                        serde_json::json!({"content": [{"type": "text", "text": "ok"}]})
+                    let mut answers = Vec::new();
+                    let messages: Vec<&Value> = match &request {
+                        Value::Array(all) => all.iter().collect(),
+                        one => vec![one],
                     };
-                    let answer = serde_json::json!({"jsonrpc": "2.0", "id": request["id"],
-                        "result": result})
-                    .to_string();
+                    for message in messages {
+                        if message.get("id").is_none() || message.get("method").is_none() {
+                            continue;
+                        }
+                        let result = if message["method"] == "initialize" {
+                            let n = sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            session = format!("mcp-session-id: {n:0>id_len$}\r\n");
+                            serde_json::json!({"protocolVersion": "2025-11-25",
+                                "capabilities": {}, "serverInfo": {"name": "trivial", "version": "1"}})
+                        } else {
+                            if message["params"]["name"] == "slow" {
+                                std::thread::sleep(Duration::from_secs(3));
+                            }
+                            serde_json::json!({"content": [{"type": "text", "text": "ok"}]})
+                        };
+                        answers.push(serde_json::json!({"jsonrpc": "2.0", "id": message["id"],
+                            "result": result}));
+                    }
+                    let (status, answer) = match (request.is_array(), answers.len()) {
+                        (_, 0) => ("202 Accepted", String::new()),
+                        (false, _) => ("200 OK", answers[0].to_string()),
+                        (true, _) => ("200 OK", Value::Array(answers).to_string()),
+                    };
                     // One write: a head and a body written apart wait out delayed ACKs.
                     let whole = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{session}\
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{session}\
                          content-length: {}\r\n\r\n{answer}",
                         answer.len()
                     );
@@ -546,7 +564,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// Sessions opened and abandoned (never deleted) leave the HTTP proxy's memory bounded: a
 /// handshake session per `initialize`, with a 1 KiB session id and a 1 KiB client name, and a
 /// sessionless 2026-07-28 client per `--session-header` value, each with one call. The proxy's
-/// resident memory after 30,000 of each is within 8 MiB of what it was after 10,000 (kept
+/// resident memory after 30,000 of each is within 16 MiB of what it was after 10,000 (kept
 /// without a bound, the 20,000 more would hold over 40 MiB), and every call was metered.
 #[test]
 fn sessions_opened_and_abandoned_leave_the_http_proxys_memory_bounded() {
@@ -613,7 +631,7 @@ fn sessions_opened_and_abandoned_leave_the_http_proxys_memory_bounded() {
     wait_until(Duration::from_secs(60), || count() >= 30_000);
     assert_eq!(count(), 30_000, "every call is metered once");
     assert!(
-        after_30k < after_10k + 8 * 1024,
+        after_30k < after_10k + 16 * 1024,
         "20,000 more abandoned sessions grew the proxy from {after_10k} KiB to {after_30k} KiB"
     );
 }
@@ -703,4 +721,99 @@ fn server_everything_through_both_proxies_is_metered_and_never_sees_the_meter_ke
         }
     }
     println!("{}", figures.join("; "));
+}
+
+/// JSON-RPC batches and a stop, against the HTTP proxy: a batch with two calls of one id runs
+/// one and answers the other a JSON-RPC error (two answers of one id could not be told apart);
+/// a call cancelled in its own batch is reported `CANCELLED`; a call in flight when the proxy
+/// gets SIGTERM is reported `CANCELLED` and delivered before it exits. One event per call that
+/// ran, none for the one refused.
+#[test]
+fn repeated_ids_a_cancel_in_the_same_batch_and_a_stop_mid_call_are_billed_by_the_rule() {
+    let s = Server::start();
+    let upstream = trivial_upstream(8);
+    let (proxy, url) = http_proxy(&s.base, ACME, &upstream, &[]);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let post = |body: Value| -> Value {
+        let mut answer = agent
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .send(body.to_string())
+            .unwrap();
+        let text = answer.body_mut().read_to_string().unwrap();
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    };
+    let call = |id: i64, tool: &str| {
+        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": tool, "arguments": {}}})
+    };
+    let twice = post(serde_json::json!([call(7, "echo"), call(7, "echo")]));
+    println!("two calls of id 7: {twice}");
+    let answers = twice.as_array().unwrap();
+    assert_eq!(answers.len(), 2, "{twice}");
+    assert_eq!(
+        answers
+            .iter()
+            .filter(|a| a["error"]["code"] == -32600)
+            .count(),
+        1,
+        "{twice}"
+    );
+    let cancelled = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": {"requestId": 8}});
+    post(serde_json::json!([call(8, "cancelled"), cancelled]));
+    let in_flight = std::thread::spawn({
+        let url = url.clone();
+        move || {
+            // The proxy stops under it: whatever the client gets, the call is billed once.
+            let _ = ureq::post(&url)
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .send(call(9, "slow").to_string());
+        }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    proxy.stop();
+    in_flight.join().unwrap();
+    let events = stored(&s, 3);
+    assert_eq!(
+        events,
+        ["cancelled CANCELLED ", "echo SUCCESS ", "slow CANCELLED "],
+        "one event per call that ran"
+    );
+}
+
+/// A stdio call that never reached the server (it closed its stdin, so the write failed) did not
+/// run: nothing is billed for it.
+#[test]
+fn a_stdio_call_the_server_never_received_is_not_billed() {
+    use std::io::Write;
+    let s = Server::start();
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+        .args(["proxy", "--stdio", "--meter-url", &s.base])
+        .args(["--flush-interval-ms", "100", "--"])
+        .args(["sh", "-c", "exec 0<&-; sleep 1"])
+        .env("MCP_METER_PROXY_API_KEY", ACME)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("mcp-meter runs");
+    // Give the child time to close its stdin.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut stdin = proxy.stdin.take().unwrap();
+    let request = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "never_sent", "arguments": {}}});
+    writeln!(stdin, "{request}").unwrap();
+    drop(stdin);
+    assert!(proxy.wait().unwrap().success());
+    let db =
+        rusqlite::Connection::open(s.dir.path().join(backends::store::sqlite::DB_FILE)).unwrap();
+    let stored: i64 = db
+        .query_row("SELECT count(*) FROM mcp_events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored, 0, "a call the server never received was billed");
 }
