@@ -164,8 +164,8 @@ struct ProxyArgs {
     /// (MCP 2026-07-28, stateless servers); without it each client connection is a session.
     #[arg(long, value_name = "HEADER")]
     session_header: Option<String>,
-    /// A call unanswered this long (or an input round the client never came back to) is
-    /// reported as TIMEOUT.
+    /// A call unanswered this long after its round was forwarded (or an input round the client
+    /// never came back to) is reported as TIMEOUT.
     #[arg(long, default_value_t = 600_000)]
     call_timeout_ms: u64,
     /// The mcp-meter (`serve` or an `ingestor`) events go to, e.g. http://127.0.0.1:8080.
