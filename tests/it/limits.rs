@@ -25,7 +25,7 @@ fn killed(answer: &Value) -> Vec<String> {
 }
 
 #[test]
-fn a_session_limit_admits_exactly_n_calls_then_lists_the_kill_in_every_answer() {
+fn a_session_limit_admits_exactly_n_calls_then_lists_the_kill_in_every_answer_naming_the_session() {
     let s = serve_with("[[tenants.limits]]\nper = \"session\"\nwindow = \"hour\"\nmax_calls = 5\n");
     for n in 0..5 {
         let (status, answer) = s.post(
