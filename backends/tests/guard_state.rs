@@ -79,7 +79,10 @@ async fn exactly_n_admitted_under_concurrency(state: Arc<dyn LimitCounters>) {
         "every batch past the limit saw the breach"
     );
     assert_eq!(
-        state.killed_sessions("t", at).await.unwrap(),
+        state
+            .killed_among("t", &names(&["s0", "s1"]), at)
+            .await
+            .unwrap(),
         vec!["s1".to_string()]
     );
     // From then on, nothing more is admitted in this window.
@@ -91,7 +94,11 @@ async fn exactly_n_admitted_under_concurrency(state: Arc<dyn LimitCounters>) {
         vec![0]
     );
     // Other tenants see no kills.
-    assert!(state.killed_sessions("other", at).await.unwrap().is_empty());
+    assert!(state
+        .killed_among("other", &names(&["s1"]), at)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 /// Spend amounts are admitted as a prefix and all added; several counters are charged in one
@@ -134,15 +141,21 @@ async fn kills_expire(state: Arc<dyn LimitCounters>) {
         .await
         .unwrap();
     assert_eq!(
-        state.killed_sessions("t2", at).await.unwrap(),
+        state
+            .killed_among("t2", &names(&["a", "b", "c"]), at)
+            .await
+            .unwrap(),
         vec!["a", "b"]
     );
     assert_eq!(
-        state.killed_sessions("t2", at + HOUR + 1).await.unwrap(),
+        state
+            .killed_among("t2", &names(&["a", "b", "c"]), at + HOUR + 1)
+            .await
+            .unwrap(),
         vec!["b"]
     );
     assert!(state
-        .killed_sessions("t2", at + 2 * HOUR)
+        .killed_among("t2", &names(&["a", "b", "c"]), at + 2 * HOUR)
         .await
         .unwrap()
         .is_empty());
@@ -442,4 +455,8 @@ async fn margin_states_are_forgotten_when_they_expire() {
             None
         );
     }
+}
+
+fn names(sessions: &[&str]) -> Vec<String> {
+    sessions.iter().map(|s| s.to_string()).collect()
 }

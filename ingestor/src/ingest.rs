@@ -210,15 +210,18 @@ async fn ingest(
 
 /// The sessions `events` name, whose kills their answer lists; none when the tenant has no
 /// limit (only limits kill sessions).
-fn named_sessions(tenant: &Tenant, events: &[RatedEvent]) -> HashSet<String> {
+fn named_sessions(tenant: &Tenant, events: &[RatedEvent]) -> Vec<String> {
     if tenant.limits.is_empty() {
-        return HashSet::new();
+        return Vec::new();
     }
-    events
+    let mut named: Vec<String> = events
         .iter()
         .filter(|e| !e.session_id.is_empty())
         .map(|e| e.session_id.clone())
-        .collect()
+        .collect();
+    named.sort();
+    named.dedup();
+    named
 }
 
 /// Charges the durable batch once per event key: settles its calls (their reservations end,
@@ -232,7 +235,7 @@ async fn enforce(
     tenant: &Tenant,
     mut plan: limits::Plan,
     charges: &credits::BatchCharges,
-    named: &HashSet<String>,
+    named: &[String],
     now_ms: i64,
 ) -> Vec<String> {
     let Some(charged_now) = credits::settle(state, tenant, &charges.settlements, now_ms).await
@@ -254,10 +257,13 @@ async fn enforce(
     let guard = state.limits.as_ref();
     let answer = async {
         plan.apply(guard, &tenant.id, now_ms).await?;
-        guard.killed_sessions(&tenant.id, now_ms).await
+        if named.is_empty() {
+            return Ok(Vec::new());
+        }
+        guard.killed_among(&tenant.id, named, now_ms).await
     };
     match answer.await {
-        Ok(killed) => killed.into_iter().filter(|s| named.contains(s)).collect(),
+        Ok(killed) => killed,
         Err(e) => {
             // The keys are claimed but their limit charges may not have landed: the ledger
             // is rebuilt from the store, whose counters count these calls.

@@ -199,13 +199,25 @@ impl LimitCounters for MemoryState {
         Ok(())
     }
 
-    async fn killed_sessions(&self, tenant: &str, now_ms: i64) -> Result<Vec<String>, StateError> {
+    async fn killed_among(
+        &self,
+        tenant: &str,
+        sessions: &[String],
+        now_ms: i64,
+    ) -> Result<Vec<String>, StateError> {
         let mut inner = self.inner.lock().expect("guard state lock");
-        Ok(inner
-            .killed
-            .get_mut(tenant)
-            .map(|set| live(set, now_ms))
-            .unwrap_or_default())
+        let Some(set) = inner.killed.get_mut(tenant) else {
+            return Ok(Vec::new());
+        };
+        set.retain(|_, until| *until > now_ms);
+        let mut killed: Vec<String> = sessions
+            .iter()
+            .filter(|s| set.contains_key(*s))
+            .cloned()
+            .collect();
+        killed.sort();
+        killed.dedup();
+        Ok(killed)
     }
 
     async fn track_sessions(

@@ -120,8 +120,14 @@ pub trait LimitCounters: StateBackend {
         until_ms: i64,
     ) -> Result<(), StateError>;
 
-    /// The tenant's sessions killed and not yet released at `now_ms`, sorted.
-    async fn killed_sessions(&self, tenant: &str, now_ms: i64) -> Result<Vec<String>, StateError>;
+    /// Those of `sessions` the tenant has killed and not yet released at `now_ms`, sorted: an
+    /// ingest answer speaks for the sessions of its request, however many a tenant has killed.
+    async fn killed_among(
+        &self,
+        tenant: &str,
+        sessions: &[String],
+        now_ms: i64,
+    ) -> Result<Vec<String>, StateError>;
 
     /// Remembers that `sessions` belong to `agent` until `until_ms`, so that a breach of an
     /// agent limit can kill all of them.

@@ -60,6 +60,19 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#;
 
+/// KEYS[1]: a set of [`EXTEND`]. ARGV[1]: now_ms, then members. Drops expired members, answers
+/// those of ARGV that are left.
+const LIVE_AMONG: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local found = {}
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    found[#found + 1] = ARGV[i]
+  end
+end
+return found
+"#;
+
 /// Replaces a tenant's margin states. KEYS[1]: the hash. ARGV: expires_at_ms, then field and
 /// JSON pairs. One script, so a guard check never reads half of an update.
 const PUT_MARGINS: &str = r#"
@@ -108,6 +121,7 @@ pub struct RedisState {
     charge: redis::Script,
     extend: redis::Script,
     live: redis::Script,
+    live_among: redis::Script,
     put_margins: redis::Script,
     take_token: redis::Script,
     load_ledger: redis::Script,
@@ -145,6 +159,7 @@ impl RedisState {
             charge: redis::Script::new(COMPARE_AND_INCREMENT),
             extend: redis::Script::new(EXTEND),
             live: redis::Script::new(LIVE),
+            live_among: redis::Script::new(LIVE_AMONG),
             put_margins: redis::Script::new(PUT_MARGINS),
             take_token: redis::Script::new(TAKE_TOKEN),
             load_ledger: redis::Script::new(LOAD_LEDGER),
@@ -261,8 +276,24 @@ impl LimitCounters for RedisState {
             .await
     }
 
-    async fn killed_sessions(&self, tenant: &str, now_ms: i64) -> Result<Vec<String>, StateError> {
-        self.live_members(self.killed_key(tenant), now_ms).await
+    async fn killed_among(
+        &self,
+        tenant: &str,
+        sessions: &[String],
+        now_ms: i64,
+    ) -> Result<Vec<String>, StateError> {
+        let mut invocation = self.live_among.key(self.killed_key(tenant));
+        invocation.arg(now_ms);
+        for s in sessions {
+            invocation.arg(s);
+        }
+        let mut killed: Vec<String> = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| redis_error("read a set", source))?;
+        killed.sort();
+        killed.dedup();
+        Ok(killed)
     }
 
     async fn track_sessions(
