@@ -14,6 +14,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { EventQueue, UsageEvent } from "../../src/queue.js";
 import type { Answer, Poster } from "../../src/transport.js";
+import { random, withoutRuns } from "./search.js";
 
 type Reply = "202" | "202-partial" | "400" | "429" | "500" | "none" | "none-stored";
 type Op = { op: "push" } | { op: "answer"; reply: Reply } | { op: "pass" } | { op: "flush" };
@@ -21,18 +22,6 @@ interface Scenario {
   maxQueue: number;
   maxBatchSize: number;
   ops: Op[];
-}
-
-/** mulberry32: small, fast, and the same on every Node. */
-function random(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 const REPLIES: Reply[] = ["202", "202", "202-partial", "400", "429", "500", "none", "none-stored"];
@@ -186,14 +175,8 @@ async function shrink(scenario: Scenario): Promise<Scenario> {
       }
     }
   }
-  for (let size = Math.ceil(best.ops.length / 2); size >= 1; size = Math.floor(size / 2)) {
-    for (let at = 0; at < best.ops.length; ) {
-      const candidate = { ...best, ops: [...best.ops.slice(0, at), ...best.ops.slice(at + size)] };
-      if (await run(candidate)) best = candidate;
-      else at += size;
-    }
-  }
-  return best;
+  const ops = await withoutRuns(best.ops, async (ops) => Boolean(await run({ ...best, ops })));
+  return { ...best, ops };
 }
 
 test("every event pushed is acknowledged, refused, dropped while waiting, or still held: never lost, never counted twice", async (t) => {
