@@ -93,6 +93,8 @@ pub mod demo {
             limits: Vec::new(),
             customer_caps: Vec::new(),
             max_in_flight_per_customer: None,
+            prepaid_only: false,
+            max_tool_names: 1000,
             margin_guard: Default::default(),
         });
         config.validate()?;

@@ -195,6 +195,86 @@ async fn agent_sessions(state: Arc<dyn LimitCounters>) {
         .is_empty());
 }
 
+/// 40 concurrent batches, each naming 5 of 60 tool names (seeded, overlapping), against a
+/// bound of 25: exactly 25 distinct names are ever admitted, a name is admitted to every batch
+/// once it is known, and the bound is the tenant's alone.
+async fn tool_names_bounded_under_concurrency(state: Arc<dyn LimitCounters>) {
+    const MAX: u32 = 25;
+    let mut seed: u64 = 0x7001;
+    let mut batches = Vec::new();
+    for _ in 0..40 {
+        let mut names: Vec<String> = Vec::new();
+        while names.len() < 5 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let name = format!("tool-{}", (seed >> 33) % 60);
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        batches.push(names);
+    }
+    let tasks: Vec<_> = batches
+        .iter()
+        .cloned()
+        .map(|names| {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let known = state.admit_tool_names("t", &names, MAX).await.unwrap();
+                names.into_iter().zip(known).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut admitted = std::collections::BTreeSet::new();
+    let mut refused = std::collections::BTreeSet::new();
+    for t in tasks {
+        for (name, known) in t.await.unwrap() {
+            if known {
+                admitted.insert(name);
+            } else {
+                refused.insert(name);
+            }
+        }
+    }
+    assert_eq!(
+        admitted.len(),
+        MAX as usize,
+        "exactly the bound: {admitted:?}"
+    );
+    // Asked again, every admitted name is known and every other is refused.
+    let all: Vec<String> = (0..60).map(|n| format!("tool-{n}")).collect();
+    let known = state.admit_tool_names("t", &all, MAX).await.unwrap();
+    for (name, known) in all.iter().zip(known) {
+        assert_eq!(known, admitted.contains(name), "{name}");
+    }
+    // A name refused before is admitted once the bound is raised.
+    let late = refused.iter().next().unwrap().clone();
+    assert!(!admitted.contains(&late));
+    assert_eq!(
+        state
+            .admit_tool_names("t", std::slice::from_ref(&late), MAX + 1)
+            .await
+            .unwrap(),
+        [true]
+    );
+    // Another tenant has its own bound.
+    assert_eq!(
+        state.admit_tool_names("other", &all[..3], 2).await.unwrap(),
+        [true, true, false]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_bounds_tool_names_under_concurrency() {
+    tool_names_bounded_under_concurrency(Arc::new(MemoryState::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_bounds_tool_names_under_concurrency() {
+    tool_names_bounded_under_concurrency(Arc::new(redis().await)).await;
+}
+
 #[tokio::test]
 async fn memory_remembers_an_agents_sessions() {
     agent_sessions(Arc::new(MemoryState::new())).await;

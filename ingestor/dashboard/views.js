@@ -137,7 +137,8 @@ export async function tools(ctx) {
             { label: revenueLabel(ctx), cell: (r) => money(r.revenueMicros) }], top)),
         table(columns, report.tools, {
           sortable: true, key: (r) => r.toolName,
-          caption: "Per tool; choose a heading to sort by it. Level: the margin guard's current level.",
+          caption: "Per tool; choose a heading to sort by it. Level: the margin guard's current level."
+            + (report.nextCursor ? ` The ${report.tools.length} highest-earning tools only: the API answers the rest page by page.` : ""),
         }),
       ],
   );
@@ -245,6 +246,9 @@ async function session(ctx, id) {
     h("dl", { class: "facts", "data-killed": String(Boolean(detail.killedUntil)) },
       facts.flatMap(([term, value]) => [h("dt", {}, term), h("dd", {}, value)])),
     h("h3", {}, "Tools in this session"),
+    detail.nextCursor
+      ? h("p", {}, `The ${detail.byTool.length} highest-earning of its ${count(detail.tools)} tools.`)
+      : null,
     table([{ label: "Tool", cell: (r) => r.toolName, sort: (r) => r.toolName }, ...figureColumns(ctx), ...durationColumns],
       detail.byTool, { sortable: true, key: (r) => r.toolName }),
   );

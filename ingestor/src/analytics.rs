@@ -5,7 +5,7 @@ use crate::auth::Reader;
 use crate::error::{ApiError, ErrorBody, ReadErrors};
 use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
-use backends::store::SessionQuery;
+use backends::store::{page_by_revenue_then_name, PageCursor, SessionQuery};
 use schemas::analytics::{
     ByAgentReport, ByToolReport, DateRange, GroupBy, Interval, SeriesQuery, SessionDetail,
     SessionsReport, SpendFigures, SummaryReport, TimeSeriesReport, UsageFigures, Viewed,
@@ -14,9 +14,11 @@ use schemas::config::Scope;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-/// Sessions returned when a request names no `limit`, and the most it may ask for.
-const DEFAULT_SESSIONS: usize = 100;
-const MAX_SESSIONS: usize = 1000;
+/// Rows of a list (sessions, tools) returned when a request names no `limit`, and the most it
+/// may ask for: a tenant's clients name its tools and sessions, so a list has no bound of its
+/// own.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
 
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +50,36 @@ pub struct SessionParams {
     limit: Option<usize>,
 }
 
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ToolPageParams {
+    /// First day, `YYYY-MM-DD` (or RFC 3339), inclusive; default 30 days before `to`.
+    #[param(format = Date)]
+    from: Option<String>,
+    /// Last day, inclusive; default today (UTC). At most 1098 days after `from`.
+    #[param(format = Date)]
+    to: Option<String>,
+    /// Most tools returned (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "limit_param")]
+    limit: Option<usize>,
+    /// The `nextCursor` of the previous page, as it was given; absent for the first page.
+    cursor: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SessionToolsParams {
+    /// Most of the session's tools returned in `byTool` (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "limit_param")]
+    limit: Option<usize>,
+    /// The `nextCursor` of the previous page of `byTool`, as it was given; absent for the first.
+    cursor: Option<String>,
+}
+
 /// `limit` as a whole number, or an error that names it.
 fn limit_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
     let Some(text) = Option::<String>::deserialize(d)? else {
@@ -55,9 +87,41 @@ fn limit_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, 
     };
     text.parse().map(Some).map_err(|_| {
         serde::de::Error::custom(format!(
-            "limit `{text}` is not a whole number; give 1 to {MAX_SESSIONS}"
+            "limit `{text}` is not a whole number; give 1 to {MAX_PAGE}"
         ))
     })
+}
+
+/// A list's `limit`, [`DEFAULT_PAGE`] when absent, or what to fix.
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE} (got {limit})"
+        )));
+    }
+    Ok(limit)
+}
+
+/// One page of a list of tools in the order stores answer it (revenue, then name): at most
+/// `limit` rows after `cursor`, and the next page's cursor.
+fn page_of_tools<T>(
+    rows: Vec<T>,
+    key: impl Fn(&T) -> (i64, &str),
+    limit: Option<usize>,
+    cursor: Option<&str>,
+) -> Result<(Vec<T>, Option<String>), ApiError> {
+    let limit = page_limit(limit)?;
+    let after = match cursor {
+        None => None,
+        Some(text) => Some(PageCursor::parse(text).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "cursor `{text}` is not one this API gave: pass the previous page's nextCursor as it is, or leave cursor out for the first page"
+            ))
+        })?),
+    };
+    let (page, next) = page_by_revenue_then_name(rows, key, after.as_ref(), limit);
+    Ok((page, next.map(|c| c.encode())))
 }
 
 /// The caller as a reader (with the `read` scope) and the range it asks about.
@@ -91,12 +155,14 @@ pub struct SeriesParams {
     group_by: Option<GroupBy>,
 }
 
-/// Revenue, COGS and usage per tool over a range of days, highest revenue first.
+/// Revenue, COGS and usage per tool over a range of days, highest revenue first, then by name,
+/// a page at a time: `limit` rows (default 100), then ask again with `cursor` = `nextCursor`
+/// until it is `null`.
 #[utoipa::path(
-    get, path = "/analytics/mcp/revenue/by-tool", tag = "analytics", params(RangeParams),
+    get, path = "/analytics/mcp/revenue/by-tool", tag = "analytics", params(ToolPageParams),
     responses(
-        (status = 200, description = "One row per tool", body = Viewed<ByToolReport<UsageFigures>, ByToolReport<SpendFigures>>, example = json!(
-            {"view":"tenant","from":"2026-11-21","to":"2026-11-21","tools":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}]})),
+        (status = 200, description = "One page of rows, one per tool, and the next page's cursor", body = Viewed<ByToolReport<UsageFigures>, ByToolReport<SpendFigures>>, example = json!(
+            {"view":"tenant","from":"2026-11-21","to":"2026-11-21","tools":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}],"nextCursor":null})),
         ReadErrors,
     ),
     security(("api_key" = []), ("bearer" = []), ("portal_token" = [])),
@@ -104,7 +170,7 @@ pub struct SeriesParams {
 pub async fn by_tool(
     state: web::Data<AppState>,
     req: HttpRequest,
-    q: web::Query<RangeParams>,
+    q: web::Query<ToolPageParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (reader, range) =
         reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
@@ -112,10 +178,17 @@ pub async fn by_tool(
         .analytics
         .revenue_by_tool(&reader.viewer, range)
         .await?;
+    let (tools, next_cursor) = page_of_tools(
+        tools,
+        |t| (t.figures.revenue_micros, &t.tool_name),
+        q.limit,
+        q.cursor.as_deref(),
+    )?;
     Ok(reader.answer(ByToolReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
         tools,
+        next_cursor,
     }))
 }
 
@@ -219,16 +292,10 @@ pub async fn sessions(
 ) -> Result<HttpResponse, ApiError> {
     let (reader, range) =
         reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
-    let limit = q.limit.unwrap_or(DEFAULT_SESSIONS);
-    if !(1..=MAX_SESSIONS).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be 1 to {MAX_SESSIONS} (got {limit})"
-        )));
-    }
     let query = SessionQuery {
         range,
         agent_id: q.agent_id.clone(),
-        limit,
+        limit: page_limit(q.limit)?,
     };
     let sessions = state.analytics.sessions(&reader.viewer, query).await?;
     Ok(reader.answer(SessionsReport {
@@ -238,13 +305,15 @@ pub async fn sessions(
     }))
 }
 
-/// One session with its per-tool breakdown.
+/// One session with its per-tool breakdown, a page of tools at a time: `limit` tools in
+/// `byTool` (default 100), highest revenue first, then by name; ask again with `cursor` =
+/// `nextCursor` until it is `null`.
 #[utoipa::path(
     get, path = "/analytics/mcp/sessions/{sessionId}", tag = "analytics",
-    params(("sessionId" = String, Path, description = "The session's id, as the SDK sent it")),
+    params(("sessionId" = String, Path, description = "The session's id, as the SDK sent it"), SessionToolsParams),
     responses(
         (status = 200, description = "The session", body = Viewed<SessionDetail<UsageFigures>, SessionDetail<SpendFigures>>, example = json!(
-            {"view":"tenant","sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"byTool":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}],"killedUntil":null})),
+            {"view":"tenant","sessionId":"sess_abc123","agentId":"agent_gpt4o_prod","firstSeen":"2026-11-21T09:30:00.000Z","lastSeen":"2026-11-21T09:30:00.000Z","ended":false,"tools":1,"calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"byTool":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542}],"nextCursor":null,"killedUntil":null})),
         (status = 404, description = "The tenant (or the portal token's customer) has no such session", body = ErrorBody),
         ReadErrors,
     ),
@@ -254,11 +323,19 @@ pub async fn session(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<String>,
+    q: web::Query<SessionToolsParams>,
 ) -> Result<HttpResponse, ApiError> {
     let reader = state.reader(&req, Scope::Read).await?;
     let session_id = path.into_inner();
     match state.analytics.session(&reader.viewer, &session_id).await? {
         Some(mut detail) => {
+            let (by_tool, next_cursor) = page_of_tools(
+                std::mem::take(&mut detail.by_tool),
+                |t| (t.figures.revenue_micros, &t.tool_name),
+                q.limit,
+                q.cursor.as_deref(),
+            )?;
+            (detail.by_tool, detail.next_cursor) = (by_tool, next_cursor);
             let now_ms = chrono::Utc::now().timestamp_millis();
             // Without the guard state the answer still stands, without the kill.
             detail.killed_until_ms = match state

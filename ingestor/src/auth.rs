@@ -23,6 +23,13 @@ pub struct Tenant {
     /// Spend caps per customer, checked by authorizations, counted by settlements.
     pub customer_caps: Vec<schemas::config::CustomerCapConfig>,
     pub max_in_flight_per_customer: Option<u32>,
+    /// Authorizations refuse customers never granted credits (no postpaid customer).
+    pub prepaid_only: bool,
+    /// Most distinct tool names the tenant's calls may name.
+    pub max_tool_names: u32,
+    /// The tool names this process saw the state admit: known for good, so the calls of
+    /// known tools never wait on the state for them. At most `max_tool_names`.
+    pub known_tool_names: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// What one key may do, and for whom. Built once per key; requests share it.
@@ -44,7 +51,8 @@ pub struct RateLimit {
 const PORTAL_SCOPES: [Scope; 2] = [Scope::Read, Scope::Export];
 
 impl Caller {
-    fn allows(&self, scope: Scope) -> bool {
+    /// Whether the key holds `scope` (`admin` holds every scope).
+    pub fn allows(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin)
     }
 
@@ -122,6 +130,9 @@ impl Keyring {
                 limits: t.limits.clone(),
                 customer_caps: t.customer_caps.clone(),
                 max_in_flight_per_customer: t.max_in_flight_per_customer,
+                prepaid_only: t.prepaid_only,
+                max_tool_names: t.max_tool_names,
+                known_tool_names: Default::default(),
             });
             by_id.insert(t.id.clone(), tenant.clone());
             for key in &t.api_keys {

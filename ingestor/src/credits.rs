@@ -531,7 +531,7 @@ fn quote(tenant: &Tenant, request: &AuthorizeRequest, now_ms: i64) -> Result<i64
         (status = 200, description = "Authorized: run the call, then report its event with the nonce as idempotencyKey (or release it)", body = AuthorizeAnswer, example = json!(
             {"authorized":true,"nonce":"5f0c6d1e","quoteMicros":2000,"expiresAt":"2026-12-02T10:05:00.000Z"})),
         (status = 409, description = "The nonce was asked for another call (customer, tool or quote)", body = crate::error::ErrorBody),
-        (status = 402, description = "Refused, with machine-readable terms; the call must not run", body = AuthorizeAnswer, example = json!(
+        (status = 402, description = "Refused, with machine-readable terms; the call must not run. `reason` is `no_credits` (the tenant is `prepaid_only` and the customer was never granted credits: grant them), `spend_cap`, `too_many_in_flight` or `insufficient_balance`", body = AuthorizeAnswer, example = json!(
             {"authorized":false,"nonce":"5f0c6d1e","quoteMicros":2000,"reason":"insufficient_balance","availableMicros":500,"message":"the call is quoted at 2000 µUSD and the customer's balance has 500 µUSD available; a credit grant lifts it"})),
         ReadErrors,
     ),
@@ -564,6 +564,7 @@ pub async fn authorize(
         nonce: &request.nonce,
         quote_micros,
         max_in_flight: tenant.max_in_flight_per_customer,
+        prepaid_only: tenant.prepaid_only,
         caps: &caps,
         now_ms: now,
         expires_at_ms: now + state.credits.reservation_seconds as i64 * 1000,

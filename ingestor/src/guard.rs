@@ -29,10 +29,16 @@ pub struct CheckParams {
 
 /// Before a tool runs: may it? From the guard state only (margin levels, kills), never the
 /// store. Name at least one of agentId, toolName, sessionId. Fail open on a timeout.
+///
+/// The figures behind the answer (`margin`, `agent`, `tool`, and the margin, revenue and COGS
+/// in `reason`) come only with a key that has the `read` scope (or `admin`). An ingest-only
+/// key, what SDKs and proxies hold, gets the level, the action, `retryAfterSeconds`,
+/// `degraded`, `sessionKilled` and a reason without figures, such as
+/// "L2_THROTTLE: tool `tool_1` is throttled by the operator's margin guard".
 #[utoipa::path(
     get, path = "/v1/guard/check", tag = "guard", params(CheckParams),
     responses(
-        (status = 200, description = "What to do with the call", body = GuardCheck, example = json!(
+        (status = 200, description = "What to do with the call; the figures (`margin`, `agent`, `tool`, and those in `reason`) only for a key with the `read` scope", body = GuardCheck, example = json!(
             {"level":"L2_THROTTLE","action":"throttle","retryAfterSeconds":1,"margin":0.05,"reason":"L2_THROTTLE: tool `tool_1`: margin 5.00% over the last 7 day(s) (revenue 1000 µUSD, COGS 950 µUSD)","degraded":false,"sessionKilled":false,"agent":{"subject":"agent","id":"agent_1","level":"L2_THROTTLE","margin":0.05,"revenueMicros":1000,"cogsMicros":950,"windowDays":7,"computedAt":"2026-11-21T12:15:42.747Z"},"tool":{"subject":"tool","id":"tool_1","level":"L2_THROTTLE","margin":0.05,"revenueMicros":1000,"cogsMicros":950,"windowDays":7,"computedAt":"2026-11-21T12:15:42.747Z"}})),
         (status = 400, description = "Bad parameters; `message` says which and how to fix them", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
@@ -70,7 +76,13 @@ pub async fn check(
             GuardCheck::degraded(&e.to_string())
         }
     };
-    Ok(HttpResponse::Ok().json(answer))
+    // Margins, revenue and COGS are the operator's: an ingest key often sits on a machine the
+    // end user can reach.
+    if caller.allows(Scope::Read) {
+        Ok(HttpResponse::Ok().json(answer))
+    } else {
+        Ok(HttpResponse::Ok().json(answer.without_figures()))
+    }
 }
 
 /// The current margin levels (OK, L1_WARN, L2_THROTTLE, L3_BLOCK) of the tenant's agents and

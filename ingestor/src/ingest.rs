@@ -151,6 +151,8 @@ async fn ingest(
         max_metadata_bytes: state.ingest.max_metadata_bytes,
     };
     let mut rated: Vec<RatedEvent> = Vec::with_capacity(events.len());
+    // Each rated event's position in the request.
+    let mut positions: Vec<usize> = Vec::with_capacity(events.len());
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     for (index, raw) in events.iter().enumerate() {
@@ -173,12 +175,31 @@ async fn ingest(
                         message: KEYED_BY_RECEIPT.into(),
                     });
                 }
-                rated.push(event)
+                rated.push(event);
+                positions.push(index);
             }
             Err(message) => errors.push(EventError { index, message }),
         }
     }
     let tenant = &caller.tenant;
+    let refused = limits::refused_tool_names(state.limits.as_ref(), tenant, &rated).await;
+    if !refused.is_empty() {
+        let mut kept = Vec::with_capacity(rated.len());
+        for (event, index) in rated.into_iter().zip(positions) {
+            if event.is_call() && refused.contains(&event.tool_name) {
+                errors.push(EventError {
+                    index,
+                    message: limits::refused_tool_message(tenant, &event.tool_name),
+                });
+            } else {
+                kept.push(event);
+            }
+        }
+        rated = kept;
+        errors.sort_by_key(|e| e.index);
+        let refused_at: HashSet<usize> = errors.iter().map(|e| e.index).collect();
+        warnings.retain(|w| !refused_at.contains(&w.index));
+    }
     let named = named_sessions(tenant, &rated);
     let mut plan = limits::Plan::new(&tenant.id, &tenant.limits, &rated, received_at_ms);
     let mut charges = credits::settlements(tenant, &rated, received_at_ms);

@@ -4,10 +4,72 @@
 //! whether the session may go on. Charges are applied after the events are durable, so a
 //! request answered 503 (and retried) is not counted twice.
 
+use crate::auth::Tenant;
 use backends::state::{Charge, LimitCounters, StateError};
 use schemas::config::{LimitConfig, LimitSubject};
 use schemas::event::RatedEvent;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+/// The tool names of `events`' calls that the tenant may not add, being at its
+/// `max_tool_names`: the events naming them are refused before they are published. Names this
+/// process saw admitted are known without asking; the others are asked of the state in one
+/// round trip, in the order the batch names them. Without the state nothing is refused (every
+/// limit fails open) and nothing is remembered.
+pub async fn refused_tool_names(
+    counters: &dyn LimitCounters,
+    tenant: &Tenant,
+    events: &[RatedEvent],
+) -> HashSet<String> {
+    let unknown: Vec<String> = {
+        let known = tenant
+            .known_tool_names
+            .lock()
+            .expect("known tool names lock");
+        let mut seen = HashSet::new();
+        events
+            .iter()
+            .filter(|e| e.is_call() && !e.tool_name.is_empty())
+            .map(|e| &e.tool_name)
+            .filter(|name| !known.contains(*name) && seen.insert(*name))
+            .cloned()
+            .collect()
+    };
+    if unknown.is_empty() {
+        return HashSet::new();
+    }
+    match counters
+        .admit_tool_names(&tenant.id, &unknown, tenant.max_tool_names)
+        .await
+    {
+        Ok(admitted) => {
+            let mut known = tenant
+                .known_tool_names
+                .lock()
+                .expect("known tool names lock");
+            let mut refused = HashSet::new();
+            for (name, ok) in unknown.into_iter().zip(admitted) {
+                if ok {
+                    known.insert(name);
+                } else {
+                    refused.insert(name);
+                }
+            }
+            refused
+        }
+        Err(e) => {
+            crate::guard::warn_state_unavailable(&e);
+            HashSet::new()
+        }
+    }
+}
+
+/// Why an event naming `name` was refused, and how to lift it.
+pub fn refused_tool_message(tenant: &Tenant, name: &str) -> String {
+    format!(
+        "toolName `{name}` is new and tenant `{}` already has its limit of {} distinct tool names (max_tool_names); name one of its known tools, or raise max_tool_names under the tenant's [[tenants]] entry in the config",
+        tenant.id, tenant.max_tool_names
+    )
+}
 
 /// Whose counter a charge is.
 #[derive(Clone, Debug, PartialEq, Eq)]

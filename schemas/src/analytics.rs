@@ -330,7 +330,12 @@ pub struct SessionUsage<F = UsageFigures> {
 pub struct SessionDetail<F = UsageFigures> {
     #[serde(flatten)]
     pub session: SessionUsage<F>,
+    /// One page of the session's tools (`limit`, `cursor`), highest revenue first, then by
+    /// name; `tools` counts them all.
     pub by_tool: Vec<SessionToolUsage<F>>,
+    /// The `cursor` of the next page of `byTool`; `null` on the last. Stores leave it unset
+    /// and the API fills it.
+    pub next_cursor: Option<String>,
     /// Until when the session is on its tenant's kill list (a hard limit or the margin guard
     /// stopped it); `null` when it is not. From the guard state, not the store: stores leave
     /// it unset and the API fills it.
@@ -348,12 +353,16 @@ pub struct SessionToolUsage<F = UsageFigures> {
     pub figures: F,
 }
 
-/// `GET /analytics/mcp/revenue/by-tool`: the days covered, then one row per tool.
+/// `GET /analytics/mcp/revenue/by-tool`: the days covered, then one page of rows, one per
+/// tool, highest revenue first, then by name.
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ByToolReport<F = UsageFigures> {
     pub from: String,
     pub to: String,
     pub tools: Vec<ToolUsage<F>>,
+    /// The `cursor` of the next page; `null` on the last.
+    pub next_cursor: Option<String>,
 }
 
 /// `GET /analytics/mcp/by-agent`
@@ -525,11 +534,11 @@ for_customer! {
     AgentUsage { agent_id, sessions; figures, daily }
     UsageSummary { sessions, tools, agents; figures }
     SessionUsage { session_id, agent_id, first_seen, last_seen, ended, tools; figures }
-    SessionDetail { killed_until_ms; session, by_tool }
+    SessionDetail { killed_until_ms, next_cursor; session, by_tool }
     SessionToolUsage { tool_name; figures }
     SeriesPoint { start; figures }
     Series { key; figures, points }
-    ByToolReport { from, to; tools }
+    ByToolReport { from, to, next_cursor; tools }
     ByAgentReport { from, to; agents }
     SummaryReport { from, to; summary }
     SessionsReport { from, to; sessions }

@@ -2,7 +2,8 @@
 //!
 //! A customer (the event's `customerId`) with grants is prepaid: its balance is what its
 //! grants still count for, minus its settled usage, minus its open reservations. One without
-//! grants is postpaid: authorizations check its caps and in-flight count only.
+//! grants is postpaid: authorizations check its caps and in-flight count only, unless its
+//! tenant is prepaid only, which refuses it.
 //!
 //! The rules here are pure and both state adapters follow them (the Redis scripts are their
 //! Lua spelling): [`granted_micros`] says what grants count for, [`decide`] what an
@@ -156,6 +157,8 @@ pub fn granted_micros<'a>(grants: impl IntoIterator<Item = &'a WalletGrant>, now
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RefusalReason {
+    /// The tenant takes prepaid calls only and the customer was never granted credits.
+    NoCredits,
     /// The prepaid balance does not cover the quote; a grant lifts it.
     InsufficientBalance,
     /// The customer's spend in a cap's window would pass the cap.
@@ -167,6 +170,7 @@ pub enum RefusalReason {
 impl RefusalReason {
     pub fn as_str(self) -> &'static str {
         match self {
+            RefusalReason::NoCredits => "no_credits",
             RefusalReason::InsufficientBalance => "insufficient_balance",
             RefusalReason::SpendCap => "spend_cap",
             RefusalReason::TooManyInFlight => "too_many_in_flight",
@@ -175,6 +179,7 @@ impl RefusalReason {
 
     pub fn parse(text: &str) -> Option<RefusalReason> {
         [
+            RefusalReason::NoCredits,
             RefusalReason::InsufficientBalance,
             RefusalReason::SpendCap,
             RefusalReason::TooManyInFlight,
@@ -220,14 +225,16 @@ pub enum Decision {
     },
 }
 
-/// The one rule of `POST /v1/authorize`, after the nonce is claimed: caps first (a cap binds
-/// whoever pays), then the calls in flight, then the balance of a prepaid customer. Waiting
-/// helps a cap (its window ends) and an in-flight limit (the earliest reservation ends); it
-/// does not help a balance, which only a grant lifts.
+/// The one rule of `POST /v1/authorize`, after the nonce is claimed: under `prepaid_only`, a
+/// customer never granted credits is refused first (nothing else could let it pay); then caps
+/// (a cap binds whoever pays), then the calls in flight, then the balance of a prepaid
+/// customer. Waiting helps a cap (its window ends) and an in-flight limit (the earliest
+/// reservation ends); it does not help a missing grant or a balance, which only a grant lifts.
 pub fn decide(
     wallet: &WalletView,
     quote_micros: i64,
     max_in_flight: Option<u32>,
+    prepaid_only: bool,
     now_ms: i64,
     expires_at_ms: i64,
 ) -> Decision {
@@ -237,6 +244,9 @@ pub fn decide(
         available_micros: wallet.prepaid.then_some(wallet.available_micros),
         retry_after_seconds: wait_until_ms.map(|t| ((t - now_ms).max(1) as u64).div_ceil(1000)),
     };
+    if prepaid_only && !wallet.prepaid {
+        return refuse(RefusalReason::NoCredits, None);
+    }
     if let Some(cap) = wallet
         .caps
         .iter()
@@ -340,6 +350,9 @@ impl AuthorizeAnswer {
                 retry_after_seconds,
             } => {
                 let message = match reason {
+                    RefusalReason::NoCredits => format!(
+                        "the customer has no credits: this tenant takes prepaid calls only (prepaid_only) and the customer was never granted any; grant credits with POST /v1/customers/{{customerId}}/credits (a key with the admin scope), then authorize the call ({quote_micros} µUSD) again"
+                    ),
                     RefusalReason::InsufficientBalance => format!(
                         "the call is quoted at {quote_micros} µUSD and the customer's balance has {} µUSD available; a credit grant lifts it",
                         available_micros.unwrap_or(0)
@@ -475,7 +488,7 @@ mod tests {
         };
         let at = 1_000;
         assert_eq!(
-            decide(&wallet, 100, None, at, 301_000),
+            decide(&wallet, 100, None, false, at, 301_000),
             Decision::Authorized {
                 quote_micros: 100,
                 expires_at_ms: 301_000
@@ -490,26 +503,37 @@ mod tests {
             other => panic!("authorized: {other:?}"),
         };
         assert_eq!(
-            refused(decide(&wallet, 101, None, at, 0)),
+            refused(decide(&wallet, 101, None, false, at, 0)),
             (RefusalReason::InsufficientBalance, None)
         );
         assert_eq!(
-            refused(decide(&wallet, 100, Some(2), at, 0)),
+            refused(decide(&wallet, 100, Some(2), false, at, 0)),
             (RefusalReason::TooManyInFlight, Some(2))
         );
         assert_eq!(
-            refused(decide(&wallet, 151, Some(2), at, 0)),
+            refused(decide(&wallet, 151, Some(2), false, at, 0)),
             (RefusalReason::SpendCap, Some(9))
         );
+        // A prepaid-only tenant's granted customer is judged as before.
+        assert!(matches!(
+            decide(&wallet, 100, None, true, at, 0),
+            Decision::Authorized { .. }
+        ));
         let postpaid = WalletView {
             prepaid: false,
             available_micros: -5,
             ..wallet
         };
         assert!(matches!(
-            decide(&postpaid, 100, None, at, 0),
+            decide(&postpaid, 100, None, false, at, 0),
             Decision::Authorized { .. }
         ));
+        // Under prepaid_only a customer never granted credits is refused before anything
+        // else, and waiting does not help.
+        assert_eq!(
+            refused(decide(&postpaid, 151, Some(2), true, at, 0)),
+            (RefusalReason::NoCredits, None)
+        );
     }
 
     #[test]

@@ -224,32 +224,42 @@ pub struct GuardCheck {
     /// computation, or until a killed session's window ends); 0 for `allow`.
     pub retry_after_seconds: u64,
     /// The margin behind `level`: the worse subject's, or the lower of the two when both are OK.
+    /// Only for keys with the `read` scope, and absent without revenue.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub margin: Option<f64>,
+    /// Why, in words. For keys with `read`, with the figures behind it; for the others (an
+    /// SDK's or a proxy's ingest key) the subject and what the guard does, no figure.
     pub reason: String,
     /// True when the guard state could not be read: the answer is `allow`, as a gateway that
     /// fails open would do anyway.
     pub degraded: bool,
     /// True when the session was killed by a hard limit; the action is then `block`.
     pub session_killed: bool,
-    /// The figures behind the answer, when the guard has computed them.
+    /// The figures behind the answer, when the guard has computed them: only for keys with
+    /// the `read` scope (margins, revenue and COGS are the operator's).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<MarginState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tool: Option<MarginState>,
+}
+
+/// Of the agent's and the tool's states, the one that decides: the worse level, and at the same
+/// level the lower margin (no revenue counts as lowest).
+fn deciding<'a>(
+    agent: Option<&'a MarginState>,
+    tool: Option<&'a MarginState>,
+) -> Option<&'a MarginState> {
+    [agent, tool].into_iter().flatten().max_by(|a, b| {
+        let m = |s: &MarginState| s.margin.unwrap_or(f64::NEG_INFINITY);
+        a.level.cmp(&b.level).then_with(|| m(b).total_cmp(&m(a)))
+    })
 }
 
 impl GuardCheck {
     /// Decides from what the guard state holds at `now_ms`. `recompute_seconds` is how often
     /// the guard recomputes levels: the earliest a throttle or a margin block may lift.
     pub fn decide(view: GuardView, now_ms: i64, recompute_seconds: u64) -> GuardCheck {
-        let worst = [&view.agent, &view.tool]
-            .into_iter()
-            .flatten()
-            .max_by(|a, b| {
-                a.level.cmp(&b.level).then_with(|| {
-                    // Same level: the lower margin decides (no revenue counts as lowest).
-                    let m = |s: &MarginState| s.margin.unwrap_or(f64::NEG_INFINITY);
-                    m(b).total_cmp(&m(a))
-                })
-            });
+        let worst = deciding(view.agent.as_ref(), view.tool.as_ref());
         let level = worst.map(|s| s.level).unwrap_or(MarginLevel::Ok);
         let margin = worst.and_then(|s| s.margin);
         let mut check = GuardCheck {
@@ -281,6 +291,43 @@ impl GuardCheck {
         check.agent = view.agent;
         check.tool = view.tool;
         check
+    }
+
+    /// The answer for a key without the `read` scope, which SDKs and proxies hold, often on a
+    /// machine the end user reaches: what to do and when to retry, and a reason that names the
+    /// subject but no margin, revenue or COGS. Every field is named, so a field added to the
+    /// answer is decided here too.
+    pub fn without_figures(self) -> GuardCheck {
+        let reason = if self.session_killed || self.degraded {
+            self.reason
+        } else {
+            match deciding(self.agent.as_ref(), self.tool.as_ref()) {
+                Some(s) => format!(
+                    "{}: {} `{}` is {} by the operator's margin guard",
+                    s.level.as_str(),
+                    s.subject.as_str(),
+                    s.id,
+                    match s.level {
+                        MarginLevel::Ok | MarginLevel::Warn => "allowed",
+                        MarginLevel::Throttle => "throttled",
+                        MarginLevel::Block => "blocked",
+                    }
+                ),
+                None => "the operator's margin guard has no level for this agent or tool yet"
+                    .to_string(),
+            }
+        };
+        GuardCheck {
+            level: self.level,
+            action: self.action,
+            retry_after_seconds: self.retry_after_seconds,
+            margin: None,
+            reason,
+            degraded: self.degraded,
+            session_killed: self.session_killed,
+            agent: None,
+            tool: None,
+        }
     }
 
     /// The answer when the guard state cannot be read: fail open, and say so.
@@ -378,6 +425,34 @@ mod tests {
             GuardCheck::decide(released, NOW, 10).action,
             GuardAction::Throttle
         );
+    }
+
+    #[test]
+    fn without_figures_keeps_the_decision_and_drops_every_figure() {
+        let view = GuardView {
+            agent: Some(state(SubjectKind::Agent, "a", 1000, 850)),
+            tool: Some(state(SubjectKind::Tool, "web", 1000, 950)),
+            session_killed_until_ms: None,
+        };
+        let full = GuardCheck::decide(view.clone(), NOW, 10);
+        let bare = full.clone().without_figures();
+        assert_eq!(
+            (bare.level, bare.action, bare.retry_after_seconds),
+            (full.level, full.action, full.retry_after_seconds)
+        );
+        assert_eq!(
+            serde_json::to_string(&bare).unwrap(),
+            r#"{"level":"L2_THROTTLE","action":"throttle","retryAfterSeconds":10,"reason":"L2_THROTTLE: tool `web` is throttled by the operator's margin guard","degraded":false,"sessionKilled":false}"#
+        );
+        let killed = GuardView {
+            session_killed_until_ms: Some(NOW + 1_500),
+            ..view
+        };
+        let bare = GuardCheck::decide(killed, NOW, 10).without_figures();
+        assert!(bare.session_killed);
+        assert!(bare
+            .reason
+            .starts_with("the session was killed by a hard limit"));
     }
 
     #[test]

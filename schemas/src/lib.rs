@@ -13,6 +13,7 @@
 //! - [`guard`]: margin levels and thresholds, the guard's state, the guard check's decision.
 //! - [`credits`]: prepaid grants, balances, and the authorize decision (charge before the tool
 //!   runs).
+//! - [`token`]: customer tokens (the portal's, and the payer a gateway names to the proxy).
 //! - [`search`]: what the tests' seeded searches share (shrinking a failing sequence).
 
 pub mod analytics;
@@ -25,3 +26,4 @@ pub mod money;
 pub mod openapi;
 pub mod rating;
 pub mod search;
+pub mod token;

@@ -832,6 +832,15 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
             compare(&format!("/analytics/mcp/by-agent{range}"), key);
             compare(&format!("/analytics/mcp/summary{range}"), key);
             let sep = if range.is_empty() { "?" } else { "&" };
+            // Every page of the tools, two at a time, cursor after cursor.
+            let first = format!("/analytics/mcp/revenue/by-tool{range}{sep}limit=2");
+            let mut page = compare(&first, key);
+            while let Some(cursor) = serde_json::from_str::<Value>(&page).unwrap()["nextCursor"]
+                .as_str()
+                .map(str::to_string)
+            {
+                page = compare(&format!("{first}&cursor={cursor}"), key);
+            }
             compare(&format!("/analytics/mcp/sessions{range}"), key);
             compare(&format!("/analytics/mcp/sessions{range}{sep}limit=7"), key);
             compare(
@@ -878,6 +887,7 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
             .chain(["no_such_session".to_string()].iter())
         {
             compare(&format!("/analytics/mcp/sessions/{id}"), key);
+            compare(&format!("/analytics/mcp/sessions/{id}?limit=1"), key);
         }
     }
     // A portal token (one customer) reads the same on both stores, wherever it was issued.

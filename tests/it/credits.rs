@@ -325,6 +325,49 @@ fn in_flight_and_spend_caps_bind_postpaid_customers_too() {
     );
 }
 
+/// `prepaid_only`: a customer never granted credits is refused with what to do, a granted one
+/// with balance is authorized; without the option the same customer is postpaid.
+#[test]
+fn a_prepaid_only_tenant_refuses_customers_never_granted_credits() {
+    let s = Server::start_with(|config| config.tenants[2].prepaid_only = true);
+    let (status, refused) = s.post("/v1/authorize", INITECH, &authorize_body("po1", "cust-new"));
+    assert_eq!(status, 402, "{refused}");
+    assert_eq!(refused["authorized"], false);
+    assert_eq!(refused["reason"], "no_credits");
+    assert_eq!(refused["quoteMicros"], QUOTE);
+    let message = refused["message"].as_str().unwrap();
+    assert!(
+        message.contains("no credits")
+            && message.contains("POST /v1/customers/{customerId}/credits"),
+        "{message}"
+    );
+    // Waiting does not help, and there is no balance to show.
+    assert!(refused.get("retryAfterSeconds").is_none(), "{refused}");
+    assert!(refused.get("availableMicros").is_none(), "{refused}");
+    // Nothing was reserved for it.
+    assert_eq!(balance(&s, INITECH, "cust-new")["reservedMicros"], 0);
+
+    let (status, _) = grant(&s, INITECH, "cust-paid", 2 * QUOTE, "g-paid");
+    assert_eq!(status, 201);
+    let (status, answer) = s.post(
+        "/v1/authorize",
+        INITECH,
+        &authorize_body("po2", "cust-paid"),
+    );
+    assert_eq!(status, 200, "{answer}");
+    // The grant is what lifts the refusal.
+    let (status, _) = grant(&s, INITECH, "cust-new", QUOTE, "g-new");
+    assert_eq!(status, 201);
+    let (status, answer) = s.post("/v1/authorize", INITECH, &authorize_body("po3", "cust-new"));
+    assert_eq!(status, 200, "{answer}");
+
+    // Without the option a customer never granted credits is postpaid, as before.
+    let postpaid = serve_with("");
+    let (status, answer) =
+        postpaid.post("/v1/authorize", INITECH, &authorize_body("po4", "cust-new"));
+    assert_eq!(status, 200, "{answer}");
+}
+
 #[test]
 fn a_batch_resent_after_a_lost_answer_is_settled_once_and_counted_once_against_limits() {
     let s = serve_with("[[tenants.limits]]\nper = \"session\"\nwindow = \"hour\"\nmax_calls = 3\n");
@@ -655,7 +698,7 @@ fn the_memory_and_redis_states_decide_alike() {
 
 async fn balance_scenario(state: &dyn backends::state::CustomerBalances) -> Vec<String> {
     use backends::state::{AuthorizeAsk, CapCounter, Settlement, StateError};
-    use schemas::credits::WalletGrant;
+    use schemas::credits::{Decision, WalletGrant};
     const T: i64 = 1_800_000_000_000;
     let mut seen = Vec::new();
     let not_loaded = state.wallet("t", "c", T).await;
@@ -700,6 +743,7 @@ async fn balance_scenario(state: &dyn backends::state::CustomerBalances) -> Vec<
         nonce,
         quote_micros: quote,
         max_in_flight: Some(2),
+        prepaid_only: false,
         caps: &caps,
         now_ms,
         expires_at_ms: now_ms + 50,
@@ -838,5 +882,43 @@ async fn balance_scenario(state: &dyn backends::state::CustomerBalances) -> Vec<
     let after = state.wallet("t", "c", T + 312).await.unwrap();
     assert_eq!(after.settled_micros, 700);
     record(format!("{after:?}"));
+    // prepaid_only: a customer never granted credits is refused, whatever else would pass; one
+    // with grants is judged by its balance (c's is spent: -200); without the option the same
+    // never-granted customer is postpaid.
+    state
+        .add_grant("t", "paid", "g-paid", lasting, T + 400)
+        .await
+        .unwrap();
+    let prepaid_only = |nonce: &'static str, customer: &'static str, only: bool| AuthorizeAsk {
+        customer,
+        prepaid_only: only,
+        ..ask(nonce, 10, T + 400)
+    };
+    let mut decisions = Vec::new();
+    for (nonce, customer, only) in [
+        ("p1", "never", true),
+        ("p2", "c", true),
+        ("p3", "paid", true),
+        ("p4", "never", false),
+    ] {
+        let answer = state
+            .authorize(&prepaid_only(nonce, customer, only))
+            .await
+            .unwrap();
+        record(format!("{nonce}: {answer:?}"));
+        decisions.push(match answer.decision {
+            Decision::Authorized { .. } => "authorized",
+            Decision::Refused { reason, .. } => reason.as_str(),
+        });
+    }
+    assert_eq!(
+        decisions,
+        [
+            "no_credits",
+            "insufficient_balance",
+            "authorized",
+            "authorized"
+        ]
+    );
     seen
 }

@@ -30,7 +30,7 @@ fn the_seed_event_is_rated_7550_1529_and_shows_in_every_endpoint() {
 
     let (_, raw) = s.get_text("/analytics/mcp/revenue/by-tool", ACME);
     assert!(
-        raw.contains(r#""tools":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}]}"#),
+        raw.contains(r#""tools":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}],"nextCursor":null}"#),
         "fields in their documented order: {raw}"
     );
     let tools = by_tool(&s, ACME);
@@ -571,4 +571,105 @@ fn a_wrong_method_is_405_with_allow() {
         .call()
         .unwrap();
     assert_eq!(answer.headers()["allow"], "GET, HEAD");
+}
+
+/// Lists of tools come a page at a time: `limit` rows after `cursor`, highest revenue first,
+/// then by name, with the next page's cursor until the last. Every tool once, whatever the
+/// page size; a session's `byTool` pages the same way.
+#[test]
+fn lists_of_tools_are_paged_with_a_cursor() {
+    let s = Server::start();
+    // 250 tools in one session: `big-*` with more output tokens (more revenue), the rest tied.
+    let events: Vec<Value> = (0..250)
+        .map(|n| {
+            let mut e = call(&format!("p{n}"), &format!("tool-{n:03}"), "a", "paged");
+            if n % 50 == 0 {
+                e["toolName"] = format!("big-{n:03}").into();
+                e["metadata"]["outputTokens"] = 1000.into();
+            }
+            e
+        })
+        .collect();
+    let (status, answer) = s.post(
+        "/v1/ingest/batch",
+        INITECH,
+        &json!({ "events": events }).to_string(),
+    );
+    assert_eq!(
+        (status, answer["accepted"].as_u64()),
+        (202, Some(250)),
+        "{answer}"
+    );
+
+    let walk = |first: &str, rows: &str| -> (Vec<String>, usize) {
+        let (mut names, mut pages, mut url) = (Vec::new(), 0, first.to_string());
+        loop {
+            let (status, page) = s.get(&url, INITECH);
+            assert_eq!(status, 200, "{page}");
+            pages += 1;
+            assert!(pages <= 250, "{first}: more pages than tools; last {page}");
+            let rows = page[rows].as_array().unwrap();
+            names.extend(
+                rows.iter()
+                    .map(|t| t["toolName"].as_str().unwrap().to_string()),
+            );
+            match page["nextCursor"].as_str() {
+                Some(cursor) => {
+                    assert!(!rows.is_empty());
+                    url = format!("{first}&cursor={cursor}");
+                }
+                None => break,
+            }
+        }
+        (names, pages)
+    };
+    let mut expected: Vec<String> = (0..250)
+        .map(|n| match n % 50 {
+            0 => format!("big-{n:03}"),
+            _ => format!("tool-{n:03}"),
+        })
+        .collect();
+    expected.sort_by_key(|name| (!name.starts_with("big"), name.clone()));
+
+    let (all, _) = walk("/analytics/mcp/revenue/by-tool?limit=1000", "tools");
+    assert_eq!(all, expected);
+    // The default page is 100 rows.
+    let (status, first) = s.get("/analytics/mcp/revenue/by-tool", INITECH);
+    assert_eq!(status, 200);
+    assert_eq!(first["tools"].as_array().unwrap().len(), 100);
+    assert!(first["nextCursor"].is_string(), "{first}");
+    for limit in [1, 7, 100, 249, 250] {
+        let (names, pages) = walk(
+            &format!("/analytics/mcp/revenue/by-tool?limit={limit}"),
+            "tools",
+        );
+        assert_eq!(names, expected, "limit {limit}");
+        assert_eq!(pages, 250usize.div_ceil(limit), "limit {limit}");
+    }
+    let (names, pages) = walk("/analytics/mcp/sessions/paged?limit=60", "byTool");
+    assert_eq!((names, pages), (expected, 5));
+    let (_, session) = s.get("/analytics/mcp/sessions/paged?limit=60", INITECH);
+    assert_eq!(
+        session["tools"], 250,
+        "the count is the session's, not the page's"
+    );
+
+    for (query, what) in [
+        ("limit=0", "limit must be 1 to 1000"),
+        ("limit=1001", "limit must be 1 to 1000"),
+        ("limit=ten", "limit `ten` is not a whole number"),
+        ("cursor=nope", "cursor `nope` is not one this API gave"),
+    ] {
+        for path in [
+            "/analytics/mcp/revenue/by-tool",
+            "/analytics/mcp/sessions/paged",
+        ] {
+            let (status, answer) = s.get(&format!("{path}?{query}"), INITECH);
+            assert_eq!(status, 400, "{path}?{query}: {answer}");
+            assert!(
+                answer["message"].as_str().unwrap().contains(what),
+                "{answer}"
+            );
+        }
+    }
 }

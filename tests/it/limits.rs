@@ -136,3 +136,66 @@ fn concurrent_batches_against_a_calls_limit_all_land_and_the_session_is_killed()
     let (_, summary) = s.get("/analytics/mcp/summary", INITECH);
     assert_eq!(summary["calls"], 150, "every call is stored and billed");
 }
+
+/// `max_tool_names`: once the tenant has that many distinct tool names, each event naming a new
+/// one is refused on its own with what to do, and the calls of known tools go on; other
+/// tenants are not bound by it.
+#[test]
+fn past_max_tool_names_events_naming_a_new_tool_are_refused_one_by_one() {
+    let s = Server::start_with(|config| config.tenants[2].max_tool_names = 3);
+    let batch: Vec<Value> = ["t1", "t2", "t1", "t3", "t4", "t2", "t5"]
+        .iter()
+        .enumerate()
+        .map(|(n, tool)| call(&format!("tn{n}"), tool, "a", "s"))
+        .collect();
+    let (status, answer) = s.post(
+        "/v1/ingest/batch",
+        INITECH,
+        &json!({ "events": batch }).to_string(),
+    );
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        (answer["accepted"].as_u64(), answer["failed"].as_u64()),
+        (Some(5), Some(2)),
+        "{answer}"
+    );
+    let errors = answer["errors"].as_array().unwrap();
+    let refused: Vec<u64> = errors
+        .iter()
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(refused, [4, 6], "{answer}");
+    let message = errors[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`t4`") && message.contains("max_tool_names") && message.contains("3"),
+        "{message}"
+    );
+    // Known names go on, in a later request too; new ones are still refused.
+    let (_, again) = s.post(
+        "/v1/ingest/events",
+        INITECH,
+        &json!([call("tn7", "t3", "a", "s"), call("tn8", "t6", "a", "s")]).to_string(),
+    );
+    assert_eq!(
+        (again["accepted"].as_u64(), again["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{again}"
+    );
+    let (status, tools) = s.get("/analytics/mcp/revenue/by-tool", INITECH);
+    assert_eq!(status, 200, "{tools}");
+    let mut names: Vec<&str> = tools["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["toolName"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["t1", "t2", "t3"]);
+    // Another tenant (the default bound, 1000) names its own tools.
+    let (_, other) = s.post(
+        "/v1/ingest/events",
+        ACME,
+        &json!([call("o1", "t4", "a", "s"), call("o2", "t5", "a", "s")]).to_string(),
+    );
+    assert_eq!(other["accepted"], 2, "{other}");
+}

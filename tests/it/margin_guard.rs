@@ -10,6 +10,10 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 const HOOLI: &str = "test-key-hooli-admin";
+/// What an SDK or a proxy holds: ingest only.
+const HOOLI_SDK: &str = "test-key-hooli-sdk";
+/// Ingest and read: sees the figures.
+const HOOLI_OPS: &str = "test-key-hooli-ops";
 
 /// `serve` recomputing levels every second, with tenant `hooli`: a call to any tool is priced
 /// 1000 µUSD (`cheap`: 200) plus 1 per output token, and costs 1 µUSD per input token, so a
@@ -24,7 +28,11 @@ window_days = 2
 
 [[tenants]]
 id = "hooli"
-api_keys = [{{ name = "admin", sha256 = "{key}", scopes = ["admin"] }}]
+api_keys = [
+  {{ name = "admin", sha256 = "{key}", scopes = ["admin"] }},
+  {{ name = "sdk", sha256 = "{sdk}", scopes = ["ingest"] }},
+  {{ name = "ops", sha256 = "{ops}", scopes = ["ingest", "read"] }},
+]
 [[tenants.limits]]
 per = "session"
 window = "hour"
@@ -40,6 +48,8 @@ cost = {{ per_input_token = 1 }}
 "#,
         base = config_text(dir.path()),
         key = sha256_hex(HOOLI),
+        sdk = sha256_hex(HOOLI_SDK),
+        ops = sha256_hex(HOOLI_OPS),
     );
     let config = Config::from_toml(&text).unwrap();
     config.validate().unwrap();
@@ -163,6 +173,65 @@ fn levels_follow_the_margin_down_as_cogs_rises_and_back_up_as_revenue_recovers()
     assert_eq!(
         other["reason"],
         "no margin figures for this agent or tool yet"
+    );
+}
+
+/// Fails when `body` carries a cost figure of the operator's: a margin, revenue or COGS field or
+/// word, an amount in µUSD or a percentage. "margin guard" names the mechanism, not a figure.
+fn assert_no_cost_figures(body: &str) {
+    let text = body.to_lowercase().replace("margin guard", "");
+    for figure in ["margin", "revenue", "cogs", "µusd", "%"] {
+        assert!(
+            !text.contains(figure),
+            "`{figure}` in an answer to an ingest-only key: {body}"
+        );
+    }
+}
+
+#[test]
+fn an_ingest_only_key_gets_the_decision_without_any_cost_figure() {
+    let s = serve();
+    // 1000 µUSD of revenue against 950 of COGS: a 5% margin, throttled.
+    let event = json!({
+        "idempotencyKey": "thin-1",
+        "metricName": "mcp_server.tool_invocations",
+        "toolName": "search",
+        "agentId": "agent-9",
+        "sessionId": "s9",
+        "metadata": {"inputTokens": 950, "outputTokens": 0},
+    });
+    let (status, ingested) = s.post("/v1/ingest/events", HOOLI_SDK, &event.to_string());
+    assert_eq!(status, 202, "{ingested}");
+    assert_no_cost_figures(&ingested.to_string());
+    let query = "agentId=agent-9&toolName=search&sessionId=s9";
+    wait_for_level(&s, query, "L2_THROTTLE", "tool", 1000);
+
+    let (status, body) = s.get_text(&format!("/v1/guard/check?{query}"), HOOLI_SDK);
+    assert_eq!(status, 200, "{body}");
+    assert_no_cost_figures(&body);
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["level"], "L2_THROTTLE", "{answer}");
+    assert_eq!(answer["action"], "throttle");
+    assert_eq!(answer["retryAfterSeconds"], 1);
+    assert_eq!(answer["degraded"], false);
+    assert_eq!(answer["sessionKilled"], false);
+    assert_eq!(
+        answer["reason"],
+        "L2_THROTTLE: tool `search` is throttled by the operator's margin guard"
+    );
+
+    // A key with `read` keeps the figures.
+    let (status, answer) = s.get(&format!("/v1/guard/check?{query}"), HOOLI_OPS);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["margin"], 0.05, "{answer}");
+    assert_eq!(answer["tool"]["revenueMicros"], 1000);
+    assert_eq!(answer["tool"]["cogsMicros"], 950);
+    assert!(
+        answer["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("(revenue 1000 µUSD, COGS 950 µUSD)"),
+        "{answer}"
     );
 }
 

@@ -9,7 +9,7 @@ use schemas::credits::{
     decide, freeze_expired, granted_micros, CapState, Decision, WalletGrant, WalletView,
 };
 use schemas::guard::{subject_field, GuardView, MarginState, SubjectKind};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 #[derive(Default)]
@@ -33,6 +33,8 @@ struct Inner {
     margins: HashMap<String, (i64, HashMap<String, MarginState>)>,
     /// tenant → its wallets, nonces and charged keys; present once loaded from the store.
     credits: HashMap<String, TenantCredits>,
+    /// tenant → its known tool names, bounded by the tenant's `max_tool_names`.
+    tool_names: HashMap<String, HashSet<String>>,
 }
 
 /// One tenant's part of `CustomerBalances`: the same keys as in Redis.
@@ -182,6 +184,22 @@ impl LimitCounters for MemoryState {
             admitted.push(n);
         }
         Ok(admitted)
+    }
+
+    async fn admit_tool_names(
+        &self,
+        tenant: &str,
+        names: &[String],
+        max: u32,
+    ) -> Result<Vec<bool>, StateError> {
+        let mut inner = self.inner.lock().expect("guard state lock");
+        let known = inner.tool_names.entry(tenant.to_string()).or_default();
+        Ok(names
+            .iter()
+            .map(|name| {
+                known.contains(name) || (known.len() < max as usize && known.insert(name.clone()))
+            })
+            .collect())
     }
 
     async fn kill_sessions(
@@ -471,6 +489,7 @@ impl CustomerBalances for MemoryState {
             &view,
             ask.quote_micros,
             ask.max_in_flight,
+            ask.prepaid_only,
             now,
             ask.expires_at_ms,
         );
@@ -629,6 +648,7 @@ mod tests {
                 nonce: &nonce,
                 quote_micros: 100,
                 max_in_flight: None,
+                prepaid_only: false,
                 caps: &cap,
                 now_ms: 1_000,
                 expires_at_ms: 2_000,
@@ -644,6 +664,7 @@ mod tests {
             nonce: "p1",
             quote_micros: 1,
             max_in_flight: None,
+            prepaid_only: false,
             caps: &[],
             now_ms: 1_000,
             expires_at_ms: 2_000,

@@ -146,6 +146,17 @@ pub trait LimitCounters: StateBackend {
         agent: &str,
         now_ms: i64,
     ) -> Result<Vec<String>, StateError>;
+
+    /// The tenant's known tool names, at most `max`: answers, for each of `names` (distinct),
+    /// whether it is known, adding it first when it is new and the tenant has fewer than `max`,
+    /// atomically, so that every ingestor sharing the state keeps one bound. A name refused now
+    /// is admitted once the bound is raised.
+    async fn admit_tool_names(
+        &self,
+        tenant: &str,
+        names: &[String],
+        max: u32,
+    ) -> Result<Vec<bool>, StateError>;
 }
 
 /// The margin board: the margin guard puts each tenant's levels, a guard check views the ones
@@ -210,6 +221,8 @@ pub struct AuthorizeAsk<'a> {
     pub nonce: &'a str,
     pub quote_micros: i64,
     pub max_in_flight: Option<u32>,
+    /// Refuse a customer that was never granted credits (the tenant's `prepaid_only`).
+    pub prepaid_only: bool,
     pub caps: &'a [CapCounter],
     pub now_ms: i64,
     /// When a reservation made now ends by itself.

@@ -119,6 +119,7 @@ pub struct RedisState {
     connection: ConnectionManager,
     prefix: String,
     charge: redis::Script,
+    admit_tool_names: redis::Script,
     extend: redis::Script,
     live: redis::Script,
     live_among: redis::Script,
@@ -157,6 +158,7 @@ impl RedisState {
             connection,
             prefix: prefix.to_string(),
             charge: redis::Script::new(COMPARE_AND_INCREMENT),
+            admit_tool_names: redis::Script::new(ADMIT_TOOL_NAMES),
             extend: redis::Script::new(EXTEND),
             live: redis::Script::new(LIVE),
             live_among: redis::Script::new(LIVE_AMONG),
@@ -196,6 +198,10 @@ impl RedisState {
 
     fn killed_key(&self, tenant: &str) -> String {
         format!("{}killed:{tenant}", self.prefix)
+    }
+
+    fn tool_names_key(&self, tenant: &str) -> String {
+        format!("{}tool-names:{tenant}", self.prefix)
     }
 
     fn agent_key(&self, tenant: &str, agent: &str) -> String {
@@ -257,13 +263,7 @@ impl LimitCounters for RedisState {
             .invoke_async(&mut self.connection.clone())
             .await
             .map_err(|source| redis_error("charge", source))?;
-        if admitted.len() != charges.len() {
-            return Err(StateError::BadAnswer {
-                context: "charge",
-                detail: format!("{} answers for {} counters", admitted.len(), charges.len()),
-            });
-        }
-        Ok(admitted)
+        one_answer_each("charge", admitted, charges.len(), "counters")
     }
 
     async fn kill_sessions(
@@ -315,6 +315,28 @@ impl LimitCounters for RedisState {
     ) -> Result<Vec<String>, StateError> {
         self.live_members(self.agent_key(tenant, agent), now_ms)
             .await
+    }
+
+    async fn admit_tool_names(
+        &self,
+        tenant: &str,
+        names: &[String],
+        max: u32,
+    ) -> Result<Vec<bool>, StateError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.admit_tool_names.prepare_invoke();
+        invocation.key(self.tool_names_key(tenant)).arg(max);
+        for name in names {
+            invocation.arg(name);
+        }
+        let known: Vec<i64> = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|source| redis_error("admit tool names", source))?;
+        let known = one_answer_each("admit tool names", known, names.len(), "names")?;
+        Ok(known.into_iter().map(|k| k == 1).collect())
     }
 }
 
@@ -579,7 +601,8 @@ impl CustomerBalances for RedisState {
             .arg(ask.max_in_flight.map_or(-1, i64::from))
             .arg(ask.remember_until_ms)
             .arg(ask.nonce)
-            .arg(format!("{}\n{}", ask.customer, ask.tool));
+            .arg(format!("{}\n{}", ask.customer, ask.tool))
+            .arg(u8::from(ask.prepaid_only));
         for cap in ask.caps {
             invocation.key(format!("{}{}", self.prefix, cap.key));
             invocation.arg(cap.max_spend_micros).arg(cap.window_end_ms);
@@ -751,6 +774,42 @@ fn redis_error(context: &'static str, e: redis::RedisError) -> StateError {
     }
 }
 
+/// A script's answers, one per item asked about, or the mismatch as a bad answer.
+fn one_answer_each<T>(
+    context: &'static str,
+    answers: Vec<T>,
+    asked: usize,
+    items: &str,
+) -> Result<Vec<T>, StateError> {
+    if answers.len() != asked {
+        return Err(StateError::BadAnswer {
+            context,
+            detail: format!("{} answers for {asked} {items}", answers.len()),
+        });
+    }
+    Ok(answers)
+}
+
+/// A tenant's known tool names, at most ARGV[1]. KEYS[1]: the set. ARGV: max, then the names.
+/// Answers per name 1 (known, or added now) or 0 (new, and the set is full).
+const ADMIT_TOOL_NAMES: &str = r#"
+local max = tonumber(ARGV[1])
+local count = redis.call('SCARD', KEYS[1])
+local known = {}
+for i = 2, #ARGV do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 1 then
+    known[i - 1] = 1
+  elseif count < max then
+    redis.call('SADD', KEYS[1], ARGV[i])
+    count = count + 1
+    known[i - 1] = 1
+  else
+    known[i - 1] = 0
+  end
+end
+return known
+"#;
+
 /// What every wallet script shares. A wallet is one hash: `s` the usage settled since the
 /// first grant (present only for a prepaid customer), `g:<key>` a grant as "amount
 /// expires_at_ms settled_at_expiry" (0: never expires; -1: not lapsed yet), `r:<nonce>` a
@@ -875,7 +934,8 @@ return redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 /// The decision of `schemas::credits::decide`, in one step with the nonce's claim and the
 /// reservation. KEYS: the loaded mark, the nonce, the wallet, then the cap counters. ARGV:
 /// now, quote, expires_at, max_in_flight (-1: none), remember_until, nonce, "customer\ntool",
-/// then per cap: max, window_end. Answers {'unloaded'}, or {'replay' | 'new', stored}, where
+/// prepaid_only (1: refuse a customer never granted credits, whose wallet has no `s`), then
+/// per cap: max, window_end. Answers {'unloaded'}, or {'replay' | 'new', stored}, where
 /// stored is "customer\ntool\n" then "A quote expires_at" or "R reason quote available
 /// retry_after" (available `-` for a postpaid customer, retry_after -1 for none).
 const AUTHORIZE: &str = r#"
@@ -896,8 +956,12 @@ local function refuse(reason, until_ms)
   return 'R ' .. reason .. ' ' .. fmt(quote) .. ' ' .. shown .. ' ' .. fmt(retry)
 end
 local decision = nil
+if ARGV[8] == '1' and not w.prepaid then
+  decision = refuse('no_credits', nil)
+end
 for i = 4, #KEYS do
-  local j = 8 + (i - 4) * 2
+  if decision then break end
+  local j = 9 + (i - 4) * 2
   local spent = tonumber(redis.call('GET', KEYS[i]) or '0') + w.reserved
   if spent + quote > tonumber(ARGV[j]) then
     decision = refuse('spend_cap', tonumber(ARGV[j + 1]))

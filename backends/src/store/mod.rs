@@ -397,6 +397,71 @@ pub fn by_revenue_then_name<T>(rows: &mut [T], key: impl Fn(&T) -> (i64, &str)) 
     });
 }
 
+/// Where a page of a list in [`by_revenue_then_name`] order ended: its last row's revenue and
+/// name. The next page is the rows after that place, so consecutive pages neither repeat nor
+/// skip a row that kept its place, and a page is the same whichever store answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageCursor {
+    pub revenue_micros: i64,
+    pub name: String,
+}
+
+impl PageCursor {
+    /// As the API hands it out: the revenue, `.`, then the name's UTF-8 bytes in lower-case
+    /// hex, so it needs no escaping in a query string.
+    pub fn encode(&self) -> String {
+        let hex: String = self.name.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{}.{hex}", self.revenue_micros)
+    }
+
+    /// A cursor [`PageCursor::encode`] made; `None` for any other text.
+    pub fn parse(text: &str) -> Option<PageCursor> {
+        let (revenue, hex) = text.split_once('.')?;
+        if hex.len() % 2 != 0 || !hex.is_ascii() {
+            return None;
+        }
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        Some(PageCursor {
+            revenue_micros: revenue.parse().ok()?,
+            name: String::from_utf8(bytes).ok()?,
+        })
+    }
+}
+
+/// At most `limit` of `rows` (in [`by_revenue_then_name`] order) that come after `after`, and
+/// the cursor of the next page when more remain.
+pub fn page_by_revenue_then_name<T>(
+    rows: Vec<T>,
+    key: impl Fn(&T) -> (i64, &str),
+    after: Option<&PageCursor>,
+    limit: usize,
+) -> (Vec<T>, Option<PageCursor>) {
+    let mut page: Vec<T> = rows
+        .into_iter()
+        .filter(|row| {
+            let (revenue, name) = key(row);
+            after.is_none_or(|c| {
+                revenue < c.revenue_micros || (revenue == c.revenue_micros && name > &*c.name)
+            })
+        })
+        .collect();
+    if page.len() <= limit {
+        return (page, None);
+    }
+    page.truncate(limit);
+    let next = page.last().map(|row| {
+        let (revenue_micros, name) = key(row);
+        PageCursor {
+            revenue_micros,
+            name: name.to_string(),
+        }
+    });
+    (page, next)
+}
+
 /// Series from rows ordered by group then bucket, highest revenue first.
 pub fn assemble_series(rows: Vec<SeriesRow>, grouped: bool) -> Vec<Series> {
     let mut series: Vec<Series> = Vec::new();
@@ -463,4 +528,60 @@ pub fn assemble_agents(
     }
     by_revenue_then_name(&mut agents, |a| (a.figures.revenue_micros, &a.agent_id));
     agents
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_any_name_and_refuse_other_text() {
+        for name in ["web_search", "", "a.b", "naïve tool & co", "0"] {
+            for revenue_micros in [0, 7550, -3, i64::MAX] {
+                let c = PageCursor {
+                    revenue_micros,
+                    name: name.into(),
+                };
+                assert_eq!(PageCursor::parse(&c.encode()), Some(c));
+            }
+        }
+        for bad in ["", "7550", "x.61", "1.6", "1.zz", "1.ff", "1.é1"] {
+            assert_eq!(PageCursor::parse(bad), None, "{bad}");
+        }
+    }
+
+    /// Seeded lists with revenue ties, paged at every size: the pages joined are the list, each
+    /// row once, and only the last page has no cursor.
+    #[test]
+    fn pages_joined_are_the_whole_list_in_order() {
+        let mut seed: u64 = 0x5eed;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for round in 0..200 {
+            let len = next(40) as usize;
+            let mut rows: Vec<(i64, String)> = (0..len)
+                .map(|i| (next(5) as i64 * 100, format!("tool-{}-{i}", next(3))))
+                .collect();
+            by_revenue_then_name(&mut rows, |r| (r.0, &r.1));
+            let limit = 1 + next(8) as usize;
+            let (mut joined, mut after, mut pages) = (Vec::new(), None, 0);
+            loop {
+                let (page, cursor) =
+                    page_by_revenue_then_name(rows.clone(), |r| (r.0, &r.1), after.as_ref(), limit);
+                assert!(page.len() <= limit);
+                pages += 1;
+                joined.extend(page);
+                match cursor {
+                    Some(c) => after = PageCursor::parse(&c.encode()),
+                    None => break,
+                }
+            }
+            assert_eq!(joined, rows, "round {round}, limit {limit}");
+            assert_eq!(pages, len.div_ceil(limit).max(1), "round {round}");
+        }
+    }
 }

@@ -25,6 +25,15 @@ pub struct TenantConfig {
     /// released); absent: no limit.
     #[serde(default)]
     pub max_in_flight_per_customer: Option<u32>,
+    /// Refuse `POST /v1/authorize` for a customer that was never granted credits, instead of
+    /// treating it as postpaid (caps only): no customer id runs paid calls by accident.
+    #[serde(default)]
+    pub prepaid_only: bool,
+    /// Most distinct tool names the tenant's calls may name, ever: an event naming a new one
+    /// past it is refused (its own error in the ingest answer), so a client that invents names
+    /// cannot grow the store and the analytics without bound.
+    #[serde(default = "default_max_tool_names")]
+    pub max_tool_names: u32,
     /// Margin levels of the tenant's agents and tools (defaults: 20%, 10%, 0%).
     #[serde(default)]
     pub margin_guard: MarginThresholdsConfig,
@@ -212,6 +221,10 @@ impl MarginThresholdsConfig {
         }
         Ok(t)
     }
+}
+
+fn default_max_tool_names() -> u32 {
+    1000
 }
 
 fn default_warn_below() -> f64 {

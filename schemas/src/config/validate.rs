@@ -260,6 +260,11 @@ fn tenants(tenants: &[TenantConfig], p: &mut Problems) {
                 ));
             }
         }
+        if t.max_tool_names == 0 {
+            p.push(format!(
+                "{at}: max_tool_names must be at least 1 (default 1000)"
+            ));
+        }
         if t.max_in_flight_per_customer == Some(0) {
             p.push(format!(
                 "{at}: max_in_flight_per_customer must be at least 1 (leave it out for no limit)"

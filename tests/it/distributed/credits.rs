@@ -19,11 +19,6 @@ fn setup_on(name: &str, redis: &str) -> Setup {
     )
 }
 
-fn shared_redis() -> String {
-    std::env::var("MCP_METER_TEST_REDIS_URL")
-        .expect("MCP_METER_TEST_REDIS_URL is not set: run scripts/test, which starts Redis")
-}
-
 /// The concurrency counts hold across processes: one Lua script per decision.
 #[test]
 fn two_ingestors_sharing_redis_authorize_exactly_what_the_balance_covers() {

@@ -53,6 +53,12 @@ fn stored_rows(setup: &Setup) -> usize {
     count.trim().parse().unwrap()
 }
 
+/// The Redis `scripts/test` starts, which tests share under key prefixes of their own.
+fn shared_redis() -> String {
+    std::env::var("MCP_METER_TEST_REDIS_URL")
+        .expect("MCP_METER_TEST_REDIS_URL is not set: run scripts/test, which starts Redis")
+}
+
 fn calls(client: &Client, key: &str) -> i64 {
     let (status, body) = client.get("/analytics/mcp/summary", key);
     assert_eq!(status, 200, "{body}");

@@ -6,8 +6,7 @@ use super::*;
 /// limit holds for the session whichever ingestor each call goes through.
 #[test]
 fn two_ingestors_share_hard_limit_counters_through_redis() {
-    let redis = std::env::var("MCP_METER_TEST_REDIS_URL")
-        .expect("MCP_METER_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
+    let redis = shared_redis();
     let prefix = unique_database("limits");
     let setup = Setup::new(
         "limits",
@@ -58,8 +57,7 @@ fn two_ingestors_share_hard_limit_counters_through_redis() {
 /// requests whichever ingestor each goes to.
 #[test]
 fn two_ingestors_share_a_keys_rate_limit_through_redis() {
-    let redis = std::env::var("MCP_METER_TEST_REDIS_URL")
-        .expect("MCP_METER_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
+    let redis = shared_redis();
     let prefix = unique_database("rate");
     let setup = Setup::new(
         "rate",
@@ -94,4 +92,38 @@ fn two_ingestors_share_a_keys_rate_limit_through_redis() {
     assert_eq!(statuses, [202, 202, 202, 202, 429, 429]);
     // Other keys are not limited.
     assert_eq!(client_b.post("/v1/ingest/events", ACME, SEED).0, 202);
+}
+
+/// The tool-name bound across ingestors: the known names live in Redis, so two ingestor
+/// processes admit `max_tool_names` names between them, not each.
+#[test]
+fn two_ingestors_share_the_tool_name_bound_through_redis() {
+    let redis = shared_redis();
+    let prefix = unique_database("toolnames");
+    let setup = Setup::with_tenant(
+        &clickhouse_url(),
+        "",
+        "toolnames",
+        &kafka_brokers(),
+        2,
+        "max_tool_names = 3",
+        &format!("[redis]\nurl = \"{redis}\"\nkey_prefix = \"{prefix}:\"\n"),
+    );
+    assert_eq!(setup.config.tenants[2].max_tool_names, 3);
+    let (_procs, [a, b]) = setup.two_ingestors();
+    let mut accepted = Vec::new();
+    for (n, tool) in ["t1", "t2", "t3", "t4", "t1", "t5", "t3"]
+        .iter()
+        .enumerate()
+    {
+        let client = if n % 2 == 0 { &a } else { &b };
+        let (status, answer) = client.post(
+            "/v1/ingest/events",
+            INITECH,
+            &call(&format!("tn{n}"), tool, "a", "s").to_string(),
+        );
+        assert_eq!(status, 202, "{answer}");
+        accepted.push(answer["accepted"].as_u64().unwrap());
+    }
+    assert_eq!(accepted, [1, 1, 1, 0, 1, 0, 1]);
 }

@@ -154,6 +154,7 @@ impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
         Ok(Some(SessionDetail {
             session,
             by_tool,
+            next_cursor: None,
             killed_until_ms: None,
         }))
     }

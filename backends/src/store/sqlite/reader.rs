@@ -298,6 +298,7 @@ impl AnalyticsStore for SqliteAnalytics {
             Ok(Some(SessionDetail {
                 session,
                 by_tool,
+                next_cursor: None,
                 killed_until_ms: None,
             }))
         })
