@@ -125,6 +125,7 @@ enum Command {
             "MCP_METER_PROXY_METER_URL",
             "MCP_METER_PROXY_API_KEY",
             "MCP_METER_PROXY_CUSTOMER",
+            "MCP_METER_PROXY_TENANT",
         ],
         &[],
     ))]
@@ -153,9 +154,20 @@ struct ProxyArgs {
     /// Where the HTTP proxy listens (host:port), with its /healthz and /metrics beside MCP.
     #[arg(long, env = "MCP_METER_PROXY_LISTEN", default_value = "127.0.0.1:8090")]
     listen: String,
-    /// The request header naming each call's customer (HTTP mode); else --customer.
+    /// The request header naming each request's payer (HTTP mode); else --customer. It holds a
+    /// customer token (mcpp_…) signed with MCP_METER_PROXY_CUSTOMER_SECRET for --tenant: one
+    /// a gateway signed, or a portal token when the secret is the server's portal.secret. A
+    /// forged, altered or expired token is refused (403), nothing forwarded. The header is the
+    /// proxy's: the upstream never sees it.
     #[arg(long, value_name = "HEADER")]
     customer_header: Option<String>,
+    /// The tenant customer tokens must name (the tenant of the proxy's API key).
+    #[arg(long, env = "MCP_METER_PROXY_TENANT")]
+    tenant: Option<String>,
+    /// Take --customer-header's value as the customer, unsigned. Only where a gateway you run
+    /// sets the header on every request and clients cannot: else any client bills any wallet.
+    #[arg(long, requires = "customer_header")]
+    trust_customer_header: bool,
     /// The request header naming the agent (HTTP mode); else the client's clientInfo name
     /// (from `initialize`, or each request's `_meta` in MCP 2026-07-28).
     #[arg(long, value_name = "HEADER")]
@@ -205,6 +217,20 @@ struct ProxyArgs {
     /// Serve the proxy's /healthz and /metrics here (host:port); stdout belongs to the protocol.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// The largest request body (HTTP) or line (stdio) a client may send; larger ones are
+    /// refused unforwarded.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// The longest a client may take to send a request's headers, and then its body (HTTP).
+    #[arg(long, default_value_t = 30_000)]
+    read_timeout_ms: u64,
+    /// Client connections served at once (HTTP); more wait to be accepted.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// The largest answer (an SSE event, a JSON body, a stdio line) read for its results; a
+    /// larger one reaches the client unread and its calls end as unanswered (ERROR).
+    #[arg(long, default_value_t = 16 << 20)]
+    max_answer_bytes: usize,
     /// The stdio server's command and its arguments, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -527,6 +553,13 @@ fn print_banner(e: &Embedded, demo_key: Option<&str>) {
 fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     use std::time::Duration;
     init_logging(LogFormat::Text);
+    if std::env::args().any(|a| a == "--api-key" || a.starts_with("--api-key=")) {
+        tracing::warn!("--api-key shows the key to every process of this machine (ps, /proc); set MCP_METER_PROXY_API_KEY instead");
+    }
+    if let Some(customer) = &args.customer {
+        schemas::credits::valid_customer_id(customer)
+            .map_err(|e| anyhow::anyhow!("--customer: {e}"))?;
+    }
     let meter = proxy::meter::Meter::start(proxy::meter::MeterConfig {
         url: args.meter_url.trim_end_matches('/').to_string(),
         api_key: args.api_key,
@@ -557,10 +590,16 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
             !args.command.is_empty(),
             "give the stdio server's command after --, e.g. mcp-meter proxy --stdio ... -- npx my-server"
         );
+        anyhow::ensure!(
+            args.customer_header.is_none(),
+            "--customer-header is for HTTP; a stdio proxy serves one client: name its payer with --customer"
+        );
         let relay = proxy::stdio::StdioProxy {
             command: args.command,
             customer: args.customer,
             close_wait,
+            max_line_bytes: args.max_body_bytes,
+            max_answer_bytes: args.max_answer_bytes,
         };
         let code = relay.run(door)?;
         std::process::exit(code);
@@ -579,10 +618,53 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         })
         .transpose()
     };
+    // The payer header is believed when a signature says so, or when the operator says so.
+    let payer_header = header(args.customer_header)?;
+    use proxy::http::PayerCheck;
+    // The secret only from the environment: a flag would show it to every process.
+    let customer_secret = std::env::var("MCP_METER_PROXY_CUSTOMER_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let check = match (
+        &payer_header,
+        customer_secret,
+        args.tenant,
+        args.trust_customer_header,
+    ) {
+        (None, Some(_), _, _) => anyhow::bail!(
+            "MCP_METER_PROXY_CUSTOMER_SECRET verifies the customer tokens of --customer-header: give --customer-header too"
+        ),
+        (None, None, _, _) => None,
+        (Some(_), Some(_), _, true) => anyhow::bail!(
+            "--trust-customer-header takes the header unsigned: unset MCP_METER_PROXY_CUSTOMER_SECRET, or drop the flag to verify tokens"
+        ),
+        (Some(_), Some(secret), Some(tenant), false) => Some(PayerCheck::Signed {
+            secret: secret.into_bytes(),
+            tenant,
+        }),
+        (Some(_), Some(_), None, false) => anyhow::bail!(
+            "customer tokens name their tenant: give --tenant (MCP_METER_PROXY_TENANT), the tenant of the proxy's API key"
+        ),
+        (Some(_), None, _, true) => {
+            tracing::warn!("--trust-customer-header: the payer is whatever the header says; make sure only your gateway can set it");
+            Some(PayerCheck::Trusted)
+        }
+        (Some(_), None, _, false) => anyhow::bail!(
+            "--customer-header trusts no unsigned header: set MCP_METER_PROXY_CUSTOMER_SECRET and --tenant to verify the customer tokens it holds, or pass --trust-customer-header if only a gateway you run can set it"
+        ),
+    };
     let http = proxy::http::HttpProxy {
         upstream: upstream.clone(),
-        customer_header: header(args.customer_header)?,
-        customer: args.customer,
+        payer: proxy::http::Payer {
+            fixed: args.customer,
+            header: payer_header.zip(check),
+        },
+        limits: proxy::http::Limits {
+            max_body_bytes: args.max_body_bytes,
+            read_timeout: Duration::from_millis(args.read_timeout_ms.max(1)),
+            max_connections: args.max_connections as usize,
+            max_answer_bytes: args.max_answer_bytes,
+        },
         agent_header: header(args.agent_header)?,
         session_header: header(args.session_header)?,
     };

@@ -103,16 +103,6 @@ pub fn id_key(id: &Value) -> String {
     }
 }
 
-/// A `tools/call` request's id and tool name.
-pub fn tool_call(message: &Value) -> Option<(&Value, &str)> {
-    if message.get("method")?.as_str()? != "tools/call" {
-        return None;
-    }
-    let id = message.get("id")?;
-    let tool = message.get("params")?.get("name")?.as_str()?;
-    Some((id, tool))
-}
-
 /// The client's name in a message: `initialize`'s clientInfo (handshake generations) or the
 /// request's `_meta` clientInfo (2026-07-28, where every request carries it).
 pub fn client_name(message: &Value) -> Option<&str> {

@@ -126,7 +126,13 @@ impl Door {
         if self.rules.guard {
             match self.meter.guard(who.agent.as_deref(), tool, session) {
                 GuardAnswer::Block(reason) => {
-                    return Err(refuse(format!("mcp-meter blocked {tool}: {reason}"), None))
+                    // The reason may hold the operator's costs and margins: it is logged for
+                    // the operator; the client is told the call is blocked, not why.
+                    tracing::info!(tool, session, reason, "the margin guard blocked a call");
+                    return Err(refuse(
+                        format!("mcp-meter blocked {tool}: the operator's limits do not allow this call now; try again later"),
+                        None,
+                    ));
                 }
                 GuardAnswer::Throttle(wait) => {
                     std::thread::sleep(wait.min(self.rules.max_throttle))
@@ -352,22 +358,28 @@ pub fn refusal(request: &Value, text: &str, terms: Option<Value>) -> Value {
     json!({"jsonrpc": "2.0", "id": request["id"], "result": result})
 }
 
-/// A JSON-RPC error for each request of `body` (a message or a batch), for when the upstream
-/// cannot be reached: MCP clients read JSON-RPC, not an HTTP error page.
 /// The JSON-RPC error for a `tools/call` whose id is already in flight in its exchange (or stdio
 /// session): two answers with one id could not be told apart, so it is not forwarded.
 pub fn id_in_use(request: &Value) -> Value {
-    json!({"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32600,
-        "message": format!("mcp-meter proxy: request id {} is already in use by a call in flight; give each request its own id", request["id"])}})
+    crate::wire::error(
+        &request["id"],
+        -32600,
+        format!("mcp-meter proxy: request id {} is already in use by a call in flight; give each request its own id", request["id"]),
+    )
 }
 
+/// A JSON-RPC error for each request of `body` (a message or a batch), for when the upstream
+/// cannot be reached: MCP clients read JSON-RPC, not an HTTP error page.
 pub fn unreachable(body: &Value, why: &str) -> Option<Value> {
     let errors: Vec<Value> = crate::calls::messages(body)
         .into_iter()
         .filter(|m| m.get("method").is_some() && m.get("id").is_some())
         .map(|m| {
-            json!({"jsonrpc": "2.0", "id": m["id"], "error": {"code": -32603,
-                "message": format!("mcp-meter proxy: the upstream MCP server did not answer: {why}")}})
+            crate::wire::error(
+                &m["id"],
+                -32603,
+                format!("mcp-meter proxy: the upstream MCP server did not answer: {why}"),
+            )
         })
         .collect();
     match (body.is_array(), errors.len()) {

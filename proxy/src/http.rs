@@ -14,23 +14,32 @@
 //! A session is the `Mcp-Session-Id` the server handed out; where there is none (MCP
 //! 2026-07-28, stateless servers) it is the value of the operator's `--session-header`, else
 //! the client's connection. Sessions are kept only for their agent, and forgotten when idle.
+//!
+//! Clients are not trusted ([`crate::wire`]): a body the proxy cannot parse is answered with a
+//! parse error, never forwarded; the payer comes from a signed customer token, a header the
+//! operator vouches for, or `--customer` ([`Payer`]); and every resource a client can make the
+//! proxy hold is bounded ([`Limits`]): the body, the time to send it, the connections, the
+//! sessions, and the answer events read for results.
 
-use crate::calls::{client_name, id_key, messages, tool_call, CallTracker};
+use crate::calls::{client_name, id_key, messages, CallTracker};
 use crate::enforce::{unreachable, Caller, Door};
 use crate::sse::BodyReader;
+use crate::wire;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use schemas::event::{fit_text, MAX_AGENT_ID_LEN, MAX_SESSION_ID_LEN};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -52,13 +61,96 @@ const SESSION_IDLE: Duration = Duration::from_secs(3600);
 pub struct HttpProxy {
     /// The upstream MCP endpoint (`http://host:port/path`).
     pub upstream: Uri,
-    /// The header naming a call's customer, if any (else `customer`).
-    pub customer_header: Option<HeaderName>,
-    pub customer: Option<String>,
+    /// Where each call's payer comes from.
+    pub payer: Payer,
+    pub limits: Limits,
     /// The header naming the agent, if any (else the client's clientInfo name).
     pub agent_header: Option<HeaderName>,
     /// The header naming the session where the server hands out no `Mcp-Session-Id`.
     pub session_header: Option<HeaderName>,
+}
+
+/// Who pays for a call: a customer named in a header the proxy can trust, else `fixed`.
+#[derive(Default)]
+pub struct Payer {
+    /// The customer of a call whose request names none (`--customer`).
+    pub fixed: Option<String>,
+    /// The header naming a request's payer (`--customer-header`), and why it is believed.
+    pub header: Option<(HeaderName, PayerCheck)>,
+}
+
+pub enum PayerCheck {
+    /// The header holds a customer token (`schemas::token`) of `tenant` signed with `secret`:
+    /// a gateway signed it, or the portal handed it to the customer.
+    Signed { secret: Vec<u8>, tenant: String },
+    /// The header's value is the customer, as it is: only where a gateway the operator runs
+    /// sets it and clients cannot (`--trust-customer-header`).
+    Trusted,
+}
+
+impl Payer {
+    /// The payer of a request, or why the request is refused: a payer header that is not
+    /// believed (a forged, altered or expired token; an id that is not one), or given twice.
+    pub fn of(&self, headers: &HeaderMap, now_s: i64) -> Result<Option<String>, String> {
+        let Some((name, check)) = &self.header else {
+            return Ok(self.fixed.clone());
+        };
+        let mut values = headers.get_all(name).iter();
+        let Some(value) = values.next() else {
+            return Ok(self.fixed.clone());
+        };
+        if values.next().is_some() {
+            return Err(format!(
+                "the {name} header is given more than once; give it once"
+            ));
+        }
+        let value = value
+            .to_str()
+            .map_err(|_| format!("the {name} header is not text"))?;
+        let customer = match check {
+            PayerCheck::Trusted => value.to_string(),
+            PayerCheck::Signed { secret, tenant } => {
+                use schemas::token::TokenError;
+                let claims = schemas::token::verify(secret, value, now_s).map_err(|e| match e {
+                    TokenError::Malformed => format!("the {name} header is not a customer token (mcpp_…)"),
+                    TokenError::Signature => format!("the {name} header's signature does not match: the token was altered or signed with another secret"),
+                    TokenError::Expired(at) => format!("the {name} header's token expired at {}", schemas::event::format_ms(at * 1000)),
+                })?;
+                if claims.tenant != *tenant {
+                    return Err(format!("the {name} header's token is for another tenant"));
+                }
+                claims.customer
+            }
+        };
+        schemas::credits::valid_customer_id(&customer)
+            .map_err(|e| format!("the {name} header names no valid customer: {e}"))?;
+        Ok(Some(customer))
+    }
+}
+
+/// What a client can make the proxy hold, bounded.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// The largest request body (a POST's messages): larger ones are refused (413) unread.
+    pub max_body_bytes: usize,
+    /// The longest a client may take to send a request's headers, and then its body.
+    pub read_timeout: Duration,
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// The largest answer (one SSE event, or a JSON body) read for its results. A larger one
+    /// still reaches the client; its calls end by the billing rule as unanswered (`ERROR`).
+    pub max_answer_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 4 << 20,
+            read_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_answer_bytes: 16 << 20,
+        }
+    }
 }
 
 struct Shared {
@@ -101,15 +193,21 @@ pub async fn serve(
         }
     });
     let mut connections = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        shared.proxy.limits.max_connections,
+    ));
     tokio::pin!(stop);
     let served = loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = async {
+                let slot = slots.clone().acquire_owned().await.expect("never closed");
+                listener.accept().await.map(|a| (a, slot))
+            } => accepted,
             () = &mut stop => break Ok(()),
         };
         // Finished connections leave the set as it goes.
         while connections.try_join_next().is_some() {}
-        let (stream, _) = match accepted {
+        let ((stream, peer), slot) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => break Err(e),
         };
@@ -118,12 +216,16 @@ pub async fn serve(
         // A client that hands out no session is one session per connection.
         let connection = format!("connection-{}", crate::calls::uuid());
         connections.spawn(async move {
+            let read_timeout = shared.proxy.limits.read_timeout;
             let service = hyper::service::service_fn(move |req| {
-                handle(shared.clone(), connection.clone(), req)
+                handle(shared.clone(), connection.clone(), peer, req)
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     };
     // Dropping a connection's task drops its exchanges, which report their calls.
@@ -156,13 +258,24 @@ fn json_answer(value: &Value) -> Response<Body> {
     )
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy sets itself.
+/// The end-to-end headers of a message: without the hop-by-hop ones (RFC 9110 §7.6.1: those
+/// `Connection` names, and the standard ones), the proxy credentials meant for this hop, and
+/// those the proxy sets itself.
 fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     let mut out = headers.clone();
+    for listed in headers.get_all(hyper::header::CONNECTION) {
+        for name in listed.to_str().unwrap_or("").split(',') {
+            if let Ok(name) = HeaderName::try_from(name.trim()) {
+                out.remove(name);
+            }
+        }
+    }
     for name in [
         "connection",
         "keep-alive",
         "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
         "te",
         "trailer",
         "transfer-encoding",
@@ -175,9 +288,45 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// A request's headers as the upstream gets them: end to end, without the payer header (the
+/// proxy's), and `X-Forwarded-For` saying the client's address, not what the client claims.
+fn upstream_headers(headers: &HeaderMap, payer: &Payer, peer: SocketAddr) -> HeaderMap {
+    let mut out = end_to_end(headers);
+    if let Some((name, _)) = &payer.header {
+        out.remove(name);
+    }
+    for name in ["forwarded", "x-forwarded-for", "x-real-ip"] {
+        out.remove(name);
+    }
+    out.insert(
+        "x-forwarded-for",
+        HeaderValue::from_str(&peer.ip().to_string()).expect("an address is a header value"),
+    );
+    out
+}
+
+/// The answer to a request refused before anything of it was forwarded (counted): a JSON-RPC
+/// error, with an HTTP status.
+fn refused(s: &Shared, status: StatusCode, body: &Value) -> Response<Body> {
+    s.door.meter.stats().requests_refused.add(1);
+    let mut response = json_answer(body);
+    *response.status_mut() = status;
+    response
+}
+
+/// The -32600 error of a request refused whole, saying why.
+fn invalid(why: &str) -> Value {
+    wire::error(
+        &Value::Null,
+        -32600,
+        format!("mcp-meter proxy: {why}; nothing was forwarded"),
+    )
+}
+
 async fn handle(
     s: Arc<Shared>,
     connection: String,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
@@ -196,7 +345,7 @@ async fn handle(
             ),
         });
     }
-    match forward(&s, connection, req).await {
+    match forward(&s, connection, peer, req).await {
         Ok(response) => Ok(response),
         Err(e) => Ok(answer(
             StatusCode::BAD_GATEWAY,
@@ -238,6 +387,8 @@ struct Observed {
     reader: BodyReader,
     exchange: Exchange,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// The reader's skipped events already counted.
+    skipped: u64,
 }
 
 impl Observed {
@@ -249,6 +400,27 @@ impl Observed {
             reader,
             exchange,
             timer: Box::pin(tokio::time::sleep_until(due.into())),
+            skipped: 0,
+        }
+    }
+}
+
+impl Observed {
+    /// Ends the calls the messages read from the answer answer; counts the events too large
+    /// to read.
+    fn read(&mut self, values: Vec<Value>) {
+        let stats = self.exchange.shared.door.meter.stats();
+        if self.reader.skipped > self.skipped {
+            stats.answers_unread.add(self.reader.skipped - self.skipped);
+            self.skipped = self.reader.skipped;
+        }
+        for value in values {
+            for message in messages(&value) {
+                self.exchange
+                    .shared
+                    .door
+                    .from_server(&mut self.exchange.calls, message);
+            }
         }
     }
 }
@@ -265,18 +437,16 @@ impl hyper::body::Body for Observed {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    for value in this.reader.feed(data) {
-                        for message in messages(&value) {
-                            this.exchange
-                                .shared
-                                .door
-                                .from_server(&mut this.exchange.calls, message);
-                        }
-                    }
+                    let read = this.reader.feed(data);
+                    this.read(read);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(end) => {
+                if end.is_none() {
+                    let read = this.reader.finish();
+                    this.read(read);
+                }
                 // The server's answer ended (or broke) with calls unanswered.
                 this.exchange.end("ERROR");
                 Poll::Ready(end)
@@ -300,49 +470,107 @@ impl hyper::body::Body for Observed {
 async fn forward(
     s: &Arc<Shared>,
     connection: String,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, String> {
     let (parts, body) = req.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map_err(|e| format!("reading the request: {e}"))?
-        .to_bytes();
+    let limits = &s.proxy.limits;
+    let declared = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limits.max_body_bytes as u64) {
+        // Refused before a byte of it is read (a client that asked `Expect: 100-continue`
+        // never sends it).
+        return Ok(refused(
+            s,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &wire::too_large(limits.max_body_bytes),
+        ));
+    }
+    let read = Limited::new(body, limits.max_body_bytes).collect();
+    let bytes = match tokio::time::timeout(limits.read_timeout, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Ok(refused(
+                s,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &wire::too_large(limits.max_body_bytes),
+            ));
+        }
+        Ok(Err(e)) => return Err(format!("reading the request: {e}")),
+        Err(_) => {
+            return Ok(refused(
+                s,
+                StatusCode::REQUEST_TIMEOUT,
+                &invalid(&format!(
+                    "the request body did not arrive within {} s",
+                    limits.read_timeout.as_secs()
+                )),
+            ));
+        }
+    };
     let header = |name: &Option<HeaderName>| {
         name.as_ref()
             .and_then(|n| parts.headers.get(n))
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
+    // Messages travel in POSTs; nothing else may carry a body past the proxy.
+    let parsed = if parts.method == Method::POST {
+        match wire::parse(&bytes) {
+            Ok((value, forwarded)) => Some((value, bytes.slice_ref(forwarded))),
+            Err(error) => {
+                return Ok(refused(s, StatusCode::BAD_REQUEST, &error));
+            }
+        }
+    } else if !bytes.is_empty() {
+        return Ok(refused(
+            s,
+            StatusCode::BAD_REQUEST,
+            &invalid(&format!("a {} request carries no body", parts.method)),
+        ));
+    } else {
+        None
+    };
+    let customer = if parsed.is_some() {
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        match s.proxy.payer.of(&parts.headers, now_s) {
+            Ok(customer) => customer,
+            Err(why) => {
+                return Ok(refused(s, StatusCode::FORBIDDEN, &invalid(&why)));
+            }
+        }
+    } else {
+        None
+    };
     let server_session = parts
         .headers
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        .map(|v| fit_text(v, MAX_SESSION_ID_LEN).into_owned());
     let session = server_session
         .clone()
-        .or_else(|| header(&s.proxy.session_header))
+        .or_else(|| {
+            header(&s.proxy.session_header).map(|v| fit_text(&v, MAX_SESSION_ID_LEN).into_owned())
+        })
         .unwrap_or(connection);
-    let customer = header(&s.proxy.customer_header).or_else(|| s.proxy.customer.clone());
     let session_agent = touch(s, &session);
     let mut exchange = Exchange {
         shared: s.clone(),
         calls: CallTracker::default(),
         registered: Vec::new(),
     };
-    let mut forwarded = bytes.clone();
+    let mut forwarded = parsed.as_ref().map_or(bytes.clone(), |(_, b)| b.clone());
     let mut refusals = Vec::new();
     let mut initialize_name = None;
-    let parsed = if parts.method == Method::POST {
-        serde_json::from_slice::<Value>(&bytes).ok()
-    } else {
-        None
-    };
-    if let Some(value) = &parsed {
+    if let Some((value, _)) = &parsed {
         let mut keep = Vec::new();
         for message in messages(value) {
             if message.get("method").and_then(Value::as_str) == Some("initialize") {
-                initialize_name = client_name(message).map(str::to_string);
+                initialize_name = client_name(message).map(agent_id);
             }
             if message.get("method").and_then(Value::as_str) == Some("notifications/cancelled") {
                 if let Some(id) = message.pointer("/params/requestId") {
@@ -351,18 +579,27 @@ async fn forward(
                     }
                 }
             }
-            let Some((id, tool)) = tool_call(message) else {
-                // A `tools/list`, or a cancellation of a call of this very batch, which ends it.
-                if let Some(cancelled) = exchange.calls.from_client(message) {
-                    s.door.ended(crate::calls::Ended::Report(cancelled));
+            let (id, tool) = match wire::tool_call(message) {
+                Ok(Some(call)) => call,
+                Ok(None) => {
+                    // A `tools/list`, or a cancellation of a call of this very batch, which
+                    // ends it.
+                    if let Some(cancelled) = exchange.calls.from_client(message) {
+                        s.door.ended(crate::calls::Ended::Report(cancelled));
+                    }
+                    keep.push(message.clone());
+                    continue;
                 }
-                keep.push(message.clone());
-                continue;
+                Err(invalid) => {
+                    refusals.push(invalid);
+                    continue;
+                }
             };
             let who = Caller {
                 session: session.clone(),
                 agent: header(&s.proxy.agent_header)
                     .or_else(|| client_name(message).map(str::to_string))
+                    .map(|name| agent_id(&name))
                     .or_else(|| session_agent.clone()),
                 customer: customer.clone(),
             };
@@ -417,7 +654,7 @@ async fn forward(
         .uri(with_query(&s.proxy.upstream, parts.uri.query()))
         .body(Full::new(forwarded))
         .map_err(|e| e.to_string())?;
-    *upstream.headers_mut() = end_to_end(&parts.headers);
+    *upstream.headers_mut() = upstream_headers(&parts.headers, &s.proxy.payer, peer);
     let timeout = s.door.rules.call_timeout;
     let response = match tokio::time::timeout(timeout, s.client.request(upstream)).await {
         Ok(Ok(response)) => Ok(response),
@@ -440,7 +677,7 @@ async fn forward(
     let response = match response {
         Ok(response) => response,
         Err(why) => {
-            return match parsed.as_ref().and_then(|p| unreachable(p, &why)) {
+            return match parsed.as_ref().and_then(|(p, _)| unreachable(p, &why)) {
                 Some(errors) => Ok(json_answer(&errors)),
                 None => Err(format!("the upstream MCP server did not answer: {why}")),
             }
@@ -456,7 +693,7 @@ async fn forward(
             .headers
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
+            .map(|v| fit_text(v, MAX_SESSION_ID_LEN).into_owned())
             .unwrap_or(session);
         touch(s, &answered);
         if let Some(entry) = lock(&s.sessions).get_mut(&answered) {
@@ -469,8 +706,12 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let reader = BodyReader::for_content_type(&content_type);
-    let is_sse = matches!(reader, BodyReader::Sse(_));
+    let length = head
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let reader = BodyReader::new(&content_type, length, s.proxy.limits.max_answer_bytes);
+    let is_sse = reader.is_sse();
     head.headers = end_to_end(&head.headers);
     let observed = if exchange.calls.watching() {
         Observed::new(body, reader, exchange).boxed()
@@ -493,7 +734,7 @@ async fn forward(
         };
         return Ok(Response::from_parts(head, body.boxed()));
     }
-    let whole = observed
+    let whole = Limited::new(observed, s.proxy.limits.max_answer_bytes)
         .collect()
         .await
         .map_err(|e| format!("reading the upstream answer: {e}"))?
@@ -507,6 +748,12 @@ async fn forward(
     let merged = serde_json::to_vec(&Value::Array(answers)).expect("a value serializes");
     head.headers.remove(hyper::header::CONTENT_LENGTH);
     Ok(Response::from_parts(head, full(merged)))
+}
+
+/// An MCP client's name as an event's `agentId` ([`fit_text`]: a name too long or with
+/// control characters would make an event ingest refuses, and a call that ran unbilled).
+fn agent_id(name: &str) -> String {
+    fit_text(name, MAX_AGENT_ID_LEN).into_owned()
 }
 
 /// Notes a request of `session`; answers its agent. Keeps the sessions bounded: past

@@ -2,6 +2,8 @@
 //! for servers whose code cannot change, in any language. It speaks MCP on both sides and
 //! enforces before forwarding.
 //!
+//! - [`wire`]: what passes from a client: parsed, or refused with a JSON-RPC error, never
+//!   forwarded unread; `tools/call` ids every peer matches.
 //! - [`calls`]: the billing rule, pure: JSON-RPC messages to usage events (a call matched with
 //!   its answer by id within one exchange).
 //! - [`meter`]: delivery to mcp-meter (batches, retries with the same keys, a bounded queue that
@@ -21,3 +23,4 @@ pub mod meter;
 pub mod ops;
 pub mod sse;
 pub mod stdio;
+pub mod wire;

@@ -56,6 +56,11 @@ pub struct MeterStats {
     pub batches_retried: Counter,
     pub guard_fail_open: Counter,
     pub calls_refused: Counter,
+    /// Requests (or stdio lines) refused before anything was read from them for the server:
+    /// unparsable, too large, too slow, or with a payer header that is not believed.
+    pub requests_refused: Counter,
+    /// Answer events too large to read for results: their calls ended as unanswered.
+    pub answers_unread: Counter,
     /// Releases that got no answer after every try: their reservations lapse on their own.
     pub releases_failed: Counter,
 }

@@ -77,6 +77,16 @@ pub fn metrics(meter: &Meter) -> String {
             &s.calls_refused,
         ),
         (
+            "requests_refused_total",
+            "Requests refused unforwarded: unparsable, too large, too slow, or a payer not believed",
+            &s.requests_refused,
+        ),
+        (
+            "answers_unread_total",
+            "Answer events over --max-answer-bytes, passed on unread: their calls ended as unanswered",
+            &s.answers_unread,
+        ),
+        (
             "releases_failed_total",
             "Releases of calls that did not run that mcp-meter never took: their reservations lapse",
             &s.releases_failed,

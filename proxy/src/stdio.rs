@@ -5,13 +5,19 @@
 //! (bounded wait) and exits with its status. The proxy's own lines go to stderr: stdout belongs
 //! to the protocol.
 //!
+//! A client line the proxy cannot parse is answered with a parse error and never reaches the
+//! child (`crate::wire`), and so is one over `max_line_bytes`; blank lines are dropped. A
+//! child line over `max_answer_bytes` goes to the client as it comes, unread.
+//!
 //! The child→client relay never waits behind an admission: a call that must ask mcp-meter (the
 //! guard, an authorization) is admitted on a thread of its own, and the calls' lock is held
 //! only to note a call or an answer. The child's environment has no `MCP_METER_PROXY_*`
 //! variable: the meter key is the proxy's, not the server's.
 
-use crate::calls::{client_name, messages, tool_call, uuid, CallTracker, Ended};
+use crate::calls::{client_name, messages, uuid, CallTracker, Ended};
 use crate::enforce::{id_in_use, Caller, Door};
+use crate::wire;
+use schemas::event::{fit_text, MAX_AGENT_ID_LEN};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{ChildStdin, Command, Stdio};
@@ -28,6 +34,10 @@ pub struct StdioProxy {
     pub customer: Option<String>,
     /// Longest wait, after the child exits, for queued events to be delivered.
     pub close_wait: Duration,
+    /// The longest client line (one message or batch); a longer one is refused unforwarded.
+    pub max_line_bytes: usize,
+    /// The longest child line read for its results; a longer one passes unread.
+    pub max_answer_bytes: usize,
 }
 
 /// What the two relays share.
@@ -64,7 +74,7 @@ impl Relay {
     }
 
     fn caller(&self, message: &Value) -> Caller {
-        let named = client_name(message).map(str::to_string);
+        let named = client_name(message).map(|name| fit_text(name, MAX_AGENT_ID_LEN).into_owned());
         let mut agent = self.agent.lock().expect("agent lock");
         if named.is_some() {
             agent.clone_from(&named);
@@ -100,32 +110,51 @@ impl Relay {
     }
 
     /// The client side: each line is noted and forwarded; a call is admitted first.
-    fn from_client(self: &Arc<Self>, line: Vec<u8>) -> bool {
-        let Ok(value) = serde_json::from_slice::<Value>(&line) else {
-            return self.write_child(&line);
-        };
-        if let Some((_, tool)) = tool_call(&value) {
-            let who = self.caller(&value);
-            if self.door.asks_meter(tool) {
-                let (relay, tool) = (self.clone(), tool.to_string());
-                std::thread::spawn(move || relay.admit_and_forward(&value, &tool, &who));
-            } else {
-                self.admit_and_forward(&value, tool, &who);
-            }
+    fn from_client(self: &Arc<Self>, mut line: Vec<u8>) -> bool {
+        if line.iter().all(u8::is_ascii_whitespace) {
             return true;
+        }
+        let (value, bom) = match wire::parse(&line) {
+            Ok((value, forwarded)) => (value, line.len() - forwarded.len()),
+            Err(error) => {
+                self.door.meter.stats().requests_refused.add(1);
+                return self.write_client(&to_line(&error));
+            }
+        };
+        line.drain(..bom);
+        match wire::tool_call(&value) {
+            Ok(Some((_, tool))) => {
+                let who = self.caller(&value);
+                if self.door.asks_meter(tool) {
+                    let (relay, tool) = (self.clone(), tool.to_string());
+                    std::thread::spawn(move || relay.admit_and_forward(&value, &tool, &who));
+                } else {
+                    self.admit_and_forward(&value, tool, &who);
+                }
+                return true;
+            }
+            Err(invalid) => return self.write_client(&to_line(&invalid)),
+            Ok(None) => {}
         }
         // A batch (2025-03-26) or any other message: in order, on this thread.
         let mut forward = Vec::new();
         let mut refusals = Vec::new();
         for message in messages(&value) {
-            let Some((id, tool)) = tool_call(message) else {
-                self.caller(message);
-                let cancelled = self.lock_calls().from_client(message);
-                if let Some(event) = cancelled {
-                    self.door.ended(Ended::Report(event));
+            let (id, tool) = match wire::tool_call(message) {
+                Ok(Some(call)) => call,
+                Err(invalid) => {
+                    refusals.push(invalid);
+                    continue;
                 }
-                forward.push(message.clone());
-                continue;
+                Ok(None) => {
+                    self.caller(message);
+                    let cancelled = self.lock_calls().from_client(message);
+                    if let Some(event) = cancelled {
+                        self.door.ended(Ended::Report(event));
+                    }
+                    forward.push(message.clone());
+                    continue;
+                }
             };
             match self.door.admit(message, tool, &self.caller(message)) {
                 Ok(call) => {
@@ -166,7 +195,7 @@ impl Relay {
     /// Calls whose request never reached the child did not run: they are released, not billed.
     fn never_delivered(&self, requests: &[&Value]) {
         for request in requests {
-            if tool_call(request).is_some() {
+            if let Ok(Some(_)) = wire::tool_call(request) {
                 let call = self.lock_calls().take(&request["id"]);
                 if let Some(call) = call {
                     self.door.ended(Ended::NotRun(call));
@@ -210,17 +239,21 @@ impl StdioProxy {
 
         {
             let relay = relay.clone();
+            let max_line = self.max_line_bytes;
             // Detached: it ends with the client's stdin, or with the process.
             std::thread::spawn(move || {
                 let mut stdin = BufReader::new(std::io::stdin().lock());
                 let mut line = Vec::new();
                 loop {
-                    line.clear();
-                    match stdin.read_until(b'\n', &mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                    if !relay.from_client(std::mem::take(&mut line)) {
+                    let carry_on = match read_line(&mut stdin, &mut line, max_line, &mut |_| true) {
+                        Ok(Line::Whole) => relay.from_client(std::mem::take(&mut line)),
+                        Ok(Line::TooLong) => {
+                            relay.door.meter.stats().requests_refused.add(1);
+                            relay.write_client(&to_line(&wire::too_large(max_line)))
+                        }
+                        Ok(Line::End) | Err(_) => false,
+                    };
+                    if !carry_on {
                         break;
                     }
                 }
@@ -245,10 +278,17 @@ impl StdioProxy {
         let mut from_child = BufReader::new(from_child);
         let mut line = Vec::new();
         loop {
-            line.clear();
-            match from_child.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            // A line too long to read goes on to the client as it comes.
+            let read = read_line(
+                &mut from_child,
+                &mut line,
+                self.max_answer_bytes,
+                &mut |bytes| relay.write_client(bytes),
+            );
+            match read {
+                Ok(Line::Whole) => {}
+                Ok(Line::TooLong) => continue,
+                Ok(Line::End) | Err(_) => break,
             }
             if let Ok(value) = serde_json::from_slice::<Value>(&line) {
                 let mut calls = relay.lock_calls();
@@ -275,6 +315,61 @@ impl StdioProxy {
             tracing::warn!(undelivered, "events were not delivered before exiting");
         }
         Ok(status.code().unwrap_or(1))
+    }
+}
+
+enum Line {
+    /// A line, with its newline (the last one may have none), is in the buffer.
+    Whole,
+    /// The line was longer than allowed: it went to the spill, not the buffer.
+    TooLong,
+    /// The input ended (or the spill refused more).
+    End,
+}
+
+/// Reads one line into `line` (cleared first), holding at most `max` bytes of it: a longer
+/// line is handed to `spill` as it comes, held bytes first, up to and with its newline. `spill`
+/// answers whether to go on.
+fn read_line(
+    input: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    max: usize,
+    spill: &mut dyn FnMut(&[u8]) -> bool,
+) -> std::io::Result<Line> {
+    line.clear();
+    let mut spilling = false;
+    loop {
+        let available = input.fill_buf()?;
+        if available.is_empty() {
+            return Ok(match (spilling, line.is_empty()) {
+                (true, _) => Line::TooLong,
+                (false, true) => Line::End,
+                (false, false) => Line::Whole,
+            });
+        }
+        let (piece, ends) = match available.iter().position(|&b| b == b'\n') {
+            Some(at) => (&available[..=at], true),
+            None => (available, false),
+        };
+        let taken = piece.len();
+        if !spilling && line.len() + taken > max {
+            spilling = true;
+            if !spill(line) {
+                return Ok(Line::End);
+            }
+            line.clear();
+        }
+        if spilling {
+            if !spill(piece) {
+                return Ok(Line::End);
+            }
+        } else {
+            line.extend_from_slice(piece);
+        }
+        input.consume(taken);
+        if ends {
+            return Ok(if spilling { Line::TooLong } else { Line::Whole });
+        }
     }
 }
 

@@ -572,6 +572,37 @@ pub fn check_text(field: &str, value: &str, max_len: usize) -> Result<(), String
     Ok(())
 }
 
+/// A name a client chose (an MCP client's name, a session id it sent) made to pass
+/// [`check_text`] without merging it with another: control characters become `?`, and a value
+/// over `max_len` keeps a prefix and ends with `~` and 16 hex digits of its SHA-256, so two
+/// long values that share the prefix stay two. A value that passes is kept as it is.
+pub fn fit_text(value: &str, max_len: usize) -> std::borrow::Cow<'_, str> {
+    if check_text("", value, max_len).is_ok() {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let clean: String = value
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if clean.encode_utf16().count() <= max_len {
+        return std::borrow::Cow::Owned(clean);
+    }
+    let digest = Sha256::digest(value.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let suffix = format!("~{hex}");
+    let mut kept = String::new();
+    let mut units = 0;
+    for c in clean.chars() {
+        units += c.len_utf16();
+        if units > max_len - suffix.len() {
+            break;
+        }
+        kept.push(c);
+    }
+    kept.push_str(&suffix);
+    std::borrow::Cow::Owned(kept)
+}
+
 fn parse_occurred_at(text: &str, bounds: TimeBounds) -> Result<i64, String> {
     let at = DateTime::parse_from_rfc3339(text).map_err(|_| {
         format!(
@@ -750,6 +781,20 @@ mod tests {
         assert!(check(&with("agentId", &format!("\"{}\"", "😀".repeat(19)))).is_err());
         // 36 two-byte characters are 36 units: allowed although 72 bytes.
         assert!(check(&with("agentId", &format!("\"{}\"", "é".repeat(36)))).is_ok());
+    }
+
+    #[test]
+    fn a_fitted_name_passes_the_check_and_stays_apart_from_others() {
+        assert_eq!(fit_text("claude-code", 36), "claude-code");
+        assert_eq!(fit_text("a\u{0}b", 36), "a?b");
+        let long_a = format!("{}a", "😀".repeat(40));
+        let long_b = format!("{}b", "😀".repeat(40));
+        for max in [36, 64] {
+            let (a, b) = (fit_text(&long_a, max), fit_text(&long_b, max));
+            assert!(check_text("agentId", &a, max).is_ok(), "{a}");
+            assert_ne!(a, b, "two long names sharing a prefix stay two");
+            assert!(a.starts_with("😀") && a.contains('~'), "{a}");
+        }
     }
 
     #[test]

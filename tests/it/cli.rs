@@ -140,8 +140,9 @@ api_keys = [{ name = "k", sha256 = "abc", scopes = ["ingest"] }]
     );
 }
 
-/// The variables a user may set, beside the config table's: the flags' and the log filter.
-const FLAG_VARIABLES: [&str; 10] = [
+/// The variables a user may set, beside the config table's: the flags', the log filter, and the
+/// proxy's customer token secret (read from the environment only).
+const FLAG_VARIABLES: [&str; 12] = [
     "MCP_METER_LOG_FORMAT",
     "MCP_METER_LISTEN",
     "MCP_METER_PROXY_LISTEN",
@@ -152,6 +153,8 @@ const FLAG_VARIABLES: [&str; 10] = [
     "MCP_METER_PROXY_METER_URL",
     "MCP_METER_PROXY_API_KEY",
     "MCP_METER_PROXY_CUSTOMER",
+    "MCP_METER_PROXY_TENANT",
+    "MCP_METER_PROXY_CUSTOMER_SECRET",
 ];
 
 /// Every `MCP_METER_*` the README names is one the binary reads, and the reverse.
@@ -351,7 +354,14 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
             ("--meter-url", "MCP_METER_PROXY_METER_URL"),
             ("--api-key", "MCP_METER_PROXY_API_KEY"),
             ("--customer", "MCP_METER_PROXY_CUSTOMER"),
+            ("--tenant", "MCP_METER_PROXY_TENANT"),
         ];
+        // Read from the environment only: a secret given as a flag would show in `ps`.
+        let env_only: &[&str] = if proxy {
+            &["MCP_METER_PROXY_CUSTOMER_SECRET"]
+        } else {
+            &[]
+        };
         let out = mcp_meter(&[*command, &["--help"]].concat());
         assert!(out.status.success(), "{command:?}");
         let help = String::from_utf8(out.stdout).unwrap();
@@ -398,7 +408,9 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
             .filter(|w| *w != "MCP_METER_PROXY_")
         {
             let name = &var["MCP_METER_".len()..];
-            let own = flag_vars.iter().any(|(_, v)| *v == var) || name.starts_with("LOG");
+            let own = flag_vars.iter().any(|(_, v)| *v == var)
+                || env_only.contains(&var)
+                || name.starts_with("LOG");
             assert!(
                 own || sections.iter().any(|s| name.starts_with(s)),
                 "{command:?} lists {var}, which it does not read"

@@ -26,6 +26,7 @@ mod overload;
 mod proxy;
 mod proxy_delivery;
 mod proxy_peers;
+mod proxy_security;
 mod rate_limits;
 mod schemathesis;
 mod shutdown;

@@ -131,7 +131,8 @@ fn calls_pass_while_the_meter_is_down_and_their_events_arrive_after_it_is_back()
 }
 
 /// A tool the margin guard blocks (its cost is above its price) is answered by the proxy with
-/// `--guard`, over both transports, without reaching the server.
+/// `--guard`, over both transports, without reaching the server, and without the guard's
+/// reason, which holds the operator's costs.
 #[test]
 fn a_tool_the_guard_blocks_never_reaches_the_server() {
     let s = crate::credits::serve_with("[margin_guard]\ninterval_seconds = 1\n");
@@ -155,10 +156,15 @@ fn a_tool_the_guard_blocks_never_reaches_the_server() {
         let flags = [("MCP_METER_PROXY_FLAGS", "--guard --guard-timeout-ms 2000")];
         let result = drive_at(&s.base, INITECH, "cust-px", "blocked", mode, &flags);
         assert_eq!(result["refused"], true, "{mode}: {result}");
-        assert!(
-            result["text"].to_string().contains("blocked search"),
-            "{result}"
-        );
+        let text = result["text"].to_string();
+        assert!(text.contains("blocked search"), "{result}");
+        // The guard's reason names the operator's costs and margin: the client never sees it.
+        for figure in ["COGS", "margin", "µUSD", "revenue"] {
+            assert!(
+                !text.contains(figure),
+                "{mode}: the client saw {figure}: {text}"
+            );
+        }
         assert_eq!(
             result["runs"]["search"], 0,
             "{mode}: the server never ran it"

@@ -20,12 +20,12 @@ use std::time::Duration;
 /// On the test plan a call with no tokens is priced 5000 (FastMCP reports none).
 const RATED_CALL: i64 = 5000;
 
-fn peers() -> PathBuf {
+pub(crate) fn peers() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers")
 }
 
 /// A process the test started, killed when dropped.
-struct Running(Child);
+pub(crate) struct Running(pub(crate) Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -36,7 +36,7 @@ impl Drop for Running {
 
 impl Running {
     /// Stops it with SIGTERM (a proxy delivers what is queued first) and waits for it.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status();
@@ -44,7 +44,7 @@ impl Running {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -52,25 +52,25 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn listening(port: u16) -> bool {
+pub(crate) fn listening(port: u16) -> bool {
     wait_until(Duration::from_secs(30), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })
 }
 
 /// What a run of the peers leaves behind: the tools that finished, one line each.
-struct Runs(tempfile::NamedTempFile);
+pub(crate) struct Runs(tempfile::NamedTempFile);
 
 impl Runs {
-    fn new() -> Runs {
+    pub(crate) fn new() -> Runs {
         Runs(tempfile::NamedTempFile::new().unwrap())
     }
 
-    fn path(&self) -> String {
+    pub(crate) fn path(&self) -> String {
         self.0.path().display().to_string()
     }
 
-    fn of(&self, tool: &str) -> usize {
+    pub(crate) fn of(&self, tool: &str) -> usize {
         std::fs::read_to_string(self.0.path())
             .unwrap()
             .lines()
@@ -555,7 +555,7 @@ fn trivial_upstream(id_len: usize) -> String {
 }
 
 /// The resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()

@@ -266,7 +266,9 @@ export function withMetering(server: McpServer, options: MeteringOptions): Meter
       if (answer.status !== 200 || !check) {
         onError(new Error(`mcp-meter guard check failed open (${answer.status === 0 ? answer.error?.message : answer.status}); the call runs`));
       } else if (check.action === "block") {
-        return { result: refusal(`mcp-meter blocked ${name}: ${check.reason ?? "margin below its floor"}`) };
+        // The reason may hold the operator's costs and margins (GET /v1/guard/states shows
+        // them to the operator): the client is told the call is blocked, not why.
+        return { result: refusal(`mcp-meter blocked ${name}: the operator's limits do not allow this call now; try again later`) };
       } else if (check.action === "throttle") {
         await sleep(Math.min((check.retryAfterSeconds ?? 1) * 1000, options.maxThrottleMs ?? 5000));
       }

@@ -37,7 +37,12 @@ interface Harness {
 
 async function overStdio(how: "metered" | "plain" | "proxy"): Promise<Harness> {
   const server = [process.execPath, fileURLToPath(new URL("./stdio-server.js", import.meta.url))];
-  const env: Record<string, string> = { ...(process.env as Record<string, string>), ...(how === "metered" ? {} : { UNMETERED: "1" }) };
+  const env: Record<string, string> = {
+    ...(process.env as Record<string, string>),
+    ...(how === "metered" ? {} : { UNMETERED: "1" }),
+    // The proxy's key, from the environment as its --help asks (a flag shows in `ps`).
+    MCP_METER_PROXY_API_KEY: process.env.MCP_METER_KEY ?? "",
+  };
   const proxy = ["proxy", "--stdio", ...proxyFlags(env), "--", ...server];
   const transport = new StdioClientTransport({
     command: how === "proxy" ? env.MCP_METER_BIN : server[0],
@@ -74,10 +79,10 @@ function proxyLines(text: string): string[] {
   return text.split("\n").filter((l) => tracing.test(l) || l.startsWith("mcp-meter proxy:"));
 }
 
-/** The flags every proxy gets: where mcp-meter is, the key, the customer, the test's own. */
+/** The flags every proxy gets: where mcp-meter is, the customer, the test's own. */
 function proxyFlags(env: Record<string, string>): string[] {
   return [
-    "--meter-url", env.MCP_METER_URL, "--api-key", env.MCP_METER_KEY,
+    "--meter-url", env.MCP_METER_URL,
     ...(env.MCP_METER_CUSTOMER ? ["--customer", env.MCP_METER_CUSTOMER] : []),
     ...(env.MCP_METER_PROXY_FLAGS ? env.MCP_METER_PROXY_FLAGS.split(" ") : []),
   ];
@@ -109,6 +114,7 @@ async function overHttp(how: "metered" | "plain" | "proxy"): Promise<Harness> {
     const env = process.env as Record<string, string>;
     const proxy = spawn(env.MCP_METER_BIN, ["proxy", "--upstream", url.href, "--listen", "127.0.0.1:0", ...proxyFlags(env)], {
       stdio: ["ignore", "pipe", "pipe"],
+      env: { ...env, MCP_METER_PROXY_API_KEY: env.MCP_METER_KEY },
     });
     proxy.stderr.on("data", (chunk) => (log += chunk));
     const banner = await new Promise<string>((resolve, reject) => {

@@ -184,11 +184,18 @@ test("a guard check that times out lets the call run and says so", async () => {
 test("a guard block refuses and a throttle waits, then runs", async () => {
   let action = "block";
   const t = await setup(
-    (req) => (req.path.startsWith("/v1/guard/check") ? { status: 200, body: { action, retryAfterSeconds: 0.2 } } : accepted(req)),
+    (req) =>
+      req.path.startsWith("/v1/guard/check")
+        ? { status: 200, body: { action, retryAfterSeconds: 0.2, reason: "L3_BLOCK: tool `echo`: margin -1199904.00% (revenue 5000 µUSD, COGS 60000200 µUSD)" } }
+        : accepted(req),
     { guard: true, guardTimeoutMs: 1000 },
   );
   const blocked = await t.call("echo", { text: "hi" });
   assert.equal(blocked.isError, true);
+  // The operator's costs never reach the client.
+  const said = JSON.stringify(blocked.content);
+  assert.match(said, /blocked echo/);
+  assert.doesNotMatch(said, /COGS|margin|µUSD|60000200/);
   assert.equal(t.runs(), 0);
   action = "throttle";
   const started = Date.now();
