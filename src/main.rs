@@ -172,8 +172,9 @@ struct ProxyArgs {
     /// (from `initialize`, or each request's `_meta` in MCP 2026-07-28).
     #[arg(long, value_name = "HEADER")]
     agent_header: Option<String>,
-    /// The request header naming the session where the server hands out no Mcp-Session-Id
-    /// (MCP 2026-07-28, stateless servers); without it each client connection is a session.
+    /// The request header naming the session (a gateway's session or conversation id); where a
+    /// request has it, it comes before Mcp-Session-Id. Without it, the server's Mcp-Session-Id,
+    /// else each client connection is a session (MCP 2026-07-28, stateless servers).
     #[arg(long, value_name = "HEADER")]
     session_header: Option<String>,
     /// A call unanswered this long after its round was forwarded (or an input round the client

@@ -81,7 +81,14 @@ pub struct CallTracker {
     pending: HashMap<String, PendingCall>,
     /// Ids of `tools/list` requests in flight: their answers name the server's tools.
     lists: HashSet<String>,
+    /// Ids of the client's other requests in flight: an answer to one of them must not be
+    /// taken for a call's (a `-32601` to `nosuch/method` would release a call that ran).
+    others: HashSet<String>,
 }
+
+/// Requests one exchange (or stdio child) keeps in flight at most; past it, new ones are
+/// refused until answers come.
+pub const MAX_IN_FLIGHT: usize = 10_000;
 
 /// The JSON-RPC messages of one line or body: a batch's members, or the message itself.
 pub fn messages(value: &Value) -> Vec<&Value> {
@@ -96,7 +103,9 @@ pub fn messages(value: &Value) -> Vec<&Value> {
 pub fn id_key(id: &Value) -> String {
     match id {
         Value::Number(n) => match n.as_f64() {
-            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => format!("{}", f as i64),
+            Some(f) if f.fract() == 0.0 && f.abs() <= crate::wire::MAX_SAFE_INTEGER => {
+                format!("{}", f as i64)
+            }
             _ => n.to_string(),
         },
         other => other.to_string(),
@@ -135,17 +144,44 @@ fn is_answer(message: &Value) -> bool {
 }
 
 impl CallTracker {
-    /// A call that was forwarded: its answer ends it. A call whose id is already in flight in
-    /// this exchange is given back: two answers with one id could not be told apart, so it must
-    /// not be forwarded.
-    pub fn start(&mut self, id: &Value, call: PendingCall) -> Result<(), Box<PendingCall>> {
-        match self.pending.entry(id_key(id)) {
-            std::collections::hash_map::Entry::Occupied(_) => Err(Box::new(call)),
-            std::collections::hash_map::Entry::Vacant(place) => {
-                place.insert(call);
-                Ok(())
-            }
+    /// Why a new request with `id` cannot be taken, if it cannot: its id is in flight already
+    /// (two answers with one id could not be told apart), or too many requests are.
+    pub fn busy(&self, id: &Value) -> Option<&'static str> {
+        let key = id_key(id);
+        if self.pending.contains_key(&key) || self.others.contains(&key) {
+            Some("is already in use by a request in flight; give each request its own id")
+        } else if self.pending.len() + self.others.len() >= MAX_IN_FLIGHT {
+            Some("cannot be taken: too many requests are in flight; wait for their answers")
+        } else {
+            None
         }
+    }
+
+    /// A call that was forwarded: its answer ends it. A call [`busy`](Self::busy) refuses is
+    /// given back, with why: it must not be forwarded.
+    pub fn start(
+        &mut self,
+        id: &Value,
+        call: PendingCall,
+    ) -> Result<(), (Box<PendingCall>, &'static str)> {
+        if let Some(why) = self.busy(id) {
+            return Err((Box::new(call), why));
+        }
+        self.pending.insert(id_key(id), call);
+        Ok(())
+    }
+
+    /// Notes a client request that is not a call (it has an id and a method), or answers why
+    /// it cannot be taken ([`busy`](Self::busy)).
+    pub fn claim(&mut self, request: &Value) -> Result<(), &'static str> {
+        let (Some(id), Some(_)) = (request.get("id"), request.get("method")) else {
+            return Ok(());
+        };
+        if let Some(why) = self.busy(id) {
+            return Err(why);
+        }
+        self.others.insert(id_key(id));
+        Ok(())
     }
 
     /// Takes a call back (one that was never delivered).
@@ -176,6 +212,7 @@ impl CallTracker {
         if !is_answer(message) || !self.lists.remove(&id_key(&message["id"])) {
             return None;
         }
+        self.others.remove(&id_key(&message["id"]));
         let tools = message.pointer("/result/tools")?.as_array()?;
         Some(
             tools
@@ -190,7 +227,11 @@ impl CallTracker {
         if !is_answer(message) {
             return None;
         }
-        let call = self.pending.remove(&id_key(&message["id"]))?;
+        let key = id_key(&message["id"]);
+        if self.others.remove(&key) {
+            return None;
+        }
+        let call = self.pending.remove(&key)?;
         Some(ending(call, message))
     }
 

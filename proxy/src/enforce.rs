@@ -358,13 +358,13 @@ pub fn refusal(request: &Value, text: &str, terms: Option<Value>) -> Value {
     json!({"jsonrpc": "2.0", "id": request["id"], "result": result})
 }
 
-/// The JSON-RPC error for a `tools/call` whose id is already in flight in its exchange (or stdio
-/// session): two answers with one id could not be told apart, so it is not forwarded.
-pub fn id_in_use(request: &Value) -> Value {
+/// The JSON-RPC error for a request the exchange (or stdio session) cannot take, saying why
+/// ([`crate::calls::CallTracker::busy`]): it is not forwarded.
+pub fn id_in_use(request: &Value, why: &str) -> Value {
     crate::wire::error(
         &request["id"],
         -32600,
-        format!("mcp-meter proxy: request id {} is already in use by a call in flight; give each request its own id", request["id"]),
+        format!("mcp-meter proxy: request id {} {why}", request["id"]),
     )
 }
 

@@ -11,9 +11,9 @@
 //! reports its calls by the billing rule: the client gone → `CANCELLED`, the server's answer
 //! ended → `ERROR`, the call timeout passed → `TIMEOUT`.
 //!
-//! A session is the `Mcp-Session-Id` the server handed out; where there is none (MCP
-//! 2026-07-28, stateless servers) it is the value of the operator's `--session-header`, else
-//! the client's connection. Sessions are kept only for their agent, and forgotten when idle.
+//! A session is the value of the operator's `--session-header` (a gateway's session id, which
+//! a client's own headers cannot override), else the `Mcp-Session-Id` the server handed out,
+//! else the client's connection. Sessions are kept only for their agent, and forgotten when idle.
 //!
 //! Clients are not trusted ([`crate::wire`]): a body the proxy cannot parse is answered with a
 //! parse error, never forwarded; the payer comes from a signed customer token, a header the
@@ -266,7 +266,10 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     for listed in headers.get_all(hyper::header::CONNECTION) {
         for name in listed.to_str().unwrap_or("").split(',') {
             if let Ok(name) = HeaderName::try_from(name.trim()) {
-                out.remove(name);
+                // What MCP itself reads stays, whatever `Connection` says.
+                if !name.as_str().starts_with("mcp-") && name != hyper::header::CONTENT_TYPE {
+                    out.remove(name);
+                }
             }
         }
     }
@@ -288,6 +291,40 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// Why a POST's body is not one the proxy reads as the server will, if it is not: a server may
+/// decode the charset or the encoding the client names (body-parser reads UTF-7), where the
+/// proxy reads UTF-8 JSON only.
+fn not_plain_json(headers: &HeaderMap) -> Option<String> {
+    if let Some(encoding) = headers.get(hyper::header::CONTENT_ENCODING) {
+        if !encoding.as_bytes().eq_ignore_ascii_case(b"identity") {
+            return Some("send the body without Content-Encoding".into());
+        }
+    }
+    if headers.get_all(hyper::header::CONTENT_TYPE).iter().count() > 1 {
+        return Some("the Content-Type is given more than once; give it once".into());
+    }
+    let content_type = headers.get(hyper::header::CONTENT_TYPE)?;
+    let text = content_type.to_str().unwrap_or("");
+    let mut parts = text.split(';');
+    let mime = parts.next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Some(format!(
+            "the Content-Type is `{text}`; send application/json"
+        ));
+    }
+    for parameter in parts {
+        let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+        let value = value.trim().trim_matches('"');
+        if name.trim().eq_ignore_ascii_case("charset")
+            && !value.eq_ignore_ascii_case("utf-8")
+            && !value.eq_ignore_ascii_case("utf8")
+        {
+            return Some(format!("the charset is `{value}`; send UTF-8"));
+        }
+    }
+    None
+}
+
 /// A request's headers as the upstream gets them: end to end, without the payer header (the
 /// proxy's), and `X-Forwarded-For` saying the client's address, not what the client claims.
 fn upstream_headers(headers: &HeaderMap, payer: &Payer, peer: SocketAddr) -> HeaderMap {
@@ -297,6 +334,13 @@ fn upstream_headers(headers: &HeaderMap, payer: &Payer, peer: SocketAddr) -> Hea
     }
     for name in ["forwarded", "x-forwarded-for", "x-real-ip"] {
         out.remove(name);
+    }
+    if out.contains_key(hyper::header::CONTENT_TYPE) {
+        // The body the proxy read, named as it read it.
+        out.insert(
+            hyper::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
     out.insert(
         "x-forwarded-for",
@@ -362,6 +406,8 @@ struct Exchange {
     calls: CallTracker,
     /// The (session, id) cancel flags this exchange registered.
     registered: Vec<(String, String)>,
+    /// Set once the request goes upstream: calls dropped before never ran.
+    forwarded: bool,
 }
 
 impl Exchange {
@@ -372,7 +418,14 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        self.end("CANCELLED");
+        if self.forwarded {
+            self.end("CANCELLED");
+        } else {
+            // The client went away while the calls were admitted: none was forwarded.
+            for (_, call) in self.calls.take_all() {
+                self.shared.door.ended(crate::calls::Ended::NotRun(call));
+            }
+        }
         let mut cancels = lock(&self.shared.cancels);
         for key in self.registered.drain(..) {
             cancels.remove(&key);
@@ -518,7 +571,17 @@ async fn forward(
     };
     // Messages travel in POSTs; nothing else may carry a body past the proxy.
     let parsed = if parts.method == Method::POST {
-        match wire::parse(&bytes) {
+        if let Some(why) = not_plain_json(&parts.headers) {
+            return Ok(refused(
+                s,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                &invalid(&why),
+            ));
+        }
+        match wire::parse(&bytes).and_then(|(value, forwarded)| {
+            wire::shape(&value)?;
+            Ok((value, forwarded))
+        }) {
             Ok((value, forwarded)) => Some((value, bytes.slice_ref(forwarded))),
             Err(error) => {
                 return Ok(refused(s, StatusCode::BAD_REQUEST, &error));
@@ -551,17 +614,18 @@ async fn forward(
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
         .map(|v| fit_text(v, MAX_SESSION_ID_LEN).into_owned());
-    let session = server_session
-        .clone()
-        .or_else(|| {
-            header(&s.proxy.session_header).map(|v| fit_text(&v, MAX_SESSION_ID_LEN).into_owned())
-        })
+    // The operator's session header, set by a gateway, comes first: a client's own
+    // Mcp-Session-Id must not move its calls out of the session the gateway names.
+    let session = header(&s.proxy.session_header)
+        .map(|v| fit_text(&v, MAX_SESSION_ID_LEN).into_owned())
+        .or_else(|| server_session.clone())
         .unwrap_or(connection);
     let session_agent = touch(s, &session);
     let mut exchange = Exchange {
         shared: s.clone(),
         calls: CallTracker::default(),
         registered: Vec::new(),
+        forwarded: false,
     };
     let mut forwarded = parsed.as_ref().map_or(bytes.clone(), |(_, b)| b.clone());
     let mut refusals = Vec::new();
@@ -582,6 +646,12 @@ async fn forward(
             let (id, tool) = match wire::tool_call(message) {
                 Ok(Some(call)) => call,
                 Ok(None) => {
+                    // Another request: its id must not be a call's, or its answer would end
+                    // the call.
+                    if let Err(why) = exchange.calls.claim(message) {
+                        refusals.push(crate::enforce::id_in_use(message, why));
+                        continue;
+                    }
                     // A `tools/list`, or a cancellation of a call of this very batch, which
                     // ends it.
                     if let Some(cancelled) = exchange.calls.from_client(message) {
@@ -595,6 +665,10 @@ async fn forward(
                     continue;
                 }
             };
+            if let Some(why) = exchange.calls.busy(id) {
+                refusals.push(crate::enforce::id_in_use(message, why));
+                continue;
+            }
             let who = Caller {
                 session: session.clone(),
                 agent: header(&s.proxy.agent_header)
@@ -603,12 +677,19 @@ async fn forward(
                     .or_else(|| session_agent.clone()),
                 customer: customer.clone(),
             };
-            // The door blocks (authorization, guard, throttle): off the async workers.
+            // The door blocks (authorization, guard, throttle): off the async workers. A client
+            // gone while its call is admitted drops the receiver: the call never runs, and
+            // what it reserved is released.
             let decision = {
                 let (s2, message2, tool2) = (s.clone(), message.clone(), tool.to_string());
-                tokio::task::spawn_blocking(move || s2.door.admit(&message2, &tool2, &who))
-                    .await
-                    .map_err(|e| format!("admission failed: {e}"))?
+                let (answer, decided) = tokio::sync::oneshot::channel();
+                tokio::task::spawn_blocking(move || {
+                    let decision = s2.door.admit(&message2, &tool2, &who);
+                    if let Err(Ok(call)) = answer.send(decision) {
+                        s2.door.ended(crate::calls::Ended::NotRun(call));
+                    }
+                });
+                decided.await.map_err(|_| "admission failed".to_string())?
             };
             match decision {
                 Ok(call) => {
@@ -620,9 +701,9 @@ async fn forward(
                             exchange.registered.push(key);
                             keep.push(message.clone());
                         }
-                        Err(call) => {
+                        Err((call, why)) => {
                             s.door.ended(crate::calls::Ended::NotRun(*call));
-                            refusals.push(crate::enforce::id_in_use(message));
+                            refusals.push(crate::enforce::id_in_use(message, why));
                         }
                     }
                 }
@@ -656,6 +737,7 @@ async fn forward(
         .map_err(|e| e.to_string())?;
     *upstream.headers_mut() = upstream_headers(&parts.headers, &s.proxy.payer, peer);
     let timeout = s.door.rules.call_timeout;
+    exchange.forwarded = true;
     let response = match tokio::time::timeout(timeout, s.client.request(upstream)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) if e.is_connect() => {

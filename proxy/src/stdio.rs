@@ -54,7 +54,13 @@ struct Relay {
     agent: Mutex<Option<String>>,
     /// Set when the client closed its stdin: calls left unanswered then were given up by it.
     client_gone: AtomicBool,
+    /// Calls being admitted on threads of their own, and the signal that one finished.
+    admitting: Mutex<usize>,
+    admitted: std::sync::Condvar,
 }
+
+/// Calls admitted at once on threads of their own (each may wait on mcp-meter).
+const MAX_ADMITTING: usize = 64;
 
 impl Relay {
     fn lock_calls(&self) -> std::sync::MutexGuard<'_, CallTracker> {
@@ -97,9 +103,9 @@ impl Relay {
                             self.never_delivered(&[message]);
                         }
                     }
-                    Err(call) => {
+                    Err((call, why)) => {
                         self.door.ended(Ended::NotRun(*call));
-                        self.write_client(&to_line(&id_in_use(message)));
+                        self.write_client(&to_line(&id_in_use(message, why)));
                     }
                 }
             }
@@ -114,8 +120,12 @@ impl Relay {
         if line.iter().all(u8::is_ascii_whitespace) {
             return true;
         }
-        let (value, bom) = match wire::parse(&line) {
-            Ok((value, forwarded)) => (value, line.len() - forwarded.len()),
+        let read = wire::parse(&line).and_then(|(value, forwarded)| {
+            wire::shape(&value)?;
+            Ok((value, forwarded.len()))
+        });
+        let (value, bom) = match read {
+            Ok((value, forwarded)) => (value, line.len() - forwarded),
             Err(error) => {
                 self.door.meter.stats().requests_refused.add(1);
                 return self.write_client(&to_line(&error));
@@ -126,8 +136,19 @@ impl Relay {
             Ok(Some((_, tool))) => {
                 let who = self.caller(&value);
                 if self.door.asks_meter(tool) {
+                    // At most MAX_ADMITTING at once: past it, the client's next line waits.
+                    let mut admitting = self.admitting.lock().expect("admitting lock");
+                    while *admitting >= MAX_ADMITTING {
+                        admitting = self.admitted.wait(admitting).expect("admitting lock");
+                    }
+                    *admitting += 1;
+                    drop(admitting);
                     let (relay, tool) = (self.clone(), tool.to_string());
-                    std::thread::spawn(move || relay.admit_and_forward(&value, &tool, &who));
+                    std::thread::spawn(move || {
+                        relay.admit_and_forward(&value, &tool, &who);
+                        *relay.admitting.lock().expect("admitting lock") -= 1;
+                        relay.admitted.notify_one();
+                    });
                 } else {
                     self.admit_and_forward(&value, tool, &who);
                 }
@@ -147,6 +168,12 @@ impl Relay {
                     continue;
                 }
                 Ok(None) => {
+                    // Another request: its id must not be a call's in flight, or its answer
+                    // would end the call.
+                    if let Err(why) = self.lock_calls().claim(message) {
+                        refusals.push(id_in_use(message, why));
+                        continue;
+                    }
                     self.caller(message);
                     let cancelled = self.lock_calls().from_client(message);
                     if let Some(event) = cancelled {
@@ -161,9 +188,9 @@ impl Relay {
                     let started = self.lock_calls().start(id, call);
                     match started {
                         Ok(()) => forward.push(message.clone()),
-                        Err(call) => {
+                        Err((call, why)) => {
                             self.door.ended(Ended::NotRun(*call));
-                            refusals.push(id_in_use(message));
+                            refusals.push(id_in_use(message, why));
                         }
                     }
                 }
@@ -234,6 +261,8 @@ impl StdioProxy {
             customer: self.customer,
             agent: Mutex::new(None),
             client_gone: AtomicBool::new(false),
+            admitting: Mutex::new(0),
+            admitted: std::sync::Condvar::new(),
         });
         let from_child = child.stdout.take().expect("piped");
 

@@ -11,12 +11,16 @@
 //!   server's language: a string, or an integer a JavaScript number holds exactly
 //!   (|n| ≤ 2^53 − 1; `1.0` is the integer 1). Fractions, larger numbers, `null` and any
 //!   other id, a missing id (a call sent as a notification) and a tool name that is not a
-//!   string are refused with -32600.
+//!   string an event can carry are refused with -32600.
+//! - Every message is an object, a batch is not empty, and no object the server acts on (the
+//!   message, its `params`, their `_meta`) has two keys that differ only in case: a Go server
+//!   matches keys without regard to case, and would read `"METHOD":"tools/call"` in what the
+//!   proxy reads as a `ping`. Such bodies are refused whole with -32600.
 
 use serde_json::{json, Value};
 
 /// The largest integer every JSON peer reads exactly (JavaScript's `Number.MAX_SAFE_INTEGER`).
-const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
+pub const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -45,6 +49,48 @@ pub fn too_large(limit: usize) -> Value {
         &Value::Null,
         -32600,
         format!("mcp-meter proxy: the message is over {limit} bytes; nothing was forwarded"),
+    )
+}
+
+/// Refuses a body (a message or a batch) a server could read otherwise than the proxy does.
+pub fn shape(value: &Value) -> Result<(), Value> {
+    let members: Vec<&Value> = match value {
+        Value::Array(batch) if batch.is_empty() => {
+            return Err(invalid_body("the batch is empty"));
+        }
+        Value::Array(batch) => batch.iter().collect(),
+        one => vec![one],
+    };
+    for message in members {
+        let Value::Object(envelope) = message else {
+            return Err(invalid_body("each message must be a JSON object"));
+        };
+        let params = envelope.get("params").and_then(Value::as_object);
+        let metas = [
+            envelope.get("_meta").and_then(Value::as_object),
+            params
+                .and_then(|p| p.get("_meta"))
+                .and_then(Value::as_object),
+        ];
+        for object in [Some(envelope), params].into_iter().chain(metas).flatten() {
+            let mut seen = std::collections::HashSet::new();
+            for key in object.keys() {
+                if !seen.insert(key.to_lowercase()) {
+                    return Err(invalid_body(&format!(
+                        "two keys are `{key}` but for case; a server may read either"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn invalid_body(why: &str) -> Value {
+    error(
+        &Value::Null,
+        -32600,
+        format!("mcp-meter proxy: {why}; nothing was forwarded"),
     )
 }
 
@@ -84,17 +130,52 @@ pub fn tool_call(message: &Value) -> Result<Option<(&Value, &str)>, Value> {
             "request id {id} is not a string or an integer of at most 2^53 - 1"
         )));
     }
-    match message.pointer("/params/name").and_then(Value::as_str) {
-        Some(tool) => Ok(Some((id, tool))),
-        None => Err(invalid(
+    let Some(tool) = message.pointer("/params/name").and_then(Value::as_str) else {
+        return Err(invalid(
             "a tools/call needs params.name, the tool's name as a string",
-        )),
+        ));
+    };
+    // A name its event cannot carry would run unbilled: refused, never fitted (a fitted name
+    // would bill another tool).
+    if tool.is_empty() {
+        return Err(invalid("params.name is empty"));
     }
+    if let Err(why) =
+        schemas::event::check_text("params.name", tool, schemas::event::MAX_TOOL_NAME_LEN)
+    {
+        return Err(invalid(&why));
+    }
+    Ok(Some((id, tool)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_a_server_could_read_otherwise_is_refused_whole() {
+        for body in [
+            r#"[]"#,
+            r#"[[{"id":1,"method":"tools/call","params":{"name":"t"}}]]"#,
+            r#"[1]"#,
+            r#""ping""#,
+            r#"{"id":1,"method":"ping","METHOD":"tools/call","params":{"name":"t"}}"#,
+            r#"{"id":1,"method":"tools/call","params":{"name":"free","Name":"premium"}}"#,
+            r#"{"id":1,"method":"ping","params":{"_meta":{"a":1,"A":2}}}"#,
+        ] {
+            let refused = shape(&serde_json::from_str(body).unwrap()).unwrap_err();
+            assert_eq!(refused["error"]["code"], -32600, "{body}: {refused}");
+        }
+        for body in [
+            r#"{"id":1,"method":"tools/call","params":{"name":"t","arguments":{"a":1,"A":2}}}"#,
+            r#"[{"id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#,
+        ] {
+            assert!(
+                shape(&serde_json::from_str(body).unwrap()).is_ok(),
+                "{body}"
+            );
+        }
+    }
 
     #[test]
     fn what_serde_json_cannot_read_is_a_parse_error_and_a_bom_is_dropped() {
@@ -145,6 +226,11 @@ mod tests {
             assert_eq!(refused["error"]["code"], -32600, "{id} {name}: {refused}");
         }
         assert_eq!(tool_call(&call(r#""id":2,"#, "3")).unwrap_err()["id"], 2);
+        let long = format!("\"{}\"", "t".repeat(65));
+        for name in [long.as_str(), r#""""#, r#""pre\u0000mium""#] {
+            let refused = tool_call(&call(r#""id":3,"#, name)).unwrap_err();
+            assert_eq!(refused["error"]["code"], -32600, "{name}: {refused}");
+        }
         assert!(matches!(
             tool_call(&json!({"id":1,"method":"tools/list"})),
             Ok(None)

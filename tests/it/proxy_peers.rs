@@ -70,6 +70,14 @@ impl Runs {
         self.0.path().display().to_string()
     }
 
+    /// Every tool that finished.
+    pub(crate) fn all(&self) -> usize {
+        std::fs::read_to_string(self.0.path())
+            .unwrap()
+            .lines()
+            .count()
+    }
+
     pub(crate) fn of(&self, tool: &str) -> usize {
         std::fs::read_to_string(self.0.path())
             .unwrap()

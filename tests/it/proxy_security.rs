@@ -65,8 +65,10 @@ fn post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
         .into();
     let mut request = agent
         .post(url)
-        .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream");
+    if !headers.iter().any(|(name, _)| *name == "content-type") {
+        request = request.header("content-type", "application/json");
+    }
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -149,7 +151,25 @@ fn a_body_the_proxy_cannot_read_never_reaches_the_server() {
         assert_eq!(status, 400, "{what}: {answer}");
         assert_eq!(answer["error"]["code"], -32700, "{what}: {answer}");
     }
+    // A charset or an encoding the server might decode otherwise (body-parser reads UTF-7,
+    // in which `+ACI-` is a quote): refused, unread.
     let plain = call("7", "premium", "{}");
+    for (name, value) in [
+        ("content-type", "application/json; charset=utf-7"),
+        ("content-type", "text/plain"),
+        ("content-encoding", "gzip"),
+    ] {
+        let (status, answer) = post(&url, &[(name, value)], plain.as_bytes());
+        assert_eq!(status, 415, "{name}: {value}: {answer}");
+        assert_eq!(answer["error"]["code"], -32600, "{name}: {value}: {answer}");
+    }
+    // Two Content-Types: a server might read the second.
+    let twice = [
+        ("content-type", "application/json"),
+        ("content-type", "application/json; charset=utf-7"),
+    ];
+    let (status, answer) = post(&url, &twice, plain.as_bytes());
+    assert_eq!(status, 415, "two Content-Types: {answer}");
     let (_, answer) = post(&url, &[], plain.as_bytes());
     assert_payment_refusal(&answer, "readable");
     let (_, answer) = post(&url, &[], &with_bom(&plain));
@@ -333,6 +353,13 @@ enum Trick {
     LongName(u64),
     /// An Mcp-Session-Id over the sessionId limit.
     LongSession(u64),
+    /// Another request with the call's id, before it in the batch: its answer (a -32601 from
+    /// an SDK server) would have ended the call as never run, and released it.
+    OtherRequestFirst(u64),
+    /// Another request with the call's id, after it in the batch.
+    OtherRequestAfter(u64),
+    /// A tool name its event could not carry (over 64 characters).
+    LongToolName(u64),
 }
 
 impl Trick {
@@ -361,6 +388,21 @@ impl Trick {
                     "_meta": {"io.modelcontextprotocol/clientInfo": {"name": name, "version": "1"}}}});
                 (body.to_string(), vec![])
             }
+            Trick::OtherRequestFirst(n) => (
+                format!(
+                    r#"[{{"jsonrpc":"2.0","id":{n},"method":"nosuch/method"}},{}]"#,
+                    plain(n.to_string())
+                ),
+                vec![],
+            ),
+            Trick::OtherRequestAfter(n) => (
+                format!(
+                    r#"[{},{{"jsonrpc":"2.0","id":{n},"method":"nosuch/method"}}]"#,
+                    plain(n.to_string())
+                ),
+                vec![],
+            ),
+            Trick::LongToolName(n) => (call(&n.to_string(), &"t".repeat(65), "{}"), vec![]),
             Trick::LongSession(n) => (
                 plain(n.to_string()),
                 vec![(
@@ -374,7 +416,12 @@ impl Trick {
     /// The oracle: how many calls of the probe may run (and so are billed).
     fn runs(&self) -> usize {
         match self {
-            Trick::Huge | Trick::Fraction | Trick::Null | Trick::Missing => 0,
+            Trick::Huge
+            | Trick::Fraction
+            | Trick::Null
+            | Trick::Missing
+            | Trick::OtherRequestFirst(_)
+            | Trick::LongToolName(_) => 0,
             _ => 1,
         }
     }
@@ -382,7 +429,7 @@ impl Trick {
 
 fn random_trick(next: &mut impl FnMut() -> u64) -> Trick {
     let n = 1 + next() % 1_000_000;
-    match next() % 10 {
+    match next() % 13 {
         0 => Trick::Integer(n),
         1 => Trick::IntegerAsFloat(n),
         2 => Trick::Text(format!("t-{n}")),
@@ -392,6 +439,9 @@ fn random_trick(next: &mut impl FnMut() -> u64) -> Trick {
         6 => Trick::Missing,
         7 => Trick::TwiceInABatch(n),
         8 => Trick::LongName(n),
+        9 => Trick::OtherRequestFirst(n),
+        10 => Trick::OtherRequestAfter(n),
+        11 => Trick::LongToolName(n),
         _ => Trick::LongSession(n),
     }
 }
@@ -432,7 +482,7 @@ fn every_id_and_name_trick_is_billed_exactly_once() {
             crate::credits::grant(&s, INITECH, &customer, grant, &customer).0,
             201
         );
-        let before = runs.of("premium");
+        let before = runs.all();
         let mut expected = 0;
         for (i, trick) in tricks.iter().enumerate() {
             let (body, headers) = trick.request();
@@ -440,7 +490,7 @@ fn every_id_and_name_trick_is_billed_exactly_once() {
             all.extend(headers.iter().map(|(n, v)| (*n, v.as_str())));
             let (status, answer) = post(&url, &all, body.as_bytes());
             expected += trick.runs();
-            let ran = runs.of("premium") - before;
+            let ran = runs.all() - before;
             if ran != expected {
                 return Err((
                     i,
@@ -479,7 +529,7 @@ fn every_id_and_name_trick_is_billed_exactly_once() {
         .unwrap();
     assert_eq!(
         stored as usize,
-        runs.of("premium"),
+        runs.all(),
         "a call that ran was not stored"
     );
 }
