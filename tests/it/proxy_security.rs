@@ -816,3 +816,134 @@ fn what_a_client_makes_the_proxy_hold_is_bounded() {
     }
     assert!(head.contains("x-forwarded-for: 127.0.0.1"), "{head}");
 }
+
+/// A TCP relay in front of `target` that holds each request for `/v1/authorize` for `delay`
+/// before passing it on: a meter slow to authorize. Answers its address.
+fn slow_authorizing(target: &str, delay: Duration) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let target = target.trim_start_matches("http://").to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            let (mut from_client, mut to_server) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = from_client.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if buf[..n].windows(18).any(|w| w == b"POST /v1/authorize") {
+                        std::thread::sleep(delay);
+                    }
+                    if to_server.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to_server.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut from_server, mut to_client) = (server, client);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_server, &mut to_client);
+                let _ = to_client.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    address
+}
+
+/// A client that goes away while its paid calls are being authorized leaves nothing behind:
+/// before, the call admitted first was reported `CANCELLED` (billed) though it was never
+/// forwarded, and the one still being authorized kept its reservation until it lapsed. Now
+/// neither runs, nothing is billed and nothing stays reserved.
+#[test]
+fn a_client_gone_while_its_calls_are_authorized_leaves_nothing_behind() {
+    let s = serve();
+    assert_eq!(
+        crate::credits::grant(&s, INITECH, "slowpay", 100 * RATED_CALL, "g-s").0,
+        201
+    );
+    let runs = Runs::new();
+    let (_server, upstream) = lenient_http(&runs);
+    let meter = slow_authorizing(&s.base, Duration::from_millis(1500));
+    let flags = ["--paid-tool", "premium", "--customer", "slowpay"];
+    let (_proxy, url) = proxy(&meter, &upstream, &flags, &[]);
+    let address = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let body = format!(
+        "[{},{}]",
+        call("1", "premium", "{}"),
+        call("2", "premium", "{}")
+    );
+    let mut client = std::net::TcpStream::connect(&address).unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).unwrap();
+    client.write_all(body.as_bytes()).unwrap();
+    // Gone during the second authorization (the first takes 1.5 s), which then completes.
+    std::thread::sleep(Duration::from_millis(2000));
+    drop(client);
+    std::thread::sleep(Duration::from_millis(2500));
+    let settled = wait_until(Duration::from_secs(20), || {
+        let b = crate::credits::balance(&s, INITECH, "slowpay");
+        b["reservedMicros"] == 0
+    });
+    let balance = crate::credits::balance(&s, INITECH, "slowpay");
+    assert!(settled, "a reservation was left behind: {balance}");
+    std::thread::sleep(Duration::from_millis(500));
+    let balance = crate::credits::balance(&s, INITECH, "slowpay");
+    assert_eq!(
+        balance["settledMicros"], 0,
+        "a call never forwarded was billed: {balance}"
+    );
+    assert_eq!(runs.all(), 0, "a call ran after its client left");
+}
+
+/// The session a gateway names (`--session-header`) is the call's, whatever `Mcp-Session-Id`
+/// the client adds: before, the client's header won, and a new value per request was a new
+/// session per call, out of reach of session limits and kills.
+#[test]
+fn the_gateways_session_header_comes_before_the_clients_session_id() {
+    let s = serve();
+    let runs = Runs::new();
+    let (_server, upstream) = lenient_http(&runs);
+    let flags = [
+        "--session-header",
+        "x-conversation",
+        "--customer",
+        "c-session",
+    ];
+    let (_proxy, url) = proxy(&s.base, &upstream, &flags, &[]);
+    for (i, own) in ["evil-1", "evil-2"].iter().enumerate() {
+        let headers = [("x-conversation", "conv-1"), ("mcp-session-id", *own)];
+        let (status, answer) = post(
+            &url,
+            &headers,
+            call(&i.to_string(), "free", "{}").as_bytes(),
+        );
+        assert_eq!(status, 200, "{answer}");
+    }
+    let sessions = || -> Vec<String> {
+        let db = rusqlite::Connection::open(s.dir.path().join(backends::store::sqlite::DB_FILE))
+            .unwrap();
+        let mut rows = db
+            .prepare("SELECT session_id FROM mcp_events ORDER BY 1")
+            .unwrap();
+        rows.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert!(wait_until(Duration::from_secs(15), || sessions().len() == 2));
+    assert_eq!(sessions(), ["conv-1", "conv-1"]);
+}
