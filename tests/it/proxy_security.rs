@@ -56,6 +56,29 @@ fn proxy(meter: &str, upstream: &str, flags: &[&str], env: &[(&str, &str)]) -> (
     (proxy, format!("http://127.0.0.1:{port}/mcp"))
 }
 
+/// A meter, the lenient server, and a proxy in front of it with `flags` and `env`.
+struct Rig {
+    s: Server,
+    runs: Runs,
+    url: String,
+    _server: Running,
+    _proxy: Running,
+}
+
+fn rig(flags: &[&str], env: &[(&str, &str)]) -> Rig {
+    let s = serve();
+    let runs = Runs::new();
+    let (server, upstream) = lenient_http(&runs);
+    let (proxy, url) = proxy(&s.base, &upstream, flags, env);
+    Rig {
+        s,
+        runs,
+        url,
+        _server: server,
+        _proxy: proxy,
+    }
+}
+
 /// A POST of `body` with `headers`: the status and the JSON answer (`null` for none).
 fn post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -454,9 +477,6 @@ fn random_trick(next: &mut impl FnMut() -> u64) -> Trick {
 /// ingest refused: the call ran unbilled. The seed is printed; a failure is shrunk.
 #[test]
 fn every_id_and_name_trick_is_billed_exactly_once() {
-    let s = serve();
-    let runs = Runs::new();
-    let (_server, upstream) = lenient_http(&runs);
     let flags = [
         "--paid-tool",
         "premium",
@@ -464,7 +484,13 @@ fn every_id_and_name_trick_is_billed_exactly_once() {
         "X-Customer-Id",
         "--trust-customer-header",
     ];
-    let (_proxy, url) = proxy(&s.base, &upstream, &flags, &[]);
+    let Rig {
+        s,
+        runs,
+        url,
+        _server,
+        _proxy,
+    } = rig(&flags, &[]);
     let now = chrono::Utc::now().timestamp_millis() as u64;
     let seed = schemas::search::env_number("MCP_METER_SEARCH_SEED", now);
     let sequences = schemas::search::env_number("MCP_METER_SEARCH_SEQUENCES", 6);
@@ -914,16 +940,19 @@ fn a_client_gone_while_its_calls_are_authorized_leaves_nothing_behind() {
 /// session per call, out of reach of session limits and kills.
 #[test]
 fn the_gateways_session_header_comes_before_the_clients_session_id() {
-    let s = serve();
-    let runs = Runs::new();
-    let (_server, upstream) = lenient_http(&runs);
     let flags = [
         "--session-header",
         "x-conversation",
         "--customer",
         "c-session",
     ];
-    let (_proxy, url) = proxy(&s.base, &upstream, &flags, &[]);
+    let Rig {
+        s,
+        url,
+        _server,
+        _proxy,
+        ..
+    } = rig(&flags, &[]);
     for (i, own) in ["evil-1", "evil-2"].iter().enumerate() {
         let headers = [("x-conversation", "conv-1"), ("mcp-session-id", *own)];
         let (status, answer) = post(
