@@ -112,7 +112,18 @@ pub fn csv_record<F: ExportFigures>(
     out
 }
 
+/// A text field of a CSV record. One a spreadsheet would take for a formula (it begins with
+/// `=`, `+`, `-`, `@`, a tab or a carriage return: a client's `clientInfo.name` of
+/// `=HYPERLINK(…)` becomes an agent id) is neutralized as OWASP advises: a `'` before it, so it
+/// reads as text. Then RFC 4180 quoting.
 fn push_csv_field(out: &mut String, field: &str) {
+    let neutralized;
+    let field = if field.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        neutralized = format!("'{field}");
+        neutralized.as_str()
+    } else {
+        field
+    };
     if field.contains([',', '"', '\r', '\n']) {
         out.push('"');
         out.push_str(&field.replace('"', "\"\""));
@@ -290,6 +301,33 @@ mod tests {
             csv_record::<BillingSpendFigures>("p", None, &f),
             "p,total,,,,3,1,30,30,3000,15120,0.015120\r\n"
         );
+    }
+
+    #[test]
+    fn a_field_a_spreadsheet_would_run_as_a_formula_is_neutralized() {
+        let f = UsageFigures::default();
+        for (agent, cell) in [
+            (
+                "=HYPERLINK(\"http://x\",\"y\")",
+                "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"",
+            ),
+            ("+1", "'+1"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tx", "'\tx"),
+            ("agent-7", "agent-7"),
+        ] {
+            let key = BillingKey {
+                customer_id: "c".into(),
+                agent_id: agent.into(),
+                tool_name: "t".into(),
+            };
+            let record = csv_record::<BillingFigures>("2026-11", Some(&key), &f);
+            assert!(
+                record.starts_with(&format!("2026-11,usage,c,{cell},t,")),
+                "{agent}: {record}"
+            );
+        }
     }
 
     #[test]

@@ -217,7 +217,8 @@ pub struct GuardView {
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GuardCheck {
-    /// The worse of the agent's and the tool's margin levels.
+    /// The worse of the agent's and the tool's margin levels; `L3_BLOCK` for a killed
+    /// session, whatever its margins, so level and action never disagree.
     pub level: MarginLevel,
     pub action: GuardAction,
     /// For `throttle` and `block`: seconds to wait before trying again (until the guard's next
@@ -280,6 +281,7 @@ impl GuardCheck {
             tool: None,
         };
         if let Some(until) = view.session_killed_until_ms.filter(|u| *u > now_ms) {
+            check.level = MarginLevel::Block;
             check.action = GuardAction::Block;
             check.session_killed = true;
             check.retry_after_seconds = ((until - now_ms) as u64).div_ceil(1000);
@@ -414,6 +416,7 @@ mod tests {
         };
         let check = GuardCheck::decide(killed, NOW, 10);
         assert_eq!(check.action, GuardAction::Block);
+        assert_eq!(check.level, MarginLevel::Block, "level and action agree");
         assert!(check.session_killed);
         assert_eq!(check.retry_after_seconds, 2);
         // A kill whose window has ended no longer blocks.

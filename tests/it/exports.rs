@@ -224,6 +224,32 @@ fn filters_narrow_the_lines_and_their_totals() {
     assert_eq!(parse_csv(&csv).len(), 2, "header and totals only: {csv}");
 }
 
+/// A client's `clientInfo.name` of `=HYPERLINK(…)` becomes an agent id; in the CSV export its
+/// cell begins with `'`, so a spreadsheet shows it as text and never runs it. JSON keeps it as
+/// it is.
+#[test]
+fn a_cell_a_spreadsheet_would_run_is_exported_as_text() {
+    let s = Server::start();
+    let (period, at) = this_month();
+    let formula = r#"=HYPERLINK("http://e.x","y")"#;
+    let event = json!({"idempotencyKey": "f-1", "metricName": "mcp_server.tool_invocations",
+        "toolName": "@SUM", "agentId": formula, "customerId": "-5", "sessionId": "s",
+        "occurredAt": at});
+    let (status, body) = s.post("/v1/ingest/events", ACME, &event.to_string());
+    assert_eq!((status, &body["accepted"]), (202, &json!(1)), "{body}");
+    let (_, csv) = s.get_text(&format!("/v1/exports/billing?period={period}"), ACME);
+    let rows = parse_csv(&csv);
+    let line = rows.iter().find(|r| r[1] == "usage").expect("a usage line");
+    assert_eq!(line[2], "'-5", "{csv}");
+    assert_eq!(line[3], format!("'{formula}"), "{csv}");
+    assert_eq!(line[4], "'@SUM", "{csv}");
+    let (_, json) = s.get(
+        &format!("/v1/exports/billing?period={period}&format=json"),
+        ACME,
+    );
+    assert_eq!(json["lines"][0]["agentId"], formula);
+}
+
 #[test]
 fn exports_need_the_export_scope_and_show_only_the_keys_tenant() {
     let s = Server::start();
