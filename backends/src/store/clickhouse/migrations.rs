@@ -121,9 +121,7 @@ pub async fn deduplicate_events(
     runner: &dyn SqlRunner,
     database: &str,
 ) -> Result<Deduplication, StoreError> {
-    // A read that fails here may be another migrate's rename in flight (see below): the lock
-    // decides then. A server that cannot answer fails the next query anyway.
-    if let Ok(Some(done)) = events_deduplication(runner).await {
+    if let Some(done) = events_deduplication(runner).await? {
         return Ok(done);
     }
     let version = runner.tab_separated("SELECT version()").await?;
@@ -162,22 +160,16 @@ nothing. ({e})",
         .execute("CREATE TABLE mcp_events_conversion (started DateTime) ENGINE = TinyLog")
         .await;
     if let Err(e) = locked {
-        let mut last = String::new();
         for _ in 0..600 {
-            // While the other migrate renames the tables (not at once before 24.x), reading
-            // `system.tables` may fail on a name that moved ("mcp_events_replicated doesn't
-            // exist"): not an answer yet, ask again.
-            match events_deduplication(runner).await {
-                Ok(Some(done)) => return Ok(done),
-                Ok(None) => {}
-                Err(read) => last = format!("; last read: {read}"),
+            if let Some(done) = events_deduplication(runner).await? {
+                return Ok(done);
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         return Err(StoreError::NotReady(format!(
             "another migrate has been making mcp_events replicated for a minute, or one stopped \
 midway: if none is running, DROP TABLE mcp_events_conversion and mcp_events_replicated (which \
-holds only a copy) and migrate again. ({e}{last})"
+holds only a copy) and migrate again. ({e})"
         )));
     }
     runner
