@@ -151,8 +151,6 @@ async fn ingest(
         max_metadata_bytes: state.ingest.max_metadata_bytes,
     };
     let mut rated: Vec<RatedEvent> = Vec::with_capacity(events.len());
-    // Each rated event's position in the request.
-    let mut positions: Vec<usize> = Vec::with_capacity(events.len());
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     for (index, raw) in events.iter().enumerate() {
@@ -176,7 +174,6 @@ async fn ingest(
                     });
                 }
                 rated.push(event);
-                positions.push(index);
             }
             Err(message) => errors.push(EventError { index, message }),
         }
@@ -184,6 +181,9 @@ async fn ingest(
     let tenant = &caller.tenant;
     let refused = limits::refused_tool_names(state.limits.as_ref(), tenant, &rated).await;
     if !refused.is_empty() {
+        // The rated events are those of the request without an error, in its order.
+        let failed: HashSet<usize> = errors.iter().map(|e| e.index).collect();
+        let positions = (0..events.len()).filter(|i| !failed.contains(i));
         let mut kept = Vec::with_capacity(rated.len());
         for (event, index) in rated.into_iter().zip(positions) {
             if event.is_call() && refused.contains(&event.tool_name) {
@@ -229,8 +229,8 @@ async fn ingest(
     }))
 }
 
-/// The sessions `events` name, whose kills their answer lists; none when the tenant has no
-/// limit (only limits kill sessions).
+/// The sessions `events` name, sorted and distinct, whose kills their answer lists; none when
+/// the tenant has no limit (only limits kill sessions).
 fn named_sessions(tenant: &Tenant, events: &[RatedEvent]) -> Vec<String> {
     if tenant.limits.is_empty() {
         return Vec::new();

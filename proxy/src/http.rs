@@ -358,15 +358,6 @@ fn refused(s: &Shared, status: StatusCode, body: &Value) -> Response<Body> {
     response
 }
 
-/// The -32600 error of a request refused whole, saying why.
-fn invalid(why: &str) -> Value {
-    wire::error(
-        &Value::Null,
-        -32600,
-        format!("mcp-meter proxy: {why}; nothing was forwarded"),
-    )
-}
-
 async fn handle(
     s: Arc<Shared>,
     connection: String,
@@ -440,8 +431,6 @@ struct Observed {
     reader: BodyReader,
     exchange: Exchange,
     timer: Pin<Box<tokio::time::Sleep>>,
-    /// The reader's skipped events already counted.
-    skipped: u64,
 }
 
 impl Observed {
@@ -453,7 +442,6 @@ impl Observed {
             reader,
             exchange,
             timer: Box::pin(tokio::time::sleep_until(due.into())),
-            skipped: 0,
         }
     }
 }
@@ -462,10 +450,15 @@ impl Observed {
     /// Ends the calls the messages read from the answer answer; counts the events too large
     /// to read.
     fn read(&mut self, values: Vec<Value>) {
-        let stats = self.exchange.shared.door.meter.stats();
-        if self.reader.skipped > self.skipped {
-            stats.answers_unread.add(self.reader.skipped - self.skipped);
-            self.skipped = self.reader.skipped;
+        let skipped = self.reader.take_skipped();
+        if skipped > 0 {
+            self.exchange
+                .shared
+                .door
+                .meter
+                .stats()
+                .answers_unread
+                .add(skipped);
         }
         for value in values {
             for message in messages(&value) {
@@ -556,7 +549,7 @@ async fn forward(
             return Ok(refused(
                 s,
                 StatusCode::REQUEST_TIMEOUT,
-                &invalid(&format!(
+                &wire::refused_whole(&format!(
                     "the request body did not arrive within {} s",
                     limits.read_timeout.as_secs()
                 )),
@@ -575,13 +568,10 @@ async fn forward(
             return Ok(refused(
                 s,
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                &invalid(&why),
+                &wire::refused_whole(&why),
             ));
         }
-        match wire::parse(&bytes).and_then(|(value, forwarded)| {
-            wire::shape(&value)?;
-            Ok((value, forwarded))
-        }) {
+        match wire::read(&bytes) {
             Ok((value, forwarded)) => Some((value, bytes.slice_ref(forwarded))),
             Err(error) => {
                 return Ok(refused(s, StatusCode::BAD_REQUEST, &error));
@@ -591,7 +581,7 @@ async fn forward(
         return Ok(refused(
             s,
             StatusCode::BAD_REQUEST,
-            &invalid(&format!("a {} request carries no body", parts.method)),
+            &wire::refused_whole(&format!("a {} request carries no body", parts.method)),
         ));
     } else {
         None
@@ -603,7 +593,11 @@ async fn forward(
         match s.proxy.payer.of(&parts.headers, now_s) {
             Ok(customer) => customer,
             Err(why) => {
-                return Ok(refused(s, StatusCode::FORBIDDEN, &invalid(&why)));
+                return Ok(refused(
+                    s,
+                    StatusCode::FORBIDDEN,
+                    &wire::refused_whole(&why),
+                ));
             }
         }
     } else {

@@ -3,7 +3,7 @@
 //!
 //! Each byte is looked at a bounded number of times, however the answer is cut into chunks,
 //! and at most `max` bytes of one event (or one JSON body) are held: a larger one is passed on
-//! to the client unread, and the calls it answered end as unanswered. `skipped` counts them.
+//! to the client unread, and the calls it answered end as unanswered. `take_skipped` says how many.
 
 use serde_json::Value;
 
@@ -26,8 +26,8 @@ pub struct BodyReader {
     max: usize,
     /// Set while an event over `max` goes past: its bytes are dropped until it ends.
     skipping: bool,
-    /// Events (or bodies) too large to read.
-    pub skipped: u64,
+    /// Events (or bodies) too large to read, not yet taken ([`take_skipped`](Self::take_skipped)).
+    skipped: u64,
 }
 
 /// The longest blank line that ends an event (`\r\n\r\n`), less one: a search resumes this far
@@ -50,6 +50,11 @@ impl BodyReader {
             skipping: false,
             skipped: 0,
         }
+    }
+
+    /// The events (or bodies) skipped as too large since the last call.
+    pub fn take_skipped(&mut self) -> u64 {
+        std::mem::take(&mut self.skipped)
     }
 
     pub fn is_sse(&self) -> bool {

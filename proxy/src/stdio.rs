@@ -120,12 +120,8 @@ impl Relay {
         if line.iter().all(u8::is_ascii_whitespace) {
             return true;
         }
-        let read = wire::parse(&line).and_then(|(value, forwarded)| {
-            wire::shape(&value)?;
-            Ok((value, forwarded.len()))
-        });
-        let (value, bom) = match read {
-            Ok((value, forwarded)) => (value, line.len() - forwarded),
+        let (value, bom) = match wire::read(&line) {
+            Ok((value, forwarded)) => (value, line.len() - forwarded.len()),
             Err(error) => {
                 self.door.meter.stats().requests_refused.add(1);
                 return self.write_client(&to_line(&error));

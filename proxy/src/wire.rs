@@ -29,9 +29,25 @@ pub fn error(id: &Value, code: i64, message: String) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
 }
 
-/// Parses a client's body or line: the message (or batch) and the bytes to forward (without
-/// a byte order mark), or the parse error to answer instead.
-pub fn parse(bytes: &[u8]) -> Result<(Value, &[u8]), Value> {
+/// Reads a client's body or line: the message (or batch) and the bytes to forward (without a
+/// byte order mark), or the error to answer instead, when the proxy cannot parse it or a server
+/// could read it otherwise ([`shape`]).
+pub fn read(bytes: &[u8]) -> Result<(Value, &[u8]), Value> {
+    let (value, forwarded) = parse(bytes)?;
+    shape(&value)?;
+    Ok((value, forwarded))
+}
+
+/// The -32600 error of a body or line refused whole, saying why.
+pub fn refused_whole(why: &str) -> Value {
+    error(
+        &Value::Null,
+        -32600,
+        format!("mcp-meter proxy: {why}; nothing was forwarded"),
+    )
+}
+
+fn parse(bytes: &[u8]) -> Result<(Value, &[u8]), Value> {
     let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
     match serde_json::from_slice::<Value>(bytes) {
         Ok(value) => Ok((value, bytes)),
@@ -45,25 +61,21 @@ pub fn parse(bytes: &[u8]) -> Result<(Value, &[u8]), Value> {
 
 /// The answer to a body or line over the size limit; nothing of it was forwarded.
 pub fn too_large(limit: usize) -> Value {
-    error(
-        &Value::Null,
-        -32600,
-        format!("mcp-meter proxy: the message is over {limit} bytes; nothing was forwarded"),
-    )
+    refused_whole(&format!("the message is over {limit} bytes"))
 }
 
 /// Refuses a body (a message or a batch) a server could read otherwise than the proxy does.
-pub fn shape(value: &Value) -> Result<(), Value> {
+fn shape(value: &Value) -> Result<(), Value> {
     let members: Vec<&Value> = match value {
         Value::Array(batch) if batch.is_empty() => {
-            return Err(invalid_body("the batch is empty"));
+            return Err(refused_whole("the batch is empty"));
         }
         Value::Array(batch) => batch.iter().collect(),
         one => vec![one],
     };
     for message in members {
         let Value::Object(envelope) = message else {
-            return Err(invalid_body("each message must be a JSON object"));
+            return Err(refused_whole("each message must be a JSON object"));
         };
         let params = envelope.get("params").and_then(Value::as_object);
         let metas = [
@@ -76,7 +88,7 @@ pub fn shape(value: &Value) -> Result<(), Value> {
             let mut seen = std::collections::HashSet::new();
             for key in object.keys() {
                 if !seen.insert(key.to_lowercase()) {
-                    return Err(invalid_body(&format!(
+                    return Err(refused_whole(&format!(
                         "two keys are `{key}` but for case; a server may read either"
                     )));
                 }
@@ -84,14 +96,6 @@ pub fn shape(value: &Value) -> Result<(), Value> {
         }
     }
     Ok(())
-}
-
-fn invalid_body(why: &str) -> Value {
-    error(
-        &Value::Null,
-        -32600,
-        format!("mcp-meter proxy: {why}; nothing was forwarded"),
-    )
 }
 
 /// Whether an id can be matched with its answer by every peer.

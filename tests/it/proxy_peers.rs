@@ -106,6 +106,17 @@ fn fastmcp_http(runs: &Runs, stateless: bool) -> (Running, String) {
 
 /// `mcp-meter proxy` in front of `upstream`; answers its MCP URL.
 fn http_proxy(meter: &str, key: &str, upstream: &str, flags: &[&str]) -> (Running, String) {
+    http_proxy_with(meter, key, upstream, flags, &[])
+}
+
+/// The same, with `env` beside the key (the customer token secret).
+pub(crate) fn http_proxy_with(
+    meter: &str,
+    key: &str,
+    upstream: &str,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> (Running, String) {
     let port = free_port();
     let proxy = Running(
         Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
@@ -114,6 +125,7 @@ fn http_proxy(meter: &str, key: &str, upstream: &str, flags: &[&str]) -> (Runnin
             .args(["--flush-interval-ms", "100"])
             .args(flags)
             .env("MCP_METER_PROXY_API_KEY", key)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .expect("mcp-meter runs"),

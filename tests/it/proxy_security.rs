@@ -39,21 +39,14 @@ fn lenient_http(runs: &Runs) -> (Running, String) {
 
 /// `mcp-meter proxy` in front of `upstream`, with `env` (the secret) beside its key.
 fn proxy(meter: &str, upstream: &str, flags: &[&str], env: &[(&str, &str)]) -> (Running, String) {
-    let port = free_port();
-    let proxy = Running(
-        Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
-            .args(["proxy", "--upstream", upstream, "--meter-url", meter])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--flush-interval-ms", "50"])
-            .args(flags)
-            .env("MCP_METER_PROXY_API_KEY", INITECH)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("mcp-meter runs"),
-    );
-    assert!(listening(port), "the proxy listens on {port}");
-    (proxy, format!("http://127.0.0.1:{port}/mcp"))
+    crate::proxy_peers::http_proxy_with(meter, INITECH, upstream, flags, env)
+}
+
+/// Grants `customer` of `initech` `amount` µUSD.
+fn granted(s: &Server, customer: &str, amount: i64) {
+    let (status, answer) =
+        crate::credits::grant(s, INITECH, customer, amount, &format!("g-{customer}"));
+    assert_eq!(status, 201, "{answer}");
 }
 
 /// A meter, the lenient server, and a proxy in front of it with `flags` and `env`.
@@ -161,10 +154,7 @@ fn assert_balance_untouched(s: &Server, customer: &str, granted: i64) {
 #[test]
 fn a_body_the_proxy_cannot_read_never_reaches_the_server() {
     let s = serve();
-    assert_eq!(
-        crate::credits::grant(&s, INITECH, "poor", 1, "g-poor").0,
-        201
-    );
+    granted(&s, "poor", 1);
     let runs = Runs::new();
     let (_server, upstream) = lenient_http(&runs);
     let flags = ["--paid-tool", "premium", "--customer", "poor"];
@@ -263,11 +253,8 @@ fn token(secret: &str, tenant: &str, customer: &str, ttl: i64) -> String {
 #[test]
 fn the_payer_is_the_one_a_signed_token_names() {
     let s = serve();
-    assert_eq!(
-        crate::credits::grant(&s, INITECH, "richp", 100 * RATED_CALL, "g-r").0,
-        201
-    );
-    assert_eq!(crate::credits::grant(&s, INITECH, "poor", 1, "g-p").0, 201);
+    granted(&s, "richp", 100 * RATED_CALL);
+    granted(&s, "poor", 1);
     let runs = Runs::new();
     let (_server, upstream) = lenient_http(&runs);
     let flags = [
@@ -503,11 +490,7 @@ fn every_id_and_name_trick_is_billed_exactly_once() {
             "c-{seed}-{}",
             attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        let grant = 100 * RATED_CALL;
-        assert_eq!(
-            crate::credits::grant(&s, INITECH, &customer, grant, &customer).0,
-            201
-        );
+        granted(&s, &customer, 100 * RATED_CALL);
         let before = runs.all();
         let mut expected = 0;
         for (i, trick) in tricks.iter().enumerate() {
@@ -889,10 +872,7 @@ fn slow_authorizing(target: &str, delay: Duration) -> String {
 #[test]
 fn a_client_gone_while_its_calls_are_authorized_leaves_nothing_behind() {
     let s = serve();
-    assert_eq!(
-        crate::credits::grant(&s, INITECH, "slowpay", 100 * RATED_CALL, "g-s").0,
-        201
-    );
+    granted(&s, "slowpay", 100 * RATED_CALL);
     let runs = Runs::new();
     let (_server, upstream) = lenient_http(&runs);
     let meter = slow_authorizing(&s.base, Duration::from_millis(1500));

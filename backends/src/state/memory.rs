@@ -228,14 +228,11 @@ impl LimitCounters for MemoryState {
             return Ok(Vec::new());
         };
         set.retain(|_, until| *until > now_ms);
-        let mut killed: Vec<String> = sessions
+        Ok(sessions
             .iter()
             .filter(|s| set.contains_key(*s))
             .cloned()
-            .collect();
-        killed.sort();
-        killed.dedup();
-        Ok(killed)
+            .collect())
     }
 
     async fn track_sessions(

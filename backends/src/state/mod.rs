@@ -120,8 +120,9 @@ pub trait LimitCounters: StateBackend {
         until_ms: i64,
     ) -> Result<(), StateError>;
 
-    /// Those of `sessions` the tenant has killed and not yet released at `now_ms`, sorted: an
-    /// ingest answer speaks for the sessions of its request, however many a tenant has killed.
+    /// Those of `sessions` (sorted and distinct) the tenant has killed and not yet released at
+    /// `now_ms`, in their order: an ingest answer speaks for the sessions of its request,
+    /// however many a tenant has killed.
     async fn killed_among(
         &self,
         tenant: &str,

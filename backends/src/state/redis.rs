@@ -287,13 +287,10 @@ impl LimitCounters for RedisState {
         for s in sessions {
             invocation.arg(s);
         }
-        let mut killed: Vec<String> = invocation
+        invocation
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(|source| redis_error("read a set", source))?;
-        killed.sort();
-        killed.dedup();
-        Ok(killed)
+            .map_err(|source| redis_error("read a set", source))
     }
 
     async fn track_sessions(
