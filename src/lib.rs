@@ -215,6 +215,7 @@ fn http_api(
         keys: ingestor::auth::Keyring::new(
             &config.tenants,
             ingestor::portal::PortalSigner::new(config.portal.secret.as_deref()),
+            &config.rate_limits,
         ),
         sink,
         analytics,
@@ -231,18 +232,43 @@ fn http_api(
         guard_recompute_seconds: config.margin_guard.interval_seconds,
         in_flight: tokio::sync::Semaphore::new(config.ingest.max_in_flight_requests),
         ingest: config.ingest.clone(),
+        http: config.http.clone(),
+        metrics_addrs: Default::default(),
         metric_families,
     });
-    let server = actix_web::HttpServer::new(move || {
+    let app_state = state.clone();
+    let mut server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .wrap(actix_web::middleware::from_fn(
+                ingestor::ops::security_headers,
+            ))
+            .wrap(actix_web::middleware::from_fn(
                 ingestor::ops::record_request,
+            ))
+            .wrap(actix_web::middleware::from_fn(
+                ingestor::ops::split_metrics_listener,
             ))
             .configure(ingestor::routes(state.clone()))
     })
     .bind(&config.listen)
     .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = *server.addrs().first().context("bound to no address")?;
+    let api_addrs = server.addrs().len();
+    if let Some(metrics) = &config.http.metrics_listen {
+        server = server
+            .bind(metrics)
+            .with_context(|| format!("cannot listen on http.metrics_listen {metrics}"))?;
+        let metrics_addrs = server.addrs()[api_addrs..].to_vec();
+        for a in &metrics_addrs {
+            tracing::info!(
+                "/metrics on http://{a} (http.metrics_listen), not on the API's address"
+            );
+        }
+        app_state
+            .metrics_addrs
+            .set(metrics_addrs)
+            .expect("set once, before the server runs");
+    }
     Ok((server.run(), addr))
 }
 

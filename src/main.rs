@@ -6,7 +6,7 @@ use mcp_meter::{
     demo, load_config, migrate_clickhouse, migrate_kafka, new_api_key, retention_store,
     run_aggregator, sha256_hex, Embedded, Ingestor, Overrides,
 };
-use schemas::config::env_overrides;
+use schemas::config::{env_overrides, Config, Scope, StoreKind};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -51,11 +51,13 @@ enum Command {
         /// Directory for the embedded store (the file's `data_dir`; default ./data).
         #[arg(long, env = "MCP_METER_DATA_DIR")]
         data_dir: Option<PathBuf>,
-        /// TOML config file with tenants, keys and rate plans. Without one, `serve` runs a
-        /// demo tenant `demo` on loopback only.
+        /// TOML config file with tenants, keys (each with its scopes: ingest, read, export, or
+        /// admin, which holds the other three) and rate plans. Without one, `serve` runs a demo
+        /// tenant `demo` on loopback only.
         #[arg(long, env = "MCP_METER_CONFIG")]
         config: Option<PathBuf>,
-        /// The demo tenant's API key (without --config). Default: a new random key, printed.
+        /// The demo tenant's API key (without --config), of scope `admin`, which holds every
+        /// other scope (ingest, read, export). Default: a new random key, printed.
         #[arg(long, env = "MCP_METER_DEMO_KEY", hide_env_values = true)]
         demo_key: Option<String>,
     },
@@ -239,8 +241,50 @@ struct ProxyArgs {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Print a new random API key and the SHA-256 to put in the config file.
-    New,
+    /// Print a new random API key, its SHA-256, and the `[[tenants.api_keys]]` block to put in
+    /// the config file.
+    New {
+        /// What the key may do, comma-separated: `ingest` (events, heartbeats, the guard check,
+        /// authorize and release), `read` (analytics, balances, margin levels, the dashboard),
+        /// `export` (billing exports), `admin` (credit grants, portal tokens, and every other
+        /// scope: an admin key can call everything).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_parser = parse_scope,
+            default_value = "ingest"
+        )]
+        scopes: Vec<Scope>,
+        /// The key's label for people (`sdk-prod`, `finance-export`); clients never send it.
+        #[arg(long, default_value = "new-key", value_parser = parse_key_name)]
+        name: String,
+    },
+}
+
+/// Every scope, in the order the help lists them.
+const SCOPES: [Scope; 4] = [Scope::Ingest, Scope::Read, Scope::Export, Scope::Admin];
+
+fn parse_scope(name: &str) -> Result<Scope, String> {
+    SCOPES
+        .into_iter()
+        .find(|s| s.as_str() == name.trim())
+        .ok_or_else(|| {
+            let names: Vec<&str> = SCOPES.iter().map(|s| s.as_str()).collect();
+            format!("`{name}` is not a scope; give {}", names.join(", "))
+        })
+}
+
+/// A label that fits in a TOML string as it is printed: no quote, backslash or control
+/// character.
+fn parse_key_name(name: &str) -> Result<String, String> {
+    if name.is_empty()
+        || name
+            .chars()
+            .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        return Err("give a label without quotes, backslashes or control characters".into());
+    }
+    Ok(name.to_string())
 }
 
 /// The environment a subcommand reads: the variables of its own flags (`flag_vars`), the log
@@ -267,7 +311,7 @@ fn env_help(flag_vars: &[&str], sections: &[&str]) -> String {
 }
 
 /// What `serve` reads: its store, the embedded writer, retention, ingest, the guard, credits,
-/// the portal.
+/// the portal, how requests are read and rate-limited.
 const SERVE_READS: &[&str] = &[
     "store",
     "clickhouse",
@@ -277,6 +321,8 @@ const SERVE_READS: &[&str] = &[
     "margin_guard",
     "credits",
     "portal",
+    "http",
+    "rate_limits",
 ];
 /// What an `ingestor` reads: where it publishes, reads analytics, and shares guard state.
 const INGESTOR_READS: &[&str] = &[
@@ -287,6 +333,8 @@ const INGESTOR_READS: &[&str] = &[
     "margin_guard",
     "credits",
     "portal",
+    "http",
+    "rate_limits",
 ];
 /// What an `aggregator` reads: the topic, the store, the guard it runs, retention, itself.
 const AGGREGATOR_READS: &[&str] = &[
@@ -324,28 +372,35 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys {
-            command: KeysCommand::New,
+            command: KeysCommand::New { scopes, name },
         } => {
             let key = new_api_key()?;
             let hash = sha256_hex(&key);
+            let mut listed: Vec<String> = Vec::new();
+            for scope in scopes {
+                let quoted = format!("\"{}\"", scope.as_str());
+                if !listed.contains(&quoted) {
+                    listed.push(quoted);
+                }
+            }
             println!("key:    {key}");
             println!("sha256: {hash}");
             println!();
-            println!("Give the key to its user; put only the hash in the config file:");
+            println!("Give the key to its user; put only the hash in the config file, under its [[tenants]]:");
             println!();
             println!("[[tenants.api_keys]]");
-            println!("name = \"new-key\"");
+            println!("name = \"{name}\"");
             println!("sha256 = \"{hash}\"");
-            println!("scopes = [\"ingest\"]");
+            println!("scopes = [{}]", listed.join(", "));
             Ok(())
         }
         Command::Migrate { config } => {
             init_logging(cli.log_format);
-            let cfg = load_config(
+            let cfg = config_or_exit(load_config(
                 config.as_deref(),
                 |v| std::env::var(v).ok(),
                 &Overrides::default(),
-            )?;
+            ));
             actix_web::rt::System::new().block_on(async {
                 let lines = migrate_clickhouse(&cfg).await?;
                 println!(
@@ -376,7 +431,11 @@ fn main() -> anyhow::Result<()> {
                 listen: None,
                 data_dir,
             };
-            let cfg = load_config(config.as_deref(), |v| std::env::var(v).ok(), &flags)?;
+            let cfg = config_or_exit(load_config(
+                config.as_deref(),
+                |v| std::env::var(v).ok(),
+                &flags,
+            ));
             let kind = match store.as_deref() {
                 Some("clickhouse") => schemas::config::StoreKind::Clickhouse,
                 Some(_) => schemas::config::StoreKind::Sqlite,
@@ -411,7 +470,12 @@ fn main() -> anyhow::Result<()> {
                 listen,
                 data_dir: None,
             };
-            let cfg = load_config(Some(&config), |v| std::env::var(v).ok(), &flags)?;
+            let cfg = config_or_exit(load_config(
+                Some(&config),
+                |v| std::env::var(v).ok(),
+                &flags,
+            ));
+            warn_without_tenants(&cfg);
             actix_web::rt::System::new().block_on(async move {
                 let ingestor = Ingestor::start(&cfg).await?;
                 let mut out = std::io::stdout().lock();
@@ -428,11 +492,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Aggregator { config } => {
             init_logging(cli.log_format);
-            let cfg = load_config(
+            let cfg = config_or_exit(load_config(
                 Some(&config),
                 |v| std::env::var(v).ok(),
                 &Overrides::default(),
-            )?;
+            ));
             actix_web::rt::System::new().block_on(async move {
                 let (stop, shutdown) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
@@ -453,26 +517,69 @@ fn main() -> anyhow::Result<()> {
         } => {
             init_logging(cli.log_format);
             let flags = Overrides { listen, data_dir };
-            let mut cfg = load_config(config.as_deref(), |v| std::env::var(v).ok(), &flags)?;
+            let mut cfg = config_or_exit(load_config(
+                config.as_deref(),
+                |v| std::env::var(v).ok(),
+                &flags,
+            ));
             let demo_key = match config {
-                Some(_) => None,
+                Some(_) => {
+                    warn_without_tenants(&cfg);
+                    None
+                }
                 None => {
                     let key = match demo_key {
                         Some(k) => k,
                         None => new_api_key()?,
                     };
-                    demo::add_tenant(&mut cfg, &key)?;
+                    if let Err(e) = demo::add_tenant(&mut cfg, &key) {
+                        config_error(e);
+                    }
                     Some(key)
                 }
             };
             actix_web::rt::System::new().block_on(async move {
                 let embedded = Embedded::start(&cfg).await?;
-                print_banner(&embedded, demo_key.as_deref());
+                print_banner(&embedded, cfg.store, demo_key.as_deref());
                 embedded.run().await
             })
         }
     }
     .context("mcp-meter failed")
+}
+
+/// The config, or its error printed alone (see [`config_error`]).
+fn config_or_exit(config: anyhow::Result<Config>) -> Config {
+    config.unwrap_or_else(|e| config_error(e))
+}
+
+/// Prints a config error as its message only and exits with status 2. Returned from `main`,
+/// anyhow would add a backtrace whenever RUST_BACKTRACE is set, burying what to fix under
+/// frames of our own code.
+fn config_error(error: anyhow::Error) -> ! {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "mcp-meter: {error:#}");
+    std::process::exit(2)
+}
+
+/// A config that parses but serves nobody deserves a word at start: every request would be
+/// answered 401. (Validation refuses a tenant without keys today; the warning stays true if
+/// that ever loosens.)
+fn warn_without_tenants(config: &Config) {
+    const KEY_HINT: &str = "`mcp-meter keys new --scopes ingest,read,export` prints one";
+    if config.tenants.is_empty() {
+        tracing::warn!(
+            "the config has no tenant, so every request will be refused (401): add a [[tenants]] \
+             with its [[tenants.rate_plans]] and a [[tenants.api_keys]] ({KEY_HINT})"
+        );
+    }
+    for tenant in config.tenants.iter().filter(|t| t.api_keys.is_empty()) {
+        tracing::warn!(
+            tenant = %tenant.id,
+            "the tenant has no API key, so nobody can call for it: add a [[tenants.api_keys]] \
+             ({KEY_HINT})"
+        );
+    }
 }
 
 /// SIGTERM or SIGINT.
@@ -524,26 +631,50 @@ fn endpoint_lines(base: &str, endpoints: &[(&str, &str)]) -> String {
 
 /// Prints where the API listens. Write errors are ignored: a server must not stop because
 /// whoever started it closed its stdout.
-fn print_banner(e: &Embedded, demo_key: Option<&str>) {
+fn print_banner(e: &Embedded, store: StoreKind, demo_key: Option<&str>) {
     let base = format!("http://{}", e.addr);
-    let mut text = format!("mcp-meter serve: embedded mode, store {}\n", e.store);
+    let mut text = match store {
+        StoreKind::Sqlite => format!("mcp-meter serve: embedded mode, store {}\n", e.store),
+        // No Kafka and no aggregator: this process writes ClickHouse itself, and keeps limits,
+        // kills, margin levels and balances in its own memory (no Redis).
+        StoreKind::Clickhouse => format!(
+            "mcp-meter serve: one process writing {} directly (no Kafka, no aggregator); limits, \
+             kills and balances in this process's memory\n",
+            e.store
+        ),
+    };
     let api = [
         ("POST", "/v1/ingest/batch"),
         ("POST", "/v1/ingest/events"),
         ("GET ", "/v1/guard/check?agentId=&toolName=&sessionId="),
+        ("GET ", "/v1/guard/states"),
+        ("POST", "/v1/authorize (then /v1/authorize/{nonce}/release)"),
+        ("POST", "/v1/customers/{customerId}/credits"),
+        ("GET ", "/v1/customers/{customerId}/balance"),
         ("GET ", "/analytics/mcp/summary"),
         ("GET ", "/analytics/mcp/revenue/by-tool"),
         ("GET ", "/analytics/mcp/by-agent"),
+        ("GET ", "/analytics/mcp/by-customer"),
         ("GET ", "/analytics/mcp/sessions"),
         ("GET ", "/analytics/mcp/sessions/{sessionId}"),
+        (
+            "GET ",
+            "/analytics/mcp/timeseries?interval=hour|day&groupBy=tool|agent|customer",
+        ),
         ("GET ", "/v1/exports/billing?period=YYYY-MM&format=csv|json"),
+        ("POST", "/v1/portal/tokens (a customer's read-only token)"),
+        (
+            "GET ",
+            "/dashboard/ (sign in with a read key or a portal token)",
+        ),
     ];
     text.push_str(&endpoint_lines(&base, &api));
     text.push_str(&endpoint_lines(&base, &OPERATIONS));
     if let Some(key) = demo_key {
         text.push_str(&format!("demo tenant `{}` API key: {key}\n", demo::TENANT));
         text.push_str(
-            "  (set MCP_METER_DEMO_KEY to keep the key across restarts; --config for real tenants)\n",
+            "  (scope admin, which holds every scope; set MCP_METER_DEMO_KEY to keep the key \
+             across restarts; --config for real tenants)\n",
         );
     }
     let mut out = std::io::stdout().lock();
@@ -639,10 +770,15 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         (Some(_), Some(_), _, true) => anyhow::bail!(
             "--trust-customer-header takes the header unsigned: unset MCP_METER_PROXY_CUSTOMER_SECRET, or drop the flag to verify tokens"
         ),
-        (Some(_), Some(secret), Some(tenant), false) => Some(PayerCheck::Signed {
-            secret: secret.into_bytes(),
-            tenant,
-        }),
+        (Some(_), Some(secret), Some(tenant), false) => {
+            schemas::token::check_secret(&secret).map_err(|e| {
+                anyhow::anyhow!("MCP_METER_PROXY_CUSTOMER_SECRET {e}; it must be the text of the server's portal.secret (or of the gateway's signing secret)")
+            })?;
+            Some(PayerCheck::Signed {
+                secret: secret.into_bytes(),
+                tenant,
+            })
+        }
         (Some(_), Some(_), None, false) => anyhow::bail!(
             "customer tokens name their tenant: give --tenant (MCP_METER_PROXY_TENANT), the tenant of the proxy's API key"
         ),

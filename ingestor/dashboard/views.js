@@ -264,28 +264,32 @@ async function balanceOf(customer) {
 
 export async function customers(ctx) {
   if (ctx.portal) return balance(ctx);
-  const report = await getJson("/analytics/mcp/timeseries", { ...ctx.range, interval: "day", groupBy: "customer" });
-  const named = report.series.filter((s) => s.key).slice(0, 50);
-  const balances = new Map(await Promise.all(named.map(async (s) => [s.key, await balanceOf(s.key)])));
-  const prepaid = (r) => balances.get(r.key)?.grants.length > 0;
+  const report = await getJson("/analytics/mcp/by-customer", { ...ctx.range, limit: 1000 });
+  // Calls that named no customer come under a null id.
+  const name = (r) => r.customerId ?? "(none)";
+  const named = report.customers.filter((r) => r.customerId).slice(0, 50);
+  const balances = new Map(await Promise.all(named.map(async (r) => [r.customerId, await balanceOf(r.customerId)])));
+  const prepaid = (r) => balances.get(r.customerId)?.grants.length > 0;
   const columns = [
-    { label: "Customer", cell: (r) => r.key || "(none)", sort: (r) => r.key },
+    { label: "Customer", cell: name, sort: (r) => r.customerId ?? "" },
     ...figureColumns(ctx),
-    { label: "Balance", cell: (r) => (prepaid(r) ? money(balances.get(r.key).availableMicros) : "not prepaid"), sort: (r) => balances.get(r.key)?.availableMicros ?? -Infinity },
-    { label: "Granted", cell: (r) => (prepaid(r) ? money(balances.get(r.key).grantedMicros) : "—"), sort: (r) => balances.get(r.key)?.grantedMicros ?? -Infinity },
+    { label: "Sessions", cell: (r) => count(r.sessions), sort: (r) => r.sessions },
+    { label: "Balance", cell: (r) => (prepaid(r) ? money(balances.get(r.customerId).availableMicros) : "not prepaid"), sort: (r) => balances.get(r.customerId)?.availableMicros ?? -Infinity },
+    { label: "Granted", cell: (r) => (prepaid(r) ? money(balances.get(r.customerId).grantedMicros) : "—"), sort: (r) => balances.get(r.customerId)?.grantedMicros ?? -Infinity },
   ];
-  const top = report.series.slice(0, 20);
+  const top = report.customers.slice(0, 20);
   render(ctx.main, 
     h("h2", {}, "Customers"),
-    report.series.length === 0
+    report.customers.length === 0
       ? h("p", { class: "empty" }, `No customer made calls ${rangeText(ctx.range)}.`)
       : [
         barChart("Spend per customer", `What the ${top.length} highest-spending customers were charged, ${rangeText(ctx.range)}.`,
-          top.map((s) => s.key || "(none)"), top.map((s) => usdValue(s.revenueMicros)),
-          table([{ label: "Customer", cell: (r) => r.key || "(none)" }, { label: "Spend", cell: (r) => money(r.revenueMicros) }], top)),
-        table(columns, report.series, {
-          sortable: true, key: (r) => r.key,
-          caption: "Spend per customer (calls without a customerId under “(none)”); balance: prepaid credit available now.",
+          top.map(name), top.map((r) => usdValue(r.revenueMicros)),
+          table([{ label: "Customer", cell: name }, { label: "Spend", cell: (r) => money(r.revenueMicros) }], top)),
+        table(columns, report.customers, {
+          sortable: true, key: (r) => r.customerId ?? "",
+          caption: "Spend per customer (calls without a customerId under “(none)”); balance: prepaid credit available now."
+            + (report.nextCursor ? ` The ${report.customers.length} highest-spending customers only: the API answers the rest page by page.` : ""),
         }),
       ],
   );

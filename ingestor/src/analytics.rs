@@ -1,16 +1,18 @@
 //! `GET /analytics/mcp/...`: usage read back from the rollups, always the caller's tenant only
-//! (and its customer only, for a portal token).
+//! (and one customer only, for a portal token or a read that names one with `customerId`).
 
 use crate::auth::Reader;
 use crate::error::{ApiError, ErrorBody, ReadErrors};
 use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
-use backends::store::{page_by_revenue_then_name, PageCursor, SessionQuery};
+use backends::store::{page_by_revenue_then_name, PageCursor, SessionQuery, Viewer};
 use schemas::analytics::{
-    ByAgentReport, ByToolReport, DateRange, GroupBy, Interval, SeriesQuery, SessionDetail,
-    SessionsReport, SpendFigures, SummaryReport, TimeSeriesReport, UsageFigures, Viewed,
+    ByAgentReport, ByCustomerReport, ByToolReport, DateRange, GroupBy, Interval, SeriesQuery,
+    SessionDetail, SessionsReport, SpendFigures, SummaryReport, TimeSeriesReport, UsageFigures,
+    Viewed,
 };
 use schemas::config::Scope;
+use schemas::credits::valid_customer_id;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -21,7 +23,7 @@ const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
 #[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[into_params(parameter_in = Query)]
 pub struct RangeParams {
     /// First day, `YYYY-MM-DD` (or RFC 3339), inclusive; default 30 days before `to`.
@@ -30,6 +32,8 @@ pub struct RangeParams {
     /// Last day, inclusive; default today (UTC). At most 1098 days after `from`.
     #[param(format = Date)]
     to: Option<String>,
+    /// Only this customer's calls (a portal token may name its own customer only).
+    customer_id: Option<String>,
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -44,23 +48,29 @@ pub struct SessionParams {
     to: Option<String>,
     /// Only this agent's sessions.
     agent_id: Option<String>,
+    /// Only this customer's sessions: those whose every call names it (a portal token may
+    /// name its own customer only).
+    customer_id: Option<String>,
     /// Most sessions returned (1 to 1000, default 100).
     #[param(minimum = 1, maximum = 1000)]
     #[serde(default, deserialize_with = "limit_param")]
     limit: Option<usize>,
 }
 
+/// A ranged list read a page at a time: tools (`revenue/by-tool`) or customers (`by-customer`).
 #[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[into_params(parameter_in = Query)]
-pub struct ToolPageParams {
+pub struct PageParams {
     /// First day, `YYYY-MM-DD` (or RFC 3339), inclusive; default 30 days before `to`.
     #[param(format = Date)]
     from: Option<String>,
     /// Last day, inclusive; default today (UTC). At most 1098 days after `from`.
     #[param(format = Date)]
     to: Option<String>,
-    /// Most tools returned (1 to 1000, default 100).
+    /// Only this customer's calls (a portal token may name its own customer only).
+    customer_id: Option<String>,
+    /// Most rows returned (1 to 1000, default 100).
     #[param(minimum = 1, maximum = 1000)]
     #[serde(default, deserialize_with = "limit_param")]
     limit: Option<usize>,
@@ -103,9 +113,9 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     Ok(limit)
 }
 
-/// One page of a list of tools in the order stores answer it (revenue, then name): at most
-/// `limit` rows after `cursor`, and the next page's cursor.
-fn page_of_tools<T>(
+/// One page of a list of tools or customers in the order stores answer it (revenue, then
+/// name): at most `limit` rows after `cursor`, and the next page's cursor.
+fn page_of<T>(
     rows: Vec<T>,
     key: impl Fn(&T) -> (i64, &str),
     limit: Option<usize>,
@@ -124,17 +134,27 @@ fn page_of_tools<T>(
     Ok((page, next.map(|c| c.encode())))
 }
 
-/// The caller as a reader (with the `read` scope) and the range it asks about.
-async fn reader_and_range(
+/// The caller as a reader (with the `read` scope), the rows it reads and the range it asks
+/// about. A `customerId` narrows the rows through the same filter as a portal token's
+/// customer (`Reader::customer`: a token may name its own customer only), while the answer
+/// keeps the reader's view: a tenant key filtering on a customer still reads the costs.
+async fn read_of_range(
     state: &AppState,
     req: &HttpRequest,
-    from: Option<&str>,
-    to: Option<&str>,
-) -> Result<(Reader, DateRange), ApiError> {
+    (from, to): (Option<&str>, Option<&str>),
+    customer_id: Option<&str>,
+) -> Result<(Reader, Viewer, DateRange), ApiError> {
     let reader = state.reader(req, Scope::Read).await?;
+    if let Some(customer) = customer_id {
+        valid_customer_id(customer).map_err(ApiError::BadRequest)?;
+    }
+    let viewer = Viewer {
+        tenant: reader.viewer.tenant.clone(),
+        customer: reader.customer(customer_id.map(str::to_string))?,
+    };
     let range = DateRange::parse(from, to, chrono::Utc::now().date_naive())
         .map_err(ApiError::BadRequest)?;
-    Ok((reader, range))
+    Ok((reader, viewer, range))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -153,13 +173,15 @@ pub struct SeriesParams {
     /// `tool`, `agent` or `customer`; without it, one series of the totals.
     #[param(inline)]
     group_by: Option<GroupBy>,
+    /// Only this customer's calls (a portal token may name its own customer only).
+    customer_id: Option<String>,
 }
 
 /// Revenue, COGS and usage per tool over a range of days, highest revenue first, then by name,
 /// a page at a time: `limit` rows (default 100), then ask again with `cursor` = `nextCursor`
 /// until it is `null`.
 #[utoipa::path(
-    get, path = "/analytics/mcp/revenue/by-tool", tag = "analytics", params(ToolPageParams),
+    get, path = "/analytics/mcp/revenue/by-tool", tag = "analytics", params(PageParams),
     responses(
         (status = 200, description = "One page of rows, one per tool, and the next page's cursor", body = Viewed<ByToolReport<UsageFigures>, ByToolReport<SpendFigures>>, example = json!(
             {"view":"tenant","from":"2026-11-21","to":"2026-11-21","tools":[{"toolName":"web_search","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}],"nextCursor":null})),
@@ -170,15 +192,17 @@ pub struct SeriesParams {
 pub async fn by_tool(
     state: web::Data<AppState>,
     req: HttpRequest,
-    q: web::Query<ToolPageParams>,
+    q: web::Query<PageParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (reader, range) =
-        reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
-    let tools = state
-        .analytics
-        .revenue_by_tool(&reader.viewer, range)
-        .await?;
-    let (tools, next_cursor) = page_of_tools(
+    let (reader, viewer, range) = read_of_range(
+        &state,
+        &req,
+        (q.from.as_deref(), q.to.as_deref()),
+        q.customer_id.as_deref(),
+    )
+    .await?;
+    let tools = state.analytics.revenue_by_tool(&viewer, range).await?;
+    let (tools, next_cursor) = page_of(
         tools,
         |t| (t.figures.revenue_micros, &t.tool_name),
         q.limit,
@@ -188,6 +212,46 @@ pub async fn by_tool(
         from: range.from_str_day(),
         to: range.to_str_day(),
         tools,
+        next_cursor,
+    }))
+}
+
+/// Revenue, COGS and usage per customer over a range of days, highest revenue first, then by
+/// customer id, a page at a time like by-tool. The calls that named no customer are one row of
+/// their own, `customerId: null`, ordered as the empty id. A portal token reads its own
+/// customer's row only.
+#[utoipa::path(
+    get, path = "/analytics/mcp/by-customer", tag = "analytics", params(PageParams),
+    responses(
+        (status = 200, description = "One page of rows, one per customer, and the next page's cursor", body = Viewed<ByCustomerReport<UsageFigures>, ByCustomerReport<SpendFigures>>, example = json!(
+            {"view":"tenant","from":"2026-11-21","to":"2026-11-21","customers":[{"customerId":"cust_acme","calls":1,"errors":0,"revenueMicros":7550,"cogsMicros":1529,"grossProfitMicros":6021,"margin":0.7975,"inputTokens":1200,"outputTokens":450,"durationMsSum":542,"avgDurationMs":542,"maxDurationMs":542,"sessions":1}],"nextCursor":null})),
+        ReadErrors,
+    ),
+    security(("api_key" = []), ("bearer" = []), ("portal_token" = [])),
+)]
+pub async fn by_customer(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    q: web::Query<PageParams>,
+) -> Result<HttpResponse, ApiError> {
+    let (reader, viewer, range) = read_of_range(
+        &state,
+        &req,
+        (q.from.as_deref(), q.to.as_deref()),
+        q.customer_id.as_deref(),
+    )
+    .await?;
+    let customers = state.analytics.usage_by_customer(&viewer, range).await?;
+    let (customers, next_cursor) = page_of(
+        customers,
+        |c| (c.figures.revenue_micros, c.name()),
+        q.limit,
+        q.cursor.as_deref(),
+    )?;
+    Ok(reader.answer(ByCustomerReport {
+        from: range.from_str_day(),
+        to: range.to_str_day(),
+        customers,
         next_cursor,
     }))
 }
@@ -207,12 +271,14 @@ pub async fn by_agent(
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (reader, range) =
-        reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
-    let agents = state
-        .analytics
-        .usage_by_agent(&reader.viewer, range)
-        .await?;
+    let (reader, viewer, range) = read_of_range(
+        &state,
+        &req,
+        (q.from.as_deref(), q.to.as_deref()),
+        q.customer_id.as_deref(),
+    )
+    .await?;
+    let agents = state.analytics.usage_by_agent(&viewer, range).await?;
     Ok(reader.answer(ByAgentReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
@@ -235,9 +301,14 @@ pub async fn summary(
     req: HttpRequest,
     q: web::Query<RangeParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (reader, range) =
-        reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
-    let summary = state.analytics.summary(&reader.viewer, range).await?;
+    let (reader, viewer, range) = read_of_range(
+        &state,
+        &req,
+        (q.from.as_deref(), q.to.as_deref()),
+        q.customer_id.as_deref(),
+    )
+    .await?;
+    let summary = state.analytics.summary(&viewer, range).await?;
     Ok(reader.answer(SummaryReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
@@ -261,11 +332,16 @@ pub async fn timeseries(
     req: HttpRequest,
     q: web::Query<SeriesParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (reader, range) =
-        reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let (reader, viewer, range) = read_of_range(
+        &state,
+        &req,
+        (q.from.as_deref(), q.to.as_deref()),
+        q.customer_id.as_deref(),
+    )
+    .await?;
     let interval = q.interval.unwrap_or(Interval::Day);
     let query = SeriesQuery::new(range, interval, q.group_by).map_err(ApiError::BadRequest)?;
-    let rows = state.analytics.series_rows(&reader.viewer, query).await?;
+    let rows = state.analytics.series_rows(&viewer, query).await?;
     Ok(reader.answer(TimeSeriesReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
@@ -290,14 +366,19 @@ pub async fn sessions(
     req: HttpRequest,
     q: web::Query<SessionParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let (reader, range) =
-        reader_and_range(&state, &req, q.from.as_deref(), q.to.as_deref()).await?;
+    let (reader, viewer, range) = read_of_range(
+        &state,
+        &req,
+        (q.from.as_deref(), q.to.as_deref()),
+        q.customer_id.as_deref(),
+    )
+    .await?;
     let query = SessionQuery {
         range,
         agent_id: q.agent_id.clone(),
         limit: page_limit(q.limit)?,
     };
-    let sessions = state.analytics.sessions(&reader.viewer, query).await?;
+    let sessions = state.analytics.sessions(&viewer, query).await?;
     Ok(reader.answer(SessionsReport {
         from: range.from_str_day(),
         to: range.to_str_day(),
@@ -329,7 +410,7 @@ pub async fn session(
     let session_id = path.into_inner();
     match state.analytics.session(&reader.viewer, &session_id).await? {
         Some(mut detail) => {
-            let (by_tool, next_cursor) = page_of_tools(
+            let (by_tool, next_cursor) = page_of(
                 std::mem::take(&mut detail.by_tool),
                 |t| (t.figures.revenue_micros, &t.tool_name),
                 q.limit,

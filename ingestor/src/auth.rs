@@ -36,7 +36,9 @@ pub struct Tenant {
 pub struct Caller {
     pub tenant: Arc<Tenant>,
     scopes: Vec<Scope>,
-    pub rate_limit: Option<RateLimit>,
+    /// The key's own `rate_limit`, or `rate_limits.key_*`; for a portal token, its customer's
+    /// bucket (`rate_limits.portal_*`).
+    pub rate_limit: RateLimit,
     /// Set for a portal token: every read answers for this customer only.
     pub customer: Option<String>,
 }
@@ -116,11 +118,21 @@ pub struct Keyring {
     by_hash: HashMap<[u8; 32], Arc<Caller>>,
     tenants: HashMap<String, Arc<Tenant>>,
     pub portal: PortalSigner,
+    /// Each customer's portal tokens share one bucket with this limit.
+    portal_rate_limit: RateLimitConfig,
 }
 
 impl Keyring {
     /// `tenants` must have passed `Config::validate`.
-    pub fn new(tenants: &[TenantConfig], portal: PortalSigner) -> Keyring {
+    pub fn new(
+        tenants: &[TenantConfig],
+        portal: PortalSigner,
+        defaults: &schemas::config::RateLimitsConfig,
+    ) -> Keyring {
+        let key_default = RateLimitConfig {
+            requests_per_second: defaults.key_requests_per_second,
+            burst: defaults.key_burst,
+        };
         let mut by_hash = HashMap::new();
         let mut by_id = HashMap::new();
         for t in tenants {
@@ -146,10 +158,10 @@ impl Keyring {
                     Arc::new(Caller {
                         tenant: tenant.clone(),
                         scopes: key.scopes.clone(),
-                        rate_limit: key.rate_limit.map(|config| RateLimit {
-                            config,
+                        rate_limit: RateLimit {
+                            config: key.rate_limit.unwrap_or(key_default),
                             bucket: format!("rate:{}:{}", t.id, key.name),
-                        }),
+                        },
                         customer: None,
                     }),
                 );
@@ -159,6 +171,10 @@ impl Keyring {
             by_hash,
             tenants: by_id,
             portal,
+            portal_rate_limit: RateLimitConfig {
+                requests_per_second: defaults.portal_requests_per_second,
+                burst: defaults.portal_burst,
+            },
         }
     }
 
@@ -174,7 +190,11 @@ impl Keyring {
         Ok(Arc::new(Caller {
             tenant: tenant.clone(),
             scopes: PORTAL_SCOPES.to_vec(),
-            rate_limit: None,
+            // Keys' buckets start `rate:`: a customer's never shares one with a key.
+            rate_limit: RateLimit {
+                config: self.portal_rate_limit,
+                bucket: format!("rate-portal:{}:{}", claims.tenant, claims.customer),
+            },
             customer: Some(claims.customer),
         }))
     }

@@ -2,6 +2,54 @@
 //! not JSON, the wrong shape at a named field), so a client knows what to fix.
 
 use crate::error::ApiError;
+use actix_web::web::{Bytes, BytesMut};
+use actix_web::HttpMessage;
+use futures_util::StreamExt;
+use std::time::Duration;
+
+/// The request's body, read whole within `timeout` and at most `limit` bytes (`advice` says
+/// what to send instead). A `Content-Length` over the limit is refused before a byte is read;
+/// the buffer grows with what arrives, never with what is announced.
+pub(crate) async fn read_whole(
+    req: &mut actix_web::dev::ServiceRequest,
+    limit: usize,
+    advice: &'static str,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let too_large = ApiError::PayloadTooLarge { limit, advice };
+    let announced = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(too_large);
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut payload = req.take_payload();
+    let mut body = BytesMut::new();
+    loop {
+        match tokio::time::timeout_at(deadline, payload.next()).await {
+            Err(_) => {
+                return Err(ApiError::BodyTimeout {
+                    ms: timeout.as_millis() as u64,
+                })
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::BadRequest(format!(
+                    "the request body could not be read: {e}"
+                )))
+            }
+            Ok(Some(Ok(chunk))) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(too_large);
+                }
+                body.extend_from_slice(&chunk);
+            }
+        }
+    }
+}
 
 /// The body as `T`; a field of the wrong type is named in the message (`amountMicros: invalid
 /// type: string "5", expected i64`).

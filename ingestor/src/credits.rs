@@ -14,7 +14,7 @@
 
 use crate::auth::Tenant;
 use crate::body::json_body;
-use crate::error::{ApiError, ReadErrors};
+use crate::error::{ApiError, ReadErrors, SmallBodyErrors};
 use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use backends::state::{
@@ -391,6 +391,7 @@ async fn balance_of(
         (status = 201, description = "The grant recorded under the key (the first one) and the balance after it", body = GrantAnswer),
         (status = 409, description = "The key was used for another grant (another customer, amount, expiry or note)", body = crate::error::ErrorBody),
         ReadErrors,
+        SmallBodyErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]
@@ -534,6 +535,7 @@ fn quote(tenant: &Tenant, request: &AuthorizeRequest, now_ms: i64) -> Result<i64
         (status = 402, description = "Refused, with machine-readable terms; the call must not run. `reason` is `no_credits` (the tenant is `prepaid_only` and the customer was never granted credits: grant them), `spend_cap`, `too_many_in_flight` or `insufficient_balance`", body = AuthorizeAnswer, example = json!(
             {"authorized":false,"nonce":"5f0c6d1e","quoteMicros":2000,"reason":"insufficient_balance","availableMicros":500,"message":"the call is quoted at 2000 µUSD and the customer's balance has 500 µUSD available; a credit grant lifts it"})),
         ReadErrors,
+        SmallBodyErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]
@@ -592,7 +594,10 @@ pub async fn authorize(
     let answer = AuthorizeAnswer::of(&request.nonce, &decision);
     Ok(match decision {
         Decision::Authorized { .. } => HttpResponse::Ok().json(answer),
-        Decision::Refused { .. } => HttpResponse::PaymentRequired().json(answer),
+        Decision::Refused { reason, .. } => {
+            crate::metrics::METRICS.payment_refused(reason);
+            HttpResponse::PaymentRequired().json(answer)
+        }
     })
 }
 
@@ -614,6 +619,7 @@ pub struct ReleaseAnswer {
         (status = 200, description = "The reservation is over", body = ReleaseAnswer),
         (status = 404, description = "No authorization with this nonce (or it is forgotten)", body = crate::error::ErrorBody),
         ReadErrors,
+        SmallBodyErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]

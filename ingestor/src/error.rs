@@ -19,12 +19,16 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("the request body is larger than {limit} bytes; send fewer events per request")]
-    PayloadTooLarge { limit: usize },
+    #[error("the request body is larger than {limit} bytes; {advice}")]
+    PayloadTooLarge { limit: usize, advice: &'static str },
+    #[error("the request body did not arrive whole within {ms} ms; send it at once (http.body_timeout_ms)")]
+    BodyTimeout { ms: u64 },
     #[error("Content-Type `{0}` is not accepted; send application/json")]
     UnsupportedMediaType(String),
-    #[error("this API key is over its rate limit of {per_second} requests per second (burst {burst}); retry after {retry_after_seconds} s")]
+    #[error("{holder} over its rate limit of {per_second} requests per second (burst {burst}); retry after {retry_after_seconds} s")]
     RateLimited {
+        /// `this API key is`, or `this customer's portal tokens are`.
+        holder: &'static str,
         per_second: f64,
         burst: u32,
         retry_after_seconds: u64,
@@ -52,10 +56,10 @@ pub enum ReadErrors {
     /// No API key, or an unknown one
     #[response(status = 401)]
     Unauthorized(ErrorBody),
-    /// The key lacks the `read` scope, or X-Tenant-Id names another tenant
+    /// The key lacks the endpoint's scope, X-Tenant-Id names another tenant, or a portal token names another customer
     #[response(status = 403)]
     Forbidden(ErrorBody),
-    /// This API key is over its rate limit
+    /// This API key, or this customer's portal tokens, are over the rate limit
     #[response(
         status = 429,
         headers(("Retry-After" = u32, description = "Seconds until the key may send again"))
@@ -64,6 +68,19 @@ pub enum ReadErrors {
     /// The store is unavailable; retry after `Retry-After` seconds
     #[response(status = 503, headers(("Retry-After" = u32, description = "Seconds to wait")))]
     Unavailable(ErrorBody),
+}
+
+/// What the routes with a small body (authorize and release, credit grants, portal tokens) may
+/// answer besides [`ReadErrors`], as the OpenAPI document lists them.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum SmallBodyErrors {
+    /// The body did not arrive whole within `http.body_timeout_ms`
+    #[response(status = 408)]
+    RequestTimeout(ErrorBody),
+    /// The body is larger than `http.max_small_body_bytes`
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorBody),
 }
 
 /// The error answers of the two ingest endpoints, as the OpenAPI document lists them.
@@ -79,6 +96,9 @@ pub enum IngestErrors {
     /// The key lacks the `ingest` scope, or X-Tenant-Id names another tenant
     #[response(status = 403)]
     Forbidden(ErrorBody),
+    /// The body did not arrive whole within `http.body_timeout_ms`; nothing was stored
+    #[response(status = 408)]
+    RequestTimeout(ErrorBody),
     /// The body is larger than `ingest.max_body_bytes`
     #[response(status = 413)]
     PayloadTooLarge(ErrorBody),
@@ -97,7 +117,7 @@ pub enum IngestErrors {
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {
     /// A stable code, one per meaning: `bad_request` (400), `unauthorized` (401), `forbidden`
-    /// (403), `not_found` (404), `method_not_allowed` (405), `conflict` (409), `payload_too_large` (413),
+    /// (403), `not_found` (404), `method_not_allowed` (405), `conflict` (409), `request_timeout` (408: the body came too slowly), `payload_too_large` (413),
     /// `unsupported_media_type` (415), `rate_limited` (429: this key is over its rate limit),
     /// `overloaded` (429: the write queue is full; slow down), `busy` (503: too many requests
     /// in flight here), `unavailable` (503: the store, the bus or the guard state is down or
@@ -124,6 +144,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
+            ApiError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
@@ -211,8 +232,10 @@ mod tests {
                 "unavailable",
             ),
             (ApiError::Busy { in_flight: 256 }, 503, "busy"),
+            (ApiError::BodyTimeout { ms: 10 }, 408, "request_timeout"),
             (
                 ApiError::RateLimited {
+                    holder: "this API key is",
                     per_second: 1.0,
                     burst: 1,
                     retry_after_seconds: 1,
@@ -233,7 +256,7 @@ mod tests {
             let answer = error.error_response();
             assert_eq!(
                 answer.headers().contains_key(header::RETRY_AFTER),
-                status != 500,
+                matches!(status, 429 | 503),
                 "{error}: Retry-After on 429 and 503 only"
             );
         }

@@ -295,14 +295,20 @@ async fn enforce(
     }
 }
 
-/// The caller's caller (with the `ingest` scope), and the body once its size and content type
-/// are acceptable.
+/// The caller (with the `ingest` scope, found by the route's door) and the body it read.
 async fn authorized_body(
     state: &AppState,
     req: &HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
 ) -> Result<(Arc<Caller>, web::Bytes), ApiError> {
     let caller = state.authenticate(req, Scope::Ingest).await?;
+    let body =
+        body.map_err(|e| ApiError::BadRequest(format!("the request body could not be read: {e}")))?;
+    Ok((caller, body))
+}
+
+/// Refuses a Content-Type other than JSON (`application/json` or `…+json`); none is JSON.
+pub(crate) fn json_content_type(req: &HttpRequest) -> Result<(), ApiError> {
     if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
         let text = content_type.to_str().unwrap_or("");
         let mime = text
@@ -315,16 +321,7 @@ async fn authorized_body(
             return Err(ApiError::UnsupportedMediaType(text.to_string()));
         }
     }
-    let body = body.map_err(|e| {
-        if e.as_response_error().status_code() == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge {
-                limit: state.ingest.max_body_bytes,
-            }
-        } else {
-            ApiError::BadRequest(format!("the request body could not be read: {e}"))
-        }
-    })?;
-    Ok((caller, body))
+    Ok(())
 }
 
 fn first_byte(body: &[u8]) -> Option<u8> {

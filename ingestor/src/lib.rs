@@ -39,7 +39,8 @@ pub mod portal;
 pub mod rebuild;
 pub mod state;
 
-use actix_web::web;
+use actix_web::{web, HttpMessage};
+use schemas::config::Scope;
 use state::AppState;
 
 /// `path` answering `route` (a method and its handler); any other method gets 405 with `Allow`.
@@ -82,61 +83,101 @@ where
     resource(path, actix_web::http::Method::GET, web::route().to(handler))
 }
 
-fn post<F, Args>(path: &str, handler: F) -> actix_web::Resource
+/// What a route that takes a body checks before reading it, in this order: the key (from the
+/// headers alone), for ingest the content type and an in-flight permit, then the body, whole
+/// within `http.body_timeout_ms` and no larger than its cap. A caller without a key never gets
+/// a byte of its body read, nor a permit.
+#[derive(Clone, Copy)]
+struct Door {
+    scope: schemas::config::Scope,
+    /// Ingest: `ingest.max_body_bytes`, a JSON content type and an in-flight permit
+    /// (`ingest.max_in_flight_requests`). Otherwise `http.max_small_body_bytes`.
+    ingest: bool,
+}
+
+impl Door {
+    const INGEST: Door = Door {
+        scope: schemas::config::Scope::Ingest,
+        ingest: true,
+    };
+
+    fn small(scope: schemas::config::Scope) -> Door {
+        Door {
+            scope,
+            ingest: false,
+        }
+    }
+}
+
+/// `path` answering POST with `handler` behind `door`.
+fn post_behind<F, Args>(path: &str, door: Door, handler: F) -> actix_web::Resource
 where
     F: actix_web::Handler<Args>,
     Args: actix_web::FromRequest + 'static,
     F::Output: actix_web::Responder + 'static,
 {
-    resource(
-        path,
-        actix_web::http::Method::POST,
-        web::route().to(handler),
-    )
+    let route = web::route()
+        .to(handler)
+        .wrap(actix_web::middleware::from_fn(move |req, next| {
+            through(door, req, next)
+        }));
+    resource(path, actix_web::http::Method::POST, route)
 }
 
-/// An ingest path: POST only, and at most `ingest.max_in_flight_requests` at once.
-fn ingest_post<F, Args>(
-    path: &str,
-    handler: F,
-) -> actix_web::Resource<
-    impl actix_web::dev::ServiceFactory<
-        actix_web::dev::ServiceRequest,
-        Config = (),
-        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
-        Error = actix_web::Error,
-        InitError = (),
-    >,
->
-where
-    F: actix_web::Handler<Args>,
-    Args: actix_web::FromRequest + 'static,
-    F::Output: actix_web::Responder + 'static,
-{
-    post(path, handler).wrap(actix_web::middleware::from_fn(limit_in_flight))
-}
-
-/// Takes an in-flight permit before the body is read, or answers 503 at once: under overload
-/// the server holds at most `max_in_flight_requests` bodies, however many clients push.
-async fn limit_in_flight(
-    req: actix_web::dev::ServiceRequest,
-    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
-) -> Result<
-    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
-    actix_web::Error,
-> {
+/// Runs `door`'s checks, then the handler with the body read and the caller known (its own
+/// `authenticate` takes the caller the door found, without charging the rate limit again).
+async fn through(
+    door: Door,
+    mut req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<actix_web::body::BoxBody>,
+) -> Result<actix_web::dev::ServiceResponse, actix_web::Error> {
     let state = req
         .app_data::<web::Data<AppState>>()
         .cloned()
         .expect("routes() registers the app state");
-    let Ok(_permit) = state.in_flight.try_acquire() else {
-        let busy = error::ApiError::Busy {
-            in_flight: state.ingest.max_in_flight_requests,
-        };
-        let answer = actix_web::ResponseError::error_response(&busy);
-        return Ok(req.into_response(answer).map_into_right_body());
+    // A refusal leaves the body unread: the connection is closed rather than drained.
+    let refuse = |req: actix_web::dev::ServiceRequest, e: error::ApiError| {
+        let mut answer = actix_web::ResponseError::error_response(&e);
+        answer
+            .head_mut()
+            .set_connection_type(actix_web::http::ConnectionType::Close);
+        Ok(req.into_response(answer))
     };
-    Ok(next.call(req).await?.map_into_left_body())
+    let caller = match state.authenticate(req.request(), door.scope).await {
+        Ok(caller) => caller,
+        Err(e) => return refuse(req, e),
+    };
+    req.extensions_mut().insert(state::Authenticated {
+        scope: door.scope,
+        caller,
+    });
+    let mut _permit = None;
+    let (limit, advice) = if door.ingest {
+        if let Err(e) = ingest::json_content_type(req.request()) {
+            return refuse(req, e);
+        }
+        match state.in_flight.try_acquire() {
+            Ok(permit) => _permit = Some(permit),
+            Err(_) => {
+                let busy = error::ApiError::Busy {
+                    in_flight: state.ingest.max_in_flight_requests,
+                };
+                return refuse(req, busy);
+            }
+        }
+        (state.ingest.max_body_bytes, "send fewer events per request")
+    } else {
+        (
+            state.http.max_small_body_bytes,
+            "this route takes a small JSON object (http.max_small_body_bytes)",
+        )
+    };
+    let timeout = std::time::Duration::from_millis(state.http.body_timeout_ms);
+    match body::read_whole(&mut req, limit, advice, timeout).await {
+        Ok(bytes) => req.set_payload(bytes.into()),
+        Err(e) => return refuse(req, e),
+    }
+    next.call(req).await
 }
 
 /// Mounts the API on an actix app: `App::new().configure(ingestor::routes(state))`.
@@ -159,14 +200,34 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
                     error::ApiError::BadRequest(format!("bad path: {e}")).into()
                 }),
             )
-            .service(ingest_post("/v1/ingest/batch", ingest::batch))
-            .service(ingest_post("/v1/ingest/events", ingest::events))
+            .service(post_behind("/v1/ingest/batch", Door::INGEST, ingest::batch))
+            .service(post_behind(
+                "/v1/ingest/events",
+                Door::INGEST,
+                ingest::events,
+            ))
             .service(get("/v1/guard/check", guard::check))
             .service(get("/v1/guard/states", guard::states))
-            .service(post("/v1/portal/tokens", portal::issue))
-            .service(post("/v1/authorize", credits::authorize))
-            .service(post("/v1/authorize/{nonce}/release", credits::release))
-            .service(post("/v1/customers/{customer_id}/credits", credits::grant))
+            .service(post_behind(
+                "/v1/portal/tokens",
+                Door::small(Scope::Admin),
+                portal::issue,
+            ))
+            .service(post_behind(
+                "/v1/authorize",
+                Door::small(Scope::Ingest),
+                credits::authorize,
+            ))
+            .service(post_behind(
+                "/v1/authorize/{nonce}/release",
+                Door::small(Scope::Ingest),
+                credits::release,
+            ))
+            .service(post_behind(
+                "/v1/customers/{customer_id}/credits",
+                Door::small(Scope::Admin),
+                credits::grant,
+            ))
             .service(get("/v1/customers/{customer_id}/balance", credits::balance))
             .service(get("/v1/exports/billing", exports::billing))
             .service(get("/", ops::index))
@@ -191,6 +252,7 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             )
             .service(get("/analytics/mcp/revenue/by-tool", analytics::by_tool))
             .service(get("/analytics/mcp/by-agent", analytics::by_agent))
+            .service(get("/analytics/mcp/by-customer", analytics::by_customer))
             .service(get("/analytics/mcp/summary", analytics::summary))
             .service(get("/analytics/mcp/sessions", analytics::sessions))
             .service(get("/analytics/mcp/timeseries", analytics::timeseries))

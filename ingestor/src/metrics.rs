@@ -2,19 +2,35 @@
 //! the guard state's unreachable moments.
 
 use backends::metrics::{head, single, Counter, Histogram};
+use schemas::credits::RefusalReason;
 use std::fmt::Write;
 use std::time::Duration;
 
 /// HTTP status codes 100 to 599.
 const STATUS_CODES: usize = 500;
 
-/// The routes HTTP metrics are kept for; anything else counts as `other`.
-pub const ROUTES: [&str; 11] = [
+/// The routes HTTP metrics are kept for, as the API registers them (each its own label);
+/// a path no route matched counts as `other`.
+pub const ROUTES: [&str; 25] = [
     "/v1/ingest/batch",
     "/v1/ingest/events",
     "/v1/guard/check",
-    "/analytics/mcp",
+    "/v1/guard/states",
+    "/v1/authorize",
+    "/v1/authorize/{nonce}/release",
+    "/v1/customers/{customer_id}/credits",
+    "/v1/customers/{customer_id}/balance",
+    "/v1/portal/tokens",
     "/v1/exports/billing",
+    "/analytics/mcp/revenue/by-tool",
+    "/analytics/mcp/by-agent",
+    "/analytics/mcp/by-customer",
+    "/analytics/mcp/summary",
+    "/analytics/mcp/sessions",
+    "/analytics/mcp/sessions/{session_id}",
+    "/analytics/mcp/timeseries",
+    "/dashboard",
+    "/",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -23,11 +39,18 @@ pub const ROUTES: [&str; 11] = [
     "other",
 ];
 
-/// The route label of a request path.
-pub fn route_of(path: &str) -> usize {
-    ROUTES[..ROUTES.len() - 1]
+/// The route label of a request, from the pattern of the route it matched (`None`: none did).
+/// The dashboard's files count as `/dashboard`, Swagger UI's as `/docs`.
+pub fn route_of(pattern: Option<&str>) -> usize {
+    let label = match pattern {
+        Some(p) if p.starts_with("/dashboard/") => "/dashboard",
+        Some(p) if p.starts_with("/docs/") => "/docs",
+        Some(p) => p,
+        None => "other",
+    };
+    ROUTES
         .iter()
-        .position(|r| path == *r || (path.starts_with(r) && path[r.len()..].starts_with('/')))
+        .position(|r| *r == label)
         .unwrap_or(ROUTES.len() - 1)
 }
 
@@ -42,6 +65,8 @@ pub struct ApiMetrics {
     /// every code instead of a locked map, so that recording takes no lock on the hot path.
     http_requests: [[Counter; STATUS_CODES]; ROUTES.len()],
     pub guard_state_errors: Counter,
+    /// Authorizations refused (402), by reason, in [`RefusalReason::ALL`]'s order.
+    payment_refusals: [Counter; RefusalReason::ALL.len()],
 }
 
 pub static METRICS: ApiMetrics = ApiMetrics {
@@ -51,9 +76,19 @@ pub static METRICS: ApiMetrics = ApiMetrics {
     http_latency: [const { Histogram::new() }; ROUTES.len()],
     http_requests: [const { [const { Counter::new() }; STATUS_CODES] }; ROUTES.len()],
     guard_state_errors: Counter::new(),
+    payment_refusals: [const { Counter::new() }; RefusalReason::ALL.len()],
 };
 
 impl ApiMetrics {
+    /// Records one authorization answered 402.
+    pub fn payment_refused(&self, reason: RefusalReason) {
+        let i = RefusalReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("ALL lists every reason");
+        self.payment_refusals[i].add(1);
+    }
+
     /// Records one answered HTTP request.
     pub fn http_request(&self, route: usize, status: u16, took: Duration) {
         self.http_latency[route].observe(took);
@@ -130,6 +165,20 @@ impl ApiMetrics {
             "Requests that could not reach the guard state (limits not enforced, checks failed open)",
             self.guard_state_errors.get(),
         );
+        head(
+            out,
+            "mcp_meter_authorizations_refused_total",
+            "counter",
+            "Authorizations answered 402, by reason: no_credits, insufficient_balance, spend_cap, too_many_in_flight",
+        );
+        for (reason, c) in RefusalReason::ALL.iter().zip(&self.payment_refusals) {
+            let _ = writeln!(
+                out,
+                "mcp_meter_authorizations_refused_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                c.get()
+            );
+        }
     }
 }
 
@@ -138,14 +187,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_map_to_a_bounded_set_of_routes() {
-        assert_eq!(ROUTES[route_of("/v1/ingest/batch")], "/v1/ingest/batch");
+    fn patterns_map_to_a_bounded_set_of_routes() {
         assert_eq!(
-            ROUTES[route_of("/analytics/mcp/sessions/s-1")],
-            "/analytics/mcp"
+            ROUTES[route_of(Some("/v1/ingest/batch"))],
+            "/v1/ingest/batch"
         );
-        assert_eq!(ROUTES[route_of("/docs/swagger-ui.css")], "/docs");
-        assert_eq!(ROUTES[route_of("/v1/ingest/batchx")], "other");
-        assert_eq!(ROUTES[route_of("/secret/tenant-id")], "other");
+        assert_eq!(
+            ROUTES[route_of(Some("/analytics/mcp/sessions/{session_id}"))],
+            "/analytics/mcp/sessions/{session_id}"
+        );
+        assert_eq!(ROUTES[route_of(Some("/docs/{_:.*}"))], "/docs");
+        assert_eq!(ROUTES[route_of(Some("/dashboard/{file:.*}"))], "/dashboard");
+        assert_eq!(ROUTES[route_of(Some("/v1/unknown"))], "other");
+        assert_eq!(ROUTES[route_of(None)], "other");
     }
 }

@@ -29,6 +29,7 @@ alone decides the tenant; a portal token (`POST /v1/portal/tokens`) reads for on
         crate::credits::balance,
         crate::analytics::by_tool,
         crate::analytics::by_agent,
+        crate::analytics::by_customer,
         crate::analytics::summary,
         crate::analytics::sessions,
         crate::analytics::timeseries,
@@ -70,7 +71,9 @@ impl Modify for Security {
             "api_key",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
                 "X-API-Key",
-                "An API key; `mcp-meter keys new` makes one",
+                "An API key; `mcp-meter keys new --scopes ingest,read` makes one. Its scopes \
+(`ingest`, `read`, `export`, `admin`) decide which operations it may call, each operation naming \
+the one it needs; `admin` holds every other scope too, so an admin key may call every operation",
             ))),
         );
         components.add_security_scheme(
@@ -78,7 +81,10 @@ impl Modify for Security {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("The same key as `Authorization: Bearer <key>`"))
+                    .description(Some(
+                        "The same key as `Authorization: Bearer <key>`, with the same scopes \
+(`admin` holds every other scope)",
+                    ))
                     .build(),
             ),
         );

@@ -168,6 +168,78 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(out)
 }
 
+/// What the interactive documentation (Swagger UI, served from the binary) may load: its own
+/// scripts, styles (it sets some inline) and images, and calls to this origin only; nothing
+/// may frame it.
+const DOCS_CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; \
+connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Headers every answer carries: `nosniff`; `Cache-Control: no-store` unless the route chose
+/// its own (keys, tokens, balances and usage are never kept by a cache or a proxy); on
+/// `/docs/`, a content security policy that also forbids framing.
+pub async fn security_headers(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    use actix_web::http::header::{self, HeaderValue};
+    let docs = req.path() == "/docs" || req.path().starts_with("/docs/");
+    let mut answer = next.call(req).await?;
+    let headers = answer.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if docs {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(DOCS_CONTENT_SECURITY_POLICY),
+        );
+        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+    }
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        let policy = if docs { "no-cache" } else { "no-store" };
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(policy));
+    }
+    Ok(answer)
+}
+
+/// With `http.metrics_listen`, keeps `/metrics` and the API apart: its addresses answer
+/// `/metrics` only, and the API's addresses answer everything but `/metrics`, both with 404.
+pub async fn split_metrics_listener(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
+    actix_web::Error,
+> {
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .cloned()
+        .expect("routes() registers the app state");
+    let metrics_addrs = state.metrics_addrs.get().map(Vec::as_slice).unwrap_or(&[]);
+    if !metrics_addrs.is_empty() {
+        let on_metrics_listener = metrics_addrs.contains(&req.app_config().local_addr());
+        let wants_metrics = req.path() == "/metrics";
+        let refusal = match (on_metrics_listener, wants_metrics) {
+            (true, false) => Some("this address serves /metrics only; the API is on `listen`"),
+            (false, true) => Some("/metrics is served on http.metrics_listen only"),
+            _ => None,
+        };
+        if let Some(why) = refusal {
+            let answer = actix_web::ResponseError::error_response(
+                &crate::error::ApiError::NotFound(why.into()),
+            );
+            return Ok(req.into_response(answer).map_into_right_body());
+        }
+    }
+    Ok(next.call(req).await?.map_into_left_body())
+}
+
 /// The access log's target: `MCP_METER_LOG=info,access=warn` silences it.
 pub const ACCESS_LOG: &str = "access";
 
@@ -178,10 +250,10 @@ pub async fn record_request(
     req: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
 ) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
-    let route = crate::metrics::route_of(req.path());
     let started = std::time::Instant::now();
     let answer = next.call(req).await?;
     let (status, took) = (answer.status().as_u16(), started.elapsed());
+    let route = crate::metrics::route_of(answer.request().match_pattern().as_deref());
     crate::metrics::METRICS.http_request(route, status, took);
     // The request rides along with its answer: nothing is copied for the log beforehand.
     let req = answer.request();

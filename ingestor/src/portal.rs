@@ -119,6 +119,7 @@ pub struct PortalToken {
         (status = 400, description = "A bad customer id or lifetime", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 403, description = "The key lacks the `admin` scope", body = ErrorBody),
+        crate::error::SmallBodyErrors,
     ),
     security(("api_key" = []), ("bearer" = [])),
 )]

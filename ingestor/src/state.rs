@@ -2,10 +2,11 @@
 //! which every handler calls first.
 
 use crate::{auth, error, guard};
+use actix_web::HttpMessage;
 use backends::sink::EventSink;
 use backends::state::{CustomerBalances, LimitCounters, MarginBoard, RateLimiter};
 use backends::store::{AnalyticsStore, CreditLedger};
-use schemas::config::{CreditsConfig, IngestConfig};
+use schemas::config::{CreditsConfig, HttpConfig, IngestConfig, Scope};
 use std::sync::Arc;
 
 /// What every handler shares.
@@ -40,24 +41,40 @@ pub struct AppState {
     /// How often the margin guard recomputes levels: what a throttled caller is told to wait.
     pub guard_recompute_seconds: u64,
     pub ingest: IngestConfig,
+    /// Body timeouts and caps of the routes that take a body.
+    pub http: HttpConfig,
+    /// The addresses bound for `http.metrics_listen`, set once the server is bound: requests
+    /// arriving there get `/metrics` only, and `/metrics` is served nowhere else.
+    pub metrics_addrs: std::sync::OnceLock<Vec<std::net::SocketAddr>>,
     /// The metric families of the other components this process runs, rendered after the
     /// API's own by `/metrics`.
     pub metric_families: Vec<fn(&mut String)>,
 }
 
+/// A request's caller, found by its route's door before the body was read; the handler's
+/// [`AppState::authenticate`] takes it from the request instead of charging the rate limit
+/// again.
+pub(crate) struct Authenticated {
+    pub scope: Scope,
+    pub caller: Arc<auth::Caller>,
+}
+
 impl AppState {
-    /// The caller's caller for `scope`, once its key's rate limit admits the request. Without
-    /// the guard state the limit is not enforced (fail open), as with hard limits.
+    /// The request's caller for `scope`, once its rate limit (its key's, or its customer's for
+    /// a portal token) admits the request. Without the guard state the limit is not enforced
+    /// (fail open), as with hard limits.
     pub async fn authenticate(
         &self,
         req: &actix_web::HttpRequest,
-        scope: schemas::config::Scope,
+        scope: Scope,
     ) -> Result<Arc<auth::Caller>, error::ApiError> {
+        if let Some(done) = req.extensions().get::<Authenticated>() {
+            if done.scope == scope {
+                return Ok(done.caller.clone());
+            }
+        }
         let caller = self.keys.authenticate(req, scope)?;
-        let Some(limit) = &caller.rate_limit else {
-            return Ok(caller);
-        };
-        let (bucket, limit) = (&limit.bucket, limit.config);
+        let (bucket, limit) = (&caller.rate_limit.bucket, caller.rate_limit.config);
         let now_ms = chrono::Utc::now().timestamp_millis();
         match self
             .rate_limiter
@@ -66,6 +83,10 @@ impl AppState {
         {
             Ok(None) => Ok(caller),
             Ok(Some(wait_ms)) => Err(error::ApiError::RateLimited {
+                holder: match caller.customer {
+                    Some(_) => "this customer's portal tokens are",
+                    None => "this API key is",
+                },
                 per_second: limit.requests_per_second,
                 burst: limit.burst,
                 retry_after_seconds: wait_ms.div_ceil(1000),
@@ -82,7 +103,7 @@ impl AppState {
     pub async fn reader(
         &self,
         req: &actix_web::HttpRequest,
-        scope: schemas::config::Scope,
+        scope: Scope,
     ) -> Result<auth::Reader, error::ApiError> {
         Ok(self.authenticate(req, scope).await?.reader())
     }

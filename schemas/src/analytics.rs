@@ -272,6 +272,27 @@ pub struct ToolUsage<F = UsageFigures> {
     pub sessions: i64,
 }
 
+/// One customer's usage over a range (`/analytics/mcp/by-customer`).
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomerUsage<F = UsageFigures> {
+    /// The customer the calls named; `null` for the calls that named none (never in a
+    /// customer's view, nor under a `customerId` filter).
+    pub customer_id: Option<String>,
+    #[serde(flatten)]
+    pub figures: F,
+    /// Distinct sessions with calls of the customer in the range.
+    pub sessions: i64,
+}
+
+impl<F> CustomerUsage<F> {
+    /// The name this row is ordered and paged by: its customer id, the empty text for calls
+    /// that named none (no customer id is empty, so it is no one's name).
+    pub fn name(&self) -> &str {
+        self.customer_id.as_deref().unwrap_or("")
+    }
+}
+
 /// One agent's usage on one day.
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -361,6 +382,18 @@ pub struct ByToolReport<F = UsageFigures> {
     pub from: String,
     pub to: String,
     pub tools: Vec<ToolUsage<F>>,
+    /// The `cursor` of the next page; `null` on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /analytics/mcp/by-customer`: the days covered, then one page of rows, one per
+/// customer, highest revenue first, then by customer id (the calls without one first).
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ByCustomerReport<F = UsageFigures> {
+    pub from: String,
+    pub to: String,
+    pub customers: Vec<CustomerUsage<F>>,
     /// The `cursor` of the next page; `null` on the last.
     pub next_cursor: Option<String>,
 }
@@ -530,6 +563,7 @@ macro_rules! for_customer {
 
 for_customer! {
     ToolUsage { tool_name, sessions; figures }
+    CustomerUsage { customer_id, sessions; figures }
     DayUsage { date, sessions; figures }
     AgentUsage { agent_id, sessions; figures, daily }
     UsageSummary { sessions, tools, agents; figures }
@@ -539,6 +573,7 @@ for_customer! {
     SeriesPoint { start; figures }
     Series { key; figures, points }
     ByToolReport { from, to, next_cursor; tools }
+    ByCustomerReport { from, to, next_cursor; customers }
     ByAgentReport { from, to; agents }
     SummaryReport { from, to; summary }
     SessionsReport { from, to; sessions }

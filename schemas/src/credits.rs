@@ -168,6 +168,14 @@ pub enum RefusalReason {
 }
 
 impl RefusalReason {
+    /// Every reason, in a fixed order (what `/metrics` counts by).
+    pub const ALL: [RefusalReason; 4] = [
+        RefusalReason::NoCredits,
+        RefusalReason::InsufficientBalance,
+        RefusalReason::SpendCap,
+        RefusalReason::TooManyInFlight,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RefusalReason::NoCredits => "no_credits",
@@ -178,14 +186,7 @@ impl RefusalReason {
     }
 
     pub fn parse(text: &str) -> Option<RefusalReason> {
-        [
-            RefusalReason::NoCredits,
-            RefusalReason::InsufficientBalance,
-            RefusalReason::SpendCap,
-            RefusalReason::TooManyInFlight,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == text)
+        RefusalReason::ALL.into_iter().find(|r| r.as_str() == text)
     }
 }
 

@@ -302,6 +302,8 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
                 "MARGIN_GUARD_",
                 "CREDITS_",
                 "PORTAL_",
+                "HTTP_",
+                "RATE_LIMITS_",
             ],
         ),
         (
@@ -314,6 +316,8 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
                 "MARGIN_GUARD_",
                 "CREDITS_",
                 "PORTAL_",
+                "HTTP_",
+                "RATE_LIMITS_",
             ],
         ),
         (
@@ -425,7 +429,7 @@ fn each_subcommands_help_lists_only_its_flags_and_the_environment_it_reads() {
     }
 }
 
-/// `serve`'s banner lists the operations endpoints; its log, written to a file, carries no
+/// `serve`'s banner lists the API, the dashboard and the operations endpoints; its log, written to a file, carries no
 /// colour codes and one access line per request, failed authentication included, with no key.
 #[test]
 fn serve_banner_lists_operations_and_its_log_is_plain_with_an_access_line_per_request() {
@@ -456,7 +460,20 @@ fn serve_banner_lists_operations_and_its_log_is_plain_with_an_access_line_per_re
         .take_while(|l| !l.starts_with("demo tenant"))
         .collect();
     let banner = banner.join("\n");
-    for path in ["/healthz", "/readyz", "/metrics", "/docs/"] {
+    // Every place a first hour needs: the API's groups, the dashboard, the operations.
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/docs/",
+        "/dashboard/",
+        "/analytics/mcp/timeseries",
+        "/v1/customers/{customerId}/credits",
+        "/v1/customers/{customerId}/balance",
+        "/v1/authorize",
+        "/v1/portal/tokens",
+        "/v1/exports/billing",
+    ] {
         assert!(banner.contains(path), "the banner lacks {path}:\n{banner}");
     }
     let base = banner
@@ -505,4 +522,201 @@ fn serve_banner_lists_operations_and_its_log_is_plain_with_an_access_line_per_re
         !text.contains("from=2026"),
         "query strings stay out of the log:\n{text}"
     );
+}
+
+/// `keys new --scopes --name` prints the config block with them, one that a config accepts
+/// as the key it printed; scopes are checked against the names a config takes.
+#[test]
+fn keys_new_prints_the_block_with_the_scopes_and_name_asked_for() {
+    let out = mcp_meter(&[
+        "keys",
+        "new",
+        "--scopes",
+        "ingest,read,ingest",
+        "--name",
+        "sdk-prod",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("key:"))
+        .unwrap()
+        .trim();
+    let block = &text[text.find("[[tenants.api_keys]]").unwrap()..];
+    assert!(
+        block.contains("name = \"sdk-prod\"\n")
+            && block.contains("scopes = [\"ingest\", \"read\"]\n"),
+        "{text}"
+    );
+    let config = schemas::config::Config::from_toml(&format!(
+        "[[tenants]]\nid = \"t\"\n{block}\n[[tenants.rate_plans]]\nversion = 1\n\
+[tenants.rate_plans.tools.\"*\"]\nprice = {{ per_call = 1 }}\n"
+    ))
+    .unwrap();
+    config.validate().unwrap();
+    let printed = &config.tenants[0].api_keys[0];
+    assert_eq!(printed.sha256, mcp_meter::sha256_hex(key));
+    assert_eq!(
+        printed.scopes,
+        [schemas::config::Scope::Ingest, schemas::config::Scope::Read]
+    );
+    // Without flags: an ingest key, as before.
+    let plain = String::from_utf8(mcp_meter(&["keys", "new"]).stdout).unwrap();
+    assert!(plain.contains("scopes = [\"ingest\"]\n"), "{plain}");
+    // A scope the config would refuse is refused here, naming the ones there are.
+    let out = mcp_meter(&["keys", "new", "--scopes", "ingest,reed"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`reed` is not a scope; give ingest, read, export, admin"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no key is printed for a refused scope"
+    );
+    // Its help says what each scope allows, and that admin holds them all.
+    let help = String::from_utf8(mcp_meter(&["keys", "new", "--help"]).stdout).unwrap();
+    assert!(help.contains("every other scope"), "{help}");
+}
+
+/// `serve --config <file>` started with its log read until `until` matches a line or 20 s
+/// pass (a server never ends its log by itself), then killed: the lines read.
+fn serve_log_until(dir: &std::path::Path, file: &std::path::Path, until: &str) -> Vec<String> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(file)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env_remove("MCP_METER_CONFIG")
+        .env_remove("MCP_METER_LISTEN")
+        .env("MCP_METER_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut log = Vec::new();
+    while let Ok(line) =
+        seen.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        let done = line.contains(until);
+        log.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    log
+}
+
+/// A config with no tenant starts, but `serve` warns at start that nothing can be called, and
+/// says what to add; with a tenant, it does not.
+#[test]
+fn serve_warns_at_start_when_the_config_has_no_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("empty.toml");
+    std::fs::write(&file, "").unwrap();
+    // The warning comes before the server starts listening.
+    let log = serve_log_until(dir.path(), &file, "starting service");
+    let warning = log
+        .iter()
+        .find(|l| l.contains("WARN") && l.contains("no tenant"))
+        .unwrap_or_else(|| {
+            panic!(
+                "serve did not warn of a config with no tenant:\n{}",
+                log.join("\n")
+            )
+        });
+    for wanted in ["[[tenants]]", "[[tenants.api_keys]]", "mcp-meter keys new"] {
+        assert!(warning.contains(wanted), "`{wanted}` not in: {warning}");
+    }
+    let file = dir.path().join("one.toml");
+    std::fs::write(&file, crate::common::config_text(&dir.path().join("data2"))).unwrap();
+    let log = serve_log_until(dir.path(), &file, "starting service");
+    assert!(
+        log.iter().any(|l| l.contains("starting service")),
+        "{}",
+        log.join("\n")
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("no tenant")),
+        "{}",
+        log.join("\n")
+    );
+}
+
+/// A config error prints its message alone, whatever RUST_BACKTRACE says, and exits 2.
+#[test]
+fn a_config_error_prints_its_message_without_a_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "listen = \"no-port\"\n").unwrap();
+    for backtrace in ["1", "full", "0"] {
+        for command in ["serve", "ingestor", "aggregator", "migrate"] {
+            let out = Command::new(env!("CARGO_BIN_EXE_mcp-meter"))
+                .args([command, "--config"])
+                .arg(&file)
+                .env_remove("MCP_METER_LISTEN")
+                .env("RUST_BACKTRACE", backtrace)
+                .env("RUST_LIB_BACKTRACE", backtrace)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+            assert!(
+                err.starts_with("mcp-meter: the config has 1 problem(s)")
+                    && err.contains("listen `no-port` has no port"),
+                "{command}: {err}"
+            );
+            assert!(
+                !err.to_lowercase().contains("backtrace") && err.lines().count() <= 3,
+                "{command} RUST_BACKTRACE={backtrace}: {err}"
+            );
+        }
+    }
+}
+
+/// `serve` on ClickHouse says what it runs: one process writing ClickHouse itself, no Kafka, no
+/// aggregator, its state in memory (not the SQLite "embedded mode").
+#[test]
+fn serve_on_clickhouse_says_what_it_runs() {
+    use crate::common::distributed::spawn_with_url;
+    let dir = tempfile::tempdir().unwrap();
+    let database = crate::common::unique_database("banner");
+    let config = crate::common::clickhouse_config(dir.path(), &database);
+    let file = dir.path().join("mcp-meter.toml");
+    std::fs::write(&file, crate::common::config_text(dir.path())).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-meter"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&file)
+        .env_remove("MCP_METER_LISTEN")
+        .env("MCP_METER_STORE", "clickhouse")
+        .env("MCP_METER_CLICKHOUSE_URL", &config.clickhouse.url)
+        .env("MCP_METER_CLICKHOUSE_DATABASE", &database);
+    let (mut child, first) = spawn_with_url(command, |l| {
+        l.starts_with("mcp-meter serve:").then(|| l.to_string())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!first.contains("embedded mode"), "{first}");
+    for wanted in [
+        "one process writing ClickHouse",
+        &database,
+        "no Kafka",
+        "memory",
+    ] {
+        assert!(first.contains(wanted), "`{wanted}` not in: {first}");
+    }
 }

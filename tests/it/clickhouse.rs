@@ -780,7 +780,8 @@ fn stream(now_ms: i64) -> Vec<Vec<Value>> {
 fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhouse() {
     let database = unique_database("conformance");
     // One portal secret: a token issued by one server reads on the other.
-    let secret = Some("the conformance test's portal secret, 32+ chars".to_string());
+    let secret =
+        Some("c7d2e9b04a61f3580e2b7d9c14a6f08e3b5d7c9a1e2f4b6d8c0a3e5f7b9d1c2e".to_string());
     let sqlite = Server::start_with(|c| c.portal.secret = secret.clone());
     let ch_dir = tempfile::tempdir().unwrap();
     let mut ch_config = clickhouse_config(ch_dir.path(), &database);
@@ -840,6 +841,29 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                 .map(str::to_string)
             {
                 page = compare(&format!("{first}&cursor={cursor}"), key);
+            }
+            // Every page of the customers, two at a time; then each read narrowed to one.
+            compare(&format!("/analytics/mcp/by-customer{range}"), key);
+            let first = format!("/analytics/mcp/by-customer{range}{sep}limit=2");
+            let mut page = compare(&first, key);
+            while let Some(cursor) = serde_json::from_str::<Value>(&page).unwrap()["nextCursor"]
+                .as_str()
+                .map(str::to_string)
+            {
+                page = compare(&format!("{first}&cursor={cursor}"), key);
+            }
+            for read in [
+                "revenue/by-tool",
+                "by-agent",
+                "by-customer",
+                "summary",
+                "sessions",
+                "timeseries",
+            ] {
+                compare(
+                    &format!("/analytics/mcp/{read}{range}{sep}customerId=cust_b"),
+                    key,
+                );
             }
             compare(&format!("/analytics/mcp/sessions{range}"), key);
             compare(&format!("/analytics/mcp/sessions{range}{sep}limit=7"), key);
@@ -907,6 +931,8 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
             "/analytics/mcp/summary".to_string(),
             "/analytics/mcp/revenue/by-tool".to_string(),
             "/analytics/mcp/by-agent".to_string(),
+            "/analytics/mcp/by-customer".to_string(),
+            format!("/analytics/mcp/summary?customerId={customer}"),
             "/analytics/mcp/sessions?limit=1000".to_string(),
             "/analytics/mcp/timeseries?groupBy=customer".to_string(),
             "/analytics/mcp/timeseries?interval=hour&groupBy=tool".to_string(),
@@ -1003,6 +1029,19 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                     json(&old.summary(&Viewer::tenant(tenant), range).await.unwrap()),
                     json(&new.summary(&Viewer::tenant(tenant), range).await.unwrap())
                 );
+                let customers = old
+                    .usage_by_customer(&Viewer::tenant(tenant), range)
+                    .await
+                    .unwrap();
+                assert!(customers.iter().any(|c| c.customer_id.is_none()));
+                assert_eq!(
+                    json(&customers),
+                    json(
+                        &new.usage_by_customer(&Viewer::tenant(tenant), range)
+                            .await
+                            .unwrap()
+                    )
+                );
                 // Pages of 7 lines walk the keyset; they add up to the one-page answer.
                 let query = BillingQuery {
                     range,
@@ -1045,7 +1084,7 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                         json(&new.sessions(&Viewer::tenant(tenant), q).await.unwrap())
                     );
                 }
-                checked += 6;
+                checked += 7;
             }
             // Series from both rollups, and a customer's view of the rest.
             let range = DateRange {
@@ -1073,6 +1112,10 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                 json(&old.summary(&customer, range).await.unwrap()),
                 json(&new.summary(&customer, range).await.unwrap())
             );
+            assert_eq!(
+                json(&old.usage_by_customer(&customer, range).await.unwrap()),
+                json(&new.usage_by_customer(&customer, range).await.unwrap())
+            );
             let q = SessionQuery {
                 range,
                 agent_id: None,
@@ -1082,7 +1125,7 @@ fn every_analytics_endpoint_answers_byte_identical_json_from_sqlite_and_clickhou
                 json(&old.sessions(&customer, q.clone()).await.unwrap()),
                 json(&new.sessions(&customer, q).await.unwrap())
             );
-            checked += 2;
+            checked += 3;
             for id in ["sess_0_1", "sess_1_2", "sess_2_3", "nope"] {
                 let found = old
                     .session(&Viewer::tenant(tenant), id)

@@ -556,7 +556,9 @@ fn a_nonce_replayed_for_another_call_is_a_conflict() {
 /// One rule for customer ids wherever they appear: no control character (as events refuse).
 #[test]
 fn customer_ids_with_control_characters_are_refused_everywhere() {
-    let s = serve_with("[portal]\nsecret = \"0123456789abcdef0123456789abcdef\"\n");
+    let s = serve_with(
+        "[portal]\nsecret = \"e4b1f07a9c2d58e3b6a0f1c7d94e2b5a8c3f6d0e1b7a9c4f2e5d8b0a3c6f9e17\"\n",
+    );
     let bad = "cust\nx";
     let (status, answer) = s.post(
         "/v1/authorize",

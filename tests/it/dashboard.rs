@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-const SECRET: &str = "a portal secret of at least thirty-two characters";
+const SECRET: &str = "9f2c4e81b7a3d05e6c1f8a92b4d7e03c5a8f1b6e2d9c4a7f0e3b8d5c1a6f9e24";
 
 /// The `n`th call of the seed, of `customer` by `agent` in `session`, `days_ago` days before
 /// now; durations and tokens vary with `n`, and every fifth call fails.
@@ -143,6 +143,16 @@ fn drive(
     other_session: &str,
     out: &Path,
 ) -> Value {
+    let out = out.display().to_string();
+    run_browser_driver(
+        "dashboard.mjs",
+        &[&s.base, key, portal, expired, other_session, &out],
+    )
+}
+
+/// Runs `tests/browser/<script>` with `args` in Debian's headless Chromium; answers the JSON
+/// report it prints last.
+pub(crate) fn run_browser_driver(script: &str, args: &[&str]) -> Value {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     assert!(
         dir.join("node_modules/playwright-core").exists(),
@@ -155,9 +165,8 @@ fn drive(
         "{chromium} is missing: run scripts/test, which installs Debian's chromium"
     );
     let out = Command::new("node")
-        .arg(dir.join("dashboard.mjs"))
-        .args([&s.base, key, portal, expired, other_session])
-        .arg(out)
+        .arg(dir.join(script))
+        .args(args)
         .env("MCP_METER_TEST_CHROMIUM", &chromium)
         .output()
         .expect("node runs (Node.js 18 or later)");
@@ -351,18 +360,18 @@ fn every_view_shows_the_apis_figures_in_chromium_and_the_portal_only_its_custome
         detail["killed"], "true",
         "sess-a1 passed its limit: {detail}"
     );
-    let (_, by_customer) = s.get("/analytics/mcp/timeseries?groupBy=customer", ACME);
+    let (_, by_customer) = s.get("/analytics/mcp/by-customer", ACME);
     let (_, balance) = s.get("/v1/customers/cust-a/balance", ACME);
     let customers = rows(&views["customers"]);
     let cust_a = customers
         .iter()
         .find(|(k, _)| k == "cust-a")
         .expect("cust-a listed");
-    let api_a = by_customer["series"]
+    let api_a = by_customer["customers"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["key"] == "cust-a")
+        .find(|c| c["customerId"] == "cust-a")
         .unwrap();
     assert_eq!(
         cust_a.1,
@@ -373,6 +382,18 @@ fn every_view_shows_the_apis_figures_in_chromium_and_the_portal_only_its_custome
             1_000_000
         ],
         "cust-a: spend, COGS, balance, granted"
+    );
+    // Every customer of the by-customer answer, in its order.
+    let listed: Vec<String> = customers.iter().map(|(k, _)| k.clone()).collect();
+    let api_listed: Vec<String> = by_customer["customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["customerId"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        listed, api_listed,
+        "the customers view lists by-customer's rows"
     );
     every_chart_drew("customers", &views["customers"], 1);
 

@@ -32,7 +32,7 @@ fn the_readme_config_examples_are_valid() {
     let default = Config::default();
     let sections = |c: &Config| {
         format!(
-            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             c.listen,
             c.data_dir,
             c.store,
@@ -45,12 +45,14 @@ fn the_readme_config_examples_are_valid() {
             c.ingest,
             c.sqlite,
             c.credits,
-            c.portal
+            c.portal,
+            c.http,
+            c.rate_limits
         )
     };
     assert_eq!(sections(&config), sections(&default));
     assert!(config.kafka.brokers.is_none() && config.redis.url.is_none());
-    assert!(config.portal.secret.is_none());
+    assert!(config.portal.secret.is_none() && config.http.metrics_listen.is_none());
     let web = &config.tenants[0].rate_plans[0].tools["web_search"];
     assert_eq!(web.cost.per_second.scaled(), 250_000);
     // Each snippet is valid where it belongs: after the full example.
@@ -270,4 +272,222 @@ fn the_dockerfile_run_example_serves_the_example_config() {
     let _ = child.wait();
     assert!(answer.contains("\"accepted\":1"), "{answer}");
     assert!(summary.contains("\"calls\":1"), "{summary}");
+}
+
+/// The README's full config block, as a file.
+fn readme_config_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let text = readme();
+    let full = *blocks(&text, "toml")
+        .iter()
+        .find(|b| b.contains("listen = "))
+        .expect("a full config example");
+    let file = dir.join("mcp-meter.toml");
+    std::fs::write(&file, full).unwrap();
+    file
+}
+
+/// The README's config example can be used as it is: its key is shown beside its hash, and
+/// `serve --config` with it answers the walk-through's ingest, analytics read and export with
+/// that key, rated by the example's own plan (`web_search` alone, no `"*"` token rates). Its
+/// ingest-only key ingests and reads nothing.
+#[test]
+fn the_readme_config_example_serves_the_walk_through_with_the_key_it_shows() {
+    use crate::common::{Client, SEED};
+    let text = readme();
+    for (key, scope) in [("demo-key", Scope::Admin), ("demo-sdk-key", Scope::Ingest)] {
+        let hash = mcp_meter::sha256_hex(key);
+        let line = text
+            .lines()
+            .find(|l| l.contains(&hash))
+            .unwrap_or_else(|| panic!("no hash of `{key}` in the README"));
+        assert!(line.contains(&format!("`{key}`")), "{line}");
+        let dir = tempfile::tempdir().unwrap();
+        let config = mcp_meter::load_config(
+            Some(&readme_config_file(dir.path())),
+            |_| None,
+            &mcp_meter::Overrides::default(),
+        )
+        .unwrap();
+        let found = config.tenants[0]
+            .api_keys
+            .iter()
+            .find(|k| k.sha256 == hash)
+            .unwrap();
+        assert_eq!(found.scopes, [scope], "{key}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-meter"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(readme_config_file(dir.path()))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env_remove("MCP_METER_CONFIG")
+        .env_remove("MCP_METER_LISTEN")
+        .env_remove("MCP_METER_STORE");
+    let (mut child, base) = spawn_with_url(command, serve_base);
+    let client = Client::new(&base);
+    let (status, ingested) = client.post("/v1/ingest/events", "demo-key", SEED);
+    let (read_status, tools) = client.get("/analytics/mcp/revenue/by-tool", "demo-key");
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let (export_status, csv) =
+        client.get_text(&format!("/v1/exports/billing?period={month}"), "demo-key");
+    let (sdk_status, sdk_answer) = client.post("/v1/ingest/events", "demo-sdk-key", SEED);
+    let (sdk_read, _) = client.get("/analytics/mcp/summary", "demo-sdk-key");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        (status, &ingested["accepted"]),
+        (202, &1.into()),
+        "{ingested}"
+    );
+    assert_eq!(read_status, 200, "{tools}");
+    assert_eq!(tools["tools"][0]["toolName"], "web_search", "{tools}");
+    assert_eq!(tools["tools"][0]["revenueMicros"], 8000, "{tools}");
+    assert_eq!(tools["tools"][0]["cogsMicros"], 2500, "{tools}");
+    assert_eq!(export_status, 200, "{csv}");
+    assert!(
+        csv.contains(&format!(
+            "{month},usage,,agent_gpt4o_prod,web_search,1,0,1200,450,542,8000,"
+        )),
+        "{csv}"
+    );
+    // The ingest-only key ingests, and reads nothing.
+    assert_eq!(
+        (sdk_status, &sdk_answer["accepted"]),
+        (202, &1.into()),
+        "{sdk_answer}"
+    );
+    assert_eq!(sdk_read, 403);
+}
+
+/// The README's fuzz command names the target `fuzz/` builds, folders that are in `fuzz/`
+/// or that the block makes first: libFuzzer refuses a corpus folder that does not exist.
+#[test]
+fn the_readme_fuzz_command_names_folders_that_exist_or_that_it_makes() {
+    let text = readme();
+    let block = *blocks(&text, "sh")
+        .iter()
+        .find(|b| b.contains("cargo fuzz run"))
+        .expect("a fuzz command");
+    assert!(block.starts_with("cd fuzz\n"), "{block}");
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let made: Vec<&str> = block
+        .lines()
+        .filter_map(|l| l.split('#').next()?.trim().strip_prefix("mkdir -p "))
+        .flat_map(|dirs| dirs.split_whitespace())
+        .collect();
+    let run = block
+        .lines()
+        .find_map(|l| l.split_once("cargo fuzz run ").map(|(_, r)| r))
+        .unwrap();
+    let args: Vec<&str> = run
+        .split(" -- ")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let manifest = repo_file("fuzz/Cargo.toml");
+    assert!(
+        manifest.contains(&format!("name = \"{}\"", args[0])),
+        "fuzz/Cargo.toml has no target `{}`",
+        args[0]
+    );
+    assert!(args.len() >= 2, "{run}");
+    for folder in &args[1..] {
+        assert!(
+            fuzz.join(folder).is_dir() || made.contains(folder),
+            "`{folder}` is neither in fuzz/ nor made by the block:\n{block}"
+        );
+    }
+    // The folder the fuzzer starts from is checked in, with inputs.
+    let seeds = std::fs::read_dir(fuzz.join(args[args.len() - 1])).unwrap();
+    assert!(seeds.count() > 0);
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// examples/config/distributed.toml runs the distributed mode as it is: `migrate`, an
+/// `aggregator` and an `ingestor` started with it (the services' addresses, and names of the
+/// test's own, from `MCP_METER_*` as a deployment would set them) take an event with its
+/// ingest key and answer it back through analytics with its admin key.
+#[test]
+fn the_distributed_example_config_ingests_through_kafka_and_reads_back() {
+    use crate::common::distributed::{kafka_brokers, wait_until};
+    use crate::common::{clickhouse_url, unique_database, Client, SEED};
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/distributed.toml");
+    let config = Config::from_toml(&repo_file("examples/config/distributed.toml")).unwrap();
+    config.validate().unwrap();
+    assert!(config.kafka.brokers.is_some() && config.redis.url.is_some());
+    let name = unique_database("example");
+    let redis = std::env::var("MCP_METER_TEST_REDIS_URL")
+        .expect("MCP_METER_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
+    let env = [
+        ("MCP_METER_KAFKA_BROKERS", kafka_brokers()),
+        ("MCP_METER_KAFKA_EVENTS_TOPIC", format!("{name}.events")),
+        (
+            "MCP_METER_KAFKA_DEAD_LETTER_TOPIC",
+            format!("{name}.dead-letter"),
+        ),
+        ("MCP_METER_KAFKA_CONSUMER_GROUP", name.clone()),
+        ("MCP_METER_KAFKA_PARTITIONS", "2".into()),
+        ("MCP_METER_CLICKHOUSE_URL", clickhouse_url()),
+        ("MCP_METER_CLICKHOUSE_DATABASE", name.clone()),
+        ("MCP_METER_CLICKHOUSE_USER", "default".into()),
+        ("MCP_METER_CLICKHOUSE_PASSWORD", String::new()),
+        ("MCP_METER_REDIS_URL", redis),
+        ("MCP_METER_REDIS_KEY_PREFIX", format!("{name}:")),
+        ("MCP_METER_AGGREGATOR_LISTEN", "127.0.0.1:0".into()),
+        ("MCP_METER_LISTEN", "127.0.0.1:0".into()),
+    ];
+    let command = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-meter"));
+        command.args(args).arg("--config").arg(&file);
+        command.env_remove("MCP_METER_CONFIG").envs(env.clone());
+        command
+    };
+    let migrated = command(&["migrate"]).output().unwrap();
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let _aggregator = Killed(
+        command(&["aggregator"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (ingestor, base) = spawn_with_url(command(&["ingestor"]), |l| {
+        let rest = l.strip_prefix("mcp-meter ingestor: ")?;
+        Some(rest.split(' ').next()?.to_string())
+    });
+    let _ingestor = Killed(ingestor);
+    let client = Client::new(&base);
+    let (status, answer) = client.post("/v1/ingest/events", "dist-ingest-example", SEED);
+    assert_eq!((status, &answer["accepted"]), (202, &1.into()), "{answer}");
+    let calls = || {
+        client.get("/analytics/mcp/summary", "dist-admin-example").1["calls"]
+            .as_i64()
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(std::time::Duration::from_secs(30), || calls() == 1),
+        "the event never reached analytics"
+    );
+    let (status, tools) = client.get("/analytics/mcp/revenue/by-tool", "dist-admin-example");
+    assert_eq!(status, 200, "{tools}");
+    assert_eq!(tools["tools"][0]["revenueMicros"], 7550, "{tools}");
+    // The ingest key reads no figures.
+    let (status, _) = client.get("/analytics/mcp/summary", "dist-ingest-example");
+    assert_eq!(status, 403);
 }

@@ -51,7 +51,7 @@ fn metrics_count_ingest_outcomes_requests_and_commits() {
         1.0
     );
     assert_eq!(
-        at("mcp_meter_http_requests_total{route=\"/analytics/mcp\",status=\"200\"}"),
+        at("mcp_meter_http_requests_total{route=\"/analytics/mcp/summary\",status=\"200\"}"),
         1.0
     );
     assert_eq!(

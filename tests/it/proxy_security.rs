@@ -16,7 +16,7 @@ use std::time::Duration;
 const RATED_CALL: i64 = 5000;
 
 /// The portal secret of the meter, which the proxy verifies customer tokens with.
-const SECRET: &str = "a portal secret of at least 32 characters";
+const SECRET: &str = "3b9e07c1d54a8f26e0b7c3d91a4f5e82c6d0b1a7e39f4c2d8b5a06e1f7c3d94b";
 
 fn serve() -> Server {
     crate::credits::serve_with(&format!("[portal]\nsecret = \"{SECRET}\"\n"))

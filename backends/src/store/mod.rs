@@ -13,8 +13,8 @@ use crate::error::StoreError;
 use crate::sink::{TenantBatch, WriteOutcome};
 use crate::state::WalletSeed;
 use schemas::analytics::{
-    AgentUsage, DateRange, DayUsage, Series, SeriesPoint, SeriesQuery, SeriesRow, SessionDetail,
-    SessionUsage, ToolUsage, UsageFigures, UsageSummary,
+    AgentUsage, CustomerUsage, DateRange, DayUsage, Series, SeriesPoint, SeriesQuery, SeriesRow,
+    SessionDetail, SessionUsage, ToolUsage, UsageFigures, UsageSummary,
 };
 use schemas::billing::{BillingKey, BillingLine, BillingQuery};
 use schemas::credits::{CreditGrant, WalletGrant};
@@ -315,7 +315,8 @@ pub struct SessionQuery {
 }
 
 /// Whose rows a read sees: one tenant's, and within it one customer's when the caller holds a
-/// portal token. Every analytics query filters on both.
+/// portal token or names one (`customerId`): one filter for both. Every analytics query
+/// filters on both.
 ///
 /// A session belongs to a customer when every call in it names that customer: a portal sees
 /// its customer's sessions whole, and a session that mixes customers in no portal at all.
@@ -345,6 +346,13 @@ pub trait AnalyticsStore: Send + Sync {
         viewer: &Viewer,
         range: DateRange,
     ) -> Result<Vec<ToolUsage>, StoreError>;
+    /// Per customer over the range, highest revenue first, then by id (the calls that named
+    /// no customer in one row of their own, `customer_id: None`, ordered as the empty id).
+    async fn usage_by_customer(
+        &self,
+        viewer: &Viewer,
+        range: DateRange,
+    ) -> Result<Vec<CustomerUsage>, StoreError>;
     /// Per agent over the range with its daily series, highest revenue first.
     async fn usage_by_agent(
         &self,

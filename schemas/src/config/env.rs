@@ -330,8 +330,8 @@ mod tests {
             .all(|o| !o.setting.starts_with("tenants")));
         // Every field of every section, nothing else: 6 ingest, 3 sqlite, 5 clickhouse,
         // 10 kafka, 6 aggregator, 3 redis, 3 margin_guard, 3 retention, 3 credits, 1 portal,
-        // and `store`.
-        assert_eq!(env_overrides().len(), 44);
+        // 3 http, 4 rate_limits, and `store`.
+        assert_eq!(env_overrides().len(), 51);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 //! - `mod.rs`: the root [`Config`], parsing and [`ConfigError`].
 //! - [`sections`]: `[ingest]`, `[sqlite]`, `[clickhouse]`, `[kafka]`, `[aggregator]`, `[redis]`,
-//!   `[margin_guard]`, `[retention]`, `[credits]`, `[portal]`.
+//!   `[margin_guard]`, `[retention]`, `[credits]`, `[portal]`, `[http]`, `[rate_limits]`.
 //! - [`tenants`]: `[[tenants]]` with their keys, scopes, rate plans, limits and thresholds.
 //! - [`env`]: the environment overrides, named after the sections and fields themselves.
 //! - [`validate`]: one check per section, every problem reported at once.
@@ -18,9 +18,9 @@ pub mod validate;
 
 pub use env::{env_overrides, EnvOverride};
 pub use sections::{
-    AggregatorConfig, ClickHouseConfig, CreditsConfig, IngestConfig, KafkaConfig,
-    MarginGuardConfig, PortalConfig, RedisConfig, RetentionConfig, SqliteConfig, StoreKind,
-    MIN_PORTAL_SECRET_CHARS,
+    AggregatorConfig, ClickHouseConfig, CreditsConfig, HttpConfig, IngestConfig, KafkaConfig,
+    MarginGuardConfig, PortalConfig, RateLimitsConfig, RedisConfig, RetentionConfig, SqliteConfig,
+    StoreKind,
 };
 pub use tenants::{
     ApiKeyConfig, CustomerCapConfig, LimitConfig, LimitSubject, LimitWindow,
@@ -64,6 +64,10 @@ pub struct Config {
     pub credits: CreditsConfig,
     #[serde(default)]
     pub portal: PortalConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub rate_limits: RateLimitsConfig,
     /// Every tenant, with its API keys and rate plans.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -167,5 +171,7 @@ default_of_an_empty_table!(
     RetentionConfig,
     CreditsConfig,
     PortalConfig,
+    HttpConfig,
+    RateLimitsConfig,
     MarginThresholdsConfig
 );

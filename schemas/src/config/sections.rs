@@ -185,8 +185,9 @@ pub struct CreditsConfig {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortalConfig {
-    /// The HMAC-SHA256 key portal tokens are signed with, at least 32 characters; every
-    /// ingestor that should accept a token needs the same one. Unset: a random key made at
+    /// The HMAC-SHA256 key portal tokens are signed with: at least 32 random bytes written as
+    /// hex or base64 (`openssl rand -hex 32`); every ingestor that should accept a token needs
+    /// the same one. Unset: a random key made at
     /// start, so tokens last until a restart and only the process that issued them accepts
     /// them. Changing it revokes every token issued.
     #[serde(default)]
@@ -202,8 +203,45 @@ impl std::fmt::Debug for PortalConfig {
     }
 }
 
-/// Shortest portal secret accepted.
-pub const MIN_PORTAL_SECRET_CHARS: usize = 32;
+/// How the HTTP API reads requests before their handlers run, and where `/metrics` is served.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Longest a request body may take to arrive whole, from the end of its headers; a slower
+    /// one is answered 408 and its connection closed. Only an authenticated request's body is
+    /// read at all.
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
+    /// Largest body of the routes that take a small one (credit grants, authorizations and
+    /// their release, portal tokens); ingest's is `ingest.max_body_bytes`.
+    #[serde(default = "default_max_small_body_bytes")]
+    pub max_small_body_bytes: usize,
+    /// Serve `/metrics` on this address only (`127.0.0.1:9464`), not on `listen`. Unset:
+    /// `/metrics` is on `listen`, open to whoever reaches it.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+}
+
+/// The rate limit of a key with no `rate_limit` of its own, and of every portal token: token
+/// buckets, shared through the guard state by every ingestor. Past one a request is answered
+/// 429 with Retry-After.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    /// Sustained requests per second of each API key without a `rate_limit`.
+    #[serde(default = "default_key_requests_per_second")]
+    pub key_requests_per_second: f64,
+    /// Requests each such key may make at once after a quiet spell.
+    #[serde(default = "default_key_burst")]
+    pub key_burst: u32,
+    /// Sustained requests per second of each customer's portal tokens (one bucket per tenant
+    /// and customer, however many tokens it holds).
+    #[serde(default = "default_portal_requests_per_second")]
+    pub portal_requests_per_second: f64,
+    /// Requests a customer's portal tokens may make at once after a quiet spell.
+    #[serde(default = "default_portal_burst")]
+    pub portal_burst: u32,
+}
 
 /// How the aggregator batches its inserts and watches its partitions.
 #[derive(Clone, Debug, Deserialize)]
@@ -235,6 +273,24 @@ pub struct AggregatorConfig {
     pub stall_timeout_ms: u64,
 }
 
+fn default_body_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_small_body_bytes() -> usize {
+    16 * 1024
+}
+fn default_key_requests_per_second() -> f64 {
+    1000.0
+}
+fn default_key_burst() -> u32 {
+    2000
+}
+fn default_portal_requests_per_second() -> f64 {
+    10.0
+}
+fn default_portal_burst() -> u32 {
+    100
+}
 fn default_clickhouse_url() -> String {
     "http://127.0.0.1:8123".into()
 }

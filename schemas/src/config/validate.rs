@@ -36,17 +36,46 @@ impl Config {
             p,
         );
         if let Some(secret) = &self.portal.secret {
-            if secret.chars().count() < super::MIN_PORTAL_SECRET_CHARS {
-                p.push(format!(
-                    "portal.secret must be at least {} characters (got {}); make one with \
-`openssl rand -hex 32`",
-                    super::MIN_PORTAL_SECRET_CHARS,
-                    secret.chars().count()
-                ));
+            if let Err(e) = crate::token::check_secret(secret) {
+                p.push(format!("portal.secret {e}"));
             }
         }
+        http(&self.http, p);
+        rate_limits(&self.rate_limits, p);
         tenants(&self.tenants, p);
         ConfigError::of(problems)
+    }
+}
+
+fn http(h: &super::HttpConfig, p: &mut Problems) {
+    at_least_one(
+        "http",
+        &[
+            ("body_timeout_ms", h.body_timeout_ms),
+            ("max_small_body_bytes", h.max_small_body_bytes as u64),
+        ],
+        p,
+    );
+    if let Some(metrics) = &h.metrics_listen {
+        if let Err(e) = listen_addresses(metrics) {
+            p.push(format!("http.metrics_listen {e}"));
+        }
+    }
+}
+
+fn rate_limits(r: &super::RateLimitsConfig, p: &mut Problems) {
+    for (who, per_second, burst) in [
+        ("key", r.key_requests_per_second, r.key_burst),
+        ("portal", r.portal_requests_per_second, r.portal_burst),
+    ] {
+        if !(per_second > 0.0 && per_second <= 1e6) {
+            p.push(format!(
+                "rate_limits.{who}_requests_per_second must be above 0 and at most 1000000 (got {per_second})"
+            ));
+        }
+        if burst == 0 {
+            p.push(format!("rate_limits.{who}_burst must be at least 1"));
+        }
     }
 }
 

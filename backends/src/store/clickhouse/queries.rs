@@ -59,6 +59,15 @@ FROM mcp_daily_stats WHERE {} GROUP BY tool_name ORDER BY tool_name",
     )
 }
 
+/// Per customer: id (empty for the calls that named none), figures, distinct sessions.
+pub fn by_customer(viewer: &Viewer, range: DateRange) -> String {
+    format!(
+        "SELECT customer_id, {FIGURES}, toInt64(uniqExactIfMerge(sessions)) \
+FROM mcp_daily_stats WHERE {} GROUP BY customer_id ORDER BY customer_id",
+        daily_filter(viewer, range)
+    )
+}
+
 /// Per agent and day: agent, date, figures, distinct sessions that day.
 pub fn by_agent_days(viewer: &Viewer, range: DateRange) -> String {
     format!(
@@ -467,6 +476,24 @@ maxMerge(duration_ms_max), toInt64(uniqExactIfMerge(sessions)) FROM mcp_daily_st
 WHERE tenant_id = 'acme' AND day >= toDate('2026-11-01') AND day <= toDate('2026-11-30') \
 GROUP BY tool_name ORDER BY tool_name"
         );
+    }
+
+    #[test]
+    fn by_customer_reads_the_daily_rollup_of_one_tenant_or_one_customer() {
+        assert_eq!(
+            by_customer(&acme(), range()),
+            "SELECT customer_id, sumMerge(calls), sumMerge(errors), sumMerge(revenue_micros), \
+sumMerge(cogs_micros), sumMerge(input_tokens), sumMerge(output_tokens), sumMerge(duration_ms_sum), \
+maxMerge(duration_ms_max), toInt64(uniqExactIfMerge(sessions)) FROM mcp_daily_stats \
+WHERE tenant_id = 'acme' AND day >= toDate('2026-11-01') AND day <= toDate('2026-11-30') \
+GROUP BY customer_id ORDER BY customer_id"
+        );
+        let one = Viewer {
+            tenant: "acme".into(),
+            customer: Some("c'1".into()),
+        };
+        assert!(by_customer(&one, range())
+            .contains("WHERE tenant_id = 'acme' AND customer_id = 'c\\'1' AND day >="));
     }
 
     #[test]

@@ -7,8 +7,8 @@ use crate::store::{
     assemble_agents, by_revenue_then_name, AgentDay, AnalyticsStore, SessionQuery, Viewer,
 };
 use schemas::analytics::{
-    AgentUsage, DateRange, SeriesQuery, SeriesRow, SessionDetail, SessionToolUsage, SessionUsage,
-    ToolUsage, UsageSummary,
+    AgentUsage, CustomerUsage, DateRange, SeriesQuery, SeriesRow, SessionDetail, SessionToolUsage,
+    SessionUsage, ToolUsage, UsageSummary,
 };
 use schemas::billing::{BillingKey, BillingLine, BillingQuery};
 use std::collections::HashMap;
@@ -44,6 +44,27 @@ impl<R: SqlRunner> AnalyticsStore for ClickHouseAnalytics<R> {
         }
         by_revenue_then_name(&mut tools, |t| (t.figures.revenue_micros, &t.tool_name));
         Ok(tools)
+    }
+
+    async fn usage_by_customer(
+        &self,
+        viewer: &Viewer,
+        range: DateRange,
+    ) -> Result<Vec<CustomerUsage>, StoreError> {
+        let answer = self
+            .runner
+            .tab_separated(&queries::by_customer(viewer, range))
+            .await?;
+        let mut customers = Vec::new();
+        for mut row in tsv::rows(&answer, "by-customer") {
+            customers.push(CustomerUsage {
+                customer_id: Some(row.string()?).filter(|c| !c.is_empty()),
+                figures: row.figures()?,
+                sessions: row.int()?,
+            });
+        }
+        by_revenue_then_name(&mut customers, |c| (c.figures.revenue_micros, c.name()));
+        Ok(customers)
     }
 
     async fn usage_by_agent(

@@ -8,8 +8,8 @@ use crate::store::{
 };
 use rusqlite::{params, Connection, OpenFlags, Row};
 use schemas::analytics::{
-    AgentUsage, DateRange, Interval, SeriesQuery, SeriesRow, SessionDetail, SessionToolUsage,
-    SessionUsage, ToolUsage, UsageFigures, UsageSummary,
+    AgentUsage, CustomerUsage, DateRange, Interval, SeriesQuery, SeriesRow, SessionDetail,
+    SessionToolUsage, SessionUsage, ToolUsage, UsageFigures, UsageSummary,
 };
 use schemas::billing::{BillingKey, BillingLine, BillingQuery};
 use std::collections::HashMap;
@@ -136,6 +136,39 @@ impl AnalyticsStore for SqliteAnalytics {
                 .collect::<Result<Vec<_>, _>>()
                 .context("read by-tool")?;
             by_revenue_then_name(&mut rows, |r| (r.figures.revenue_micros, &r.tool_name));
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn usage_by_customer(
+        &self,
+        viewer: &Viewer,
+        range: DateRange,
+    ) -> Result<Vec<CustomerUsage>, StoreError> {
+        let Viewer { tenant, customer } = viewer.clone();
+        self.read(move |conn| {
+            let (from, to) = (range.from_str_day(), range.to_str_day());
+            let sessions =
+                distinct_sessions_by(conn, "customer_id", &tenant, &from, &to, &customer)?;
+            let sql = format!(
+                "SELECT customer_id, {FIGURES} FROM mcp_daily_stats WHERE {IN_RANGE}
+                 GROUP BY customer_id"
+            );
+            let mut stmt = conn.prepare_cached(&sql).context("prepare by-customer")?;
+            let mut rows = stmt
+                .query_map(params![tenant, from, to, customer], |row| {
+                    let customer_id: String = row.get(0)?;
+                    Ok(CustomerUsage {
+                        sessions: sessions.get(&customer_id).copied().unwrap_or(0),
+                        customer_id: Some(customer_id).filter(|c| !c.is_empty()),
+                        figures: figures_at(row, 1)?,
+                    })
+                })
+                .context("query by-customer")?
+                .collect::<Result<Vec<_>, _>>()
+                .context("read by-customer")?;
+            by_revenue_then_name(&mut rows, |r| (r.figures.revenue_micros, r.name()));
             Ok(rows)
         })
         .await
