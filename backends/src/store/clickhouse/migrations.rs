@@ -160,16 +160,23 @@ nothing. ({e})",
         .execute("CREATE TABLE mcp_events_conversion (started DateTime) ENGINE = TinyLog")
         .await;
     if let Err(e) = locked {
+        let mut last = String::new();
         for _ in 0..600 {
-            if let Some(done) = events_deduplication(runner).await? {
-                return Ok(done);
+            // While the other migrate renames the tables (not at once before 24.x), reading
+            // `system.tables` may fail on a name that moved ("mcp_events_replicated doesn't
+            // exist"): not an answer yet, ask again. Only here, where the lock says a
+            // conversion is under way; the first check above lets no failed read through.
+            match events_deduplication(runner).await {
+                Ok(Some(done)) => return Ok(done),
+                Ok(None) => {}
+                Err(read) => last = format!("; last read: {read}"),
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         return Err(StoreError::NotReady(format!(
             "another migrate has been making mcp_events replicated for a minute, or one stopped \
 midway: if none is running, DROP TABLE mcp_events_conversion and mcp_events_replicated (which \
-holds only a copy) and migrate again. ({e})"
+holds only a copy) and migrate again. ({e}{last})"
         )));
     }
     runner
