@@ -238,7 +238,12 @@ fn http_api(
     });
     let app_state = state.clone();
     let mut server = actix_web::HttpServer::new(move || {
+        // The last wrapped runs first: bodies are held before anything else, and every
+        // answer (a metrics listener's 404 included) is recorded and gets its headers.
         actix_web::App::new()
+            .wrap(actix_web::middleware::from_fn(
+                ingestor::ops::split_metrics_listener,
+            ))
             .wrap(actix_web::middleware::from_fn(
                 ingestor::ops::security_headers,
             ))
@@ -246,7 +251,7 @@ fn http_api(
                 ingestor::ops::record_request,
             ))
             .wrap(actix_web::middleware::from_fn(
-                ingestor::ops::split_metrics_listener,
+                ingestor::body::hold_unread_body,
             ))
             .configure(ingestor::routes(state.clone()))
     })

@@ -483,7 +483,7 @@ fn main() -> anyhow::Result<()> {
                 let banner = format!(
                     "mcp-meter ingestor: {base} -> kafka topic {}\n{}",
                     cfg.kafka.events_topic,
-                    endpoint_lines(&base, &OPERATIONS)
+                    operation_lines(&base, &cfg)
                 );
                 let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
                 drop(out);
@@ -540,7 +540,7 @@ fn main() -> anyhow::Result<()> {
             };
             actix_web::rt::System::new().block_on(async move {
                 let embedded = Embedded::start(&cfg).await?;
-                print_banner(&embedded, cfg.store, demo_key.as_deref());
+                print_banner(&embedded, &cfg, demo_key.as_deref());
                 embedded.run().await
             })
         }
@@ -614,12 +614,23 @@ fn init_logging(format: LogFormat) {
 }
 
 /// What every API process serves beside the API: its documentation and operations endpoints.
-const OPERATIONS: [(&str, &str); 4] = [
+const OPERATIONS: [(&str, &str); 3] = [
     ("GET ", "/docs/ (OpenAPI: /openapi.json)"),
     ("GET ", "/healthz (alive)"),
     ("GET ", "/readyz (each dependency)"),
-    ("GET ", "/metrics (Prometheus)"),
 ];
+
+/// The operations lines of the banner: those of [`OPERATIONS`] at `base`, and `/metrics`, at
+/// `base` or on `http.metrics_listen` when it has a listener of its own.
+fn operation_lines(base: &str, cfg: &Config) -> String {
+    let metrics = match &cfg.http.metrics_listen {
+        Some(listen) => {
+            format!("  GET  http://{listen}/metrics (Prometheus; http.metrics_listen)\n")
+        }
+        None => format!("  GET  {base}/metrics (Prometheus)\n"),
+    };
+    endpoint_lines(base, &OPERATIONS) + &metrics
+}
 
 /// One banner line per endpoint: `  METHOD base/path`.
 fn endpoint_lines(base: &str, endpoints: &[(&str, &str)]) -> String {
@@ -631,9 +642,9 @@ fn endpoint_lines(base: &str, endpoints: &[(&str, &str)]) -> String {
 
 /// Prints where the API listens. Write errors are ignored: a server must not stop because
 /// whoever started it closed its stdout.
-fn print_banner(e: &Embedded, store: StoreKind, demo_key: Option<&str>) {
+fn print_banner(e: &Embedded, cfg: &Config, demo_key: Option<&str>) {
     let base = format!("http://{}", e.addr);
-    let mut text = match store {
+    let mut text = match cfg.store {
         StoreKind::Sqlite => format!("mcp-meter serve: embedded mode, store {}\n", e.store),
         // No Kafka and no aggregator: this process writes ClickHouse itself, and keeps limits,
         // kills, margin levels and balances in its own memory (no Redis).
@@ -669,7 +680,7 @@ fn print_banner(e: &Embedded, store: StoreKind, demo_key: Option<&str>) {
         ),
     ];
     text.push_str(&endpoint_lines(&base, &api));
-    text.push_str(&endpoint_lines(&base, &OPERATIONS));
+    text.push_str(&operation_lines(&base, cfg));
     if let Some(key) = demo_key {
         text.push_str(&format!("demo tenant `{}` API key: {key}\n", demo::TENANT));
         text.push_str(

@@ -2,16 +2,74 @@
 //! not JSON, the wrong shape at a named field), so a client knows what to fix.
 
 use crate::error::ApiError;
+use actix_web::body::{BodySize, BoxBody, MessageBody};
+use actix_web::dev::Payload;
 use actix_web::web::{Bytes, BytesMut};
 use actix_web::HttpMessage;
 use futures_util::StreamExt;
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+/// The request's body, kept by [`hold_unread_body`] until the answer is written, unless a
+/// route's door reads it whole first.
+#[derive(Clone)]
+pub(crate) struct HeldBody(Rc<RefCell<Option<Payload>>>);
+
+/// Takes every request's body out of reach of the routes and keeps it alive inside the answer's
+/// body until the answer is written. A body nobody read is then still unread when the answer
+/// goes out, so the connection closes after it (actix lingers `client_disconnect_timeout`,
+/// then shuts it); dropped instead, a chunked body would be drained for as long as the client
+/// sends, by any caller, a keyless one included, on any route.
+pub async fn hold_unread_body(
+    mut req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let payload = req.take_payload();
+    if matches!(payload, Payload::None) {
+        return Ok(next.call(req).await?.map_into_left_body());
+    }
+    let held = HeldBody(Rc::new(RefCell::new(Some(payload))));
+    req.extensions_mut().insert(held.clone());
+    let answer = next.call(req).await?;
+    let unread = held.0.borrow_mut().take();
+    Ok(answer
+        .map_body(|_, body| WithBody {
+            body: body.boxed(),
+            _unread: unread,
+        })
+        .map_into_right_body())
+}
+
+/// An answer's body, and the request body it keeps alive until it is written.
+struct WithBody {
+    body: BoxBody,
+    _unread: Option<Payload>,
+}
+
+impl MessageBody for WithBody {
+    type Error = Box<dyn std::error::Error>;
+
+    fn size(&self) -> BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        Pin::new(&mut self.body).poll_next(cx)
+    }
+}
 
 /// The request's body, read whole within `timeout` and at most `limit` bytes (`advice` says
 /// what to send instead). A `Content-Length` over the limit is refused before a byte is read;
-/// the buffer grows with what arrives, never with what is announced.
+/// the buffer grows with what arrives, never with what is announced. Refused, the rest stays
+/// held (see [`hold_unread_body`]) and the connection closes after the answer.
 pub(crate) async fn read_whole(
-    req: &mut actix_web::dev::ServiceRequest,
+    req: &actix_web::dev::ServiceRequest,
     limit: usize,
     advice: &'static str,
     timeout: Duration,
@@ -25,30 +83,35 @@ pub(crate) async fn read_whole(
     if announced.is_some_and(|n| n > limit as u64) {
         return Err(too_large);
     }
+    let Some(held) = req.extensions().get::<HeldBody>().cloned() else {
+        return Ok(Bytes::new()); // no body at all
+    };
+    let Some(mut payload) = held.0.borrow_mut().take() else {
+        return Ok(Bytes::new());
+    };
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut payload = req.take_payload();
     let mut body = BytesMut::new();
-    loop {
+    let refused = loop {
         match tokio::time::timeout_at(deadline, payload.next()).await {
             Err(_) => {
-                return Err(ApiError::BodyTimeout {
+                break ApiError::BodyTimeout {
                     ms: timeout.as_millis() as u64,
-                })
+                }
             }
             Ok(None) => return Ok(body.freeze()),
             Ok(Some(Err(e))) => {
-                return Err(ApiError::BadRequest(format!(
-                    "the request body could not be read: {e}"
-                )))
+                break ApiError::BadRequest(format!("the request body could not be read: {e}"))
             }
             Ok(Some(Ok(chunk))) => {
                 if body.len() + chunk.len() > limit {
-                    return Err(too_large);
+                    break too_large;
                 }
                 body.extend_from_slice(&chunk);
             }
         }
-    }
+    };
+    *held.0.borrow_mut() = Some(payload);
+    Err(refused)
 }
 
 /// The body as `T`; a field of the wrong type is named in the message (`amountMicros: invalid

@@ -135,13 +135,10 @@ async fn through(
         .app_data::<web::Data<AppState>>()
         .cloned()
         .expect("routes() registers the app state");
-    // A refusal leaves the body unread: the connection is closed rather than drained.
+    // A refusal leaves the body unread, held until the answer is written: the connection is
+    // then closed rather than drained (`body::hold_unread_body`).
     let refuse = |req: actix_web::dev::ServiceRequest, e: error::ApiError| {
-        let mut answer = actix_web::ResponseError::error_response(&e);
-        answer
-            .head_mut()
-            .set_connection_type(actix_web::http::ConnectionType::Close);
-        Ok(req.into_response(answer))
+        Ok(req.into_response(actix_web::ResponseError::error_response(&e)))
     };
     let caller = match state.authenticate(req.request(), door.scope).await {
         Ok(caller) => caller,
@@ -173,7 +170,7 @@ async fn through(
         )
     };
     let timeout = std::time::Duration::from_millis(state.http.body_timeout_ms);
-    match body::read_whole(&mut req, limit, advice, timeout).await {
+    match body::read_whole(&req, limit, advice, timeout).await {
         Ok(bytes) => req.set_payload(bytes.into()),
         Err(e) => return refuse(req, e),
     }

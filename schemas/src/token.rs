@@ -41,46 +41,38 @@ pub enum TokenError {
 /// Fewest random bytes a signing secret carries.
 pub const MIN_SECRET_BYTES: usize = 32;
 
-/// Fewest distinct byte values among a secret's decoded bytes: 32 random bytes take about 30,
-/// fewer than 16 means a pattern (`aaaa…`, `0123…` repeated), not randomness.
+/// Fewest distinct byte values among a secret's bytes: 32 random bytes take about 30; fewer
+/// than 16 means a pattern (`aaaa…`, `0123…` repeated), not randomness.
 const MIN_DISTINCT_BYTES: usize = 16;
 
-/// Checks that a signing secret is at least [`MIN_SECRET_BYTES`] random bytes written as hex
-/// (`openssl rand -hex 32`) or base64 (`openssl rand -base64 32`, either alphabet, padded or
-/// not), saying what to write instead. The HMAC key is the text as written.
+/// Checks that a signing secret is at least [`MIN_SECRET_BYTES`] random bytes written as hex,
+/// as `openssl rand -hex 32` prints them (64 digits or more), saying what to write instead.
+/// Hex only: words are not hex, so a passphrase cannot pass for random bytes. The HMAC key is
+/// the text as written.
 pub fn check_secret(text: &str) -> Result<(), String> {
-    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE};
     let make = "make one with `openssl rand -hex 32`";
-    let is_hex = !text.is_empty() && text.bytes().all(|b| b.is_ascii_hexdigit());
-    let bytes = if is_hex {
-        if !text.len().is_multiple_of(2) {
-            return Err(format!(
-                "is hex with an odd number of digits ({}); {make}",
-                text.len()
-            ));
-        }
-        (0..text.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex digits"))
-            .collect()
-    } else {
-        [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD]
-            .iter()
-            .find_map(|engine| engine.decode(text).ok())
-            .ok_or_else(|| format!("must be written as hex or base64 ({make})"))?
-    };
-    if bytes.len() < MIN_SECRET_BYTES {
+    if let Some(other) = text.chars().find(|c| !c.is_ascii_hexdigit()) {
         return Err(format!(
-            "decodes to {} bytes; it needs at least {MIN_SECRET_BYTES} random bytes, as hex (64 \
-digits) or base64 (44 characters); {make}",
-            bytes.len()
+            "must be random bytes written as hex (0-9, a-f), not {other:?}; {make}"
         ));
     }
-    let distinct = bytes.iter().collect::<std::collections::HashSet<_>>().len();
+    if text.len() < 2 * MIN_SECRET_BYTES || !text.len().is_multiple_of(2) {
+        return Err(format!(
+            "has {} hex digits; it needs an even number, at least {} ({MIN_SECRET_BYTES} bytes); \
+{make}",
+            text.len(),
+            2 * MIN_SECRET_BYTES
+        ));
+    }
+    let distinct = (0..text.len())
+        .step_by(2)
+        .map(|i| text[i..i + 2].to_ascii_lowercase())
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     if distinct < MIN_DISTINCT_BYTES {
         return Err(format!(
             "is not random: its {} bytes take only {distinct} distinct values; {make}",
-            bytes.len()
+            text.len() / 2
         ));
     }
     Ok(())
@@ -164,19 +156,20 @@ mod tests {
     }
 
     #[test]
-    fn a_secret_is_32_random_bytes_in_hex_or_base64() {
-        // What `openssl rand` prints.
-        check_secret("5f1c0e9a4b7d2c8e3a6f9b1d4e7c0a2f5b8d1e4a7c0f3b6d9e2a5c8f1b4d7e0a").unwrap();
-        check_secret("Xw8kQ2n7Rr1vB6yT0pL4sD9fG3hJ5kZ8cV2bN7mQ1aE=").unwrap();
-        check_secret("Xw8kQ2n7Rr1vB6yT0pL4sD9fG3hJ5kZ8cV2bN7mQ1aE").unwrap();
-        check_secret("Xw8kQ2n7Rr1vB6yT0pL4sD9fG3hJ5kZ8cV2bN7mQ1a-_").unwrap();
+    fn a_secret_is_32_random_bytes_in_hex() {
+        // What `openssl rand -hex 32` prints, in either case.
+        let random = "5f1c0e9a4b7d2c8e3a6f9b1d4e7c0a2f5b8d1e4a7c0f3b6d9e2a5c8f1b4d7e0a";
+        check_secret(random).unwrap();
+        check_secret(&random.to_ascii_uppercase()).unwrap();
         let refused = |text: &str| check_secret(text).unwrap_err();
         // 32 identical characters: neither long enough nor random.
-        assert!(refused(&"a".repeat(32)).contains("decodes to 16 bytes"));
+        assert!(refused(&"a".repeat(32)).contains("has 32 hex digits"));
         assert!(refused(&"a".repeat(64)).contains("only 1 distinct values"));
         assert!(refused(&"0123456789abcdef".repeat(4)).contains("only 8 distinct"));
-        assert!(refused("a passphrase of thirty-two characters!").contains("hex or base64"));
-        assert!(refused(&"f".repeat(65)).contains("odd number"));
-        assert!(refused("").contains("decodes to 0 bytes"));
+        // A passphrase, even one whose letters happen to be base64.
+        assert!(refused("thisismysecretpasswordthisismysecretpasswordabcd").contains("not 't'"));
+        assert!(refused("Xw8kQ2n7Rr1vB6yT0pL4sD9fG3hJ5kZ8cV2bN7mQ1aE=").contains("as hex"));
+        assert!(refused(&"f".repeat(65)).contains("an even number"));
+        assert!(refused("").contains("has 0 hex digits"));
     }
 }

@@ -131,6 +131,108 @@ fn a_request_without_a_key_is_answered_from_its_headers_and_takes_no_permit() {
     assert_eq!((status, &answer["accepted"]), (202, &json!(1)), "{answer}");
 }
 
+/// Sends `head` (a request with `Transfer-Encoding: chunked`), then chunks of `chunk` bytes
+/// every `every` for up to 20 s; answers the status and how long after the first chunk the
+/// server closed the connection (`None`: still open after 20 s).
+fn chunked_until_closed(
+    s: &Server,
+    head: &str,
+    chunk: usize,
+    every: Duration,
+) -> (u16, Option<Duration>) {
+    let mut c = TcpStream::connect(addr(s)).unwrap();
+    c.write_all(head.as_bytes()).unwrap();
+    let mut writer = c.try_clone().unwrap();
+    let started = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let piece = format!("{chunk:x}\r\n{}\r\n", "x".repeat(chunk));
+        while started.elapsed() < Duration::from_secs(20) {
+            if writer.write_all(piece.as_bytes()).is_err() {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(every);
+        }
+        None
+    });
+    let (status, _) = answer_on(&mut c, Duration::from_secs(5));
+    // Then the server must close: reads end (EOF or reset) and writes fail.
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 1024];
+    let read_closed = loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break started.elapsed(),
+            Ok(_) => continue,
+        }
+    };
+    let write_closed = sender.join().unwrap();
+    let closed = write_closed
+        .map(|w| w.max(read_closed))
+        .filter(|d| *d < Duration::from_secs(20));
+    (status, closed)
+}
+
+#[test]
+fn a_chunked_body_nobody_reads_is_not_drained_the_connection_closes() {
+    let s = Server::start();
+    let chunked = |request: &str, key: &str| {
+        format!("{request} HTTP/1.1\r\nHost: x\r\n{key}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    };
+    for (head, expected) in [
+        // Keyless, a wrong key, a key without the scope: refused from the headers.
+        (chunked("POST /v1/ingest/batch", ""), 401),
+        (
+            chunked("POST /v1/authorize", "X-API-Key: not-a-key\r\n"),
+            401,
+        ),
+        (
+            chunked(
+                "POST /v1/customers/c1/credits",
+                &format!("X-API-Key: {ACME_READ}\r\n"),
+            ),
+            403,
+        ),
+        // Routes that never read a body.
+        (chunked("GET /healthz", ""), 200),
+        (chunked("GET /v1/ingest/batch", ""), 405),
+        (chunked("PUT /no/such/path", ""), 404),
+    ] {
+        // As fast as the client can send, and one chunk at a time.
+        for (chunk, every) in [(64 << 10, Duration::ZERO), (1, Duration::from_millis(300))] {
+            let (status, closed) = chunked_until_closed(&s, &head, chunk, every);
+            assert_eq!(status, expected, "{head}");
+            let closed = closed.unwrap_or_else(|| panic!("still open after 20 s: {head}"));
+            assert!(
+                closed < Duration::from_secs(5),
+                "{head}: closed after {closed:?}"
+            );
+        }
+    }
+    // A keyed chunked body over the small cap: 413, then closed too.
+    let (status, closed) = chunked_until_closed(
+        &s,
+        &chunked("POST /v1/authorize", &format!("X-API-Key: {ACME}\r\n")),
+        64 << 10,
+        Duration::ZERO,
+    );
+    assert_eq!(status, 413);
+    assert!(
+        closed.is_some_and(|c| c < Duration::from_secs(5)),
+        "{closed:?}"
+    );
+    // A keyed chunked body that arrives whole is read as any other.
+    let event = call("chunked", "t", "a", "s").to_string();
+    let mut c = TcpStream::connect(addr(&s)).unwrap();
+    write!(
+        c,
+        "{}{:x}\r\n{event}\r\n0\r\n\r\n",
+        chunked("POST /v1/ingest/events", &format!("X-API-Key: {ACME}\r\n")),
+        event.len()
+    )
+    .unwrap();
+    let (status, body) = answer_on(&mut c, Duration::from_secs(5));
+    assert_eq!(status, 202, "{body}");
+}
+
 #[test]
 fn a_keyed_body_that_does_not_arrive_in_time_is_refused_408_and_frees_its_permit() {
     let s = serve_with("[ingest]\nmax_in_flight_requests = 2\n\n[http]\nbody_timeout_ms = 600\n");
@@ -465,14 +567,14 @@ fn each_route_has_its_own_metrics_label_and_402s_are_counted_by_reason() {
 }
 
 #[test]
-fn a_portal_secret_must_be_32_random_bytes_in_hex_or_base64() {
+fn a_portal_secret_must_be_32_random_bytes_in_hex() {
     let refused = |secret: &str| {
         let config = Config::from_toml(&format!("[portal]\nsecret = \"{secret}\"\n")).unwrap();
         config.validate().unwrap_err().to_string()
     };
     let same = "a".repeat(32);
     assert!(
-        refused(&same).contains("portal.secret decodes to 16 bytes"),
+        refused(&same).contains("portal.secret has 32 hex digits"),
         "{}",
         refused(&same)
     );
@@ -482,9 +584,10 @@ fn a_portal_secret_must_be_32_random_bytes_in_hex_or_base64() {
         "{}",
         refused(&same)
     );
-    let words = "correct horse battery staple, 32+";
+    // A passphrase whose letters happen to be base64.
+    let words = "thisismysecretpasswordthisismysecretpasswordabcd";
     assert!(
-        refused(words).contains("hex or base64"),
+        refused(words).contains("portal.secret must be random bytes written as hex"),
         "{}",
         refused(words)
     );

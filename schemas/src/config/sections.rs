@@ -186,7 +186,7 @@ pub struct CreditsConfig {
 #[serde(deny_unknown_fields)]
 pub struct PortalConfig {
     /// The HMAC-SHA256 key portal tokens are signed with: at least 32 random bytes written as
-    /// hex or base64 (`openssl rand -hex 32`); every ingestor that should accept a token needs
+    /// hex (`openssl rand -hex 32`); every ingestor that should accept a token needs
     /// the same one. Unset: a random key made at
     /// start, so tokens last until a restart and only the process that issued them accepts
     /// them. Changing it revokes every token issued.
