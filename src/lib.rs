@@ -222,6 +222,7 @@ fn http_api(
         limits: state.limits,
         margins: state.margins,
         rate_limiter: state.rate_limiter,
+        rate_limits_skipped_until: Default::default(),
         balances: state.balances,
         ledger,
         backlog,

@@ -20,6 +20,9 @@ pub struct AppState {
     pub margins: Arc<dyn MarginBoard>,
     /// Each API key's token bucket.
     pub rate_limiter: Arc<dyn RateLimiter>,
+    /// Until when (ms) rate limits are not asked for, the guard state having failed to answer
+    /// one: a request then does not pay a failing round trip only to be let through.
+    pub rate_limits_skipped_until: std::sync::atomic::AtomicI64,
     /// Prepaid wallets, authorizations, settlements.
     pub balances: Arc<dyn CustomerBalances>,
     /// Grants, durable in the store: what wallets are rebuilt from.
@@ -51,6 +54,9 @@ pub struct AppState {
     pub metric_families: Vec<fn(&mut String)>,
 }
 
+/// How long rate limits go unasked after the guard state failed to answer one (ms).
+pub const RATE_LIMITS_RETRY_MS: i64 = 1000;
+
 /// A request's caller, found by its route's door before the body was read; the handler's
 /// [`AppState::authenticate`] takes it from the request instead of charging the rate limit
 /// again.
@@ -62,7 +68,8 @@ pub(crate) struct Authenticated {
 impl AppState {
     /// The request's caller for `scope`, once its rate limit (its key's, or its customer's for
     /// a portal token) admits the request. Without the guard state the limit is not enforced
-    /// (fail open), as with hard limits.
+    /// (fail open), as with hard limits; after a failure it is not asked for again for
+    /// [`RATE_LIMITS_RETRY_MS`].
     pub async fn authenticate(
         &self,
         req: &actix_web::HttpRequest,
@@ -76,6 +83,10 @@ impl AppState {
         let caller = self.keys.authenticate(req, scope)?;
         let (bucket, limit) = (&caller.rate_limit.bucket, caller.rate_limit.config);
         let now_ms = chrono::Utc::now().timestamp_millis();
+        let skipped_until = &self.rate_limits_skipped_until;
+        if now_ms < skipped_until.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(caller);
+        }
         match self
             .rate_limiter
             .take_token(bucket, limit.requests_per_second, limit.burst, now_ms)
@@ -93,6 +104,10 @@ impl AppState {
             }),
             Err(e) => {
                 guard::warn_state_unavailable(&e);
+                skipped_until.store(
+                    now_ms + RATE_LIMITS_RETRY_MS,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 Ok(caller)
             }
         }

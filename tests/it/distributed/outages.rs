@@ -291,6 +291,9 @@ fn redis_down_ingest_goes_on_the_guard_fails_open_and_recovers_by_itself() {
     let statuses = Mutex::new(Vec::new());
     let posted = AtomicUsize::new(0);
     std::thread::scope(|scope| {
+        // The poster stops however this scope ends: a failed assertion below must fail the
+        // test, not leave the scope waiting for the poster for ever.
+        let _stop_posting = StopOnDrop(&stop);
         scope.spawn(|| {
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
@@ -380,6 +383,15 @@ fn redis_down_ingest_goes_on_the_guard_fails_open_and_recovers_by_itself() {
         "{} batches, {posted} events, all 202, all stored once",
         statuses.len()
     );
+}
+
+/// Sets its flag when dropped, a panic's unwinding included.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Rows of the table `paused` in an INSERT larger than the sockets' buffers: sent to a stopped
