@@ -13,6 +13,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// How the events of a stream are spread over agents, sessions and requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Each event drawn alone: any of 200 agents, 50 sessions each, 12 tools, 40 customers.
+    Uniform,
+    /// As SDK flushes look: each request comes from one server instance, its calls from 2
+    /// agents in 4 sessions (several calls each) of one customer, over 4 of the 12 tools.
+    Sdk,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
     /// `POST /v1/ingest/batch`, `--batch-size` events per request.
@@ -46,6 +56,9 @@ pub struct LoadgenArgs {
     /// Events per request (1 for `--target events`).
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
+    /// How events spread over agents, sessions and requests.
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub workload: Workload,
     /// Events to send in all.
     #[arg(long, default_value_t = 100_000)]
     pub events: u64,
@@ -127,16 +140,53 @@ pub struct Event {
     pub output_tokens: u64,
 }
 
-/// The `n`th event of the stream `seed`, within the last hour before `now_s`.
+/// What every id loadgen makes starts with, so that its traffic is told apart from real
+/// customers, agents and sessions (and never lands on the README's `cust-7`).
+pub const ID_PREFIX: &str = "loadgen-";
+
+/// The `n`th event of the stream `seed` (uniform workload), within the last hour before `now_s`.
 pub fn event(seed: u64, n: u64, now_s: i64) -> Event {
     let mut rng = Rng(seed.wrapping_mul(0x1000_0000_01b3) ^ n);
     let agent = rng.below(200);
+    let tool = TOOLS[rng.below(TOOLS.len() as u64) as usize];
+    let session = rng.below(50);
     Event {
-        key: format!("lg-{seed}-{n}"),
-        tool: TOOLS[rng.below(TOOLS.len() as u64) as usize],
-        agent: format!("agent-{agent}"),
-        customer: format!("cust-{}", agent % 40),
-        session: format!("sess-{agent}-{}", rng.below(50)),
+        key: format!("{ID_PREFIX}{seed}-{n}"),
+        tool,
+        agent: format!("{ID_PREFIX}agent-{agent}"),
+        customer: format!("{ID_PREFIX}cust-{}", agent % 40),
+        session: format!("{ID_PREFIX}sess-{agent}-{session}"),
+        ..figures(&mut rng, now_s)
+    }
+}
+
+/// The `n`th event of the stream `seed` in the SDK-shaped workload, whose requests hold
+/// `batch_size` events each: request `n / batch_size` is one server instance's flush.
+pub fn sdk_event(seed: u64, n: u64, batch_size: u64, now_s: i64) -> Event {
+    let instance = n / batch_size.max(1);
+    let mut own = Rng(seed.wrapping_mul(0x1000_0000_01b3) ^ instance ^ (1 << 63));
+    let first_tool = own.below(TOOLS.len() as u64);
+    let mut rng = Rng(seed.wrapping_mul(0x1000_0000_01b3) ^ n);
+    let agent = (instance * 2 + rng.below(2)) % 200;
+    let tool = TOOLS[((first_tool + rng.below(4)) % TOOLS.len() as u64) as usize];
+    Event {
+        key: format!("{ID_PREFIX}{seed}-{n}"),
+        tool,
+        agent: format!("{ID_PREFIX}agent-{agent}"),
+        customer: format!("{ID_PREFIX}cust-{}", instance % 40),
+        session: format!("{ID_PREFIX}sess-{instance}-{}", rng.below(4)),
+        ..figures(&mut rng, now_s)
+    }
+}
+
+/// The time, status, duration and tokens of an event, drawn from `rng`; ids are empty.
+fn figures(rng: &mut Rng, now_s: i64) -> Event {
+    Event {
+        key: String::new(),
+        tool: "",
+        agent: String::new(),
+        customer: String::new(),
+        session: String::new(),
         occurred_at_s: now_s - 60 - rng.below(3540) as i64,
         status: STATUSES[rng.below(STATUSES.len() as u64) as usize],
         duration_ms: 20 + rng.below(3000),
@@ -211,7 +261,10 @@ fn bodies(args: &LoadgenArgs, seed: u64, batch_size: usize, now_s: i64) -> Vec<(
             Target::Events | Target::Clickhouse | Target::Freshness => {}
         }
         for i in 0..size as u64 {
-            let mut e = event(seed, n + i, now_s);
+            let mut e = match args.workload {
+                Workload::Uniform => event(seed, n + i, now_s),
+                Workload::Sdk => sdk_event(seed, n + i, batch_size as u64, now_s),
+            };
             if args.target == Target::Freshness {
                 e.session = probe_session(seed, n + i);
             }
@@ -236,7 +289,7 @@ fn bodies(args: &LoadgenArgs, seed: u64, batch_size: usize, now_s: i64) -> Vec<(
 
 /// The session of freshness probe `n`: its own, so each probe can be looked up alone.
 fn probe_session(seed: u64, n: u64) -> String {
-    format!("fresh-{seed}-{n}")
+    format!("{ID_PREFIX}fresh-{seed}-{n}")
 }
 
 /// Reads `url` until it answers 200 (the probe is visible), pausing `poll` between reads.
@@ -680,6 +733,40 @@ Leave out --seed for fresh ones; the figures above measure deduplication, not in
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn every_id_is_prefixed_and_an_sdk_request_is_one_server_instances_flush() {
+        let (seed, now_s, batch) = (42, 1_800_000_000, 100);
+        for n in 0..2 * batch {
+            for e in [event(seed, n, now_s), sdk_event(seed, n, batch, now_s)] {
+                for id in [&e.key, &e.agent, &e.customer, &e.session] {
+                    assert!(id.starts_with(ID_PREFIX), "{id}");
+                }
+                assert!(e.agent.len() <= 36 && e.session.len() <= 64, "{e:?}");
+            }
+        }
+        assert!(probe_session(seed, 3).starts_with(ID_PREFIX));
+        // One request of the SDK workload: one customer, 2 agents, 4 sessions, 4 tools, and
+        // several calls per session. The uniform one spreads the same 100 events wide.
+        let distinct = |events: &[Event], f: fn(&Event) -> String| {
+            events.iter().map(f).collect::<HashSet<_>>().len()
+        };
+        let sdk: Vec<Event> = (batch..2 * batch)
+            .map(|n| sdk_event(seed, n, batch, now_s))
+            .collect();
+        assert_eq!(distinct(&sdk, |e| e.customer.clone()), 1);
+        assert!(distinct(&sdk, |e| e.agent.clone()) <= 2);
+        assert!(distinct(&sdk, |e| e.session.clone()) <= 4);
+        assert!(distinct(&sdk, |e| e.tool.to_string()) <= 4);
+        let uniform: Vec<Event> = (0..batch).map(|n| event(seed, n, now_s)).collect();
+        assert!(distinct(&uniform, |e| e.session.clone()) > 50);
+        // The same seed makes the same events.
+        assert_eq!(
+            sdk_event(seed, 7, batch, now_s).session,
+            sdk_event(seed, 7, batch, now_s).session
+        );
+    }
 
     #[test]
     fn the_bar_shows_whole_rates_and_under_a_duration_the_time_left() {

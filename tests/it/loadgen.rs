@@ -202,7 +202,7 @@ fn loadgen_freshness_probes_find_their_own_session() {
     assert_eq!(fresh["target"], "freshness", "{fresh}");
     assert_eq!(fresh["statuses"]["200"], 40, "{fresh}");
     assert!(fresh["latencyMs"]["max"].as_f64().unwrap() > 0.0, "{fresh}");
-    let (status, session) = s.get("/analytics/mcp/sessions/fresh-9-39", ACME);
+    let (status, session) = s.get("/analytics/mcp/sessions/loadgen-fresh-9-39", ACME);
     assert_eq!(status, 200, "{session}");
     assert_eq!(session["calls"], 1, "{session}");
     assert_eq!(s.get("/analytics/mcp/summary", ACME).1["calls"], 40);
