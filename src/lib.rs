@@ -238,12 +238,15 @@ fn http_api(
         metric_families,
     });
     let app_state = state.clone();
+    // Only a process with a metrics listener tells its requests apart by address.
+    let metrics_listener = config.http.metrics_listen.is_some();
     let mut server = actix_web::HttpServer::new(move || {
         // The last wrapped runs first: bodies are held before anything else, and every
         // answer (a metrics listener's 404 included) is recorded and gets its headers.
         actix_web::App::new()
-            .wrap(actix_web::middleware::from_fn(
-                ingestor::ops::split_metrics_listener,
+            .wrap(actix_web::middleware::Condition::new(
+                metrics_listener,
+                actix_web::middleware::from_fn(ingestor::ops::split_metrics_listener),
             ))
             .wrap(actix_web::middleware::from_fn(
                 ingestor::ops::security_headers,

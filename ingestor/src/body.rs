@@ -64,6 +64,29 @@ impl MessageBody for WithBody {
     }
 }
 
+/// The body a route's door read whole, handed to its handler as it is (never read twice).
+pub struct Whole(pub Bytes);
+
+impl std::ops::Deref for Whole {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl actix_web::FromRequest for Whole {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Whole, ApiError>>;
+
+    fn from_request(req: &actix_web::HttpRequest, _: &mut Payload) -> Self::Future {
+        std::future::ready(req.extensions_mut().remove::<Whole>().ok_or_else(|| {
+            ApiError::BadRequest(
+                "this route reads no body here; POST it where the API lists it".into(),
+            )
+        }))
+    }
+}
+
 /// The request's body, read whole within `timeout` and at most `limit` bytes (`advice` says
 /// what to send instead). A `Content-Length` over the limit is refused before a byte is read;
 /// the buffer grows with what arrives, never with what is announced. Refused, the rest stays
@@ -90,6 +113,8 @@ pub(crate) async fn read_whole(
         return Ok(Bytes::new());
     };
     let deadline = tokio::time::Instant::now() + timeout;
+    // A body that comes in one chunk (most do) is handed on as it came, uncopied.
+    let mut first: Option<Bytes> = None;
     let mut body = BytesMut::new();
     let refused = loop {
         match tokio::time::timeout_at(deadline, payload.next()).await {
@@ -98,15 +123,25 @@ pub(crate) async fn read_whole(
                     ms: timeout.as_millis() as u64,
                 }
             }
+            Ok(None) if body.is_empty() => return Ok(first.unwrap_or_default()),
             Ok(None) => return Ok(body.freeze()),
             Ok(Some(Err(e))) => {
                 break ApiError::BadRequest(format!("the request body could not be read: {e}"))
             }
             Ok(Some(Ok(chunk))) => {
-                if body.len() + chunk.len() > limit {
+                let held = first.as_ref().map_or(0, Bytes::len) + body.len();
+                if held + chunk.len() > limit {
                     break too_large;
                 }
-                body.extend_from_slice(&chunk);
+                match first.take() {
+                    None if body.is_empty() => first = Some(chunk),
+                    earlier => {
+                        if let Some(earlier) = earlier {
+                            body.extend_from_slice(&earlier);
+                        }
+                        body.extend_from_slice(&chunk);
+                    }
+                }
             }
         }
     };

@@ -399,7 +399,7 @@ pub async fn grant(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Bytes,
+    body: crate::body::Whole,
 ) -> Result<HttpResponse, ApiError> {
     let caller = state.authenticate(&req, Scope::Admin).await?;
     let tenant = &caller.tenant.id;
@@ -542,7 +542,7 @@ fn quote(tenant: &Tenant, request: &AuthorizeRequest, now_ms: i64) -> Result<i64
 pub async fn authorize(
     state: web::Data<AppState>,
     req: HttpRequest,
-    body: web::Bytes,
+    body: crate::body::Whole,
 ) -> Result<HttpResponse, ApiError> {
     let caller = state.authenticate(&req, Scope::Ingest).await?;
     let tenant = &caller.tenant;

@@ -2,7 +2,7 @@
 //! and answer 202 only once the sink says the events are durable.
 
 use crate::auth::{Caller, Tenant};
-use crate::body::body_error;
+use crate::body::{body_error, Whole};
 use crate::credits;
 use crate::error::{ApiError, IngestErrors};
 use crate::limits;
@@ -75,9 +75,9 @@ struct BatchBody<'a> {
 pub async fn batch(
     state: web::Data<AppState>,
     req: HttpRequest,
-    body: Result<web::Bytes, actix_web::Error>,
+    body: Whole,
 ) -> Result<HttpResponse, ApiError> {
-    let (caller, body) = authorized_body(&state, &req, body).await?;
+    let caller = state.authenticate(&req, Scope::Ingest).await?;
     match first_byte(&body) {
         Some(b'{') => {}
         Some(b'[') => return Err(ApiError::BadRequest(
@@ -109,9 +109,9 @@ pub async fn batch(
 pub async fn events(
     state: web::Data<AppState>,
     req: HttpRequest,
-    body: Result<web::Bytes, actix_web::Error>,
+    body: Whole,
 ) -> Result<HttpResponse, ApiError> {
-    let (caller, body) = authorized_body(&state, &req, body).await?;
+    let caller = state.authenticate(&req, Scope::Ingest).await?;
     let events: Vec<&RawValue> = match first_byte(&body) {
         Some(b'[') => serde_json::from_slice(&body).map_err(|e| body_error(&e))?,
         Some(b'{') => vec![serde_json::from_slice(&body).map_err(|e| body_error(&e))?],
@@ -293,18 +293,6 @@ async fn enforce(
             Vec::new()
         }
     }
-}
-
-/// The caller (with the `ingest` scope, found by the route's door) and the body it read.
-async fn authorized_body(
-    state: &AppState,
-    req: &HttpRequest,
-    body: Result<web::Bytes, actix_web::Error>,
-) -> Result<(Arc<Caller>, web::Bytes), ApiError> {
-    let caller = state.authenticate(req, Scope::Ingest).await?;
-    let body =
-        body.map_err(|e| ApiError::BadRequest(format!("the request body could not be read: {e}")))?;
-    Ok((caller, body))
 }
 
 /// Refuses a Content-Type other than JSON (`application/json` or `…+json`); none is JSON.

@@ -128,7 +128,7 @@ where
 /// `authenticate` takes the caller the door found, without charging the rate limit again).
 async fn through(
     door: Door,
-    mut req: actix_web::dev::ServiceRequest,
+    req: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<actix_web::body::BoxBody>,
 ) -> Result<actix_web::dev::ServiceResponse, actix_web::Error> {
     let state = req
@@ -171,7 +171,9 @@ async fn through(
     };
     let timeout = std::time::Duration::from_millis(state.http.body_timeout_ms);
     match body::read_whole(&req, limit, advice, timeout).await {
-        Ok(bytes) => req.set_payload(bytes.into()),
+        Ok(bytes) => {
+            req.extensions_mut().insert(body::Whole(bytes));
+        }
         Err(e) => return refuse(req, e),
     }
     next.call(req).await

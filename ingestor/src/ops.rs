@@ -221,8 +221,7 @@ pub async fn split_metrics_listener(
         .app_data::<web::Data<AppState>>()
         .cloned()
         .expect("routes() registers the app state");
-    let metrics_addrs = state.metrics_addrs.get().map(Vec::as_slice).unwrap_or(&[]);
-    if !metrics_addrs.is_empty() {
+    if let Some(metrics_addrs) = state.metrics_addrs.get() {
         let on_metrics_listener = metrics_addrs.contains(&req.app_config().local_addr());
         let wants_metrics = req.path() == "/metrics";
         let refusal = match (on_metrics_listener, wants_metrics) {

@@ -126,7 +126,7 @@ pub struct PortalToken {
 pub async fn issue(
     state: web::Data<AppState>,
     req: HttpRequest,
-    body: web::Bytes,
+    body: crate::body::Whole,
 ) -> Result<HttpResponse, ApiError> {
     let caller = state.authenticate(&req, Scope::Admin).await?;
     let body: TokenRequest = json_body(&body)?;
