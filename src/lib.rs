@@ -470,6 +470,7 @@ async fn aggregator_metrics(
     let mut out = String::with_capacity(8 * 1024);
     aggregator::metrics::METRICS.render_consumer(&mut out);
     aggregator::metrics::METRICS.render_margin_guard(&mut out);
+    backends::metrics::KAFKA.render_rebuilds(&mut out);
     lag.render_metrics(&mut out);
     actix_web::HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

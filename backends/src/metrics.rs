@@ -161,7 +161,7 @@ pub fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl 
     let _ = writeln!(out, "{name} {value}");
 }
 
-/// The Kafka producer's families (the ingestor's sink).
+/// The Kafka producers' families (the ingestor's sink, the aggregator's markers and dead letters).
 pub struct KafkaMetrics {
     pub delivery_errors: Counter,
     pub producer_rebuilds: Counter,
@@ -181,11 +181,16 @@ impl KafkaMetrics {
             "Batches whose Kafka delivery failed or timed out (answered 503)",
             self.delivery_errors.get(),
         );
+        self.render_rebuilds(out);
+    }
+
+    /// The one family an aggregator has too (its producer appends cut markers and dead letters).
+    pub fn render_rebuilds(&self, out: &mut String) {
         single(
             out,
             "mcp_meter_kafka_producer_rebuilds_total",
             "counter",
-            "Times the ingestor replaced a Kafka producer that could no longer deliver",
+            "Times a Kafka producer that could no longer deliver was replaced (an ingestor's, or an aggregator's for cut markers and dead letters)",
             self.producer_rebuilds.get(),
         );
     }

@@ -2,7 +2,7 @@
 
 use super::brokers;
 use super::off_runtime;
-use super::producer::producer_config;
+use super::producer::{producer_config, Renewing};
 use crate::metrics::LogThrottle;
 use crate::sink::BusPosition;
 use crate::source::{BusError, BusMessage, Content, EventSource, Poison, Polled};
@@ -76,7 +76,7 @@ pub struct KafkaSource {
     /// and must not hold the runtime that the margin guard and the lag monitor share.
     consumer: Arc<StreamConsumer<Context>>,
     /// Sends dead letters and cut markers.
-    producer: FutureProducer,
+    producer: Renewing<FutureProducer>,
     config: KafkaConfig,
     revoked: Arc<Mutex<Vec<i32>>>,
     delivery_timeout: Duration,
@@ -131,9 +131,11 @@ impl KafkaSource {
     pub fn new(config: &KafkaConfig) -> Result<KafkaSource, BusError> {
         let revoked = Arc::new(Mutex::new(Vec::new()));
         let consumer = Arc::new(member(config, &revoked)?);
-        let producer = producer_config(config)?
-            .create()
-            .map_err(|source| BusError::retriable("create the aggregator's producer", source))?;
+        let producer = Renewing::new(config, |config| {
+            producer_config(config)?
+                .create()
+                .map_err(|source| BusError::retriable("create the aggregator's producer", source))
+        })?;
         let source = KafkaSource {
             consumer,
             producer,
@@ -154,6 +156,40 @@ impl KafkaSource {
 
     fn take_revoked(&self) -> Vec<i32> {
         std::mem::take(&mut *self.revoked.lock().expect("revoked lock"))
+    }
+
+    /// Appends a cut marker to each of `partitions` with `producer`. Every marker is queued
+    /// first, so that they travel together; then each is waited for.
+    async fn append_cuts(
+        &self,
+        producer: &FutureProducer,
+        partitions: &[i32],
+    ) -> Result<(), BusError> {
+        let mut deliveries = Vec::with_capacity(partitions.len());
+        for &partition in partitions {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: CUT_HEADER,
+                value: Some("1"),
+            });
+            let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.config.events_topic)
+                .partition(partition)
+                .headers(headers);
+            let delivery = producer
+                .send_result(record)
+                .map_err(|(source, _)| BusError::retriable("append a cut marker", source))?;
+            deliveries.push(delivery);
+        }
+        for delivery in deliveries {
+            match tokio::time::timeout(self.delivery_timeout, delivery).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err((source, _)))) => {
+                    return Err(BusError::retriable("append a cut marker", source))
+                }
+                Ok(Err(_)) => return Err(BusError::retriable("append a cut marker", "cancelled")),
+                Err(_) => return Err(BusError::retriable("append a cut marker", "timed out")),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -274,41 +310,21 @@ impl EventSource for KafkaSource {
         if let Some(payload) = &poison.payload {
             record = record.payload(payload.as_slice());
         }
-        self.producer
+        let producer = self.producer.current();
+        let sent = producer
             .send(record, self.delivery_timeout)
             .await
             .map(|_| ())
-            .map_err(|(source, _)| BusError::retriable("send to the dead-letter topic", source))
+            .map_err(|(source, _)| BusError::retriable("send to the dead-letter topic", source));
+        self.producer.count(&producer, &sent);
+        sent
     }
 
     async fn cut(&self, partitions: &[i32]) -> Result<(), BusError> {
-        // Every marker is queued first, so that they travel together; then each is waited for.
-        let mut deliveries = Vec::with_capacity(partitions.len());
-        for &partition in partitions {
-            let headers = OwnedHeaders::new().insert(Header {
-                key: CUT_HEADER,
-                value: Some("1"),
-            });
-            let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.config.events_topic)
-                .partition(partition)
-                .headers(headers);
-            let delivery = self
-                .producer
-                .send_result(record)
-                .map_err(|(source, _)| BusError::retriable("append a cut marker", source))?;
-            deliveries.push(delivery);
-        }
-        for delivery in deliveries {
-            match tokio::time::timeout(self.delivery_timeout, delivery).await {
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err((source, _)))) => {
-                    return Err(BusError::retriable("append a cut marker", source))
-                }
-                Ok(Err(_)) => return Err(BusError::retriable("append a cut marker", "cancelled")),
-                Err(_) => return Err(BusError::retriable("append a cut marker", "timed out")),
-            }
-        }
-        Ok(())
+        let producer = self.producer.current();
+        let appended = self.append_cuts(&producer, partitions).await;
+        self.producer.count(&producer, &appended);
+        appended
     }
 
     async fn seek(&self, position: BusPosition) -> Result<(), BusError> {

@@ -7,7 +7,9 @@ use crate::sink::{EventSink, TenantBatch, WriteOutcome};
 use crate::source::BusError;
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, FutureProducer, Producer, ProducerContext, ThreadedProducer,
+};
 use rdkafka::ClientConfig;
 use schemas::config::KafkaConfig;
 use schemas::event::{bus_key, BusEventRef};
@@ -71,19 +73,106 @@ impl ProducerContext for Deliveries {
 
 type EventProducer = ThreadedProducer<Deliveries>;
 
-pub struct KafkaSink {
-    /// Replaced when it can no longer deliver (see [`KafkaSink::recover`]).
-    producer: RwLock<Arc<EventProducer>>,
+/// A producer that a new one (with a new producer id) replaces when it can no longer deliver.
+///
+/// An idempotent producer can end up unable to deliver for good: a fatal error (the broker
+/// fenced it), or a broker that refuses every sequence number that follows. The second comes
+/// after requests time out in flight (a broker paused, killed or partitioned): librdkafka then
+/// bumps the producer's epoch on its own, which Kafka accepts, and a broker that does not (tansu
+/// 0.6.0) or that lost its producer state refuses every produce carrying it. Either would keep
+/// ingest at 503, or an aggregator's blocks waiting for their cut markers, for ever. So after a
+/// fatal error, or [`RENEW_AFTER_FAILURES`] failed deliveries in a row, the producer is replaced.
+/// Safe: the aggregator deduplicates by key whatever the producer, and a cut marker sent twice
+/// cuts an empty block.
+pub(super) struct Renewing<P> {
+    current: RwLock<Arc<P>>,
+    create: fn(&KafkaConfig) -> Result<P, BusError>,
     config: KafkaConfig,
-    /// Publishes that failed in a row, across requests.
+    /// Deliveries that failed in a row, across callers.
     failures: AtomicU32,
+}
+
+/// Failed deliveries in a row after which the producer is replaced even without a fatal error.
+const RENEW_AFTER_FAILURES: u32 = 3;
+
+/// A producer's fatal error, if it had one (after which it delivers nothing more).
+pub(super) trait FatalError {
+    fn fatal(&self) -> Option<(RDKafkaErrorCode, String)>;
+}
+
+impl FatalError for EventProducer {
+    fn fatal(&self) -> Option<(RDKafkaErrorCode, String)> {
+        self.client().fatal_error()
+    }
+}
+
+impl FatalError for FutureProducer {
+    fn fatal(&self) -> Option<(RDKafkaErrorCode, String)> {
+        self.client().fatal_error()
+    }
+}
+
+impl<P: FatalError> Renewing<P> {
+    pub(super) fn new(
+        config: &KafkaConfig,
+        create: fn(&KafkaConfig) -> Result<P, BusError>,
+    ) -> Result<Renewing<P>, BusError> {
+        Ok(Renewing {
+            current: RwLock::new(Arc::new(create(config)?)),
+            create,
+            config: config.clone(),
+            failures: AtomicU32::new(0),
+        })
+    }
+
+    /// The producer to send with; hand it back to [`Renewing::failed`] if its delivery fails.
+    pub(super) fn current(&self) -> Arc<P> {
+        self.current.read().expect("producer lock").clone()
+    }
+
+    /// Counts the delivery `result` of `used`: [`Renewing::delivered`] or [`Renewing::failed`].
+    pub(super) fn count<T, E>(&self, used: &Arc<P>, result: &Result<T, E>) {
+        match result {
+            Ok(_) => self.delivered(),
+            Err(_) => self.failed(used),
+        }
+    }
+
+    pub(super) fn delivered(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Counts a failed delivery of `used`, and replaces it after a fatal error or a few
+    /// failures in a row (unless another caller replaced it already).
+    pub(super) fn failed(&self, used: &Arc<P>) {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let fatal = used.fatal();
+        if fatal.is_none() && failures < RENEW_AFTER_FAILURES {
+            return;
+        }
+        let mut current = self.current.write().expect("producer lock");
+        if !Arc::ptr_eq(&current, used) {
+            return;
+        }
+        match (self.create)(&self.config) {
+            Ok(fresh) => {
+                tracing::warn!(?fatal, failures, "replacing the kafka producer");
+                crate::metrics::KAFKA.producer_rebuilds.add(1);
+                *current = Arc::new(fresh);
+                self.failures.store(0, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot create a new kafka producer"),
+        }
+    }
+}
+
+pub struct KafkaSink {
+    producer: Renewing<EventProducer>,
+    config: KafkaConfig,
     delivery_timeout: Duration,
 }
 
-/// Failed publishes in a row after which the producer is rebuilt even without a fatal error.
-const REBUILD_AFTER_FAILURES: u32 = 3;
-
-/// The producer settings both the ingestor and the dead-letter path use.
+/// The producer settings both the ingestor and the aggregator (dead letters, cut markers) use.
 pub(super) fn producer_config(config: &KafkaConfig) -> Result<ClientConfig, BusError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers(config)?)
@@ -97,39 +186,12 @@ pub(super) fn producer_config(config: &KafkaConfig) -> Result<ClientConfig, BusE
 impl KafkaSink {
     pub fn new(config: &KafkaConfig) -> Result<KafkaSink, BusError> {
         Ok(KafkaSink {
-            producer: RwLock::new(Arc::new(create(config)?)),
+            producer: Renewing::new(config, create)?,
             config: config.clone(),
-            failures: AtomicU32::new(0),
             // librdkafka gives up on a message after message.timeout.ms; a little more here
             // only guards against a report that never comes.
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms + 1000),
         })
-    }
-
-    /// An idempotent producer can end up unable to deliver for good: a fatal error (the broker
-    /// fenced it), or a broker restarted without its producer state, refusing every sequence
-    /// number that follows. Both would keep ingest at 503 forever, so after a fatal error, or
-    /// a few failed publishes in a row, the producer is replaced by a new one (a new producer
-    /// id). Safe: the aggregator deduplicates by key whatever the producer.
-    fn recover(&self, failed: &Arc<EventProducer>) {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let fatal = failed.client().fatal_error();
-        if fatal.is_none() && failures < REBUILD_AFTER_FAILURES {
-            return;
-        }
-        let mut current = self.producer.write().expect("producer lock");
-        if !Arc::ptr_eq(&current, failed) {
-            return; // another request replaced it already
-        }
-        match create(&self.config) {
-            Ok(fresh) => {
-                tracing::warn!(?fatal, failures, "replacing the kafka producer");
-                crate::metrics::KAFKA.producer_rebuilds.add(1);
-                *current = Arc::new(fresh);
-                self.failures.store(0, Ordering::Relaxed);
-            }
-            Err(e) => tracing::error!(error = %e, "cannot create a new kafka producer"),
-        }
     }
 
     async fn send(
@@ -201,15 +263,15 @@ impl EventSink for KafkaSink {
     /// Returns once every event's delivery report is in. On any failure the whole batch is
     /// answered as not stored: some of it may be, and the client's retry is deduplicated.
     async fn publish(&self, batch: TenantBatch) -> Result<WriteOutcome, SinkError> {
-        let producer = self.producer.read().expect("producer lock").clone();
+        let producer = self.producer.current();
         match self.send(&producer, &batch).await {
             Ok(outcome) => {
-                self.failures.store(0, Ordering::Relaxed);
+                self.producer.delivered();
                 Ok(outcome)
             }
             Err(SinkError::Unavailable(e)) => {
                 crate::metrics::KAFKA.delivery_errors.add(1);
-                self.recover(&producer);
+                self.producer.failed(&producer);
                 Err(SinkError::Unavailable(e))
             }
             Err(other) => Err(other),
@@ -219,7 +281,7 @@ impl EventSink for KafkaSink {
     /// The events topic's metadata answers within a second.
     async fn ready(&self) -> Result<(), SinkError> {
         use rdkafka::producer::Producer;
-        let producer = self.producer.read().expect("producer lock").clone();
+        let producer = self.producer.current();
         let topic = self.config.events_topic.clone();
         let brokers = self.config.brokers.clone().unwrap_or_default();
         tokio::task::spawn_blocking(move || {

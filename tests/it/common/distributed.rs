@@ -256,11 +256,12 @@ impl Tansu {
         std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
     }
 
-    /// tansu 0.6.0 after a SIGKILL or a restart on its sqlite store can panic in its
-    /// idempotent-producer check ("more or less than one row") and then fail every produce
-    /// until it is restarted again: a broker fault, not ours (README, "Tests"). Restarts it when
-    /// its log shows more such panics than `seen` (which it then updates); answers whether it
-    /// did.
+    /// tansu 0.6.0 panics in its idempotent-producer check ("more or less than one row") on a
+    /// produce whose producer epoch it does not know: librdkafka bumps an idempotent producer's
+    /// epoch on its own after requests time out in flight, which Kafka accepts and tansu does
+    /// not. Our producers are replaced after a few such failures; the panic can leave the broker
+    /// failing every produce until it is restarted (README, "Tests"). Restarts it when its log
+    /// shows more such panics than `seen` (which it then updates); answers whether it did.
     pub fn restart_after_panic(&mut self, seen: &mut usize) -> bool {
         let panics = self.log().matches("more or less than one row").count();
         if panics <= *seen {
@@ -326,6 +327,16 @@ impl Tansu {
         );
     }
 
+    /// SIGSTOP (`-STOP`) or SIGCONT (`-CONT`) to the broker.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("tansu is running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} tansu");
+    }
+
     /// Stops the broker (SIGTERM) and starts it again on the same port and storage.
     pub fn restart(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -341,6 +352,9 @@ impl Tansu {
 impl Drop for Tansu {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -339,3 +339,71 @@ fn a_clickhouse_pause_across_a_broker_kill_stores_every_event_once() {
     assert_stored_once(&setup, EVENTS);
     assert!(visible.is_some(), "{}", diagnose(&setup));
 }
+
+/// The broker paused (SIGSTOP) under load for longer than the delivery timeout, twice. Every
+/// idempotent producer with a request in flight then gives up on it and, as librdkafka does
+/// for an idempotent producer, bumps its epoch on its own; tansu 0.6.0 does not know the new
+/// epoch and refuses (panics on) every produce that carries it. The ingestors' producers and
+/// the aggregators' (which append cut markers) must each be replaced by a new one, or ingest
+/// answers 503 and blocks wait for their markers for ever. Every event answered 202 is stored
+/// once.
+#[test]
+fn producers_whose_epoch_the_broker_refuses_after_a_pause_are_replaced() {
+    const EVENTS: usize = 12_000;
+    let mut tansu = Tansu::start();
+    let setup = Setup::new("epochs", &tansu.brokers(), 4, FAULT_SETTINGS);
+    let (aggregators, _ingestors, clients) = pipeline(&setup);
+    let started = Instant::now();
+    let say = |what: &str| eprintln!("[{:5.1} s] {what}", started.elapsed().as_secs_f64());
+    let mut panics_seen = 0;
+    let mut visible = None;
+    std::thread::scope(|scope| {
+        let poster = scope.spawn(|| post(&clients, "epochs", EVENTS, Duration::from_secs(24)));
+        for pause in [4, 12] {
+            std::thread::sleep(Duration::from_secs(pause).saturating_sub(started.elapsed()));
+            say("pause the broker past the 3 s delivery timeout");
+            tansu.signal("-STOP");
+            std::thread::sleep(Duration::from_secs(5));
+            say("continue the broker");
+            tansu.signal("-CONT");
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if tansu.restart_after_panic(&mut panics_seen) {
+                say("tansu refused an epoch it does not know (panicked); restarted it");
+            }
+            if poster.is_finished() && stored_rows(&setup) >= EVENTS {
+                visible = Some(started.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        poster.join().unwrap();
+    });
+    let rebuilds = |bases: [String; 2]| -> [u64; 2] {
+        bases.map(|base| {
+            let metrics = Client::new(&base).get_text("/metrics", "").1;
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("mcp_meter_kafka_producer_rebuilds_total "))
+                .and_then(|n| n.parse().ok())
+                .expect("the producer rebuilds counter")
+        })
+    };
+    let aggregators_rebuilt = rebuilds(aggregators.each_ref().map(|a| a.metrics_url()));
+    eprintln!(
+        "producers after broker pauses: {EVENTS} events, {panics_seen} tansu panics on unknown epochs, \
+producers replaced: ingestors {:?}, aggregators {aggregators_rebuilt:?}; all visible {}",
+        rebuilds(clients.each_ref().map(|c| c.base.clone())),
+        visible.map_or("not within 120 s of the last pause".into(), |d| format!(
+            "{:.1} s after the start",
+            d.as_secs_f64()
+        ))
+    );
+    assert!(visible.is_some(), "{}", diagnose(&setup));
+    assert_stored_once(&setup, EVENTS);
+    assert!(
+        aggregators_rebuilt.iter().sum::<u64>() > 0,
+        "no aggregator's producer was replaced: the pauses caught no cut marker in flight"
+    );
+}

@@ -52,6 +52,10 @@ fn events_flow_from_ingestor_through_kafka_to_clickhouse_once() {
         metrics.contains("mcp_meter_aggregator_lag_seconds "),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("mcp_meter_kafka_producer_rebuilds_total 0\n"),
+        "{metrics}"
+    );
     // Its own families only: no HTTP API, no ingest outcomes, no embedded commits.
     for absent in [
         "mcp_meter_http_",
