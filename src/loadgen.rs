@@ -36,6 +36,9 @@ pub enum Target {
     /// own, then poll `GET /analytics/mcp/sessions/{id}` (every `--poll-ms`) until it answers
     /// 200. The latency reported is from the 202 to the first answer that shows the event.
     Freshness,
+    /// `GET /healthz`, one request per event and no body: the bare HTTP baseline that
+    /// `--target events` is compared with, the same clients on the same connections.
+    Healthz,
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -258,7 +261,7 @@ fn bodies(args: &LoadgenArgs, seed: u64, batch_size: usize, now_s: i64) -> Vec<(
         let mut body = String::with_capacity(size * 360 + 16);
         match args.target {
             Target::Batch => body.push_str(r#"{"events":["#),
-            Target::Events | Target::Clickhouse | Target::Freshness => {}
+            Target::Events | Target::Clickhouse | Target::Freshness | Target::Healthz => {}
         }
         for i in 0..size as u64 {
             let mut e = match args.workload {
@@ -400,7 +403,7 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
         eprintln!("seed {seed} (--seed {seed} sends the same events again)");
     }
     let batch_size = match args.target {
-        Target::Events | Target::Freshness => 1,
+        Target::Events | Target::Freshness | Target::Healthz => 1,
         _ => args.batch_size.clamp(1, 1000),
     };
     let (url, headers): (String, Vec<(&str, String)>) = match args.target {
@@ -417,6 +420,10 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
                 Vec::new(),
             )
         }
+        Target::Healthz => (
+            format!("{}/healthz", args.url.trim_end_matches('/')),
+            Vec::new(),
+        ),
         target => {
             let key = args
                 .key
@@ -503,11 +510,14 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<Summary> {
                         due += interval;
                     }
                     let sent = Instant::now();
-                    let (mut status, answer) =
-                        answer_of(with_headers(agent.post(&url), &headers).send(body.as_bytes()));
+                    let (mut status, answer) = if args.target == Target::Healthz {
+                        answer_of(agent.get(&url).call())
+                    } else {
+                        answer_of(with_headers(agent.post(&url), &headers).send(body.as_bytes()))
+                    };
                     let mut took = sent.elapsed();
                     if (200..300).contains(&status) {
-                        if args.target == Target::Clickhouse {
+                        if matches!(args.target, Target::Clickhouse | Target::Healthz) {
                             tally.accepted += events;
                         } else {
                             let counts: Counts =

@@ -1,6 +1,7 @@
-//! Graceful shutdown of a real `serve` process: SIGTERM under load stops accepting, finishes
-//! the requests in flight and the batches queued for the store, then exits; every event that
-//! was answered 202 is stored.
+//! A real `serve` process stopped under load. SIGTERM stops accepting, finishes the requests
+//! in flight and the batches queued for the store, then exits; every event that was answered
+//! 202 is stored. SIGKILL, again and again, lands between commits and the folds of the rollups
+//! behind them: each start folds what the killed process left queued, exactly once.
 
 use crate::common::distributed::{serve_base, spawn_with_url, wait_until};
 use crate::common::*;
@@ -65,4 +66,136 @@ fn sigterm_under_load_loses_no_event_answered_202() {
         .args(["-TERM", &again.id().to_string()])
         .status();
     assert!(again.wait().unwrap().success());
+}
+
+/// `serve` SIGKILLed under load eight times, at seeded random moments: commits and the folds of
+/// the rollups behind them are cut wherever the kill lands. After each kill the rows left
+/// queued are counted; the next start folds them. At the end every event answered 202 is
+/// stored, once, and each rollup table adds up to exactly what the raw rows do.
+/// `MCP_METER_TEST_KILL_SEED` replays a seed.
+#[test]
+fn rollups_equal_the_raw_rows_after_serve_is_killed_again_and_again_under_load() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    let seed: u64 = std::env::var("MCP_METER_TEST_KILL_SEED")
+        .map(|s| s.parse().expect("MCP_METER_TEST_KILL_SEED is a number"))
+        .unwrap_or_else(|_| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        });
+    println!("seed {seed} (MCP_METER_TEST_KILL_SEED={seed})");
+    let mut next = xorshift(seed | 1);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mcp-meter.toml");
+    std::fs::write(&file, config_text(dir.path())).unwrap();
+    let db = || rusqlite::Connection::open(dir.path().join("mcp-meter.sqlite")).unwrap();
+    let acked: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut queued_at_kills = Vec::new();
+    for round in 0..8 {
+        let (mut child, base) = spawn_serve(&file);
+        let stop = AtomicBool::new(false);
+        let uptime = Duration::from_millis(300 + next() % 900);
+        std::thread::scope(|scope| {
+            for poster in 0..4 {
+                let (base, stop, acked) = (&base, &stop, &acked);
+                scope.spawn(move || {
+                    let client = Client::new(base);
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let keys: Vec<String> = (0..100)
+                            .map(|i| format!("r{round}-p{poster}-{n}-{i}"))
+                            .collect();
+                        let events: Vec<serde_json::Value> = keys
+                            .iter()
+                            .enumerate()
+                            .map(|(i, key)| {
+                                call(
+                                    key,
+                                    &format!("tool_{}", i % 7),
+                                    &format!("agent_{}", (n + i) % 11),
+                                    &format!("s{}-{}", poster, (n * 100 + i) % 37),
+                                )
+                            })
+                            .collect();
+                        n += 1;
+                        match client.try_post("/v1/ingest/batch", ACME, &batch(&events)) {
+                            Some((202, _)) => acked.lock().unwrap().extend(keys),
+                            // Cut off by the kill: a client would retry; this one stops.
+                            _ => break,
+                        }
+                    }
+                });
+            }
+            std::thread::sleep(uptime);
+            child.kill().unwrap();
+            child.wait().unwrap();
+            stop.store(true, Ordering::Relaxed);
+        });
+        let queued: i64 = db()
+            .query_row("SELECT count(*) FROM mcp_rollup_queue", [], |r| r.get(0))
+            .unwrap();
+        queued_at_kills.push(queued);
+    }
+    // A last start folds what the last kill left; SIGTERM then stops it cleanly.
+    let (mut child, base) = spawn_serve(&file);
+    let client = Client::new(&base);
+    let (_, summary) = client.get("/analytics/mcp/summary", ACME);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+
+    let acked = acked.into_inner().unwrap();
+    let conn = db();
+    let one = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+    println!(
+        "{} events answered 202 over 8 kills; rows left queued at each kill: {queued_at_kills:?}; \
+{} stored",
+        acked.len(),
+        one("SELECT count(*) FROM mcp_events")
+    );
+    let mut missing = 0;
+    {
+        let mut stored = conn
+            .prepare("SELECT 1 FROM mcp_events WHERE tenant_id = 'acme' AND idempotency_key = ?1")
+            .unwrap();
+        for key in &acked {
+            missing += usize::from(!stored.exists([key]).unwrap());
+        }
+    }
+    assert_eq!(missing, 0, "events answered 202 and not stored");
+    let raw_calls = one("SELECT count(*) FROM mcp_events");
+    let raw_revenue = one("SELECT sum(revenue_micros) FROM mcp_events");
+    assert_eq!(
+        summary["calls"].as_i64(),
+        Some(raw_calls),
+        "summary after the last kill"
+    );
+    for (table, calls, revenue) in [
+        ("mcp_daily_stats", "sum(calls)", "sum(revenue_micros)"),
+        ("mcp_hourly_stats", "sum(calls)", "sum(revenue_micros)"),
+        ("mcp_session_summary", "sum(calls)", "sum(revenue_micros)"),
+    ] {
+        assert_eq!(
+            (
+                one(&format!("SELECT {calls} FROM {table}")),
+                one(&format!("SELECT {revenue} FROM {table}"))
+            ),
+            (raw_calls, raw_revenue),
+            "{table} against the raw rows"
+        );
+    }
+    assert_eq!(
+        one("SELECT count(*) FROM mcp_daily_sessions"),
+        one("SELECT count(*) FROM (SELECT DISTINCT substr(datetime(occurred_at_ms / 1000, 'unixepoch'), 1, 10),
+                customer_id, agent_id, tool_name, session_id FROM mcp_events)"),
+        "mcp_daily_sessions against the raw rows"
+    );
+    assert_eq!(one("SELECT count(*) FROM mcp_rollup_queue"), 0);
+    assert!(
+        queued_at_kills.iter().any(|&q| q > 0),
+        "no kill left rows queued: the kills never landed between a commit and its fold"
+    );
 }
