@@ -212,7 +212,6 @@ fn main() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let (mut writer, sqlite_reader) = sqlite::open(dir.path(), &Default::default())?;
         let took = load(&mut writer, &args, end_ms).await?;
-        writer.fold()?;
         println!(
             "sqlite:     wrote {} events in {:.1} s ({:.0} events/s)",
             args.events,

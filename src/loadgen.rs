@@ -49,7 +49,7 @@ pub struct LoadgenArgs {
     /// Base URL of the mcp-meter API (`serve` or `ingestor`).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// API key with the `ingest` scope (not needed for `--target clickhouse`); `--target
+    /// API key with the `ingest` scope (not needed for `--target clickhouse` or `healthz`); `--target
     /// freshness` also reads sessions back, which needs the `read` scope too.
     #[arg(long)]
     pub key: Option<String>,

@@ -6,15 +6,11 @@
 //! answers each request with its own outcome. So each request still answers only after its
 //! events are durable, while the cost of a commit (its fsync) is shared by everyone waiting.
 //! A full queue answers `Overloaded` at once instead of letting memory grow.
-//!
-//! What a commit leaves for later (the embedded store's rollups, [`StoreWriter::catch_up`]) the
-//! writer does when no request waits, or after the next commit when a reader waits for it or
-//! too much is left.
 
 use crate::metrics::METRICS;
 use backends::error::SinkError;
 use backends::sink::{EventSink, TenantBatch, WriteOutcome};
-use backends::store::{Deferred, StoreWriter};
+use backends::store::StoreWriter;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -117,30 +113,8 @@ async fn write_loop<W: StoreWriter>(
     mut jobs: mpsc::Receiver<Job>,
     max_commit_events: usize,
 ) {
-    loop {
-        // What the commits left for later is done when no request waits; after a failure,
-        // again once FOLD_RETRY has passed without a request.
-        let first = match jobs.try_recv() {
-            Ok(job) => job,
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                let waited = if writer.deferred() == Deferred::Nothing {
-                    jobs.recv().await
-                } else if catch_up(&mut writer).await {
-                    continue;
-                } else {
-                    match tokio::time::timeout(CATCH_UP_RETRY, jobs.recv()).await {
-                        Ok(job) => job,
-                        Err(_) => continue,
-                    }
-                };
-                // `None`: every sender is gone and the queue is drained: nothing can be lost.
-                match waited {
-                    Some(job) => job,
-                    None => break,
-                }
-            }
-        };
+    // `None`: every sender is gone and the queue is drained, so nothing can be lost by ending.
+    while let Some(first) = jobs.recv().await {
         let mut events = first.batch.events.len();
         let mut group = vec![first];
         while events < max_commit_events {
@@ -175,33 +149,6 @@ async fn write_loop<W: StoreWriter>(
                     let _ = reply.send(Err(SinkError::Unavailable(e.to_string())));
                 }
             }
-        }
-        if writer.deferred() == Deferred::Now {
-            catch_up(&mut writer).await;
-        }
-    }
-    // Left undone, it would be done by the next start; done now, the next start is quicker.
-    if writer.deferred() != Deferred::Nothing {
-        catch_up(&mut writer).await;
-    }
-}
-
-/// How long the writer waits, when no request comes, before it tries again work the commits
-/// left for later that failed.
-const CATCH_UP_RETRY: Duration = Duration::from_millis(200);
-
-/// Does what the commits left for later; answers whether it succeeded.
-async fn catch_up<W: StoreWriter>(writer: &mut W) -> bool {
-    let started = Instant::now();
-    match writer.catch_up().await {
-        Ok(()) => {
-            METRICS.store_fold_latency.observe(started.elapsed());
-            true
-        }
-        Err(e) => {
-            METRICS.store_fold_failures.add(1);
-            tracing::error!(error = %e, "folding the stored rows into the rollups failed; trying again");
-            false
         }
     }
 }

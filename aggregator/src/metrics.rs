@@ -15,8 +15,6 @@ pub struct AggregatorMetrics {
     pub dead_letters: Counter,
     pub store_commit_latency: Histogram,
     pub store_commit_failures: Counter,
-    pub store_fold_latency: Histogram,
-    pub store_fold_failures: Counter,
     /// Subjects at each margin level after the last round (OK, L1, L2, L3).
     pub guard_subjects: [Gauge; 4],
     pub guard_rounds_failed: Counter,
@@ -30,8 +28,6 @@ pub static METRICS: AggregatorMetrics = AggregatorMetrics {
     dead_letters: Counter::new(),
     store_commit_latency: Histogram::new(),
     store_commit_failures: Counter::new(),
-    store_fold_latency: Histogram::new(),
-    store_fold_failures: Counter::new(),
     guard_subjects: [const { Gauge::new() }; 4],
     guard_rounds_failed: Counter::new(),
 };
@@ -93,21 +89,6 @@ impl AggregatorMetrics {
             "counter",
             "Group commits that failed (their requests were answered 503)",
             self.store_commit_failures.get(),
-        );
-        head(
-            out,
-            "mcp_meter_store_fold_duration_seconds",
-            "histogram",
-            "Time of one fold of the stored rows into the embedded store's rollups",
-        );
-        self.store_fold_latency
-            .write(out, "mcp_meter_store_fold_duration_seconds", "");
-        single(
-            out,
-            "mcp_meter_store_fold_failures_total",
-            "counter",
-            "Folds into the rollups that failed (tried again; reads wait for them)",
-            self.store_fold_failures.get(),
         );
     }
 

@@ -1,6 +1,5 @@
-//! The SQLite write path alone, without HTTP in front: one transaction of raw rows (and their
-//! place in the rollup queue), as a group commit writes it (`sqlite_commit`), and the fold of
-//! that many queued rows into the rollups (`sqlite_fold`).
+//! The SQLite commit path alone: one transaction of raw rows and rollups, as a group commit
+//! writes it, without HTTP in front.
 //!
 //!     cargo bench -p backends --bench sqlite_commit
 
@@ -9,7 +8,6 @@ use backends::store::{sqlite, StoreWriter};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use schemas::config::SqliteConfig;
 use schemas::event::RatedEvent;
-use std::time::{Duration, Instant};
 
 const NOW_MS: i64 = 1_795_181_530_000;
 
@@ -53,35 +51,5 @@ fn commit(c: &mut Criterion) {
     group.finish();
 }
 
-fn fold(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let mut group = c.benchmark_group("sqlite_fold");
-    group.sample_size(20);
-    for size in [1000u64, 10_000] {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut writer, _) = sqlite::open(dir.path(), &SqliteConfig::default()).unwrap();
-        let mut next = 0;
-        group.throughput(Throughput::Elements(size));
-        group.bench_function(format!("{size}_events"), |b| {
-            b.iter_custom(|iterations| {
-                let mut folding = Duration::ZERO;
-                for _ in 0..iterations {
-                    next += size;
-                    runtime
-                        .block_on(writer.write(&[batch(next, size)]))
-                        .unwrap();
-                    let started = Instant::now();
-                    writer.fold().unwrap();
-                    folding += started.elapsed();
-                }
-                folding
-            })
-        });
-    }
-    group.finish();
-}
-
-criterion_group!(benches, commit, fold);
+criterion_group!(benches, commit);
 criterion_main!(benches);

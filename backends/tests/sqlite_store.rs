@@ -1,6 +1,5 @@
 //! The SQLite store against a real database file: dedup, rollups, atomicity, analytics.
 
-use backends::error::StoreError;
 use backends::sink::{TenantBatch, WriteOutcome};
 use backends::store::{sqlite, AnalyticsStore, SessionQuery, StoreWriter, Viewer};
 use schemas::analytics::{DateRange, UsageFigures};
@@ -46,22 +45,14 @@ fn day0() -> chrono::NaiveDate {
     chrono::NaiveDate::from_ymd_opt(2026, 11, 20).unwrap()
 }
 
-/// The writer, folding the rows it stored into the rollups after every commit, as the group
-/// commit does when no other request waits.
-struct Folding(sqlite::SqliteWriter);
-
-impl Folding {
-    async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError> {
-        let outcomes = self.0.write(batches).await?;
-        self.0.fold()?;
-        Ok(outcomes)
-    }
-}
-
-fn open() -> (tempfile::TempDir, Folding, sqlite::SqliteAnalytics) {
+fn open() -> (
+    tempfile::TempDir,
+    sqlite::SqliteWriter,
+    sqlite::SqliteAnalytics,
+) {
     let dir = tempfile::tempdir().unwrap();
     let (w, r) = sqlite::open(dir.path(), &SqliteConfig::default()).unwrap();
-    (dir, Folding(w), r)
+    (dir, w, r)
 }
 
 #[tokio::test]
@@ -342,10 +333,10 @@ async fn a_failed_commit_stores_nothing() {
     w.write(&[batch("t", vec![event("a", "x", "ag", "s", DAY0)])])
         .await
         .unwrap();
-    // Make the queue insert fail after the raw insert of the same transaction succeeded.
+    // Make the rollup upsert fail after the raw insert of the same transaction succeeded.
     let conn = rusqlite::Connection::open(dir.path().join(sqlite::DB_FILE)).unwrap();
     conn.execute_batch(
-        "CREATE TRIGGER refuse BEFORE INSERT ON mcp_rollup_queue
+        "CREATE TRIGGER refuse BEFORE INSERT ON mcp_session_summary
          BEGIN SELECT RAISE(ABORT, 'refused by test'); END;",
     )
     .unwrap();
@@ -367,56 +358,8 @@ async fn a_failed_commit_stores_nothing() {
     );
 }
 
-/// A fold that fails leaves its rows queued and the rollups as they were; the next fold adds
-/// them once, and a read waits for it.
-#[tokio::test]
-async fn a_failed_fold_leaves_its_rows_queued_and_the_next_one_folds_them_once() {
-    let (dir, Folding(mut w), r) = open();
-    let conn = rusqlite::Connection::open(dir.path().join(sqlite::DB_FILE)).unwrap();
-    w.write(&[batch("t", vec![event("a", "x", "ag", "s", DAY0)])])
-        .await
-        .unwrap();
-    w.fold().unwrap();
-    conn.execute_batch(
-        "CREATE TRIGGER refuse BEFORE INSERT ON mcp_session_summary
-         BEGIN SELECT RAISE(ABORT, 'refused by test'); END;",
-    )
-    .unwrap();
-    let outcomes = w
-        .write(&[batch("t", vec![event("b", "x", "ag", "new-session", DAY0)])])
-        .await
-        .unwrap();
-    assert_eq!(
-        outcomes[0].accepted, 1,
-        "the commit does not touch the rollups"
-    );
-    let err = w.fold().unwrap_err();
-    assert!(err.to_string().contains("refused by test"), "{err}");
-    let state = || -> (i64, i64, i64) {
-        conn.query_row(
-            "SELECT (SELECT COUNT(*) FROM mcp_events), (SELECT COUNT(*) FROM mcp_rollup_queue),
-                    (SELECT SUM(calls) FROM mcp_daily_stats)",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap()
-    };
-    assert_eq!(
-        state(),
-        (2, 1, 1),
-        "stored, still queued, not in the rollups"
-    );
-    conn.execute_batch("DROP TRIGGER refuse").unwrap();
-    // A read now waits for the fold of the commit made before it.
-    let read = tokio::spawn(async move { r.summary(&Viewer::tenant("t"), range()).await });
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    assert!(!read.is_finished(), "the read waits for the fold");
-    w.fold().unwrap();
-    w.fold().unwrap();
-    assert_eq!(state(), (2, 0, 2), "folded once");
-    assert_eq!(read.await.unwrap().unwrap().figures.calls, 2);
-}
-
+/// Retention deletes raw rows past `raw_days` in chunks; their keys leave with them, keys
+/// inside the window still catch retries, and the rollups analytics read do not change.
 #[tokio::test]
 async fn retention_drops_old_raw_rows_and_their_keys_and_keeps_the_rollups() {
     use backends::store::{Retention, RetentionCutoffs};

@@ -2,6 +2,8 @@
 # at the API on 127.0.0.1:18333 (bench/serve.toml). Sourced from the repo root.
 
 bin=${MCP_METER_BENCH_BIN:-target/release/mcp-meter}
+# The load generator's binary (default: the same): a newer loadgen can drive an older server.
+loadgen_bin=${MCP_METER_BENCH_LOADGEN:-$bin}
 bench_url=http://127.0.0.1:18333
 
 # wait_api: until the bench API answers /healthz.

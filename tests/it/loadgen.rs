@@ -107,6 +107,30 @@ fn loadgen_batches_and_single_events_land_in_serve_exactly() {
     assert_eq!(s.get("/analytics/mcp/summary", ACME).1["calls"], 6200);
 }
 
+/// `--target healthz`: one bare `GET /healthz` per event, no key, nothing stored.
+#[test]
+fn loadgen_healthz_sends_one_bare_request_per_event() {
+    let s = Server::start();
+    let bare = loadgen(&[
+        "--url",
+        &s.base,
+        "--target",
+        "healthz",
+        "--events",
+        "300",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(
+        (bare["requests"].as_u64(), bare["statuses"]["200"].as_u64()),
+        (Some(300), Some(300)),
+        "{bare}"
+    );
+    assert!(bare["requestsPerSecond"].as_f64().unwrap() > 0.0, "{bare}");
+    let (_, summary) = s.get("/analytics/mcp/summary", ACME);
+    assert_eq!(summary["calls"], 0, "a health check stores nothing");
+}
+
 #[test]
 fn loadgen_exits_non_zero_and_says_why_when_every_request_fails() {
     let s = Server::start();

@@ -33,26 +33,6 @@ pub trait StoreWriter: Send {
     /// caller must assume nothing was written and write the same batches again, which
     /// deduplication makes safe.
     async fn write(&mut self, batches: &[TenantBatch]) -> Result<Vec<WriteOutcome>, StoreError>;
-
-    /// Work the commits left for later (the embedded store's rollups), and how soon it is due.
-    fn deferred(&self) -> Deferred {
-        Deferred::Nothing
-    }
-
-    /// Does the work the commits left for later. On `Err` it stays for the next call.
-    async fn catch_up(&mut self) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
-
-/// What a [`StoreWriter`]'s commits left for later ([`StoreWriter::catch_up`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Deferred {
-    Nothing,
-    /// Due when no commit waits.
-    WhenIdle,
-    /// Due before the next commit: a reader waits for it, or too much is left.
-    Now,
 }
 
 /// Prepaid credit grants, durable, and the usage they pay for: what a customer's wallet is

@@ -7,10 +7,8 @@
 //! same rollup and index pages were written again and again (1.55x the events/s when raised,
 //! with a 64 MiB page cache; docs/BENCHMARKS.md).
 //!
-//! - [`writer`]: [`SqliteWriter`], raw rows (and their place in the rollup queue) in one
-//!   transaction; the fold of the queue into the rollups in another.
-//! - [`reader`]: [`SqliteAnalytics`], the analytics queries over the rollups, each after the
-//!   fold of the commits made before it.
+//! - [`writer`]: [`SqliteWriter`], raw rows and rollups in one transaction.
+//! - [`reader`]: [`SqliteAnalytics`], the analytics queries over the rollups.
 //! - [`retention`]: [`SqliteRetention`], raw rows past `retention.raw_days` deleted in chunks.
 //! - [`ledger`]: [`SqliteLedger`], prepaid grants and the usage a rebuilt wallet counts.
 
@@ -57,10 +55,9 @@ pub fn open(
     if !had_hourly {
         writer::fill_hourly(&mut conn)?;
     }
-    let folds = writer::Folds::new();
     Ok((
-        SqliteWriter::new(conn, folds.clone())?,
-        SqliteAnalytics::new(path, config.read_connections, folds),
+        SqliteWriter::new(conn),
+        SqliteAnalytics::new(path, config.read_connections),
     ))
 }
 

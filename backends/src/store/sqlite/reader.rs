@@ -1,7 +1,6 @@
 //! Analytics over the SQLite rollups. Queries run on the blocking pool with connections of
 //! their own, so they never wait for the writer (WAL) and never stall the async runtime.
 
-use super::writer::Folds;
 use super::SqliteContext;
 use crate::error::StoreError;
 use crate::store::{
@@ -57,7 +56,6 @@ fn figures_at(row: &Row, first: usize) -> rusqlite::Result<UsageFigures> {
 #[derive(Clone)]
 pub struct SqliteAnalytics {
     pool: Arc<Pool>,
-    folds: Arc<Folds>,
 }
 
 struct Pool {
@@ -67,13 +65,8 @@ struct Pool {
 }
 
 impl SqliteAnalytics {
-    pub(super) fn new(
-        path: PathBuf,
-        read_connections: usize,
-        folds: Arc<Folds>,
-    ) -> SqliteAnalytics {
+    pub(super) fn new(path: PathBuf, read_connections: usize) -> SqliteAnalytics {
         SqliteAnalytics {
-            folds,
             pool: Arc::new(Pool {
                 path,
                 idle: Mutex::new(Vec::new()),
@@ -82,18 +75,8 @@ impl SqliteAnalytics {
         }
     }
 
-    /// Runs `query` once the rollups hold every row committed before the call.
-    async fn read<T, F>(&self, query: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    {
-        self.folds.caught_up().await?;
-        self.read_now(query).await
-    }
-
     /// Runs `query` on a pooled read-only connection on the blocking thread pool.
-    async fn read_now<T, F>(&self, query: F) -> Result<T, StoreError>
+    async fn read<T, F>(&self, query: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -114,7 +97,7 @@ impl SqliteAnalytics {
                 }
             };
             // One read transaction: a query of several statements reads one snapshot, even
-            // when a fold commits between them.
+            // when a commit lands between them.
             let answer = conn
                 .unchecked_transaction()
                 .context("begin a read")
@@ -416,7 +399,7 @@ impl AnalyticsStore for SqliteAnalytics {
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        self.read_now(|conn| {
+        self.read(|conn| {
             conn.query_row("SELECT 1", [], |_| Ok(()))
                 .context("answer SELECT 1")
         })

@@ -1,9 +1,9 @@
 -- The embedded store. Raw rated events plus the same rollups ClickHouse keeps in
--- mcp_daily_stats and mcp_session_summary, folded from mcp_rollup_queue (below).
+-- mcp_daily_stats and mcp_session_summary, maintained in the transaction that inserts the rows.
 -- Every statement is idempotent: the file runs on every start.
 
 -- Raw rated events. The primary key is the dedup key: INSERT OR IGNORE stores an event once
--- per (tenant, idempotency key), and only rows really inserted are queued for the rollups.
+-- per (tenant, idempotency key), and only rows really inserted reach the rollups.
 CREATE TABLE IF NOT EXISTS mcp_events (
     tenant_id             TEXT    NOT NULL,
     idempotency_key       TEXT    NOT NULL,
@@ -27,44 +27,6 @@ CREATE TABLE IF NOT EXISTS mcp_events (
     metadata              TEXT,
     PRIMARY KEY (tenant_id, idempotency_key)
 ) WITHOUT ROWID;
-
--- The rows stored and not yet in the rollups, with what the rollups read of them. The
--- transaction that inserts an event into mcp_events appends it here; the fold adds these rows
--- to the rollups and deletes them in one transaction, so each stored row reaches the rollups
--- exactly once, whatever is killed when. Empty but for the last moments' rows.
-CREATE TABLE IF NOT EXISTS mcp_rollup_queue (
-    seq                   INTEGER PRIMARY KEY,
-    tenant_id             TEXT    NOT NULL,
-    occurred_at_ms        INTEGER NOT NULL,
-    metric_name           TEXT    NOT NULL,
-    tool_name             TEXT    NOT NULL,
-    agent_id              TEXT    NOT NULL,
-    customer_id           TEXT    NOT NULL,
-    session_id            TEXT    NOT NULL,
-    execution_status      TEXT    NOT NULL,
-    execution_duration_ms INTEGER NOT NULL,
-    session_boundary      TEXT    NOT NULL,
-    quantity_micros       INTEGER NOT NULL,
-    input_tokens          INTEGER NOT NULL,
-    output_tokens         INTEGER NOT NULL,
-    revenue_micros        INTEGER NOT NULL,
-    cogs_micros           INTEGER NOT NULL
-);
-
--- Every row really inserted into mcp_events is queued, in the same statement (INSERT OR IGNORE
--- of a stored key inserts nothing and queues nothing).
-CREATE TRIGGER IF NOT EXISTS mcp_events_queued AFTER INSERT ON mcp_events
-BEGIN
-    INSERT INTO mcp_rollup_queue (
-        tenant_id, occurred_at_ms, metric_name, tool_name, agent_id, customer_id, session_id,
-        execution_status, execution_duration_ms, session_boundary, quantity_micros,
-        input_tokens, output_tokens, revenue_micros, cogs_micros)
-    VALUES (
-        NEW.tenant_id, NEW.occurred_at_ms, NEW.metric_name, NEW.tool_name, NEW.agent_id,
-        NEW.customer_id, NEW.session_id, NEW.execution_status, NEW.execution_duration_ms,
-        NEW.session_boundary, NEW.quantity_micros, NEW.input_tokens, NEW.output_tokens,
-        NEW.revenue_micros, NEW.cogs_micros);
-END;
 
 -- Calls per UTC day, tenant, customer, agent and tool (heartbeats excluded). Tenant first in
 -- the key: every query filters by tenant, then by a range of days.

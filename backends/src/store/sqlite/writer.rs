@@ -1,25 +1,15 @@
-//! The commit stores raw rows with `INSERT OR IGNORE`, and the trigger `mcp_events_queued` appends
-//! each row really inserted to `mcp_rollup_queue`, in one transaction: that is all a 202 waits
-//! for. The fold
-//! ([`SqliteWriter::fold`]) then reads the queue, sums its rows in memory so each rollup row is
-//! written once however many events it sums, upserts the rollups and deletes the rows it
-//! folded, again in one transaction: each stored row reaches the rollups exactly once, whatever
-//! fails or is killed in between. Readers wait for the fold of every commit made before they
-//! began ([`Folds::caught_up`]), so a read after a 202 sees the events it acknowledged.
+//! One transaction per group commit: raw rows with `INSERT OR IGNORE`, then the rollups of the
+//! rows that were really inserted, aggregated in memory first so each rollup row is written
+//! once per commit however many events it sums.
 
 use super::SqliteContext;
 use crate::error::StoreError;
 use crate::sink::{TenantBatch, WriteOutcome};
-use crate::store::Deferred;
 use crate::store::StoreWriter;
-use rusqlite::{params, Connection, Row, Transaction};
+use rusqlite::{params, Connection, Transaction};
 use schemas::analytics::{day_of_ms, UsageFigures};
 use schemas::event::{ExecutionStatus, RatedEvent};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::watch;
 
 /// How an upsert merges a rollup row's usage figures: sums add up, maxima take the larger.
 macro_rules! merge_figures {
@@ -41,22 +31,6 @@ const INSERT_EVENT: &str = "INSERT OR IGNORE INTO mcp_events (
     session_boundary, quantity_micros, input_tokens, output_tokens, revenue_micros, cogs_micros,
     rate_plan_version, metadata)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)";
-
-/// What the rollups read of a row, in [`rollup_event`]'s order: columns of the same name in
-/// `mcp_rollup_queue` and `mcp_events`.
-const ROLLUP_COLUMNS: &str = "tenant_id, occurred_at_ms, metric_name, tool_name, agent_id,
-    customer_id, session_id, execution_status, execution_duration_ms, session_boundary,
-    quantity_micros, input_tokens, output_tokens, revenue_micros, cogs_micros";
-
-/// Most queued rows one fold transaction reads (about 300 bytes each in memory).
-const FOLD_CHUNK_ROWS: i64 = 50_000;
-
-/// Queued rows at which the writer folds after its next commit even while requests wait:
-/// it bounds the queue, and what a fold that a reader waits for has to do.
-const FOLD_NOW_ROWS: u64 = 20_000;
-
-/// How long a read waits for the fold of the commits made before it.
-const READ_WAIT: Duration = Duration::from_secs(10);
 
 const LEGACY_KEY_STORED: &str =
     "SELECT 1 FROM mcp_events WHERE tenant_id = ?1 AND idempotency_key = ?2";
@@ -103,131 +77,11 @@ pub const SESSION_END: &str = "SESSION_END";
 
 pub struct SqliteWriter {
     conn: Connection,
-    folds: Arc<Folds>,
-    /// Rows in `mcp_rollup_queue`, as this writer (the only one that adds or deletes them) knows.
-    queued: u64,
-}
-
-/// How far the fold is behind the commits, shared by the writer and the readers.
-pub(super) struct Folds {
-    /// Commits that queued rows, counted by the writer since the store was opened.
-    committed: AtomicU64,
-    /// The last of those commits whose rows are all in the rollups.
-    folded: watch::Sender<u64>,
-    /// A reader waits for a fold: the writer folds after its next commit, not when idle.
-    asked: AtomicBool,
-}
-
-impl Folds {
-    pub(super) fn new() -> Arc<Folds> {
-        Arc::new(Folds {
-            committed: AtomicU64::new(0),
-            folded: watch::Sender::new(0),
-            asked: AtomicBool::new(false),
-        })
-    }
-
-    /// Returns once every commit made before the call is folded into the rollups.
-    pub(super) async fn caught_up(&self) -> Result<(), StoreError> {
-        let target = self.committed.load(Ordering::Acquire);
-        let mut folded = self.folded.subscribe();
-        if *folded.borrow() >= target {
-            return Ok(());
-        }
-        self.asked.store(true, Ordering::Release);
-        let waited = tokio::time::timeout(READ_WAIT, folded.wait_for(|f| *f >= target))
-            .await
-            .map(|answer| answer.is_ok());
-        match waited {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(StoreError::WorkerGone(
-                "the store writer stopped before it folded the rollups".into(),
-            )),
-            Err(_) => Err(StoreError::Failed {
-                store: "sqlite",
-                context: "wait for the rollups",
-                kind: crate::error::ErrorKind::Retriable,
-                detail: format!(
-                    "the rollups are still behind the stored rows after {} s (see the log for \
-                     the fold's error)",
-                    READ_WAIT.as_secs()
-                ),
-            }),
-        }
-    }
 }
 
 impl SqliteWriter {
-    /// A writer on `conn`; folds what an earlier process queued and did not fold.
-    pub(super) fn new(conn: Connection, folds: Arc<Folds>) -> Result<SqliteWriter, StoreError> {
-        let queued: i64 = conn
-            .query_row("SELECT count(*) FROM mcp_rollup_queue", [], |r| r.get(0))
-            .context("count the queued rows")?;
-        let mut writer = SqliteWriter {
-            conn,
-            folds,
-            queued: queued as u64,
-        };
-        writer.fold()?;
-        Ok(writer)
-    }
-
-    /// Folds every queued row into the rollups, in transactions of at most [`FOLD_CHUNK_ROWS`]
-    /// rows that each delete the rows they fold; then tells the readers.
-    pub fn fold(&mut self) -> Result<(), StoreError> {
-        let commits = self.folds.committed.load(Ordering::Acquire);
-        self.folds.asked.store(false, Ordering::Release);
-        // A fold's commit needs no fsync of its own: if it is lost, so is its delete of the
-        // queued rows, which the next fold reads again; the next raw-row commit (FULL) syncs
-        // the WAL with it.
-        self.conn
-            .execute_batch("PRAGMA synchronous = NORMAL")
-            .context("set pragmas")?;
-        let folded = self.fold_all();
-        self.conn
-            .execute_batch("PRAGMA synchronous = FULL")
-            .context("set pragmas")?;
-        folded?;
-        self.folds.folded.send_replace(commits);
-        Ok(())
-    }
-
-    fn fold_all(&mut self) -> Result<(), StoreError> {
-        while self.queued > 0 {
-            let tx = self.conn.transaction().context("begin a fold")?;
-            let (rows, last) = {
-                let mut read = tx
-                    .prepare_cached(&format!(
-                        "SELECT seq, {ROLLUP_COLUMNS} FROM mcp_rollup_queue ORDER BY seq LIMIT ?1"
-                    ))
-                    .context("prepare the queue read")?;
-                let mut rows = read
-                    .query([FOLD_CHUNK_ROWS])
-                    .context("read the queued rows")?;
-                let mut events = Vec::new();
-                let mut last = 0i64;
-                while let Some(row) = rows.next().context("read a queued row")? {
-                    last = row.get(0).context("read a queued row")?;
-                    events.push(rollup_event(row, 1).context("read a queued row")?);
-                }
-                let mut rollups = Rollups::default();
-                for (tenant, e) in &events {
-                    rollups.add(tenant, e);
-                }
-                rollups.write(&tx)?;
-                (events.len() as u64, last)
-            };
-            if rows == 0 {
-                // The count was off (it cannot be, but a fold must never spin).
-                self.queued = 0;
-                break;
-            }
-            tx.execute("DELETE FROM mcp_rollup_queue WHERE seq <= ?1", [last])
-                .context("delete the folded rows")?;
-            tx.commit().context("commit a fold")?;
-            self.queued = self.queued.saturating_sub(rows);
-        }
-        Ok(())
+    pub(super) fn new(conn: Connection) -> SqliteWriter {
+        SqliteWriter { conn }
     }
 }
 
@@ -238,7 +92,7 @@ impl StoreWriter for SqliteWriter {
         // Dropping the transaction on any error below rolls everything back: a failed commit
         // leaves neither raw rows nor rollups behind, and the callers are told nothing stored.
         let tx = self.conn.transaction().context("begin a transaction")?;
-        let mut queued = 0;
+        let mut rollups = Rollups::default();
         let mut outcomes = Vec::with_capacity(batches.len());
         {
             let mut insert = tx
@@ -285,10 +139,9 @@ impl StoreWriter for SqliteWriter {
                         ])
                         .context("insert an event")?;
                     // 0 rows: the key is already stored (or repeated earlier in this commit).
-                    // 1: stored, and queued for the rollups by the trigger mcp_events_queued.
                     if inserted == 1 {
                         outcome.stored();
-                        queued += 1;
+                        rollups.add(&batch.tenant_id, e);
                     } else {
                         outcome.repeated_at(i);
                     }
@@ -296,52 +149,10 @@ impl StoreWriter for SqliteWriter {
                 outcomes.push(outcome);
             }
         }
+        rollups.write(&tx)?;
         tx.commit().context("commit")?;
-        if queued > 0 {
-            self.queued += queued;
-            self.folds.committed.fetch_add(1, Ordering::AcqRel);
-        }
         Ok(outcomes)
     }
-
-    fn deferred(&self) -> Deferred {
-        if self.queued == 0 {
-            Deferred::Nothing
-        } else if self.queued >= FOLD_NOW_ROWS || self.folds.asked.load(Ordering::Acquire) {
-            Deferred::Now
-        } else {
-            Deferred::WhenIdle
-        }
-    }
-
-    async fn catch_up(&mut self) -> Result<(), StoreError> {
-        self.fold()
-    }
-}
-
-/// A row of [`ROLLUP_COLUMNS`] from column `first` on: its tenant, and the event with what the
-/// rollups read of it (the rest as in `RatedEvent::sample_call`). An unknown status counts as
-/// a success, as nothing but a valid one is ever stored.
-fn rollup_event(row: &Row, first: usize) -> rusqlite::Result<(String, RatedEvent)> {
-    let status: String = row.get(first + 7)?;
-    let event = RatedEvent {
-        occurred_at_ms: row.get(first + 1)?,
-        metric_name: row.get(first + 2)?,
-        tool_name: row.get(first + 3)?,
-        agent_id: row.get(first + 4)?,
-        customer_id: row.get(first + 5)?,
-        session_id: row.get(first + 6)?,
-        execution_status: ExecutionStatus::parse(&status).unwrap_or(ExecutionStatus::Success),
-        execution_duration_ms: row.get(first + 8)?,
-        session_boundary: row.get(first + 9)?,
-        quantity_micros: row.get(first + 10)?,
-        input_tokens: row.get(first + 11)?,
-        output_tokens: row.get(first + 12)?,
-        revenue_micros: row.get(first + 13)?,
-        cogs_micros: row.get(first + 14)?,
-        ..RatedEvent::sample_call("", 0)
-    };
-    Ok((row.get(first)?, event))
 }
 
 /// `(tenant, day number, customer, agent, tool)`
@@ -527,22 +338,39 @@ pub(super) fn fill_hourly(conn: &mut Connection) -> Result<(), StoreError> {
     let mut sums: HashMap<(String, i64, String, String, String), UsageFigures> = HashMap::new();
     {
         let mut rows = tx
-            .prepare(&format!("SELECT {ROLLUP_COLUMNS} FROM mcp_events"))
+            .prepare(
+                "SELECT tenant_id, occurred_at_ms, customer_id, agent_id, tool_name, metric_name,
+                        execution_status, execution_duration_ms, input_tokens, output_tokens,
+                        revenue_micros, cogs_micros
+                 FROM mcp_events",
+            )
             .context("prepare the hourly fill")?;
         let mut rows = rows
             .query([])
             .context("read raw rows for the hourly fill")?;
         while let Some(row) = rows.next().context("read a raw row")? {
-            let (tenant, event) = rollup_event(row, 0).context("read a raw row")?;
+            let status: String = row.get(6).context("read a status")?;
+            let event = RatedEvent {
+                occurred_at_ms: row.get(1).context("read a time")?,
+                metric_name: row.get(5).context("read a metric")?,
+                execution_status: ExecutionStatus::parse(&status)
+                    .unwrap_or(ExecutionStatus::Success),
+                execution_duration_ms: row.get(7).context("read a duration")?,
+                input_tokens: row.get(8).context("read tokens")?,
+                output_tokens: row.get(9).context("read tokens")?,
+                revenue_micros: row.get(10).context("read revenue")?,
+                cogs_micros: row.get(11).context("read COGS")?,
+                ..RatedEvent::sample_call("", 0)
+            };
             if !event.is_call() {
                 continue;
             }
             let key = (
-                tenant,
+                row.get(0).context("read a tenant")?,
                 event.occurred_at_ms.div_euclid(HOUR_MS),
-                event.customer_id.clone(),
-                event.agent_id.clone(),
-                event.tool_name.clone(),
+                row.get(2).context("read a customer")?,
+                row.get(3).context("read an agent")?,
+                row.get(4).context("read a tool")?,
             );
             sums.entry(key).or_default().record(&event);
         }
