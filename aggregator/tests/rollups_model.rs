@@ -50,7 +50,7 @@ fn steps(seed: u64) -> Vec<Step> {
         (0..n)
             .map(|_| {
                 // One key in five is an earlier one: a retry, in this batch or another.
-                let key = if keys > 0 && next() % 5 == 0 {
+                let key = if keys > 0 && next().is_multiple_of(5) {
                     next() % keys
                 } else {
                     keys += 1;
@@ -85,7 +85,7 @@ fn event(key: u64) -> RatedEvent {
     let mut r = xorshift(key.wrapping_mul(2_654_435_761) | 1);
     let at = DAYS_MS[(r() % 2) as usize] + (r() % 86_400_000) as i64;
     let session = format!("s{}", r() % 6);
-    let heartbeat = r() % 8 == 0;
+    let heartbeat = r().is_multiple_of(8);
     RatedEvent {
         tool_name: if heartbeat {
             String::new()
@@ -100,12 +100,12 @@ fn event(key: u64) -> RatedEvent {
         } else {
             "mcp_server.tool_invocations".into()
         },
-        session_boundary: if heartbeat && r() % 2 == 0 {
+        session_boundary: if heartbeat && r().is_multiple_of(2) {
             "SESSION_END".into()
         } else {
             String::new()
         },
-        execution_status: if r() % 7 == 0 {
+        execution_status: if r().is_multiple_of(7) {
             ExecutionStatus::Error
         } else {
             ExecutionStatus::Success
@@ -389,6 +389,9 @@ async fn run(steps: &[Step]) -> Result<(), String> {
                     }
                     Ok(_) => {
                         oracle.store(*tenant, events);
+                    }
+                    Err(e) if !e.to_string().contains("refused by test") => {
+                        return Err(at(format!("refused for another reason: {e}")))
                     }
                     Err(_) => {}
                 }

@@ -131,14 +131,22 @@ fn rollups_equal_the_raw_rows_after_serve_is_killed_again_and_again_under_load()
             stop.store(true, Ordering::Relaxed);
         });
     }
-    // A last start, and SIGTERM to stop it cleanly.
-    let (mut child, base) = spawn_serve(&file);
+    // A last start, and SIGTERM to stop it cleanly (SIGKILL if the test fails first).
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let (child, base) = spawn_serve(&file);
+    let mut last = KillOnDrop(child);
     let client = Client::new(&base);
     let (_, summary) = client.get("/analytics/mcp/summary", ACME);
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &last.0.id().to_string()])
         .status();
-    assert!(child.wait().unwrap().success());
+    assert!(last.0.wait().unwrap().success());
 
     let acked = acked.into_inner().unwrap();
     let conn = db();
@@ -147,6 +155,10 @@ fn rollups_equal_the_raw_rows_after_serve_is_killed_again_and_again_under_load()
         "{} events answered 202 over 8 kills, {} stored",
         acked.len(),
         one("SELECT count(*) FROM mcp_events")
+    );
+    assert!(
+        acked.len() >= 8 * 100,
+        "events were answered 202 between the kills"
     );
     let mut missing = 0;
     {

@@ -85,11 +85,32 @@ type EventProducer = ThreadedProducer<Deliveries>;
 /// Safe: the aggregator deduplicates by key whatever the producer, and a cut marker sent twice
 /// cuts an empty block.
 pub(super) struct Renewing<P> {
-    current: RwLock<Arc<P>>,
+    current: RwLock<Arc<Sending<P>>>,
     create: fn(&KafkaConfig) -> Result<P, BusError>,
     config: KafkaConfig,
-    /// Deliveries that failed in a row, across callers.
+}
+
+/// One producer and the deliveries it failed in a row, across callers: the failures of a
+/// producer already replaced never count against its successor, nor its late successes for it.
+pub(super) struct Sending<P> {
+    producer: P,
     failures: AtomicU32,
+}
+
+impl<P> std::ops::Deref for Sending<P> {
+    type Target = P;
+    fn deref(&self) -> &P {
+        &self.producer
+    }
+}
+
+impl<P> Sending<P> {
+    fn new(producer: P) -> Arc<Sending<P>> {
+        Arc::new(Sending {
+            producer,
+            failures: AtomicU32::new(0),
+        })
+    }
 }
 
 /// Failed deliveries in a row after which the producer is replaced even without a fatal error.
@@ -118,34 +139,34 @@ impl<P: FatalError> Renewing<P> {
         create: fn(&KafkaConfig) -> Result<P, BusError>,
     ) -> Result<Renewing<P>, BusError> {
         Ok(Renewing {
-            current: RwLock::new(Arc::new(create(config)?)),
+            current: RwLock::new(Sending::new(create(config)?)),
             create,
             config: config.clone(),
-            failures: AtomicU32::new(0),
         })
     }
 
-    /// The producer to send with; hand it back to [`Renewing::failed`] if its delivery fails.
-    pub(super) fn current(&self) -> Arc<P> {
+    /// The producer to send with; hand it back to [`Renewing::count`] (or `delivered`,
+    /// `failed`) with the outcome of its delivery.
+    pub(super) fn current(&self) -> Arc<Sending<P>> {
         self.current.read().expect("producer lock").clone()
     }
 
     /// Counts the delivery `result` of `used`: [`Renewing::delivered`] or [`Renewing::failed`].
-    pub(super) fn count<T, E>(&self, used: &Arc<P>, result: &Result<T, E>) {
+    pub(super) fn count<T, E>(&self, used: &Arc<Sending<P>>, result: &Result<T, E>) {
         match result {
-            Ok(_) => self.delivered(),
+            Ok(_) => self.delivered(used),
             Err(_) => self.failed(used),
         }
     }
 
-    pub(super) fn delivered(&self) {
-        self.failures.store(0, Ordering::Relaxed);
+    pub(super) fn delivered(&self, used: &Sending<P>) {
+        used.failures.store(0, Ordering::Relaxed);
     }
 
     /// Counts a failed delivery of `used`, and replaces it after a fatal error or a few
     /// failures in a row (unless another caller replaced it already).
-    pub(super) fn failed(&self, used: &Arc<P>) {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+    pub(super) fn failed(&self, used: &Arc<Sending<P>>) {
+        let failures = used.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let fatal = used.fatal();
         if fatal.is_none() && failures < RENEW_AFTER_FAILURES {
             return;
@@ -158,8 +179,7 @@ impl<P: FatalError> Renewing<P> {
             Ok(fresh) => {
                 tracing::warn!(?fatal, failures, "replacing the kafka producer");
                 crate::metrics::KAFKA.producer_rebuilds.add(1);
-                *current = Arc::new(fresh);
-                self.failures.store(0, Ordering::Relaxed);
+                *current = Sending::new(fresh);
             }
             Err(e) => tracing::error!(error = %e, "cannot create a new kafka producer"),
         }
@@ -266,7 +286,7 @@ impl EventSink for KafkaSink {
         let producer = self.producer.current();
         match self.send(&producer, &batch).await {
             Ok(outcome) => {
-                self.producer.delivered();
+                self.producer.delivered(&producer);
                 Ok(outcome)
             }
             Err(SinkError::Unavailable(e)) => {

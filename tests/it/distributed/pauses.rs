@@ -13,7 +13,8 @@ use backends::error::StoreError;
 use backends::store::clickhouse::{ClickHouseWriter, HttpRunner, SqlRunner};
 
 /// Posts `events` events (keys `{prefix}-{i}`, batches of 200 over three tenants) evenly over
-/// `over`, each batch retried with the same keys until answered 202, through `clients` in turn.
+/// `over`, each batch retried with the same keys until answered 202, through `clients` in turn;
+/// fails when a batch is still not accepted 120 s after `over` has passed.
 fn post(clients: &[Client], prefix: &str, events: usize, over: Duration) {
     let tenants = [ACME, GLOBEX, INITECH];
     let batches: Vec<String> = (0..events)
@@ -39,6 +40,7 @@ fn post(clients: &[Client], prefix: &str, events: usize, over: Duration) {
         let due = started + over.mul_f64(n as f64 / batches.len() as f64);
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
         let mut attempt = 0;
+        let give_up_at = started + over + Duration::from_secs(120);
         while !matches!(
             clients[(n + attempt) % clients.len()].try_post(
                 "/v1/ingest/batch",
@@ -48,7 +50,10 @@ fn post(clients: &[Client], prefix: &str, events: usize, over: Duration) {
             Some((202, _))
         ) {
             attempt += 1;
-            assert!(attempt < 600, "batch {n} never accepted");
+            assert!(
+                Instant::now() < give_up_at,
+                "batch {n} not accepted after {attempt} attempts, 120 s after posting should have ended"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -102,8 +102,9 @@ impl SqliteAnalytics {
                 .unchecked_transaction()
                 .context("begin a read")
                 .and_then(|snapshot| query(&snapshot));
+            // A connection left inside a transaction (its rollback failed) is not reused.
             let mut idle = pool.idle.lock().expect("pool lock");
-            if idle.len() < pool.max_idle {
+            if idle.len() < pool.max_idle && conn.is_autocommit() {
                 idle.push(conn);
             }
             answer
