@@ -258,6 +258,12 @@ fn bodies(args: &LoadgenArgs, seed: u64, batch_size: usize, now_s: i64) -> Vec<(
     let mut n = 0;
     while n < args.events {
         let size = batch_size.min((args.events - n) as usize);
+        if args.target == Target::Healthz {
+            // A bare GET: one request per event, no body to make.
+            bodies.push((String::new(), size as u64));
+            n += size as u64;
+            continue;
+        }
         let mut body = String::with_capacity(size * 360 + 16);
         match args.target {
             Target::Batch => body.push_str(r#"{"events":["#),

@@ -5,8 +5,9 @@
 //! oracle's sums of the unique events; at the end each rollup table equals its rebuild from the
 //! raw rows.
 //!
-//! `MCP_METER_TEST_ROLLUPS_SEED=<n>` replays one seed; a failure prints its seed and the
-//! shortest sequence of steps found that still fails.
+//! 12 seeds from the clock; `MCP_METER_TEST_ROLLUPS_SEED=<n>` starts there and
+//! `MCP_METER_TEST_ROLLUPS_RUNS` sets how many. A failure prints its seed and the shortest
+//! sequence of steps found that still fails (`schemas::search::shrink`).
 
 use aggregator::group_commit::{GroupCommit, GroupCommitConfig};
 use backends::sink::{EventSink, TenantBatch};
@@ -14,6 +15,7 @@ use backends::store::{sqlite, AnalyticsStore, StoreWriter, Viewer};
 use schemas::analytics::{DateRange, UsageFigures};
 use schemas::config::SqliteConfig;
 use schemas::event::{ExecutionStatus, RatedEvent, HEARTBEAT_METRIC};
+use schemas::search::{env_number, listing, shrink, Failure};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
@@ -340,12 +342,12 @@ fn rollups_equal_their_rebuild(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-async fn run(steps: &[Step]) -> Result<(), String> {
+async fn run_steps(steps: &[Step]) -> Result<(), Failure> {
     let dir = tempfile::tempdir().unwrap();
     let mut running = start(dir.path());
     let mut oracle = Oracle::default();
     for (n, step) in steps.iter().enumerate() {
-        let at = |e: String| format!("step {n} ({step:?}): {e}");
+        let at = |e: String| (n, format!("{step:?}: {e}"));
         match step {
             Step::Commit(tenant, events) => {
                 let batch = TenantBatch::new(TENANTS[*tenant].into(), events.clone());
@@ -418,55 +420,34 @@ async fn run(steps: &[Step]) -> Result<(), String> {
             }
         }
     }
+    // What the last step left: after it, as the shrinker counts.
+    let end = |e: String| (steps.len(), e);
     for tenant in 0..TENANTS.len() {
-        read(&running, &oracle, tenant, "s0").await?;
+        read(&running, &oracle, tenant, "s0").await.map_err(end)?;
     }
     let Running { sink, writer, .. } = running;
     drop(sink);
     writer.join().unwrap();
-    rollups_equal_their_rebuild(dir.path())
+    rollups_equal_their_rebuild(dir.path()).map_err(end)
 }
 
-/// The shortest sequence found that still fails: the shortest failing prefix, then each step
-/// left out in turn while it still fails.
-async fn shrink(mut steps: Vec<Step>) -> (Vec<Step>, String) {
-    let mut error = run(&steps).await.unwrap_err();
-    for len in 1..steps.len() {
-        if let Err(e) = run(&steps[..len]).await {
-            steps.truncate(len);
-            error = e;
-            break;
-        }
-    }
-    let mut i = 0;
-    while i < steps.len() {
-        let mut fewer = steps.clone();
-        fewer.remove(i);
-        match run(&fewer).await {
-            Err(e) => {
-                steps = fewer;
-                error = e;
-            }
-            Ok(()) => i += 1,
-        }
-    }
-    (steps, error)
+/// One sequence on a runtime of its own, so that the shared shrinker can run it again.
+fn run(steps: &[Step]) -> Result<(), Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run_steps(steps))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollups_equal_the_oracle_through_refused_commits_and_restarts() {
-    let seeds: Vec<u64> = match std::env::var("MCP_METER_TEST_ROLLUPS_SEED") {
-        Ok(seed) => vec![seed
-            .parse()
-            .expect("MCP_METER_TEST_ROLLUPS_SEED is a number")],
-        Err(_) => {
-            let first = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs();
-            (first..first + 12).collect()
-        }
-    };
+#[test]
+fn rollups_equal_the_oracle_through_refused_commits_and_restarts() {
+    let first = env_number(
+        "MCP_METER_TEST_ROLLUPS_SEED",
+        chrono::Utc::now().timestamp() as u64,
+    );
+    let seeds: Vec<u64> = (first..first + env_number("MCP_METER_TEST_ROLLUPS_RUNS", 12)).collect();
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for &seed in &seeds {
         let steps = steps(seed);
@@ -480,12 +461,13 @@ async fn rollups_equal_the_oracle_through_refused_commits_and_restarts() {
                 })
                 .or_default() += 1;
         }
-        if let Err(e) = run(&steps).await {
-            let (shortest, error) = shrink(steps).await;
+        if let Err(failure) = run(&steps) {
+            let (shortest, (at, why)) = shrink(steps, failure, run);
             panic!(
-                "seed {seed} (MCP_METER_TEST_ROLLUPS_SEED={seed}): {e}\nshortest failing \
-                 sequence ({} steps): {shortest:#?}\nits failure: {error}",
-                shortest.len()
+                "seed {seed} (replay with MCP_METER_TEST_ROLLUPS_SEED={seed} \
+                 MCP_METER_TEST_ROLLUPS_RUNS=1): at step {at} of the shortest failing sequence: \
+                 {why}\n{}",
+                listing(&shortest)
             );
         }
     }

@@ -6,13 +6,6 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
-/// The value of one sample line (`name{labels} value`), if present.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[test]
 fn metrics_count_ingest_outcomes_requests_and_commits() {
     // nextest runs each test in a process of its own, so the counters start at zero here.

@@ -3,7 +3,7 @@
 //! 202 is stored. SIGKILL, again and again, lands wherever it lands: in a commit, between
 //! commits; every start finds raw rows and rollups that agree.
 
-use crate::common::distributed::{serve_base, spawn_with_url, wait_until};
+use crate::common::distributed::{serve_base, spawn_with_url, wait_until, Proc};
 use crate::common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -75,14 +75,10 @@ fn sigterm_under_load_loses_no_event_answered_202() {
 fn rollups_equal_the_raw_rows_after_serve_is_killed_again_and_again_under_load() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
-    let seed: u64 = std::env::var("MCP_METER_TEST_KILL_SEED")
-        .map(|s| s.parse().expect("MCP_METER_TEST_KILL_SEED is a number"))
-        .unwrap_or_else(|_| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-        });
+    let seed = schemas::search::env_number(
+        "MCP_METER_TEST_KILL_SEED",
+        chrono::Utc::now().timestamp() as u64,
+    );
     println!("seed {seed} (MCP_METER_TEST_KILL_SEED={seed})");
     let mut next = xorshift(seed | 1);
     let dir = tempfile::tempdir().unwrap();
@@ -91,7 +87,8 @@ fn rollups_equal_the_raw_rows_after_serve_is_killed_again_and_again_under_load()
     let db = || rusqlite::Connection::open(dir.path().join("mcp-meter.sqlite")).unwrap();
     let acked: Mutex<Vec<String>> = Mutex::new(Vec::new());
     for round in 0..8 {
-        let (mut child, base) = spawn_serve(&file);
+        let (child, base) = spawn_serve(&file);
+        let mut serve = Proc::of(child, "serve");
         let stop = AtomicBool::new(false);
         let uptime = Duration::from_millis(300 + next() % 900);
         std::thread::scope(|scope| {
@@ -126,27 +123,15 @@ fn rollups_equal_the_raw_rows_after_serve_is_killed_again_and_again_under_load()
                 });
             }
             std::thread::sleep(uptime);
-            child.kill().unwrap();
-            child.wait().unwrap();
+            serve.crash();
             stop.store(true, Ordering::Relaxed);
         });
     }
-    // A last start, and SIGTERM to stop it cleanly (SIGKILL if the test fails first).
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+    // A last start, and SIGTERM to stop it cleanly (killed on drop if the test fails first).
     let (child, base) = spawn_serve(&file);
-    let mut last = KillOnDrop(child);
-    let client = Client::new(&base);
-    let (_, summary) = client.get("/analytics/mcp/summary", ACME);
-    let _ = Command::new("kill")
-        .args(["-TERM", &last.0.id().to_string()])
-        .status();
-    assert!(last.0.wait().unwrap().success());
+    let mut last = Proc::of(child, "serve");
+    let (_, summary) = Client::new(&base).get("/analytics/mcp/summary", ACME);
+    assert!(last.terminate().success());
 
     let acked = acked.into_inner().unwrap();
     let conn = db();

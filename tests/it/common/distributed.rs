@@ -177,13 +177,27 @@ pub struct Proc {
     port: u16,
 }
 
+/// `kill -SIGNAL pid`, which must succeed (`what` names the process in the failure).
+fn send_signal(pid: u32, signal: &str, what: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {what}");
+}
+
 impl Proc {
+    /// A child of the test's own, `what` for failures' messages; killed when dropped.
+    pub fn of(child: Child, what: &'static str) -> Proc {
+        Proc {
+            child,
+            what,
+            port: 0,
+        }
+    }
+
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {signal} {}", self.what);
+        send_signal(self.child.id(), signal, self.what);
     }
 
     /// SIGKILL, as a crash.
@@ -329,12 +343,11 @@ impl Tansu {
 
     /// SIGSTOP (`-STOP`) or SIGCONT (`-CONT`) to the broker.
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("tansu is running").id();
-        let status = Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {signal} tansu");
+        send_signal(
+            self.child.as_ref().expect("tansu is running").id(),
+            signal,
+            "tansu",
+        );
     }
 
     /// Stops the broker (SIGTERM) and starts it again on the same port and storage.
@@ -495,11 +508,7 @@ impl ClickHouseServer {
 
     /// SIGSTOP (`-STOP`) or SIGCONT (`-CONT`).
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {signal} clickhouse-server");
+        send_signal(self.pid, signal, "clickhouse-server");
     }
 }
 

@@ -393,6 +393,13 @@ impl Load {
 }
 
 /// A seeded xorshift generator: the same seed gives the same stream of numbers on every run.
+/// The value of one sample line (`name{labels} value`) of Prometheus text, if present.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 pub fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
     move || {
         seed ^= seed << 13;
